@@ -1,0 +1,45 @@
+"""`pathray` command line: a thin dispatcher over one module per subcommand.
+
+Each subcommand module exposes ``configure(parser: argparse.ArgumentParser) -> None`` and
+``run(args: argparse.Namespace) -> int`` (the process exit status). Modules are imported
+only when their subcommand runs, so ``pathray --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "tile": ("pathray.cli_tile", "tile slides into tile records, QC images and a status table"),
+    "embed": ("pathray.cli_embed", "run the Ray Data job: slides -> tile embeddings -> Parquet store"),
+    "models": ("pathray.cli_models", "list the supported encoders, or write random weights for one"),
+    "demo": ("pathray.cli_demo", "make the bundled demo slides and weights, then run the job on them"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Parse the command name first, then let its module add its own options.
+    known, _ = parser.parse_known_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    module = importlib.import_module(known._module)
+    sub_parser = argparse.ArgumentParser(prog=f"pathray {known.command}", description=SUBCOMMANDS[known.command][1])
+    module.configure(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    return int(module.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Error taxonomy shared by every stage.
+
+Every failure that concerns one slide (or one slide under one model) is raised as a
+:class:`PathrayError` subclass whose ``error_type`` is a stable, documented string. The
+pipeline catches these per slide and records them as rows
+``(slide_id, stage, error_type, message)``; it never lets one slide stop the others.
+"""
+
+from __future__ import annotations
+
+
+class PathrayError(Exception):
+    """Base class. ``error_type`` is the stable name written to status/error tables."""
+
+    error_type = "pathray_error"
+
+
+# --- manifest -------------------------------------------------------------------------
+class ManifestError(PathrayError):
+    """The manifest as a whole cannot be used. ``problems`` lists every problem found,
+    each prefixed with its 1-based data row number where it concerns one row."""
+
+    error_type = "manifest_invalid"
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid manifest:\n  " + "\n  ".join(self.problems))
+
+
+class UnsafeIdError(PathrayError):
+    """A slide id or cohort cannot be used as a file or partition name."""
+
+    error_type = "unsafe_id"
+
+
+# --- slides -----------------------------------------------------------------------------
+class SlideError(PathrayError):
+    """Base for per-slide failures."""
+
+    error_type = "slide_error"
+
+
+class SlideNotFoundError(SlideError):
+    error_type = "slide_not_found"
+
+
+class SlideUnreadableError(SlideError):
+    """The file exists but is not a slide OpenSlide can read (corrupt, truncated, wrong format)."""
+
+    error_type = "slide_unreadable"
+
+
+class MppMissingError(SlideError):
+    """Neither the slide nor the manifest's ``mpp`` column gives microns per pixel."""
+
+    error_type = "mpp_missing"
+
+
+class MppImplausibleError(SlideError):
+    """Microns per pixel outside the plausible range for whole-slide images."""
+
+    error_type = "mpp_implausible"
+
+
+class StagingError(SlideError):
+    """A remote slide could not be copied to local scratch (network, size limit, missing object)."""
+
+    error_type = "staging_failed"
+
+
+# --- encoders -------------------------------------------------------------------------
+class EncoderError(PathrayError):
+    error_type = "encoder_error"
+
+
+class UnknownModelError(EncoderError, KeyError):
+    error_type = "unknown_model"
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else self.error_type
+
+
+class WeightsUnavailableError(EncoderError):
+    """Weights missing, gated without access, or unreachable (no network)."""
+
+    error_type = "weights_unavailable"
+
+
+class WeightsMismatchError(EncoderError):
+    """A checkpoint does not fit the architecture (missing/unexpected keys, wrong shapes)."""
+
+    error_type = "weights_mismatch"
+
+
+class WeightsCorruptError(EncoderError):
+    """A checkpoint file cannot be parsed."""
+
+    error_type = "weights_corrupt"
+
+
+# --- store ------------------------------------------------------------------------------
+class StoreError(PathrayError):
+    error_type = "store_error"
+
+
+class StoreConfigMismatchError(StoreError):
+    """An existing store was written with a different tiling/model config."""
+
+    error_type = "store_config_mismatch"
