@@ -1,0 +1,45 @@
+"""One place that turns a path or URI into an fsspec filesystem.
+
+Accepted forms: a plain local path, ``file://...``, or ``s3://bucket/key``. For S3,
+``storage_options`` go to :class:`s3fs.S3FileSystem` unchanged (``key``, ``secret``,
+``client_kwargs={"endpoint_url": ...}``, ``anon``...). With none given, s3fs/botocore use
+the usual AWS sources (environment, ``~/.aws``, instance role); ``AWS_ENDPOINT_URL`` points
+them at an S3-compatible server. Credentials are never logged or written by pathray.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs that are not on the local filesystem (currently ``s3://``)."""
+    return uri.startswith("s3://")
+
+
+def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` where ``path`` is what that filesystem expects.
+
+    Local paths come back absolute. Unknown schemes raise ``ValueError``.
+    """
+    if uri.startswith("s3://"):
+        import s3fs  # imported lazily: local-only users never pay for botocore
+
+        options = dict(storage_options or {})
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and "endpoint_url" not in options.get("client_kwargs", {}):
+            options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+        return s3fs.S3FileSystem(**options), uri[len("s3://") :]
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return fsspec.filesystem("file"), os.path.abspath(uri)
+
+
+def join(root: str, *parts: str) -> str:
+    """Join URI/path segments with '/', keeping the scheme of ``root``."""
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
