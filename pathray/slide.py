@@ -317,19 +317,24 @@ class _DirectTiffReader:
     def read(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` at level pixel ``(lx, ly)``; outside = white."""
         page = self.pages[level]
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
         tw, th = page.tilewidth, page.tilelength
         iw, ih = page.imagewidth, page.imagelength
         cols = (iw + tw - 1) // tw
         x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + width, iw), min(ly + height, ih)
+        inside = (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height)
+        out = np.empty((height, width, 3), dtype=np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
         decode = page.decode
         for ty in range(y0 // th, (y1 - 1) // th + 1):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
                 index = ty * cols + tx
+                # intersection of this tile with the requested window, in level pixels
+                ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
+                ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
                 count = page.databytecounts[index]
-                if count == 0:
+                if count == 0:  # sparse tile: transparent in OpenSlide, white here
+                    out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = 255
                     continue
                 try:
                     data = os.pread(self._fd, count, page.dataoffsets[index])
@@ -337,9 +342,6 @@ class _DirectTiffReader:
                 except Exception as exc:
                     raise SlideUnreadableError(f"tile {index} of level {level} cannot be decoded: {exc}") from exc
                 tile = tile.reshape(tile.shape[-3:])
-                # intersection of this tile with the requested window, in level pixels
-                ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
-                ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
                 out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
         return out
 
