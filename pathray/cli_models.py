@@ -1,0 +1,65 @@
+"""`pathray models`: list the supported encoders, or write random weights for one.
+
+    pathray models                                  # the table
+    pathray models --json                           # the same, machine-readable
+    pathray models write-random NAME DIR [--depth N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=["list", "write-random"], default="list",
+                        help="list (default) or write-random")
+    parser.add_argument("name", nargs="?", help="model name (write-random)")
+    parser.add_argument("out_dir", nargs="?", help="output directory (write-random)")
+    parser.add_argument("--depth", type=int, default=None, help="shrink the network to N blocks (CPU tests/demo)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="list as JSON")
+
+
+def _rows() -> list[dict[str, str]]:
+    from pathray.encoders import get_spec, list_models
+
+    rows = []
+    for name in list_models():
+        s = get_spec(name)
+        rows.append({
+            "name": name, "architecture": s.family, "timm": s.architecture, "dim": str(s.embed_dim),
+            "mpp": f"{s.native_mpp:g}", "preprocess": s.preprocess.describe(), "pooling": s.pooling,
+            "weights": s.hf_hub_id or s.weights_url or "-", "gated": "gated" if s.gated else "open",
+            "license": s.license,
+        })
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "write-random":
+        if not args.name or not args.out_dir:
+            print("usage: pathray models write-random NAME DIR [--depth N] [--seed S]")
+            return 2
+        from pathray.encoders import write_random_weights
+        from pathray.errors import PathrayError
+
+        overrides = {"depth": args.depth} if args.depth else {}
+        try:
+            out = write_random_weights(args.name, args.out_dir, seed=args.seed, **overrides)
+        except PathrayError as exc:
+            print(f"error: {exc}")
+            return 2
+        print(f"wrote random {args.name} weights to {out}")
+        return 0
+    rows = _rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["name", "architecture", "dim", "mpp", "pooling", "gated", "weights"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols))
+    print("\nplus timm:<architecture> for any timm backbone; preprocessing and licences: docs/models.md")
+    return 0

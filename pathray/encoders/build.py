@@ -1,0 +1,55 @@
+"""Build the timm module of a spec, optionally with a hub ``config.json`` overriding it."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .registry import EncoderSpec, spec_from_pretrained_cfg
+
+
+def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """Architecture name + kwargs: the spec's, with a ``config.json``'s ``model_args`` on top.
+
+    ``config.json`` can only carry JSON values; layer classes (``mlp_layer``, ``act_layer``)
+    always come from the spec. This is how a shrunk random model (``depth=2``) or a hub
+    repo whose config differs from the card's defaults is rebuilt exactly.
+    """
+    kwargs = dict(spec.model_kwargs)
+    arch = spec.architecture
+    if config:
+        arch = config.get("architecture") or arch
+        model_args = config.get("model_args") or {}
+        if not isinstance(model_args, dict):
+            model_args = {}
+        kwargs.update(model_args)
+        if "num_classes" in config and "num_classes" not in model_args:
+            kwargs["num_classes"] = config["num_classes"]
+    kwargs["num_classes"] = 0
+    return arch, kwargs
+
+
+def create_model(arch: str, kwargs: dict[str, Any], *, meta: bool = False) -> torch.nn.Module:
+    """``timm.create_model(arch, pretrained=False, **kwargs)``; on the meta device if asked
+    (no memory, no init: for parameter counts, shapes and ``load_state_dict(assign=True)``)."""
+    import timm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if meta:
+            with torch.device("meta"):
+                return timm.create_model(arch, pretrained=False, **kwargs)
+        return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def spec_for_config(spec: EncoderSpec, config: dict[str, Any] | None) -> EncoderSpec:
+    """For the generic ``timm:`` entry, let a config.json's pretrained_cfg define the preprocessing."""
+    if config and spec.name.startswith("timm:") and isinstance(config.get("pretrained_cfg"), dict):
+        return spec_from_pretrained_cfg(spec.name, spec.architecture, spec.model_kwargs, config["pretrained_cfg"])
+    return spec
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

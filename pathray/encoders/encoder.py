@@ -1,0 +1,183 @@
+"""The :class:`Encoder`: uint8 tile batches in, ``(N, D)`` embeddings out."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pathray.errors import EncoderError
+
+from .build import count_params, create_model, resolve_architecture, spec_for_config
+from .loading import LoadedWeights, load_into, load_weights
+from .preprocess import preprocess_batch
+from .registry import EncoderSpec, get_spec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model: str                  # registry name ("uni2-h") or "timm:<architecture>"
+    weights: str | None = None  # None: the spec's HF hub repo; else a local hub-layout dir,
+                                # a .safetensors / .pth / .bin file, or "hf-hub:org/name"
+    device: str = "auto"        # "auto" = cuda if available else cpu
+    dtype: str = "fp32"         # fp32 | bf16 | fp16 (autocast on the device)
+    compile: bool = False
+    output_dtype: str = "float32"  # float32 | float16
+    batch_size: int = 64        # micro-batch inside one call
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"output_dtype must be one of {sorted(OUTPUT_DTYPES)}, got {self.output_dtype!r}")
+        if int(self.batch_size) < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EncoderError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+class Encoder:
+    """One model on one device. Call it with ``(N, H, W, 3)`` uint8 tiles (numpy, may be
+    read-only; never written to) to get ``(N, embed_dim)`` embeddings as numpy."""
+
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, config: EncoderConfig, *,
+                 weights_source: str, weights_fingerprint: str, architecture: str,
+                 model_kwargs: dict[str, Any]):
+        self.spec = spec
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.weights_source = weights_source
+        self.weights_fingerprint = weights_fingerprint
+        self.architecture = architecture
+        self.model_kwargs = model_kwargs
+        self.num_params = count_params(model)
+        model = model.eval().requires_grad_(False).to(self.device)
+        self._channels_last = self.device.type == "cuda"
+        if self._channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._autocast_dtype = DTYPES[config.dtype]
+        self._forward = torch.compile(self._pool_forward, dynamic=False) if config.compile else self._pool_forward
+        self.embed_dim = spec.embed_dim or self._probe_dim()
+        if spec.embed_dim and self._probe_dim() != spec.embed_dim:
+            raise EncoderError(f"{spec.name}: model gives {self._probe_dim()}-d embeddings, spec says {spec.embed_dim}")
+
+    # -- forward -----------------------------------------------------------------------
+    def _pool_forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.spec.pooling == "cls":
+            return m(x)  # the card's model(x): num_classes=0, timm pools (CLS token)
+        tokens = m.forward_features(x)  # final norm applied, (N, prefix + patches, C)
+        cls = tokens[:, 0]
+        patches = tokens[:, getattr(m, "num_prefix_tokens", 1):]  # registers excluded
+        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
+
+    def _autocast(self):
+        if self._autocast_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+
+    def _probe_dim(self) -> int:
+        if not hasattr(self, "_dim_cache"):
+            n = self.spec.input_px
+            with torch.inference_mode():
+                x = torch.zeros(1, 3, n, n, device=self.device)
+                self._dim_cache = int(self._pool_forward(x).shape[-1])
+        return self._dim_cache
+
+    def _to_device(self, tiles: np.ndarray) -> torch.Tensor:
+        if self.device.type == "cuda":
+            buf = torch.empty(tiles.shape, dtype=torch.uint8, pin_memory=True)
+            buf.numpy()[...] = tiles
+            return buf.to(self.device, non_blocking=True)
+        with warnings.catch_warnings():  # read-only input: we never write into it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(tiles)
+
+    def encode_tensor(self, tiles_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(N, H, W, 3)`` tensor on the encoder's device -> float32 ``(N, D)`` tensor."""
+        x = preprocess_batch(tiles_u8, self.spec.preprocess)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self._forward(x)
+        return out.float()
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        tiles = np.asarray(tiles)
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (N, H, W, 3) tiles, got {tiles.shape} {tiles.dtype}")
+        out_dtype = OUTPUT_DTYPES[self.config.output_dtype]
+        n = tiles.shape[0]
+        result = np.empty((n, self.embed_dim), dtype=out_dtype)
+        bs = int(self.config.batch_size)
+        with torch.inference_mode():
+            for start in range(0, n, bs):
+                chunk = tiles[start:start + bs]
+                if not chunk.flags.c_contiguous:
+                    chunk = np.ascontiguousarray(chunk)
+                emb = self.encode_tensor(self._to_device(chunk))
+                result[start:start + len(chunk)] = emb.cpu().numpy().astype(out_dtype, copy=False)
+        return result
+
+    # -- provenance ----------------------------------------------------------------------
+    def provenance(self) -> dict[str, str]:
+        import timm
+
+        p = self.spec.preprocess
+        return {
+            "model": self.spec.name,
+            "architecture": self.architecture,
+            "family": self.spec.family,
+            "embed_dim": str(self.embed_dim),
+            "num_params": str(self.num_params),
+            "pooling": self.spec.pooling,
+            "preprocess": p.describe(),
+            "input_px": str(self.spec.input_px),
+            "native_mpp": str(self.spec.native_mpp),
+            "weights_source": self.weights_source,
+            "weights_fingerprint": self.weights_fingerprint,
+            "dtype": self.config.dtype,
+            "output_dtype": self.config.output_dtype,
+            "device": str(self.device),
+            "compile": str(bool(self.config.compile)),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+        }
+
+    def __repr__(self) -> str:
+        return (f"Encoder({self.spec.name!r}, dim={self.embed_dim}, device={self.device}, dtype={self.config.dtype}, "
+                f"weights={self.weights_fingerprint})")
+
+
+def load_encoder(config: EncoderConfig) -> Encoder:
+    """Build the spec's architecture and load its weights (hub, local dir or file)."""
+    spec = get_spec(config.model)
+    loaded: LoadedWeights = load_weights(spec, config.weights)
+    spec = spec_for_config(spec, loaded.config)
+    arch, kwargs = resolve_architecture(spec, loaded.config)
+    try:
+        model = create_model(arch, kwargs, meta=True)
+    except Exception as exc:  # noqa: BLE001 - bad architecture args in a config.json
+        raise EncoderError(f"{spec.name}: cannot build {arch} with {sorted(kwargs)}: {exc}") from exc
+    model = load_into(model, loaded.state_dict, what=f"{spec.name} weights {loaded.source}")
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:  # non-persistent buffers: rebuild on CPU and load normally
+        model = load_into(create_model(arch, kwargs), loaded.state_dict, what=f"{spec.name} weights {loaded.source}")
+    model = model.float()
+    return Encoder(spec, model, config, weights_source=loaded.source, weights_fingerprint=loaded.fingerprint,
+                   architecture=arch, model_kwargs=kwargs)

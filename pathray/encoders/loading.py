@@ -1,0 +1,314 @@
+"""Weight loading: HF hub, local hub-layout directory, or a single checkpoint file.
+
+A *hub-layout directory* is what ``huggingface_hub.snapshot_download`` (or
+:func:`pathray.encoders.write_random_weights`) leaves on disk: ``config.json`` (timm style:
+``architecture``, ``model_args``, ``pretrained_cfg``; optional) next to
+``model.safetensors`` or ``pytorch_model.bin``.
+
+Pickled checkpoints (``.pth``/``.bin``/``.pt``) are only ever read with
+``torch.load(weights_only=True)``. Every load records a fingerprint: ``hf:<repo>@<commit>`` for
+the hub, ``sha256:<hex>`` of the weights file otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUnavailableError
+
+from .registry import EncoderSpec
+
+WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth")
+PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt")
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+#: seconds allowed to reach the hub before failing over to the local cache / a clear error
+DEFAULT_HUB_TIMEOUT_S = 5.0
+
+
+@dataclass
+class LoadedWeights:
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any]          # parsed config.json, {} when none
+    source: str                     # "hf-hub:org/name" | local path (no credentials)
+    source_kind: str                # "hub" | "dir" | "file"
+    fingerprint: str                # "hf:org/name@sha" | "sha256:..."
+    files: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------
+# fingerprints
+# --------------------------------------------------------------------------------------
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------
+# reading state dicts
+# --------------------------------------------------------------------------------------
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file: safetensors, or a pickle through ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise WeightsCorruptError(f"cannot parse safetensors file {path}: {exc}") from exc
+    elif path.suffix in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        except Exception as exc:
+            kind = "not a weights-only checkpoint (it contains pickled code/objects) or corrupt"
+            raise WeightsCorruptError(f"cannot load {path} with torch.load(weights_only=True): {kind}: {exc}") from exc
+        sd = _unwrap_state_dict(obj, path)
+    else:
+        raise WeightsCorruptError(
+            f"unsupported weights file {path}: expected .safetensors (preferred) or {'/'.join(PICKLE_SUFFIXES)}"
+        )
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsCorruptError(f"{path}: entries that are not tensors: {bad[:5]}")
+    return sd
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
+    raise WeightsCorruptError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        return {}
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsCorruptError(f"cannot parse {cfg_path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise WeightsCorruptError(f"{cfg_path} is not a JSON object")
+    return cfg
+
+
+def find_weights_file(directory: Path) -> Path:
+    for name in WEIGHT_FILENAMES:
+        if (directory / name).is_file():
+            return directory / name
+    safes = sorted(directory.glob("*.safetensors"))
+    if len(safes) == 1:
+        return safes[0]
+    raise WeightsUnavailableError(
+        f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILENAMES)} (hub layout)"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# sources
+# --------------------------------------------------------------------------------------
+def load_weights(spec: EncoderSpec, weights: str | os.PathLike | None) -> LoadedWeights:
+    """Resolve ``weights`` (None -> the spec's hub repo) and read its state dict + config."""
+    if weights is None:
+        if not spec.hf_hub_id:
+            raise WeightsUnavailableError(
+                f"{spec.name}: no default weights; pass weights= a local hub-layout dir, a checkpoint file "
+                "or hf-hub:org/name"
+            )
+        return load_from_hub(spec, spec.hf_hub_id)
+    text = os.fspath(weights)
+    for prefix in HUB_PREFIXES:
+        if text.startswith(prefix):
+            return load_from_hub(spec, text[len(prefix):])
+    if text.startswith("file://"):
+        text = urlparse(text).path
+    path = Path(text).expanduser()
+    if path.is_dir():
+        cfg = read_config(path)
+        wfile = find_weights_file(path)
+        return LoadedWeights(read_state_dict(wfile), cfg, str(path), "dir", "sha256:" + file_sha256(wfile), [str(wfile)])
+    if path.is_file():
+        cfg = read_config(path.parent) if path.name in WEIGHT_FILENAMES else {}
+        return LoadedWeights(read_state_dict(path), cfg, str(path), "file", "sha256:" + file_sha256(path), [str(path)])
+    raise WeightsUnavailableError(
+        f"{spec.name}: weights {text!r} not found: expected a hub-layout directory, a .safetensors/.pth/.bin "
+        "file, or hf-hub:org/name"
+    )
+
+
+def _hub_timeout() -> float:
+    try:
+        return float(os.environ.get("PATHRAY_HUB_TIMEOUT", DEFAULT_HUB_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_HUB_TIMEOUT_S
+
+
+def hub_reachable(timeout: float | None = None) -> bool:
+    """Can we open a TCP connection to the HF endpoint within ``timeout`` seconds?
+
+    DNS resolution has no timeout of its own, so the whole probe runs in a daemon thread.
+    """
+    from huggingface_hub import constants
+
+    timeout = _hub_timeout() if timeout is None else timeout
+    if getattr(constants, "HF_HUB_OFFLINE", False) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
+    """Download (or find in the local HF cache) config.json + weights of ``repo[@revision]``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    repo_id, _, revision = repo.partition("@")
+    revision = revision or None
+    online = hub_reachable()
+    how_to = (
+        f"request access at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
+        if spec.gated else f"check the repo id https://huggingface.co/{repo_id}"
+    )
+    offline_hint = (
+        "or download it elsewhere (huggingface_hub.snapshot_download) and pass the directory as weights=DIR"
+    )
+
+    def get(filename: str) -> str:
+        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=not online,
+                               etag_timeout=_hub_timeout())
+
+    files: list[str] = []
+    try:
+        try:
+            cfg_file = get("config.json")
+            files.append(cfg_file)
+            cfg = json.loads(Path(cfg_file).read_text())
+        except hf_errors.EntryNotFoundError:
+            cfg = {}
+        wfile = None
+        last_exc: Exception | None = None
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                wfile = get(name)
+                break
+            except hf_errors.EntryNotFoundError as exc:
+                # LocalEntryNotFoundError is an EntryNotFoundError: offline and not cached
+                if isinstance(exc, hf_errors.LocalEntryNotFoundError):
+                    raise
+                last_exc = exc
+        if wfile is None:
+            raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has no model.safetensors or "
+                                          f"pytorch_model.bin ({last_exc})")
+    except hf_errors.GatedRepoError as exc:
+        raise WeightsUnavailableError(f"{spec.name}: {repo_id} is gated and this account has no access: {how_to}") from exc
+    except hf_errors.RepositoryNotFoundError as exc:
+        raise WeightsUnavailableError(
+            f"{spec.name}: {repo_id} not found or not accessible without a token ({how_to})") from exc
+    except hf_errors.LocalEntryNotFoundError as exc:
+        state = "the HF hub is unreachable (no network, or HF_HUB_OFFLINE=1)" if not online else "download failed"
+        raise WeightsUnavailableError(
+            f"{spec.name}: {state} and {repo_id} is not in the local HF cache; {how_to}, {offline_hint}"
+        ) from exc
+    except hf_errors.HfHubHTTPError as exc:
+        raise WeightsUnavailableError(f"{spec.name}: HF hub error for {repo_id}: {exc}; {how_to}") from exc
+    except OSError as exc:
+        raise WeightsUnavailableError(f"{spec.name}: cannot fetch {repo_id}: {exc}; {offline_hint}") from exc
+    files.append(wfile)
+    m = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", wfile)
+    fingerprint = f"hf:{repo_id}@{m.group(1)}" if m else "sha256:" + file_sha256(wfile)
+    return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}", "hub",
+                         fingerprint, files)
+
+
+# --------------------------------------------------------------------------------------
+# state dict <-> model
+# --------------------------------------------------------------------------------------
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+    """Problems (missing / unexpected / wrong-shape keys) of ``sd`` for ``model``; [] if it fits."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
+        for k in expected if k in sd and tuple(sd[k].shape) != expected[k]
+    )
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    return problems
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, what: str) -> torch.nn.Module:
+    """Strictly load ``sd`` into ``model`` (which may live on the meta device), or raise
+    :class:`WeightsMismatchError` naming the offending keys.
+
+    Checkpoints in an original (non-timm) layout, or with position embeddings for another
+    grid, go through timm's own ``checkpoint_filter_fn`` first, as ``pretrained=True`` would.
+    """
+    problems = check_state_dict(model, sd)
+    if problems:
+        filtered = _timm_filter(model, sd)
+        if filtered is not None and not check_state_dict(model, filtered):
+            sd, problems = filtered, []
+    if problems:
+        raise WeightsMismatchError(f"{what} does not fit {type(model).__name__}: " + "; ".join(problems))
+    on_meta = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(sd, strict=True, assign=on_meta)
+    return model
+
+
+def _timm_filter(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    try:
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+        if isinstance(model, VisionTransformer):
+            return checkpoint_filter_fn(dict(sd), model)
+    except Exception:  # noqa: BLE001 - a failing filter just means "does not fit"
+        return None
+    return None

@@ -1,0 +1,99 @@
+"""Random-initialised weights of a spec's exact architecture, saved in hub layout.
+
+Used by the demo, the pipeline tests and the reference-equivalence tests: no real
+weights can be downloaded there. ``load_encoder(EncoderConfig(model, weights=out_dir))``
+rebuilds exactly the saved model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import create_model
+from .registry import EncoderSpec, _is_json_value, get_spec
+
+
+def _perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """timm's init leaves LayerScale at ``init_values`` (1e-5), biases at 0, norms at 1 and
+    the class/register tokens ~0: a model whose blocks barely contribute would hide
+    mistakes in a reference comparison. Give those parameters values of a trained scale."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "gamma" or ".ls" in name:  # LayerScale
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.4 + 0.1)
+            elif leaf == "bias":
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif "norm" in name and leaf == "weight":
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+            elif leaf in ("cls_token", "reg_token", "pos_embed"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def random_model(model: str | EncoderSpec, *, seed: int = 0, **arch_overrides: Any) -> tuple[str, dict, torch.nn.Module]:
+    """(architecture, kwargs, module) of a random init; deterministic for a given seed."""
+    spec = get_spec(model) if isinstance(model, str) else model
+    kwargs = {**spec.model_kwargs, **arch_overrides, "num_classes": 0}
+    torch.manual_seed(seed)
+    net = create_model(spec.architecture, kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    _perturb(net, gen)
+    return spec.architecture, kwargs, net.eval()
+
+
+def hub_config(spec: EncoderSpec, kwargs: dict[str, Any], num_features: int, **extra: Any) -> dict[str, Any]:
+    """A timm-style ``config.json`` (architecture, model_args, pretrained_cfg) for ``spec``."""
+    p = spec.preprocess
+    resize = p.resize_px if p.resize_px is not None else p.crop_px
+    json_args = {k: v for k, v in kwargs.items() if _is_json_value(v)}
+    layer_args = {k: getattr(v, "__name__", None) or repr(v) for k, v in kwargs.items() if k not in json_args}
+    return {
+        "architecture": spec.architecture,
+        "num_classes": 0,
+        "num_features": num_features,
+        "global_pool": kwargs.get("global_pool", "token"),
+        "model_args": json_args,
+        "pretrained_cfg": {
+            "tag": "pathray_random",
+            "custom_load": False,
+            "input_size": [3, p.crop_px, p.crop_px],
+            "fixed_input_size": not kwargs.get("dynamic_img_size", False),
+            "interpolation": p.interpolation,
+            "crop_pct": p.crop_px / resize,
+            "crop_mode": "center",
+            "mean": list(p.mean),
+            "std": list(p.std),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+        "pathray": {"model": spec.name, "layer_args_from_spec": layer_args, **extra},
+    }
+
+
+def write_random_weights(model: str, out_dir: str | os.PathLike, *, seed: int = 0, **arch_overrides: Any) -> Path:
+    """Write a random init of ``model``'s exact architecture (optionally shrunk, e.g.
+    ``depth=2``) to ``out_dir`` in hub layout: ``config.json`` + ``model.safetensors``.
+
+    Returns ``out_dir``. ``load_encoder(EncoderConfig(model, weights=out_dir))`` rebuilds it.
+    """
+    from safetensors.torch import save_file
+
+    spec = get_spec(model)
+    arch, kwargs, net = random_model(spec, seed=seed, **arch_overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt", "pathray_model": spec.name, "seed": str(seed)})
+    os.replace(tmp, out / "model.safetensors")
+    cfg = hub_config(spec, kwargs, int(getattr(net, "num_features", 0) or 0), seed=seed, random_init=True,
+                     arch_overrides={k: v for k, v in arch_overrides.items() if not callable(v)})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
