@@ -1,0 +1,108 @@
+"""`pathray embed`: run the Ray Data job (also the body of ``jobs/embed.py``).
+
+Options override the YAML file given with ``--config``. Exit status: 0 when every slide
+ended ok or without tissue, 1 when any slide/model error was recorded (see the store's
+``errors/`` and ``slides.parquet``), 2 when the job could not start (bad manifest,
+config mismatch with the store, no usable model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pathray.errors import PathrayError
+
+SAMPLE_QUERY = """\
+import pyarrow.dataset as ds
+features = ds.dataset("{root}/features", partitioning="hive").to_table()   # or: pathray.store.FeatureStore("{root}").dataset("{model}")
+print(features.group_by(["model", "slide_id"]).aggregate([("tile_index", "count")]))"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--config", help="YAML job file (pathray.config); options below override it")
+    add("--manifest", help="slide manifest: CSV/TSV/Parquet/JSONL, local or s3://")
+    add("--models", help="comma-separated model names (see `pathray models`)")
+    add("--out", help="feature store root: local dir or s3://bucket/prefix")
+    add("--tile-px", type=int, help="tile side in pixels (default: the first model's input size)")
+    add("--target-mpp", type=float, help="tile resolution in µm/px (default: the first model's native µm/px)")
+    add("--stride-px", type=int, help="grid stride in target pixels (default: tile px, no overlap)")
+    add("--min-tissue", type=float, dest="min_tissue_fraction", help="drop tiles with less tissue than this fraction")
+    add("--chunk-tiles", type=int, help="tiles per work unit (default 256)")
+    add("--weights", action="append", default=[], metavar="MODEL=SOURCE",
+        help="weights for a model: local hub-layout dir, .safetensors/.pth file, or hf-hub:org/name (repeatable)")
+    add("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision for every model")
+    add("--output-dtype", choices=["float32", "float16"], help="stored embedding precision for every model")
+    add("--batch-size", type=int, help="encoder micro-batch for every model")
+    add("--readers", type=int, help="max reader actors")
+    add("--encoder-actors", type=int, help="encoder actors per model")
+    add("--num-gpus", type=float, dest="encoder_num_gpus", help="GPUs per encoder actor (fractional allowed)")
+    add("--keep-columns", help="comma-separated manifest columns to copy onto every tile row")
+    add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
+    add("--new-version", action="store_true", help="on a config mismatch, write a new store version under OUT/versions/")
+    add("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
+    add("--run-id", help="name of this run (default: timestamp)")
+    add("--dry-run", action="store_true", help="print the plan (slides, estimated tiles, resources) and exit")
+    add("--no-progress", action="store_true", help="no Ray Data progress bars")
+
+
+def raw_config(args: argparse.Namespace) -> dict:
+    """Merge ``--config`` YAML with the command-line options into a plain dict."""
+    from pathray.config import load_yaml
+
+    raw = load_yaml(args.config) if args.config else {}
+    for key in ("manifest", "models", "out", "chunk_tiles", "new_version", "ray_address", "run_id"):
+        value = getattr(args, key)
+        if value not in (None, False):
+            raw[key] = value
+    tiling = dict(raw.get("tiling") or {})
+    for key in ("tile_px", "target_mpp", "stride_px", "min_tissue_fraction"):
+        if getattr(args, key) is not None:
+            tiling[key] = getattr(args, key)
+    raw["tiling"] = tiling
+    resources = dict(raw.get("resources") or {})
+    for key in ("readers", "encoder_actors", "encoder_num_gpus"):
+        if getattr(args, key) is not None:
+            resources[key] = getattr(args, key)
+    raw["resources"] = resources
+    if args.keep_columns:
+        raw["keep_columns"] = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
+    if args.s3_endpoint_url:
+        raw.setdefault("storage_options", {}).setdefault("client_kwargs", {})["endpoint_url"] = args.s3_endpoint_url
+    models = raw.get("models") or []
+    models = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
+    encoders = {m: dict((raw.get("encoders") or {}).get(m) or {}) for m in models}
+    for item in args.weights:
+        model, _, source = item.partition("=")
+        if model not in encoders or not source:
+            raise ValueError(f"--weights {item!r}: expected MODEL=SOURCE with MODEL among --models")
+        encoders[model]["weights"] = source
+    for key in ("dtype", "output_dtype", "batch_size"):
+        if getattr(args, key) is not None:
+            for cfg in encoders.values():
+                cfg[key] = getattr(args, key)
+    raw["models"], raw["encoders"] = models, encoders
+    return raw
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathray.config import build_job_config
+    from pathray.pipeline import dry_run_plan, run_job
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = build_job_config(raw_config(args))
+        if args.dry_run:
+            print(json.dumps(dry_run_plan(config), indent=2, default=str))
+            return 0
+        report = run_job(config, progress_bars=not args.no_progress)
+    except (PathrayError, ValueError) as exc:
+        print(f"pathray embed: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"\nStore: {report.store}\nRun report: {report.store}/_runs/{report.run_id}/report.json\nQuery it:\n"
+          + SAMPLE_QUERY.format(root=report.store, model=config.models[0]))
+    return report.exit_code

@@ -1,0 +1,338 @@
+"""The job's stages as plain callables over Arrow tables; none of them imports Ray.
+
+Row kinds flowing between stages (all columns typed and non-null, so Ray Data can
+concatenate blocks produced by different tasks):
+
+* **slide rows** (driver -> plan): :data:`SLIDE_SCHEMA`, one per slide to (re)do.
+* **chunk rows** (plan -> read -> encode -> write): :data:`CHUNK_SCHEMA`, one per work
+  unit of at most ``chunk_tiles`` tiles of one slide. Coordinates travel as raw
+  little-endian bytes (``int64`` x/y/tile_index, ``float32`` tissue fraction) so that
+  empty chunks have the same type as full ones. The read stage adds ``pixels``
+  (``N*tile_px*tile_px*3`` uint8 bytes); each encode stage adds ``emb:<model>``
+  (``N*D`` float bytes), ``prov:<model>`` (provenance JSON) and ``encode_s:<model>``;
+  the last encode stage drops ``pixels``.
+* **result rows** (write -> driver): :data:`RESULT_SCHEMA`, one per (chunk, model).
+
+A slide that fails or has no tissue still yields exactly one chunk row
+(``n_chunks == 0``, ``status`` error / no_tissue) so the driver learns its fate from the
+same stream.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from pathray.errors import PathrayError
+from pathray.slide import open_slide
+from pathray.staging import Scratch
+from pathray.store import FeatureStore, TILE_FIELDS, embeddings_to_arrow
+from pathray.tiling import TilingConfig, plan_tiles, read_tiles
+
+SLIDE_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("path", pa.string()),
+        ("cohort", pa.string()),  # "" when the manifest has none
+        ("mpp_override", pa.float64()),  # NaN when the manifest has none
+        ("models", pa.list_(pa.string())),  # models still to do for this slide
+    ]
+)
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        *[f for f in SLIDE_SCHEMA if f.name != "mpp_override"],
+        ("chunk_id", pa.string()),
+        ("chunk_index", pa.int32()),
+        ("n_chunks", pa.int32()),
+        ("n_tiles_slide", pa.int64()),
+        ("tile_index", pa.binary()),
+        ("x", pa.binary()),
+        ("y", pa.binary()),
+        ("tissue_fraction", pa.binary()),
+        ("size_level0", pa.float64()),
+        ("status", pa.string()),  # ok | no_tissue | error
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("slide_meta", pa.string()),  # JSON: path, width, height, mpp, mpp_source, vendor, etag...
+        ("plan_s", pa.float64()),
+    ]
+)
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("model", pa.string()),
+        ("cohort", pa.string()),
+        ("chunk_id", pa.string()),
+        ("chunk_index", pa.int32()),
+        ("n_chunks", pa.int32()),
+        ("n_tiles_slide", pa.int64()),
+        ("n_tiles", pa.int64()),  # tiles of this chunk written for this model
+        ("first", pa.bool_()),  # the chunk's first model row: carries the chunk-level figures below
+        ("tiles_read", pa.int64()),  # tiles whose pixels were read for this chunk
+        ("status", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("slide_meta", pa.string()),
+        ("provenance", pa.string()),
+        ("plan_s", pa.float64()),
+        ("read_s", pa.float64()),
+        ("encode_s", pa.float64()),
+        ("write_s", pa.float64()),
+    ]
+)
+
+
+def chunk_id(slide_id: str, tiling_fingerprint: str, index: int) -> str:
+    """Deterministic name of a slide's ``index``-th chunk under one tiling config."""
+    return f"{slide_id}.{tiling_fingerprint[:8]}.c{index:05d}"
+
+
+def _error_fields(stage: str, exc: BaseException) -> dict[str, str]:
+    error_type = exc.error_type if isinstance(exc, PathrayError) else type(exc).__name__
+    return {"status": "error", "stage": stage, "error_type": error_type, "error_message": str(exc)[:2000]}
+
+
+# --- plan -----------------------------------------------------------------------------------
+class SlidePlanner:
+    """slide rows -> chunk rows: open each slide, detect tissue, lay the tile grid, cut it
+    into chunks of at most ``chunk_tiles`` tiles (in ``tile_index`` order)."""
+
+    def __init__(self, tiling: TilingConfig, chunk_tiles: int, storage_options: dict | None = None,
+                 scratch_dir: str | None = None, scratch_max_bytes: int = 64 * 2**30):
+        self.tiling = tiling
+        self.fingerprint = tiling.fingerprint()
+        self.chunk_tiles = int(chunk_tiles)
+        self.storage_options = storage_options
+        self.scratch = Scratch(scratch_dir, scratch_max_bytes)
+
+    def __call__(self, slides: pa.Table) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        for slide in slides.to_pylist():
+            rows.extend(self.plan_one(slide))
+        return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+
+    def plan_one(self, slide: dict[str, Any]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        base = {k: slide[k] for k in ("slide_id", "path", "cohort", "models")}
+        empty = dict(base, chunk_id="", chunk_index=0, n_chunks=0, n_tiles_slide=0, tile_index=b"", x=b"", y=b"",
+                     tissue_fraction=b"", size_level0=0.0, stage="plan", error_type="", error_message="", slide_meta="{}")
+        mpp = slide["mpp_override"]
+        try:
+            with open_slide(slide["path"], mpp_override=None if mpp is None or np.isnan(mpp) else mpp,
+                            scratch=self.scratch, storage_options=self.storage_options) as handle:
+                meta = slide_metadata(handle)
+                grid = plan_tiles(handle, slide["slide_id"], self.tiling)
+        except Exception as exc:  # every failure becomes a recorded per-slide error
+            return [dict(empty, **_error_fields("plan", exc), plan_s=time.perf_counter() - start)]
+        n = len(grid.tile_index)
+        elapsed = time.perf_counter() - start
+        if n == 0:
+            return [dict(empty, status="no_tissue", slide_meta=meta, plan_s=elapsed)]
+        bounds = list(range(0, n, self.chunk_tiles))
+        return [
+            dict(
+                base, chunk_id=chunk_id(slide["slide_id"], self.fingerprint, i), chunk_index=i, n_chunks=len(bounds),
+                n_tiles_slide=n,
+                tile_index=np.asarray(grid.tile_index[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
+                x=np.asarray(grid.x[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
+                y=np.asarray(grid.y[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
+                tissue_fraction=np.asarray(grid.tissue_fraction[lo:lo + self.chunk_tiles], dtype="<f4").tobytes(),
+                size_level0=float(grid.size_level0), status="ok", stage="", error_type="", error_message="",
+                slide_meta=meta, plan_s=elapsed / len(bounds),
+            )
+            for i, lo in enumerate(bounds)
+        ]
+
+
+def slide_metadata(slide) -> str:
+    """JSON of the slide facts that go into the slide table and commit records."""
+    width, height = slide.dimensions
+    return json.dumps({
+        "path": slide.uri, "width": int(width), "height": int(height), "mpp": float(slide.mpp),
+        "mpp_source": slide.mpp_source, "vendor": slide.vendor, "etag": slide.etag, "size_bytes": slide.size_bytes,
+        "level_count": len(slide.level_dimensions),
+    })
+
+
+# --- read -----------------------------------------------------------------------------------
+class ChunkReader:
+    """chunk rows -> chunk rows with ``pixels``: ``(N, tile_px, tile_px, 3)`` uint8 as bytes.
+
+    Keeps the last ``max_open`` slides open (consecutive chunks usually share a slide), so a
+    staged S3 slide is fetched once per actor, not once per chunk. Read failures (e.g. a
+    truncated file whose damage shows only past the header) turn the chunk into an error row.
+    """
+
+    def __init__(self, tiling: TilingConfig, storage_options: dict | None = None, scratch_dir: str | None = None,
+                 scratch_max_bytes: int = 64 * 2**30, max_open: int = 4):
+        self.tiling = tiling
+        self.storage_options = storage_options
+        self.scratch = Scratch(scratch_dir, scratch_max_bytes)
+        self.max_open = max_open
+        self._open: OrderedDict[str, Any] = OrderedDict()
+
+    def _slide(self, path: str, mpp_override: float | None):
+        handle = self._open.pop(path, None)
+        if handle is None:
+            handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
+        self._open[path] = handle
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return handle
+
+    def __call__(self, chunks: pa.Table) -> pa.Table:
+        pixels, read_s, counts, updates = [], [], [], []
+        for row in chunks.to_pylist():
+            start = time.perf_counter()
+            data, update, count = b"", {}, 0
+            if row["status"] == "ok":
+                try:
+                    meta = json.loads(row["slide_meta"])
+                    handle = self._slide(row["path"], meta["mpp"] if meta.get("mpp_source") == "manifest" else None)
+                    x = np.frombuffer(row["x"], dtype="<i8")
+                    y = np.frombuffer(row["y"], dtype="<i8")
+                    tiles = read_tiles(handle, self.tiling, x, y)
+                    data, count = np.ascontiguousarray(tiles, dtype=np.uint8).tobytes(), len(tiles)
+                except Exception as exc:
+                    update = _error_fields("read", exc)
+            pixels.append(data)
+            counts.append(count)
+            read_s.append(time.perf_counter() - start)
+            updates.append(update)
+        chunks = _apply_updates(chunks, updates)
+        chunks = chunks.append_column(pa.field("pixels", pa.large_binary()), pa.array(pixels, type=pa.large_binary()))
+        chunks = chunks.append_column("tiles_read", pa.array(counts, type=pa.int64()))
+        return chunks.append_column("read_s", pa.array(read_s, type=pa.float64()))
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+        self.scratch.close()
+
+
+def _apply_updates(table: pa.Table, updates: list[dict[str, str]]) -> pa.Table:
+    """Overwrite status/stage/error columns of the rows that got an update."""
+    if not any(updates):
+        return table
+    for name in ("status", "stage", "error_type", "error_message"):
+        values = [u.get(name, old) for u, old in zip(updates, table.column(name).to_pylist())]
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, type=pa.string()))
+    return table
+
+
+def tiles_of(row: dict[str, Any], tile_px: int) -> np.ndarray:
+    """The uint8 ``(N, tile_px, tile_px, 3)`` view of a chunk row's ``pixels`` (read-only)."""
+    return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(-1, tile_px, tile_px, 3)
+
+
+# --- encode ---------------------------------------------------------------------------------
+class ChunkEncoder:
+    """chunk rows -> chunk rows with ``emb:<model>``: the model's ``(N, D)`` embeddings as bytes.
+
+    ``make_encoder()`` builds the model once per actor. If it fails (weights missing, gated,
+    mismatched), the actor stays up and marks every chunk needing this model as an error
+    for this model only, so other models keep going. Rows not needing this model, or
+    already failed, pass through with empty embeddings.
+    """
+
+    def __init__(self, model: str, make_encoder: Callable[[], Any], tile_px: int, drop_pixels: bool):
+        self.model = model
+        self.tile_px = tile_px
+        self.drop_pixels = drop_pixels
+        self.encoder, self.load_error = None, None
+        try:
+            self.encoder = make_encoder()
+            self.provenance = json.dumps(self.encoder.provenance(), sort_keys=True, default=str)
+        except Exception as exc:
+            self.load_error = _error_fields("encode", exc)
+            self.provenance = "{}"
+
+    def __call__(self, chunks: pa.Table) -> pa.Table:
+        embeddings, seconds, errors = [], [], []
+        for row in chunks.to_pylist():
+            start, data, error = time.perf_counter(), b"", ""
+            if row["status"] == "ok" and self.model in row["models"]:
+                if self.load_error:
+                    error = json.dumps(self.load_error)
+                else:
+                    try:
+                        data = np.ascontiguousarray(self.encoder(tiles_of(row, self.tile_px))).tobytes()
+                    except Exception as exc:
+                        error = json.dumps(_error_fields("encode", exc))
+            embeddings.append(data)
+            seconds.append(time.perf_counter() - start)
+            errors.append(error)
+        if self.drop_pixels:
+            chunks = chunks.drop_columns(["pixels"])
+        chunks = chunks.append_column(f"emb:{self.model}", pa.array(embeddings, type=pa.large_binary()))
+        chunks = chunks.append_column(f"err:{self.model}", pa.array(errors, type=pa.string()))
+        chunks = chunks.append_column(f"prov:{self.model}", pa.array([self.provenance] * len(chunks), type=pa.string()))
+        return chunks.append_column(f"encode_s:{self.model}", pa.array(seconds, type=pa.float64()))
+
+
+# --- write ----------------------------------------------------------------------------------
+class ChunkWriter:
+    """chunk rows with embeddings -> result rows; stages one Parquet object per (chunk, model).
+
+    ``embedding_types`` maps each model to its Arrow float type (float32/float16).
+    """
+
+    def __init__(self, root: str, storage_options: dict | None, models: list[str], tiling: TilingConfig,
+                 embedding_types: dict[str, str]):
+        self.store = FeatureStore(root, storage_options)
+        self.models = list(models)
+        self.tiling = tiling
+        self.embedding_types = {m: np.dtype(t) for m, t in embedding_types.items()}
+
+    def __call__(self, chunks: pa.Table) -> pa.Table:
+        results = []
+        for row in chunks.to_pylist():
+            for i, model in enumerate(m for m in self.models if m in row["models"]):
+                results.append(self._write_one(row, model, first=i == 0))
+        return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
+
+    def _write_one(self, row: dict[str, Any], model: str, first: bool) -> dict[str, Any]:
+        start = time.perf_counter()
+        n = len(row["x"]) // 8
+        result = {k: row[k] for k in ("slide_id", "cohort", "chunk_id", "chunk_index", "n_chunks", "n_tiles_slide",
+                                      "status", "stage", "error_type", "error_message", "slide_meta", "plan_s")}
+        result.update(model=model, first=first, n_tiles=0, tiles_read=row.get("tiles_read") or 0,
+                      provenance=row.get(f"prov:{model}") or "{}", read_s=row.get("read_s") or 0.0,
+                      encode_s=row.get(f"encode_s:{model}") or 0.0, write_s=0.0)
+        error = row.get(f"err:{model}")
+        if result["status"] == "ok" and error:
+            result.update(json.loads(error))
+        if result["status"] != "ok":
+            return result
+        try:
+            embeddings = np.frombuffer(row[f"emb:{model}"], dtype=self.embedding_types[model]).reshape(n, -1)
+            table = pa.Table.from_arrays(
+                [
+                    pa.array([row["slide_id"]] * n, type=pa.string()),
+                    pa.array(np.frombuffer(row["tile_index"], dtype="<i8").astype(np.int32)),
+                    pa.array(np.frombuffer(row["x"], dtype="<i8")),
+                    pa.array(np.frombuffer(row["y"], dtype="<i8")),
+                    pa.array(np.full(n, row["size_level0"], dtype=np.float64)),
+                    pa.array(np.full(n, self.tiling.target_mpp, dtype=np.float64)),
+                    pa.array(np.full(n, self.tiling.tile_px, dtype=np.int32)),
+                    pa.array(np.frombuffer(row["tissue_fraction"], dtype="<f4")),
+                    embeddings_to_arrow(embeddings),
+                ],
+                schema=pa.schema([*TILE_FIELDS, pa.field("embedding", pa.list_(pa.from_numpy_dtype(embeddings.dtype),
+                                                                                   embeddings.shape[1]), nullable=False)]),
+            )
+            self.store.write_chunk(model, row["slide_id"], row["chunk_id"], table)
+            result["n_tiles"] = n
+        except Exception as exc:
+            result.update(_error_fields("write", exc))
+        result["write_s"] = time.perf_counter() - start
+        return result

@@ -1,0 +1,397 @@
+"""The feature store: layout, schema, chunk writer, commit protocol and readers.
+
+Layout under ``ROOT`` (a local directory or ``s3://bucket/prefix``)::
+
+    _pathray_store.json                                   store config: tiling + every model's config
+    features/model=<model>/cohort=<cohort>/<slide_id>.parquet
+                                                          all tiles of one committed (slide, model)
+    _staging/model=<model>/<slide_id>/<chunk_id>.parquet  chunk outputs of the write stage (transient)
+    _commits/model=<model>/<slide_id>.json                commit record, written last
+    slides.parquet                                        latest status per (slide, model)
+    errors/run_id=<run_id>/part-<k>.parquet               error ledger, one row per failure
+    _runs/<run_id>/report.json, slides-<k>.parquet        run report and raw per-run status rows
+
+Commit protocol (no rename needed, so it holds on S3):
+
+1. The write stage puts each chunk's rows at a deterministic staging name; a retried chunk
+   overwrites the same object.
+2. When every chunk of a (slide, model) is staged, :func:`finalize_slide` reads exactly
+   those chunk names, writes the slide's single features file (one object PUT; local files
+   are written to a temporary name and ``os.replace``-d), then writes the commit record,
+   then deletes the staging objects.
+3. A (slide, model) is committed iff its commit record exists. A re-run skips committed
+   pairs and redoes the rest, overwriting any features file left by a crash between steps
+   2 and 3 with identical content, so no slide is ever present twice.
+
+Files under ``_``-prefixed folders are ignored by pyarrow.dataset, DuckDB globs over
+``features/`` and polars, so plain readers see only whole per-slide files;
+:meth:`FeatureStore.dataset` additionally restricts to slides with a commit record.
+
+Units: ``x``/``y`` are level-0 pixels (top-left of the tile), ``size_level0`` is the tile's
+side in level-0 pixels, ``target_mpp`` is µm per pixel of the encoded tile.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pathray import __version__
+from pathray.errors import StoreConfigMismatchError
+from pathray.fs import join, split_uri
+
+STORE_FORMAT = 1
+STORE_META = "_pathray_store.json"
+NO_COHORT = "unassigned"
+#: Parquet key-value metadata key holding the provenance JSON.
+PROVENANCE_KEY = b"pathray.provenance"
+
+TILE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("tile_index", pa.int32(), nullable=False),
+    pa.field("x", pa.int64(), nullable=False),
+    pa.field("y", pa.int64(), nullable=False),
+    pa.field("size_level0", pa.float64(), nullable=False),
+    pa.field("target_mpp", pa.float64(), nullable=False),
+    pa.field("tile_px", pa.int32(), nullable=False),
+    pa.field("tissue_fraction", pa.float32(), nullable=False),
+)
+
+SLIDE_STATUS_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("model", pa.string()),
+        ("path", pa.string()),
+        ("cohort", pa.string()),
+        ("status", pa.string()),  # ok | no_tissue | error
+        ("stage", pa.string()),  # where it failed: plan | read | encode | write | finalize | config
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int64()),  # level-0 px
+        ("height", pa.int64()),
+        ("mpp", pa.float64()),  # level-0 µm/px
+        ("mpp_source", pa.string()),
+        ("vendor", pa.string()),
+        ("n_tiles", pa.int64()),
+        ("run_id", pa.string()),
+        ("updated_at", pa.float64()),  # unix seconds
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("model", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("time", pa.float64()),
+    ]
+)
+
+
+def feature_schema(embed_dim: int, embedding_type: pa.DataType, extra: pa.Schema | None = None) -> pa.Schema:
+    """Schema of one features file: the tile fields, ``embedding`` as
+    ``fixed_size_list<embedding_type>[embed_dim]``, then pass-through manifest columns."""
+    fields = [*TILE_FIELDS, pa.field("embedding", pa.list_(embedding_type, embed_dim), nullable=False)]
+    return pa.schema(fields + list(extra or []))
+
+
+def embeddings_to_arrow(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float32/float16 array -> ``fixed_size_list<...>[D]`` without copying rows."""
+    n, d = embeddings.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(embeddings).reshape(n * d)), d)
+
+
+# --- low-level atomic writes --------------------------------------------------------------
+def _put_bytes(fs, path: str, data: bytes) -> None:
+    """Write ``data`` at ``path`` so that readers see either nothing or all of it.
+
+    S3 PUTs are atomic per object; on a local filesystem we write a temporary sibling and
+    ``os.replace`` it (atomic on POSIX)."""
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(len(table), 65536)))
+    return sink.getvalue()
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+# --- the store ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CommitRecord:
+    """What a commit record says about one (slide, model)."""
+
+    slide_id: str
+    model: str
+    cohort: str
+    n_tiles: int
+    features_path: str | None  # relative to ROOT; None when the slide had no tissue
+    store_config_hash: str
+    run_id: str
+    slide: dict[str, Any]  # width, height, mpp, mpp_source, vendor, path
+
+
+class FeatureStore:
+    """A feature store rooted at a local directory or ``s3://`` prefix.
+
+    Writers use :meth:`ensure_config`, :meth:`write_chunk`, :func:`finalize_slide`;
+    readers use :meth:`dataset`, :meth:`committed`, :meth:`slides`.
+    """
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options
+        self.fs, self._root_path = split_uri(self.root, storage_options)
+
+    # paths (filesystem paths, i.e. without the s3:// scheme) ----------------------------
+    def path(self, *parts: str) -> str:
+        return join(self._root_path, *parts)
+
+    def features_relpath(self, model: str, cohort: str | None, slide_id: str) -> str:
+        return f"features/model={model}/cohort={cohort or NO_COHORT}/{slide_id}.parquet"
+
+    def staging_path(self, model: str, slide_id: str, chunk_id: str) -> str:
+        return self.path("_staging", f"model={model}", slide_id, f"{chunk_id}.parquet")
+
+    def commit_path(self, model: str, slide_id: str) -> str:
+        return self.path("_commits", f"model={model}", f"{slide_id}.json")
+
+    # store config ------------------------------------------------------------------------
+    def read_config(self) -> dict | None:
+        return _read_json(self.fs, self.path(STORE_META))
+
+    def ensure_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]]) -> dict:
+        """Create the store config, or check a run's config against the existing one.
+
+        ``tiling`` and each ``models[name]`` are JSON-able dicts whose ``fingerprint`` key
+        identifies them. A different tiling, or a model name already in the store with a
+        different fingerprint, raises :class:`StoreConfigMismatchError`. New models are
+        added. Returns the config now in force."""
+        current = self.read_config()
+        if current is None:
+            current = {"format": STORE_FORMAT, "created_by": f"pathray {__version__}", "tiling": tiling, "models": {}}
+        else:
+            if current.get("format") != STORE_FORMAT:
+                raise StoreConfigMismatchError(f"{self.root} has store format {current.get('format')}, expected {STORE_FORMAT}")
+            if current["tiling"]["fingerprint"] != tiling["fingerprint"]:
+                raise StoreConfigMismatchError(
+                    f"{self.root} was written with tiling {_brief(current['tiling'])}; this run asks for "
+                    f"{_brief(tiling)}. Write to a new --out root, or pass --new-version to store this "
+                    f"configuration as a separate version under {self.root}/versions/."
+                )
+        changed = False
+        for name, cfg in models.items():
+            old = current["models"].get(name)
+            if old is None:
+                current["models"][name] = cfg
+                changed = True
+            elif old["fingerprint"] != cfg["fingerprint"]:
+                raise StoreConfigMismatchError(
+                    f"model {name!r} in {self.root} was written with config {_brief(old)}; this run uses "
+                    f"{_brief(cfg)}. Use a new --out root, or --new-version."
+                )
+        if changed or self.read_config() is None:
+            _put_bytes(self.fs, self.path(STORE_META), json.dumps(current, indent=2, sort_keys=True).encode())
+        return current
+
+    # writing -----------------------------------------------------------------------------
+    def write_chunk(self, model: str, slide_id: str, chunk_id: str, table: pa.Table) -> None:
+        """Stage one chunk's tile rows (schema :func:`feature_schema`) at its deterministic name."""
+        _put_bytes(self.fs, self.staging_path(model, slide_id, chunk_id), _parquet_bytes(table))
+
+    def write_table(self, relpath: str, table: pa.Table) -> None:
+        _put_bytes(self.fs, self.path(relpath), _parquet_bytes(table))
+
+    def write_json(self, relpath: str, obj: dict) -> None:
+        _put_bytes(self.fs, self.path(relpath), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    # reading -----------------------------------------------------------------------------
+    def committed(self, model: str) -> set[str]:
+        """Slide ids with a commit record for ``model``."""
+        prefix = self.path("_commits", f"model={model}")
+        try:
+            names = self.fs.ls(prefix, detail=False)
+        except FileNotFoundError:
+            return set()
+        return {os.path.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
+
+    def commit_record(self, model: str, slide_id: str) -> CommitRecord | None:
+        raw = _read_json(self.fs, self.commit_path(model, slide_id))
+        return CommitRecord(**raw) if raw else None
+
+    def models(self) -> list[str]:
+        return sorted((self.read_config() or {}).get("models", {}))
+
+    def dataset(self, model: str) -> pads.Dataset:
+        """pyarrow dataset over the committed slides of ``model``; ``model`` and ``cohort``
+        come from the hive partitioning of the path. Costs two listings, no per-slide reads."""
+        committed = self.committed(model)
+        try:
+            found = self.fs.find(self.path("features", f"model={model}"))
+        except FileNotFoundError:
+            found = []
+        files = sorted(f for f in found if f.endswith(".parquet") and os.path.basename(f)[: -len(".parquet")] in committed)
+        partitioning = pads.partitioning(pa.schema([("model", pa.string()), ("cohort", pa.string())]), flavor="hive")
+        return pads.dataset(files, filesystem=self.fs, format="parquet", partitioning=partitioning,
+                            partition_base_dir=self.path("features"))
+
+    def slides(self) -> pa.Table:
+        """The slide status table (one row per slide and model, latest status)."""
+        with self.fs.open(self.path("slides.parquet"), "rb") as f:
+            return pq.read_table(f)
+
+    def errors(self) -> pa.Table:
+        """Every error recorded by every run (``run_id`` from the partitioning)."""
+        try:
+            return pads.dataset(self.path("errors"), filesystem=self.fs, format="parquet", partitioning="hive").to_table()
+        except (FileNotFoundError, pa.ArrowInvalid):
+            return ERROR_SCHEMA.empty_table()
+
+
+def _brief(cfg: dict) -> str:
+    return json.dumps({k: v for k, v in cfg.items() if k != "fingerprint"}, sort_keys=True)
+
+
+# --- commit ---------------------------------------------------------------------------------
+def finalize_slide(
+    store: FeatureStore,
+    model: str,
+    slide_id: str,
+    cohort: str | None,
+    chunk_ids: list[str],
+    n_tiles: int,
+    slide_meta: dict[str, Any],
+    provenance: dict[str, Any],
+    store_config_hash: str,
+    run_id: str,
+    passthrough: dict[str, Any] | None = None,
+    passthrough_schema: pa.Schema | None = None,
+) -> CommitRecord:
+    """Merge a (slide, model)'s staged chunks into its features file, then commit it.
+
+    ``chunk_ids`` are exactly the chunks the plan produced (never a listing, so stale
+    objects cannot leak in). Rows are sorted by ``tile_index``; a row count different from
+    ``n_tiles`` or a repeated ``tile_index`` raises before anything becomes visible.
+    ``passthrough`` values (one per slide) become constant columns typed by
+    ``passthrough_schema``. Provenance goes to the file's key-value metadata."""
+    features_relpath = None
+    if chunk_ids:
+        parts = []
+        for chunk_id in chunk_ids:
+            with store.fs.open(store.staging_path(model, slide_id, chunk_id), "rb") as f:
+                parts.append(pq.read_table(f))
+        table = pa.concat_tables(parts).sort_by("tile_index")
+        tile_index = table.column("tile_index").to_numpy()
+        if len(table) != n_tiles or len(np.unique(tile_index)) != len(tile_index):
+            raise RuntimeError(f"staged chunks of {slide_id}/{model} hold {len(table)} rows "
+                               f"({len(np.unique(tile_index))} unique tiles), expected {n_tiles}")
+        for field in passthrough_schema or []:
+            value = (passthrough or {}).get(field.name)
+            table = table.append_column(field, pa.array([value] * len(table), type=field.type))
+        meta = dict(table.schema.metadata or {})
+        meta[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True, default=str).encode()
+        table = table.replace_schema_metadata(meta)
+        features_relpath = store.features_relpath(model, cohort, slide_id)
+        store.write_table(features_relpath, table)
+    record = CommitRecord(
+        slide_id=slide_id, model=model, cohort=cohort or NO_COHORT, n_tiles=n_tiles,
+        features_path=features_relpath, store_config_hash=store_config_hash, run_id=run_id, slide=slide_meta,
+    )
+    store.write_json(f"_commits/model={model}/{slide_id}.json", record.__dict__)
+    for chunk_id in chunk_ids:
+        try:
+            store.fs.rm(store.staging_path(model, slide_id, chunk_id))
+        except FileNotFoundError:
+            pass
+    return record
+
+
+def consolidate_slide_table(store: FeatureStore, committed: dict[str, set[str]]) -> pa.Table:
+    """Rebuild ``slides.parquet`` from every run's raw status parts (``_runs/*/slides-*.parquet``):
+    the latest row per (slide_id, model) wins. ``committed`` (model -> slide ids with a commit
+    record) fills in pairs whose status row a crashed run never flushed, from their commit
+    records. Returns the table written."""
+    parts = sorted(store.fs.glob(store.path("_runs", "*", "slides-*.parquet")))
+    tables = []
+    for part in parts:
+        with store.fs.open(part, "rb") as f:
+            tables.append(pq.read_table(f).cast(SLIDE_STATUS_SCHEMA))
+    table = pa.concat_tables(tables) if tables else SLIDE_STATUS_SCHEMA.empty_table()
+    if len(table):
+        order = pc.sort_indices(table, [("slide_id", "ascending"), ("model", "ascending"), ("updated_at", "descending")])
+        table = table.take(order)
+        keys = np.array([f"{s}\x00{m}" for s, m in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist())])
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        table = table.filter(pa.array(first))
+    have_ok = {(s, m) for s, m, st in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist(),
+                                          table.column("status").to_pylist()) if st in ("ok", "no_tissue")}
+    backfill = []
+    for model, slide_ids in committed.items():
+        for slide_id in sorted(slide_ids):
+            if (slide_id, model) in have_ok:
+                continue
+            record = store.commit_record(model, slide_id)
+            if record is not None:
+                backfill.append(status_row_from_commit(record))
+    if backfill:
+        done = {(r["slide_id"], r["model"]) for r in backfill}
+        keep = [(s, m) not in done for s, m in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist())]
+        table = pa.concat_tables([table.filter(pa.array(keep, type=pa.bool_())),
+                                  pa.Table.from_pylist(backfill, schema=SLIDE_STATUS_SCHEMA)])
+    table = table.sort_by([("slide_id", "ascending"), ("model", "ascending")])
+    store.write_table("slides.parquet", table)
+    return table
+
+
+def status_row_from_commit(record: CommitRecord) -> dict[str, Any]:
+    """The status row a commit record implies (``ok``, or ``no_tissue`` for zero tiles)."""
+    slide = record.slide
+    return status_row(
+        slide_id=record.slide_id, model=record.model, path=slide.get("path"), cohort=record.cohort,
+        status="ok" if record.n_tiles else "no_tissue", width=slide.get("width"), height=slide.get("height"),
+        mpp=slide.get("mpp"), mpp_source=slide.get("mpp_source"), vendor=slide.get("vendor"),
+        n_tiles=record.n_tiles, run_id=record.run_id,
+    )
+
+
+def status_row(**fields: Any) -> dict[str, Any]:
+    """A slide-status row with every column of :data:`SLIDE_STATUS_SCHEMA` present."""
+    row = {name: None for name in SLIDE_STATUS_SCHEMA.names}
+    row.update(fields)
+    if row["updated_at"] is None:
+        row["updated_at"] = time.time()
+    return row
