@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,10 @@ DOCUMENTED = {
     "models": None,
     "storage_options": None,
     "tiling": {"tile_px", "target_mpp", "stride_px", "min_tissue_fraction"},
-    "encoders": {"weights", "dtype", "batch_size", "num_gpus"},  # per model
-    "resources": {"readers", "encoder_actors", "reader_num_cpus"},
+    "encoders": {"weights", "dtype", "batch_size"},  # per model
+    # GPUs per encoder actor is resources.encoder_num_gpus (`--num-gpus`); pathray.config
+    # rejects a per-model encoders.<model>.num_gpus.
+    "resources": {"readers", "encoder_actors", "reader_num_cpus", "encoder_num_gpus"},
 }
 
 
@@ -163,7 +167,10 @@ def test_rayjob_service_account_for_s3_exists():
 def test_entrypoint_script_exists():
     if not (REPO / ENTRYPOINT).is_file():
         pytest.skip(f"{ENTRYPOINT} not written yet; configs are checked against the path string only")
-    assert (REPO / ENTRYPOINT).is_file()
+    out = subprocess.run([sys.executable, str(REPO / ENTRYPOINT), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "--config" in out.stdout
 
 
 # --- job config example ---------------------------------------------------------------------
