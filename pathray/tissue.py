@@ -6,7 +6,8 @@ Steps (all thresholds in :class:`TissueConfig`):
 2. a pixel is tissue candidate when its HSV saturation exceeds an Otsu threshold (never
    below ``min_saturation``), it is not background-white (all of R, G, B ≥
    ``white_level``), not near-black (V < ``dark_level``: blank/black scans, black ink) and,
-   with ``exclude_pen``, its hue is not green/cyan/blue-ink (90°–210°, far from H&E pink/purple);
+   with ``exclude_pen``, it is not marker ink: green/cyan hue (90°–200°, far from H&E
+   pink/purple) or saturated blue (200°–250° with saturation > 0.65; hematoxylin is duller);
 3. morphological closing then opening with a disc of ``smoothing_um`` µm radius;
 4. connected regions smaller than ``min_region_um2`` µm² are dropped; holes are filled.
 
@@ -22,7 +23,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-PEN_HUE_DEGREES = (90.0, 210.0)
+GREEN_INK_HUE = (90.0, 200.0)  # degrees
+BLUE_INK_HUE = (200.0, 250.0)  # degrees, only above BLUE_INK_SATURATION
+BLUE_INK_SATURATION = 0.65
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, config: TissueConfig = Tis
     threshold = max(otsu_threshold(sat), config.min_saturation)
     mask = (sat > threshold) & (val >= config.dark_level) & ~np.all(rgb >= config.white_level, axis=-1)
     if config.exclude_pen:
-        mask &= ~((hue >= PEN_HUE_DEGREES[0]) & (hue <= PEN_HUE_DEGREES[1]))
+        green = (hue >= GREEN_INK_HUE[0]) & (hue < GREEN_INK_HUE[1])
+        blue = (hue >= BLUE_INK_HUE[0]) & (hue <= BLUE_INK_HUE[1]) & (sat > BLUE_INK_SATURATION)
+        mask &= ~(green | blue)
     radius = int(round(config.smoothing_um / mpp))
     if radius > 0 and mask.any():
         disc = _disc(radius)
@@ -114,8 +119,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     m0 = np.cumsum(hist * centers)
     mean0 = m0 / np.maximum(w0, 1)
     mean1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(edges[int(np.argmax(between[:-1])) + 1])
+    between = (w0 * w1 * (mean0 - mean1) ** 2)[:-1]
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # a plateau: take its middle
+    return float(edges[int(round(best.mean())) + 1])
 
 
 def _disc(radius: int) -> np.ndarray:
