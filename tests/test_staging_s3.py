@@ -1,0 +1,96 @@
+"""s3:// slides against a real S3-compatible server (SeaweedFS, see tests/fixtures/s3.py)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from pathray.cli_tile import tile_slide
+from pathray.errors import PathrayError, SlideNotFoundError, StagingError
+from pathray.manifest import SlideEntry
+from pathray.slide import open_slide
+from pathray.staging import Scratch
+from pathray.tiling import TilingConfig, plan_tiles, read_tiles
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture
+def s3_slide(s3_server, s3_bucket, synthetic_svs_025) -> str:
+    uri = f"s3://{s3_bucket}/slides/synthetic_025.svs"
+    s3_server.fs.put_file(str(synthetic_svs_025), uri)
+    return uri
+
+
+def test_s3_slide_tiles_equal_local_and_scratch_is_cleaned(s3_server, s3_slide, synthetic_svs_025, tmp_path):
+    config = TilingConfig()
+    with open_slide(str(synthetic_svs_025)) as local:
+        grid = plan_tiles(local, "s", config)
+        expected = read_tiles(local, config, grid.x, grid.y)
+    scratch = Scratch(str(tmp_path / "scratch"), max_bytes=50 * 1024**2)
+    with open_slide(s3_slide, scratch=scratch, storage_options=s3_server.storage_options) as remote:
+        assert remote.etag and remote.size_bytes == os.path.getsize(synthetic_svs_025)
+        assert scratch.used_bytes == remote.size_bytes
+        remote_grid = plan_tiles(remote, "s", config)
+        assert np.array_equal(remote_grid.x, grid.x) and np.array_equal(remote_grid.y, grid.y)
+        assert np.array_equal(read_tiles(remote, config, grid.x, grid.y), expected)
+    assert scratch.used_bytes == 0 and os.listdir(scratch.root) == []
+
+
+def test_private_scratch_is_removed(s3_server, s3_slide):
+    slide = open_slide(s3_slide, storage_options=s3_server.storage_options)
+    root = slide._own_scratch.root
+    assert os.path.isfile(slide.local_path) and slide.local_path.startswith(root)
+    slide.close()
+    assert not os.path.exists(root)
+
+
+def test_size_bound_is_enforced(s3_server, s3_slide, tmp_path):
+    scratch = Scratch(str(tmp_path / "scratch"), max_bytes=1000)
+    with pytest.raises(StagingError) as info:
+        open_slide(s3_slide, scratch=scratch, storage_options=s3_server.storage_options)
+    assert info.value.error_type == "staging_failed" and scratch.used_bytes == 0
+
+
+def test_missing_object_is_a_per_slide_error(s3_server, s3_bucket, s3_slide, tmp_path):
+    config = TilingConfig()
+    with pytest.raises(SlideNotFoundError):
+        open_slide(f"s3://{s3_bucket}/nope.svs", storage_options=s3_server.storage_options)
+    with Scratch(str(tmp_path / "scratch")) as scratch:
+        results = [
+            tile_slide(SlideEntry(sid, uri, None, None, {}, i), config, str(tmp_path / "out"), scratch, storage_options=s3_server.storage_options)
+            for i, (sid, uri) in enumerate([("gone", f"s3://{s3_bucket}/gone.svs"), ("here", s3_slide)], start=1)
+        ]
+    (gone_tiles, gone), (here_tiles, here) = results
+    assert (gone["status"], gone["error_type"], gone_tiles.num_rows) == ("error", "slide_not_found", 0)
+    assert here["status"] == "ok" and here_tiles.num_rows == 10 and here["etag"]
+
+
+def test_multi_file_formats_are_staged_whole(s3_server, s3_bucket, tmp_path):
+    fs = s3_server.fs
+    files = {
+        "m/case.mrxs": b"index",
+        "m/case/Slidedat.ini": b"ini",
+        "m/case/Data0000.dat": b"data",
+        "m/other.txt": b"not part of it",
+        "dicom/series/1.dcm": b"a",
+        "dicom/series/2.dcm": b"bb",
+    }
+    for key, data in files.items():
+        fs.pipe(f"{s3_bucket}/{key}", data)
+    with Scratch(str(tmp_path / "scratch")) as scratch:
+        mrxs = scratch.stage(f"s3://{s3_bucket}/m/case.mrxs", s3_server.storage_options)
+        base = os.path.dirname(mrxs.local_path)
+        assert sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs_ in os.walk(base) for f in fs_) == [
+            "case.mrxs", "case/Data0000.dat", "case/Slidedat.ini"]
+        assert mrxs.size_bytes == len(b"index") + len(b"ini") + len(b"data")
+        dcm = scratch.stage(f"s3://{s3_bucket}/dicom/series/1.dcm", s3_server.storage_options)
+        assert sorted(os.listdir(os.path.dirname(dcm.local_path))) == ["1.dcm", "2.dcm"]
+        prefix = scratch.stage(f"s3://{s3_bucket}/dicom/series/", s3_server.storage_options)
+        assert sorted(os.listdir(prefix.local_path)) == ["1.dcm", "2.dcm"]
+        for staged in (mrxs, dcm, prefix):
+            staged.release()
+        assert scratch.used_bytes == 0 and os.listdir(scratch.root) == []
+        with pytest.raises(PathrayError):  # staged fine, but not a slide
+            open_slide(f"s3://{s3_bucket}/m/case.mrxs", scratch=scratch, storage_options=s3_server.storage_options)
+        assert os.listdir(scratch.root) == []
