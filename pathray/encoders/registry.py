@@ -41,6 +41,9 @@ class Preprocess:
     interpolation: str = "bilinear"  # "bilinear" | "bicubic" (antialiased, PIL-equivalent)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    #: "pil": the card resizes a PIL image (Pillow's algorithm, reproduced exactly);
+    #: "torch": the card resizes a uint8 tensor (torchvision v2 after ToImage)
+    resize_backend: str = "pil"
 
     def describe(self) -> str:
         parts = []
@@ -117,7 +120,6 @@ _SPECS: list[EncoderSpec] = [
         hf_hub_id="MahmoodLab/UNI",
         gated=True,
         license=_CC_NC_ND,
-        card_params_m=None,
     ),
     EncoderSpec(
         name="uni2-h",
@@ -136,6 +138,7 @@ _SPECS: list[EncoderSpec] = [
         hf_hub_id="MahmoodLab/UNI2-h",
         gated=True,
         license=_CC_NC_ND,
+        card_params_m=681,  # HF model card "Params (M): 681"
     ),
     EncoderSpec(
         name="prov-gigapath",
@@ -239,7 +242,7 @@ for _short, _arch, _family, _dim, _extra, _mirror in [
             input_px=224,
             native_mpp=0.5,
             preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bilinear",
-                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_backend="torch"),
             pooling="cls",
             hf_hub_id=f"1aurent/{_mirror}.kaiko_ai_towards_large_pathology_fms",
             gated=False,
