@@ -31,12 +31,12 @@ def synthetic_image(width: int, height: int, tissue_rects: Sequence[Rect], seed:
     image = np.full((height, width, 3), 255, dtype=np.uint8)
     for x, y, w, h in tissue_rects:
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        texture = blocks[yy // 64, xx // 64]
-        wave = 0.9 + 0.1 * np.sin(xx / 37.0)[..., None] * np.cos(yy / 53.0)[..., None]
-        image[y0:y1, x0:x1] = np.clip(TISSUE_RGB * texture * wave, 0, 255).astype(np.uint8)
+        xs = np.arange(x0, x1)
+        for s0 in range(y0, y1, 256):  # strips keep memory bounded on large slides
+            ys = np.arange(s0, min(s0 + 256, y1))
+            texture = blocks[np.ix_(ys // 64, xs // 64)]
+            wave = 0.9 + 0.1 * np.outer(np.cos(ys / 53.0), np.sin(xs / 37.0))[..., None]
+            image[ys[0] : ys[-1] + 1, x0:x1] = np.clip(TISSUE_RGB * texture * wave, 0, 255).astype(np.uint8)
     return image
 
 
@@ -48,20 +48,30 @@ def write_synthetic_svs(
     tissue_rects: Sequence[Rect] = ((512, 512, 1536, 1024),),
     seed: int = 0,
     downsamples: Sequence[int] = (1, 4, 16),
-    tile: int = 256,
-    quality: int = 95,
 ) -> Path:
-    """Write a pyramidal Aperio-style SVS and return its path.
+    """Write a pyramidal Aperio-style SVS of :func:`synthetic_image` and return its path.
 
     ``width``/``height`` and ``tissue_rects`` are in level-0 pixels; ``mpp`` in µm/px
     (``None`` writes a slide without any µm/px metadata). ``downsamples`` are the integer
     pyramid factors of the levels, the first being 1.
     """
+    return write_svs(path, synthetic_image(width, height, tissue_rects, seed), mpp, downsamples)
+
+
+def write_svs(
+    path: str | Path,
+    level0: np.ndarray,
+    mpp: float | None,
+    downsamples: Sequence[int] = (1, 4, 16),
+    tile: int = 256,
+    quality: int = 95,
+) -> Path:
+    """Write RGB uint8 ``level0`` as a pyramidal Aperio-style SVS (JPEG tiles, one page per level)."""
     import tifffile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    level0 = synthetic_image(width, height, tissue_rects, seed)
+    height, width = level0.shape[:2]
     fields = [f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"]
     fields.append("AppMag = 40")
     if mpp is not None:

@@ -1,0 +1,44 @@
+import json
+
+import numpy as np
+
+from pathray.qc import CONTOUR_RGB, TILE_RGB, qc_image, tiles_geojson, write_qc
+from pathray.slide import open_slide
+from pathray.tiling import TilingConfig, plan_tiles
+
+
+def _grid(slide_path):
+    with open_slide(str(slide_path)) as slide:
+        return plan_tiles(slide, "s", TilingConfig())
+
+
+def test_qc_image_draws_contour_and_kept_tiles(synthetic_svs_025):
+    grid = _grid(synthetic_svs_025)
+    image = np.asarray(qc_image(grid))
+    scale = 1024 // 128  # 128x96 thumbnail (8 µm/px) enlarged to >= 1024 px
+    assert image.shape == (96 * scale, 128 * scale, 3)
+    f = scale / grid.tissue.level0_per_px
+    for x, y in zip(grid.x, grid.y):  # top-left corner of each kept tile is outlined
+        assert tuple(image[int(y * f), int(x * f) + 3]) == TILE_RGB
+    assert (image == CONTOUR_RGB).all(-1).sum() > 100
+    assert not (image[: int(448 * f) - 2] == TILE_RGB).all(-1).any()  # no kept tile in the first grid row
+
+
+def test_geojson_polygons_in_level0_pixels(synthetic_svs_025, tmp_path):
+    grid = _grid(synthetic_svs_025)
+    doc = tiles_geojson(grid)
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(grid)
+    feature = doc["features"][3]
+    ring = feature["geometry"]["coordinates"][0]
+    x, y = int(grid.x[3]), int(grid.y[3])
+    assert ring == [[x, y], [x + 448.0, y], [x + 448.0, y + 448.0], [x, y + 448.0], [x, y]]
+    assert feature["properties"]["objectType"] == "tile" and feature["properties"]["tile_index"] == 3
+    write_qc(grid, str(tmp_path / "qc" / "s.png"), str(tmp_path / "qc" / "s.geojson"))
+    assert (tmp_path / "qc" / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "qc" / "s.geojson").read_text()) == json.loads(json.dumps(doc))
+
+
+def test_qc_of_blank_slide(blank_svs):
+    grid = _grid(blank_svs)
+    assert tiles_geojson(grid)["features"] == []
+    assert not (np.asarray(qc_image(grid)) == TILE_RGB).all(-1).any()
