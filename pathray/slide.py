@@ -83,15 +83,19 @@ class Slide:
         """True when ``level`` is read by decoding the TIFF's own tiles (fast path)."""
         return self._direct is not None and self._direct.pages[level] is not None
 
-    def read_region(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+    def read_region(
+        self, x0: int, y0: int, level: int, width: int, height: int, *, cache: dict | None = None
+    ) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` of ``level`` with top-left at level-0 px ``(x0, y0)``.
 
         Areas outside the slide or transparent are white. Uses the direct TIFF path where
         available (the level position is ``round(x0 / downsample)``), else OpenSlide.
+        ``cache``: a dict the caller keeps across nearby reads so each TIFF tile is decoded
+        once (direct path only; the caller bounds its lifetime).
         """
         if self.has_direct_reads(level):
             ds = self.level_downsamples[level]
-            return self._direct.read(level, round(x0 / ds), round(y0 / ds), width, height)
+            return self._direct.read(level, round(x0 / ds), round(y0 / ds), width, height, cache)
         return self.read_region_openslide(x0, y0, level, width, height)
 
     def read_region_openslide(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
@@ -314,8 +318,10 @@ class _DirectTiffReader:
             return None
         return cls(os.open(path, os.O_RDONLY), tif, pages)
 
-    def read(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 ``(height, width, 3)`` at level pixel ``(lx, ly)``; outside = white."""
+    def read(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
+        """RGB uint8 ``(height, width, 3)`` at level pixel ``(lx, ly)``; outside = white.
+
+        Decoded tiles are kept in ``cache`` (keyed by ``(level, index)``) when one is given."""
         page = self.pages[level]
         tw, th = page.tilewidth, page.tilelength
         iw, ih = page.imagewidth, page.imagelength
@@ -336,12 +342,16 @@ class _DirectTiffReader:
                 if count == 0:  # sparse tile: transparent in OpenSlide, white here
                     out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = 255
                     continue
-                try:
-                    data = os.pread(self._fd, count, page.dataoffsets[index])
-                    tile = decode(data, index, jpegtables=page.jpegtables)[0]
-                except Exception as exc:
-                    raise SlideUnreadableError(f"tile {index} of level {level} cannot be decoded: {exc}") from exc
-                tile = tile.reshape(tile.shape[-3:])
+                tile = cache.get((level, index)) if cache is not None else None
+                if tile is None:
+                    try:
+                        data = os.pread(self._fd, count, page.dataoffsets[index])
+                        tile = decode(data, index, jpegtables=page.jpegtables)[0]
+                    except Exception as exc:
+                        raise SlideUnreadableError(f"tile {index} of level {level} cannot be decoded: {exc}") from exc
+                    tile = tile.reshape(tile.shape[-3:])
+                    if cache is not None:
+                        cache[(level, index)] = tile
                 out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
         return out
 
