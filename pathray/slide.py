@@ -36,6 +36,7 @@ from pathray.fs import is_remote, split_uri
 from pathray.staging import Scratch, StagedSlide
 
 MPP_RANGE = (0.05, 20.0)
+THUMBNAIL_STRIP_PIXELS = 16 * 1024**2  # level pixels read at once while making a thumbnail
 _UNIT_TO_UM = {"centimeter": 1e4, "inch": 25400.0}
 _DIRECT_VENDORS = ("aperio", "generic-tiff")
 
@@ -107,10 +108,11 @@ class Slide:
         return _on_white(rgba)
 
     def thumbnail(self, max_mpp: float) -> tuple[np.ndarray, float]:
-        """RGB image of the whole slide at about ``max_mpp`` µm/px or finer, and its µm/px.
+        """RGB image of the whole slide at about ``max_mpp`` µm/px, and its exact µm/px.
 
-        Reads the coarsest level no coarser than ``max_mpp`` (or the coarsest level), then
-        box-downscales to ``max_mpp``. Returns ``(image, image_mpp)``.
+        Reads the coarsest level no coarser than ``max_mpp`` (or the coarsest level) and
+        area-averages it down to ``max_mpp`` in horizontal strips, so a slide without a
+        pyramid never needs its whole level 0 in memory. Returns ``(image, image_mpp)``.
         """
         from PIL import Image
 
@@ -120,13 +122,19 @@ class Slide:
             default=int(np.argmin(self.level_downsamples)),
         )
         w, h = self.level_dimensions[level]
-        image = self.read_region(0, 0, level, w, h)
+        ds = self.level_downsamples[level]
         factor = max_mpp / self.level_mpp(level)
-        if factor > 1.01:
-            size = (max(1, round(w / factor)), max(1, round(h / factor)))
-            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
-            return image, self.mpp * self.dimensions[0] / size[0]
-        return image, self.level_mpp(level)
+        if factor <= 1.01:
+            return self.read_region(0, 0, level, w, h), self.level_mpp(level)
+        tw, th = max(1, round(w / factor)), max(1, round(h / factor))
+        rows_per_strip = max(1, int(THUMBNAIL_STRIP_PIXELS // (w * factor)))
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        for r0 in range(0, th, rows_per_strip):
+            r1 = min(th, r0 + rows_per_strip)
+            y0, y1 = round(r0 * h / th), round(r1 * h / th)
+            strip = self.read_region(0, round(y0 * ds), level, w, y1 - y0)
+            out[r0:r1] = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.Resampling.BOX))
+        return out, self.mpp * self.dimensions[0] / tw
 
     def close(self) -> None:
         if self._direct is not None:
