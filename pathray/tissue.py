@@ -17,7 +17,7 @@ give one, without error.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -38,9 +38,6 @@ class TissueConfig:
     smoothing_um: float = 16.0  # radius of the closing/opening disc, µm
     min_region_um2: float = 20_000.0  # smaller connected regions are dropped, µm²
     fill_holes: bool = True
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass

