@@ -1,0 +1,224 @@
+"""End-to-end tests of the Ray Data job on a local 2-CPU Ray cluster, on real slide files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pathray.config import build_job_config
+from pathray.encoders import EncoderConfig, load_encoder
+from pathray.errors import StoreConfigMismatchError
+from pathray.fakes import sleep_encoder
+from pathray.pipeline import run_job
+from pathray.slide import open_slide
+from pathray.store import FeatureStore
+from pathray.tiling import plan_tiles, read_tiles
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def direct_embeddings(slide_path, slide_id, tiling, encoder, mpp=None):
+    """Tiler + encoder run directly on one slide, no Ray: the reference for the store."""
+    with open_slide(os.fspath(slide_path), mpp_override=mpp) as slide:
+        grid = plan_tiles(slide, slide_id, tiling)
+        tiles = read_tiles(slide, tiling, grid.x, grid.y)
+    return grid, encoder(tiles)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(ray_cluster, mixed_manifest, cmu_slide, kaiko_vits16_weights, tmp_path_factory):
+    """One run over good, blank and broken slides plus the real CMU H&E slide, with one
+    valid model, one model whose weights are missing and one unknown model name."""
+    tmp = tmp_path_factory.mktemp("mixed_run")
+    with open(mixed_manifest.path) as f:
+        rows = list(csv.DictReader(f))
+    rows.append({"slide_id": "cmu", "path": os.fspath(cmu_slide), "mpp": "", "cohort": "real", "case_id": "cmu-1"})
+    manifest = write_manifest(tmp / "manifest.csv", rows)
+    config = build_job_config(dict(
+        manifest=str(manifest), out=str(tmp / "store"), models=["kaiko-vits16", "uni", "no-such-model"],
+        encoders={"kaiko-vits16": {"weights": str(kaiko_vits16_weights)}, "uni": {"weights": str(tmp / "absent")}},
+        tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=8, keep_columns=["case_id"],
+    ))
+    report = run_job(config, progress_bars=False)
+    expected = dict(mixed_manifest.expected, cmu="ok")
+    return config, report, FeatureStore(config.out), expected, {r["slide_id"]: r for r in rows}
+
+
+def test_store_equals_tiler_plus_encoder_slide_by_slide(mixed_run, kaiko_vits16_weights):
+    config, report, store, expected, rows = mixed_run
+    encoder = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights)))
+    table = store.dataset("kaiko-vits16").to_table()
+    ok = sorted(s for s, status in expected.items() if status == "ok")
+    assert sorted(set(table.column("slide_id").to_pylist())) == ok
+    for slide_id in ok:
+        mpp = float(rows[slide_id]["mpp"]) if rows[slide_id]["mpp"] else None
+        grid, embeddings = direct_embeddings(rows[slide_id]["path"], slide_id, config.tiling, encoder, mpp)
+        got = table.filter(pc.equal(table.column("slide_id"), slide_id)).sort_by("tile_index")
+        assert got.num_rows == len(grid) > 0
+        np.testing.assert_array_equal(got.column("tile_index").to_numpy(), grid.tile_index)
+        np.testing.assert_array_equal(got.column("x").to_numpy(), grid.x)
+        np.testing.assert_array_equal(got.column("y").to_numpy(), grid.y)
+        np.testing.assert_allclose(got.column("tissue_fraction").to_numpy(), grid.tissue_fraction, atol=1e-6)
+        stored = np.stack(got.column("embedding").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(stored, embeddings, atol=1e-4, rtol=0)
+        assert set(got.column("case_id").to_pylist()) == {rows[slide_id]["case_id"]}
+        assert set(got.column("cohort").to_pylist()) == {rows[slide_id]["cohort"] or "unassigned"}
+    assert report.tiles_read == report.tiles_planned == table.num_rows
+
+
+def test_every_bad_input_is_a_recorded_error_and_the_rest_completes(mixed_run):
+    config, report, store, expected, _ = mixed_run
+    slides = store.slides().to_pylist()
+    kaiko = {r["slide_id"]: r for r in slides if r["model"] == "kaiko-vits16"}
+    for slide_id, want in expected.items():
+        row = kaiko[slide_id]
+        if want in ("ok", "no_tissue"):
+            assert row["status"] == want, row
+        else:
+            assert (row["status"], row["error_type"]) == ("error", want), row
+            assert row["error_message"]
+    # a model whose weights are missing fails per slide, without stopping the other model
+    uni = {r["slide_id"]: r for r in slides if r["model"] == "uni"}
+    for slide_id, want in expected.items():
+        if want == "ok":
+            assert (uni[slide_id]["status"], uni[slide_id]["error_type"], uni[slide_id]["stage"]) == \
+                ("error", "weights_unavailable", "encode")
+    unknown = [r for r in slides if r["model"] == "no-such-model"]
+    assert len(unknown) == len(expected) and {r["error_type"] for r in unknown} == {"unknown_model"}
+    assert "kaiko-vits16" in unknown[0]["error_message"]  # the message lists the known models
+    errors = store.errors()
+    assert errors.num_rows == report.errors
+    assert report.exit_code == 1
+
+
+def test_provenance_and_run_record(mixed_run):
+    config, report, store, _, _ = mixed_run
+    import json
+
+    dataset = store.dataset("kaiko-vits16")
+    first = dataset.files[0]
+    with store.fs.open(first, "rb") as f:
+        meta = pq.read_schema(f).metadata
+    provenance = json.loads(meta[b"pathray.provenance"])
+    assert provenance["tiling"]["tile_px"] == 224 and provenance["tiling"]["target_mpp"] == 0.5
+    assert provenance["model"]["weights_fingerprint"]
+    assert provenance["run_id"] == report.run_id
+    with open(os.path.join(config.out, "_runs", report.run_id, "report.json")) as f:
+        saved = json.load(f)
+    assert saved["tiles_read"] == report.tiles_read and saved["exit_code"] == 1
+    assert "storage_options" not in saved["config"]
+
+
+def test_rerun_skips_committed_and_refuses_other_config(mixed_run, ray_cluster):
+    config, report, store, expected, _ = mixed_run
+    files = sorted((Path(config.out) / "features" / "model=kaiko-vits16").rglob("*.parquet"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = run_job(config, progress_bars=False)
+    n_done = sum(1 for s in expected.values() if s in ("ok", "no_tissue"))
+    # 'uni' (weights missing) committed only the tissue-free slide, which needs no encoder,
+    # so that is the one slide skipped; the others are redone for 'uni' alone
+    assert again.slides_skipped == sum(1 for s in expected.values() if s == "no_tissue") == 1
+    # broken slides are retried (and fail again); committed ones are not re-embedded
+    n_broken = sum(1 for s in expected.values() if s not in ("ok", "no_tissue"))
+    assert again.per_model["kaiko-vits16"] == {"ok": 0, "no_tissue": 0, "error": n_broken, "tiles": 0}
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # committed kaiko files untouched
+    assert len(store.committed("kaiko-vits16")) == n_done
+    other = build_job_config(dict(manifest=config.manifest, out=config.out, models=["kaiko-vits16"],
+                                  encoders={"kaiko-vits16": {"weights": config.encoders["kaiko-vits16"].weights}},
+                                  tiling={"tile_px": 256, "target_mpp": 0.5}))
+    with pytest.raises(StoreConfigMismatchError, match="tiling"):
+        run_job(other, progress_bars=False)
+
+
+def test_two_models_read_pixels_once(ray_cluster, synthetic_svs_025, synthetic_svs_05, random_weights, tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", [
+        {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x"},
+        {"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "y"},
+    ])
+    vits = random_weights("kaiko-vits16", depth=1)
+    vitb = random_weights("kaiko-vitb16", depth=1)
+    config = build_job_config(dict(manifest=str(manifest), out=str(tmp_path / "store"),
+                                   models=["kaiko-vits16", "kaiko-vitb16"], chunk_tiles=4,
+                                   encoders={"kaiko-vits16": {"weights": str(vits)},
+                                             "kaiko-vitb16": {"weights": str(vitb), "output_dtype": "float16"}}))
+    report = run_job(config, progress_bars=False)
+    store = FeatureStore(config.out)
+    s = store.dataset("kaiko-vits16").to_table()
+    b = store.dataset("kaiko-vitb16").to_table()
+    assert s.num_rows == b.num_rows == report.tiles_planned > 0
+    assert report.tiles_read == report.tiles_planned  # not 2x: both pools encoded the same read
+    assert s.schema.field("embedding").type.list_size == 384
+    assert b.schema.field("embedding").type.list_size == 768
+    assert str(b.schema.field("embedding").type.value_type) == "halffloat"
+    assert report.exit_code == 0
+
+
+DRIVER = textwrap.dedent("""
+    import sys, ray
+    from pathray.config import build_job_config
+    from pathray.fakes import sleep_encoder
+    from pathray.pipeline import run_job
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    config = build_job_config(dict(manifest=sys.argv[2], out=sys.argv[3], models=["sleep"],
+                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=2))
+    run_job(config, {"sleep": sleep_encoder(tiles_per_s=float(sys.argv[4]))}, progress_bars=False)
+""")
+
+
+def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(ray_cluster, slide_dir, tmp_path):
+    from pathray.demo.synthetic import write_synthetic_svs
+
+    rows = []
+    for i in range(6):
+        path = write_synthetic_svs(tmp_path / f"s{i}.svs", 1792, 1344, mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i)
+        rows.append({"slide_id": f"s{i}", "path": str(path), "cohort": "c"})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "store"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    proc = subprocess.Popen([sys.executable, str(script), ray_cluster, str(manifest), str(out), "20"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    commits = out / "_commits" / "model=sleep"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (commits.exists() and any(commits.iterdir())):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.stem for p in commits.iterdir()} if commits.exists() else set()
+    assert 0 < len(before) < len(rows), f"kill landed after {len(before)} commits"
+
+    config = build_job_config(dict(manifest=str(manifest), out=str(out), models=["sleep"],
+                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=2))
+    report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1000)}, progress_bars=False)
+    assert report.slides_skipped == len(before)
+    store = FeatureStore(str(out))
+    table = store.dataset("sleep").to_table()
+    files = list((out / "features").rglob("*.parquet"))
+    assert sorted(p.stem for p in files) == sorted(r["slide_id"] for r in rows)  # one file per slide
+    for r in rows:
+        got = table.filter(pc.equal(table.column("slide_id"), r["slide_id"]))
+        index = got.column("tile_index").to_numpy()
+        assert len(index) == len(set(index)) == 15  # 5 x 3 tissue tiles of 224 px at 0.5 µm/px
+    slides = store.slides().to_pylist()
+    assert sorted(s["slide_id"] for s in slides) == sorted(r["slide_id"] for r in rows)
+    assert {s["status"] for s in slides} == {"ok"}
+    assert not list((out / "_staging").rglob("*.parquet"))  # committed slides leave no staging behind
