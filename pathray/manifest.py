@@ -1,6 +1,7 @@
 """Read and validate slide manifests (CSV, TSV, Parquet, JSONL; local or ``s3://``).
 
-Columns: ``path`` (required: local path, ``file://`` or ``s3://`` URI), ``slide_id``
+Columns: ``path`` (required: local path, ``file://`` or ``s3://`` URI; a relative path is
+taken relative to the manifest's own directory or S3 prefix), ``slide_id``
 (default: the file stem), ``mpp`` (optional override, µm/px), ``cohort`` (optional); every
 other column is carried through untouched in :attr:`SlideEntry.extra`.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +74,9 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> li
     problems: list[str] = []
     entries: list[SlideEntry] = []
     first_row_of: dict[str, int] = {}
+    base = _base_of(uri)
     for number, raw in enumerate(rows, start=1):
-        entry, row_problems = _parse_row(number, raw)
+        entry, row_problems = _parse_row(number, raw, base)
         problems += [f"row {number}: {p}" for p in row_problems]
         if entry is None:
             continue
@@ -89,11 +92,20 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> li
     return entries
 
 
-def _parse_row(number: int, raw: dict[str, Any]) -> tuple[SlideEntry | None, list[str]]:
+def _base_of(uri: str) -> str:
+    """Directory (or S3 prefix) of the manifest, ending in '/'."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rsplit("/", 1)[0] + "/"
+    return os.path.dirname(os.path.abspath(uri.removeprefix("file://"))) + os.sep
+
+
+def _parse_row(number: int, raw: dict[str, Any], base: str) -> tuple[SlideEntry | None, list[str]]:
     problems: list[str] = []
     path = _clean(raw.get("path"))
     if path is None:
         return None, ["empty path"]
+    if "://" not in path and not os.path.isabs(path):
+        path = base + path
     slide_id = _clean(raw.get("slide_id"))
     if slide_id is None:
         slide_id = _stem(path)

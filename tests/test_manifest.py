@@ -68,6 +68,15 @@ def test_unreadable_and_empty_manifests(tmp_path):
         read_manifest(str(tmp_path / "nopath.csv"))
 
 
+def test_relative_paths_are_relative_to_the_manifest(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "m.csv"
+    path.write_text("path\nslides/a.svs\n/abs/b.svs\n")
+    monkeypatch.chdir(tmp_path)
+    a, b = read_manifest("sub/m.csv")
+    assert a.path == str(tmp_path / "sub" / "slides" / "a.svs") and b.path == "/abs/b.svs"
+
+
 def test_missing_slide_files_are_not_manifest_errors(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("path\n/definitely/not/here.svs\n")

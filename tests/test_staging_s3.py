@@ -94,3 +94,13 @@ def test_multi_file_formats_are_staged_whole(s3_server, s3_bucket, tmp_path):
         with pytest.raises(PathrayError):  # staged fine, but not a slide
             open_slide(f"s3://{s3_bucket}/m/case.mrxs", scratch=scratch, storage_options=s3_server.storage_options)
         assert os.listdir(scratch.root) == []
+
+
+def test_manifest_on_s3_with_relative_slide_paths(s3_server, s3_bucket, s3_slide):
+    from pathray.manifest import read_manifest
+
+    s3_server.fs.pipe(f"{s3_bucket}/m2.jsonl", b'{"path": "slides/synthetic_025.svs"}\n')
+    (entry,) = read_manifest(f"s3://{s3_bucket}/m2.jsonl", s3_server.storage_options)
+    assert (entry.slide_id, entry.path) == ("synthetic_025", s3_slide)
+    with open_slide(entry.path, storage_options=s3_server.storage_options) as slide:
+        assert slide.dimensions == (4096, 3072)
