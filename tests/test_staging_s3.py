@@ -7,7 +7,7 @@ import pytest
 
 from pathray.cli_tile import tile_slide
 from pathray.errors import PathrayError, SlideNotFoundError, StagingError
-from pathray.manifest import SlideEntry
+from pathray.manifest import SlideEntry, read_manifest
 from pathray.slide import open_slide
 from pathray.staging import Scratch
 from pathray.tiling import TilingConfig, plan_tiles, read_tiles
@@ -97,8 +97,6 @@ def test_multi_file_formats_are_staged_whole(s3_server, s3_bucket, tmp_path):
 
 
 def test_manifest_on_s3_with_relative_slide_paths(s3_server, s3_bucket, s3_slide):
-    from pathray.manifest import read_manifest
-
     s3_server.fs.pipe(f"{s3_bucket}/m2.jsonl", b'{"path": "slides/synthetic_025.svs"}\n')
     (entry,) = read_manifest(f"s3://{s3_bucket}/m2.jsonl", s3_server.storage_options)
     assert (entry.slide_id, entry.path) == ("synthetic_025", s3_slide)
