@@ -214,9 +214,13 @@ class ChunkReader:
         return chunks.append_column("read_s", pa.array(read_s, type=pa.float64()))
 
     def close(self) -> None:
+        """Close open slides and delete their staged copies."""
         while self._open:
             self._open.popitem()[1].close()
         self.scratch.close()
+
+    def __del__(self) -> None:  # Ray Data deletes the UDF when its actor exits gracefully
+        self.close()
 
 
 def _apply_updates(table: pa.Table, updates: list[dict[str, str]]) -> pa.Table:
