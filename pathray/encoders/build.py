@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from pathray.errors import WeightsMismatchError
+
 from .registry import EncoderSpec, spec_from_pretrained_cfg
 
 
@@ -20,7 +22,12 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     kwargs = dict(spec.model_kwargs)
     arch = spec.architecture
     if config:
-        arch = config.get("architecture") or arch
+        cfg_arch = config.get("architecture")
+        if cfg_arch and cfg_arch != arch:
+            raise WeightsMismatchError(
+                f"{spec.name} is a {arch}, but the weights' config.json says architecture {cfg_arch!r}; "
+                f"pick the matching model name (or timm:{cfg_arch})"
+            )
         model_args = config.get("model_args") or {}
         if not isinstance(model_args, dict):
             model_args = {}

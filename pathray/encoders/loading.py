@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,41 +173,51 @@ def _hub_timeout() -> float:
         return DEFAULT_HUB_TIMEOUT_S
 
 
-def hub_reachable(timeout: float | None = None) -> bool:
-    """Can we open a TCP connection to the HF endpoint within ``timeout`` seconds?
+def hub_reachable(repo_id: str = "", revision: str | None = None, timeout: float | None = None) -> bool:
+    """One HTTP ``HEAD`` of the repo's ``config.json`` on the HF endpoint, no retries.
 
-    DNS resolution has no timeout of its own, so the whole probe runs in a daemon thread.
+    ``huggingface_hub`` retries connection errors and 5xx answers with back-off (~25 s in
+    all); this probe decides up front, within ``timeout`` seconds (``PATHRAY_HUB_TIMEOUT``,
+    default 5), whether to go online or straight to the local cache. Any HTTP answer other
+    than 5xx/429 counts as reachable (401/403/404 are then reported by huggingface_hub).
+    The probe runs in a daemon thread because DNS resolution has no timeout of its own.
     """
+    import urllib.error
+    import urllib.request
+
     from huggingface_hub import constants
 
     timeout = _hub_timeout() if timeout is None else timeout
     if getattr(constants, "HF_HUB_OFFLINE", False) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    url = f"{constants.ENDPOINT.rstrip('/')}/{repo_id}/resolve/{revision or 'main'}/config.json"
     result: list[bool] = []
 
     def probe() -> None:
         try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as r:
+                status = r.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except Exception:  # noqa: BLE001 - any transport failure means "not reachable"
             result.append(False)
+            return
+        result.append(not (status >= 500 or status == 429))
 
     t = threading.Thread(target=probe, daemon=True)
     t.start()
-    t.join(timeout)
+    t.join(timeout + 0.5)
     return bool(result and result[0])
 
 
 def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
     """Download (or find in the local HF cache) config.json + weights of ``repo[@revision]``."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub import errors as hf_errors
 
     repo_id, _, revision = repo.partition("@")
     revision = revision or None
-    online = hub_reachable()
+    online = hub_reachable(repo_id, revision)
     how_to = (
         f"request access at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
         if spec.gated else f"check the repo id https://huggingface.co/{repo_id}"
@@ -219,7 +228,7 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
 
     def get(filename: str) -> str:
         return hf_hub_download(repo_id, filename, revision=revision, local_files_only=not online,
-                               etag_timeout=_hub_timeout())
+                               etag_timeout=_hub_timeout(), endpoint=constants.ENDPOINT)
 
     files: list[str] = []
     try:
@@ -267,15 +276,19 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
 # --------------------------------------------------------------------------------------
 # state dict <-> model
 # --------------------------------------------------------------------------------------
+def _natural(key: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
     """Problems (missing / unexpected / wrong-shape keys) of ``sd`` for ``model``; [] if it fits."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(k for k in expected if k not in sd)
-    unexpected = sorted(k for k in sd if k not in expected)
-    shapes = sorted(
+    missing = sorted((k for k in expected if k not in sd), key=_natural)
+    unexpected = sorted((k for k in sd if k not in expected), key=_natural)
+    shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
-        for k in expected if k in sd and tuple(sd[k].shape) != expected[k]
-    )
+        for k in sorted(expected, key=_natural) if k in sd and tuple(sd[k].shape) != expected[k]
+    ]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
