@@ -103,6 +103,8 @@ class RunReport:
     store: str
     started_at: float
     ended_at: float = 0.0
+    first_result_at: float = 0.0  # first chunk out of the pipeline (fill time = this - started_at)
+    last_result_at: float = 0.0  # last chunk out of the pipeline
     slides_in_manifest: int = 0
     slides_skipped: int = 0  # every requested model already committed
     per_model: dict[str, dict[str, int]] = field(default_factory=dict)  # ok / no_tissue / error / tiles
@@ -118,6 +120,12 @@ class RunReport:
         return self.ended_at - self.started_at
 
     @property
+    def steady_tiles_per_s(self) -> float:
+        """Tiles read per second once the pipeline is full (startup and model loading excluded)."""
+        span = self.last_result_at - self.first_result_at
+        return self.tiles_read / span if self.first_result_at and span > 0 else 0.0
+
+    @property
     def exit_code(self) -> int:
         """0 when every slide ended ok or without tissue, 1 when any error was recorded."""
         return 1 if self.errors else 0
@@ -126,6 +134,7 @@ class RunReport:
         d = dataclasses.asdict(self)
         d["wall_s"] = self.wall_s
         d["tiles_per_s"] = self.tiles_read / self.wall_s if self.wall_s > 0 else 0.0
+        d["steady_tiles_per_s"] = self.steady_tiles_per_s
         d["tiles_per_busy_s"] = {k: (self.tiles_read / v if v > 0 else None) for k, v in self.busy_s.items()}
         d["exit_code"] = self.exit_code
         return d
@@ -358,6 +367,7 @@ def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, r
                                    error_message=str(exc)[:2000]))
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        report.first_result_at = report.first_result_at or time.time()
         for r in batch.to_pylist():
             model, key = r["model"], (r["slide_id"], r["model"])
             busy["write"] += r["write_s"]
@@ -405,6 +415,7 @@ def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, r
         if time.time() - last_log > PROGRESS_EVERY_S:
             last_log = time.time()
             log.info("progress: %s, %d (slide, model) pairs in flight", report.per_model, len(pending))
+    report.last_result_at = time.time()
     settle(block=True)
     report.busy_s = busy
 
