@@ -31,7 +31,9 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
         model_args = config.get("model_args") or {}
         if not isinstance(model_args, dict):
             model_args = {}
-        kwargs.update(model_args)
+        layer_keys = set(spec.callable_model_args())
+        # layer classes come from code; a config's string for them (if any) is ignored
+        kwargs.update({k: v for k, v in model_args.items() if k not in layer_keys})
         if "num_classes" in config and "num_classes" not in model_args:
             kwargs["num_classes"] = config["num_classes"]
     kwargs["num_classes"] = 0

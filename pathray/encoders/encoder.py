@@ -101,7 +101,12 @@ class Encoder:
 
     def _to_device(self, tiles: np.ndarray) -> torch.Tensor:
         if self.device.type == "cuda":
-            buf = torch.empty(tiles.shape, dtype=torch.uint8, pin_memory=True)
+            # one pinned staging buffer, reused: each chunk's result is copied back (a sync)
+            # before the next chunk overwrites it
+            n = int(np.prod(tiles.shape))
+            if getattr(self, "_pinned", None) is None or self._pinned.numel() < n:
+                self._pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            buf = self._pinned[:n].view(tiles.shape)
             buf.numpy()[...] = tiles
             return buf.to(self.device, non_blocking=True)
         with warnings.catch_warnings():  # read-only input: we never write into it
