@@ -91,6 +91,10 @@ def recipe_prov_gigapath(wdir: Path, depth: int):
     return model, transform, _identity_pool
 
 
+VIRCHOW_HUB_PRETRAINED_CFG = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 1.0,
+                              "crop_mode": "center", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
 def _virchow_recipe(wdir: Path, depth: int, n_skip: int):
     from timm.data import resolve_data_config
     from timm.data.transforms_factory import create_transform
@@ -98,6 +102,11 @@ def _virchow_recipe(wdir: Path, depth: int, n_skip: int):
 
     model = timm.create_model(f"local-dir:{wdir}", pretrained=True, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
     assert len(model.blocks) == depth
+    # the transform fields of paige-ai/Virchow{,2} config.json, so the card's
+    # create_transform(...) below is the hub's, not whatever write_random_weights wrote
+    for key, value in VIRCHOW_HUB_PRETRAINED_CFG.items():
+        got = model.pretrained_cfg[key]
+        assert (tuple(got) if isinstance(got, list) else got) == value, key
     tf = create_transform(**resolve_data_config(model.pretrained_cfg, model=model))
 
     def pool(output):
