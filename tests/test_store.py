@@ -1,0 +1,134 @@
+"""Feature store: commit protocol, visibility, config guard, slide table, aggregation (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from pathray.aggregate import slide_embeddings
+from pathray.errors import StoreConfigMismatchError
+from pathray.store import (SLIDE_STATUS_SCHEMA, TILE_FIELDS, FeatureStore, consolidate_slide_table, embeddings_to_arrow, finalize_slide,
+                           status_row)
+
+DIM = 4
+
+
+def chunk_table(slide_id: str, indices: list[int], seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    n = len(indices)
+    emb = rng.normal(size=(n, DIM)).astype(np.float32)
+    schema = pa.schema([*TILE_FIELDS, pa.field("embedding", pa.list_(pa.float32(), DIM), nullable=False)])
+    return pa.Table.from_arrays([
+        pa.array([slide_id] * n), pa.array(indices, pa.int32()), pa.array([i * 448 for i in indices], pa.int64()),
+        pa.array([0] * n, pa.int64()), pa.array([448.0] * n), pa.array([0.5] * n), pa.array([224] * n, pa.int32()),
+        pa.array([1.0] * n, pa.float32()), embeddings_to_arrow(emb)], schema=schema)
+
+
+def stage_and_commit(store: FeatureStore, slide_id: str, cohort: str, sizes=(3, 2), **kw):
+    ids, start = [], 0
+    for k, size in enumerate(sizes):
+        chunk = f"{slide_id}.c{k}"
+        store.write_chunk("m", slide_id, chunk, chunk_table(slide_id, list(range(start, start + size)), seed=k))
+        ids.append(chunk)
+        start += size
+    return finalize_slide(store, "m", slide_id, cohort, ids, kw.pop("n_tiles", start), {"path": f"/{slide_id}.svs"},
+                          {"model": {"name": "m"}}, "hash", "run1", **kw)
+
+
+def test_commit_merges_chunks_in_tile_order_and_cleans_staging(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    # chunks staged out of order must come out sorted by tile_index
+    store.write_chunk("m", "s1", "b", chunk_table("s1", [3, 4], seed=1))
+    store.write_chunk("m", "s1", "a", chunk_table("s1", [0, 1, 2], seed=0))
+    record = finalize_slide(store, "m", "s1", "C", ["b", "a"], 5, {"path": "/s1.svs"}, {"x": 1}, "hash", "run1",
+                            {"label": 7}, pa.schema([("label", pa.int64())]))
+    table = pads.dataset(str(tmp_path / record.features_path)).to_table()
+    assert table.column("tile_index").to_pylist() == [0, 1, 2, 3, 4]
+    assert table.column("label").to_pylist() == [7] * 5
+    assert json.loads(table.schema.metadata[b"pathray.provenance"]) == {"x": 1}
+    assert store.committed("m") == {"s1"}
+    assert not list((tmp_path / "_staging").rglob("*.parquet"))
+
+
+def test_incomplete_or_duplicated_chunks_are_never_committed(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    with pytest.raises(RuntimeError, match="expected 6"):
+        stage_and_commit(store, "short", "C", n_tiles=6)  # a chunk is missing
+    store.write_chunk("m", "dup", "a", chunk_table("dup", [0, 1]))
+    store.write_chunk("m", "dup", "b", chunk_table("dup", [1, 2]))
+    with pytest.raises(RuntimeError, match="unique"):
+        finalize_slide(store, "m", "dup", "C", ["a", "b"], 4, {}, {}, "hash", "run1")
+    assert store.committed("m") == set()
+    assert not (tmp_path / "features").exists()
+
+
+def test_readers_see_whole_committed_slides_only(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    stage_and_commit(store, "s1", "A")
+    stage_and_commit(store, "s2", "B", sizes=(4,))
+    # crash window: a features file written, its commit record not yet (re-run rewrites it)
+    stage_and_commit(store, "s3", "B")
+    os.remove(tmp_path / "_commits" / "model=m" / "s3.json")
+    # and a half-staged slide: only in _staging
+    store.write_chunk("m", "s4", "s4.c0", chunk_table("s4", [0]))
+
+    assert sorted(set(store.dataset("m").to_table().column("slide_id").to_pylist())) == ["s1", "s2"]
+    # plain readers never see staging (underscore folders are ignored)
+    plain = pads.dataset(str(tmp_path / "features"), partitioning="hive").to_table()
+    assert "s4" not in plain.column("slide_id").to_pylist()
+    counts = duckdb.sql(f"SELECT slide_id, count(*) FROM read_parquet('{tmp_path}/features/**/*.parquet', "
+                        "hive_partitioning=true) GROUP BY 1 ORDER BY 1").fetchall()
+    assert counts == [("s1", 5), ("s2", 4), ("s3", 5)]
+    lazy = pl.scan_parquet(f"{tmp_path}/features/**/*.parquet", hive_partitioning=True)
+    assert lazy.select(pl.col("cohort").unique().sort()).collect()["cohort"].to_list() == ["A", "B"]
+
+
+def test_store_config_guard(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    tiling = {"tile_px": 224, "fingerprint": "t1"}
+    store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}})
+    store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}, "kaiko": {"fingerprint": "k1"}})
+    assert sorted(store.read_config()["models"]) == ["kaiko", "uni"]  # adding a model is fine
+    with pytest.raises(StoreConfigMismatchError, match="tiling"):
+        store.ensure_config({"tile_px": 256, "fingerprint": "t2"}, {})
+    with pytest.raises(StoreConfigMismatchError, match="'uni'"):
+        store.ensure_config(tiling, {"uni": {"weights": "b", "fingerprint": "u2"}})
+
+
+def test_slide_table_latest_wins_and_backfills_unflushed_commits(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    first = [status_row(slide_id="s1", model="m", status="error", error_type="slide_unreadable", updated_at=1.0),
+             status_row(slide_id="s2", model="m", status="error", error_type="staging_failed", updated_at=1.0)]
+    store.write_table("_runs/r1/slides-00001.parquet", pa.Table.from_pylist(first, schema=SLIDE_STATUS_SCHEMA))
+    second = [status_row(slide_id="s1", model="m", status="ok", n_tiles=5, updated_at=2.0)]
+    store.write_table("_runs/r2/slides-00001.parquet", pa.Table.from_pylist(second, schema=SLIDE_STATUS_SCHEMA))
+    # s2 was committed by a run that died before flushing its status rows
+    stage_and_commit(store, "s2", "B", sizes=(4,))
+    table = consolidate_slide_table(store, {"m": {"s1", "s2"}})
+    rows = {r["slide_id"]: r for r in table.to_pylist()}
+    assert (rows["s1"]["status"], rows["s1"]["n_tiles"]) == ("ok", 5)
+    assert (rows["s2"]["status"], rows["s2"]["n_tiles"], rows["s2"]["cohort"]) == ("ok", 4, "B")
+    assert store.slides().num_rows == 2
+
+
+def test_slide_embeddings_pool_each_slide(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    stage_and_commit(store, "s1", "A")
+    stage_and_commit(store, "s2", "B", sizes=(4,))
+    pooled = {r["slide_id"]: r for r in slide_embeddings(store.dataset("m")).to_pylist()}
+    tiles = store.dataset("m").to_table()
+    for slide_id, n in (("s1", 5), ("s2", 4)):
+        rows = tiles.filter(pads.field("slide_id") == slide_id)
+        want = np.stack(rows.column("embedding").to_numpy(zero_copy_only=False)).mean(axis=0)
+        assert pooled[slide_id]["n_tiles"] == n
+        np.testing.assert_allclose(pooled[slide_id]["embedding"], want, rtol=1e-6)
+    assert pooled["s2"]["cohort"] == "B"
+    with pytest.raises(ValueError, match="pooling"):
+        slide_embeddings(store.dataset("m"), pooling="median")
