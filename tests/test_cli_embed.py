@@ -1,0 +1,100 @@
+"""`pathray embed` / jobs/embed.py: config merging, dry run, exit codes, a real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pathray.cli import main
+from pathray.cli_embed import configure, raw_config
+from pathray.config import build_job_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    return parser.parse_args(argv)
+
+
+def test_yaml_config_with_cli_overrides(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "manifest": "m.csv", "out": "store", "models": ["uni2-h", "kaiko-vits16"],
+        "tiling": {"tile_px": 224, "target_mpp": 0.5, "min_tissue_fraction": 0.5},
+        "encoders": {"uni2-h": {"dtype": "bf16", "batch_size": 128}},
+        "resources": {"readers": 8},
+    }))
+    args = parse(["--config", str(job), "--target-mpp", "1.0", "--weights", "uni2-h=/models/uni2-h",
+                  "--output-dtype", "float16", "--encoder-actors", "2", "--keep-columns", "case_id,label"])
+    config = build_job_config(raw_config(args))
+    assert config.models == ("uni2-h", "kaiko-vits16")
+    assert (config.tiling.tile_px, config.tiling.target_mpp, config.tiling.min_tissue_fraction) == (224, 1.0, 0.5)
+    uni = config.encoders["uni2-h"]
+    assert (uni.weights, uni.dtype, uni.batch_size, uni.output_dtype) == ("/models/uni2-h", "bf16", 128, "float16")
+    assert config.encoders["kaiko-vits16"].output_dtype == "float16"
+    assert (config.resources.readers, config.resources.encoder_actors) == (8, 2)
+    assert config.keep_columns == ("case_id", "label")
+
+
+def test_tiling_defaults_to_the_first_models_native_input():
+    config = build_job_config({"manifest": "m.csv", "out": "o", "models": "prov-gigapath"})
+    assert (config.tiling.tile_px, config.tiling.target_mpp) == (224, 0.5)
+    with pytest.raises(ValueError, match="unknown job config keys"):
+        build_job_config({"manifest": "m.csv", "out": "o", "models": "uni", "tile_size": 3})
+
+
+def test_dry_run_reports_plan_without_running(tmp_path, synthetic_svs_025, synthetic_svs_05, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_id,path\na,{synthetic_svs_025}\nb,{synthetic_svs_05}\nbad,{tmp_path}/missing.svs\n")
+    code = main(["embed", "--manifest", str(manifest), "--models", "kaiko-vits16,not-a-model",
+                 "--out", str(tmp_path / "store"), "--dry-run"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert plan["slides_to_do"] == 3 and plan["unknown_models"] == ["not-a-model"]
+    expected = len(synthetic_svs_025.expected_tiles(0.5, 224)) + len(synthetic_svs_05.expected_tiles(0.5, 224))
+    assert plan["estimated_tiles"] == expected  # mean tiles of the 3 sampled slides x 3 slides to do
+    assert plan["sample_errors"][0]["error_type"] == "slide_not_found"
+    assert not (tmp_path / "store").exists()
+
+
+def test_unusable_manifest_exits_2_with_every_problem(tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_id,path\n../evil,a.svs\ndup,b.svs\ndup,c.svs\nok,\n")
+    code = main(["embed", "--manifest", str(manifest), "--models", "kaiko-vits16", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "row 1" in err and "dup" in err and "row 4" in err
+
+
+@pytest.mark.timeout(300)
+def test_embed_command_runs_the_job(ray_cluster, synthetic_svs_05, random_weights, tmp_path, capsys):
+    weights = random_weights("kaiko-vits16", depth=1)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_id,path,cohort\nb,{synthetic_svs_05},c1\n")
+    argv = ["embed", "--manifest", str(manifest), "--models", "kaiko-vits16", "--out", str(tmp_path / "store"),
+            "--weights", f"kaiko-vits16={weights}", "--no-progress", "--run-id", "cli-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "kaiko-vits16: ok 1" in out and str(tmp_path / "store") in out
+    report = json.loads((tmp_path / "store" / "_runs" / "cli-run" / "report.json").read_text())
+    assert report["per_model"]["kaiko-vits16"]["tiles"] == len(synthetic_svs_05.expected_tiles(0.5, 224))
+    # same store, other tiling: refused, exit 2
+    assert main(argv[:-2] + ["--tile-px", "256"]) == 2
+    assert "tiling" in capsys.readouterr().err
+
+
+def test_job_entry_point_has_the_cli_options():
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "embed.py"), "--help"], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for option in ("--manifest", "--models", "--out", "--config", "--dry-run", "--weights"):
+        assert option in out.stdout
