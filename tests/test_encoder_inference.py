@@ -102,7 +102,8 @@ def test_generic_timm_entry(tmp_path, he_tiles):
     out = enc(np.ascontiguousarray(he_tiles[:2]))
     assert out.shape == (2, 192) and enc.embed_dim == 192
     spec = get_spec("timm:vit_tiny_patch16_224")
-    assert spec.preprocess.crop_px == 224 and spec.pooling == "cls"
+    assert spec.preprocess.crop_px == 224 and spec.pooling == "cls" and spec.embed_dim == 192
+    assert get_spec("timm:resnet18").embed_dim == 512
 
 
 @pytest.mark.parametrize("prep", [

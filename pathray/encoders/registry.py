@@ -285,7 +285,21 @@ def _timm_spec(architecture: str) -> EncoderSpec:
         )
     cfg = timm.get_pretrained_cfg(architecture) or None
     cfg = cfg.to_dict() if cfg is not None else {}
-    return spec_from_pretrained_cfg(f"{TIMM_PREFIX}{architecture}", architecture, {"num_classes": 0}, cfg)
+    spec = spec_from_pretrained_cfg(f"{TIMM_PREFIX}{architecture}", architecture, {"num_classes": 0}, cfg)
+    return dataclasses.replace(spec, embed_dim=_meta_output_dim(architecture, spec.input_px))
+
+
+def _meta_output_dim(architecture: str, input_px: int) -> int:
+    """Embedding width of ``timm.create_model(architecture, num_classes=0)``, found on the
+    meta device (no memory, no compute); 0 if that cannot be determined."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(architecture, pretrained=False, num_classes=0)
+            return int(model(torch.empty(1, 3, input_px, input_px)).shape[-1])
+    except Exception:  # noqa: BLE001 - exotic models: resolved from the loaded model instead
+        return 0
 
 
 def spec_from_pretrained_cfg(name: str, architecture: str, model_kwargs: dict[str, Any],
