@@ -141,9 +141,10 @@ config = build_job_config(dict(manifest=sys.argv[1], out=sys.argv[2], models=["s
 t0 = time.time()
 report = run_job(config, {"sleep": sleep_encoder(5000.0)}, progress_bars=False)
 stop.set()
-print(json.dumps({"slides": report.slides_in_manifest, "tiles": report.tiles_read, "wall_s": time.time() - t0,
+open(sys.argv[4], "w").write(json.dumps({"slides": report.slides_in_manifest, "tiles": report.tiles_read, "wall_s": time.time() - t0,
                   "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "object_store_peak_mib": peak[0] / 2**20, "errors": report.errors}))
+ray.shutdown()
 """
 
 
@@ -152,9 +153,10 @@ def memory(tmp: Path, counts: list[int]) -> list[dict]:
     rows = []
     for n in counts:
         manifest = write_manifest(tmp / f"mem{n}.csv", [slide], repeat=n)
-        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(manifest), str(tmp / f"memstore{n}"),
-                              json.dumps(RESOURCES)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        result = tmp / f"mem{n}.json"
+        subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(manifest), str(tmp / f"memstore{n}"),
+                        json.dumps(RESOURCES), str(result)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(result.read_text()))
     return rows
 
 

@@ -105,6 +105,7 @@ class RunReport:
     ended_at: float = 0.0
     first_result_at: float = 0.0  # first chunk out of the pipeline (fill time = this - started_at)
     last_result_at: float = 0.0  # last chunk out of the pipeline
+    first_batch_tiles: int = 0  # tiles in the first result batch (excluded from the steady rate)
     slides_in_manifest: int = 0
     slides_skipped: int = 0  # every requested model already committed
     per_model: dict[str, dict[str, int]] = field(default_factory=dict)  # ok / no_tissue / error / tiles
@@ -123,7 +124,7 @@ class RunReport:
     def steady_tiles_per_s(self) -> float:
         """Tiles read per second once the pipeline is full (startup and model loading excluded)."""
         span = self.last_result_at - self.first_result_at
-        return self.tiles_read / span if self.first_result_at and span > 0 else 0.0
+        return (self.tiles_read - self.first_batch_tiles) / span if self.first_result_at and span > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -327,6 +328,17 @@ def write_chunks(chunks: pa.Table, **kwargs) -> pa.Table:
     return ChunkWriter(**kwargs)(chunks)
 
 
+class Committer:
+    """Runs :func:`pathray.store.finalize_slide` for the driver, in one long-lived actor
+    whose threads overlap the I/O of several commits (no worker start-up per commit)."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+
+    def finalize(self, *args, **kwargs):
+        return finalize_slide(self.store, *args, **kwargs)
+
+
 @dataclass
 class _Pending:
     """Chunks of one (slide, model) seen so far by the driver."""
@@ -343,7 +355,8 @@ class _Pending:
 def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
            tiling_rec) -> None:
     """Consume result rows, commit finished (slide, model) pairs, record everything."""
-    finalize = ray.remote(num_cpus=0, max_retries=3)(finalize_slide)
+    committer = ray.remote(num_cpus=0, max_concurrency=config.resources.max_inflight_finalize,
+                           max_restarts=3, max_task_retries=3)(Committer).remote(store)
     pending: dict[tuple[str, str], _Pending] = {}
     inflight: dict[Any, dict] = {}
     provenance: dict[str, dict] = {}
@@ -351,7 +364,7 @@ def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, r
     last_log = time.time()
 
     def settle(block: bool) -> None:
-        """Collect finished commit tasks; keep at most max_inflight_finalize in flight."""
+        """Collect finished commits; keep at most max_inflight_finalize in flight."""
         while inflight and (block or len(inflight) >= config.resources.max_inflight_finalize):
             done, _ = ray.wait(list(inflight), num_returns=1)
             row = inflight.pop(done[0])
@@ -367,6 +380,7 @@ def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, r
                                    error_message=str(exc)[:2000]))
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        first_batch = not report.first_result_at
         report.first_result_at = report.first_result_at or time.time()
         for r in batch.to_pylist():
             model, key = r["model"], (r["slide_id"], r["model"])
@@ -376,6 +390,7 @@ def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, r
                 busy["plan"] += r["plan_s"]
                 busy["read"] += r["read_s"]
                 report.tiles_read += r["tiles_read"]
+                report.first_batch_tiles += r["tiles_read"] if first_batch else 0
                 if r["chunk_index"] == 0:
                     report.tiles_planned += r["n_tiles_slide"]
             if r["provenance"] != "{}":
@@ -407,7 +422,7 @@ def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, r
                     "pathray_version": __version__, "store_config_hash": store_hash}
             slide_meta = {k: meta.get(k) for k in ("path", "width", "height", "mpp", "mpp_source", "vendor", "etag",
                                                    "size_bytes")}
-            ref = finalize.remote(store, model, r["slide_id"], entry.cohort, chunk_ids, r["n_tiles_slide"], slide_meta,
+            ref = committer.finalize.remote(model, r["slide_id"], entry.cohort, chunk_ids, r["n_tiles_slide"], slide_meta,
                                   prov, store_hash, run_id, {c: entry.extra.get(c) for c in config.keep_columns},
                                   passthrough_schema)
             inflight[ref] = dict(base, status="ok" if r["n_tiles_slide"] else "no_tissue")
