@@ -31,7 +31,7 @@ import pyarrow as pa
 from pathray.errors import PathrayError
 from pathray.slide import open_slide
 from pathray.staging import Scratch
-from pathray.store import FeatureStore, TILE_FIELDS, embeddings_to_arrow
+from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
 from pathray.tiling import TilingConfig, plan_tiles, read_tiles
 
 SLIDE_SCHEMA = pa.schema(
@@ -322,7 +322,7 @@ class ChunkWriter:
             table = pa.Table.from_arrays(
                 [
                     pa.array([row["slide_id"]] * n, type=pa.string()),
-                    pa.array(np.frombuffer(row["tile_index"], dtype="<i8").astype(np.int32)),
+                    pa.array(np.frombuffer(row["tile_index"], dtype="<i8")),
                     pa.array(np.frombuffer(row["x"], dtype="<i8")),
                     pa.array(np.frombuffer(row["y"], dtype="<i8")),
                     pa.array(np.full(n, row["size_level0"], dtype=np.float64)),
@@ -331,8 +331,7 @@ class ChunkWriter:
                     pa.array(np.frombuffer(row["tissue_fraction"], dtype="<f4")),
                     embeddings_to_arrow(embeddings),
                 ],
-                schema=pa.schema([*TILE_FIELDS, pa.field("embedding", pa.list_(pa.from_numpy_dtype(embeddings.dtype),
-                                                                                   embeddings.shape[1]), nullable=False)]),
+                schema=feature_schema(embeddings.shape[1], pa.from_numpy_dtype(embeddings.dtype)),
             )
             self.store.write_chunk(model, row["slide_id"], row["chunk_id"], table)
             result["n_tiles"] = n

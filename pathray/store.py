@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from pathray import __version__
 from pathray.errors import StoreConfigMismatchError
 from pathray.fs import join, split_uri
+from pathray.tiling import TILE_SCHEMA
 
 STORE_FORMAT = 1
 STORE_META = "_pathray_store.json"
@@ -57,16 +58,8 @@ NO_COHORT = "unassigned"
 #: Parquet key-value metadata key holding the provenance JSON.
 PROVENANCE_KEY = b"pathray.provenance"
 
-TILE_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("slide_id", pa.string(), nullable=False),
-    pa.field("tile_index", pa.int32(), nullable=False),
-    pa.field("x", pa.int64(), nullable=False),
-    pa.field("y", pa.int64(), nullable=False),
-    pa.field("size_level0", pa.float64(), nullable=False),
-    pa.field("target_mpp", pa.float64(), nullable=False),
-    pa.field("tile_px", pa.int32(), nullable=False),
-    pa.field("tissue_fraction", pa.float32(), nullable=False),
-)
+#: The tile columns of a features file: the tiler's record schema, non-null.
+TILE_FIELDS: tuple[pa.Field, ...] = tuple(f.with_nullable(False) for f in TILE_SCHEMA)
 
 SLIDE_STATUS_SCHEMA = pa.schema(
     [

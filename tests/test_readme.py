@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pathray.store import (SLIDE_STATUS_SCHEMA, TILE_FIELDS, FeatureStore, consolidate_slide_table,
-                           embeddings_to_arrow, finalize_slide, status_row)
+from pathray.store import (SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table,
+                           embeddings_to_arrow, feature_schema, finalize_slide, status_row)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -20,9 +20,9 @@ def make_store(root: Path, model: str = "kaiko-vits16", dim: int = 384) -> None:
     rows = []
     for k, (slide_id, cohort, n) in enumerate((("s1", "A", 3), ("s2", "B", 2))):
         emb = np.random.default_rng(k).normal(size=(n, dim)).astype(np.float32)
-        schema = pa.schema([*TILE_FIELDS, pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)])
+        schema = feature_schema(dim, pa.float32())
         table = pa.Table.from_arrays([
-            pa.array([slide_id] * n), pa.array(range(n), pa.int32()), pa.array([224 * i for i in range(n)], pa.int64()),
+            pa.array([slide_id] * n), pa.array(range(n), pa.int64()), pa.array([224 * i for i in range(n)], pa.int64()),
             pa.array([0] * n, pa.int64()), pa.array([224.0] * n), pa.array([0.5] * n), pa.array([224] * n, pa.int32()),
             pa.array([1.0] * n, pa.float32()), embeddings_to_arrow(emb)], schema=schema)
         store.write_chunk(model, slide_id, "c0", table)

@@ -14,8 +14,8 @@ import pytest
 
 from pathray.aggregate import slide_embeddings
 from pathray.errors import StoreConfigMismatchError
-from pathray.store import (SLIDE_STATUS_SCHEMA, TILE_FIELDS, FeatureStore, consolidate_slide_table, embeddings_to_arrow, finalize_slide,
-                           status_row)
+from pathray.store import (SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table, embeddings_to_arrow,
+                           feature_schema, finalize_slide, status_row)
 
 DIM = 4
 
@@ -24,9 +24,9 @@ def chunk_table(slide_id: str, indices: list[int], seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     n = len(indices)
     emb = rng.normal(size=(n, DIM)).astype(np.float32)
-    schema = pa.schema([*TILE_FIELDS, pa.field("embedding", pa.list_(pa.float32(), DIM), nullable=False)])
+    schema = feature_schema(DIM, pa.float32())
     return pa.Table.from_arrays([
-        pa.array([slide_id] * n), pa.array(indices, pa.int32()), pa.array([i * 448 for i in indices], pa.int64()),
+        pa.array([slide_id] * n), pa.array(indices, pa.int64()), pa.array([i * 448 for i in indices], pa.int64()),
         pa.array([0] * n, pa.int64()), pa.array([448.0] * n), pa.array([0.5] * n), pa.array([224] * n, pa.int32()),
         pa.array([1.0] * n, pa.float32()), embeddings_to_arrow(emb)], schema=schema)
 
