@@ -1,0 +1,37 @@
+"""Resource planning: pools sized from the cluster never oversubscribe it (a Ray Data job
+whose actors take every CPU hangs silently, with no task slot left for planning/writing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pathray.config import build_job_config
+from pathray.pipeline import plan_resources
+
+
+def job(models, **resources):
+    return build_job_config({"manifest": "m.csv", "out": "o", "models": models, "resources": resources})
+
+
+@pytest.mark.parametrize("cpus", [2, 4, 16])
+@pytest.mark.parametrize("models", [["kaiko-vits16"], ["kaiko-vits16", "uni"], ["uni", "virchow2", "h-optimus-0"]])
+def test_cpu_only_plan_fits_the_cluster(cpus, models):
+    r = plan_resources(job(models), {"CPU": cpus}, len(models))
+    claimed = r.plan_num_cpus + r.write_num_cpus + r.encoder_num_cpus * r.encoder_actors * len(models) \
+        + r.reader_num_cpus * r.readers
+    assert claimed <= cpus + 1e-9
+    assert r.readers >= 1 and r.encoder_actors >= 1 and r.encoder_num_gpus == 0
+
+
+def test_gpu_cluster_shares_gpus_between_models_and_gives_readers_the_rest():
+    r = plan_resources(job(["uni2-h", "virchow2"]), {"CPU": 64, "GPU": 8}, 2)
+    assert (r.encoder_actors, r.encoder_num_gpus) == (8, 0.5)  # one actor per GPU per model
+    assert r.encoder_actors * r.encoder_num_gpus * 2 == 8
+    assert r.readers * r.reader_num_cpus + r.encoder_num_cpus * 16 + r.plan_num_cpus + r.write_num_cpus <= 64
+    assert r.readers >= 40
+
+
+def test_explicit_resources_win():
+    r = plan_resources(job(["uni"], readers=3, encoder_actors=2, encoder_num_gpus=0.25, reader_num_cpus=2),
+                       {"CPU": 64, "GPU": 8}, 1)
+    assert (r.readers, r.encoder_actors, r.encoder_num_gpus, r.reader_num_cpus) == (3, 2, 0.25, 2)
