@@ -66,12 +66,15 @@ def device_label(device: torch.device) -> str:
 
 
 def flops_per_tile(encoder) -> float:
+    """Model FLOPs per tile, counted on a meta-device copy: there attention decomposes into
+    matmuls that FlopCounterMode sees (the fused CPU attention kernel is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    model = create_model(encoder.architecture, encoder.model_kwargs, meta=True).eval()
     n = encoder.spec.input_px
-    x = torch.zeros(2, 3, n, n, device=encoder.device)
+    x = torch.empty(2, 3, n, n, device="meta")
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        encoder._pool_forward(x)
+        model(x) if encoder.spec.pooling == "cls" else model.forward_features(x)
     return counter.get_total_flops() / 2
 
 
