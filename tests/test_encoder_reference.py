@@ -13,7 +13,6 @@ MLP type and pooling are the cards'. Both a tile that needs no resampling and on
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from pathray.encoders.build import count_params, create_model
 TOL = 1e-4
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 #: depth used for the CPU comparison (full widths); giant models get 1 block
-DEPTH = {"uni": 2, "uni2-h": 1, "prov-gigapath": 1, "virchow": 1, "virchow2": 1, "h-optimus-0": 1,
+DEPTH = {"uni": 1, "uni2-h": 1, "prov-gigapath": 1, "virchow": 1, "virchow2": 1, "h-optimus-0": 1,
          "kaiko-vits16": 2, "kaiko-vits8": 1, "kaiko-vitb16": 1, "kaiko-vitb8": 1, "kaiko-vitl14": 1}
 N_TILES = {"uni2-h": 2, "prov-gigapath": 2, "virchow": 2, "virchow2": 2, "h-optimus-0": 2, "kaiko-vitb8": 2,
            "kaiko-vits8": 3}

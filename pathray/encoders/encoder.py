@@ -133,10 +133,14 @@ class Encoder:
         with torch.inference_mode():
             for start in range(0, n, bs):
                 chunk = tiles[start:start + bs]
+                m = len(chunk)
+                if self.config.compile and m < bs and n > bs:
+                    # keep one static shape for the compiled graph: pad the last micro-batch
+                    chunk = np.concatenate([chunk, np.zeros((bs - m, *chunk.shape[1:]), np.uint8)])
                 if not chunk.flags.c_contiguous:
                     chunk = np.ascontiguousarray(chunk)
-                emb = self.encode_tensor(self._to_device(chunk))
-                result[start:start + len(chunk)] = emb.cpu().numpy().astype(out_dtype, copy=False)
+                emb = self.encode_tensor(self._to_device(chunk))[:m]
+                result[start:start + m] = emb.cpu().numpy().astype(out_dtype, copy=False)
         return result
 
     # -- provenance ----------------------------------------------------------------------
