@@ -61,6 +61,10 @@ def test_output_float16_and_bf16_autocast(kaiko_vits16_weights, he_tiles):
     assert bf16.dtype == np.float32
     cos = (bf16 * ref).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.99
+    fp16 = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu",
+                                      dtype="fp16"))(tiles)
+    assert fp16.dtype == np.float32
+    np.testing.assert_allclose(fp16, ref, atol=5e-2)
 
 
 def test_provenance_has_no_secrets(vits16, monkeypatch):
