@@ -147,8 +147,11 @@ def test_shape_mismatch_names_keys(tmp_path, full_tiny):
 
 
 def test_config_for_another_architecture_is_refused(full_tiny):
-    with pytest.raises(WeightsMismatchError, match="vit_tiny_patch16_224"):
+    with pytest.raises(WeightsMismatchError, match="vit_tiny_patch16_224") as exc:
         _embed(full_tiny, model="kaiko-vits16")
+    assert "shape mismatches" in str(exc.value)
+    with pytest.raises(WeightsMismatchError, match="use timm:vit_tiny_patch16_224"):
+        _embed(full_tiny, model="timm:vit_small_patch16_224")
 
 
 def test_unexpected_keys_named(tmp_path, full_tiny):

@@ -23,11 +23,14 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     arch = spec.architecture
     if config:
         cfg_arch = config.get("architecture")
-        if cfg_arch and cfg_arch != arch:
+        if cfg_arch and cfg_arch != arch and spec.name.startswith("timm:"):
             raise WeightsMismatchError(
                 f"{spec.name} is a {arch}, but the weights' config.json says architecture {cfg_arch!r}; "
-                f"pick the matching model name (or timm:{cfg_arch})"
+                f"use timm:{cfg_arch}"
             )
+        # registered models: the spec's architecture + kwargs define the network (hub configs
+        # may name an equivalent timm entry point); the strict state-dict check that follows
+        # catches weights that do not fit
         model_args = config.get("model_args") or {}
         if not isinstance(model_args, dict):
             model_args = {}

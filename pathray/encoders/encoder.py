@@ -183,7 +183,10 @@ def load_encoder(config: EncoderConfig) -> Encoder:
         model = create_model(arch, kwargs, meta=True)
     except Exception as exc:  # noqa: BLE001 - bad architecture args in a config.json
         raise EncoderError(f"{spec.name}: cannot build {arch} with {sorted(kwargs)}: {exc}") from exc
-    model = load_into(model, loaded.state_dict, what=f"{spec.name} weights {loaded.source}")
+    cfg_arch = (loaded.config or {}).get("architecture")
+    what = f"{spec.name} weights {loaded.source}" + (
+        f" (their config.json names architecture {cfg_arch!r})" if cfg_arch and cfg_arch != arch else "")
+    model = load_into(model, loaded.state_dict, what=what)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # non-persistent buffers: rebuild on CPU and load normally
         model = load_into(create_model(arch, kwargs), loaded.state_dict, what=f"{spec.name} weights {loaded.source}")
