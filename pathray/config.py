@@ -41,10 +41,13 @@ class ResourceConfig:
     encoder_actors: int | None = None  # actors per model
     encoder_num_gpus: float | None = None  # GPUs per encoder actor (fractional allowed)
     encoder_num_cpus: float | None = None  # CPUs per encoder actor
-    plan_num_cpus: float = 0.25  # per planning task (opens a slide, detects tissue)
-    write_num_cpus: float = 0.25  # per write task
+    planners: int | None = None  # max planning actors (open slide, detect tissue, lay grid)
+    plan_num_cpus: float = 0.25  # CPUs per planning actor
+    writers: int | None = None  # max writer actors (stage chunk files)
+    write_num_cpus: float = 0.25  # CPUs per writer actor
     chunks_per_encode_call: int = 1  # chunk rows per encoder batch
-    max_inflight_finalize: int = 16  # concurrent commit tasks the driver keeps in flight
+    max_inflight_finalize: int = 16  # concurrent commits the driver keeps in flight
+    object_store_limit_gb: float | None = None  # cap Ray Data's object-store use (default: Ray Data's own budget)
 
 
 @dataclass(frozen=True)

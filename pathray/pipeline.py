@@ -61,7 +61,9 @@ class Resources:
     encoder_actors: int
     encoder_num_gpus: float
     encoder_num_cpus: float
+    planners: int
     plan_num_cpus: float
+    writers: int
     write_num_cpus: float
 
 
@@ -70,13 +72,16 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
 
     With GPUs: each model gets one actor per GPU at ``1/n_models`` GPU each (models share
     GPUs), one CPU per GPU feeds the encoders, and reader actors (1 CPU each) take the
-    CPUs left after reserving some for planning/writing tasks. Without GPUs (laptop, CI):
-    encoders get half the CPUs, readers the rest, all fractional so nothing deadlocks on
-    a 2-CPU machine.
+    CPUs left after the planner and writer pools (one small actor per 32 CPUs each).
+    Without GPUs (laptop, CI): encoders get half the CPUs, readers the rest, all
+    fractional so nothing deadlocks on a 2-CPU machine. Every actor pool's maximum is
+    reserved, so autoscaling can never starve another stage.
     """
     r = config.resources
     cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
-    task_reserve = r.plan_num_cpus + r.write_num_cpus
+    planners = r.planners or max(1, int(cpus // 32))
+    writers = r.writers or max(1, int(cpus // 32))
+    task_reserve = r.plan_num_cpus * planners + r.write_num_cpus * writers
     if gpus > 0:
         enc_gpus = r.encoder_num_gpus if r.encoder_num_gpus is not None else 1.0 / n_models
         enc_actors = r.encoder_actors or max(1, int(gpus / enc_gpus / n_models))
@@ -92,7 +97,8 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
     readers = r.readers or max(1, int(left / reader_cpus + 1e-9))
     return Resources(readers=readers, reader_num_cpus=reader_cpus, encoder_actors=enc_actors,
                      encoder_num_gpus=enc_gpus, encoder_num_cpus=enc_cpus,
-                     plan_num_cpus=r.plan_num_cpus, write_num_cpus=r.write_num_cpus)
+                     planners=planners, plan_num_cpus=r.plan_num_cpus, writers=writers,
+                     write_num_cpus=r.write_num_cpus)
 
 
 @dataclass
@@ -274,6 +280,9 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
         ctx.enable_progress_bars = progress_bars
         ctx.execution_options.preserve_order = False
         ctx.print_on_execution_start = False
+        if config.resources.object_store_limit_gb:
+            ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+                object_store_memory=int(config.resources.object_store_limit_gb * 2**30))
 
         ds = _build_dataset(config, models, custom, res, todo, ActorPoolStrategy)
         _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
@@ -296,8 +305,9 @@ def _build_dataset(config: JobConfig, models: list[str], custom: dict[str, Custo
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(todo), per_block)])
     staging = dict(storage_options=config.storage_options, scratch_dir=config.scratch_dir,
                    scratch_max_bytes=config.scratch_max_bytes)
-    ds = ds.map_batches(plan_slides, batch_size=1, batch_format="pyarrow", num_cpus=res.plan_num_cpus,
-                        fn_kwargs=dict(tiling=config.tiling, chunk_tiles=config.chunk_tiles, **staging))
+    ds = ds.map_batches(SlidePlanner, batch_size=1, batch_format="pyarrow", num_cpus=res.plan_num_cpus,
+                        compute=ActorPoolStrategy(min_size=1, max_size=res.planners),
+                        fn_constructor_kwargs=dict(tiling=config.tiling, chunk_tiles=config.chunk_tiles, **staging))
     ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow", num_cpus=res.reader_num_cpus,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.readers),
                         fn_constructor_kwargs=dict(tiling=config.tiling, **staging))
@@ -309,23 +319,10 @@ def _build_dataset(config: JobConfig, models: list[str], custom: dict[str, Custo
                             fn_constructor_kwargs=dict(model=model, make_encoder=make, tile_px=config.tiling.tile_px,
                                                        drop_pixels=i == len(models) - 1))
     types = {m: (custom[m].output_dtype if m in custom else config.encoders[m].output_dtype) for m in models}
-    return ds.map_batches(write_chunks, batch_size=None, batch_format="pyarrow", num_cpus=res.write_num_cpus,
-                          fn_kwargs=dict(root=config.out, storage_options=config.storage_options, models=models,
+    return ds.map_batches(ChunkWriter, batch_size=1, batch_format="pyarrow", num_cpus=res.write_num_cpus,
+                          compute=ActorPoolStrategy(min_size=1, max_size=res.writers),
+                          fn_constructor_kwargs=dict(root=config.out, storage_options=config.storage_options, models=models,
                                          tiling=config.tiling, embedding_types=types))
-
-
-def plan_slides(slides: pa.Table, **kwargs) -> pa.Table:
-    """Task form of :class:`SlidePlanner` (planning needs no state between calls)."""
-    planner = SlidePlanner(**kwargs)
-    try:
-        return planner(slides)
-    finally:
-        planner.scratch.close()
-
-
-def write_chunks(chunks: pa.Table, **kwargs) -> pa.Table:
-    """Task form of :class:`ChunkWriter`."""
-    return ChunkWriter(**kwargs)(chunks)
 
 
 class Committer:

@@ -114,6 +114,9 @@ class SlidePlanner:
         self.storage_options = storage_options
         self.scratch = Scratch(scratch_dir, scratch_max_bytes)
 
+    def __del__(self) -> None:  # Ray Data deletes the UDF when its actor exits gracefully
+        self.scratch.close()
+
     def __call__(self, slides: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
         for slide in slides.to_pylist():

@@ -17,8 +17,8 @@ def job(models, **resources):
 @pytest.mark.parametrize("models", [["kaiko-vits16"], ["kaiko-vits16", "uni"], ["uni", "virchow2", "h-optimus-0"]])
 def test_cpu_only_plan_fits_the_cluster(cpus, models):
     r = plan_resources(job(models), {"CPU": cpus}, len(models))
-    claimed = r.plan_num_cpus + r.write_num_cpus + r.encoder_num_cpus * r.encoder_actors * len(models) \
-        + r.reader_num_cpus * r.readers
+    claimed = r.plan_num_cpus * r.planners + r.write_num_cpus * r.writers \
+        + r.encoder_num_cpus * r.encoder_actors * len(models) + r.reader_num_cpus * r.readers
     assert claimed <= cpus + 1e-9
     assert r.readers >= 1 and r.encoder_actors >= 1 and r.encoder_num_gpus == 0
 
@@ -27,7 +27,8 @@ def test_gpu_cluster_shares_gpus_between_models_and_gives_readers_the_rest():
     r = plan_resources(job(["uni2-h", "virchow2"]), {"CPU": 64, "GPU": 8}, 2)
     assert (r.encoder_actors, r.encoder_num_gpus) == (8, 0.5)  # one actor per GPU per model
     assert r.encoder_actors * r.encoder_num_gpus * 2 == 8
-    assert r.readers * r.reader_num_cpus + r.encoder_num_cpus * 16 + r.plan_num_cpus + r.write_num_cpus <= 64
+    assert r.readers * r.reader_num_cpus + r.encoder_num_cpus * 16 + 0.25 * (r.planners + r.writers) <= 64
+    assert (r.planners, r.writers) == (2, 2)
     assert r.readers >= 40
 
 
