@@ -30,8 +30,9 @@ class SleepEncoder:
 
 
 def pixel_statistics(tiles: np.ndarray, embed_dim: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, embed_dim) float32: channel means and stds, repeated."""
-    flat = tiles.reshape(len(tiles), -1, 3).astype(np.float32)
+    """(N, H, W, 3) uint8 -> (N, embed_dim) float32: channel means and stds over every 4th
+    row and column (cheap, so the stand-in stays idle like a thread feeding a GPU), repeated."""
+    flat = tiles[:, ::4, ::4].reshape(len(tiles), -1, 3).astype(np.float32)
     stats = np.concatenate([flat.mean(axis=1), flat.std(axis=1)], axis=1)
     reps = -(-embed_dim // stats.shape[1])
     return np.tile(stats, (1, reps))[:, :embed_dim].astype(np.float32)

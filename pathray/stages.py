@@ -236,9 +236,16 @@ def _apply_updates(table: pa.Table, updates: list[dict[str, str]]) -> pa.Table:
     return table
 
 
-def tiles_of(row: dict[str, Any], tile_px: int) -> np.ndarray:
-    """The uint8 ``(N, tile_px, tile_px, 3)`` view of a chunk row's ``pixels`` (read-only)."""
-    return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(-1, tile_px, tile_px, 3)
+def tile_batches(pixels: pa.ChunkedArray, tile_px: int) -> list[np.ndarray]:
+    """Zero-copy, read-only uint8 ``(N, tile_px, tile_px, 3)`` views of a ``pixels`` column,
+    one per row (no copy into Python bytes: at GPU rates that is ~1 GB/s of memcpy saved)."""
+    views = []
+    for chunk in pixels.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8) if len(chunk) else np.empty(0, np.uint8)
+        data.flags.writeable = False  # the buffer may live in the shared object store
+        views.extend(data[lo:hi].reshape(-1, tile_px, tile_px, 3) for lo, hi in zip(offsets[:-1], offsets[1:]))
+    return views
 
 
 # --- encode ---------------------------------------------------------------------------------
@@ -265,14 +272,16 @@ class ChunkEncoder:
 
     def __call__(self, chunks: pa.Table) -> pa.Table:
         embeddings, seconds, errors = [], [], []
-        for row in chunks.to_pylist():
+        rows = zip(chunks.column("status").to_pylist(), chunks.column("models").to_pylist(),
+                   tile_batches(chunks.column("pixels"), self.tile_px))
+        for status, models, tiles in rows:
             start, data, error = time.perf_counter(), b"", ""
-            if row["status"] == "ok" and self.model in row["models"]:
+            if status == "ok" and self.model in models:
                 if self.load_error:
                     error = json.dumps(self.load_error)
                 else:
                     try:
-                        data = np.ascontiguousarray(self.encoder(tiles_of(row, self.tile_px))).tobytes()
+                        data = np.ascontiguousarray(self.encoder(tiles)).tobytes()
                     except Exception as exc:
                         error = json.dumps(_error_fields("encode", exc))
             embeddings.append(data)
