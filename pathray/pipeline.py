@@ -109,9 +109,8 @@ class RunReport:
     store: str
     started_at: float
     ended_at: float = 0.0
-    first_result_at: float = 0.0  # first chunk out of the pipeline (fill time = this - started_at)
-    last_result_at: float = 0.0  # last chunk out of the pipeline
-    first_batch_tiles: int = 0  # tiles in the first result batch (excluded from the steady rate)
+    #: per model, [start of its first encode call, end of its last], unix seconds
+    encode_window: dict[str, list[float]] = field(default_factory=dict)
     slides_in_manifest: int = 0
     slides_skipped: int = 0  # every requested model already committed
     per_model: dict[str, dict[str, int]] = field(default_factory=dict)  # ok / no_tissue / error / tiles
@@ -128,9 +127,11 @@ class RunReport:
 
     @property
     def steady_tiles_per_s(self) -> float:
-        """Tiles read per second once the pipeline is full (startup and model loading excluded)."""
-        span = self.last_result_at - self.first_result_at
-        return (self.tiles_read - self.first_batch_tiles) / span if self.first_result_at and span > 0 else 0.0
+        """Tiles per second while the encoders worked: tiles read / the longest per-model window
+        from the first encode call's start to the last one's end (start-up, model loading and
+        the commit tail excluded)."""
+        spans = [end - start for start, end in self.encode_window.values() if end > start]
+        return self.tiles_read / max(spans) if spans else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -377,17 +378,18 @@ def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, r
                                    error_message=str(exc)[:2000]))
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        first_batch = not report.first_result_at
-        report.first_result_at = report.first_result_at or time.time()
         for r in batch.to_pylist():
             model, key = r["model"], (r["slide_id"], r["model"])
             busy["write"] += r["write_s"]
             busy[f"encode:{model}"] += r["encode_s"]
+            if r["encoded_at"]:
+                window = report.encode_window.setdefault(model, [math.inf, 0.0])
+                window[0] = min(window[0], r["encoded_at"] - r["encode_s"])
+                window[1] = max(window[1], r["encoded_at"])
             if r["first"]:  # chunk-level figures are carried by the chunk's first model row only
                 busy["plan"] += r["plan_s"]
                 busy["read"] += r["read_s"]
                 report.tiles_read += r["tiles_read"]
-                report.first_batch_tiles += r["tiles_read"] if first_batch else 0
                 if r["chunk_index"] == 0:
                     report.tiles_planned += r["n_tiles_slide"]
             if r["provenance"] != "{}":
@@ -427,7 +429,6 @@ def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, r
         if time.time() - last_log > PROGRESS_EVERY_S:
             last_log = time.time()
             log.info("progress: %s, %d (slide, model) pairs in flight", report.per_model, len(pending))
-    report.last_result_at = time.time()
     settle(block=True)
     report.busy_s = busy
 

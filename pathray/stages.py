@@ -86,6 +86,7 @@ RESULT_SCHEMA = pa.schema(
         ("plan_s", pa.float64()),
         ("read_s", pa.float64()),
         ("encode_s", pa.float64()),
+        ("encoded_at", pa.float64()),  # unix time this model finished this chunk (0: not encoded)
         ("write_s", pa.float64()),
     ]
 )
@@ -271,7 +272,7 @@ class ChunkEncoder:
             self.provenance = "{}"
 
     def __call__(self, chunks: pa.Table) -> pa.Table:
-        embeddings, seconds, errors = [], [], []
+        embeddings, seconds, finished, errors = [], [], [], []
         rows = zip(chunks.column("status").to_pylist(), chunks.column("models").to_pylist(),
                    tile_batches(chunks.column("pixels"), self.tile_px))
         for status, models, tiles in rows:
@@ -286,12 +287,14 @@ class ChunkEncoder:
                         error = json.dumps(_error_fields("encode", exc))
             embeddings.append(data)
             seconds.append(time.perf_counter() - start)
+            finished.append(time.time() if data else 0.0)
             errors.append(error)
         if self.drop_pixels:
             chunks = chunks.drop_columns(["pixels"])
         chunks = chunks.append_column(f"emb:{self.model}", pa.array(embeddings, type=pa.large_binary()))
         chunks = chunks.append_column(f"err:{self.model}", pa.array(errors, type=pa.string()))
         chunks = chunks.append_column(f"prov:{self.model}", pa.array([self.provenance] * len(chunks), type=pa.string()))
+        chunks = chunks.append_column(f"encoded_at:{self.model}", pa.array(finished, type=pa.float64()))
         return chunks.append_column(f"encode_s:{self.model}", pa.array(seconds, type=pa.float64()))
 
 
@@ -323,7 +326,8 @@ class ChunkWriter:
                                       "status", "stage", "error_type", "error_message", "slide_meta", "plan_s")}
         result.update(model=model, first=first, n_tiles=0, tiles_read=row.get("tiles_read") or 0,
                       provenance=row.get(f"prov:{model}") or "{}", read_s=row.get("read_s") or 0.0,
-                      encode_s=row.get(f"encode_s:{model}") or 0.0, write_s=0.0)
+                      encode_s=row.get(f"encode_s:{model}") or 0.0,
+                      encoded_at=row.get(f"encoded_at:{model}") or 0.0, write_s=0.0)
         error = row.get(f"err:{model}")
         if result["status"] == "ok" and error:
             result.update(json.loads(error))
