@@ -273,7 +273,7 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
 
     if todo:
         if not ray.is_initialized():
-            ray.init(address=config.ray_address, log_to_driver=False)
+            ray.init(address=config.ray_address)
         res = plan_resources(config, ray.cluster_resources(), len(models))
         report.resources = dataclasses.asdict(res)
         log.info("resources: %s", report.resources)
@@ -286,7 +286,7 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
                 object_store_memory=int(config.resources.object_store_limit_gb * 2**30))
 
         ds = _build_dataset(config, models, custom, res, todo, ActorPoolStrategy)
-        _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
+        _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
                tiling_rec)
 
     ledger.flush()
@@ -350,7 +350,7 @@ class _Pending:
         return len(self.seen) >= max(self.n_chunks, 1)
 
 
-def _drive(ray, ds, config, models, custom, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
+def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
            tiling_rec) -> None:
     """Consume result rows, commit finished (slide, model) pairs, record everything."""
     committer = ray.remote(num_cpus=0, max_concurrency=config.resources.max_inflight_finalize,
@@ -439,8 +439,7 @@ def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
     local machine (or the cluster at ``RAY_ADDRESS`` once the job runs there)."""
     from pathray.stages import SlidePlanner
 
-    custom: dict[str, CustomEncoder] = {}
-    models, unknown = _resolve_models(config, custom)
+    models, unknown = _resolve_models(config, {})
     entries = read_manifest(config.manifest, config.storage_options)
     store = FeatureStore(config.out, config.storage_options)
     existing = store.read_config()
