@@ -5,7 +5,7 @@ Writes, under ``--out`` (local or ``s3://``):
 * ``tiles.parquet``: one row per kept tile (:data:`pathray.tiling.TILE_SCHEMA`); the tiling
   config and its fingerprint are in the file's schema metadata;
 * ``slides.parquet``: one row per manifest slide with ``status`` ``ok`` / ``no_tissue`` /
-  ``error``, and ``error_type`` + ``message`` for errors;
+  ``error``, and ``error_type`` + ``error_message`` for errors;
 * ``qc/<slide_id>.png`` (and ``qc/<slide_id>.geojson`` with ``--geojson``).
 
 A failing slide never stops the others. Exit status: 0 all slides ok or without tissue,
@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pathray.errors import ManifestError, PathrayError
+from pathray.errors import ManifestError, describe
 from pathray.fs import join, split_uri
 from pathray.manifest import SlideEntry, read_manifest
 from pathray.qc import write_qc
@@ -40,7 +40,7 @@ SLIDE_SCHEMA = pa.schema(
         ("cohort", pa.string()),
         ("status", pa.string()),  # ok | no_tissue | error
         ("error_type", pa.string()),
-        ("message", pa.string()),
+        ("error_message", pa.string()),
         ("n_tiles", pa.int64()),
         ("mpp", pa.float64()),  # level-0 µm/px used
         ("mpp_source", pa.string()),
@@ -118,10 +118,9 @@ def tile_slide(entry: SlideEntry, config: TilingConfig, out: str, scratch: Scrat
         write_qc(grid, join(qc_dir, f"{entry.slide_id}.png"), join(qc_dir, f"{entry.slide_id}.geojson") if geojson else None, storage_options)
         status.update(level=grid.level, read_px=grid.read_px, n_tiles=len(grid), status="no_tissue" if grid.no_tissue else "ok")
         table = grid.to_table()
-    except PathrayError as exc:
-        status.update(status="error", error_type=exc.error_type, message=str(exc))
-    except Exception as exc:  # a bug or an unforeseen file problem: recorded, never fatal for the others
-        status.update(status="error", error_type="unexpected_error", message=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # every failure is recorded, never fatal for the other slides
+        error_type, message = describe(exc)
+        status.update(status="error", error_type=error_type, error_message=message)
     status["seconds"] = round(time.monotonic() - started, 3)
     return table, status
 

@@ -107,3 +107,15 @@ class StoreConfigMismatchError(StoreError):
     """An existing store was written with a different tiling/model config."""
 
     error_type = "store_config_mismatch"
+
+
+UNEXPECTED = "unexpected_error"
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """``(error_type, message)`` for a status/error row. pathray's own errors keep their
+    stable ``error_type``; anything else (a bug, an unforeseen library error) is
+    ``unexpected_error`` with the exception's class name leading the message."""
+    if isinstance(exc, PathrayError):
+        return exc.error_type, str(exc)
+    return UNEXPECTED, f"{type(exc).__name__}: {exc}"

@@ -28,7 +28,7 @@ import pyarrow as pa
 from pathray import __version__
 from pathray.config import JobConfig, fingerprint, model_record, tiling_record
 from pathray.encoders import get_spec, load_encoder
-from pathray.errors import StoreConfigMismatchError, UnknownModelError
+from pathray.errors import StoreConfigMismatchError, UnknownModelError, describe
 from pathray.manifest import read_manifest
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
 from pathray.store import (ERROR_SCHEMA, SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table, finalize_slide,
@@ -374,8 +374,9 @@ def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, b
             except Exception as exc:
                 report.per_model[row["model"]]["error"] += 1
                 report.errors += 1
-                ledger.record(dict(row, status="error", stage="finalize", error_type=type(exc).__name__,
-                                   error_message=str(exc)[:2000]))
+                error_type, message = describe(exc)
+                ledger.record(dict(row, status="error", stage="finalize", error_type=error_type,
+                                   error_message=message[:2000]))
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for r in batch.to_pylist():

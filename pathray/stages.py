@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import PathrayError
+from pathray.errors import describe
 from pathray.slide import open_slide
 from pathray.staging import Scratch
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
@@ -98,8 +98,8 @@ def chunk_id(slide_id: str, tiling_fingerprint: str, index: int) -> str:
 
 
 def _error_fields(stage: str, exc: BaseException) -> dict[str, str]:
-    error_type = exc.error_type if isinstance(exc, PathrayError) else type(exc).__name__
-    return {"status": "error", "stage": stage, "error_type": error_type, "error_message": str(exc)[:2000]}
+    error_type, message = describe(exc)
+    return {"status": "error", "stage": stage, "error_type": error_type, "error_message": message[:2000]}
 
 
 # --- plan -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def test_tile_command_on_mixed_manifest(mixed_manifest, synthetic_svs_025, tmp_p
     got = {sid: (row["error_type"] if row["status"] == "error" else row["status"]) for sid, row in slides.items()}
     assert got == mixed_manifest.expected
     assert slides["no_mpp_overridden"]["mpp_source"] == "manifest"
-    assert slides["missing"]["message"] and slides["good_025"]["error_type"] is None
+    assert slides["missing"]["error_message"] and slides["good_025"]["error_type"] is None
 
     tiles = pq.read_table(out / "tiles.parquet")
     assert tiles.schema.remove_metadata() == TILE_SCHEMA

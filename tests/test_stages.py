@@ -78,4 +78,5 @@ def test_encoder_that_cannot_load_fails_its_model_only(synthetic_svs_05):
 
     out = ChunkEncoder("bad", broken, 224, drop_pixels=True)(read)
     errors = [json.loads(e) for e in out.column("err:bad").to_pylist()]
-    assert {e["error_type"] for e in errors} == {"FileNotFoundError"} and {e["stage"] for e in errors} == {"encode"}
+    assert {e["error_type"] for e in errors} == {"unexpected_error"} and {e["stage"] for e in errors} == {"encode"}
+    assert errors[0]["error_message"] == "FileNotFoundError: no weights here"
