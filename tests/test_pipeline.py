@@ -184,6 +184,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(ray_cluster, slide_dir, tmp_path):
     from pathray.demo.synthetic import write_synthetic_svs
 

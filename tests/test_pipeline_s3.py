@@ -14,7 +14,7 @@ from pathray.fakes import pixel_statistics, sleep_encoder
 from pathray.pipeline import run_job
 from pathray.store import FeatureStore
 
-pytestmark = [pytest.mark.s3, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_job_reads_and_writes_s3(ray_cluster, s3_server, s3_bucket, synthetic_svs_025, synthetic_svs_05, tmp_path):
