@@ -38,7 +38,8 @@ class ResourceConfig:
 
     readers: int | None = None  # max reader actors (autoscaled between 1 and this)
     reader_num_cpus: float | None = None  # CPUs per reader actor
-    encoder_actors: int | None = None  # actors per model
+    encoder_actors: int | None = None  # actors per model (the pool's maximum)
+    encoder_actors_min: int | None = None  # autoscale from this many (default: fixed at encoder_actors)
     encoder_num_gpus: float | None = None  # GPUs per encoder actor (fractional allowed)
     encoder_num_cpus: float | None = None  # CPUs per encoder actor
     planners: int | None = None  # max planning actors (open slide, detect tissue, lay grid)

@@ -59,6 +59,7 @@ class Resources:
     readers: int
     reader_num_cpus: float
     encoder_actors: int
+    encoder_actors_min: int
     encoder_num_gpus: float
     encoder_num_cpus: float
     planners: int
@@ -76,13 +77,18 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
     Without GPUs (laptop, CI): encoders get half the CPUs, readers the rest, all
     fractional so nothing deadlocks on a 2-CPU machine. Every actor pool's maximum is
     reserved, so autoscaling can never starve another stage.
+
+    Derived sizes use the resources present when the job starts. On an autoscaling cluster
+    that starts without GPU nodes, set ``encoder_num_gpus`` (GPU actors are then requested
+    and the autoscaler adds GPU nodes), ``encoder_actors`` and ``readers`` explicitly;
+    ``encoder_actors_min`` lets encoding start on the first GPU node.
     """
     r = config.resources
     cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
     planners = r.planners or max(1, int(cpus // 32))
     writers = r.writers or max(1, int(cpus // 32))
     task_reserve = r.plan_num_cpus * planners + r.write_num_cpus * writers
-    if gpus > 0:
+    if gpus > 0 or (r.encoder_num_gpus or 0) > 0:
         enc_gpus = r.encoder_num_gpus if r.encoder_num_gpus is not None else 1.0 / n_models
         enc_actors = r.encoder_actors or max(1, int(gpus / enc_gpus / n_models))
         enc_cpus = r.encoder_num_cpus if r.encoder_num_cpus is not None else min(1.0, max(cpus - task_reserve, 0.5) / (enc_actors * n_models * 2))
@@ -96,7 +102,7 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
     left = cpus - task_reserve - enc_cpus * enc_actors * n_models
     readers = r.readers or max(1, int(left / reader_cpus + 1e-9))
     return Resources(readers=readers, reader_num_cpus=reader_cpus, encoder_actors=enc_actors,
-                     encoder_num_gpus=enc_gpus, encoder_num_cpus=enc_cpus,
+                     encoder_actors_min=min(r.encoder_actors_min or enc_actors, enc_actors), encoder_num_gpus=enc_gpus, encoder_num_cpus=enc_cpus,
                      planners=planners, plan_num_cpus=r.plan_num_cpus, writers=writers,
                      write_num_cpus=r.write_num_cpus)
 
@@ -316,7 +322,7 @@ def _build_dataset(config: JobConfig, models: list[str], custom: dict[str, Custo
         make = custom[model].factory if model in custom else partial(load_encoder, config.encoders[model])
         ds = ds.map_batches(ChunkEncoder, batch_size=config.resources.chunks_per_encode_call, batch_format="pyarrow",
                             num_cpus=res.encoder_num_cpus, num_gpus=res.encoder_num_gpus,
-                            compute=ActorPoolStrategy(size=res.encoder_actors),
+                            compute=ActorPoolStrategy(min_size=res.encoder_actors_min, max_size=res.encoder_actors),
                             fn_constructor_kwargs=dict(model=model, make_encoder=make, tile_px=config.tiling.tile_px,
                                                        drop_pixels=i == len(models) - 1))
     types = {m: (custom[m].output_dtype if m in custom else config.encoders[m].output_dtype) for m in models}

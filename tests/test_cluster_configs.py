@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import subprocess
@@ -11,21 +12,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pathray.config import ResourceConfig
+from pathray.encoders import EncoderConfig
+from pathray.tiling import TilingConfig
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 ENTRYPOINT = "jobs/embed.py"
 
-# Job-config keys jobs/embed.py documents for --config (same options as `pathray embed`).
+# Job-config keys jobs/embed.py accepts for --config: the typed config's own fields, so this
+# list cannot drift from pathray.config (GPUs per encoder actor are resources.encoder_num_gpus).
 DOCUMENTED = {
     "manifest": None,
     "out": None,
     "models": None,
     "storage_options": None,
-    "tiling": {"tile_px", "target_mpp", "stride_px", "min_tissue_fraction"},
-    "encoders": {"weights", "dtype", "batch_size"},  # per model
-    # GPUs per encoder actor is resources.encoder_num_gpus (`--num-gpus`); pathray.config
-    # rejects a per-model encoders.<model>.num_gpus.
-    "resources": {"readers", "encoder_actors", "reader_num_cpus", "encoder_num_gpus"},
+    "tiling": {f.name for f in dataclasses.fields(TilingConfig)},
+    "encoders": {f.name for f in dataclasses.fields(EncoderConfig)} - {"model"},  # per model
+    "resources": {f.name for f in dataclasses.fields(ResourceConfig)},
 }
 
 

@@ -36,3 +36,11 @@ def test_explicit_resources_win():
     r = plan_resources(job(["uni"], readers=3, encoder_actors=2, encoder_num_gpus=0.25, reader_num_cpus=2),
                        {"CPU": 64, "GPU": 8}, 1)
     assert (r.readers, r.encoder_actors, r.encoder_num_gpus, r.reader_num_cpus) == (3, 2, 0.25, 2)
+
+
+def test_gpu_intent_holds_on_an_autoscaling_cluster_that_starts_without_gpus():
+    # a fresh cluster: CPU-less head, no worker nodes yet
+    r = plan_resources(job(["uni2-h", "virchow2"], encoder_num_gpus=0.5, encoder_actors=8, encoder_actors_min=1,
+                           readers=64), {"CPU": 0}, 2)
+    assert (r.encoder_num_gpus, r.encoder_actors, r.encoder_actors_min, r.readers) == (0.5, 8, 1, 64)
+    assert r.encoder_num_cpus > 0
