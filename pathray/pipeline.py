@@ -124,6 +124,7 @@ class RunReport:
     tiles_read: int = 0
     errors: int = 0
     busy_s: dict[str, float] = field(default_factory=dict)  # summed per stage over all workers
+    aborted: str | None = None  # why the run stopped early (then re-running resumes it)
     resources: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -292,14 +293,22 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
                 object_store_memory=int(config.resources.object_store_limit_gb * 2**30))
 
         ds = _build_dataset(config, models, custom, res, todo, ActorPoolStrategy)
-        _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
-               tiling_rec)
+        try:
+            _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
+                   tiling_rec)
+        except BaseException as exc:  # Ray failure, timeout, Ctrl-C: keep what is known, then re-raise
+            report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
+            _close_run(store, models, ledger, report)
+            raise
+    return _close_run(store, models, ledger, report)
 
+
+def _close_run(store: FeatureStore, models: list[str], ledger: _Ledger, report: RunReport) -> RunReport:
+    """Flush status/error rows, rebuild slides.parquet, save the run report."""
     ledger.flush()
-    all_committed = {m: store.committed(m) for m in models}
-    consolidate_slide_table(store, all_committed)
+    consolidate_slide_table(store, {m: store.committed(m) for m in models})
     report.ended_at = time.time()
-    store.write_json(f"_runs/{run_id}/report.json", report.to_dict())
+    store.write_json(f"_runs/{report.run_id}/report.json", report.to_dict())
     return report
 
 

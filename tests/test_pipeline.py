@@ -223,3 +223,29 @@ def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(ray_cluster, s
     assert sorted(s["slide_id"] for s in slides) == sorted(r["slide_id"] for r in rows)
     assert {s["status"] for s in slides} == {"ok"}
     assert not list((out / "_staging").rglob("*.parquet"))  # committed slides leave no staging behind
+
+
+def test_aborted_run_keeps_its_record_and_a_rerun_finishes(ray_cluster, synthetic_svs_05, tmp_path):
+    import json
+
+    from ray.data import DataContext
+
+    manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "c"}])
+    config = build_job_config(dict(manifest=str(manifest), out=str(tmp_path / "store"), models=["sleep"],
+                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=2, run_id="stalled"))
+    ctx = DataContext.get_current()
+    saved, ctx.execution_no_progress_timeout_s = ctx.execution_no_progress_timeout_s, 5
+    try:
+        with pytest.raises(Exception, match="(?i)progress|timeout"):  # an encoder that never finishes a chunk
+            run_job(config, {"sleep": sleep_encoder(tiles_per_s=0.001)}, progress_bars=False)
+    finally:
+        ctx.execution_no_progress_timeout_s = saved
+    record = json.loads((tmp_path / "store" / "_runs" / "stalled" / "report.json").read_text())
+    assert record["aborted"] and record["per_model"]["sleep"]["ok"] == 0
+    assert (tmp_path / "store" / "slides.parquet").exists()
+
+    import dataclasses
+
+    done = run_job(dataclasses.replace(config, run_id="again"), {"sleep": sleep_encoder(tiles_per_s=1e4)},
+                   progress_bars=False)
+    assert done.aborted is None and done.per_model["sleep"]["ok"] == 1 and done.exit_code == 0
