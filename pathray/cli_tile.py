@@ -33,7 +33,7 @@ from pathray.staging import DEFAULT_MAX_BYTES, Scratch
 from pathray.tiling import TILE_SCHEMA, TilingConfig, plan_tiles
 from pathray.tissue import TissueConfig
 
-SLIDE_SCHEMA = pa.schema(
+TILE_STATUS_SCHEMA = pa.schema(
     [
         ("slide_id", pa.string()),
         ("path", pa.string()),
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     metadata = {b"pathray.tiling_config": json.dumps(config.to_dict(), sort_keys=True).encode(), b"pathray.tiling_fingerprint": config.fingerprint().encode()}
     tiles_table = pa.concat_tables(tiles or [TILE_SCHEMA.empty_table()]).replace_schema_metadata(metadata)
     _write_parquet(tiles_table, join(args.out, "tiles.parquet"))
-    _write_parquet(pa.Table.from_pylist(statuses, schema=SLIDE_SCHEMA), join(args.out, "slides.parquet"))
+    _write_parquet(pa.Table.from_pylist(statuses, schema=TILE_STATUS_SCHEMA), join(args.out, "slides.parquet"))
     failed = sum(s["status"] == "error" for s in statuses)
     print(f"{len(entries) - failed}/{len(entries)} slides tiled, {tiles_table.num_rows} tiles -> {args.out}", file=sys.stderr)
     return 1 if failed else 0
@@ -106,7 +106,7 @@ def tile_slide(entry: SlideEntry, config: TilingConfig, out: str, scratch: Scrat
     carries ``error_type`` (a :class:`PathrayError` type, or ``unexpected_error``).
     """
     started = time.monotonic()
-    status: dict[str, Any] = {name: None for name in SLIDE_SCHEMA.names}
+    status: dict[str, Any] = {name: None for name in TILE_STATUS_SCHEMA.names}
     status.update(slide_id=entry.slide_id, path=entry.path, cohort=entry.cohort, n_tiles=0)
     table = TILE_SCHEMA.empty_table()
     try:

@@ -410,27 +410,29 @@ def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, b
                     report.tiles_planned += r["n_tiles_slide"]
             if r["provenance"] != "{}":
                 provenance.setdefault(model, json.loads(r["provenance"]))
+            state = pending.setdefault(key, _Pending(n_chunks=r["n_chunks"]))
+            state.seen.add(r["chunk_index"])
+            first_error = r["status"] == "error" and not state.failed
+            if r["status"] == "ok":
+                state.chunk_ids[r["chunk_index"]] = r["chunk_id"]
+            state.failed = state.failed or r["status"] == "error"
+            if not first_error and not state.complete():
+                continue  # the per-row hot path: nothing to record yet
+            if state.complete():
+                del pending[key]
+            if state.failed and not first_error:  # staged chunks stay; a re-run overwrites them
+                continue
             entry = by_id[r["slide_id"]]
             meta = json.loads(r["slide_meta"])
             base = status_row(slide_id=r["slide_id"], model=model, path=entry.path, cohort=entry.cohort,
                               width=meta.get("width"), height=meta.get("height"), mpp=meta.get("mpp"),
                               mpp_source=meta.get("mpp_source"), vendor=meta.get("vendor"), run_id=run_id,
                               n_tiles=r["n_tiles_slide"])
-            state = pending.setdefault(key, _Pending(n_chunks=r["n_chunks"]))
-            state.seen.add(r["chunk_index"])
-            if r["status"] == "error":
-                if not state.failed:
-                    state.failed = True
-                    report.per_model[model]["error"] += 1
-                    report.errors += 1
-                    ledger.record(dict(base, status="error", stage=r["stage"], error_type=r["error_type"],
-                                       error_message=r["error_message"]))
-            elif r["status"] == "ok":
-                state.chunk_ids[r["chunk_index"]] = r["chunk_id"]
-            if not state.complete():
-                continue
-            del pending[key]
-            if state.failed:  # staged chunks stay; a re-run overwrites them under the same names
+            if first_error:
+                report.per_model[model]["error"] += 1
+                report.errors += 1
+                ledger.record(dict(base, status="error", stage=r["stage"], error_type=r["error_type"],
+                                   error_message=r["error_message"]))
                 continue
             chunk_ids = [state.chunk_ids[i] for i in sorted(state.chunk_ids)]
             prov = {"model": provenance.get(model, {}), "tiling": tiling_rec, "run_id": run_id,

@@ -194,6 +194,7 @@ class FeatureStore:
         different fingerprint, raises :class:`StoreConfigMismatchError`. New models are
         added. Returns the config now in force."""
         current = self.read_config()
+        changed = current is None
         if current is None:
             current = {"format": STORE_FORMAT, "created_by": f"pathray {__version__}", "tiling": tiling, "models": {}}
         else:
@@ -205,7 +206,6 @@ class FeatureStore:
                     f"{_brief(tiling)}. Write to a new --out root, or pass --new-version to store this "
                     f"configuration as a separate version under {self.root}/versions/."
                 )
-        changed = False
         for name, cfg in models.items():
             old = current["models"].get(name)
             if old is None:
@@ -216,7 +216,7 @@ class FeatureStore:
                     f"model {name!r} in {self.root} was written with config {_brief(old)}; this run uses "
                     f"{_brief(cfg)}. Use a new --out root, or --new-version."
                 )
-        if changed or self.read_config() is None:
+        if changed:
             _put_bytes(self.fs, self.path(STORE_META), json.dumps(current, indent=2, sort_keys=True).encode())
         return current
 
