@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pathray.encoders import EncoderConfig, file_sha256, get_spec, list_models, load_encoder
+from pathray.encoders import EncoderConfig, file_sha256, get_spec, list_models, load_encoder, write_random_weights
+from pathray.encoders.encoder import build_model
+from pathray.encoders.loading import load_weights
 from pathray.errors import (EncoderError, UnknownModelError, WeightsCorruptError, WeightsMismatchError,
                             WeightsUnavailableError)
 
@@ -147,9 +149,9 @@ def test_shape_mismatch_names_keys(tmp_path, full_tiny):
 
 
 def test_config_for_another_architecture_is_refused(full_tiny):
-    with pytest.raises(WeightsMismatchError, match="vit_tiny_patch16_224") as exc:
+    # registered models too: a config.json naming another architecture is a mismatch
+    with pytest.raises(WeightsMismatchError, match="config.json says architecture 'vit_tiny_patch16_224'"):
         _embed(full_tiny, model="kaiko-vits16")
-    assert "shape mismatches" in str(exc.value)
     with pytest.raises(WeightsMismatchError, match="use timm:vit_tiny_patch16_224"):
         _embed(full_tiny, model="timm:vit_small_patch16_224")
 
@@ -163,16 +165,65 @@ def test_unexpected_keys_named(tmp_path, full_tiny):
         _embed(path)
 
 
-def test_dinov2_style_pos_embed_is_resampled_like_timm(tmp_path, full_tiny):
-    """A checkpoint with position embeddings for another grid (e.g. a 518 px DINOv2 export)
-    goes through timm's checkpoint_filter_fn, as pretrained=True would."""
+def test_pos_embed_for_another_grid_is_refused_without_a_card_reason(tmp_path, full_tiny):
+    """timm's checkpoint filter would resample it silently; pathray loads weights as they are."""
     from timm.layers import resample_abs_pos_embed
 
     sd = load_file(str(full_tiny / "model.safetensors"))
     sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (20, 20), num_prefix_tokens=1)
     path = tmp_path / "grid20.safetensors"
     save_file(sd, str(path))
-    assert _embed(path).shape == (2, 192)
+    with pytest.raises(WeightsMismatchError, match=r"pos_embed: checkpoint \(1, 401, 192\) vs model \(1, 197, 192\)"):
+        _embed(path)
+
+
+def test_card_prescribed_pos_embed_resampling_is_applied_and_named(tmp_path):
+    """kaiko ViT-L/14 is released at 518 px (37x37 grid) and used at 224 px (16x16) by its
+    card's loader: pathray resamples as timm does there, and says so in provenance."""
+    from timm.layers import resample_abs_pos_embed
+
+    src = write_random_weights("kaiko-vitl14", tmp_path / "l14", depth=1)
+    sd = load_file(str(src / "model.safetensors"))
+    at_224 = sd["pos_embed"]
+    sd["pos_embed"] = resample_abs_pos_embed(at_224, (37, 37), num_prefix_tokens=0)
+    save_file(sd, str(src / "model.safetensors"))
+    enc = load_encoder(EncoderConfig("kaiko-vitl14", weights=str(src), device="cpu"))
+    expected = resample_abs_pos_embed(sd["pos_embed"], (16, 16), num_prefix_tokens=0, interpolation="bicubic",
+                                      antialias=True)
+    assert torch.equal(enc.model.state_dict()["pos_embed"], expected)
+    assert "pos_embed resampled from a 37x37 to a 16x16 grid" in enc.provenance()["weights_adaptations"]
+
+
+def test_other_architecture_weights_never_load_even_if_shapes_could_be_resampled(tmp_path, random_weights):
+    """The reported defect: kaiko ViT-S/16 weights passed as kaiko-vits8 were resampled by
+    timm's filter (16x16 kernel -> 8x8) and committed as ok. No config.json here, so only the
+    state dict's shapes can tell."""
+    vits16 = random_weights("kaiko-vits16", seed=5)
+    lone = tmp_path / "vits16.safetensors"
+    shutil.copy(vits16 / "model.safetensors", lone)
+    with pytest.raises(WeightsMismatchError) as exc:
+        load_encoder(EncoderConfig("kaiko-vits8", weights=str(lone), device="cpu"))
+    assert "patch_embed.proj.weight: checkpoint (384, 3, 16, 16) vs model (384, 3, 8, 8)" in str(exc.value)
+    with pytest.raises(WeightsMismatchError, match="config.json says architecture 'vit_small_patch16_224'"):
+        load_encoder(EncoderConfig("kaiko-vits8", weights=str(vits16), device="cpu"))
+
+
+def test_no_registered_model_loads_another_ones_weights(tmp_path):
+    """Every registered model against every other's weights (small random weights of each
+    exact architecture, shrunk to one block of width 48): only the diagonal loads."""
+    names = [m for m in list_models() if not m.startswith("timm:")]
+    for name in names:
+        write_random_weights(name, tmp_path / name, depth=1, embed_dim=48)
+    loaded = set()
+    for model in names:
+        spec = get_spec(model)
+        for weights in names:
+            try:
+                build_model(spec, load_weights(spec, str(tmp_path / weights)))
+                loaded.add((model, weights))
+            except WeightsMismatchError:
+                pass
+    assert loaded == {(n, n) for n in names}
 
 
 # --- hub ---------------------------------------------------------------------------------

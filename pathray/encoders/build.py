@@ -13,32 +13,32 @@ from .registry import EncoderSpec, spec_from_pretrained_cfg
 
 
 def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    """Architecture name + kwargs: the spec's, with a ``config.json``'s ``model_args`` on top.
+    """Architecture name + kwargs the weights must fit exactly.
 
-    ``config.json`` can only carry JSON values; layer classes (``mlp_layer``, ``act_layer``)
-    always come from the spec. This is how a shrunk random model (``depth=2``) or a hub
-    repo whose config differs from the card's defaults is rebuilt exactly.
+    A ``config.json`` naming another architecture than the model asked for is a
+    :class:`WeightsMismatchError` (compared without timm's pretrained tag,
+    ``vit_small_patch16_224.augreg`` = ``vit_small_patch16_224``). Registered models are built
+    from the card's kwargs alone: a hub config cannot turn one model into another (Virchow
+    weights' ``reg_tokens=4`` would otherwise build Virchow2). The one exception is a
+    pathray random-weight directory, whose ``config.json`` declares its shrinking under
+    ``pathray.arch_overrides`` (e.g. ``depth=2``). ``timm:`` entries take the config's
+    JSON ``model_args``; layer classes always come from the spec.
     """
     kwargs = dict(spec.model_kwargs)
     arch = spec.architecture
-    if config:
-        cfg_arch = config.get("architecture")
-        if cfg_arch and cfg_arch != arch and spec.name.startswith("timm:"):
-            raise WeightsMismatchError(
-                f"{spec.name} is a {arch}, but the weights' config.json says architecture {cfg_arch!r}; "
-                f"use timm:{cfg_arch}"
-            )
-        # registered models: the spec's architecture + kwargs define the network (hub configs
-        # may name an equivalent timm entry point); the strict state-dict check that follows
-        # catches weights that do not fit
-        model_args = config.get("model_args") or {}
-        if not isinstance(model_args, dict):
-            model_args = {}
-        layer_keys = set(spec.callable_model_args())
-        # layer classes come from code; a config's string for them (if any) is ignored
-        kwargs.update({k: v for k, v in model_args.items() if k not in layer_keys})
-        if "num_classes" in config and "num_classes" not in model_args:
-            kwargs["num_classes"] = config["num_classes"]
+    config = config or {}
+    cfg_arch = config.get("architecture")
+    if cfg_arch and cfg_arch.split(".")[0] != arch.split(".")[0]:
+        hint = f"; use timm:{cfg_arch}" if spec.name.startswith("timm:") else ""
+        raise WeightsMismatchError(
+            f"{spec.name} is a {arch}, but the weights' config.json says architecture {cfg_arch!r}{hint}")
+    if spec.name.startswith("timm:"):
+        overrides = config.get("model_args")
+    else:
+        overrides = (config.get("pathray") or {}).get("arch_overrides")
+    layer_keys = set(spec.callable_model_args())
+    if isinstance(overrides, dict):
+        kwargs.update({k: v for k, v in overrides.items() if k not in layer_keys})
     kwargs["num_classes"] = 0
     return arch, kwargs
 

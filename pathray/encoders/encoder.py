@@ -13,7 +13,7 @@ import torch
 from pathray.errors import EncoderError
 
 from .build import count_params, create_model, resolve_architecture, spec_for_config
-from .loading import LoadedWeights, load_into, load_weights
+from .loading import LoadedWeights, card_adaptations, load_into, load_weights
 from .preprocess import preprocess_batch
 from .registry import EncoderSpec, get_spec
 
@@ -56,7 +56,7 @@ class Encoder:
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, config: EncoderConfig, *,
                  weights_source: str, weights_fingerprint: str, architecture: str,
-                 model_kwargs: dict[str, Any]):
+                 model_kwargs: dict[str, Any], adaptations: tuple[str, ...] = ()):
         self.spec = spec
         self.config = config
         self.device = resolve_device(config.device)
@@ -64,6 +64,7 @@ class Encoder:
         self.weights_fingerprint = weights_fingerprint
         self.architecture = architecture
         self.model_kwargs = model_kwargs
+        self.adaptations = adaptations  # card-prescribed weight changes made on load (provenance)
         self.num_params = count_params(model)
         model = model.eval().requires_grad_(False).to(self.device)
         self._channels_last = self.device.type == "cuda"
@@ -160,6 +161,7 @@ class Encoder:
             "native_mpp": str(self.spec.native_mpp),
             "weights_source": self.weights_source,
             "weights_fingerprint": self.weights_fingerprint,
+            "weights_adaptations": "; ".join(self.adaptations) or "none",
             "dtype": self.config.dtype,
             "output_dtype": self.config.output_dtype,
             "device": str(self.device),
@@ -178,18 +180,24 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     spec = get_spec(config.model)
     loaded: LoadedWeights = load_weights(spec, config.weights)
     spec = spec_for_config(spec, loaded.config)
+    arch, kwargs, model, adaptations = build_model(spec, loaded)
+    return Encoder(spec, model.float(), config, weights_source=loaded.source, weights_fingerprint=loaded.fingerprint,
+                   architecture=arch, model_kwargs=kwargs, adaptations=tuple(adaptations))
+
+
+def build_model(spec: EncoderSpec, loaded: LoadedWeights) -> tuple[str, dict[str, Any], torch.nn.Module, list[str]]:
+    """``(architecture, kwargs, model, adaptations)``: the spec's network with ``loaded``'s
+    weights, strictly (:func:`~pathray.encoders.loading.load_into`); ``adaptations`` names the
+    card-prescribed changes made to the weights on load (recorded in provenance)."""
     arch, kwargs = resolve_architecture(spec, loaded.config)
     try:
         model = create_model(arch, kwargs, meta=True)
     except Exception as exc:  # noqa: BLE001 - bad architecture args in a config.json
         raise EncoderError(f"{spec.name}: cannot build {arch} with {sorted(kwargs)}: {exc}") from exc
-    cfg_arch = (loaded.config or {}).get("architecture")
-    what = f"{spec.name} weights {loaded.source}" + (
-        f" (their config.json names architecture {cfg_arch!r})" if cfg_arch and cfg_arch != arch else "")
-    model = load_into(model, loaded.state_dict, what=what)
+    what = f"{spec.name} weights {loaded.source}"
+    state_dict, adaptations = card_adaptations(spec, model, loaded.state_dict)
+    model = load_into(model, state_dict, what=what)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # non-persistent buffers: rebuild on CPU and load normally
-        model = load_into(create_model(arch, kwargs), loaded.state_dict, what=f"{spec.name} weights {loaded.source}")
-    model = model.float()
-    return Encoder(spec, model, config, weights_source=loaded.source, weights_fingerprint=loaded.fingerprint,
-                   architecture=arch, model_kwargs=kwargs)
+        model = load_into(create_model(arch, kwargs), state_dict, what=what)
+    return arch, kwargs, model, adaptations

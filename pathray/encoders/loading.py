@@ -299,16 +299,10 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> lis
 
 def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, what: str) -> torch.nn.Module:
     """Strictly load ``sd`` into ``model`` (which may live on the meta device), or raise
-    :class:`WeightsMismatchError` naming the offending keys.
-
-    Checkpoints in an original (non-timm) layout, or with position embeddings for another
-    grid, go through timm's own ``checkpoint_filter_fn`` first, as ``pretrained=True`` would.
-    """
+    :class:`WeightsMismatchError` naming the offending keys. Keys and shapes must match the
+    architecture exactly: nothing is resampled, renamed or dropped here (see
+    :func:`card_adaptations` for the one resampling a model card may prescribe)."""
     problems = check_state_dict(model, sd)
-    if problems:
-        filtered = _timm_filter(model, sd)
-        if filtered is not None and not check_state_dict(model, filtered):
-            sd, problems = filtered, []
     if problems:
         raise WeightsMismatchError(f"{what} does not fit {type(model).__name__}: " + "; ".join(problems))
     on_meta = any(t.is_meta for t in model.state_dict().values())
@@ -316,12 +310,26 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, what: str)
     return model
 
 
-def _timm_filter(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    try:
-        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+def card_adaptations(spec: EncoderSpec, model: torch.nn.Module,
+                     sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Apply the weight adaptation a model card prescribes, and only that one.
 
-        if isinstance(model, VisionTransformer):
-            return checkpoint_filter_fn(dict(sd), model)
-    except Exception:  # noqa: BLE001 - a failing filter just means "does not fit"
-        return None
-    return None
+    Today the only one is a position-embedding grid trained at another image size (e.g.
+    kaiko ViT-L/14's 518-px release used at 224 px), allowed when ``spec.pos_embed_resample``
+    names the card's reason. It is resampled exactly as timm's ``checkpoint_filter_fn`` does
+    when the card's loader builds the model (bicubic, antialiased, prefix tokens kept).
+    Everything else must already fit. Returns ``(state_dict, notes)``; each note is recorded
+    in provenance."""
+    pos = sd.get("pos_embed")
+    target = model.state_dict().get("pos_embed")
+    if not spec.pos_embed_resample or pos is None or target is None or pos.shape == target.shape:
+        return sd, []
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    grid = tuple(model.patch_embed.grid_size)
+    old = int(round((pos.shape[1] - prefix) ** 0.5))
+    out = dict(sd)
+    out["pos_embed"] = resample_abs_pos_embed(pos, new_size=grid, num_prefix_tokens=prefix,
+                                              interpolation="bicubic", antialias=True, verbose=False)
+    return out, [f"pos_embed resampled from a {old}x{old} to a {grid[0]}x{grid[1]} grid ({spec.pos_embed_resample})"]

@@ -73,6 +73,9 @@ class EncoderSpec:
     family: str = ""                       # human-readable architecture label (ViT-L/16, ...)
     card_params_m: float | None = None     # parameter count in millions stated by the card
     notes: str = ""
+    #: the card's reason when its checkpoint's position-embedding grid is for another image
+    #: size and must be resampled on load (empty: weights must fit exactly)
+    pos_embed_resample: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -222,6 +225,9 @@ _SPECS: list[EncoderSpec] = [
 
 _KAIKO_RELEASE = "https://github.com/kaiko-ai/towards_large_pathology_fms/releases/download/0.0.1/{}.pth"
 _KAIKO_LICENSE = "Kaiko Non-Commercial Public License v1"
+# the ViT-L/14 release is trained at 518 px (37x37 grid); the card's torch.hub loader builds it at
+# 224 px and timm's checkpoint filter resamples the grid on load
+_KAIKO_RESAMPLE = "kaiko ViT-L/14 release trained at 518 px, used at 224 px by its torch.hub loader"
 for _short, _arch, _family, _dim, _extra, _mirror in [
     ("vits16", "vit_small_patch16_224", "ViT-S/16", 384, {}, "vit_small_patch16_224"),
     ("vits8", "vit_small_patch8_224", "ViT-S/8", 384, {}, "vit_small_patch8_224"),
@@ -250,6 +256,7 @@ for _short, _arch, _family, _dim, _extra, _mirror in [
             license=_KAIKO_LICENSE,
             notes=f"card: torch.hub.load('kaiko-ai/towards_large_pathology_fms', '{_short}') (weights from the"
             " GitHub release URL); hub id is the community timm mirror; 0.5 µm/px default tiling",
+            pos_embed_resample=_KAIKO_RESAMPLE if _short == "vitl14" else "",
         )
     )
 
