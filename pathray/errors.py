@@ -8,6 +8,8 @@ pipeline catches these per slide and records them as rows
 
 from __future__ import annotations
 
+import re
+
 
 class PathrayError(Exception):
     """Base class. ``error_type`` is the stable name written to status/error tables."""
@@ -109,13 +111,40 @@ class StoreConfigMismatchError(StoreError):
     error_type = "store_config_mismatch"
 
 
+class StoreBusyError(StoreError):
+    """Another live driver holds the store's run lease."""
+
+    error_type = "store_busy"
+
+
+class CommitMismatchError(StoreError):
+    """A (slide, model)'s staged chunks do not hold exactly the planned tiles."""
+
+    error_type = "commit_mismatch"
+
+
 UNEXPECTED = "unexpected_error"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def describe(exc: BaseException) -> tuple[str, str]:
     """``(error_type, message)`` for a status/error row. pathray's own errors keep their
     stable ``error_type``; anything else (a bug, an unforeseen library error) is
-    ``unexpected_error`` with the exception's class name leading the message."""
+    ``unexpected_error`` with the exception's class name leading the message. A Ray task
+    error is unwrapped to the exception raised inside the task, and terminal colour codes
+    are stripped from every message."""
+    exc = _root_cause(exc)
     if isinstance(exc, PathrayError):
-        return exc.error_type, str(exc)
-    return UNEXPECTED, f"{type(exc).__name__}: {exc}"
+        return exc.error_type, _ANSI.sub("", str(exc))
+    return UNEXPECTED, _ANSI.sub("", f"{type(exc).__name__}: {exc}")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, for a ``RayTaskError`` (which wraps it with a remote
+    traceback); ``exc`` itself otherwise."""
+    for _ in range(8):  # nested task errors: a task that called a task
+        cause = getattr(exc, "cause", None)
+        if "RayTaskError" not in type(exc).__name__ or not isinstance(cause, BaseException):
+            return exc
+        exc = cause
+    return exc

@@ -48,13 +48,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pathray import __version__
-from pathray.errors import StoreConfigMismatchError
+from pathray.errors import CommitMismatchError, StoreConfigMismatchError
 from pathray.fs import join, split_uri
 from pathray.tiling import TILE_SCHEMA
 
 STORE_FORMAT = 1
 STORE_META = "_pathray_store.json"
 NO_COHORT = "unassigned"
+#: in the names of local temporary files (``.<name>.tmp-<hex>``), never in a store object's name
+TEMP_MARKER = ".tmp-"
+#: the run lease object (see :mod:`pathray.lease`)
+LEASE = "_lease.json"
 #: Parquet key-value metadata key holding the provenance JSON.
 PROVENANCE_KEY = b"pathray.provenance"
 
@@ -112,10 +116,14 @@ def _put_bytes(fs, path: str, data: bytes) -> None:
     """Write ``data`` at ``path`` so that readers see either nothing or all of it.
 
     S3 PUTs are atomic per object; on a local filesystem we write a temporary sibling and
-    ``os.replace`` it (atomic on POSIX)."""
+    ``os.replace`` it (atomic on POSIX). The temporary name starts with ``.`` and does not end
+    in ``.parquet`` (see :data:`TEMP_MARKER`), so pyarrow, DuckDB and polars never list a
+    half-written file, even one a killed process left behind;
+    :meth:`FeatureStore.remove_temporaries` deletes those."""
     if _is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        head, name = os.path.split(path)
+        tmp = os.path.join(head, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -182,43 +190,65 @@ class FeatureStore:
     def commit_path(self, model: str, slide_id: str) -> str:
         return self.path("_commits", f"model={model}", f"{slide_id}.json")
 
+    def lease_path(self) -> str:
+        return self.path(LEASE)
+
+    def remove_temporaries(self) -> int:
+        """Delete temporary files a killed writer left behind (local stores only: S3 objects
+        are put whole). Call only while holding the store's lease. Returns how many."""
+        if not _is_local(self.fs) or not os.path.isdir(self._root_path):
+            return 0
+        removed = 0
+        for directory, _, names in os.walk(self._root_path):
+            for name in names:
+                if name.startswith(".") and TEMP_MARKER in name:
+                    os.remove(os.path.join(directory, name))
+                    removed += 1
+        return removed
+
     # store config ------------------------------------------------------------------------
     def read_config(self) -> dict | None:
         return _read_json(self.fs, self.path(STORE_META))
 
     def ensure_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]]) -> dict:
-        """Create the store config, or check a run's config against the existing one.
-
-        ``tiling`` and each ``models[name]`` are JSON-able dicts whose ``fingerprint`` key
-        identifies them. A different tiling, or a model name already in the store with a
-        different fingerprint, raises :class:`StoreConfigMismatchError`. New models are
-        added. Returns the config now in force."""
-        current = self.read_config()
-        changed = current is None
-        if current is None:
-            current = {"format": STORE_FORMAT, "created_by": f"pathray {__version__}", "tiling": tiling, "models": {}}
-        else:
-            if current.get("format") != STORE_FORMAT:
-                raise StoreConfigMismatchError(f"{self.root} has store format {current.get('format')}, expected {STORE_FORMAT}")
-            if current["tiling"]["fingerprint"] != tiling["fingerprint"]:
-                raise StoreConfigMismatchError(
-                    f"{self.root} was written with tiling {_brief(current['tiling'])}; this run asks for "
-                    f"{_brief(tiling)}. Write to a new --out root, or pass --new-version to store this "
-                    f"configuration as a separate version under {self.root}/versions/."
-                )
-        for name, cfg in models.items():
-            old = current["models"].get(name)
-            if old is None:
-                current["models"][name] = cfg
-                changed = True
-            elif old["fingerprint"] != cfg["fingerprint"]:
-                raise StoreConfigMismatchError(
-                    f"model {name!r} in {self.root} was written with config {_brief(old)}; this run uses "
-                    f"{_brief(cfg)}. Use a new --out root, or --new-version."
-                )
+        """Create the store config, or check a run's config against the existing one and add
+        new models to it. Raises :class:`StoreConfigMismatchError` as :meth:`check_config`.
+        Returns the config now in force."""
+        current, changed = self.check_config(tiling, models)
         if changed:
             _put_bytes(self.fs, self.path(STORE_META), json.dumps(current, indent=2, sort_keys=True).encode())
         return current
+
+    def check_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]]) -> tuple[dict, bool]:
+        """The config a run with ``tiling`` and ``models`` would put in force, and whether it
+        differs from the stored one; nothing is written (``--dry-run`` uses this).
+
+        ``tiling`` and each ``models[name]`` are JSON-able dicts whose ``fingerprint`` key
+        identifies them. A different tiling, or a model name already in the store with a
+        different fingerprint, raises :class:`StoreConfigMismatchError` naming the fields
+        that differ."""
+        current = self.read_config()
+        if current is None:
+            fresh = {"format": STORE_FORMAT, "created_by": f"pathray {__version__}", "tiling": tiling, "models": models}
+            return fresh, True
+        if current.get("format") != STORE_FORMAT:
+            raise StoreConfigMismatchError(f"{self.root} has store format {current.get('format')}, expected {STORE_FORMAT}")
+        if current["tiling"]["fingerprint"] != tiling["fingerprint"]:
+            raise StoreConfigMismatchError(
+                f"{self.root} was written with another tiling: {config_diff(current['tiling'], tiling)}. Write to a "
+                f"new --out root, or pass --new-version to store this configuration as a separate version under "
+                f"{self.root}/versions/."
+            )
+        merged = dict(current, models=dict(current["models"]))
+        for name, cfg in models.items():
+            old = merged["models"].get(name)
+            if old is not None and old["fingerprint"] != cfg["fingerprint"]:
+                raise StoreConfigMismatchError(
+                    f"model {name!r} in {self.root} was written with another config: {config_diff(old, cfg)}. "
+                    "Use a new --out root, or --new-version."
+                )
+            merged["models"].setdefault(name, cfg)
+        return merged, merged != current
 
     # writing -----------------------------------------------------------------------------
     def write_chunk(self, model: str, slide_id: str, chunk_id: str, table: pa.Table) -> None:
@@ -274,8 +304,20 @@ class FeatureStore:
             return ERROR_SCHEMA.empty_table()
 
 
-def _brief(cfg: dict) -> str:
-    return json.dumps({k: v for k, v in cfg.items() if k != "fingerprint"}, sort_keys=True)
+def config_diff(stored: dict, requested: dict, prefix: str = "") -> str:
+    """``field: stored -> requested`` for every field that differs (nested keys dotted),
+    fingerprints left out."""
+    diffs = []
+    for key in sorted(set(stored) | set(requested)):
+        if key == "fingerprint":
+            continue
+        old, new = stored.get(key), requested.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = config_diff(old, new, f"{prefix}{key}.")
+            diffs += [inner] if inner else []
+        elif old != new:
+            diffs.append(f"{prefix}{key}: store has {old!r}, this run asks for {new!r}")
+    return "; ".join(diffs)
 
 
 # --- commit ---------------------------------------------------------------------------------
@@ -309,7 +351,7 @@ def finalize_slide(
         table = pa.concat_tables(parts).sort_by("tile_index")
         tile_index = table.column("tile_index").to_numpy()
         if len(table) != n_tiles or len(np.unique(tile_index)) != len(tile_index):
-            raise RuntimeError(f"staged chunks of {slide_id}/{model} hold {len(table)} rows "
+            raise CommitMismatchError(f"staged chunks of {slide_id}/{model} hold {len(table)} rows "
                                f"({len(np.unique(tile_index))} unique tiles), expected {n_tiles}")
         for field in passthrough_schema or []:
             value = (passthrough or {}).get(field.name)

@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from pathray.aggregate import slide_embeddings
-from pathray.errors import StoreConfigMismatchError
+from pathray.errors import CommitMismatchError, StoreConfigMismatchError
 from pathray.store import (SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table, embeddings_to_arrow,
                            feature_schema, finalize_slide, status_row)
 
@@ -59,11 +59,11 @@ def test_commit_merges_chunks_in_tile_order_and_cleans_staging(tmp_path):
 
 def test_incomplete_or_duplicated_chunks_are_never_committed(tmp_path):
     store = FeatureStore(str(tmp_path))
-    with pytest.raises(RuntimeError, match="expected 6"):
+    with pytest.raises(CommitMismatchError, match="expected 6"):
         stage_and_commit(store, "short", "C", n_tiles=6)  # a chunk is missing
     store.write_chunk("m", "dup", "a", chunk_table("dup", [0, 1]))
     store.write_chunk("m", "dup", "b", chunk_table("dup", [1, 2]))
-    with pytest.raises(RuntimeError, match="unique"):
+    with pytest.raises(CommitMismatchError, match="unique"):
         finalize_slide(store, "m", "dup", "C", ["a", "b"], 4, {}, {}, "hash", "run1")
     assert store.committed("m") == set()
     assert not (tmp_path / "features").exists()
@@ -96,10 +96,57 @@ def test_store_config_guard(tmp_path):
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}})
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}, "kaiko": {"fingerprint": "k1"}})
     assert sorted(store.read_config()["models"]) == ["kaiko", "uni"]  # adding a model is fine
-    with pytest.raises(StoreConfigMismatchError, match="tiling"):
+    with pytest.raises(StoreConfigMismatchError, match="tile_px: store has 224, this run asks for 256"):
         store.ensure_config({"tile_px": 256, "fingerprint": "t2"}, {})
-    with pytest.raises(StoreConfigMismatchError, match="'uni'"):
+    with pytest.raises(StoreConfigMismatchError, match="model 'uni' .*weights: store has 'a', this run asks for 'b'[.] Use"):
         store.ensure_config(tiling, {"uni": {"weights": "b", "fingerprint": "u2"}})
+
+
+def test_check_config_writes_nothing(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    config, changed = store.check_config({"tile_px": 224, "fingerprint": "t1"}, {"uni": {"fingerprint": "u1"}})
+    assert changed and sorted(config["models"]) == ["uni"] and store.read_config() is None
+
+
+_SLOW_WRITER = """
+import sys, numpy as np, pyarrow as pa
+from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
+n, dim = 400_000, 384
+emb = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+cols = [pa.array(["big"] * n), pa.array(np.arange(n)), pa.array(np.arange(n)), pa.array(np.zeros(n, np.int64)),
+        pa.array(np.full(n, 448.0)), pa.array(np.full(n, 0.5)), pa.array(np.full(n, 224, np.int32)),
+        pa.array(np.ones(n, np.float32)), embeddings_to_arrow(emb)]
+table = pa.Table.from_arrays(cols, schema=feature_schema(dim, pa.float32()))
+print("writing", flush=True)
+FeatureStore(sys.argv[1]).write_table("features/model=m/cohort=A/big.parquet", table)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_readers_see(tmp_path):
+    """A ~600 MB features file is being written when its process is SIGKILLed: the temporary
+    it leaves must be invisible to pyarrow, DuckDB and polars, and the next run removes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = FeatureStore(str(tmp_path))
+    stage_and_commit(store, "s1", "A")
+    folder = tmp_path / "features" / "model=m" / "cohort=A"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(tmp_path)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"writing"
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".") for p in folder.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = [p for p in folder.iterdir() if p.name.startswith(".")]
+    assert partial and not (folder / "big.parquet").exists()  # killed before os.replace: a partial temp file
+    assert pads.dataset(str(tmp_path / "features"), partitioning="hive").to_table().num_rows == 5
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/features/**/*.parquet')").fetchall()[0][0] == 5
+    assert pl.scan_parquet(f"{tmp_path}/features/**/*.parquet").select(pl.len()).collect().item() == 5
+    assert store.remove_temporaries() == len(partial)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
 
 
 def test_slide_table_latest_wins_and_backfills_unflushed_commits(tmp_path):
