@@ -17,8 +17,10 @@ from pathray.errors import PathrayError
 
 SAMPLE_QUERY = """\
 import pyarrow.dataset as ds
-features = ds.dataset("{root}/features", partitioning="hive").to_table()   # or: pathray.store.FeatureStore("{root}").dataset("{model}")
-print(features.group_by(["model", "slide_id"]).aggregate([("tile_index", "count")]))"""
+# one dataset per model (models differ in embedding width); committed slides only:
+# pathray.store.FeatureStore("{root}").dataset("{model}")
+tiles = ds.dataset("{root}/features/model={model}", partitioning="hive").to_table()
+print(tiles.group_by(["cohort", "slide_id"]).aggregate([("tile_index", "count")]))"""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

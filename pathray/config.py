@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from pathray.encoders import EncoderConfig, get_spec
+from pathray.encoders.loading import weights_identity
 from pathray.errors import UnknownModelError
 from pathray.tiling import TilingConfig
 from pathray.tissue import TissueConfig
@@ -92,7 +93,7 @@ def model_record(name: str, cfg: EncoderConfig) -> dict[str, Any]:
         "preprocess": spec.preprocess.describe(),
         "pooling": spec.pooling,
         "embed_dim": spec.embed_dim,
-        "weights": cfg.weights or spec.hf_hub_id,
+        "weights": weights_identity(spec, cfg.weights),  # content, not location (see weights_identity)
         "dtype": cfg.dtype,
         "output_dtype": cfg.output_dtype,
     }

@@ -29,6 +29,7 @@ from pathray import __version__
 from pathray.config import JobConfig, fingerprint, model_record, tiling_record
 from pathray.encoders import get_spec, load_encoder
 from pathray.errors import StoreConfigMismatchError, UnknownModelError, describe
+from pathray.lease import StoreLease
 from pathray.manifest import read_manifest
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
 from pathray.store import (ERROR_SCHEMA, SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table, finalize_slide,
@@ -62,6 +63,10 @@ class Resources:
     encoder_actors_min: int
     encoder_num_gpus: float
     encoder_num_cpus: float
+    #: torch intra-op threads per encoder actor: its CPU share rounded up (Ray would leave torch
+    #: at OMP_NUM_THREADS=1 for a fractional actor; the planner's and writer's reservations are
+    #: idle most of a run, so the encoder uses them)
+    encoder_threads: int
     planners: int
     plan_num_cpus: float
     writers: int
@@ -74,8 +79,10 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
     With GPUs: each model gets one actor per GPU at ``1/n_models`` GPU each (models share
     GPUs), one CPU per GPU feeds the encoders, and reader actors (1 CPU each) take the
     CPUs left after the planner and writer pools (one small actor per 32 CPUs each).
-    Without GPUs (laptop, CI): encoders get half the CPUs, readers the rest, all
-    fractional so nothing deadlocks on a 2-CPU machine. Every actor pool's maximum is
+    Without GPUs (laptop, CI): readers get an eighth of the CPUs left after the planner and
+    writer pools (at least 0.25, at most 1 CPU each), encoders the rest, all fractional so
+    nothing deadlocks on a 2-CPU machine; each encoder runs ``encoder_threads`` torch threads
+    (2 CPUs: 0.25 + 0.25 plan/write, 0.25 reader, 1.25 encoder -> 2 threads). Every actor pool's maximum is
     reserved, so autoscaling can never starve another stage.
 
     Derived sizes use the resources present when the job starts. On an autoscaling cluster
@@ -97,12 +104,16 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
         enc_gpus = r.encoder_num_gpus or 0.0
         enc_actors = r.encoder_actors or 1
         budget = max(cpus - task_reserve, 0.5)
-        enc_cpus = r.encoder_num_cpus if r.encoder_num_cpus is not None else budget / 2 / (enc_actors * n_models)
-        reader_cpus = r.reader_num_cpus or min(1.0, budget / 2)
+        # on CPUs the model is the slow stage by ~50x (decode: ~500-2,000 tiles/s/core; ViT-S:
+        # ~8 tiles/s/core): readers get an eighth of the budget (0.25-1 CPU each), encoders the rest
+        reader_cpus = r.reader_num_cpus or min(1.0, max(0.25, budget / 8))
+        enc_cpus = (r.encoder_num_cpus if r.encoder_num_cpus is not None
+                    else max(budget - reader_cpus, 0.25) / (enc_actors * n_models))
     left = cpus - task_reserve - enc_cpus * enc_actors * n_models
     readers = r.readers or max(1, int(left / reader_cpus + 1e-9))
     return Resources(readers=readers, reader_num_cpus=reader_cpus, encoder_actors=enc_actors,
-                     encoder_actors_min=min(r.encoder_actors_min or enc_actors, enc_actors), encoder_num_gpus=enc_gpus, encoder_num_cpus=enc_cpus,
+                     encoder_actors_min=min(r.encoder_actors_min or enc_actors, enc_actors), encoder_num_gpus=enc_gpus,
+                     encoder_num_cpus=enc_cpus, encoder_threads=max(1, math.ceil(enc_cpus - 1e-9)),
                      planners=planners, plan_num_cpus=r.plan_num_cpus, writers=writers,
                      write_num_cpus=r.write_num_cpus)
 
@@ -119,6 +130,9 @@ class RunReport:
     encode_window: dict[str, list[float]] = field(default_factory=dict)
     slides_in_manifest: int = 0
     slides_skipped: int = 0  # every requested model already committed
+    pairs_to_do: int = 0  # (slide, model) pairs this run set out to do
+    committed_before: dict[str, int] = field(default_factory=dict)  # per model: slides already committed
+    chunks_done: int = 0  # chunk rows the driver has seen (progress)
     per_model: dict[str, dict[str, int]] = field(default_factory=dict)  # ok / no_tissue / error / tiles
     tiles_planned: int = 0
     tiles_read: int = 0
@@ -155,12 +169,15 @@ class RunReport:
         return d
 
     def summary(self) -> str:
+        before = sum(self.committed_before.values())
         lines = [f"pathray run {self.run_id}: {self.wall_s:.1f} s, store {self.store}",
-                 f"  slides: {self.slides_in_manifest} in manifest, {self.slides_skipped} already committed",
+                 f"  slides: {self.slides_in_manifest} in manifest, {self.slides_skipped} with every model already "
+                 f"committed; (slide, model) pairs: {self.pairs_to_do} to do, {before} already committed",
                  f"  tiles: {self.tiles_planned} planned, {self.tiles_read} read"
                  + (f" ({self.tiles_read / self.wall_s:.1f} tiles/s)" if self.wall_s > 0 else "")]
         for model, counts in self.per_model.items():
-            lines.append(f"  {model}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            lines.append(f"  {model}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                         + f", already committed {self.committed_before.get(model, 0)}")
         lines.append(f"  errors recorded: {self.errors}")
         return "\n".join(lines)
 
@@ -210,17 +227,20 @@ def _resolve_models(config: JobConfig, custom: dict[str, CustomEncoder]) -> tupl
     return usable, unknown
 
 
-def _open_store(config: JobConfig, tiling_rec: dict, model_recs: dict[str, dict]) -> tuple[FeatureStore, dict]:
+def _choose_store(config: JobConfig, tiling_rec: dict, model_recs: dict[str, dict]) -> FeatureStore:
+    """The store this run writes: ``out``, or with ``new_version`` and a config mismatch,
+    ``out/versions/<hash>``. Only reads; raises :class:`StoreConfigMismatchError` otherwise."""
     store = FeatureStore(config.out, config.storage_options)
     try:
-        return store, store.ensure_config(tiling_rec, model_recs)
+        store.check_config(tiling_rec, model_recs)
+        return store
     except StoreConfigMismatchError:
         if not config.new_version:
             raise
     version = fingerprint({"tiling": tiling_rec["fingerprint"], "models": sorted(r["fingerprint"] for r in model_recs.values())})
     store = FeatureStore(f"{config.out.rstrip('/')}/versions/{version}", config.storage_options)
-    log.warning("config differs from %s: writing store version %s", config.out, store.root)
-    return store, store.ensure_config(tiling_rec, model_recs)
+    store.check_config(tiling_rec, model_recs)
+    return store
 
 
 def _passthrough_schema(entries, keep: tuple[str, ...]) -> pa.Schema:
@@ -238,9 +258,6 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
     :attr:`RunReport.exit_code`. Raised: an unusable manifest (:class:`ManifestError`), a
     config mismatch with the existing store (:class:`StoreConfigMismatchError`), or no
     usable model at all (:class:`UnknownModelError`)."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
     custom = dict(custom_encoders or {})
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     report = RunReport(run_id=run_id, store=config.out, started_at=time.time(), config=config.public_dict())
@@ -253,9 +270,26 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
     tiling_rec = tiling_record(config.tiling)
     model_recs = {m: ({**custom[m].record, "fingerprint": fingerprint(custom[m].record)} if m in custom
                       else model_record(m, config.encoders[m])) for m in models}
-    store, store_cfg = _open_store(config, tiling_rec, model_recs)
+    store = _choose_store(config, tiling_rec, model_recs)
+    if store.root != config.out.rstrip("/"):
+        log.warning("config differs from %s: writing store version %s", config.out, store.root)
     report.store = store.root
-    store_hash = fingerprint(store_cfg)
+    with StoreLease(store, run_id) as lease:
+        if lease.took_over is not None:
+            log.warning("took over the lease of %s: its holder stopped heart-beating", lease.took_over.describe())
+        store_cfg = store.ensure_config(tiling_rec, model_recs)
+        store.remove_temporaries()
+        return _run_locked(config, models, unknown, entries, custom, store, fingerprint(store_cfg), report,
+                           progress_bars)
+
+
+def _run_locked(config: JobConfig, models: list[str], unknown: list[tuple[str, str]], entries, custom, store,
+                store_hash: str, report: RunReport, progress_bars: bool) -> RunReport:
+    """The body of :func:`run_job` once the store's lease is held."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    run_id = report.run_id
     ledger = _Ledger(store, run_id)
     for name, message in unknown:  # recorded once per slide, like any other per-slide failure
         for e in entries:
@@ -268,6 +302,7 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
     report.errors += len(unknown) * len(entries)
 
     committed = {m: store.committed(m) for m in models}
+    report.committed_before = {m: sum(e.slide_id in committed[m] for e in entries) for m in models}
     todo = []
     for e in entries:
         need = [m for m in models if e.slide_id not in committed[m]]
@@ -275,8 +310,10 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
             todo.append({"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "",
                          "mpp_override": math.nan if e.mpp is None else float(e.mpp), "models": need})
     report.slides_skipped = len(entries) - len(todo)
+    report.pairs_to_do = sum(len(t["models"]) for t in todo)
     by_id = {e.slide_id: e for e in entries}
     passthrough_schema = _passthrough_schema(entries, config.keep_columns)
+    tiling_rec = tiling_record(config.tiling)
 
     if todo:
         if not ray.is_initialized():
@@ -288,11 +325,14 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
         ctx.enable_progress_bars = progress_bars
         ctx.execution_options.preserve_order = False
         ctx.print_on_execution_start = False
+        # Ray Data's per-30-s "operator uses N GiB per worker" warning fires for every model
+        # actor (its memory is the model's, held on purpose); the run reports its own progress
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
         if config.resources.object_store_limit_gb:
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
                 object_store_memory=int(config.resources.object_store_limit_gb * 2**30))
 
-        ds = _build_dataset(config, models, custom, res, todo, ActorPoolStrategy)
+        ds = _build_dataset(config, store.root, models, custom, res, todo, ActorPoolStrategy)
         try:
             _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
                    tiling_rec)
@@ -312,8 +352,8 @@ def _close_run(store: FeatureStore, models: list[str], ledger: _Ledger, report: 
     return report
 
 
-def _build_dataset(config: JobConfig, models: list[str], custom: dict[str, CustomEncoder], res: Resources,
-                   todo: list[dict], ActorPoolStrategy):
+def _build_dataset(config: JobConfig, store_root: str, models: list[str], custom: dict[str, CustomEncoder],
+                   res: Resources, todo: list[dict], ActorPoolStrategy):
     import ray
 
     table = pa.Table.from_pylist(todo, schema=SLIDE_SCHEMA)
@@ -333,11 +373,12 @@ def _build_dataset(config: JobConfig, models: list[str], custom: dict[str, Custo
                             num_cpus=res.encoder_num_cpus, num_gpus=res.encoder_num_gpus,
                             compute=ActorPoolStrategy(min_size=res.encoder_actors_min, max_size=res.encoder_actors),
                             fn_constructor_kwargs=dict(model=model, make_encoder=make, tile_px=config.tiling.tile_px,
-                                                       drop_pixels=i == len(models) - 1))
+                                                       drop_pixels=i == len(models) - 1,
+                                                       threads=res.encoder_threads))
     types = {m: (custom[m].output_dtype if m in custom else config.encoders[m].output_dtype) for m in models}
     return ds.map_batches(ChunkWriter, batch_size=1, batch_format="pyarrow", num_cpus=res.write_num_cpus,
                           compute=ActorPoolStrategy(min_size=1, max_size=res.writers),
-                          fn_constructor_kwargs=dict(root=config.out, storage_options=config.storage_options, models=models,
+                          fn_constructor_kwargs=dict(root=store_root, storage_options=config.storage_options, models=models,
                                          tiling=config.tiling, embedding_types=types))
 
 
@@ -410,6 +451,7 @@ def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, b
                     report.tiles_planned += r["n_tiles_slide"]
             if r["provenance"] != "{}":
                 provenance.setdefault(model, json.loads(r["provenance"]))
+            report.chunks_done += 1
             state = pending.setdefault(key, _Pending(n_chunks=r["n_chunks"]))
             state.seen.add(r["chunk_index"])
             first_error = r["status"] == "error" and not state.failed
@@ -446,7 +488,9 @@ def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, b
             settle(block=False)
         if time.time() - last_log > PROGRESS_EVERY_S:
             last_log = time.time()
-            log.info("progress: %s, %d (slide, model) pairs in flight", report.per_model, len(pending))
+            done = {m: c["ok"] + c["no_tissue"] + c["error"] for m, c in report.per_model.items()}
+            log.info("progress: %d (chunk, model) results, %d tiles read; (slide, model) pairs done %s of %d, "
+                     "%d in flight", report.chunks_done, report.tiles_read, done, report.pairs_to_do, len(pending))
     settle(block=True)
     report.busy_s = busy
 
@@ -454,12 +498,15 @@ def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, b
 def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
     """What a run would do, without starting Ray: slides to do / already committed,
     tiles estimated by planning up to ``sample`` slides, and the resource plan for the
-    local machine (or the cluster at ``RAY_ADDRESS`` once the job runs there)."""
+    local machine (or the cluster at ``RAY_ADDRESS`` once the job runs there). Checks the
+    store's config as the run would: a mismatch the run would refuse raises
+    :class:`StoreConfigMismatchError` here too (with ``new_version``, the plan names the
+    version it would write)."""
     from pathray.stages import SlidePlanner
 
     models, unknown = _resolve_models(config, {})
     entries = read_manifest(config.manifest, config.storage_options)
-    store = FeatureStore(config.out, config.storage_options)
+    store = _choose_store(config, tiling_record(config.tiling), {m: model_record(m, config.encoders[m]) for m in models})
     existing = store.read_config()
     committed = {m: store.committed(m) for m in models}
     todo = [e for e in entries if any(e.slide_id not in committed[m] for m in models)]
@@ -481,7 +528,7 @@ def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
         "models": models,
         "unknown_models": [name for name, _ in unknown],
         "tiling": config.tiling.to_dict(),
-        "store": config.out,
+        "store": store.root,
         "store_exists": existing is not None,
         "slides_in_manifest": len(entries),
         "slides_already_committed": len(entries) - len(todo),

@@ -67,6 +67,23 @@ def test_dry_run_reports_plan_without_running(tmp_path, synthetic_svs_025, synth
     assert not (tmp_path / "store").exists()
 
 
+def test_dry_run_reports_the_config_mismatch_the_run_would_hit(tmp_path, synthetic_svs_05, capsys):
+    from pathray.config import model_record, tiling_record
+    from pathray.store import FeatureStore
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_id,path\na,{synthetic_svs_05}\n")
+    stored = build_job_config({"manifest": str(manifest), "out": str(tmp_path / "store"), "models": "kaiko-vits16"})
+    FeatureStore(stored.out).ensure_config(tiling_record(stored.tiling),
+                                           {"kaiko-vits16": model_record("kaiko-vits16", stored.encoders["kaiko-vits16"])})
+    args = ["embed", "--manifest", str(manifest), "--models", "kaiko-vits16", "--out", str(tmp_path / "store"),
+            "--tile-px", "256", "--dry-run"]
+    assert main(args) == 2
+    assert "tile_px: store has 224, this run asks for 256" in capsys.readouterr().err
+    assert main(args + ["--new-version"]) == 0
+    assert "/versions/" in json.loads(capsys.readouterr().out)["store"]
+
+
 def test_unusable_manifest_exits_2_with_every_problem(tmp_path, capsys):
     manifest = tmp_path / "m.csv"
     manifest.write_text("slide_id,path\n../evil,a.svs\ndup,b.svs\ndup,c.svs\nok,\n")

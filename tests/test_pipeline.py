@@ -142,6 +142,9 @@ def test_rerun_skips_committed_and_refuses_other_config(mixed_run, ray_cluster):
     assert again.per_model["kaiko-vits16"] == {"ok": 0, "no_tissue": 0, "error": n_broken, "tiles": 0}
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # committed kaiko files untouched
     assert len(store.committed("kaiko-vits16")) == n_done
+    # the summary counts (slide, model) pairs: kaiko's committed slides are not "0 already committed"
+    assert again.committed_before["kaiko-vits16"] == n_done
+    assert f"kaiko-vits16: ok 0, no_tissue 0, error {n_broken}, tiles 0, already committed {n_done}" in again.summary()
     other = build_job_config(dict(manifest=config.manifest, out=config.out, models=["kaiko-vits16"],
                                   encoders={"kaiko-vits16": {"weights": config.encoders["kaiko-vits16"].weights}},
                                   tiling={"tile_px": 256, "target_mpp": 0.5}))
@@ -170,6 +173,30 @@ def test_two_models_read_pixels_once(ray_cluster, synthetic_svs_025, synthetic_s
     assert b.schema.field("embedding").type.list_size == 768
     assert str(b.schema.field("embedding").type.value_type) == "halffloat"
     assert report.exit_code == 0
+
+
+def test_new_version_writes_a_complete_separate_store(ray_cluster, synthetic_svs_05, random_weights, tmp_path):
+    """--new-version on a tiling mismatch: every slide committed under versions/<hash>/, the
+    original store untouched (no orphan staged chunks), and the dry run names that version."""
+    from pathray.pipeline import dry_run_plan
+
+    manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "path": os.fspath(synthetic_svs_05)}])
+    weights = str(random_weights("kaiko-vits16", depth=1))
+    base = dict(manifest=str(manifest), out=str(tmp_path / "store"), models=["kaiko-vits16"], chunk_tiles=4,
+                encoders={"kaiko-vits16": {"weights": weights}})
+    first = run_job(build_job_config(dict(base, tiling={"tile_px": 224, "target_mpp": 0.5})), progress_bars=False)
+    other = build_job_config(dict(base, tiling={"tile_px": 112, "target_mpp": 1.0}, new_version=True))
+    planned = dry_run_plan(other)
+    report = run_job(other, progress_bars=False)
+    assert first.exit_code == report.exit_code == 0
+    assert report.store.startswith(str(tmp_path / "store" / "versions")) and planned["store"] == report.store
+    version = FeatureStore(report.store)
+    assert version.committed("kaiko-vits16") == {"a"}
+    tiles = version.dataset("kaiko-vits16").to_table()
+    assert len(tiles) == report.tiles_planned > 0 and set(tiles.column("tile_px").to_pylist()) == {112}
+    staged = [p for root in (tmp_path / "store", Path(report.store)) for p in (root / "_staging").rglob("*") if p.is_file()]
+    assert staged == []  # no orphan chunks: writers staged where the committer looked
+    assert FeatureStore(str(tmp_path / "store")).dataset("kaiko-vits16").to_table().num_rows == first.tiles_planned
 
 
 DRIVER = textwrap.dedent("""

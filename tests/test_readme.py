@@ -33,13 +33,15 @@ def make_store(root: Path, model: str = "kaiko-vits16", dim: int = 384) -> None:
     consolidate_slide_table(store, {model: store.committed(model)})
 
 
-def test_notebook_query_runs_on_a_store(tmp_path):
+def test_notebook_query_runs_on_a_store_with_two_models_of_different_widths(tmp_path):
     make_store(tmp_path / "store")
+    make_store(tmp_path / "store", model="uni", dim=1024)
     block = README.split("### Querying it from a notebook")[1].split("```python\n")[1].split("```")[0]
     assert 'root = "demo-out/store"' in block
     scope: dict = {}
     exec(block.replace('root = "demo-out/store"', f'root = "{tmp_path / "store"}"'), scope)
     assert scope["tiles"].num_rows == 5
+    assert sorted(scope["per_model"]["tiles"]) == [5, 5]
     assert sorted(scope["slides"].column("n_tiles").to_pylist()) == [2, 3]
     assert len(scope["status"]) == 2 and len(scope["errors"]) == 0
 
@@ -50,3 +52,13 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == test_command
     assert (ROOT / "scripts" / "demo.sh").exists() and "pathray demo" in (ROOT / "scripts" / "demo.sh").read_text()
+
+
+def test_the_query_pathray_embed_prints_runs_on_a_two_model_store(tmp_path, capsys):
+    from pathray.cli_embed import SAMPLE_QUERY
+
+    make_store(tmp_path / "store")
+    make_store(tmp_path / "store", model="uni", dim=1024)
+    for model in ("kaiko-vits16", "uni"):
+        exec(SAMPLE_QUERY.format(root=tmp_path / "store", model=model), {})
+        assert "slide_id" in capsys.readouterr().out

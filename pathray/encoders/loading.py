@@ -40,9 +40,7 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     config: dict[str, Any]          # parsed config.json, {} when none
     source: str                     # "hf-hub:org/name" | local path (no credentials)
-    source_kind: str                # "hub" | "dir" | "file"
     fingerprint: str                # "hf:org/name@sha" | "sha256:..."
-    files: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -156,10 +154,10 @@ def load_weights(spec: EncoderSpec, weights: str | os.PathLike | None) -> Loaded
     if path.is_dir():
         cfg = read_config(path)
         wfile = find_weights_file(path)
-        return LoadedWeights(read_state_dict(wfile), cfg, str(path), "dir", "sha256:" + file_sha256(wfile), [str(wfile)])
+        return LoadedWeights(read_state_dict(wfile), cfg, str(path), "sha256:" + file_sha256(wfile))
     if path.is_file():
         cfg = read_config(path.parent) if path.name in WEIGHT_FILENAMES else {}
-        return LoadedWeights(read_state_dict(path), cfg, str(path), "file", "sha256:" + file_sha256(path), [str(path)])
+        return LoadedWeights(read_state_dict(path), cfg, str(path), "sha256:" + file_sha256(path))
     raise WeightsUnavailableError(
         f"{spec.name}: weights {text!r} not found: expected a hub-layout directory, a .safetensors/.pth/.bin "
         "file, or hf-hub:org/name"
@@ -230,11 +228,9 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
         return hf_hub_download(repo_id, filename, revision=revision, local_files_only=not online,
                                etag_timeout=_hub_timeout(), endpoint=constants.ENDPOINT)
 
-    files: list[str] = []
     try:
         try:
             cfg_file = get("config.json")
-            files.append(cfg_file)
             cfg = json.loads(Path(cfg_file).read_text())
         except hf_errors.EntryNotFoundError:
             cfg = {}
@@ -266,11 +262,9 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
         raise WeightsUnavailableError(f"{spec.name}: HF hub error for {repo_id}: {exc}; {how_to}") from exc
     except OSError as exc:
         raise WeightsUnavailableError(f"{spec.name}: cannot fetch {repo_id}: {exc}; {offline_hint}") from exc
-    files.append(wfile)
     m = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", wfile)
     fingerprint = f"hf:{repo_id}@{m.group(1)}" if m else "sha256:" + file_sha256(wfile)
-    return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}", "hub",
-                         fingerprint, files)
+    return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}", fingerprint)
 
 
 # --------------------------------------------------------------------------------------
@@ -333,3 +327,40 @@ def card_adaptations(spec: EncoderSpec, model: torch.nn.Module,
     out["pos_embed"] = resample_abs_pos_embed(pos, new_size=grid, num_prefix_tokens=prefix,
                                               interpolation="bicubic", antialias=True, verbose=False)
     return out, [f"pos_embed resampled from a {old}x{old} to a {grid[0]}x{grid[1]} grid ({spec.pos_embed_resample})"]
+
+
+# --------------------------------------------------------------------------------------
+# identity of weights (store versions)
+# --------------------------------------------------------------------------------------
+def weights_identity(spec: EncoderSpec, weights: str | os.PathLike | None) -> str:
+    """What the weights *are*, not where they lie: ``sha256:<hex>`` of a local weights file
+    (the same file moved elsewhere keeps its identity; another file written over the same
+    path does not), ``hf:<repo>@<commit>`` for the hub (the commit from the local HF cache or
+    a pinned ``@revision``; ``@<revision name>`` when neither resolves it), and
+    ``unavailable:<source>`` for local weights that are not there (the run records
+    ``weights_unavailable`` for them)."""
+    text = os.fspath(weights) if weights is not None else None
+    hub = next((text[len(p):] for p in HUB_PREFIXES if text and text.startswith(p)), None)
+    if text is None or hub is not None:
+        repo = hub or spec.hf_hub_id or ""
+        repo_id, _, revision = repo.partition("@")
+        return f"hf:{repo_id}@{_hub_commit(repo_id, revision or 'main')}"
+    path = Path(urlparse(text).path if text.startswith("file://") else text).expanduser()
+    try:
+        wfile = find_weights_file(path) if path.is_dir() else path
+        return "sha256:" + file_sha256(wfile)
+    except (OSError, WeightsUnavailableError):
+        return f"unavailable:{text}"
+
+
+def _hub_commit(repo_id: str, revision: str) -> str:
+    """The commit ``revision`` of ``repo_id`` points to in the local HF cache, if known."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        return ref.read_text().strip() or revision
+    except OSError:
+        return revision

@@ -82,16 +82,9 @@ class EncoderSpec:
         if self.pooling not in POOLINGS:
             raise ValueError(f"{self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
-    def json_model_args(self) -> dict[str, Any]:
-        """The kwargs that can be written to a timm ``config.json`` (no classes/callables)."""
-        return {k: v for k, v in self.model_kwargs.items() if _is_json_value(v)}
-
     def callable_model_args(self) -> dict[str, Any]:
         """The kwargs that are classes/callables (layer types) and must come from code."""
         return {k: v for k, v in self.model_kwargs.items() if not _is_json_value(v)}
-
-    def with_kwargs(self, **overrides: Any) -> "EncoderSpec":
-        return dataclasses.replace(self, model_kwargs={**self.model_kwargs, **overrides})
 
 
 def _is_json_value(v: Any) -> bool:
