@@ -1,7 +1,9 @@
 """Quality-control outputs for one tiled slide.
 
-* a PNG thumbnail (the tissue-detection thumbnail, enlarged to ≥ 1024 px on its long
-  side) with the tissue contour in green and every kept tile's outline in blue;
+* a PNG thumbnail (the tissue-detection thumbnail, enlarged by a whole factor to ≥ 1024 px
+  on its long side) with the tissue contour in green, every kept tile's outline in cyan (2 px
+  where the scale allows: visible on dark purple tissue), and a label with the slide id, the
+  slide's and the tiles' µm/px and the tile count;
 * a GeoJSON FeatureCollection of kept tiles as polygons in **level-0 pixel** coordinates,
   ``objectType: "tile"``, which QuPath imports (File > Import objects) onto the slide.
 """
@@ -10,26 +12,28 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from pathray.fs import split_uri
 from pathray.tiling import TileGrid
 
 CONTOUR_RGB = (0, 200, 0)
-TILE_RGB = (30, 60, 230)
+TILE_RGB = (0, 255, 255)
+LABEL_BG_RGB = (255, 255, 255)
 MIN_LONG_SIDE = 1024
 
 
 def qc_image(grid: TileGrid) -> Image.Image:
-    """Thumbnail with tissue contour and kept tile grid drawn on it."""
+    """Thumbnail with tissue contour, kept tile grid and a label (slide id, µm/px, tile count)."""
     tissue = grid.tissue
     thumb = tissue.thumbnail.copy()
     edge = tissue.mask & ~ndimage.binary_erosion(tissue.mask, border_value=0)
-    scale = max(1, MIN_LONG_SIDE // max(thumb.shape[:2]))
+    scale = max(1, math.ceil(MIN_LONG_SIDE / max(thumb.shape[:2])))
     if scale > 1:
         thumb = np.repeat(np.repeat(thumb, scale, 0), scale, 1)
         edge = np.repeat(np.repeat(edge, scale, 0), scale, 1)
@@ -38,9 +42,25 @@ def qc_image(grid: TileGrid) -> Image.Image:
     draw = ImageDraw.Draw(image)
     f = scale / tissue.level0_per_px  # level-0 px -> image px
     side = grid.size_level0 * f
+    width = 2 if side >= 8 else 1
     for x, y in zip(grid.x.tolist(), grid.y.tolist()):
-        draw.rectangle([x * f, y * f, x * f + side - 1, y * f + side - 1], outline=TILE_RGB)
+        draw.rectangle([x * f, y * f, x * f + side - 1, y * f + side - 1], outline=TILE_RGB, width=width)
+    _label(draw, qc_label(grid))
     return image
+
+
+def qc_label(grid: TileGrid) -> str:
+    """``<slide id> | slide <µm/px> µm/px | <n> tiles of <px> px at <µm/px> µm/px``."""
+    slide_mpp = grid.target_mpp * grid.tile_px / grid.size_level0 if grid.size_level0 else float("nan")
+    return (f"{grid.slide_id} | slide {slide_mpp:.4g} µm/px | {len(grid)} tiles of {grid.tile_px} px "
+            f"at {grid.target_mpp:g} µm/px")
+
+
+def _label(draw: ImageDraw.ImageDraw, text: str) -> None:
+    font = ImageFont.load_default(size=18)
+    left, top, right, bottom = draw.textbbox((6, 4), text, font=font)
+    draw.rectangle([0, 0, right + 6, bottom + 4], fill=LABEL_BG_RGB)
+    draw.text((6, 4), text, fill=(0, 0, 0), font=font)
 
 
 def tiles_geojson(grid: TileGrid) -> dict[str, Any]:

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from pathray.qc import CONTOUR_RGB, TILE_RGB, qc_image, tiles_geojson, write_qc
+from pathray.qc import CONTOUR_RGB, TILE_RGB, qc_image, qc_label, tiles_geojson, write_qc
 from pathray.slide import open_slide
 from pathray.tiling import TilingConfig, plan_tiles
 
@@ -18,10 +18,22 @@ def test_qc_image_draws_contour_and_kept_tiles(synthetic_svs_025):
     scale = 1024 // 128  # 128x96 thumbnail (8 µm/px) enlarged to >= 1024 px
     assert image.shape == (96 * scale, 128 * scale, 3)
     f = scale / grid.tissue.level0_per_px
-    for x, y in zip(grid.x, grid.y):  # top-left corner of each kept tile is outlined
-        assert tuple(image[int(y * f), int(x * f) + 3]) == TILE_RGB
+    for x, y in zip(grid.x, grid.y):  # top-left corner of each kept tile is outlined, 2 px wide
+        assert tuple(image[int(y * f), int(x * f) + 3]) == tuple(image[int(y * f) + 1, int(x * f) + 3]) == TILE_RGB
     assert (image == CONTOUR_RGB).all(-1).sum() > 100
     assert not (image[: int(448 * f) - 2] == TILE_RGB).all(-1).any()  # no kept tile in the first grid row
+
+
+def test_qc_image_of_a_real_slide_is_at_least_1024_px_and_labelled(cmu_slide):
+    """CMU's thumbnail is 690 px wide at 8 µm/px: a whole-factor enlargement rounding down left
+    it below the documented 1024 px."""
+    grid = _grid(cmu_slide)
+    image = np.asarray(qc_image(grid))
+    assert max(image.shape[:2]) >= 1024
+    assert max(grid.tissue.thumbnail.shape[:2]) * 2 <= max(image.shape[:2])
+    assert qc_label(grid).startswith(f"s | slide 0.499 µm/px | {len(grid)} tiles of 224 px at 0.5 µm/px")
+    banner = image[:20, :200]
+    assert (banner == 255).all(-1).any() and (banner < 60).all(-1).any()  # white box with dark text
 
 
 def test_geojson_polygons_in_level0_pixels(synthetic_svs_025, tmp_path):
