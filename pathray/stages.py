@@ -255,11 +255,17 @@ class ChunkEncoder:
 
     ``make_encoder()`` builds the model once per actor. If it fails (weights missing, gated,
     mismatched), the actor stays up and marks every chunk needing this model as an error
-    for this model only, so other models keep going. Rows not needing this model, or
+    for this model only, so other models keep going. ``threads`` sets torch's intra-op
+    threads for the actor's process. Rows not needing this model, or
     already failed, pass through with empty embeddings.
     """
 
-    def __init__(self, model: str, make_encoder: Callable[[], Any], tile_px: int, drop_pixels: bool):
+    def __init__(self, model: str, make_encoder: Callable[[], Any], tile_px: int, drop_pixels: bool,
+                 threads: int | None = None):
+        if threads:  # the actor's CPU share, not Ray's OMP_NUM_THREADS=1 default for fractional actors
+            import torch
+
+            torch.set_num_threads(threads)
         self.model = model
         self.tile_px = tile_px
         self.drop_pixels = drop_pixels

@@ -44,3 +44,32 @@ def test_gpu_intent_holds_on_an_autoscaling_cluster_that_starts_without_gpus():
                            readers=64), {"CPU": 0}, 2)
     assert (r.encoder_num_gpus, r.encoder_actors, r.encoder_actors_min, r.readers) == (0.5, 8, 1, 64)
     assert r.encoder_num_cpus > 0
+
+
+def test_cpu_only_encoders_get_the_cores_and_threads_to_use_them():
+    """On a 2-CPU machine the model, ~50x slower than decoding, gets 1.25 CPUs and 2 torch
+    threads (Ray alone would leave a fractional actor at OMP_NUM_THREADS=1: half the machine)."""
+    r = plan_resources(job(["kaiko-vits16"]), {"CPU": 2}, 1)
+    assert (r.encoder_num_cpus, r.encoder_threads, r.readers, r.reader_num_cpus) == (1.25, 2, 1, 0.25)
+    two = plan_resources(job(["kaiko-vits16", "uni"]), {"CPU": 16}, 2)
+    assert two.encoder_threads * 2 <= 16 and two.encoder_threads >= 7
+
+
+def test_a_fractional_encoder_actor_runs_the_planned_torch_threads(ray_cluster):
+    import ray
+
+    from pathray.fakes import sleep_encoder
+    from pathray.stages import ChunkEncoder
+
+    @ray.remote(num_cpus=0.5)
+    class Probe:
+        def __init__(self, threads):
+            self.stage = ChunkEncoder("m", sleep_encoder(tiles_per_s=1e6).factory, 8, True, threads=threads)
+
+        def threads(self):
+            import torch
+
+            return torch.get_num_threads()
+
+    assert ray.get(Probe.remote(None).threads.remote()) == 1  # Ray's default for a fractional actor
+    assert ray.get(Probe.remote(2).threads.remote()) == 2

@@ -1,0 +1,112 @@
+"""pathray end to end vs the model alone, on the same slides and model, in one run.
+
+    .venv/bin/python benchmarks/peers.py [--out docs/bench/peers.md] [--quick]
+
+For each slide (the real CMU-1-Small-Region at 0.5 µm/px, and a large synthetic SVS at
+0.25 µm/px), with kaiko ViT-S/16 (random weights, full depth, fp32, batch 32):
+
+* **model alone**: the same :class:`pathray.encoders.Encoder` on the same number of tiles,
+  in this process, with every core (torch's default threads): the ceiling;
+* **pathray end to end**: ``pathray embed`` as a user runs it (fresh process, local Ray, default
+  resources), timed from command to exit, and its steady rate (tiles / the encoder's working
+  window, from the run report);
+* **first commit**: seconds from the command to the first commit record of a 1-slide manifest.
+
+Ratios (end to end / model alone) come from one run on one machine: the machine's noise
+cancels out of them; the absolute tiles/s do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 32
+
+
+def model_alone(weights: Path, n_tiles: int) -> float:
+    """Tiles/s of the encoder alone on ``n_tiles`` random 224-px tiles (one warm-up batch)."""
+    from pathray.encoders import EncoderConfig, load_encoder
+
+    encoder = load_encoder(EncoderConfig("kaiko-vits16", weights=str(weights), device="cpu", batch_size=BATCH))
+    tiles = np.random.default_rng(0).integers(0, 256, size=(n_tiles, 224, 224, 3), dtype=np.uint8)
+    encoder(tiles[:BATCH])
+    start = time.perf_counter()
+    encoder(tiles)
+    return n_tiles / (time.perf_counter() - start)
+
+
+def pathray_run(slide: Path, weights: Path, out: Path) -> dict:
+    """Run ``pathray embed`` on one slide; wall seconds, first-commit seconds, the report."""
+    manifest = out.with_suffix(".csv")
+    manifest.write_text(f"slide_id,path\nslide,{slide}\n")
+    cmd = [sys.executable, "-m", "pathray.cli", "embed", "--manifest", str(manifest), "--models", "kaiko-vits16",
+           "--weights", f"kaiko-vits16={weights}", "--batch-size", str(BATCH), "--out", str(out), "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_commit = None
+    commits = out / "_commits" / "model=kaiko-vits16"
+    while proc.poll() is None:
+        if first_commit is None and commits.is_dir() and any(commits.iterdir()):
+            first_commit = time.perf_counter() - start
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout.read())
+    report = json.loads(next((out / "_runs").glob("*/report.json")).read_text())
+    return {"wall_s": wall, "first_commit_s": first_commit or wall, "tiles": report["tiles_read"],
+            "steady": report["steady_tiles_per_s"], "resources": report["resources"]}
+
+
+def slides(work: Path, quick: bool) -> dict[str, Path]:
+    from pathray.demo.cmu import fetch_cmu_small_region
+    from pathray.demo.synthetic import write_synthetic_svs
+
+    size = (8000, 6000) if quick else (20000, 15000)
+    large = write_synthetic_svs(work / "large.svs", *size, mpp=0.25,
+                                tissue_rects=((1000, 1000, size[0] // 2, size[1] // 2),), downsamples=(1, 4, 16, 32))
+    return {"CMU-1-Small-Region (0.499 µm/px)": fetch_cmu_small_region(),
+            f"synthetic {size[0]}x{size[1]} (0.25 µm/px)": large}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "peers.md"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    from pathray.encoders import write_random_weights
+
+    work = Path(tempfile.mkdtemp(prefix="pathray-peers-"))
+    weights = write_random_weights("kaiko-vits16", work / "weights")
+    rows = []
+    for name, slide in slides(work, args.quick).items():
+        run = pathray_run(slide, weights, work / f"store-{len(rows)}")
+        alone = model_alone(weights, max(BATCH, min(run["tiles"], 256)))
+        e2e = run["tiles"] / run["wall_s"]
+        rows.append(f"| {name} | {run['tiles']} | {alone:.1f} | {e2e:.1f} | **{e2e / alone:.2f}** | {run['steady']:.1f} "
+                    f"| **{run['steady'] / alone:.2f}** | {run['first_commit_s']:.1f} |")
+        print(rows[-1], flush=True)
+    header = [
+        "# pathray end to end vs the model alone (benchmarks/peers.py)", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU; kaiko ViT-S/16 random weights, fp32, "
+        f"batch {BATCH}; `pathray embed` with default resources. Ratios are from one run.", "",
+        "| slide | tiles | model alone tiles/s | pathray end to end tiles/s | end to end / alone | steady tiles/s "
+        "| steady / alone | command → first commit (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    Path(args.out).write_text("\n".join(header + rows) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
