@@ -25,6 +25,7 @@ from pathray.mil.train import (
     predictions_table,
     run_fold,
     run_record,
+    torch_threads,
 )
 from pathray.store import FeatureStore
 
@@ -74,7 +75,8 @@ def train(store: FeatureStore | str, model: str, labels: str | Path | pa.Table, 
         splits.save(out_dir / SPLITS_FILE)
     folds, classifiers, rows = [], [], []
     for fold in splits.folds:
-        result, classifier, probs = run_fold(index, joined, fold, config, out_dir)
+        with torch_threads(config.cpu_threads):
+            result, classifier, probs = run_fold(index, joined, fold, config, out_dir)
         folds.append(result)
         classifiers.append(classifier)
         tested = [s for s in fold.test if s in joined.labels]
@@ -148,4 +150,5 @@ def fit_all(store: FeatureStore | str, model: str, labels: str | Path | pa.Table
     config = config or TrainConfig()
     index = index_bags(store, model)
     joined = join_labels(index, read_labels(labels), label_column, key)
-    return fit(index, joined, sorted(joined.labels), [], config, seed=config.seed).classifier
+    with torch_threads(config.cpu_threads):
+        return fit(index, joined, sorted(joined.labels), [], config, seed=config.seed).classifier
