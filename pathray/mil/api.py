@@ -91,15 +91,21 @@ def train(store: FeatureStore | str, model: str, labels: str | Path | pa.Table, 
     return MilResult(folds, metrics, predictions, splits, classifiers, record, str(out_dir) if out_dir else None)
 
 
-def load_classifiers(run: str | Path | MilResult, device: str | None = None) -> list[SlideClassifier]:
-    """The fold classifiers of a run (a run directory or an in-memory :class:`MilResult`)."""
+Run = str | Path | MilResult | SlideClassifier
+
+
+def load_classifiers(run: Run, device: str | None = None) -> list[SlideClassifier]:
+    """The classifiers of ``run``: a run directory's fold checkpoints, an in-memory
+    :class:`MilResult`'s fold models, or a single :class:`SlideClassifier`."""
+    if isinstance(run, SlideClassifier):
+        return [run]
     if isinstance(run, MilResult):
         return run.classifiers
     record = json.loads((Path(run) / RUN_RECORD).read_text())
     return [SlideClassifier.load(Path(run) / f["checkpoint"], device) for f in record["folds"]]
 
 
-def predict(run: str | Path | MilResult, store: FeatureStore | str, model: str,
+def predict(run: Run, store: FeatureStore | str, model: str,
             slide_ids: list[str] | None = None) -> pa.Table:
     """Class probabilities (mean over the run's fold models) for ``slide_ids`` (default:
     every committed slide of ``model``): slide_id, ``prob_<class>``…, ``predicted``."""
@@ -113,7 +119,7 @@ def predict(run: str | Path | MilResult, store: FeatureStore | str, model: str,
     return pa.table(columns)
 
 
-def evaluate(run: str | Path | MilResult, store: FeatureStore | str, model: str, labels: str | Path | pa.Table, *,
+def evaluate(run: Run, store: FeatureStore | str, model: str, labels: str | Path | pa.Table, *,
              label_column: str = "label", key: str | None = None) -> dict[str, Any]:
     """Score the run's fold ensemble on labelled slides of ``store`` (e.g. an external
     cohort): ``{"n_slides", <metric>: value, "predictions": table}``. The labels must use
@@ -134,11 +140,10 @@ def evaluate(run: str | Path | MilResult, store: FeatureStore | str, model: str,
     return result
 
 
-def attention(run: str | Path | MilResult | SlideClassifier, store: FeatureStore | str | BagIndex, model: str,
-              slide_id: str) -> pa.Table:
+def attention(run: Run, store: FeatureStore | str | BagIndex, model: str, slide_id: str) -> pa.Table:
     """Per-tile attention of one slide (mean over the run's fold models): tile_index, x, y,
     size_level0 (level-0 px) and ``attention`` (sums to 1 over the slide)."""
-    classifiers = [run] if isinstance(run, SlideClassifier) else load_classifiers(run)
+    classifiers = load_classifiers(run)
     index = store if isinstance(store, BagIndex) else index_bags(store, model)
     return attention_table(classifiers, index, slide_id)
 
