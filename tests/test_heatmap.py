@@ -14,6 +14,7 @@ from fixtures.feature_stores import commit_slide, write_planted_store
 from PIL import Image
 
 from pathray import mil
+from pathray.cli import main
 from pathray.heatmap import colormap, render_heatmap, scores_geojson, tile_scores, write_heatmap
 from pathray.mil.train import torch_threads
 from pathray.slide import open_slide
@@ -35,13 +36,14 @@ def svs_attention(tmp_path_factory, synthetic_svs_025):
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(len(grid), planted.dim))
     emb[hot] += 4.0 * planted.direction  # the cohort's planted signal, on one tile
-    tiles = {"x": grid.x, "y": grid.y, "size_level0": grid.size_level0, "target_mpp": 0.5, "tile_px": 224}
+    tiles = {"x": grid.x, "y": grid.y, "size_level0": grid.size_level0, "target_mpp": 0.5, "tile_px": 224,
+             "tissue_fraction": grid.tissue_fraction}
     commit_slide(FeatureStore(str(root)), "m", "svs-025", tiles, emb, "case-svs", slide_path=str(synthetic_svs_025))
     labels = pa.concat_tables([planted.labels, pa.table({"slide_id": ["svs-025"], "case_id": ["case-svs"],
                                                          "label": [1]})])
     config = mil.TrainConfig(n_folds=3, max_epochs=20, patience=5, lr=3e-3, hidden_dim=16, attention_dim=8,
                              dropout=0.0, cpu_threads=1)
-    result = mil.train(str(root), "m", labels, config=config)
+    result = mil.train(str(root), "m", labels, config=config, out=root.parent / "run")
     with torch_threads(1):
         scores = mil.attention(result, str(root), "m", "svs-025")
     return root, hot, scores, grid
@@ -83,3 +85,19 @@ def test_any_tile_column_can_be_drawn(svs_attention, synthetic_svs_025):
         heatmap = render_heatmap(slide, scores, "tissue_fraction", max_side_px=512)
     assert heatmap.thumbnail_size == (512, 384) and heatmap.level0_per_px == pytest.approx(8.0)
     assert len(scores_geojson(scores, "tissue_fraction")["features"]) == len(grid)
+
+
+def test_cli_heatmap_from_a_run_and_from_a_column(svs_attention, tmp_path):
+    root, hot, _, grid = svs_attention
+    run = root.parent / "run"
+    assert main(["mil", "heatmap", "--store", str(root), "--slide", "svs-025", "--run", str(run),
+                 "--out", str(tmp_path / "att")]) == 0  # the slide file is found through its commit record
+    features = json.loads((tmp_path / "att.geojson").read_text())["features"]
+    assert max(features, key=lambda f: f["properties"]["attention"])["properties"]["tile_index"] == hot
+    assert Image.open(tmp_path / "att.png").size[0] > 1024
+    assert main(["mil", "heatmap", "--store", str(root), "--slide", "svs-025", "--column", "tissue_fraction",
+                 "--out", str(tmp_path / "tissue")]) == 0
+    features = json.loads((tmp_path / "tissue.geojson").read_text())["features"]
+    assert [f["properties"]["tissue_fraction"] for f in features] == pytest.approx(grid.tissue_fraction.tolist())
+    assert main(["mil", "heatmap", "--store", str(root), "--slide", "nope", "--column", "x",
+                 "--out", str(tmp_path / "x")]) == 2
