@@ -76,6 +76,8 @@ def test_labels_join_by_case_id_and_reject_duplicates(tmp_path):
     assert joined.key == "case_id" and joined.classes == ["a", "b"] and joined.unmatched == 1
     assert joined.labels == {"p00-s0": 0, "p00-s1": 0, "p01-s0": 1, "p01-s1": 1}
     assert joined.patients["p01-s1"] == "case-01"
+    with pytest.raises(ValueError, match="val_fraction"):
+        mil.TrainConfig(val_fraction=0.6)
     with pytest.raises(ValueError, match="more than once"):
         join_labels(index, pa.table({"slide_id": ["p00-s0", "p00-s0"], "label": [0, 1]}))
 
@@ -113,6 +115,9 @@ def test_run_directory_records_the_run_and_reloads(planted_run):
     assert record["hyperparameters"]["lr"] == FAST.lr and record["labels"]["patient_key"] == "case_id"
     assert record["splits"]["folds"][0]["test"] == result.splits.folds[0].test
     assert record["metrics"]["auroc"]["mean"] == result.metrics["auroc"]["mean"]
+    for fold in record["folds"]:  # early stopping kept the epoch with the lowest validation loss
+        losses = [h["val_loss"] for h in fold["history"]]
+        assert fold["best_epoch"] == int(np.argmin(losses)) and fold["best_val_loss"] == min(losses)
     assert Splits.load(f"{run}/splits.json") == result.splits
     # checkpoints reload to the same ensemble as the in-memory models
     from_disk = mil.predict(run, str(planted.root), planted.model)

@@ -56,10 +56,17 @@ class TrainConfig:
     device: str | None = None
     cpu_threads: int | None = None  # torch intra-op threads while fitting; None: torch's default
 
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1 or self.patience < 1 or self.n_folds < 2:
+            raise ValueError("max_epochs and patience must be >= 1 and n_folds >= 2")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
 
 @dataclass(frozen=True)
 class FoldResult:
-    """One outer fold: sizes, the epoch kept by early stopping, test metrics."""
+    """One outer fold: sizes, the epoch kept by early stopping, test metrics, and the
+    per-epoch ``history`` (train_loss, val_loss)."""
 
     fold: int
     n_train: int
@@ -69,6 +76,7 @@ class FoldResult:
     best_val_loss: float
     metrics: dict[str, float]
     checkpoint: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -165,7 +173,7 @@ def run_fold(index: BagIndex, labels: SlideLabels, fold: Fold, config: TrainConf
         outcome.classifier.save(out / checkpoint)
     metrics = {name: fn(y, probs) for name, fn in METRICS.items()}
     result = FoldResult(fold.fold, len(train_ids), len(val_ids), len(test_ids), outcome.best_epoch,
-                        outcome.best_val_loss, metrics, checkpoint)
+                        outcome.best_val_loss, metrics, checkpoint, outcome.history)
     return result, outcome.classifier, probs
 
 
