@@ -39,7 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for flag, name in TRAIN_FLAGS.items():
         default = getattr(defaults, name)
         kind = OPTIONAL_TYPES.get(flag, type(default))
-        train.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=default, type=kind, help=f"default {default}")
+        train.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=default, type=kind,
+                           help=f"default {default}")
     evaluate = sub.add_parser("eval", help="apply a trained run to store slides; score it with --labels")
     evaluate.add_argument("--run", required=True, help="run directory written by `pathray mil train`")
     _store_args(evaluate)
@@ -125,7 +126,10 @@ def _heatmap(args: argparse.Namespace) -> int:
     if record is None:
         raise ValueError(f"slide {args.slide!r} is not committed for model {model!r}")
     column = args.column or "attention"
-    scores = attention(args.run, store, model, args.slide) if args.run else tile_scores(store, model, args.slide, column)
+    if args.run:
+        scores = attention(args.run, store, model, args.slide)
+    else:
+        scores = tile_scores(store, model, args.slide, column)
     with open_slide(args.slide_path or record.slide["path"], mpp_override=record.slide.get("mpp")) as slide:
         write_heatmap(slide, scores, f"{args.out}.png", f"{args.out}.geojson", column=column)
     print(f"wrote {args.out}.png and {args.out}.geojson ({len(scores)} tiles)")

@@ -27,7 +27,7 @@ from pathray.slide import Slide
 from pathray.store import FeatureStore
 
 #: viridis at 0, 1/4, 1/2, 3/4, 1 (matplotlib's values), linearly interpolated in between.
-VIRIDIS_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+VIRIDIS_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
 COLORBAR_PX = (24, 96)  # colour strip width, whole panel width
 TILE_COLUMNS = ["tile_index", "x", "y", "size_level0"]
 

@@ -154,7 +154,8 @@ def test_cli_train_and_eval(tmp_path, capsys):
     planted = write_planted_store(tmp_path / "store", n_patients=8)
     pacsv.write_csv(planted.labels, tmp_path / "labels.csv")
     args = ["mil", "train", "--store", str(planted.root), "--labels", str(tmp_path / "labels.csv"), "--out",
-            str(tmp_path / "run"), "--folds", "2", "--epochs", "3", "--hidden-dim", "8", "--attention-dim", "4", "--cpu-threads", "1"]
+            str(tmp_path / "run"), "--folds", "2", "--epochs", "3", "--hidden-dim", "8", "--attention-dim", "4",
+            "--cpu-threads", "1"]
     assert main(args) == 0
     assert "auroc:" in capsys.readouterr().out
     record = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -102,7 +102,8 @@ def fit(index: BagIndex, labels: SlideLabels, train_ids: list[str], val_ids: lis
     best = FitOutcome(SlideClassifier(network, labels.classes), -1, float("inf"))
     best_state, since_best = None, 0
     for epoch in range(config.max_epochs):
-        train_loss = _train_epoch(network, optimizer, loss_fn, index, labels, [train_ids[i] for i in rng.permutation(len(train_ids))])
+        order = [train_ids[i] for i in rng.permutation(len(train_ids))]
+        train_loss = _train_epoch(network, optimizer, loss_fn, index, labels, order)
         val_loss = _mean_loss(network, index, labels, val_ids) if val_ids else float("nan")
         best.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         if not val_ids or val_loss < best.best_val_loss - 1e-6:
