@@ -21,6 +21,7 @@ from pathray.mil.labels import join_labels
 from pathray.mil.metrics import auroc, balanced_accuracy, binary_auroc
 from pathray.mil.splits import Fold, Splits, check_splits, make_splits
 from pathray.mil.train import torch_threads
+from pathray.store import FeatureStore
 
 FAST = mil.TrainConfig(n_folds=5, max_epochs=20, patience=5, lr=3e-3, hidden_dim=16, attention_dim=8, dropout=0.0,
                       cpu_threads=1)
@@ -168,3 +169,15 @@ def test_cli_train_and_eval(tmp_path, capsys):
     pacsv.write_csv(bad, tmp_path / "bad.csv")
     assert main(["mil", "train", "--store", str(planted.root), "--labels", str(tmp_path / "bad.csv"), "--out",
                  str(tmp_path / "run2")]) == 2
+
+
+@pytest.mark.s3
+def test_trains_from_a_store_on_s3(tmp_path, s3_server, s3_bucket):
+    planted = write_planted_store(tmp_path / "store", n_patients=6)
+    s3_server.fs.put(str(planted.root), f"{s3_bucket}/store", recursive=True)
+    store = FeatureStore(f"s3://{s3_bucket}/store", s3_server.storage_options)
+    quick = mil.TrainConfig(n_folds=2, max_epochs=2, hidden_dim=8, attention_dim=4, cpu_threads=1)
+    remote = mil.train(store, "m", planted.labels, config=quick)
+    local = mil.train(str(planted.root), "m", planted.labels, config=quick)
+    assert remote.predictions.equals(local.predictions)  # same bags, read over S3
+    assert remote.record["store_fingerprint"] == local.record["store_fingerprint"]
