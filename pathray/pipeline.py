@@ -288,6 +288,7 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
         ctx.enable_progress_bars = progress_bars
         ctx.execution_options.preserve_order = False
         ctx.print_on_execution_start = False
+        ctx.scheduling_strategy = "DEFAULT"  # not SPREAD: Ray then keeps CPU-only actors off GPU nodes while it can
         if config.resources.object_store_limit_gb:
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
                 object_store_memory=int(config.resources.object_store_limit_gb * 2**30))
