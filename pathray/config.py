@@ -48,7 +48,8 @@ class ResourceConfig:
     writers: int | None = None  # max writer actors (stage chunk files)
     write_num_cpus: float = 0.25  # CPUs per writer actor
     chunks_per_encode_call: int = 1  # chunk rows per encoder batch
-    max_inflight_finalize: int = 16  # concurrent commits the driver keeps in flight
+    committers: int | None = None  # commit actors (default: one per 16 cluster CPUs, see pathray.commit)
+    max_inflight_finalize: int = 16  # concurrent commits the driver keeps in flight, per committer
     object_store_limit_gb: float | None = None  # cap Ray Data's object-store use (default: Ray Data's own budget)
 
 

@@ -26,14 +26,14 @@ import numpy as np
 import pyarrow as pa
 
 from pathray import __version__
+from pathray.commit import CommitPool, committer_count
 from pathray.config import JobConfig, fingerprint, model_record, tiling_record
 from pathray.encoders import get_spec, load_encoder
 from pathray.errors import StoreConfigMismatchError, UnknownModelError, describe
 from pathray.lease import StoreLease
 from pathray.manifest import read_manifest
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
-from pathray.store import (ERROR_SCHEMA, SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table, finalize_slide,
-                           status_row)
+from pathray.store import ERROR_SCHEMA, SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table, status_row
 
 log = logging.getLogger("pathray")
 
@@ -328,6 +328,7 @@ def _run_locked(config: JobConfig, models: list[str], unknown: list[tuple[str, s
         # Ray Data's per-30-s "operator uses N GiB per worker" warning fires for every model
         # actor (its memory is the model's, held on purpose); the run reports its own progress
         ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+        ctx.scheduling_strategy = "DEFAULT"  # not SPREAD: Ray then keeps CPU-only actors off GPU nodes while it can
         if config.resources.object_store_limit_gb:
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
                 object_store_memory=int(config.resources.object_store_limit_gb * 2**30))
@@ -382,17 +383,6 @@ def _build_dataset(config: JobConfig, store_root: str, models: list[str], custom
                                          tiling=config.tiling, embedding_types=types))
 
 
-class Committer:
-    """Runs :func:`pathray.store.finalize_slide` for the driver, in one long-lived actor
-    whose threads overlap the I/O of several commits (no worker start-up per commit)."""
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-
-    def finalize(self, *args, **kwargs):
-        return finalize_slide(self.store, *args, **kwargs)
-
-
 @dataclass
 class _Pending:
     """Chunks of one (slide, model) seen so far by the driver."""
@@ -409,8 +399,10 @@ class _Pending:
 def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, by_id, passthrough_schema,
            tiling_rec) -> None:
     """Consume result rows, commit finished (slide, model) pairs, record everything."""
-    committer = ray.remote(num_cpus=0, max_concurrency=config.resources.max_inflight_finalize,
-                           max_restarts=3, max_task_retries=3)(Committer).remote(store)
+    per_committer = config.resources.max_inflight_finalize
+    committers = CommitPool(ray, store, committer_count(config.resources.committers, ray.cluster_resources()),
+                            max_concurrency=per_committer)
+    report.resources["committers"] = len(committers)
     pending: dict[tuple[str, str], _Pending] = {}
     inflight: dict[Any, dict] = {}
     provenance: dict[str, dict] = {}
@@ -418,8 +410,8 @@ def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, b
     last_log = time.time()
 
     def settle(block: bool) -> None:
-        """Collect finished commits; keep at most max_inflight_finalize in flight."""
-        while inflight and (block or len(inflight) >= config.resources.max_inflight_finalize):
+        """Collect finished commits; keep at most max_inflight_finalize per committer in flight."""
+        while inflight and (block or len(inflight) >= per_committer * len(committers)):
             done, _ = ray.wait(list(inflight), num_returns=1)
             row = inflight.pop(done[0])
             try:
@@ -481,9 +473,9 @@ def _drive(ray, ds, config, models, store, store_hash, run_id, ledger, report, b
                     "pathray_version": __version__, "store_config_hash": store_hash}
             slide_meta = {k: meta.get(k) for k in ("path", "width", "height", "mpp", "mpp_source", "vendor", "etag",
                                                    "size_bytes")}
-            ref = committer.finalize.remote(model, r["slide_id"], entry.cohort, chunk_ids, r["n_tiles_slide"], slide_meta,
-                                  prov, store_hash, run_id, {c: entry.extra.get(c) for c in config.keep_columns},
-                                  passthrough_schema)
+            ref = committers.submit(model, r["slide_id"], entry.cohort, chunk_ids, r["n_tiles_slide"], slide_meta,
+                                    prov, store_hash, run_id, {c: entry.extra.get(c) for c in config.keep_columns},
+                                    passthrough_schema)
             inflight[ref] = dict(base, status="ok" if r["n_tiles_slide"] else "no_tissue")
             settle(block=False)
         if time.time() - last_log > PROGRESS_EVERY_S:

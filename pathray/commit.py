@@ -1,0 +1,69 @@
+"""The commit path: a small pool of committer actors running :func:`pathray.store.finalize_slide`.
+
+Every embedding byte passes through a commit twice (read the staged chunks, write the
+merged features file), so one actor caps the whole cluster's output at what one process
+moves. The pool is sized from the cluster (:func:`committer_count`; ``resources.committers``
+pins it), its actors are spread over the nodes, and each (slide, model) goes to one
+committer chosen by a stable hash of its key (:func:`route`), so a pair is never merged by
+two actors at once and the same pair lands on the same actor in every run of the job.
+
+The store's protocol is unchanged: deterministic names, commit record written last, staged
+chunks deleted after it. A committer lost with its node is restarted elsewhere and Ray
+retries its in-flight commits (``max_task_retries``); a retried commit rewrites identical
+bytes at the same names, so a (slide, model) is still committed exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pathray.store import CommitRecord, FeatureStore, finalize_slide
+
+#: One committer per this many cluster CPUs (a committer moves ~the output of 16 readers).
+CPUS_PER_COMMITTER = 16
+MAX_COMMITTERS = 32
+ACTOR_RESTARTS = 3
+
+
+class Committer:
+    """One long-lived commit actor; its threads (``max_concurrency``) overlap the I/O of
+    several commits with no worker start-up per commit."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+
+    def finalize(self, *args: Any, **kwargs: Any) -> CommitRecord:
+        return finalize_slide(self.store, *args, **kwargs)
+
+
+def committer_count(pinned: int | None, cluster: dict[str, float]) -> int:
+    """``pinned`` if set, else one committer per :data:`CPUS_PER_COMMITTER` cluster CPUs
+    (at least 1, at most :data:`MAX_COMMITTERS`)."""
+    if pinned:
+        return int(pinned)
+    return max(1, min(MAX_COMMITTERS, int(float(cluster.get("CPU", 0)) // CPUS_PER_COMMITTER)))
+
+
+def route(slide_id: str, model: str, n: int) -> int:
+    """Index of the committer for (slide_id, model) among ``n``: the same in every process
+    and run (``hash()`` is salted per process, so a digest is used)."""
+    digest = hashlib.blake2b(f"{slide_id}\x00{model}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n
+
+
+class CommitPool:
+    """``n`` committer actors (0 CPUs each, spread over the nodes); :meth:`submit` routes a
+    commit to its actor and returns the Ray object ref of its :class:`CommitRecord`."""
+
+    def __init__(self, ray, store: FeatureStore, n: int, max_concurrency: int):
+        remote = ray.remote(num_cpus=0, max_concurrency=max_concurrency, max_restarts=ACTOR_RESTARTS,
+                            max_task_retries=ACTOR_RESTARTS, scheduling_strategy="SPREAD")(Committer)
+        self.actors = [remote.remote(store) for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def submit(self, model: str, slide_id: str, *args: Any) -> Any:
+        """``finalize_slide(store, model, slide_id, *args)`` on the pair's committer."""
+        return self.actors[route(slide_id, model, len(self.actors))].finalize.remote(model, slide_id, *args)

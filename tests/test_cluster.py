@@ -1,0 +1,147 @@
+"""The job on real multi-node Ray clusters on this machine: `ray job submit`, node loss, autoscaling.
+
+Every test starts its own cluster (tests/fixtures/multinode.py: one process group per node,
+free ports, its own temp dir) and tears it down whatever happens. Slides, manifest, job
+config and store live on the SeaweedFS S3 server; credentials reach the nodes the way
+docs/cluster.md says for S3-compatible stores: AWS_* variables in every node's environment,
+never in the job config, the command line or the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from pathray.config import build_job_config
+from pathray.demo.synthetic import write_synthetic_svs
+from pathray.pipeline import run_job
+from pathray.store import FeatureStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.cluster, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+JOB_TIMEOUT_S = 420
+TILES_PER_SLIDE = 15  # 5 x 3 tissue tiles of 224 px at 0.5 µm/px (see make_slides)
+
+
+def make_slides(tmp: Path, fs, bucket: str, n: int) -> str:
+    """``n`` small synthetic slides and their manifest on S3; returns the manifest's URI."""
+    lines = ["slide_id,path,cohort"]
+    for i in range(n):
+        path = write_synthetic_svs(tmp / f"s{i}.svs", 1792, 1344, mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i)
+        fs.put(os.fspath(path), f"{bucket}/slides/s{i}.svs")
+        lines.append(f"s{i},s3://{bucket}/slides/s{i}.svs,c{i % 2}")
+    fs.pipe(f"{bucket}/manifest.csv", ("\n".join(lines) + "\n").encode())
+    return f"s3://{bucket}/manifest.csv"
+
+
+def job_config(manifest: str, out: str, weights: Path, scratch: Path) -> dict:
+    """The job file a user would write for a cluster whose pools cannot be derived at start:
+    pools pinned, encoders asking for a GPU each (docs/cluster.md)."""
+    return {"manifest": manifest, "out": out, "models": ["kaiko-vits16"],
+            "encoders": {"kaiko-vits16": {"weights": str(weights)}}, "tiling": {"tile_px": 224, "target_mpp": 0.5},
+            "chunk_tiles": 4, "scratch_dir": str(scratch),
+            "resources": {"readers": 2, "reader_num_cpus": 1, "encoder_actors": 1, "encoder_num_gpus": 1,
+                          "encoder_num_cpus": 1, "committers": 2}}
+
+
+def submit(cluster, config_uri: str, submission_id: str) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir .` from the repository root, waiting for the job's end."""
+    cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
+           "--working-dir", str(ROOT), "--", "python", "jobs/embed.py", "--config", config_uri, "--no-progress"]
+    return subprocess.run(cmd, cwd=ROOT, env=cluster.client_env, capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S)
+
+
+def job_info(cluster, submission_id: str) -> dict:
+    request = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/{submission_id}",
+                                     headers={"Authorization": f"Bearer {cluster.token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def features_by_slide(store: FeatureStore, model: str) -> dict[str, dict[str, np.ndarray]]:
+    table = store.dataset(model).to_table()
+    out = {}
+    for slide_id in sorted(set(table.column("slide_id").to_pylist())):
+        rows = table.filter(pc.equal(table.column("slide_id"), slide_id)).sort_by("tile_index")
+        out[slide_id] = {c: rows.column(c).to_numpy() for c in ("tile_index", "x", "y")}
+        out[slide_id]["embedding"] = np.stack(rows.column("embedding").to_numpy(zero_copy_only=False))
+    return out
+
+
+def assert_same_features(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for slide_id in want:
+        for column in ("tile_index", "x", "y"):
+            np.testing.assert_array_equal(got[slide_id][column], want[slide_id][column])
+        np.testing.assert_allclose(got[slide_id]["embedding"], want[slide_id]["embedding"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def local_reference(ray_cluster, s3_server):
+    """Run the same job config on the test session's local Ray (no GPU, same pools otherwise)."""
+
+    def run(raw: dict, out: str) -> dict:
+        resources = {k: v for k, v in raw["resources"].items() if k != "encoder_num_gpus"}
+        config = build_job_config({**raw, "out": out, "resources": resources,
+                                   "storage_options": s3_server.storage_options})
+        report = run_job(config, progress_bars=False)
+        assert report.exit_code == 0
+        return features_by_slide(FeatureStore(out, s3_server.storage_options), "kaiko-vits16")
+
+    return run
+
+
+def test_job_submit_on_multinode_cluster(multinode_cluster, s3_server, s3_bucket, kaiko_vits16_weights,
+                                         local_reference, tmp_path):
+    fs = s3_server.fs
+    manifest = make_slides(tmp_path, fs, s3_bucket, 3)
+    raw = job_config(manifest, f"s3://{s3_bucket}/store", kaiko_vits16_weights, tmp_path / "scratch")
+    fs.pipe(f"{s3_bucket}/job.yaml", yaml.safe_dump(raw).encode())
+
+    cluster = multinode_cluster({**os.environ, **s3_server.env})
+    cpu_a = cluster.add_node("cpu-a", num_cpus=2)
+    cpu_b = cluster.add_node("cpu-b", num_cpus=2)
+    gpu = cluster.add_node("gpu", num_cpus=1, num_gpus=1)
+    done = submit(cluster, f"s3://{s3_bucket}/job.yaml", "embed-1")
+    info = job_info(cluster, "embed-1")
+    assert info["status"] == "SUCCEEDED", f"{info.get('message')}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+
+    # the job's logs (streamed by `ray job submit`) end with the run report
+    assert "pathray run " in done.stdout and "kaiko-vits16: ok 3, no_tissue 0, error 0" in done.stdout
+    # where the work ran: encoders on the GPU node, readers on the CPU nodes, nothing on the head
+    actors = [a for a in cluster.state("actors") if "MapWorker" in (a.get("class_name") or "")]
+    encoders = [a for a in actors if "ChunkEncoder" in a["class_name"]]
+    readers = [a for a in actors if "ChunkReader" in a["class_name"]]
+    nodes = {v: k for k, v in cluster.alive_nodes().items()}
+    where = {a["class_name"] + "/" + a["actor_id"][:6]: nodes.get(a["node_id"]) for a in actors}
+    assert encoders and {a["node_id"] for a in encoders} == {gpu}, where
+    assert readers and {a["node_id"] for a in readers} <= {cpu_a, cpu_b}, where
+    committers = [a for a in cluster.state("actors") if a.get("class_name") == "Committer"]
+    assert len(committers) == 2
+
+    # the store on S3 equals a local run of the same manifest and job config
+    store = FeatureStore(raw["out"], s3_server.storage_options)
+    assert store.committed("kaiko-vits16") == {"s0", "s1", "s2"}
+    got = features_by_slide(store, "kaiko-vits16")
+    assert {k: len(v["tile_index"]) for k, v in got.items()} == dict.fromkeys(got, TILES_PER_SLIDE)
+    assert_same_features(got, local_reference(raw, f"s3://{s3_bucket}/local-store"))
+
+    # credentials: not in the store, not in what the job server keeps about the job
+    assert s3_server.secret_key not in json.dumps(info)
+    for path in fs.find(f"{s3_bucket}/store"):
+        if path.endswith(".json"):
+            assert s3_server.secret_key not in fs.cat_file(path).decode()
