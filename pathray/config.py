@@ -35,7 +35,7 @@ from pathray.tissue import TissueConfig
 @dataclass(frozen=True)
 class ResourceConfig:
     """How the job claims cluster resources. ``None`` fields are derived from the cluster
-    (see :func:`pathray.pipeline.plan_resources`)."""
+    (see :func:`pathray.resources.plan_resources`)."""
 
     readers: int | None = None  # max reader actors (autoscaled between 1 and this)
     reader_num_cpus: float | None = None  # CPUs per reader actor

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pathray.pipeline import CustomEncoder
+from pathray.encoders.custom import CustomEncoder
 
 
 class SleepEncoder:
@@ -39,7 +39,7 @@ def pixel_statistics(tiles: np.ndarray, embed_dim: int) -> np.ndarray:
 
 
 def sleep_encoder(tiles_per_s: float, embed_dim: int = 8) -> CustomEncoder:
-    """A :class:`~pathray.pipeline.CustomEncoder` building a :class:`SleepEncoder` per actor."""
+    """A :class:`~pathray.encoders.custom.CustomEncoder` building a :class:`SleepEncoder` per actor."""
     return CustomEncoder(
         factory=lambda: SleepEncoder(tiles_per_s, embed_dim),
         record={"model": "sleep", "embed_dim": embed_dim},

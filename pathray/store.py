@@ -57,6 +57,8 @@ STORE_META = "_pathray_store.json"
 NO_COHORT = "unassigned"
 #: in the names of local temporary files (``.<name>.tmp-<hex>``), never in a store object's name
 TEMP_MARKER = ".tmp-"
+#: every run's raw status parts (:meth:`FeatureStore.run_status_relpath`)
+RUN_STATUS_GLOB = "_runs/*/slides-*.parquet"
 #: the run lease object (see :mod:`pathray.lease`)
 LEASE = "_lease.json"
 #: Parquet key-value metadata key holding the provenance JSON.
@@ -188,10 +190,27 @@ class FeatureStore:
         return self.path("_staging", f"model={model}", slide_id, f"{chunk_id}.parquet")
 
     def commit_path(self, model: str, slide_id: str) -> str:
-        return self.path("_commits", f"model={model}", f"{slide_id}.json")
+        return self.path(self.commit_relpath(model, slide_id))
 
     def lease_path(self) -> str:
         return self.path(LEASE)
+
+    # relative paths of a run's records (the store owns its layout; see the module doc)
+    @staticmethod
+    def run_status_relpath(run_id: str, part: int) -> str:
+        return f"_runs/{run_id}/slides-{part:05d}.parquet"
+
+    @staticmethod
+    def errors_relpath(run_id: str, part: int) -> str:
+        return f"errors/run_id={run_id}/part-{part:05d}.parquet"
+
+    @staticmethod
+    def report_relpath(run_id: str) -> str:
+        return f"_runs/{run_id}/report.json"
+
+    @staticmethod
+    def commit_relpath(model: str, slide_id: str) -> str:
+        return f"_commits/model={model}/{slide_id}.json"
 
     def remove_temporaries(self) -> int:
         """Delete temporary files a killed writer left behind (local stores only: S3 objects
@@ -365,7 +384,7 @@ def finalize_slide(
         slide_id=slide_id, model=model, cohort=cohort or NO_COHORT, n_tiles=n_tiles,
         features_path=features_relpath, store_config_hash=store_config_hash, run_id=run_id, slide=slide_meta,
     )
-    store.write_json(f"_commits/model={model}/{slide_id}.json", record.__dict__)
+    store.write_json(store.commit_relpath(model, slide_id), record.__dict__)
     for chunk_id in chunk_ids:
         try:
             store.fs.rm(store.staging_path(model, slide_id, chunk_id))
@@ -379,7 +398,7 @@ def consolidate_slide_table(store: FeatureStore, committed: dict[str, set[str]])
     the latest row per (slide_id, model) wins. ``committed`` (model -> slide ids with a commit
     record) fills in pairs whose status row a crashed run never flushed, from their commit
     records. Returns the table written."""
-    parts = sorted(store.fs.glob(store.path("_runs", "*", "slides-*.parquet")))
+    parts = sorted(store.fs.glob(store.path(RUN_STATUS_GLOB)))
     tables = []
     for part in parts:
         with store.fs.open(part, "rb") as f:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pathray.config import build_job_config
-from pathray.pipeline import plan_resources
+from pathray.resources import plan_resources
 
 
 def job(models, **resources):
