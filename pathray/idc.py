@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pyarrow as pa
 
@@ -235,8 +235,8 @@ def grid_tiles(width_px: int, height_px: int, mpp: float, tile_px: int, target_m
     """Tiles in the full non-overlapping grid of a ``width_px`` x ``height_px`` (level-0 px) slide
     at ``mpp`` µm/px, same rule as :func:`pathray.tiling.plan_tiles` (tiles entirely inside)."""
     size = tile_px * target_mpp / mpp
-    cols = int(math.floor((width_px - size) / size + 1e-9)) + 1 if width_px >= size else 0
-    rows = int(math.floor((height_px - size) / size + 1e-9)) + 1 if height_px >= size else 0
+    cols = math.floor((width_px - size) / size + 1e-9) + 1 if width_px >= size else 0
+    rows = math.floor((height_px - size) / size + 1e-9) + 1 if height_px >= size else 0
     return cols * rows
 
 
