@@ -1,0 +1,144 @@
+"""DICOM WSI series read in place from S3 (SeaweedFS) by byte range, against OpenSlide 4.
+
+Series are written in IDC's layout (``<uuid>/<SOPInstanceUID>.dcm``, one instance per level
+plus a label) from the synthetic SVS and the real CMU slide by :mod:`pathray.demo.dicomize`:
+JPEG tiles copied losslessly (YBR_FULL_422 and Aperio's RGB-coded JPEG) and lossless JPEG 2000,
+with Basic, Extended or no offset table.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+
+from pathray.demo.dicomize import write_dicom_series
+from pathray.dicom_wsi import DicomWsiError, open_dicom_series
+
+pytestmark = pytest.mark.s3
+
+#: case -> (slide fixture, codec, offset table, expected PhotometricInterpretation)
+CASES = {
+    "synthetic-jpeg-ybr-bot": ("synthetic_svs_025", "jpeg", "basic", "YBR_FULL_422"),
+    "cmu-jpeg-rgb-no-table": ("cmu_slide", "jpeg", "none", "RGB"),
+    "synthetic-j2k-eot": ("synthetic_svs_05", "jpeg2000", "extended", "RGB"),
+    "cmu-j2k-bot": ("cmu_slide", "jpeg2000", "basic", "RGB"),
+}
+
+
+@dataclass(frozen=True)
+class UploadedSeries:
+    local_dir: Path  # the same files on local disk (read by OpenSlide)
+    uri: str  # s3://bucket/<uuid>/
+    source: Path  # the SVS it was made from
+    photometric: str
+
+
+@pytest.fixture(scope="module")
+def dicom_bucket(s3_server) -> str:
+    name = f"pathray-idc-{uuid.uuid4().hex[:12]}"
+    s3_server.fs.mkdir(name)
+    return name
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def series(request, tmp_path_factory, s3_server, dicom_bucket) -> UploadedSeries:
+    slide_fixture, codec, table, photometric = CASES[request.param]
+    source = Path(os.fspath(request.getfixturevalue(slide_fixture)))
+    series_uuid = str(uuid.uuid4())
+    written = write_dicom_series(source, tmp_path_factory.mktemp(request.param) / series_uuid, codec, table)
+    for path in written.files:
+        s3_server.fs.put_file(str(path), f"{dicom_bucket}/{series_uuid}/{path.name}")
+    return UploadedSeries(written.directory, f"s3://{dicom_bucket}/{series_uuid}/", source, photometric)
+
+
+def _openslide_rgb(osr: openslide.OpenSlide, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+    """OpenSlide's read of level pixels, composited on white (outside the image → white)."""
+    ds = osr.level_downsamples[level]
+    rgba = np.asarray(osr.read_region((round(lx * ds), round(ly * ds)), level, (w, h))).astype(np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
+def _dicom_file(series: UploadedSeries) -> str:
+    return str(next(series.local_dir.glob("*.dcm")))
+
+
+def test_in_place_pixels_equal_openslide_and_source(series, s3_server):
+    backend = open_dicom_series(series.uri, s3_server.storage_options)
+    local = openslide.OpenSlide(_dicom_file(series))
+    source = openslide.OpenSlide(str(series.source))
+    assert backend.level_dimensions == tuple(local.level_dimensions) == tuple(source.level_dimensions)
+    assert backend.level_downsamples == pytest.approx(local.level_downsamples)
+    assert backend.properties["dicom.PhotometricInterpretation"] == series.photometric
+    for level, (w, h) in enumerate(backend.level_dimensions):
+        whole = backend.read_level(level, 0, 0, w, h)
+        np.testing.assert_array_equal(whole, _openslide_rgb(local, level, 0, 0, w, h))
+        np.testing.assert_array_equal(whole, _openslide_rgb(source, level, 0, 0, w, h))  # lossless conversion
+        for lx, ly in ((-37, -11), (w - 150, h - 90), (w // 3, h // 2)):  # unaligned windows, over the edges
+            window = backend.read_level(level, lx, ly, 300, 200)
+            np.testing.assert_array_equal(window, _openslide_rgb(local, level, lx, ly, 300, 200))
+    backend.close()
+
+
+def test_mpp_from_pixel_spacing_equals_openslide(series, s3_server):
+    backend = open_dicom_series(series.uri, s3_server.storage_options)
+    local = openslide.OpenSlide(_dicom_file(series))
+    source = openslide.OpenSlide(str(series.source))
+    for key in ("openslide.mpp-x", "openslide.mpp-y"):
+        assert float(backend.properties[key]) == pytest.approx(float(local.properties[key]), rel=1e-9)
+        assert float(backend.properties[key]) == pytest.approx(float(source.properties[key]), rel=1e-9)
+    assert backend.vendor == "dicom" and backend.properties["openslide.vendor"] == "dicom"
+
+
+def test_one_tile_fetches_only_its_frames_and_cache_refetches_nothing(series, s3_server):
+    backend = open_dicom_series(series.uri, s3_server.storage_options)
+    inst = backend._levels[0]
+    after_open = backend.stats.bytes_fetched
+    cache: dict = {}
+    # a 224-px region straddling 4 frames
+    lx, ly = inst.tile_w - 100, inst.tile_h - 100
+    backend.read_level(0, lx, ly, 224, 224, cache)
+    frames = [inst.frame_ranges[r * inst.tiles_across + c] for r in (0, 1) for c in (0, 1)]
+    assert backend.stats.bytes_fetched - after_open == sum(end - start for start, end in frames)
+    before = backend.stats.bytes_fetched
+    backend.read_level(0, lx + 10, ly + 10, 100, 100, cache)
+    assert backend.stats.bytes_fetched == before
+
+
+def test_tissue_read_pulls_at_most_the_series_size(synthetic_svs_025, tmp_path, s3_server, dicom_bucket):
+    """Open + lowest level (tissue detection) + every level-0 frame under tissue ≤ series bytes."""
+    series_uuid = str(uuid.uuid4())
+    written = write_dicom_series(synthetic_svs_025, tmp_path / series_uuid, "jpeg", "basic")
+    for path in written.files:
+        s3_server.fs.put_file(str(path), f"{dicom_bucket}/{series_uuid}/{path.name}")
+    backend = open_dicom_series(f"s3://{dicom_bucket}/{series_uuid}/", s3_server.storage_options)
+    low = len(backend.level_dimensions) - 1
+    backend.read_level(low, 0, 0, *backend.level_dimensions[low])
+    for x, y, w, h in synthetic_svs_025.tissue_rects:
+        backend.read_level(0, x, y, w, h)
+    ratio = backend.stats.bytes_fetched / backend.series_bytes
+    assert 0 < ratio <= 1.0
+    # and it is well below a full read: tissue covers under half of level 0
+    assert ratio < 0.7
+
+
+def test_sparse_layout_is_refused_clearly(synthetic_svs_05, tmp_path):
+    import pydicom
+
+    written = write_dicom_series(synthetic_svs_05, tmp_path / "sparse", "jpeg", "basic")
+    ds = pydicom.dcmread(written.files[0])
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.save_as(written.files[0])
+    with pytest.raises(DicomWsiError, match="TILED_SPARSE"):
+        open_dicom_series(str(written.directory))
+
+
+def test_prefix_without_instances_is_an_error(tmp_path):
+    with pytest.raises(DicomWsiError, match="no DICOM instances"):
+        open_dicom_series(str(tmp_path))
