@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("pathray.cli_embed", "run the Ray Data job: slides -> tile embeddings -> Parquet store"),
     "models": ("pathray.cli_models", "list the supported encoders, or write random weights for one"),
     "demo": ("pathray.cli_demo", "make the bundled demo slides and weights, then run the job on them"),
+    "manifest": ("pathray.cli_manifest", "write a slide manifest from a public index (idc: NCI Imaging Data Commons)"),
 }
 
 

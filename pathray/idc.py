@@ -7,10 +7,11 @@ manifest. Only rows with ``Modality = 'SM'`` (DICOM slide microscopy) are used.
 Manifest columns (one row per DICOM series = one slide):
 
 ``slide_id``
-    ``<PatientID>_<SeriesDescription>_<last 8 characters of SeriesInstanceUID>``, where the
+    ``<PatientID>_<SeriesDescription>_<first 8 hex digits of sha1(SeriesInstanceUID)>``, where the
     description has runs of characters outside ``[A-Za-z0-9-]`` replaced by ``-`` (``FFPE
     HE TP DX1`` → ``FFPE-HE-TP-DX1``); an empty description gives ``SM``. The suffix comes
-    from the DICOM SeriesInstanceUID, which IDC never changes (the bucket uuid
+    from the DICOM SeriesInstanceUID (hashed: UIDs' own tails repeat across series), which IDC
+    never changes (the bucket uuid
     ``crdc_series_uuid`` does change when IDC revises a series), so the id is stable across
     IDC releases. Unique over every SM series of the shipped index (tested).
 ``path``
@@ -33,6 +34,7 @@ filters; :func:`idc_manifest` reports them rather than guessing.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Sequence
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 SM_MODALITY = "SM"
-UID_SUFFIX_CHARS = 8
+UID_HASH_CHARS = 8
 PREPARATIONS = ("ffpe", "frozen")
 _DESCRIPTION_JUNK = re.compile(r"[^A-Za-z0-9-]+")
 _TCGA_DESCRIPTION = re.compile(r"^(?P<prep>FFPE|Frozen)\s.*\s(?P<code>[A-Z]{2})[0-9A-Z]*\s*$", re.IGNORECASE)
@@ -147,7 +149,7 @@ def slide_id_for(patient_id: str, description: str | None, series_uid: str) -> s
     """The manifest's ``slide_id`` rule (module doc): patient, cleaned description, UID suffix."""
     desc = _DESCRIPTION_JUNK.sub("-", description or "").strip("-") or "SM"
     patient = _DESCRIPTION_JUNK.sub("-", patient_id).strip("-")
-    return f"{patient}_{desc}_{series_uid[-UID_SUFFIX_CHARS:]}"
+    return f"{patient}_{desc}_{hashlib.sha1(series_uid.encode()).hexdigest()[:UID_HASH_CHARS]}"
 
 
 def series_prefix(row: dict) -> str:
