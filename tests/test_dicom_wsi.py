@@ -8,6 +8,7 @@ with Basic, Extended or no offset table.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -41,9 +42,20 @@ class UploadedSeries:
 
 @pytest.fixture(scope="module")
 def dicom_bucket(s3_server) -> str:
+    """A bucket readable without credentials (bucket policy), like IDC's idc-open-data."""
     name = f"pathray-idc-{uuid.uuid4().hex[:12]}"
     s3_server.fs.mkdir(name)
+    policy = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
+        "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"]}]}
+    s3_server.fs.call_s3("put_bucket_policy", Bucket=name, Policy=json.dumps(policy))
     return name
+
+
+def anonymous(s3_server) -> dict:
+    """s3fs options with no credentials at all: unsigned requests, as for the public IDC bucket."""
+    return {"anon": True, "client_kwargs": {"endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region},
+            "use_listings_cache": False}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -70,7 +82,7 @@ def _dicom_file(series: UploadedSeries) -> str:
 
 
 def test_in_place_pixels_equal_openslide_and_source(series, s3_server):
-    backend = open_dicom_series(series.uri, s3_server.storage_options)
+    backend = open_dicom_series(series.uri, anonymous(s3_server))
     local = openslide.OpenSlide(_dicom_file(series))
     source = openslide.OpenSlide(str(series.source))
     assert backend.level_dimensions == tuple(local.level_dimensions) == tuple(source.level_dimensions)
@@ -137,6 +149,15 @@ def test_sparse_layout_is_refused_clearly(synthetic_svs_05, tmp_path):
     ds.save_as(written.files[0])
     with pytest.raises(DicomWsiError, match="TILED_SPARSE"):
         open_dicom_series(str(written.directory))
+
+
+def test_anonymous_access_is_unsigned(synthetic_svs_05, tmp_path, s3_server, s3_bucket):
+    """The same anonymous options are refused on a bucket without a public policy."""
+    for path in write_dicom_series(synthetic_svs_05, tmp_path / "s", "jpeg").files:
+        s3_server.fs.put_file(str(path), f"{s3_bucket}/private/{path.name}")
+    with pytest.raises(PermissionError):
+        open_dicom_series(f"s3://{s3_bucket}/private/", anonymous(s3_server))
+    assert open_dicom_series(f"s3://{s3_bucket}/private/", s3_server.storage_options).level_dimensions
 
 
 def test_prefix_without_instances_is_an_error(tmp_path):

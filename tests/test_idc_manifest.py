@@ -118,3 +118,16 @@ def test_estimate_tiles_matches_the_planned_grid(synthetic_svs_025, tmp_path):
             estimate = estimate_tiles(rows, tile_px, target_mpp)
             assert estimate.grid_tiles == cols * nrows == grid_tiles(width, height, 0.25, tile_px, target_mpp)
             assert estimate.slides_counted == 1 and estimate.rows_without_geometry == ("no-geometry",)
+
+
+def test_embed_s3_anonymous_flag_sets_unsigned_storage_options():
+    import argparse
+
+    from pathray import cli_embed
+
+    parser = argparse.ArgumentParser()
+    cli_embed.configure(parser)
+    raw = cli_embed.raw_config(parser.parse_args(["--manifest", "m.parquet", "--models", "uni2-h", "--out", "o",
+                                                  "--s3-anonymous"]))
+    assert raw["storage_options"]["anon"] is True
+    assert "storage_options" not in cli_embed.raw_config(parser.parse_args(["--manifest", "m.parquet", "--models", "x"]))
