@@ -15,6 +15,9 @@ used. What is written:
 * ``codec="jpeg2000"``: each tile decoded and re-encoded as reversible (lossless) JPEG 2000
   without colour transform, PhotometricInterpretation ``RGB``, transfer syntax JPEG 2000
   Lossless Only; pixels equal the decoded source tiles;
+* ``codec="jpeg2000-ict"``: lossy JPEG 2000 with the irreversible colour transform in the
+  codestream, PhotometricInterpretation ``YBR_ICT``, transfer syntax JPEG 2000 (as many IDC
+  TCGA series);
 * ``offset_table``: ``"basic"`` (Basic Offset Table), ``"extended"`` (empty BOT + Extended
   Offset Table) or ``"none"`` (empty BOT: readers must walk the fragment items);
 * a small uncompressed LABEL instance (Explicit VR Little Endian), which readers skip.
@@ -31,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
-SYNTAX = {"jpeg": "1.2.840.10008.1.2.4.50", "jpeg2000": "1.2.840.10008.1.2.4.90"}
+SYNTAX = {"jpeg": "1.2.840.10008.1.2.4.50", "jpeg2000": "1.2.840.10008.1.2.4.90", "jpeg2000-ict": "1.2.840.10008.1.2.4.91"}
+PHOTOMETRIC = {"jpeg2000": "RGB", "jpeg2000-ict": "YBR_ICT"}
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 OFFSET_TABLES = ("basic", "extended", "none")
 _PHOTOMETRIC_FROM_TIFF = {6: "YBR_FULL_422", 2: "RGB"}
@@ -66,7 +70,9 @@ def _frames(page, codec: str) -> list[bytes]:
         return [tables[:-2] + tile[2:] if tables else tile for tile in raw]
     colorspace = "RGB" if page.photometric == 2 else "YCbCr"
     decoded = [imagecodecs.jpeg8_decode(tile, tables=tables, colorspace=colorspace, outcolorspace="RGB") for tile in raw]
-    return [imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K", reversible=True, mct=False) for tile in decoded]
+    if codec == "jpeg2000":
+        return [imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K", reversible=True, mct=False) for tile in decoded]
+    return [imagecodecs.jpeg2k_encode(tile, level=45, codecformat="J2K", reversible=False, mct=True) for tile in decoded]
 
 
 def _level_dataset(common, page, frames: list[bytes], level: int, mpp: float, ratio: float):
@@ -177,8 +183,8 @@ def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str
             ds = _level_dataset(common, page, frames, level, mpp, levels[0].shape[1] / page.shape[1])
             ds.SOPInstanceUID = _uid()
             jpeg = codec == "jpeg"
-            ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else "RGB"
-            ds.LossyImageCompression = "01" if jpeg else "00"
+            ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else PHOTOMETRIC[codec]
+            ds.LossyImageCompression = "00" if codec == "jpeg2000" else "01"
             _set_pixels(ds, frames, offset_table)
             files.append(directory / f"{ds.SOPInstanceUID}.dcm")
             _save(ds, files[-1], SYNTAX[codec])
