@@ -16,8 +16,10 @@ Per instance:
   frame, once per open: the cost of a file written without any table). One fragment per
   frame is assumed where a table gives no lengths... and checked: a frame's byte range is
   parsed as items and its fragments concatenated;
-* layout: ``TILED_FULL`` (frames row-major over the total pixel matrix, one focal plane and
-  optical path). ``TILED_SPARSE`` and concatenated instances are refused with a clear error.
+* layout: ``TILED_FULL`` (frames row-major over the total pixel matrix) or ``TILED_SPARSE``
+  (each frame's position from PerFrameFunctionalGroupsSequence; tiles without a frame are
+  white); one focal plane and optical path. Concatenated instances (one level split over
+  several files) and other layouts are refused with a clear error.
 
 Decoding (imagecodecs): JPEG Baseline frames are decoded with the JPEG colour space forced
 from PhotometricInterpretation (``YBR_FULL_422`` → YCbCr→RGB, ``RGB`` → none), as OpenSlide 4
@@ -102,10 +104,17 @@ class Instance:
     spacing_mm: tuple[float, float]  # PixelSpacing (row, column)
     frame_ranges: list[tuple[int, int]] = field(default_factory=list)  # file byte [start, end) of each frame's items
     dataset: Any = None
+    sparse_frames: dict[tuple[int, int], int] | None = None  # TILED_SPARSE: (column, row) -> frame; absent = white
 
     @property
     def tiles_across(self) -> int:
         return -(-self.width // self.tile_w)
+
+    def frame_index(self, column: int, row: int) -> int | None:
+        """Frame number of tile ``(column, row)``, or ``None`` where a sparse level has none."""
+        if self.sparse_frames is None:
+            return row * self.tiles_across + column
+        return self.sparse_frames.get((column, row))
 
 
 def _read_header(fs: Any, path: str, size: int, head: bytes, stats: RangeStats) -> tuple[Any, bytes, int]:
@@ -180,6 +189,8 @@ def _instance(fs: Any, path: str, size: int, head: bytes, stats: RangeStats) -> 
     inst = Instance(path, int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows), int(ds.Columns), int(ds.Rows),
                     str(ds.file_meta.TransferSyntaxUID), str(ds.PhotometricInterpretation),
                     (float(spacing[0]), float(spacing[1])), dataset=ds)
+    if str(ds.get("DimensionOrganizationType", "TILED_FULL")) == "TILED_SPARSE":
+        inst.sparse_frames = _sparse_positions(ds)
     if inst.syntax in UNCOMPRESSED:
         frame_bytes = inst.tile_w * inst.tile_h * 3
         inst.frame_ranges = [(pos + 12 + i * frame_bytes, pos + 12 + (i + 1) * frame_bytes)
@@ -189,10 +200,21 @@ def _instance(fs: Any, path: str, size: int, head: bytes, stats: RangeStats) -> 
     return inst
 
 
+def _sparse_positions(ds: Any) -> dict[tuple[int, int], int]:
+    """``(column, row) -> frame`` from each frame's PlanePositionSlideSequence (1-based pixel positions)."""
+    positions = {}
+    for index, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        plane = group.PlanePositionSlideSequence[0]
+        column = (int(plane.ColumnPositionInTotalImagePixelMatrix) - 1) // int(ds.Columns)
+        row = (int(plane.RowPositionInTotalImagePixelMatrix) - 1) // int(ds.Rows)
+        positions[(column, row)] = index
+    return positions
+
+
 def _check_layout(path: str, ds: Any) -> None:
     organisation = str(ds.get("DimensionOrganizationType", "TILED_FULL"))
-    if organisation != "TILED_FULL":
-        raise DicomWsiError(f"{path}: DimensionOrganizationType {organisation} is not supported (TILED_FULL only)")
+    if organisation not in ("TILED_FULL", "TILED_SPARSE"):
+        raise DicomWsiError(f"{path}: DimensionOrganizationType {organisation} is not supported")
     if int(ds.get("TotalPixelMatrixFocalPlanes", 1)) != 1 or int(ds.get("NumberOfOpticalPaths", 1)) != 1:
         raise DicomWsiError(f"{path}: several focal planes or optical paths are not supported")
     if int(ds.SamplesPerPixel) != 3 or int(ds.BitsAllocated) != 8:
@@ -254,7 +276,10 @@ class DicomWsiBackend:
 
     def _frames(self, level: int, inst: Instance, cells: list[tuple[int, int]], cache: dict) -> list[np.ndarray]:
         missing = [cell for cell in cells if (level, *cell) not in cache]
-        ranges = [(inst.path, *inst.frame_ranges[r * inst.tiles_across + c]) for c, r in missing]
+        for cell in [cell for cell in missing if inst.frame_index(*cell) is None]:  # sparse: no frame, white
+            cache[(level, *cell)] = np.full((inst.tile_h, inst.tile_w, 3), 255, np.uint8)
+            missing.remove(cell)
+        ranges = [(inst.path, *inst.frame_ranges[inst.frame_index(c, r)]) for c, r in missing]
         encapsulated = inst.syntax not in UNCOMPRESSED
         for cell, blob in zip(missing, fetch_ranges(self._fs, ranges, self.stats) if ranges else []):
             cache[(level, *cell)] = decode_frame(_fragments(blob) if encapsulated else blob, inst)

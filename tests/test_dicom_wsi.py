@@ -31,6 +31,7 @@ CASES = {
     "synthetic-j2k-eot": ("synthetic_svs_05", "jpeg2000", "extended", "RGB", True),
     "cmu-j2k-bot": ("cmu_slide", "jpeg2000", "basic", "RGB", True),
     "synthetic-j2k-ict-no-table": ("synthetic_svs_05", "jpeg2000-ict", "none", "YBR_ICT", False),
+    "synthetic-jpeg-sparse": ("synthetic_svs_025", "jpeg-sparse", "basic", "YBR_FULL_422", True),
 }
 
 
@@ -66,7 +67,9 @@ def series(request, tmp_path_factory, s3_server, dicom_bucket) -> UploadedSeries
     slide_fixture, codec, table, photometric, lossless = CASES[request.param]
     source = Path(os.fspath(request.getfixturevalue(slide_fixture)))
     series_uuid = str(uuid.uuid4())
-    written = write_dicom_series(source, tmp_path_factory.mktemp(request.param) / series_uuid, codec, table)
+    sparse = codec.endswith("-sparse")
+    written = write_dicom_series(source, tmp_path_factory.mktemp(request.param) / series_uuid,
+                                 codec.removesuffix("-sparse"), table, sparse=sparse)
     for path in written.files:
         s3_server.fs.put_file(str(path), f"{dicom_bucket}/{series_uuid}/{path.name}")
     return UploadedSeries(written.directory, f"s3://{dicom_bucket}/{series_uuid}/", source, photometric, lossless)
@@ -120,7 +123,8 @@ def test_one_tile_fetches_only_its_frames_and_cache_refetches_nothing(series, s3
     # a 224-px region straddling 4 frames
     lx, ly = inst.tile_w - 100, inst.tile_h - 100
     backend.read_level(0, lx, ly, 224, 224, cache)
-    frames = [inst.frame_ranges[r * inst.tiles_across + c] for r in (0, 1) for c in (0, 1)]
+    indices = [inst.frame_index(c, r) for r in (0, 1) for c in (0, 1)]
+    frames = [inst.frame_ranges[i] for i in indices if i is not None]  # a sparse level has none of these (white)
     assert backend.stats.bytes_fetched - after_open == sum(end - start for start, end in frames)
     before = backend.stats.bytes_fetched
     backend.read_level(0, lx + 10, ly + 10, 100, 100, cache)
@@ -144,14 +148,21 @@ def test_tissue_read_pulls_at_most_the_series_size(synthetic_svs_025, tmp_path, 
     assert ratio < 0.7
 
 
-def test_sparse_layout_is_refused_clearly(synthetic_svs_05, tmp_path):
+def test_sparse_level_has_frames_only_where_the_slide_is_not_white(synthetic_svs_025, tmp_path):
+    written = write_dicom_series(synthetic_svs_025, tmp_path / "sparse", "jpeg", "basic", sparse=True)
+    level0 = open_dicom_series(str(written.directory))._levels[0]
+    assert level0.sparse_frames is not None
+    assert 0 < len(level0.frame_ranges) < level0.tiles_across * -(-level0.height // level0.tile_h)
+
+
+def test_unsupported_layout_is_refused_clearly(synthetic_svs_05, tmp_path):
     import pydicom
 
-    written = write_dicom_series(synthetic_svs_05, tmp_path / "sparse", "jpeg", "basic")
+    written = write_dicom_series(synthetic_svs_05, tmp_path / "3d", "jpeg", "basic")
     ds = pydicom.dcmread(written.files[0])
-    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.DimensionOrganizationType = "3D"
     ds.save_as(written.files[0])
-    with pytest.raises(DicomWsiError, match="TILED_SPARSE"):
+    with pytest.raises(DicomWsiError, match="DimensionOrganizationType 3D"):
         open_dicom_series(str(written.directory))
 
 

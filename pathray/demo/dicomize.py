@@ -8,7 +8,9 @@ used. What is written:
 * one VL Whole Slide Microscopy Image instance per tiled TIFF page (each pyramid level),
   ImageType ``ORIGINAL\\PRIMARY\\VOLUME\\NONE`` for level 0, ``DERIVED\\PRIMARY\\VOLUME\\RESAMPLED``
   above; ``DimensionOrganizationType = TILED_FULL``; frames = the TIFF's tiles in row-major
-  order (edge frames keep the TIFF's padding, as DICOM requires whole frames);
+  order (edge frames keep the TIFF's padding, as DICOM requires whole frames); or, with
+  ``sparse=True``, ``TILED_SPARSE``: all-white frames left out and each kept frame's position
+  in PerFrameFunctionalGroupsSequence/PlanePositionSlideSequence;
 * ``codec="jpeg"``: the TIFF's JPEG tiles copied byte for byte (JPEGTables merged in), i.e.
   lossless transfer; PhotometricInterpretation ``YBR_FULL_422`` for TIFF YCbCr tiles,
   ``RGB`` for Aperio's RGB-coded tiles; transfer syntax JPEG Baseline;
@@ -158,11 +160,36 @@ def _label(common, directory: Path, number: int) -> Path:
     return path
 
 
+def _sparsify(ds, frames: list[bytes]) -> list[bytes]:
+    """Drop all-white frames and record each kept frame's position (TILED_SPARSE layout)."""
+    import imagecodecs
+    from pydicom.dataset import Dataset
+
+    across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+    kept, groups = [], []
+    for index, frame in enumerate(frames):
+        if imagecodecs.imread(frame).min() == 255:
+            continue
+        position = Dataset()
+        position.ColumnPositionInTotalImagePixelMatrix = (index % across) * int(ds.Columns) + 1
+        position.RowPositionInTotalImagePixelMatrix = (index // across) * int(ds.Rows) + 1
+        position.XOffsetInSlideCoordinateSystem, position.YOffsetInSlideCoordinateSystem = 0.0, 0.0
+        position.ZOffsetInSlideCoordinateSystem = 0.0
+        group = Dataset()
+        group.PlanePositionSlideSequence = [position]
+        groups.append(group)
+        kept.append(frame)
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.PerFrameFunctionalGroupsSequence = groups
+    ds.NumberOfFrames = len(kept)
+    return kept
+
+
 def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str = "jpeg",
-                       offset_table: str = "basic", mpp: float | None = None) -> DicomSeries:
+                       offset_table: str = "basic", mpp: float | None = None, sparse: bool = False) -> DicomSeries:
     """Write ``slide_path`` (tiled JPEG TIFF/SVS) as a DICOM WSI series into ``directory``
     (created; files named ``<SOPInstanceUID>.dcm`` as in IDC). ``mpp`` (µm/px) defaults to
-    the slide's ``openslide.mpp-x``."""
+    the slide's ``openslide.mpp-x``. ``sparse``: TILED_SPARSE, all-white frames left out."""
     import openslide
     import tifffile
 
@@ -182,6 +209,7 @@ def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str
             frames = _frames(page, codec)
             ds = _level_dataset(common, page, frames, level, mpp, levels[0].shape[1] / page.shape[1])
             ds.SOPInstanceUID = _uid()
+            frames = _sparsify(ds, frames) if sparse else frames
             jpeg = codec == "jpeg"
             ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else PHOTOMETRIC[codec]
             ds.LossyImageCompression = "00" if codec == "jpeg2000" else "01"
