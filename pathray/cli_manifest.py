@@ -19,11 +19,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--diagnostic-only", action="store_true",
                         help="keep diagnostic FFPE slides only (TCGA SeriesDescription 'FFPE ... DX<n>')")
     parser.add_argument("--preparation", choices=["ffpe", "frozen"], help="keep FFPE or frozen-section slides only")
+    parser.add_argument("--sm-index", metavar="PARQUET",
+                        help="IDC sm_index.parquet (from the idc-index package): add width_px/height_px/index_mpp "
+                             "so tiles can be estimated without touching the bucket")
     parser.add_argument("--out", default="manifest.parquet", help="output manifest: .parquet (default) or .csv, local or s3://")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathray.idc import IdcSelection, idc_manifest, index_version, write_manifest
+    from pathray.idc import IdcSelection, attach_geometry, idc_manifest, index_version, write_manifest
 
     try:
         selection = IdcSelection(tuple(args.collection), args.diagnostic_only, args.preparation)
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if table.num_rows == 0:
         print("pathray manifest: no series left after filtering", file=sys.stderr)
         return 2
+    if args.sm_index:
+        table = attach_geometry(table, args.sm_index)
     write_manifest(table, args.out)
     size_tb = sum(table.column("series_size_mb").to_pylist()) / 1e6
     print(f"wrote {table.num_rows} slides ({size_tb:.3f} TB in the bucket) to {args.out}")

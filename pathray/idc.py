@@ -203,6 +203,32 @@ def idc_manifest(selection: IdcSelection, parquet: str | None = None) -> tuple[p
     return pa.Table.from_pylist(kept, schema=MANIFEST_SCHEMA), counts
 
 
+#: geometry columns of IDC's ``sm_index.parquet`` (not shipped in the idc-index-data wheel; the
+#: ``idc-index`` package downloads it) -> manifest column, with the µm/px conversion in SQL
+SM_INDEX_GEOMETRY = {
+    "width_px": "max_TotalPixelMatrixColumns",
+    "height_px": "max_TotalPixelMatrixRows",
+    "index_mpp": "min_PixelSpacing_2sf * 1000.0",  # mm/px at 2 significant figures -> µm/px
+}
+
+
+def attach_geometry(table: pa.Table, sm_index_parquet: str) -> pa.Table:
+    """``table`` plus ``width_px``, ``height_px`` (level-0 px) and ``index_mpp`` (µm/px, 2 s.f.) joined
+    from an IDC ``sm_index.parquet`` on SeriesInstanceUID; null where the series is not in it."""
+    import duckdb
+
+    select = ", ".join(f"{expr} AS {name}" for name, expr in SM_INDEX_GEOMETRY.items())
+    with duckdb.connect() as con:
+        rows = con.execute(f"SELECT SeriesInstanceUID, {select} FROM read_parquet(?)", [sm_index_parquet]).fetchall()
+    by_uid = {row[0]: row[1:] for row in rows}
+    uids = table.column("series_instance_uid").to_pylist()
+    kinds = (pa.int64(), pa.int64(), pa.float64())
+    for k, (name, kind) in enumerate(zip(SM_INDEX_GEOMETRY, kinds)):
+        values = [by_uid[uid][k] if uid in by_uid else None for uid in uids]
+        table = table.append_column(pa.field(name, kind), pa.array(values, kind))
+    return table
+
+
 def write_manifest(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
     """Write a manifest as Parquet, or CSV when ``uri`` ends in ``.csv`` (local or ``s3://``)."""
     import pyarrow.csv as pacsv

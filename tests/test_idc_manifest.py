@@ -131,3 +131,33 @@ def test_embed_s3_anonymous_flag_sets_unsigned_storage_options():
                                                   "--s3-anonymous"]))
     assert raw["storage_options"]["anon"] is True
     assert "storage_options" not in cli_embed.raw_config(parser.parse_args(["--manifest", "m.parquet", "--models", "x"]))
+
+
+def test_sm_index_geometry_joins_onto_the_manifest_and_feeds_the_estimate(tmp_path):
+    """Columns named as in the shipped sm_index schema; the joined sizes drive estimate_tiles."""
+    import json
+    from pathlib import Path
+
+    import idc_index_data
+    import pyarrow as pa
+
+    from pathray.idc import SM_INDEX_GEOMETRY, attach_geometry
+
+    schema_names = {c["name"] for c in json.loads(
+        (Path(idc_index_data.__file__).parent / "sm_index_schema.json").read_text())["columns"]}
+    needed = {"SeriesInstanceUID", "max_TotalPixelMatrixColumns", "max_TotalPixelMatrixRows", "min_PixelSpacing_2sf"}
+    assert needed <= schema_names
+    assert all(expr.split()[0] in schema_names for expr in SM_INDEX_GEOMETRY.values())
+    table, _ = idc_manifest(IdcSelection(("tcga_luad",), diagnostic_only=True))
+    first, second = table.column("series_instance_uid").to_pylist()[:2]
+    sm_index = tmp_path / "sm_index.parquet"
+    pq.write_table(pa.table({"SeriesInstanceUID": [first, "1.2.unrelated"], "max_TotalPixelMatrixColumns": [4096, 10],
+                             "max_TotalPixelMatrixRows": [3072, 10], "min_PixelSpacing_2sf": [0.00025, 0.001]}), sm_index)
+    rows = attach_geometry(table, str(sm_index)).to_pylist()
+    by_uid = {r["series_instance_uid"]: r for r in rows}
+    assert (by_uid[first]["width_px"], by_uid[first]["height_px"]) == (4096, 3072)
+    assert by_uid[first]["index_mpp"] == pytest.approx(0.25)
+    assert by_uid[second]["width_px"] is None
+    estimate = estimate_tiles(rows, 224, 0.5)
+    assert estimate.grid_tiles == grid_tiles(4096, 3072, 0.25, 224, 0.5) == 9 * 6
+    assert estimate.slides_counted == 1 and len(estimate.rows_without_geometry) == len(rows) - 1
