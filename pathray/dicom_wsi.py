@@ -11,11 +11,11 @@ Per instance:
 
 * header: the first ``HEAD_BYTES`` (doubled until the Pixel Data element and its Basic
   Offset Table are inside), parsed with pydicom up to Pixel Data;
-* frame positions: the Extended Offset Table when present, else the Basic Offset Table,
-  else (empty BOT) the fragment item headers walked by 8-byte range reads (one request per
-  frame, once per open: the cost of a file written without any table). One fragment per
-  frame is assumed where a table gives no lengths... and checked: a frame's byte range is
-  parsed as items and its fragments concatenated;
+* frame positions: the Extended Offset Table when present, else the Basic Offset Table
+  (a frame's bytes run to the next offset and are parsed as items, so several fragments per
+  frame are joined), else (empty BOT) the fragment item headers, walked by 8-byte range
+  reads only as far as the highest frame a read needs (one request per frame walked, the
+  cost of a file written without any table; one fragment per frame assumed);
 * layout: ``TILED_FULL`` (frames row-major over the total pixel matrix) or ``TILED_SPARSE``
   (each frame's position from PerFrameFunctionalGroupsSequence; tiles without a frame are
   white); one focal plane and optical path. Concatenated instances (one level split over
@@ -41,7 +41,7 @@ import numpy as np
 from pathray.fs import split_uri
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
-HEAD_BYTES = 64 * 1024  # first read of each instance; doubled while the header + BOT need more
+HEAD_BYTES = 16 * 1024  # first read of each instance; extended while the header + BOT need more
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 ITEM_TAG = 0xE000FFFE  # (FFFE,E000) read as little-endian uint32
 SEQ_DELIMITER = 0xE0DDFFFE
@@ -105,6 +105,8 @@ class Instance:
     frame_ranges: list[tuple[int, int]] = field(default_factory=list)  # file byte [start, end) of each frame's items
     dataset: Any = None
     sparse_frames: dict[tuple[int, int], int] | None = None  # TILED_SPARSE: (column, row) -> frame; absent = white
+    walk_from: int | None = None  # no offset table: file offset of the next fragment item not yet walked
+    frame_count: int = 0
 
     @property
     def tiles_across(self) -> int:
@@ -119,8 +121,8 @@ class Instance:
 
 def _read_header(fs: Any, path: str, size: int, head: bytes, stats: RangeStats) -> tuple[Any, bytes, int]:
     """``(dataset, head bytes, offset of the Pixel Data element)``: ``head`` (the file's first
-    bytes) is re-fetched twice as long until the element header, and for encapsulated pixel
-    data its Basic Offset Table, are inside."""
+    bytes) is extended (doubled, or to the end of the Basic Offset Table once its length is
+    known) until the element header, and for encapsulated pixel data its BOT, are inside."""
     import pydicom
 
     while True:
@@ -137,7 +139,10 @@ def _read_header(fs: Any, path: str, size: int, head: bytes, stats: RangeStats) 
                 return ds, head, pos
         if len(head) >= size:
             raise DicomWsiError(f"{path}: no Pixel Data element found")
-        head = fetch_ranges(fs, [(path, 0, min(2 * len(head), size))], stats)[0]
+        want = 2 * len(head)
+        if ds is not None and head[pos : pos + 4] == PIXEL_DATA_TAG and pos + 20 <= len(head):
+            want = pos + 20 + struct.unpack_from("<I", head, pos + 16)[0]  # exactly the rest of the BOT
+        head += fetch_ranges(fs, [(path, len(head), min(want, size))], stats)[0]
 
 
 def _frame_ranges(fs: Any, inst: Instance, head: bytes, pos: int, size: int, stats: RangeStats) -> list[tuple[int, int]]:
@@ -153,14 +158,20 @@ def _frame_ranges(fs: Any, inst: Instance, head: bytes, pos: int, size: int, sta
     if bot_len:
         offsets = list(struct.unpack_from(f"<{bot_len // 4}I", head, pos + 20)) + [None]
         return [(first + a, first + b if b is not None else size) for a, b in itertools.pairwise(offsets)]
-    ranges, at = [], first
-    for _ in range(n):
+    inst.walk_from, inst.frame_count = first, n  # no table: items are walked when frames are needed
+    return []
+
+
+def _walk_items(fs: Any, inst: Instance, upto: int, stats: RangeStats) -> None:
+    """Extend ``inst.frame_ranges`` past frame ``upto`` by reading fragment item headers (8 bytes,
+    one request each) from where the last walk stopped; one fragment per frame is assumed."""
+    while len(inst.frame_ranges) <= upto < inst.frame_count:
+        at = inst.walk_from
         tag, length = struct.unpack("<II", fetch_ranges(fs, [(inst.path, at, at + 8)], stats)[0])
         if tag != ITEM_TAG:
             raise DicomWsiError(f"{inst.path}: expected a fragment item at byte {at}")
-        ranges.append((at, at + 8 + length))
-        at += 8 + length
-    return ranges
+        inst.frame_ranges.append((at, at + 8 + length))
+        inst.walk_from = at + 8 + length
 
 
 def _fragments(blob: bytes) -> bytes:
@@ -279,7 +290,10 @@ class DicomWsiBackend:
         for cell in [cell for cell in missing if inst.frame_index(*cell) is None]:  # sparse: no frame, white
             cache[(level, *cell)] = np.full((inst.tile_h, inst.tile_w, 3), 255, np.uint8)
             missing.remove(cell)
-        ranges = [(inst.path, *inst.frame_ranges[inst.frame_index(c, r)]) for c, r in missing]
+        indices = [inst.frame_index(c, r) for c, r in missing]
+        if inst.walk_from is not None and indices:
+            _walk_items(self._fs, inst, max(indices), self.stats)
+        ranges = [(inst.path, *inst.frame_ranges[i]) for i in indices]
         encapsulated = inst.syntax not in UNCOMPRESSED
         for cell, blob in zip(missing, fetch_ranges(self._fs, ranges, self.stats) if ranges else []):
             cache[(level, *cell)] = decode_frame(_fragments(blob) if encapsulated else blob, inst)
