@@ -9,7 +9,7 @@ pulled, coalescing adjacent ranges and counting bytes/requests).
 
 Per instance:
 
-* header: the first ``HEAD_BYTES`` (doubled until the Pixel Data element and its Basic
+* header: the first ``HEAD_BYTES`` (extended until the Pixel Data element and its Basic
   Offset Table are inside), parsed with pydicom up to Pixel Data;
 * frame positions: the Extended Offset Table when present, else the Basic Offset Table
   (a frame's bytes run to the next offset and are parsed as items, so several fragments per
@@ -45,7 +45,7 @@ HEAD_BYTES = 16 * 1024  # first read of each instance; extended while the header
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 ITEM_TAG = 0xE000FFFE  # (FFFE,E000) read as little-endian uint32
 SEQ_DELIMITER = 0xE0DDFFFE
-COALESCE_GAP_BYTES = 0  # ranges closer than this are fetched as one request
+COALESCE_GAP_BYTES = 0  # ranges of one file at most this many bytes apart are fetched as one request
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 UNCOMPRESSED = ("1.2.840.10008.1.2.1",)  # Explicit VR Little Endian

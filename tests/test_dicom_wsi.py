@@ -3,8 +3,8 @@
 Series are written in IDC's layout (``<uuid>/<SOPInstanceUID>.dcm``, one instance per level
 plus a label) from the synthetic SVS and the real CMU slide by :mod:`pathray.demo.dicomize`:
 JPEG tiles copied losslessly (YBR_FULL_422 and Aperio's RGB-coded JPEG), lossless JPEG 2000 (RGB)
-and lossy JPEG 2000 with the irreversible colour transform (YBR_ICT), with Basic, Extended or no
-offset table.
+lossy JPEG 2000 with the irreversible colour transform (YBR_ICT) and uncompressed RGB, with
+Basic, Extended or no offset table, TILED_FULL and TILED_SPARSE.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ CASES = {
     "cmu-j2k-bot": ("cmu_slide", "jpeg2000", "basic", "RGB", True),
     "synthetic-j2k-ict-no-table": ("synthetic_svs_05", "jpeg2000-ict", "none", "YBR_ICT", False),
     "synthetic-jpeg-sparse": ("synthetic_svs_025", "jpeg-sparse", "basic", "YBR_FULL_422", True),
+    "synthetic-uncompressed": ("synthetic_svs_05", "raw", "basic", "RGB", True),
 }
 
 

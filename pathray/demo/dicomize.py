@@ -20,6 +20,7 @@ used. What is written:
 * ``codec="jpeg2000-ict"``: lossy JPEG 2000 with the irreversible colour transform in the
   codestream, PhotometricInterpretation ``YBR_ICT``, transfer syntax JPEG 2000 (as many IDC
   TCGA series);
+* ``codec="raw"``: the decoded tiles uncompressed (Explicit VR Little Endian, ``RGB``);
 * ``offset_table``: ``"basic"`` (Basic Offset Table), ``"extended"`` (empty BOT + Extended
   Offset Table) or ``"none"`` (empty BOT: readers must walk the fragment items);
 * a small uncompressed LABEL instance (Explicit VR Little Endian), which readers skip.
@@ -36,9 +37,10 @@ from pathlib import Path
 import numpy as np
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
-SYNTAX = {"jpeg": "1.2.840.10008.1.2.4.50", "jpeg2000": "1.2.840.10008.1.2.4.90", "jpeg2000-ict": "1.2.840.10008.1.2.4.91"}
-PHOTOMETRIC = {"jpeg2000": "RGB", "jpeg2000-ict": "YBR_ICT"}
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+SYNTAX = {"jpeg": "1.2.840.10008.1.2.4.50", "jpeg2000": "1.2.840.10008.1.2.4.90", "jpeg2000-ict": "1.2.840.10008.1.2.4.91",
+          "raw": EXPLICIT_LE}
+PHOTOMETRIC = {"jpeg2000": "RGB", "jpeg2000-ict": "YBR_ICT", "raw": "RGB"}
 OFFSET_TABLES = ("basic", "extended", "none")
 _PHOTOMETRIC_FROM_TIFF = {6: "YBR_FULL_422", 2: "RGB"}
 
@@ -72,6 +74,8 @@ def _frames(page, codec: str) -> list[bytes]:
         return [tables[:-2] + tile[2:] if tables else tile for tile in raw]
     colorspace = "RGB" if page.photometric == 2 else "YCbCr"
     decoded = [imagecodecs.jpeg8_decode(tile, tables=tables, colorspace=colorspace, outcolorspace="RGB") for tile in raw]
+    if codec == "raw":
+        return [tile.tobytes() for tile in decoded]
     if codec == "jpeg2000":
         return [imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K", reversible=True, mct=False) for tile in decoded]
     return [imagecodecs.jpeg2k_encode(tile, level=45, codecformat="J2K", reversible=False, mct=True) for tile in decoded]
@@ -123,7 +127,7 @@ def _common(series_uid: str, study_uid: str, frame_uid: str, description: str):
     return ds
 
 
-def _save(ds, path: Path, syntax: str) -> None:
+def _set_meta(ds, syntax: str) -> None:
     from pydicom.dataset import FileMetaDataset
 
     meta = FileMetaDataset()
@@ -131,12 +135,20 @@ def _save(ds, path: Path, syntax: str) -> None:
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = syntax
     ds.file_meta = meta
+
+
+def _save(ds, path: Path, syntax: str) -> None:
+    _set_meta(ds, syntax)
     ds.save_as(path, enforce_file_format=True)
 
 
 def _set_pixels(ds, frames: list[bytes], offset_table: str) -> None:
     from pydicom.encaps import encapsulate, encapsulate_extended
 
+    if str(ds.file_meta.TransferSyntaxUID) == EXPLICIT_LE:
+        ds.PixelData = b"".join(frames)  # native: frames back to back, no offset table
+        ds["PixelData"].VR = "OB"
+        return
     if offset_table == "extended":
         ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(frames)
     else:
@@ -212,7 +224,8 @@ def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str
             frames = _sparsify(ds, frames) if sparse else frames
             jpeg = codec == "jpeg"
             ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else PHOTOMETRIC[codec]
-            ds.LossyImageCompression = "00" if codec == "jpeg2000" else "01"
+            ds.LossyImageCompression = "00" if codec in ("jpeg2000", "raw") else "01"
+            _set_meta(ds, SYNTAX[codec])
             _set_pixels(ds, frames, offset_table)
             files.append(directory / f"{ds.SOPInstanceUID}.dcm")
             _save(ds, files[-1], SYNTAX[codec])
