@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("pathray.cli_models", "list the supported encoders, or write random weights for one"),
     "demo": ("pathray.cli_demo", "make the bundled demo slides and weights, then run the job on them"),
     "mil": ("pathray.cli_mil", "slide-level ABMIL: train|eval on store slides and labels, attention heatmaps"),
+    "manifest": ("pathray.cli_manifest", "write a slide manifest from a public index (idc: NCI Imaging Data Commons)"),
 }
 
 

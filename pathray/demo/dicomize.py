@@ -1,0 +1,234 @@
+"""Write a tiled TIFF/SVS slide as a DICOM WSI series in IDC's layout (one ``.dcm`` per level).
+
+Used to make test fixtures and demo data shaped like the Imaging Data Commons buckets
+(``<series uuid>/<instance>.dcm``). Written with pydicom directly: ``wsidicomizer`` needs
+Python ≥ 3.12 in its current releases and drags in PyTurboJPEG/czifile/zarr, so it is not
+used. What is written:
+
+* one VL Whole Slide Microscopy Image instance per tiled TIFF page (each pyramid level),
+  ImageType ``ORIGINAL\\PRIMARY\\VOLUME\\NONE`` for level 0, ``DERIVED\\PRIMARY\\VOLUME\\RESAMPLED``
+  above; ``DimensionOrganizationType = TILED_FULL``; frames = the TIFF's tiles in row-major
+  order (edge frames keep the TIFF's padding, as DICOM requires whole frames); or, with
+  ``sparse=True``, ``TILED_SPARSE``: all-white frames left out and each kept frame's position
+  in PerFrameFunctionalGroupsSequence/PlanePositionSlideSequence;
+* ``codec="jpeg"``: the TIFF's JPEG tiles copied byte for byte (JPEGTables merged in), i.e.
+  lossless transfer; PhotometricInterpretation ``YBR_FULL_422`` for TIFF YCbCr tiles,
+  ``RGB`` for Aperio's RGB-coded tiles; transfer syntax JPEG Baseline;
+* ``codec="jpeg2000"``: each tile decoded and re-encoded as reversible (lossless) JPEG 2000
+  without colour transform, PhotometricInterpretation ``RGB``, transfer syntax JPEG 2000
+  Lossless Only; pixels equal the decoded source tiles;
+* ``codec="jpeg2000-ict"``: lossy JPEG 2000 with the irreversible colour transform in the
+  codestream, PhotometricInterpretation ``YBR_ICT``, transfer syntax JPEG 2000 (as many IDC
+  TCGA series);
+* ``codec="raw"``: the decoded tiles uncompressed (Explicit VR Little Endian, ``RGB``);
+* ``offset_table``: ``"basic"`` (Basic Offset Table), ``"extended"`` (empty BOT + Extended
+  Offset Table) or ``"none"`` (empty BOT: readers must walk the fragment items);
+* a small uncompressed LABEL instance (Explicit VR Little Endian), which readers skip.
+
+PixelSpacing is ``mpp / 1000`` mm per level (row spacing first; pixels are square here).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+SYNTAX = {"jpeg": "1.2.840.10008.1.2.4.50", "jpeg2000": "1.2.840.10008.1.2.4.90", "jpeg2000-ict": "1.2.840.10008.1.2.4.91",
+          "raw": EXPLICIT_LE}
+PHOTOMETRIC = {"jpeg2000": "RGB", "jpeg2000-ict": "YBR_ICT", "raw": "RGB"}
+OFFSET_TABLES = ("basic", "extended", "none")
+_PHOTOMETRIC_FROM_TIFF = {6: "YBR_FULL_422", 2: "RGB"}
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """A written series: its directory (one ``.dcm`` per instance), UIDs and geometry."""
+
+    directory: Path
+    series_uid: str
+    files: tuple[Path, ...]
+    mpp: float  # level-0 µm/px
+    level_dimensions: tuple[tuple[int, int], ...]  # (width, height) level px
+
+
+def _uid() -> str:
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def _frames(page, codec: str) -> list[bytes]:
+    """The page's tiles as DICOM frames (see the module doc)."""
+    import imagecodecs
+
+    fh = page.parent.filehandle
+    raw = []
+    for offset, count in zip(page.dataoffsets, page.databytecounts):
+        fh.seek(offset)
+        raw.append(fh.read(count))
+    tables = page.jpegtables
+    if codec == "jpeg":
+        return [tables[:-2] + tile[2:] if tables else tile for tile in raw]
+    colorspace = "RGB" if page.photometric == 2 else "YCbCr"
+    decoded = [imagecodecs.jpeg8_decode(tile, tables=tables, colorspace=colorspace, outcolorspace="RGB") for tile in raw]
+    if codec == "raw":
+        return [tile.tobytes() for tile in decoded]
+    if codec == "jpeg2000":
+        return [imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K", reversible=True, mct=False) for tile in decoded]
+    return [imagecodecs.jpeg2k_encode(tile, level=45, codecformat="J2K", reversible=False, mct=True) for tile in decoded]
+
+
+def _level_dataset(common, page, frames: list[bytes], level: int, mpp: float, ratio: float):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.update(common)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if level == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+    ds.InstanceNumber = level + 1
+    height, width = page.shape[:2]
+    ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = height, width
+    ds.Rows, ds.Columns = page.tilelength, page.tilewidth
+    ds.NumberOfFrames = len(frames)
+    ds.DimensionOrganizationType = "TILED_FULL"
+    spacing = mpp * ratio / 1000.0
+    measures = Dataset()
+    measures.PixelSpacing = [f"{spacing:.10g}", f"{spacing:.10g}"]
+    measures.SliceThickness = "0.001"
+    groups = Dataset()
+    groups.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [groups]
+    ds.ImagedVolumeWidth, ds.ImagedVolumeHeight, ds.ImagedVolumeDepth = width * spacing, height * spacing, 0.001
+    return ds
+
+
+def _common(series_uid: str, study_uid: str, frame_uid: str, description: str):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.SOPClassUID = WSI_SOP_CLASS
+    ds.Modality = "SM"
+    ds.PatientID, ds.PatientName, ds.StudyID = "PATHRAY-TEST-0001", "pathray^fixture", "1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+    ds.SeriesNumber, ds.SeriesDescription = 1, description
+    ds.Manufacturer, ds.ContainerIdentifier = "pathray", "SLIDE-1"
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.TotalPixelMatrixFocalPlanes, ds.NumberOfOpticalPaths = 1, 1
+    ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+    origin = Dataset()
+    origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 20.0, 40.0
+    ds.TotalPixelMatrixOriginSequence = [origin]
+    path = Dataset()
+    path.OpticalPathIdentifier = "1"
+    ds.OpticalPathSequence = [path]
+    return ds
+
+
+def _set_meta(ds, syntax: str) -> None:
+    from pydicom.dataset import FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    ds.file_meta = meta
+
+
+def _save(ds, path: Path, syntax: str) -> None:
+    _set_meta(ds, syntax)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _set_pixels(ds, frames: list[bytes], offset_table: str) -> None:
+    from pydicom.encaps import encapsulate, encapsulate_extended
+
+    if str(ds.file_meta.TransferSyntaxUID) == EXPLICIT_LE:
+        ds.PixelData = b"".join(frames)  # native: frames back to back, no offset table
+        ds["PixelData"].VR = "OB"
+        return
+    if offset_table == "extended":
+        ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(frames)
+    else:
+        ds.PixelData = encapsulate(frames, has_bot=offset_table == "basic")
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+
+
+def _label(common, directory: Path, number: int) -> Path:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.update(common)
+    ds.SOPInstanceUID, ds.InstanceNumber = _uid(), number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+    ds.PhotometricInterpretation, ds.Rows, ds.Columns = "RGB", 32, 64
+    ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns, ds.NumberOfFrames = 32, 64, 1
+    ds.PixelData = np.full((32, 64, 3), 90, np.uint8).tobytes()
+    path = directory / f"{ds.SOPInstanceUID}.dcm"
+    _save(ds, path, EXPLICIT_LE)
+    return path
+
+
+def _sparsify(ds, frames: list[bytes]) -> list[bytes]:
+    """Drop all-white frames and record each kept frame's position (TILED_SPARSE layout)."""
+    import imagecodecs
+    from pydicom.dataset import Dataset
+
+    across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+    kept, groups = [], []
+    for index, frame in enumerate(frames):
+        if imagecodecs.imread(frame).min() == 255:
+            continue
+        position = Dataset()
+        position.ColumnPositionInTotalImagePixelMatrix = (index % across) * int(ds.Columns) + 1
+        position.RowPositionInTotalImagePixelMatrix = (index // across) * int(ds.Rows) + 1
+        position.XOffsetInSlideCoordinateSystem, position.YOffsetInSlideCoordinateSystem = 0.0, 0.0
+        position.ZOffsetInSlideCoordinateSystem = 0.0
+        group = Dataset()
+        group.PlanePositionSlideSequence = [position]
+        groups.append(group)
+        kept.append(frame)
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.PerFrameFunctionalGroupsSequence = groups
+    ds.NumberOfFrames = len(kept)
+    return kept
+
+
+def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str = "jpeg",
+                       offset_table: str = "basic", mpp: float | None = None, sparse: bool = False) -> DicomSeries:
+    """Write ``slide_path`` (tiled JPEG TIFF/SVS) as a DICOM WSI series into ``directory``
+    (created; files named ``<SOPInstanceUID>.dcm`` as in IDC). ``mpp`` (µm/px) defaults to
+    the slide's ``openslide.mpp-x``. ``sparse``: TILED_SPARSE, all-white frames left out."""
+    import openslide
+    import tifffile
+
+    if codec not in SYNTAX or offset_table not in OFFSET_TABLES:
+        raise ValueError(f"codec must be one of {tuple(SYNTAX)}, offset_table one of {OFFSET_TABLES}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if mpp is None:
+        with openslide.OpenSlide(str(slide_path)) as osr:
+            mpp = float(osr.properties[openslide.PROPERTY_NAME_MPP_X])
+    series_uid = _uid()
+    common = _common(series_uid, _uid(), _uid(), f"pathray {codec} {offset_table}")
+    files, dims = [], []
+    with tifffile.TiffFile(slide_path) as tif:
+        levels = [p for p in tif.pages if p.is_tiled and p.compression == 7]
+        for level, page in enumerate(levels):
+            frames = _frames(page, codec)
+            ds = _level_dataset(common, page, frames, level, mpp, levels[0].shape[1] / page.shape[1])
+            ds.SOPInstanceUID = _uid()
+            frames = _sparsify(ds, frames) if sparse else frames
+            jpeg = codec == "jpeg"
+            ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else PHOTOMETRIC[codec]
+            ds.LossyImageCompression = "00" if codec in ("jpeg2000", "raw") else "01"
+            _set_meta(ds, SYNTAX[codec])
+            _set_pixels(ds, frames, offset_table)
+            files.append(directory / f"{ds.SOPInstanceUID}.dcm")
+            _save(ds, files[-1], SYNTAX[codec])
+            dims.append((page.shape[1], page.shape[0]))
+    files.append(_label(common, directory, len(files) + 1))
+    return DicomSeries(directory, series_uid, tuple(files), mpp, tuple(dims))
