@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pathray.encoders import EncoderConfig, get_spec, load_encoder, write_random_weights  # noqa: E402
+from pathray.encoders import cost  # noqa: E402
 from pathray.encoders.build import create_model  # noqa: E402
 
 #: dense peak TFLOP/s by (device-name substring, dtype); fp32 = TF32 tensor cores when enabled
@@ -66,16 +67,8 @@ def device_label(device: torch.device) -> str:
 
 
 def flops_per_tile(encoder) -> float:
-    """Model FLOPs per tile, counted on a meta-device copy: there attention decomposes into
-    matmuls that FlopCounterMode sees (the fused CPU attention kernel is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = create_model(encoder.architecture, encoder.model_kwargs, meta=True).eval()
-    n = encoder.spec.input_px
-    x = torch.empty(2, 3, n, n, device="meta")
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x) if encoder.spec.pooling == "cls" else model.forward_features(x)
-    return counter.get_total_flops() / 2
+    """Model FLOPs per tile of the loaded variant (see :func:`pathray.encoders.cost.flops_per_tile`)."""
+    return cost.flops_per_tile(encoder.spec, encoder.architecture, encoder.model_kwargs)
 
 
 def bench_one(encoder, batch_size: int, tile_px: int, min_seconds: float, warmup: int) -> tuple[float, int]:

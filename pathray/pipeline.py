@@ -339,48 +339,73 @@ def _log_progress(report: RunReport, in_flight: int) -> None:
 
 
 def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
-    """What a run would do, without starting Ray: slides to do / already committed,
-    tiles estimated by planning up to ``sample`` slides, and the resource plan for the
-    local machine (or the cluster at ``RAY_ADDRESS`` once the job runs there). Checks the
-    store's config as the run would: a mismatch the run would refuse raises
-    :class:`StoreConfigMismatchError` here too (with ``new_version``, the plan names the
-    version it would write)."""
-    from pathray.stages import SlidePlanner
+    """What a run would do, without starting Ray: slides to do / already committed, the tiles
+    to embed and GPU-hours per model, and the resource plan for the local machine (or the
+    cluster at ``RAY_ADDRESS`` once the job runs there). Checks the store's config as the run
+    would: a mismatch the run would refuse raises :class:`StoreConfigMismatchError` here too
+    (with ``new_version``, the plan names the version it would write).
 
+    Tiles: a manifest whose rows all carry the index's geometry (``width_px``, ``height_px``,
+    ``index_mpp``: ``pathray manifest idc --sm-index``) is estimated from it without opening a
+    slide (the full grid, an upper bound: no tissue filter); otherwise up to ``sample`` slides
+    are planned for real and the mean is extrapolated."""
     plans, unknown = plan_models(config)
     models = [m.name for m in plans]
     entries = read_manifest(config.manifest, config.storage_options)
     store = _choose_store(config, tiling_record(config.tiling), {m.name: m.record for m in plans})
-    existing = store.read_config()
     committed = {m: store.committed(m) for m in models}
     todo = [e for e in entries if any(e.slide_id not in committed[m] for m in models)]
-    planner = SlidePlanner(config.tiling, config.chunk_tiles, config.storage_options, config.scratch_dir,
-                           config.scratch_max_bytes)
-    counts, errors = [], []
-    try:
-        for e in todo[:sample]:
-            rows = planner.plan_one({"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "models": models,
-                                     "mpp_override": math.nan if e.mpp is None else e.mpp})
-            if rows[0]["status"] == "error":
-                errors.append({"slide_id": e.slide_id, "error_type": rows[0]["error_type"], "message": rows[0]["error_message"]})
-            counts.append(rows[0]["n_tiles_slide"])
-    finally:
-        planner.scratch.close()
-    mean_tiles = float(np.mean(counts)) if counts else 0.0
+    tiles = _estimate_tiles(config, todo, sample)
     cluster = {"CPU": float(os.cpu_count() or 1), "GPU": float(local_gpus())}
     return {
         "models": models,
         "unknown_models": [name for name, _ in unknown],
         "tiling": config.tiling.to_dict(),
         "store": store.root,
-        "store_exists": existing is not None,
+        "store_exists": store.read_config() is not None,
         "slides_in_manifest": len(entries),
         "slides_already_committed": len(entries) - len(todo),
         "slides_to_do": len(todo),
-        "sampled_slides": len(counts),
-        "sample_errors": errors,
-        "estimated_tiles": round(mean_tiles * len(todo)),
-        "estimated_chunks": round(math.ceil(mean_tiles / config.chunk_tiles) * len(todo)) if mean_tiles else 0,
+        **tiles,
+        "estimated_chunks": (round(math.ceil(tiles["estimated_tiles"] / max(len(todo), 1) / config.chunk_tiles)
+                             * len(todo)) if tiles["estimated_tiles"] else 0),
+        "gpu_hours": _gpu_hours(models, tiles["estimated_tiles"]),
         "local_resources": cluster,
         "resource_plan_here": dataclasses.asdict(plan_resources(config, cluster, max(1, len(models)))),
     }
+
+
+def _estimate_tiles(config: JobConfig, todo: list[SlideEntry], sample: int) -> dict[str, Any]:
+    from pathray.idc import estimate_tiles
+
+    rows = [{"slide_id": e.slide_id, **e.extra} for e in todo]
+    if rows and all(r.get("width_px") and r.get("index_mpp") for r in rows):
+        estimate = estimate_tiles(rows, config.tiling.tile_px, config.tiling.target_mpp)
+        return {"tile_estimate": "index geometry (full grid, no tissue filter: an upper bound)",
+                "estimated_tiles": estimate.grid_tiles, "sampled_slides": 0, "sample_errors": []}
+    planner = SlidePlanner(config.tiling, config.chunk_tiles, config.storage_options, config.scratch_dir,
+                           config.scratch_max_bytes)
+    counts, errors = [], []
+    try:
+        for e in todo[:sample]:
+            rows = planner.plan_one({"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "models": [],
+                                     "mpp_override": math.nan if e.mpp is None else e.mpp})
+            if rows[0]["status"] == "error":
+                errors.append({"slide_id": e.slide_id, "error_type": rows[0]["error_type"],
+                               "message": rows[0]["error_message"]})
+            counts.append(rows[0]["n_tiles_slide"])
+    finally:
+        planner.scratch.close()
+    mean_tiles = float(np.mean(counts)) if counts else 0.0
+    return {"tile_estimate": f"mean of {len(counts)} planned slides x slides to do",
+            "estimated_tiles": round(mean_tiles * len(todo)), "sampled_slides": len(counts), "sample_errors": errors}
+
+
+def _gpu_hours(models: list[str], tiles: int) -> dict[str, Any]:
+    """GPU-hours per registered model at the 50 %-MFU target rate on one H100 (bf16): a
+    planning figure, not a measurement (no benchmarked GPU rate is recorded yet)."""
+    from pathray.encoders.cost import TARGET_MFU, target_tiles_per_s
+    from pathray.encoders.registry import REGISTRY
+
+    hours = {m: round(tiles / target_tiles_per_s(m) / 3600, 2) for m in models if m in REGISTRY}
+    return {"basis": f"target rate at {TARGET_MFU:.0%} MFU on one H100 (bf16), not measured", "per_model": hours}

@@ -115,3 +115,27 @@ def test_job_entry_point_has_the_cli_options():
                          check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     for option in ("--manifest", "--models", "--out", "--config", "--dry-run", "--weights"):
         assert option in out.stdout
+
+
+def test_dry_run_on_an_index_manifest_estimates_tiles_and_gpu_hours_without_the_bucket(tmp_path, capsys):
+    """Rows with the IDC index's geometry are estimated from it: no slide is opened (these
+    paths point at a bucket this machine cannot reach), and GPU-hours come labelled as the
+    50 %-MFU target."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pathray.encoders.cost import target_tiles_per_s
+    from pathray.idc import grid_tiles
+
+    rows = [{"slide_id": f"s{i}", "path": f"s3://idc-open-data/{i:08d}-0000-0000-0000-000000000000/",
+             "width_px": w, "height_px": h, "index_mpp": mpp}
+            for i, (w, h, mpp) in enumerate([(100_000, 80_000, 0.25), (60_000, 40_000, 0.5)])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    code = main(["embed", "--manifest", str(tmp_path / "m.parquet"), "--models", "uni2-h",
+                 "--out", str(tmp_path / "store"), "--dry-run"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0 and plan["sampled_slides"] == 0 and plan["tile_estimate"].startswith("index geometry")
+    tiles = grid_tiles(100_000, 80_000, 0.25, 224, 0.5) + grid_tiles(60_000, 40_000, 0.5, 224, 0.5)
+    assert plan["estimated_tiles"] == tiles
+    assert plan["gpu_hours"]["per_model"]["uni2-h"] == round(tiles / target_tiles_per_s("uni2-h") / 3600, 2)
+    assert "not measured" in plan["gpu_hours"]["basis"]
