@@ -109,6 +109,19 @@ class StoreConfigMismatchError(StoreError):
     error_type = "store_config_mismatch"
 
 
+class FeaturesUnreadableError(StoreError):
+    """A committed features file cannot be read back whole (corrupt, truncated, missing,
+    or not the rows its commit record promises)."""
+
+    error_type = "features_unreadable"
+
+
+class AggregatorError(PathrayError):
+    """A slide aggregator failed on one slide (or could not be built)."""
+
+    error_type = "aggregator_error"
+
+
 UNEXPECTED = "unexpected_error"
 
 
