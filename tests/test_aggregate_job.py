@@ -29,6 +29,7 @@ from pathray.store import FeatureStore
 
 pytestmark = pytest.mark.timeout(300)
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 MODEL = "sleep"
 DIM = 8
 
@@ -74,6 +75,7 @@ def slide_rows(store: FeatureStore, aggregator: str) -> dict[str, dict]:
     return {r["slide_id"]: r for r in store.slide_features(MODEL, aggregator).to_table().to_pylist()}
 
 
+@pytest.mark.slow  # three Ray Data runs, ~20 s on 2 CPUs
 def test_mean_and_max_equal_numpy_over_the_stored_tiles_and_a_rerun_does_nothing(store_copy):
     store = FeatureStore(str(store_copy))
     report = run_aggregate(AggregateConfig(str(store_copy), MODEL, "mean"), progress_bars=False)
@@ -126,6 +128,14 @@ def test_a_corrupt_features_file_is_a_recorded_error_while_the_others_aggregate(
     assert again.slides_skipped == 3 and again.counts == {"ok": 1, "no_tissue": 0, "error": 0}
     np.testing.assert_allclose(slide_rows(store, "mean")["c"]["embedding"], stored_tiles(store, "c").mean(axis=0),
                                rtol=1e-6)
+    # the README's slide-level query runs on this store as written
+    block = README.read_text().split("### Querying slide-level rows")[1].split("```python\n")[1].split("```")[0]
+    line = 'root, model, aggregator = "demo-out/store", "kaiko-vits16", "mean"'
+    assert line in block
+    scope: dict = {}
+    exec(block.replace(line, f'root, model, aggregator = "{store_copy}", "{MODEL}", "mean"'), scope)
+    assert sorted(scope["slides"].column("slide_id").to_pylist()) == ["a", "b", "c"]
+    assert [(r[0], r[3], r[4]) for r in scope["per_slide"]] == [("a", DIM, 0.25), ("b", DIM, 0.5), ("c", DIM, 0.5)]
 
 
 def test_export_round_trips_as_trident_h5_and_clam_pt(store_copy, tmp_path):
