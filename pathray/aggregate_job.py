@@ -183,7 +183,7 @@ def _read_tiles(store: FeatureStore, relpath: str, n_tiles: int, slide_mpp: floa
         raise FeaturesUnreadableError(f"{relpath}: tile_index is not strictly increasing")
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
-    embeddings = emb.values.to_numpy(zero_copy_only=False).reshape(n_tiles, dim).astype("<f4", copy=False)
+    embeddings = emb.flatten().to_numpy(zero_copy_only=False).reshape(n_tiles, dim).astype("<f4", copy=False)
     kept = table.select([c for c in table.column_names if c not in TILE_COLUMNS]).slice(0, 1)
     if slide_mpp is None:  # size_level0 = tile_px * target_mpp / slide_mpp
         first = table.slice(0, 1).to_pylist()[0]
@@ -208,15 +208,15 @@ class SlideAggregatorStage:
     """Loaded slides -> :data:`RESULT_SCHEMA` rows, committing each slide's row.
 
     The aggregator is built once per actor. If that fails (weights missing, module absent),
-    the actor stays up and every slide it receives becomes an error row with that cause."""
+    the actor stays up and every slide it receives becomes an error row with that cause
+    (stage ``aggregate``, the build error's ``error_type``)."""
 
-    def __init__(self, root: str, storage_options: dict | None, model: str, spec: AggregatorSpec,
-                 weights: str | None, device: str, base_provenance: dict[str, Any]):
-        self.store = FeatureStore(root, storage_options)
-        self.model, self.spec = model, spec
+    def __init__(self, config: AggregateConfig, spec: AggregatorSpec, device: str, base_provenance: dict[str, Any]):
+        self.store = FeatureStore(config.store, config.storage_options)
+        self.model, self.spec = config.model, spec
         self.aggregator, self.build_error = None, None
         try:
-            self.aggregator = build_aggregator(spec, weights, device)
+            self.aggregator = build_aggregator(spec, config.weights, device)
             self.provenance = {**base_provenance, "aggregator_provenance": self.aggregator.provenance()}
         except Exception as exc:  # noqa: BLE001 - reported on every slide this actor receives
             self.build_error = describe(exc)
@@ -230,17 +230,18 @@ class SlideAggregatorStage:
         result["aggregate_s"] = 0.0
         if row["status"] == "error":
             return result
+        if self.build_error:
+            error_type, message = self.build_error
+            result.update(status="error", stage="aggregate", error_type=error_type,
+                          error_message=f"{self.spec.name} could not be built: {message}"[:2000])
+            return result
         start, stage = time.perf_counter(), "aggregate"
         try:
-            if self.build_error:
-                raise AggregatorError(f"{self.spec.name} could not be built: {self.build_error[1]}")
-            table = None
-            if row["status"] == "ok":
-                table = self._slide_row(row)
+            table = self._slide_row(row) if row["status"] == "ok" else None
             stage = "commit"
             self._commit(row, table)
         except Exception as exc:  # noqa: BLE001 - one slide's failure is recorded, never fatal
-            error_type, message = self.build_error if self.build_error else describe(exc)
+            error_type, message = describe(exc)
             result.update(status="error", stage=stage, error_type=error_type, error_message=message[:2000])
         result["aggregate_s"] = time.perf_counter() - start
         return result
@@ -278,13 +279,16 @@ class SlideAggregatorStage:
 
 
 # --- driver -----------------------------------------------------------------------------------
-def _pin_aggregator(store: FeatureStore, model: str, spec: AggregatorSpec, weights: str | None) -> dict[str, Any]:
-    """Write (first run) or check (later runs) the aggregator identity of this output folder."""
+def _pin_aggregator(store: FeatureStore, model: str, spec: AggregatorSpec, weights: str | None,
+                    done: set[str]) -> dict[str, Any]:
+    """Write or check the aggregator identity (spec + weights) of this output folder. Other
+    weights are refused once any slide (``done``) is committed under it; until then the new
+    identity replaces the old (a first run whose weights could not be loaded commits nothing)."""
     record = spec.record(weights)
     record["fingerprint"] = fingerprint(record)
     path = store.path(store.slide_commit_relpath(model, spec.name), PINNED)
     existing = _read_json(store.fs, path)
-    if existing is None:
+    if existing is None or (existing["fingerprint"] != record["fingerprint"] and not done):
         _put_bytes(store.fs, path, json.dumps(record, indent=2, sort_keys=True).encode())
     elif existing["fingerprint"] != record["fingerprint"]:
         raise StoreConfigMismatchError(
@@ -324,13 +328,13 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
     run_id = config.run_id or "agg-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     report = AggregateReport(run_id=run_id, store=store.root, model=config.model, aggregator=spec.name,
                              started_at=time.time())
-    committed = store.committed(config.model)
-    todo = sorted(committed - store.aggregated(config.model, spec.name))
+    committed, done = store.committed(config.model), store.aggregated(config.model, spec.name)
+    record = _pin_aggregator(store, config.model, spec, config.weights, done)
+    todo = sorted(committed - done)
     report.slides_committed, report.slides_skipped = len(committed), len(committed) - len(todo)
     results: list[dict[str, Any]] = []
     try:
         if todo:
-            record = _pin_aggregator(store, config.model, spec, config.weights)
             provenance = {"aggregator": record, "tile_model": config.model, "run_id": run_id,
                           "pathray_version": __version__, "store_config_hash": fingerprint(store.read_config())}
             for r in _run_dataset(config, spec, store, todo, provenance, report, progress_bars):
@@ -369,9 +373,7 @@ def _run_dataset(config: AggregateConfig, spec: AggregatorSpec, store: FeatureSt
                         fn_kwargs={"root": store.root, "storage_options": config.storage_options, "model": config.model})
     ds = ds.map_batches(SlideAggregatorStage, batch_size=1, batch_format="pyarrow", num_cpus=res.actor_num_cpus,
                         num_gpus=res.actor_num_gpus, compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
-                        fn_constructor_kwargs={"root": store.root, "storage_options": config.storage_options,
-                                               "model": config.model, "spec": spec, "weights": config.weights,
-                                               "device": "cuda" if res.actor_num_gpus else "cpu",
-                                               "base_provenance": provenance})
+                        fn_constructor_kwargs={"config": config, "spec": spec, "base_provenance": provenance,
+                                               "device": "cuda" if res.actor_num_gpus else "cpu"})
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()  # one small row per slide

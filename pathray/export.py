@@ -80,7 +80,7 @@ def read_slide_features(store: FeatureStore, record: CommitRecord) -> SlideFeatu
     if table.num_rows != record.n_tiles:
         raise FeaturesUnreadableError(f"{record.features_path}: {table.num_rows} rows, commit record says {record.n_tiles}")
     emb = table.column("embedding").combine_chunks()
-    features = emb.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, emb.type.list_size)
+    features = emb.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, emb.type.list_size)
     first = table.slice(0, 1).to_pylist()[0]
     return SlideFeatures(
         slide_id=record.slide_id, features=features.astype(np.float32, copy=False),

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pathray.aggregate import AGGREGATORS, get_aggregator
+from pathray.aggregate import AGGREGATORS, build_aggregator, get_aggregator
 from pathray.aggregate_job import AggregateConfig, _pin_aggregator, plan_aggregate_resources, run_aggregate
 from pathray.cli import main
 from pathray.config import build_job_config
-from pathray.errors import StoreConfigMismatchError
+from pathray.errors import StoreConfigMismatchError, describe
 from pathray.fakes import sleep_encoder
 from pathray.pipeline import run_job
 from pathray.store import FeatureStore
@@ -32,6 +32,7 @@ pytestmark = pytest.mark.timeout(300)
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODEL = "sleep"
 DIM = 8
+GIGA = "prov-gigapath"  # a stand-in with Prov-GigaPath's 1536-d tile embeddings
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -45,7 +46,8 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def tile_store(ray_cluster, synthetic_svs_025, synthetic_svs_05, synthetic_svs_no_mpp, blank_svs, tmp_path_factory):
     """A store written by the embedding job: slides a (0.25 µm/px), b (0.5), c (mpp from the
-    manifest), and blank (no tissue), with ``case_id`` kept. Tests copy it before changing it."""
+    manifest), and blank (no tissue), with ``case_id`` kept, for two stand-in models (8-d and
+    1536-d as ``prov-gigapath``). Tests copy it before changing it."""
     tmp = tmp_path_factory.mktemp("agg_store")
     manifest = write_manifest(tmp / "m.csv", [
         {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x", "case_id": "ca", "mpp": ""},
@@ -53,11 +55,13 @@ def tile_store(ray_cluster, synthetic_svs_025, synthetic_svs_05, synthetic_svs_n
         {"slide_id": "c", "path": os.fspath(synthetic_svs_no_mpp), "cohort": "y", "case_id": "cc", "mpp": "0.5"},
         {"slide_id": "blank", "path": os.fspath(blank_svs), "cohort": "y", "case_id": "cz", "mpp": ""},
     ])
-    config = build_job_config({"manifest": str(manifest), "out": str(tmp / "store"), "models": [MODEL],
+    config = build_job_config({"manifest": str(manifest), "out": str(tmp / "store"), "models": [MODEL, GIGA],
                                "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4,
                                "keep_columns": ["case_id"]})
-    report = run_job(config, {MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM)}, progress_bars=False)
-    assert report.per_model[MODEL]["ok"] == 3 and report.per_model[MODEL]["no_tissue"] == 1
+    encoders = {MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM), GIGA: sleep_encoder(tiles_per_s=1e4, embed_dim=1536)}
+    report = run_job(config, encoders, progress_bars=False)
+    assert report.per_model[MODEL]["ok"] == report.per_model[GIGA]["ok"] == 3
+    assert report.per_model[MODEL]["no_tissue"] == 1
     return tmp / "store"
 
 
@@ -198,31 +202,45 @@ def test_refusals_before_any_work(tile_store, tmp_path):
         run_aggregate(AggregateConfig(str(tile_store), "uni", "mean"))
     store = FeatureStore(str(tmp_path))
     giga = get_aggregator("gigapath-slide")
-    _pin_aggregator(store, "prov-gigapath", giga, "/w/a.pth")
-    _pin_aggregator(store, "prov-gigapath", giga, "/w/a.pth")  # same weights: fine
-    with pytest.raises(StoreConfigMismatchError, match="a.pth"):
-        _pin_aggregator(store, "prov-gigapath", giga, "/w/b.pth")
+    _pin_aggregator(store, "prov-gigapath", giga, "/w/a.pth", done=set())
+    _pin_aggregator(store, "prov-gigapath", giga, "/w/b.pth", done=set())  # nothing committed yet: b replaces a
+    _pin_aggregator(store, "prov-gigapath", giga, "/w/b.pth", done={"s1"})  # same weights: fine
+    with pytest.raises(StoreConfigMismatchError, match="b.pth"):
+        _pin_aggregator(store, "prov-gigapath", giga, "/w/c.pth", done={"s1"})
 
 
-def test_gigapath_slide_aggregator_matches_the_encoder_called_directly(ray_cluster, synthetic_svs_025, tmp_path,
-                                                                       request):
+def test_an_aggregator_that_cannot_be_built_fails_every_slide_and_commits_nothing(store_copy, tmp_path):
+    spec, weights = get_aggregator("gigapath-slide"), str(tmp_path / "absent" / "slide_encoder.pth")
+    with pytest.raises(Exception) as raised:  # what building it raises here (module or weights missing)
+        build_aggregator(spec, weights)
+    want_type, want_message = describe(raised.value)
+    report = run_aggregate(AggregateConfig(str(store_copy), GIGA, spec.name, weights=weights, run_id="nobuild"),
+                           progress_bars=False)
+    assert report.counts == {"ok": 0, "no_tissue": 0, "error": 4} and report.exit_code == 1
+    store = FeatureStore(str(store_copy))
+    assert store.aggregated(GIGA, spec.name) == set() and not (store_copy / "slide_features").exists()
+    errors = store.errors().filter(pc.field("run_id") == "nobuild").to_pylist()
+    assert sorted(e["slide_id"] for e in errors) == ["a", "b", "blank", "c"]
+    assert {(e["model"], e["stage"], e["error_type"]) for e in errors} == \
+        {(GIGA, "aggregate:gigapath-slide/aggregate", want_type)}
+    assert errors[0]["message"] == f"gigapath-slide could not be built: {want_message}"[:2000]
+
+
+def test_gigapath_slide_aggregator_matches_the_encoder_called_directly(store_copy, request):
     gigapath = pytest.importorskip("pathray.slide_encoders.gigapath")
     weights = request.getfixturevalue("gigapath_slide_weights")  # random slide_encoder.pth, from that branch
-    manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "path": os.fspath(synthetic_svs_025)}])
-    config = build_job_config({"manifest": str(manifest), "out": str(tmp_path / "store"), "models": ["prov-gigapath"],
-                               "tiling": {"tile_px": 256, "target_mpp": 0.5}, "chunk_tiles": 8})
-    run_job(config, {"prov-gigapath": sleep_encoder(tiles_per_s=1e4, embed_dim=1536)}, progress_bars=False)
-    report = run_aggregate(AggregateConfig(config.out, "prov-gigapath", "gigapath-slide", weights=str(weights)),
+    report = run_aggregate(AggregateConfig(str(store_copy), GIGA, "gigapath-slide", weights=str(weights)),
                            progress_bars=False)
-    assert report.counts["ok"] == 1, FeatureStore(config.out).errors().to_pylist()
-    store = FeatureStore(config.out)
-    tiles = store.dataset("prov-gigapath").to_table().sort_by("tile_index")
+    store = FeatureStore(str(store_copy))
+    assert report.counts == {"ok": 3, "no_tissue": 1, "error": 0}, store.errors().to_pylist()
     encoder = gigapath.GigaPathSlideEncoder.from_weights(str(weights))
-    want = encoder(np.stack(tiles.column("embedding").to_numpy(zero_copy_only=False)), tiles.column("x").to_numpy(),
-                   tiles.column("y").to_numpy(), synthetic_svs_025.mpp)
-    got = store.slide_features("prov-gigapath", "gigapath-slide").to_table().column("embedding").to_pylist()[0]
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    assert len(got) == 768
+    rows = {r["slide_id"]: r for r in store.slide_features(GIGA, "gigapath-slide").to_table().to_pylist()}
+    for slide_id, slide_mpp in (("a", 0.25), ("b", 0.5), ("c", 0.5)):
+        tiles = store.dataset(GIGA).to_table(filter=pc.field("slide_id") == slide_id).sort_by("tile_index")
+        want = encoder(np.stack(tiles.column("embedding").to_numpy(zero_copy_only=False)),
+                       tiles.column("x").to_numpy(), tiles.column("y").to_numpy(), slide_mpp)
+        assert len(rows[slide_id]["embedding"]) == 768
+        np.testing.assert_allclose(rows[slide_id]["embedding"], want, atol=1e-5)
 
 
 def test_temp_files_of_an_interrupted_write_are_invisible_to_readers(tmp_path, monkeypatch):
