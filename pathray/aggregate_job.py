@@ -309,10 +309,9 @@ def _check_inputs(store: FeatureStore, config: AggregateConfig, spec: Aggregator
         log.info("%s: no --weights given; the aggregator's default source is used", spec.name)
 
 
-def _errors_table(results: list[dict[str, Any]], model: str, aggregator: str) -> pa.Table:
+def _errors_table(failed: list[dict[str, Any]], model: str, aggregator: str) -> pa.Table:
     rows = [{"slide_id": r["slide_id"], "model": model, "stage": f"aggregate:{aggregator}/{r['stage']}",
-             "error_type": r["error_type"], "message": r["error_message"], "time": time.time()}
-            for r in results if r["status"] == "error"]
+             "error_type": r["error_type"], "message": r["error_message"], "time": time.time()} for r in failed]
     return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
 
 
@@ -332,13 +331,13 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
     record = _pin_aggregator(store, config.model, spec, config.weights, done)
     todo = sorted(committed - done)
     report.slides_committed, report.slides_skipped = len(committed), len(committed) - len(todo)
-    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     try:
         if todo:
             provenance = {"aggregator": record, "tile_model": config.model, "run_id": run_id,
                           "pathray_version": __version__, "store_config_hash": fingerprint(store.read_config())}
             for r in _run_dataset(config, spec, store, todo, provenance, report, progress_bars):
-                results.append(r)
+                failed += [r] if r["status"] == "error" else []
                 report.counts[r["status"]] += 1
                 report.tiles += r["n_tiles"] if r["status"] != "error" else 0
                 report.busy_s["load"] += r["load_s"] or 0.0
@@ -347,7 +346,7 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
         report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
         raise
     finally:
-        errors = _errors_table(results, config.model, spec.name)
+        errors = _errors_table(failed, config.model, spec.name)
         if errors.num_rows:
             store.write_table(f"errors/run_id={run_id}/part-00001.parquet", errors)
         report.ended_at = time.time()
