@@ -16,8 +16,9 @@ rest, overwriting any file a crash left without a record. Slides committed witho
 get a record and no file. Per-slide failures (an unreadable features file, an aggregator
 error) become rows of the store's error ledger (``errors/run_id=<run>/``, ``model`` = the
 tile model, ``stage`` = ``aggregate:<name>/<load|aggregate|commit>``), never a failed job.
-The aggregator's identity (spec + weights) is pinned in ``_aggregator.json`` next to the
-records: a run with other weights under the same name is refused.
+The aggregator's identity (spec + weights) is pinned in
+``_commits/slide_features/model=<m>/aggregator=<a>.json``: once a slide is committed, a run
+with other weights under the same name is refused.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from pathray.store import (
 
 log = logging.getLogger("pathray")
 
-PINNED = "_aggregator.json"
 TILE_COLUMNS = frozenset(f.name for f in TILE_FIELDS) | {"embedding"}
 
 LOADED_SCHEMA = pa.schema([
@@ -286,7 +286,7 @@ def _pin_aggregator(store: FeatureStore, model: str, spec: AggregatorSpec, weigh
     identity replaces the old (a first run whose weights could not be loaded commits nothing)."""
     record = spec.record(weights)
     record["fingerprint"] = fingerprint(record)
-    path = store.path(store.slide_commit_relpath(model, spec.name), PINNED)
+    path = store.path(store.slide_commit_relpath(model, spec.name) + ".json")  # beside the records, not among them
     existing = _read_json(store.fs, path)
     if existing is None or (existing["fingerprint"] != record["fingerprint"] and not done):
         _put_bytes(store.fs, path, json.dumps(record, indent=2, sort_keys=True).encode())

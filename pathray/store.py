@@ -260,8 +260,7 @@ class FeatureStore:
             names = self.fs.ls(prefix, detail=False)
         except FileNotFoundError:
             return set()
-        names = [os.path.basename(n) for n in names]
-        return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith("_")}
+        return {os.path.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
 
     def commit_record(self, model: str, slide_id: str) -> CommitRecord | None:
         raw = _read_json(self.fs, self.commit_path(model, slide_id))
