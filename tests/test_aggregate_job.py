@@ -47,7 +47,7 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
 def tile_store(ray_cluster, synthetic_svs_025, synthetic_svs_05, synthetic_svs_no_mpp, blank_svs, tmp_path_factory):
     """A store written by the embedding job: slides a (0.25 µm/px), b (0.5), c (mpp from the
     manifest), and blank (no tissue), with ``case_id`` kept, for two stand-in models (8-d and
-    1536-d as ``prov-gigapath``). Tests copy it before changing it."""
+    1536-d float16 as ``prov-gigapath``). Tests copy it before changing it."""
     tmp = tmp_path_factory.mktemp("agg_store")
     manifest = write_manifest(tmp / "m.csv", [
         {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x", "case_id": "ca", "mpp": ""},
@@ -58,7 +58,8 @@ def tile_store(ray_cluster, synthetic_svs_025, synthetic_svs_05, synthetic_svs_n
     config = build_job_config({"manifest": str(manifest), "out": str(tmp / "store"), "models": [MODEL, GIGA],
                                "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4,
                                "keep_columns": ["case_id"]})
-    encoders = {MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM), GIGA: sleep_encoder(tiles_per_s=1e4, embed_dim=1536)}
+    encoders = {MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM),
+                GIGA: sleep_encoder(tiles_per_s=1e4, embed_dim=1536, output_dtype="float16")}
     report = run_job(config, encoders, progress_bars=False)
     assert report.per_model[MODEL]["ok"] == report.per_model[GIGA]["ok"] == 3
     assert report.per_model[MODEL]["no_tissue"] == 1
@@ -209,6 +210,20 @@ def test_refusals_before_any_work(tile_store, tmp_path):
         _pin_aggregator(store, "prov-gigapath", giga, "/w/c.pth", done={"s1"})
 
 
+def test_float16_tiles_are_pooled_in_float32(store_copy):
+    report = run_aggregate(AggregateConfig(str(store_copy), GIGA, "mean"), progress_bars=False)
+    store = FeatureStore(str(store_copy))
+    assert report.counts == {"ok": 3, "no_tissue": 1, "error": 0}, store.errors().column("message").to_pylist()
+    assert str(store.dataset(GIGA).schema.field("embedding").type.value_type) == "halffloat"
+    table = store.slide_features(GIGA, "mean").to_table()
+    embedding_type = table.schema.field("embedding").type
+    assert (embedding_type.list_size, str(embedding_type.value_type)) == (1536, "float")
+    for row in table.to_pylist():
+        tiles = store.dataset(GIGA).to_table(filter=pc.field("slide_id") == row["slide_id"])
+        want = np.stack(tiles.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32).mean(axis=0)
+        np.testing.assert_allclose(row["embedding"], want, rtol=1e-6)
+
+
 def test_an_aggregator_that_cannot_be_built_fails_every_slide_and_commits_nothing(store_copy, tmp_path):
     spec, weights = get_aggregator("gigapath-slide"), str(tmp_path / "absent" / "slide_encoder.pth")
     with pytest.raises(Exception) as raised:  # what building it raises here (module or weights missing)
@@ -232,7 +247,7 @@ def test_gigapath_slide_aggregator_matches_the_encoder_called_directly(store_cop
     report = run_aggregate(AggregateConfig(str(store_copy), GIGA, "gigapath-slide", weights=str(weights)),
                            progress_bars=False)
     store = FeatureStore(str(store_copy))
-    assert report.counts == {"ok": 3, "no_tissue": 1, "error": 0}, store.errors().to_pylist()
+    assert report.counts == {"ok": 3, "no_tissue": 1, "error": 0}, store.errors().column("message").to_pylist()
     encoder = gigapath.GigaPathSlideEncoder.from_weights(str(weights))
     rows = {r["slide_id"]: r for r in store.slide_features(GIGA, "gigapath-slide").to_table().to_pylist()}
     for slide_id, slide_mpp in (("a", 0.25), ("b", 0.5), ("c", 0.5)):
