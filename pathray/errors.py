@@ -123,6 +123,19 @@ class CommitMismatchError(StoreError):
     error_type = "commit_mismatch"
 
 
+class FeaturesUnreadableError(StoreError):
+    """A committed features file cannot be read back whole (corrupt, truncated, missing,
+    or not the rows its commit record promises)."""
+
+    error_type = "features_unreadable"
+
+
+class AggregatorError(PathrayError):
+    """A slide aggregator failed on one slide (or could not be built)."""
+
+    error_type = "aggregator_error"
+
+
 UNEXPECTED = "unexpected_error"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 

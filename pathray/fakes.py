@@ -17,16 +17,17 @@ from pathray.encoders.custom import CustomEncoder
 
 
 class SleepEncoder:
-    def __init__(self, tiles_per_s: float, embed_dim: int = 8):
+    def __init__(self, tiles_per_s: float, embed_dim: int = 8, dtype: str = "float32"):
         self.tiles_per_s = float(tiles_per_s)
         self.embed_dim = int(embed_dim)
+        self.dtype = dtype
 
     def provenance(self) -> dict[str, Any]:
         return {"model": "sleep", "tiles_per_s": self.tiles_per_s, "embed_dim": self.embed_dim}
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         time.sleep(len(tiles) / self.tiles_per_s)
-        return pixel_statistics(tiles, self.embed_dim)
+        return pixel_statistics(tiles, self.embed_dim).astype(self.dtype)
 
 
 def pixel_statistics(tiles: np.ndarray, embed_dim: int) -> np.ndarray:
@@ -38,11 +39,13 @@ def pixel_statistics(tiles: np.ndarray, embed_dim: int) -> np.ndarray:
     return np.tile(stats, (1, reps))[:, :embed_dim].astype(np.float32)
 
 
-def sleep_encoder(tiles_per_s: float, embed_dim: int = 8) -> CustomEncoder:
-    """A :class:`~pathray.encoders.custom.CustomEncoder` building a :class:`SleepEncoder` per actor."""
+def sleep_encoder(tiles_per_s: float, embed_dim: int = 8, output_dtype: str = "float32") -> CustomEncoder:
+    """A :class:`~pathray.encoders.custom.CustomEncoder` building a :class:`SleepEncoder` per actor;
+    its embeddings are ``output_dtype`` (the job stores a custom encoder's output as is)."""
     return CustomEncoder(
-        factory=lambda: SleepEncoder(tiles_per_s, embed_dim),
-        record={"model": "sleep", "embed_dim": embed_dim},
+        factory=lambda: SleepEncoder(tiles_per_s, embed_dim, output_dtype),
+        record={"model": "sleep", "embed_dim": embed_dim, "output_dtype": output_dtype},
+        output_dtype=output_dtype,
     )
 
 

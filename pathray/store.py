@@ -8,6 +8,10 @@ Layout under ``ROOT`` (a local directory or ``s3://bucket/prefix``)::
     _staging/model=<model>/<slide_id>/<chunk_id>.parquet  chunk outputs of the write stage (transient)
     _commits/model=<model>/<slide_id>.json                commit record, written last
     slides.parquet                                        latest status per (slide, model)
+    slide_features/model=<model>/aggregator=<name>/<slide_id>.parquet
+                                                          one slide-level row (``pathray aggregate``)
+    _commits/slide_features/model=<model>/aggregator=<name>/<slide_id>.json
+                                                          its commit record, written last
     errors/run_id=<run_id>/part-<k>.parquet               error ledger, one row per failure
     _runs/<run_id>/report.json, slides-<k>.parquet        run report and raw per-run status rows
 
@@ -225,6 +229,16 @@ class FeatureStore:
                     removed += 1
         return removed
 
+    def slide_features_relpath(self, model: str, aggregator: str, slide_id: str | None = None) -> str:
+        """``slide_features/model=<model>/aggregator=<aggregator>[/<slide_id>.parquet]``."""
+        folder = f"slide_features/model={model}/aggregator={aggregator}"
+        return folder if slide_id is None else f"{folder}/{slide_id}.parquet"
+
+    def slide_commit_relpath(self, model: str, aggregator: str, slide_id: str | None = None) -> str:
+        """Where the commit records of ``slide_features`` live (one ``<slide_id>.json`` each)."""
+        folder = f"_commits/slide_features/model={model}/aggregator={aggregator}"
+        return folder if slide_id is None else f"{folder}/{slide_id}.json"
+
     # store config ------------------------------------------------------------------------
     def read_config(self) -> dict | None:
         return _read_json(self.fs, self.path(STORE_META))
@@ -283,7 +297,13 @@ class FeatureStore:
     # reading -----------------------------------------------------------------------------
     def committed(self, model: str) -> set[str]:
         """Slide ids with a commit record for ``model``."""
-        prefix = self.path("_commits", f"model={model}")
+        return self._record_ids(self.path("_commits", f"model={model}"))
+
+    def aggregated(self, model: str, aggregator: str) -> set[str]:
+        """Slide ids whose slide-level row for (``model``, ``aggregator``) is committed."""
+        return self._record_ids(self.path(self.slide_commit_relpath(model, aggregator)))
+
+    def _record_ids(self, prefix: str) -> set[str]:
         try:
             names = self.fs.ls(prefix, detail=False)
         except FileNotFoundError:
@@ -309,6 +329,20 @@ class FeatureStore:
         partitioning = pads.partitioning(pa.schema([("model", pa.string()), ("cohort", pa.string())]), flavor="hive")
         return pads.dataset(files, filesystem=self.fs, format="parquet", partitioning=partitioning,
                             partition_base_dir=self.path("features"))
+
+    def slide_features(self, model: str, aggregator: str) -> pads.Dataset:
+        """pyarrow dataset of the committed slide-level rows of (``model``, ``aggregator``):
+        ``slide_id``, ``cohort``, ``n_tiles``, ``embedding``, kept manifest columns, and
+        ``model``/``aggregator`` from the hive partitioning."""
+        committed = self.aggregated(model, aggregator)
+        try:
+            found = self.fs.ls(self.path(self.slide_features_relpath(model, aggregator)), detail=False)
+        except FileNotFoundError:
+            found = []
+        files = sorted(f for f in found if f.endswith(".parquet") and os.path.basename(f)[: -len(".parquet")] in committed)
+        partitioning = pads.partitioning(pa.schema([("model", pa.string()), ("aggregator", pa.string())]), flavor="hive")
+        return pads.dataset(files, filesystem=self.fs, format="parquet", partitioning=partitioning,
+                            partition_base_dir=self.path("slide_features"))
 
     def slides(self) -> pa.Table:
         """The slide status table (one row per slide and model, latest status)."""

@@ -1,0 +1,160 @@
+"""Export a store's tile features as per-slide files that existing MIL code reads unchanged.
+
+Formats (one file per committed slide with tissue, ``<slide_id>.<ext>``):
+
+``trident-h5`` -> ``OUT/h5_files/<slide_id>.h5``, the layout TRIDENT writes and CLAM's
+``Generic_MIL_Dataset`` (``use_h5``) reads:
+
+- dataset ``features``: ``(N, D)`` float32; attrs ``name``, ``savetodir``, ``encoder``
+  (TRIDENT ``WSI.extract_features``, trident/wsi_objects/WSI.py @ a91fa84);
+- dataset ``coords``: ``(N, 2)`` int64, tile top-left ``(x, y)`` in level-0 px; attrs as
+  TRIDENT's ``coords_to_h5`` (trident/IO.py @ a91fa84) writes them and ``read_coords`` /
+  ``extract_features`` / its slide encoders read them: ``patch_size`` (tile side at the
+  target resolution, px), ``patch_size_level0`` (tile side in level-0 px, rounded),
+  ``level0_magnification``, ``target_magnification``, ``overlap`` (px at the target
+  resolution), ``name``, ``savetodir``, ``level0_width``, ``level0_height``.
+  Magnifications are ``10 / µm/px`` (0.5 µm/px = 20x) without TRIDENT's rounding to
+  40x/20x buckets, so ``patch_size * level0_magnification / target_magnification`` is the
+  exact level-0 tile side; pathray's exact units are added as ``target_mpp``,
+  ``level0_mpp`` and ``size_level0`` (float, level-0 px).
+- file attr ``pathray_provenance``: the features file's provenance JSON.
+
+``pt`` -> ``OUT/pt_files/<slide_id>.pt``: ``torch.save`` of the ``(N, D)`` float32
+features tensor, as CLAM's ``extract_features_fp.py`` writes and ``Generic_MIL_Dataset``
+reads (``torch.load(pt_files/<slide_id>.pt)``; CLAM @ 53e2409). A tensor, not a numpy
+array, so ``torch.load(..., weights_only=True)`` (torch's default since 2.6) loads it.
+
+So ``OUT`` is a CLAM ``data_root_dir`` entry as is, and ``OUT/h5_files`` a TRIDENT
+features directory. Files are written to a ``_``-prefixed temporary name and renamed, and
+a slide whose file exists is skipped, so an interrupted export can simply be re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pathray.errors import FeaturesUnreadableError, describe
+from pathray.store import PROVENANCE_KEY, CommitRecord, FeatureStore
+
+#: format name -> (sub-folder of OUT, file extension)
+FORMATS: dict[str, tuple[str, str]] = {"trident-h5": ("h5_files", "h5"), "pt": ("pt_files", "pt")}
+
+
+@dataclass(frozen=True)
+class SlideFeatures:
+    """One slide's tiles read back from the store, in ``tile_index`` order."""
+
+    slide_id: str
+    features: np.ndarray  # (N, D) float32
+    coords: np.ndarray  # (N, 2) int64, level-0 px
+    tile_px: int
+    target_mpp: float
+    size_level0: float
+    provenance: str  # JSON
+
+
+@dataclass
+class ExportReport:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # file already there, or no tissue
+    errors: dict[str, str] = field(default_factory=dict)  # slide_id -> "error_type: message"
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.errors else 0
+
+
+def read_slide_features(store: FeatureStore, record: CommitRecord) -> SlideFeatures:
+    """The slide's committed features file as arrays (raises :class:`FeaturesUnreadableError`)."""
+    try:
+        with store.fs.open(store.path(record.features_path), "rb") as f:
+            table = pq.read_table(f)
+    except Exception as exc:  # any read failure of a committed file is one error type
+        raise FeaturesUnreadableError(f"{record.features_path}: {type(exc).__name__}: {exc}") from exc
+    if table.num_rows != record.n_tiles:
+        raise FeaturesUnreadableError(f"{record.features_path}: {table.num_rows} rows, commit record says {record.n_tiles}")
+    emb = table.column("embedding").combine_chunks()
+    features = emb.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, emb.type.list_size)
+    first = table.slice(0, 1).to_pylist()[0]
+    return SlideFeatures(
+        slide_id=record.slide_id, features=features.astype(np.float32, copy=False),
+        coords=np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64),
+        tile_px=int(first["tile_px"]), target_mpp=float(first["target_mpp"]), size_level0=float(first["size_level0"]),
+        provenance=(table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}").decode())
+
+
+def trident_coords_attrs(slide: SlideFeatures, record: CommitRecord, stride_px: int, out_dir: str) -> dict:
+    """The ``coords`` attributes TRIDENT writes (trident/IO.py ``coords_to_h5``), in pathray's units."""
+    level0_mpp = slide.tile_px * slide.target_mpp / slide.size_level0
+    return {
+        "patch_size": slide.tile_px, "patch_size_level0": round(slide.size_level0),
+        "level0_magnification": 10.0 / level0_mpp, "target_magnification": 10.0 / slide.target_mpp,
+        "overlap": max(0, slide.tile_px - stride_px), "name": record.slide_id, "savetodir": out_dir,
+        "level0_width": int(record.slide.get("width") or -1), "level0_height": int(record.slide.get("height") or -1),
+        "target_mpp": slide.target_mpp, "level0_mpp": level0_mpp, "size_level0": slide.size_level0,
+    }
+
+
+def write_trident_h5(path: str, slide: SlideFeatures, coords_attrs: dict, encoder: str) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        features = f.create_dataset("features", data=slide.features)
+        features.attrs.update({"name": slide.slide_id, "savetodir": os.path.dirname(path), "encoder": encoder})
+        coords = f.create_dataset("coords", data=slide.coords)
+        coords.attrs.update(coords_attrs)
+        f.attrs["pathray_provenance"] = slide.provenance
+
+
+def write_pt(path: str, slide: SlideFeatures) -> None:
+    import torch
+
+    torch.save(torch.tensor(slide.features, dtype=torch.float32), path)
+
+
+def export_store(store: FeatureStore, model: str, fmt: str, out_dir: str) -> ExportReport:
+    """Write one ``fmt`` file per committed slide of ``model`` under ``out_dir`` (local).
+    Per-slide failures are collected in the report, never raised."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    folder, ext = FORMATS[fmt]
+    target = os.path.join(os.path.abspath(out_dir), folder)
+    os.makedirs(target, exist_ok=True)
+    tiling = (store.read_config() or {}).get("tiling", {})
+    stride_px = tiling.get("stride_px") or tiling.get("tile_px") or 0
+    report = ExportReport()
+    for slide_id in sorted(store.committed(model)):
+        path = os.path.join(target, f"{slide_id}.{ext}")
+        record = store.commit_record(model, slide_id)
+        if os.path.exists(path) or record is None or record.features_path is None:
+            report.skipped.append(slide_id)
+            continue
+        tmp = os.path.join(target, f"_{slide_id}.{ext}.tmp-{uuid.uuid4().hex}")
+        try:
+            slide = read_slide_features(store, record)
+            if fmt == "pt":
+                write_pt(tmp, slide)
+            else:
+                write_trident_h5(tmp, slide, trident_coords_attrs(slide, record, stride_px, target), model)
+            os.replace(tmp, path)
+            report.written.append(slide_id)
+        except Exception as exc:  # noqa: BLE001 - one slide's failure is reported, the rest exported
+            error_type, message = describe(exc)
+            report.errors[slide_id] = f"{error_type}: {message}"
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    _write_manifest(target, model, fmt, report)
+    return report
+
+
+def _write_manifest(target: str, model: str, fmt: str, report: ExportReport) -> None:
+    """``_last_export.json`` next to the files: what the last export wrote, skipped and failed on."""
+    with open(os.path.join(target, "_last_export.json"), "w") as f:
+        json.dump({"model": model, "format": fmt, "written": report.written, "skipped": report.skipped,
+                   "errors": report.errors}, f, indent=2)
