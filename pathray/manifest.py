@@ -42,7 +42,8 @@ def check_safe_name(value: str, what: str = "slide_id") -> None:
     """Raise :class:`UnsafeIdError` unless ``value`` is safe as one file or partition name.
 
     Unsafe: empty, longer than 200 characters, containing ``/``, ``\\``, ``..`` or a
-    control character, or starting with a dot.
+    control character, or starting with a dot or an underscore (pyarrow, DuckDB and polars
+    skip such files: the slide's features would be invisible to plain readers).
     """
     if not isinstance(value, str) or value == "":
         raise UnsafeIdError(f"{what} is empty")
@@ -54,8 +55,8 @@ def check_safe_name(value: str, what: str = "slide_id") -> None:
         raise UnsafeIdError(f"{what} {value!r} contains '..'")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise UnsafeIdError(f"{what} {value!r} contains a control character")
-    if value.startswith("."):
-        raise UnsafeIdError(f"{what} {value!r} starts with a dot")
+    if value.startswith((".", "_")):
+        raise UnsafeIdError(f"{what} {value!r} starts with {value[0]!r}: readers skip such files")
 
 
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> list[SlideEntry]:

@@ -226,7 +226,7 @@ def _build_dataset(config: JobConfig, store_root: str, models: list[ModelPlan], 
                             compute=ActorPoolStrategy(min_size=res.encoder_actors_min, max_size=res.encoder_actors),
                             fn_constructor_kwargs=dict(model=model.name, make_encoder=model.factory, tile_px=config.tiling.tile_px,
                                                        drop_pixels=i == len(models) - 1,
-                                                       threads=res.encoder_threads))
+                                                       threads=res.encoder_threads, output_dtype=model.output_dtype))
     types = {m.name: m.output_dtype for m in models}
     return ds.map_batches(ChunkWriter, batch_size=1, batch_format="pyarrow", num_cpus=res.write_num_cpus,
                           compute=ActorPoolStrategy(min_size=1, max_size=res.writers),

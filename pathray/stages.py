@@ -256,17 +256,19 @@ class ChunkEncoder:
     ``make_encoder()`` builds the model once per actor. If it fails (weights missing, gated,
     mismatched), the actor stays up and marks every chunk needing this model as an error
     for this model only, so other models keep going. ``threads`` sets torch's intra-op
-    threads for the actor's process. Rows not needing this model, or
+    threads for the actor's process. Embeddings are cast to ``output_dtype``, the type the
+    write stage reads them as (a custom encoder may return another float type). Rows not needing this model, or
     already failed, pass through with empty embeddings.
     """
 
     def __init__(self, model: str, make_encoder: Callable[[], Any], tile_px: int, drop_pixels: bool,
-                 threads: int | None = None):
+                 threads: int | None = None, output_dtype: str = "float32"):
         if threads:  # the actor's CPU share, not Ray's OMP_NUM_THREADS=1 default for fractional actors
             import torch
 
             torch.set_num_threads(threads)
         self.model = model
+        self.output_dtype = np.dtype(output_dtype)
         self.tile_px = tile_px
         self.drop_pixels = drop_pixels
         self.encoder, self.load_error = None, None
@@ -288,7 +290,7 @@ class ChunkEncoder:
                     error = json.dumps(self.load_error)
                 else:
                     try:
-                        data = np.ascontiguousarray(self.encoder(tiles)).tobytes()
+                        data = np.ascontiguousarray(self.encoder(tiles), dtype=self.output_dtype).tobytes()
                     except Exception as exc:
                         error = json.dumps(_error_fields("encode", exc))
             embeddings.append(data)

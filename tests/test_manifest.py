@@ -49,7 +49,7 @@ def test_all_problems_reported_with_row_numbers(tmp_path):
         read_manifest(str(path))
     problems = info.value.problems
     assert len(problems) == 7, problems
-    for row, word in [(2, "duplicate"), (3, ".."), (4, "empty path"), (5, "dot"), (6, "cohort"), (7, "mpp"), (8, "200")]:
+    for row, word in [(2, "duplicate"), (3, ".."), (4, "empty path"), (5, "starts with '.'"), (6, "cohort"), (7, "mpp"), (8, "200")]:
         assert any(p.startswith(f"row {row}:") and word in p for p in problems), (row, problems)
     assert info.value.error_type == "manifest_invalid"
 
@@ -83,7 +83,7 @@ def test_missing_slide_files_are_not_manifest_errors(tmp_path):
     assert read_manifest(str(path))[0].slide_id == "here"
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "a\\b", "..", "a..b", ".x", "a\x00b", "tab\there", "x" * 201])
+@pytest.mark.parametrize("bad", ["", "a/b", "a\\b", "..", "a..b", ".x", "_x", "a\x00b", "tab\there", "x" * 201])
 def test_check_safe_name_rejects(bad):
     with pytest.raises(UnsafeIdError):
         check_safe_name(bad, "slide_id")

@@ -48,9 +48,10 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
     read = reader(chunks)
     assert read.column("tiles_read").to_pylist()[:3] == [4, 4, 2]
     encoded = ChunkEncoder("m1", lambda: SleepEncoder(1e6, 6), 224, drop_pixels=False)(read)
-    encoded = ChunkEncoder("m2", lambda: SleepEncoder(1e6, 3), 224, drop_pixels=True)(encoded)
+    # m2 is stored as float16 while its encoder returns float32: the encode stage casts
+    encoded = ChunkEncoder("m2", lambda: SleepEncoder(1e6, 3), 224, drop_pixels=True, output_dtype="float16")(encoded)
     assert "pixels" not in encoded.column_names
-    results = ChunkWriter(str(tmp_path / "store"), None, ["m1", "m2"], TILING, {"m1": "float32", "m2": "float32"})(encoded)
+    results = ChunkWriter(str(tmp_path / "store"), None, ["m1", "m2"], TILING, {"m1": "float32", "m2": "float16"})(encoded)
     assert len(results) == 2 * len(chunks)  # one row per (chunk, model)
     assert [r["first"] for r in results.to_pylist()] == [True, False] * len(chunks)
     reader.close()
@@ -64,6 +65,8 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
     np.testing.assert_array_equal(table.column("x").to_numpy(), grid.x)
     np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
                                pixel_statistics(tiles, 6), rtol=1e-6)
+    m2 = pa.parquet.read_table(store.staging_path("m2", "a", ok.column("chunk_id")[0].as_py()))
+    assert m2.schema.field("embedding").type == pa.list_(pa.float16(), 3)  # not 6 half-floats read from 3 floats
     meta = json.loads(ok.column("slide_meta")[0].as_py())
     assert (meta["width"], meta["height"], meta["mpp"]) == (4096, 3072, 0.25)
 
