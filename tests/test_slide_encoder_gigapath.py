@@ -78,11 +78,11 @@ def reference_dilated_attention(q, k, v, segs, ratios, heads):
             qs, ks, vs = (F.pad(t[s * seg:(s + 1) * seg], (0, 0, 0, 0, 0, g - seg)) for t in pad)
             for group in range(dr):                             # head group r2 takes offset r1 == r2, L24-26
                 rows = torch.arange(group, g, dr)
-                for h in range(group * heads // dr, (group + 1) * heads // dr):
-                    scores = qs[rows, h] @ ks[rows, h].T * d ** -0.5
-                    row_lse = torch.logsumexp(scores, dim=-1)
-                    out[s * g + rows, h] = torch.softmax(scores, dim=-1) @ vs[rows, h]
-                    lse[s * g + rows, h] = row_lse
+                hs = slice(group * heads // dr, (group + 1) * heads // dr)
+                qg, kg, vg = (t[rows, hs].transpose(0, 1) for t in (qs, ks, vs))  # (heads of group, rows, d)
+                scores = qg @ kg.transpose(1, 2) * d ** -0.5
+                out[s * g + rows, hs] = (torch.softmax(scores, dim=-1) @ vg).transpose(0, 1)
+                lse[s * g + rows, hs] = torch.logsumexp(scores, dim=-1).T
         lse = lse.masked_fill(lse == 0, -1e8)
         outs.append(out[:length])                               # L111-114: flatten (n g), cut to L
         lses.append(lse[:length])
@@ -161,8 +161,7 @@ def test_matches_the_official_implementations_frozen_outputs(golden, tag):
     net, _ = net_for(tag, golden)
     tiles, coords = golden_tiles(golden, tag), golden[f"{tag}_coords"]
     with torch.inference_mode():
-        cls = net(torch.from_numpy(tiles), torch.from_numpy(coords))[0].numpy()
-        layers = torch.stack(net(torch.from_numpy(tiles), torch.from_numpy(coords), all_layers=True)).numpy()
+        cls, layers = (t.numpy() for t in net(torch.from_numpy(tiles), torch.from_numpy(coords)))
     assert np.abs(cls - golden[f"{tag}_cls"]).max() <= TOL
     assert layers.shape == (13, 768)
     assert np.abs(layers - golden[f"{tag}_all_layers"]).max() <= TOL
@@ -191,8 +190,7 @@ def test_matches_the_transcription_on_synthetic_coordinates(global_pool):
     sd = {k: v.detach() for k, v in net.state_dict().items()}
     with torch.inference_mode():
         ref_cls, ref_layers = reference_forward(sd, tiles, coords, segs, global_pool=global_pool)
-        cls = net(torch.from_numpy(tiles), torch.from_numpy(coords))[0]
-        layers = torch.stack(net(torch.from_numpy(tiles), torch.from_numpy(coords), all_layers=True))
+        cls, layers = net(torch.from_numpy(tiles), torch.from_numpy(coords))
     assert (cls - ref_cls).abs().max() <= TOL
     assert (layers - ref_layers).abs().max() <= TOL
 
@@ -208,14 +206,16 @@ def test_encoder_on_a_slides_tile_grid_sees_the_official_coordinates(tmp_path, e
     step = 256 * 0.5 / mpp
     official = np.stack([np.round(grid.x / step), np.round(grid.y / step)], 1) * 256  # column/row index * 256
     tiles = (np.random.default_rng(9).random((len(grid), 1536)) * 2 - 1).astype(np.float16)  # as stored
-    got = encoder(tiles, grid.x, grid.y, mpp)
+    got, got_layers = encoder.embed(tiles, grid.x, grid.y, mpp)
+    np.testing.assert_array_equal(got, encoder(tiles, grid.x, grid.y, mpp))
     sd = {k: v.detach() for k, v in encoder.net.state_dict().items()}
     with torch.inference_mode():
         ref_cls, ref_layers = reference_forward(sd, tiles.astype(np.float32), official.astype(np.float32),
                                                 segment_lengths())
     assert got.shape == (768,) and got.dtype == np.float32 and len(grid) >= 12
     assert np.abs(got - ref_cls.numpy()).max() <= TOL
-    assert np.abs(encoder.all_layers(tiles, grid.x, grid.y, mpp) - ref_layers.numpy()).max() <= TOL
+    assert np.abs(got_layers - ref_layers.numpy()).max() <= TOL
+    np.testing.assert_array_equal(encoder.all_layers(tiles, grid.x, grid.y, mpp), got_layers)
     assert np.abs(encoder(tiles, grid.x * 2, grid.y * 2, mpp) - got).max() > 1e-3  # positions matter
 
 

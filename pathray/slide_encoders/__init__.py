@@ -4,7 +4,8 @@ Public API::
 
     GigaPathSlideEncoder.from_weights(source=None, device="cpu") -> encoder
     encoder(tile_embeddings (N, 1536), x_level0, y_level0, slide_mpp) -> (768,) float32
-    encoder.all_layers(...) -> (13, 768)        encoder.provenance() -> dict
+    encoder.all_layers(...) -> (13, 768)        encoder.embed(...) -> both, one pass
+    encoder.provenance() -> dict
     gigapath_coords(x_level0, y_level0, slide_mpp) -> (N, 2) official coordinates
 """
 

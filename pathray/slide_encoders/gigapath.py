@@ -118,20 +118,22 @@ class GigaPathSlideNet(nn.Module):
                              f"(cells {int(cells.min())}..{int(cells.max())})")
         return cells
 
-    def forward(self, tiles: torch.Tensor, coords: torch.Tensor, all_layers: bool = False) -> list[torch.Tensor]:
-        """``tiles (L, in_dim)``, ``coords (L, 2)`` (official coordinates) -> list of ``(dim,)``:
-        the pooled output, or with ``all_layers`` one per hidden state (input + each layer,
-        without the encoder's output LayerNorm, as the official ``all_layer_embed=True``)."""
+    def forward(self, tiles: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tiles (L, in_dim)``, ``coords (L, 2)`` (official coordinates) -> ``(pooled (dim,),
+        all_layers (depth + 1, dim))``: the official ``model(x, coords)`` output, and its
+        ``all_layer_embed=True`` outputs (input + each layer, pooled without the encoder's
+        output LayerNorm), from one pass."""
         pos = sincos_position_embedding(self.grid_cells(coords), self.cls_token.shape[-1]).to(tiles.device)
         x = self.patch_embed.proj(tiles) + pos
         x = torch.cat([self.cls_token[0], x])[None]
-        pooled = []
-        for state in self.encoder(x, all_states=all_layers):
-            if self.config.global_pool:
-                pooled.append(self.norm(state[0, 1:].mean(dim=0)))
-            else:
-                pooled.append(self.norm(state)[0, 0])
-        return pooled
+        final, states = self.encoder(x)
+        return self._pool(final), torch.stack([self._pool(s) for s in states])
+
+    def _pool(self, state: torch.Tensor) -> torch.Tensor:
+        """CLS after the final LayerNorm, or (``global_pool``) LayerNorm of the tile tokens' mean."""
+        if self.config.global_pool:
+            return self.norm(state[0, 1:].mean(dim=0))
+        return self.norm(state)[0, 0]
 
 
 class GigaPathSlideEncoder:
@@ -156,29 +158,31 @@ class GigaPathSlideEncoder:
         load_into(net, read_state_dict(path), what=f"{ARCHITECTURE} weights {label}")
         return cls(net, device, label, fingerprint)
 
-    @torch.inference_mode()
     def __call__(self, tile_embeddings: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray,
                  slide_mpp: float) -> np.ndarray:
-        """``(N, 1536)`` tile embeddings (any float dtype) -> ``(768,)`` float32 slide embedding."""
-        return self._run(tile_embeddings, x_level0, y_level0, slide_mpp, all_layers=False)[0]
+        """``(N, 1536)`` tile embeddings (any float dtype) + level-0 tile top-lefts + the slide's
+        µm/px -> ``(768,)`` float32 slide embedding (the card's ``slide_encoder(tiles, coords)``)."""
+        return self.embed(tile_embeddings, x_level0, y_level0, slide_mpp)[0]
 
-    @torch.inference_mode()
     def all_layers(self, tile_embeddings: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray,
                    slide_mpp: float) -> np.ndarray:
         """``(depth + 1, 768)`` float32: the pooled embedding of every hidden state (official
         ``all_layer_embed=True``; its last row is the official pipeline's ``last_layer_embed``)."""
-        return self._run(tile_embeddings, x_level0, y_level0, slide_mpp, all_layers=True)
+        return self.embed(tile_embeddings, x_level0, y_level0, slide_mpp)[1]
 
-    def _run(self, tiles: np.ndarray, x: np.ndarray, y: np.ndarray, mpp: float, all_layers: bool) -> np.ndarray:
+    @torch.inference_mode()
+    def embed(self, tiles: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray,
+              slide_mpp: float) -> tuple[np.ndarray, np.ndarray]:
+        """Both outputs from one pass: ``((768,), (depth + 1, 768))`` float32."""
         tiles = np.asarray(tiles)
         if tiles.ndim != 2 or tiles.shape[1] != self.net.config.in_dim or tiles.shape[0] == 0:
             raise ValueError(f"tile_embeddings must be (N >= 1, {self.net.config.in_dim}), got {tiles.shape}")
-        coords = gigapath_coords(x, y, mpp)
+        coords = gigapath_coords(x_level0, y_level0, slide_mpp)
         if coords.shape[0] != tiles.shape[0]:
             raise ValueError(f"{tiles.shape[0]} tile embeddings but {coords.shape[0]} coordinates")
         t = torch.from_numpy(tiles.astype(np.float32)).to(self.device)
-        outs = self.net(t, torch.from_numpy(coords).to(self.device), all_layers=all_layers)
-        return torch.stack(outs).float().cpu().numpy()
+        pooled, layers = self.net(t, torch.from_numpy(coords).to(self.device))
+        return pooled.float().cpu().numpy(), layers.float().cpu().numpy()
 
     def provenance(self) -> dict[str, Any]:
         """What defines this encoder's outputs (written next to slide embeddings)."""

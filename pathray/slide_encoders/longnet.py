@@ -194,11 +194,11 @@ class LongNetEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.depth))
         self.layer_norm = nn.LayerNorm(config.embed_dim, eps=config.layernorm_eps)
 
-    def forward(self, x: torch.Tensor, all_states: bool = False) -> list[torch.Tensor]:
-        """``[layer_norm(last hidden state)]``, or with ``all_states`` the input and every
-        layer's output *without* the output LayerNorm (the official ``encoder_states``)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(layer_norm(last hidden state), [input, output of each layer])``: the official
+        ``encoder_out`` and ``encoder_states`` (the latter without the output LayerNorm)."""
         states = [x]
         for layer in self.layers:
             x = layer(x)
             states.append(x)
-        return states if all_states else [self.layer_norm(x)]
+        return self.layer_norm(x), states
