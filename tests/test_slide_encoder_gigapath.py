@@ -33,7 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from pathray.demo.synthetic import write_synthetic_svs
-from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUnavailableError
+from pathray.errors import (
+    WeightsCorruptError,
+    WeightsMismatchError,
+    WeightsUnavailableError,
+)
 from pathray.slide import open_slide
 from pathray.slide_encoders import GigaPathSlideEncoder, gigapath_coords
 from pathray.slide_encoders.gigapath import (

@@ -19,7 +19,7 @@ dict), from the HF hub or disk, loaded strictly: every key and shape must match.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from pathray.encoders.loading import HUB_PREFIXES, download_hub_file, file_sha256, load_into, read_state_dict
+from pathray.encoders.loading import (
+    HUB_PREFIXES,
+    download_hub_file,
+    file_sha256,
+    load_into,
+    read_state_dict,
+)
 from pathray.errors import WeightsUnavailableError
 
 from .longnet import LongNetConfig, LongNetEncoder
@@ -52,7 +58,7 @@ class SlideEncoderConfig:
     """Shape of the slide encoder (defaults: the released ``gigapath_slide_enc12l768d``)."""
 
     in_dim: int = 1536
-    longnet: LongNetConfig = LongNetConfig()
+    longnet: LongNetConfig = field(default_factory=LongNetConfig)
     slide_ngrids: int = SLIDE_NGRIDS
     tile_size: int = GIGAPATH_TILE_PX
     norm_eps: float = 1e-6  # the ViT's final LayerNorm

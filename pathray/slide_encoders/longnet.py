@@ -88,7 +88,7 @@ def _segments(x: torch.Tensor, seg: int, ratio: int) -> torch.Tensor:
     """``(B, L, H, d)`` -> ``(B * n, ceil(seg / ratio), H, d)``: zero-pad to ``n`` segments of
     ``seg``, zero-pad each segment to a multiple of ``ratio``, and give head group ``j`` (of
     ``ratio`` groups) the positions ``j, j + ratio, ...`` of its segment."""
-    b, length, h, d = x.shape
+    _, length, h, d = x.shape
     x = F.pad(x, (0, 0, 0, 0, 0, -length % seg))
     x = x.reshape(-1, seg, h, d)
     x = F.pad(x, (0, 0, 0, 0, 0, -seg % ratio))
@@ -103,7 +103,7 @@ def _unsegment(out: torch.Tensor, lse: torch.Tensor, ratio: int, batch: int, len
     ``(B, length, H, d)``, ``(B, length, H)``; uncovered (position, head) pairs get output 0
     and log-sum-exp :data:`NO_LSE`. The padded per-segment layout is flattened before the
     cut to ``length``, as in the official code."""
-    bn, m, h, d = out.shape
+    h, d = out.shape[2:]
     group_of_head = torch.arange(h, device=out.device) // (h // ratio)
     covers = group_of_head[None, :] == torch.arange(ratio, device=out.device)[:, None]  # (offset, head)
     dense = out[:, :, None] * covers[None, None, :, :, None]                              # (bn, m, offset, h, d)
