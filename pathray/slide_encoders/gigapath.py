@@ -48,7 +48,7 @@ GIGAPATH_TILE_PX = 256
 #: side of the position-embedding grid
 SLIDE_NGRIDS = 1000
 COORDINATE_RULE = (
-    "coords = floor((x_level0 + 0.5) * slide_mpp / 0.5): the 0.5 µm/px pixel holding the centre of the tile's "
+    "coords = floor((x_level0 + 0.5) * slide_mpp / 0.5 + 1e-6): the 0.5 µm/px pixel holding the centre of the tile's "
     "top-left level-0 pixel; grid cell = floor(coords / 256), position index = cell_x * 1000 + cell_y + 1"
 )
 
