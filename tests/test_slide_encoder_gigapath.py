@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,12 @@ from pathray.slide_encoders.gigapath import (
     write_random_weights,
 )
 from pathray.slide_encoders.longnet import LongNetConfig, segment_lengths
+from pathray.store import (
+    FeatureStore,
+    embeddings_to_arrow,
+    feature_schema,
+    finalize_slide,
+)
 from pathray.tiling import TilingConfig, plan_tiles
 
 GOLDEN = Path(__file__).parent / "data" / "gigapath_slide_golden.npz"
@@ -199,19 +206,32 @@ def test_matches_the_transcription_on_synthetic_coordinates(global_pool):
     assert (layers - ref_layers).abs().max() <= TOL
 
 
-def test_encoder_on_a_slides_tile_grid_sees_the_official_coordinates(tmp_path, encoder):
-    """A real slide at 0.2631 µm/px tiled by pathray: the encoder called with level-0
-    coordinates equals the reference fed the official coordinates (256 * grid index)."""
+def store_slide(root: Path, grid, tiles: np.ndarray) -> dict[str, np.ndarray]:
+    """Write one slide's tiles + embeddings as a committed ``prov-gigapath`` store entry and read
+    it back as the aggregate job would: ``{"x", "y", "embedding"}`` in tile order."""
+    store = FeatureStore(str(root))
+    table = grid.to_table().append_column("embedding", embeddings_to_arrow(tiles))
+    store.write_chunk("prov-gigapath", grid.slide_id, "c0", table.cast(feature_schema(1536, pa.float16())))
+    finalize_slide(store, "prov-gigapath", grid.slide_id, "demo", ["c0"], len(grid), {}, {}, "h", "r")
+    back = store.dataset("prov-gigapath").to_table().sort_by("tile_index")
+    emb = back["embedding"].combine_chunks().flatten().to_numpy().reshape(len(back), -1)
+    return {"x": back["x"].to_numpy(), "y": back["y"].to_numpy(), "embedding": emb}
+
+
+def test_encoder_on_a_stored_slide_sees_the_official_coordinates(tmp_path, encoder):
+    """A real slide at 0.2631 µm/px tiled by pathray and stored: the encoder called with the
+    store's level-0 coordinates equals the reference fed the official coordinates (256 x grid index)."""
     mpp = 0.2631
     path = write_synthetic_svs(tmp_path / "s.svs", 2900, 2400, mpp=mpp, tissue_rects=((300, 200, 2200, 1900),),
                                downsamples=(1, 4))
     with open_slide(str(path)) as slide:
         grid = plan_tiles(slide, "s", TilingConfig(tile_px=256, target_mpp=0.5, min_tissue_fraction=0.25))
+    tiles = (np.random.default_rng(9).random((len(grid), 1536)) * 2 - 1).astype(np.float16)  # stored as float16
+    stored = store_slide(tmp_path / "store", grid, tiles)
     step = 256 * 0.5 / mpp
-    official = np.stack([np.round(grid.x / step), np.round(grid.y / step)], 1) * 256  # column/row index * 256
-    tiles = (np.random.default_rng(9).random((len(grid), 1536)) * 2 - 1).astype(np.float16)  # as stored
-    got, got_layers = encoder.embed(tiles, grid.x, grid.y, mpp)
-    np.testing.assert_array_equal(got, encoder(tiles, grid.x, grid.y, mpp))
+    official = np.stack([np.round(stored["x"] / step), np.round(stored["y"] / step)], 1) * 256  # column/row * 256
+    got, got_layers = encoder.embed(stored["embedding"], stored["x"], stored["y"], mpp)
+    np.testing.assert_array_equal(got, encoder(stored["embedding"], stored["x"], stored["y"], mpp))
     sd = {k: v.detach() for k, v in encoder.net.state_dict().items()}
     with torch.inference_mode():
         ref_cls, ref_layers = reference_forward(sd, tiles.astype(np.float32), official.astype(np.float32),
@@ -219,7 +239,7 @@ def test_encoder_on_a_slides_tile_grid_sees_the_official_coordinates(tmp_path, e
     assert got.shape == (768,) and got.dtype == np.float32 and len(grid) >= 12
     assert np.abs(got - ref_cls.numpy()).max() <= TOL
     assert np.abs(got_layers - ref_layers.numpy()).max() <= TOL
-    np.testing.assert_array_equal(encoder.all_layers(tiles, grid.x, grid.y, mpp), got_layers)
+    np.testing.assert_array_equal(encoder.all_layers(stored["embedding"], stored["x"], stored["y"], mpp), got_layers)
     assert np.abs(encoder(tiles, grid.x * 2, grid.y * 2, mpp) - got).max() > 1e-3  # positions matter
 
 
