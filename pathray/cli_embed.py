@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--manifest", help="slide manifest: CSV/TSV/Parquet/JSONL, local or s3://")
     add("--models", help="comma-separated model names (see `pathray models`)")
     add("--out", help="feature store root: local dir or s3://bucket/prefix")
-    add("--tile-px", type=int, help="tile side in pixels (default: the first model's input size)")
+    add("--tile-px", type=int, help="tile side in pixels (default: the first model's native tile, see `pathray models`)")
     add("--target-mpp", type=float, help="tile resolution in µm/px (default: the first model's native µm/px)")
     add("--stride-px", type=int, help="grid stride in target pixels (default: tile px, no overlap)")
     add("--min-tissue", type=float, dest="min_tissue_fraction", help="drop tiles with less tissue than this fraction")

@@ -29,7 +29,7 @@ def _rows() -> list[dict[str, str]]:
         s = get_spec(name)
         rows.append({
             "name": name, "architecture": s.family, "timm": s.architecture, "dim": str(s.embed_dim),
-            "mpp": f"{s.native_mpp:g}", "preprocess": s.preprocess.describe(), "pooling": s.pooling,
+            "mpp": f"{s.native_mpp:g}", "tile_px": str(s.tile_px), "preprocess": s.preprocess.describe(), "pooling": s.pooling,
             "weights": s.hf_hub_id or s.weights_url or "-", "gated": "gated" if s.gated else "open",
             "license": s.license,
         })
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ["name", "architecture", "dim", "mpp", "pooling", "gated", "weights"]
+    cols = ["name", "architecture", "dim", "mpp", "tile_px", "pooling", "gated", "weights"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:

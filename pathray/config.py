@@ -12,7 +12,7 @@ A YAML job file uses the field names below, e.g.::
     resources: {readers: 32, encoder_actors: 8}
     keep_columns: [case_id, label]
 
-Tiling defaults to the first model's native input size and µm/px when not given.
+Tiling defaults to the first model's native tile (px) and µm/px when not given.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import yaml
 
 from pathray.encoders import EncoderConfig, get_spec
 from pathray.encoders.loading import weights_identity
+from pathray.encoders.registry import native_tile_mismatch
 from pathray.errors import UnknownModelError
 from pathray.tiling import TilingConfig
 from pathray.tissue import TissueConfig
@@ -136,7 +138,8 @@ def build_job_config(raw: dict[str, Any]) -> JobConfig:
 
 def _tiling(raw: dict[str, Any], models: tuple[str, ...]) -> TilingConfig:
     """TilingConfig from ``raw``; ``tile_px``/``target_mpp`` default to the first known
-    model's input size and native µm/px."""
+    model's native tile (``EncoderSpec.tile_px``) and native µm/px. Logs a warning when the
+    models expect different native tiles (one tiling serves them all)."""
     raw = dict(raw)
     if isinstance(raw.get("tissue"), dict):
         raw["tissue"] = TissueConfig(**raw["tissue"])
@@ -145,10 +148,14 @@ def _tiling(raw: dict[str, Any], models: tuple[str, ...]) -> TilingConfig:
             spec = get_spec(name)
         except UnknownModelError:
             continue
-        raw.setdefault("tile_px", spec.input_px)
+        raw.setdefault("tile_px", spec.tile_px)
         raw.setdefault("target_mpp", spec.native_mpp)
         break
-    return TilingConfig(**raw)
+    tiling = TilingConfig(**raw)
+    mismatch = native_tile_mismatch(models, tiling.tile_px, tiling.target_mpp)
+    if mismatch:
+        logging.getLogger(__name__).warning(mismatch)
+    return tiling
 
 
 def load_yaml(path: str) -> dict[str, Any]:

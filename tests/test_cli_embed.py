@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -46,11 +47,30 @@ def test_yaml_config_with_cli_overrides(tmp_path):
     assert config.keep_columns == ("case_id", "label")
 
 
-def test_tiling_defaults_to_the_first_models_native_input():
-    config = build_job_config({"manifest": "m.csv", "out": "o", "models": "prov-gigapath"})
+def test_tiling_defaults_to_the_first_models_native_tile(caplog):
+    # Prov-GigaPath's card: Resize(256) -> CenterCrop(224): its tiles are 256 px at 0.5 µm/px
+    with caplog.at_level(logging.WARNING, logger="pathray.config"):
+        config = build_job_config({"manifest": "m.csv", "out": "o", "models": "prov-gigapath"})
+    assert (config.tiling.tile_px, config.tiling.target_mpp) == (256, 0.5)
+    assert not caplog.records  # one model: nothing to warn about
+    config = build_job_config({"manifest": "m.csv", "out": "o", "models": "uni2-h,virchow2"})
     assert (config.tiling.tile_px, config.tiling.target_mpp) == (224, 0.5)
     with pytest.raises(ValueError, match="unknown job config keys"):
         build_job_config({"manifest": "m.csv", "out": "o", "models": "uni", "tile_size": 3})
+
+
+def test_models_with_different_native_tiles_warn_and_share_the_first_models_tiling(caplog):
+    with caplog.at_level(logging.WARNING, logger="pathray.config"):
+        config = build_job_config({"manifest": "m.csv", "out": "o", "models": "uni2-h,prov-gigapath,kaiko-vits16"})
+    assert (config.tiling.tile_px, config.tiling.target_mpp) == (224, 0.5)
+    (record,) = caplog.records
+    text = record.getMessage()
+    assert "uni2-h: 224 px at 0.5 µm/px" in text and "prov-gigapath: 256 px at 0.5 µm/px" in text
+    assert "224 px at 0.5 µm/px, for every model" in text and "so prov-gigapath see" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pathray.config"):
+        config = build_job_config({"manifest": "m.csv", "out": "o", "models": "kaiko-vits16,uni,virchow2"})
+    assert not caplog.records  # same native tile for all: silent
 
 
 def test_dry_run_reports_plan_without_running(tmp_path, synthetic_svs_025, synthetic_svs_05, capsys):

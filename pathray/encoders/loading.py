@@ -12,6 +12,7 @@ the hub, ``sha256:<hex>`` of the weights file otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -210,27 +211,14 @@ def hub_reachable(repo_id: str = "", revision: str | None = None, timeout: float
 
 def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
     """Download (or find in the local HF cache) config.json + weights of ``repo[@revision]``."""
-    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub import errors as hf_errors
 
     repo_id, _, revision = repo.partition("@")
     revision = revision or None
     online = hub_reachable(repo_id, revision)
-    how_to = (
-        f"request access at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
-        if spec.gated else f"check the repo id https://huggingface.co/{repo_id}"
-    )
-    offline_hint = (
-        "or download it elsewhere (huggingface_hub.snapshot_download) and pass the directory as weights=DIR"
-    )
-
-    def get(filename: str) -> str:
-        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=not online,
-                               etag_timeout=_hub_timeout(), endpoint=constants.ENDPOINT)
-
-    try:
+    with _hub_errors(spec.name, repo_id, spec.gated, online):
         try:
-            cfg_file = get("config.json")
+            cfg_file = _hub_get(repo_id, revision, "config.json", online)
             cfg = json.loads(Path(cfg_file).read_text())
         except hf_errors.EntryNotFoundError:
             cfg = {}
@@ -238,7 +226,7 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
         last_exc: Exception | None = None
         for name in ("model.safetensors", "pytorch_model.bin"):
             try:
-                wfile = get(name)
+                wfile = _hub_get(repo_id, revision, name, online)
                 break
             except hf_errors.EntryNotFoundError as exc:
                 # LocalEntryNotFoundError is an EntryNotFoundError: offline and not cached
@@ -248,23 +236,62 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
         if wfile is None:
             raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has no model.safetensors or "
                                           f"pytorch_model.bin ({last_exc})")
+    return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}",
+                         _hub_fingerprint(repo_id, wfile))
+
+
+def download_hub_file(what: str, repo: str, filename: str, *, gated: bool) -> tuple[str, str]:
+    """``(local path, fingerprint)`` of one file of hub repo ``repo[@revision]``, downloaded or
+    from the local HF cache, with the same reachability probe and errors as :func:`load_from_hub`
+    (:class:`WeightsUnavailableError` naming ``what``)."""
+    repo_id, _, revision = repo.partition("@")
+    revision = revision or None
+    online = hub_reachable(repo_id, revision)
+    with _hub_errors(what, repo_id, gated, online):
+        path = _hub_get(repo_id, revision, filename, online)
+    return path, _hub_fingerprint(repo_id, path)
+
+
+def _hub_get(repo_id: str, revision: str | None, filename: str, online: bool) -> str:
+    from huggingface_hub import constants, hf_hub_download
+
+    return hf_hub_download(repo_id, filename, revision=revision, local_files_only=not online,
+                           etag_timeout=_hub_timeout(), endpoint=constants.ENDPOINT)
+
+
+def _hub_fingerprint(repo_id: str, path: str) -> str:
+    m = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", path)
+    return f"hf:{repo_id}@{m.group(1)}" if m else "sha256:" + file_sha256(path)
+
+
+@contextlib.contextmanager
+def _hub_errors(what: str, repo_id: str, gated: bool, online: bool) -> Iterator[None]:
+    """Map huggingface_hub failures to :class:`WeightsUnavailableError` with what to do about them."""
+    from huggingface_hub import errors as hf_errors
+
+    how_to = (
+        f"request access at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
+        if gated else f"check the repo id https://huggingface.co/{repo_id}"
+    )
+    offline_hint = (
+        "or download it elsewhere (huggingface_hub.snapshot_download) and pass the directory as weights=DIR"
+    )
+    try:
+        yield
     except hf_errors.GatedRepoError as exc:
-        raise WeightsUnavailableError(f"{spec.name}: {repo_id} is gated and this account has no access: {how_to}") from exc
+        raise WeightsUnavailableError(f"{what}: {repo_id} is gated and this account has no access: {how_to}") from exc
     except hf_errors.RepositoryNotFoundError as exc:
         raise WeightsUnavailableError(
-            f"{spec.name}: {repo_id} not found or not accessible without a token ({how_to})") from exc
+            f"{what}: {repo_id} not found or not accessible without a token ({how_to})") from exc
     except hf_errors.LocalEntryNotFoundError as exc:
         state = "the HF hub is unreachable (no network, or HF_HUB_OFFLINE=1)" if not online else "download failed"
         raise WeightsUnavailableError(
-            f"{spec.name}: {state} and {repo_id} is not in the local HF cache; {how_to}, {offline_hint}"
+            f"{what}: {state} and {repo_id} is not in the local HF cache; {how_to}, {offline_hint}"
         ) from exc
     except hf_errors.HfHubHTTPError as exc:
-        raise WeightsUnavailableError(f"{spec.name}: HF hub error for {repo_id}: {exc}; {how_to}") from exc
+        raise WeightsUnavailableError(f"{what}: HF hub error for {repo_id}: {exc}; {how_to}") from exc
     except OSError as exc:
-        raise WeightsUnavailableError(f"{spec.name}: cannot fetch {repo_id}: {exc}; {offline_hint}") from exc
-    m = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", wfile)
-    fingerprint = f"hf:{repo_id}@{m.group(1)}" if m else "sha256:" + file_sha256(wfile)
-    return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}", fingerprint)
+        raise WeightsUnavailableError(f"{what}: cannot fetch {repo_id}: {exc}; {offline_hint}") from exc
 
 
 # --------------------------------------------------------------------------------------

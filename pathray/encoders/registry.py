@@ -77,10 +77,19 @@ class EncoderSpec:
     #: size and must be resampled on load (empty: weights must fit exactly)
     pos_embed_resample: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: side in pixels, at ``native_mpp``, of the tile the card's preprocessing expects (the size
+    #: its Resize leaves unchanged); ``None``: ``input_px`` (generic timm backbones, no card)
+    native_tile_px: int | None = None
+    tile_source: str = ""                  # where the native tile fact comes from (docs/models.md)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"{self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+    @property
+    def tile_px(self) -> int:
+        """Tile side (px at ``native_mpp``) this model's preprocessing expects: the default tiling."""
+        return self.native_tile_px or self.input_px
 
     def callable_model_args(self) -> dict[str, Any]:
         """The kwargs that are classes/callables (layer types) and must come from code."""
@@ -101,6 +110,7 @@ def _is_json_value(v: Any) -> bool:
 # The zoo. Keyword arguments are the cards' own (timm.create_model / VisionTransformer).
 # --------------------------------------------------------------------------------------
 _CC_NC_ND = "CC-BY-NC-ND-4.0 (non-commercial, academic research; no redistribution)"
+_UNI_TILE = "card: transforms.Resize(224) -> CenterCrop(224) (also timm resolve_data_config of the hub weights)"
 
 _SPECS: list[EncoderSpec] = [
     EncoderSpec(
@@ -111,6 +121,8 @@ _SPECS: list[EncoderSpec] = [
         embed_dim=1024,
         input_px=224,
         native_mpp=0.5,
+        native_tile_px=224,
+        tile_source=_UNI_TILE,
         preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bilinear"),
         pooling="cls",
         hf_hub_id="MahmoodLab/UNI",
@@ -129,6 +141,8 @@ _SPECS: list[EncoderSpec] = [
         embed_dim=1536,
         input_px=224,
         native_mpp=0.5,
+        native_tile_px=224,
+        tile_source=_UNI_TILE,
         preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bilinear"),
         pooling="cls",
         hf_hub_id="MahmoodLab/UNI2-h",
@@ -147,6 +161,9 @@ _SPECS: list[EncoderSpec] = [
         embed_dim=1536,
         input_px=224,
         native_mpp=0.5,
+        native_tile_px=256,
+        tile_source="card: Resize(256, bicubic) -> CenterCrop(224); official tiling: 256-px tiles at 0.5 µm/px"
+                    " (gigapath/pipeline.py tile_one_slide; slide encoder tile_size=256)",
         preprocess=Preprocess(resize_px=256, crop_px=224, interpolation="bicubic"),
         pooling="cls",
         hf_hub_id="prov-gigapath/prov-gigapath",
@@ -165,6 +182,8 @@ _SPECS: list[EncoderSpec] = [
         embed_dim=2560,
         input_px=224,
         native_mpp=0.5,
+        native_tile_px=224,
+        tile_source="card: \"Image size: 224 x 224\", tiles sampled at 0.5 µm/px; transform from the hub pretrained_cfg",
         preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic"),
         pooling="cls+mean_patch",
         hf_hub_id="paige-ai/Virchow",
@@ -183,6 +202,8 @@ _SPECS: list[EncoderSpec] = [
         embed_dim=2560,
         input_px=224,
         native_mpp=0.5,
+        native_tile_px=224,
+        tile_source="hub pretrained_cfg transform Resize(224) -> CenterCrop(224), input 224 x 224",
         preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic"),
         pooling="cls+mean_patch",
         hf_hub_id="paige-ai/Virchow2",
@@ -203,6 +224,8 @@ _SPECS: list[EncoderSpec] = [
         embed_dim=1536,
         input_px=224,
         native_mpp=0.5,
+        native_tile_px=224,
+        tile_source="card: \"expects images of size 224x224, extracted at 0.5 microns per pixel\"",
         preprocess=Preprocess(
             resize_px=224, crop_px=224, interpolation="bicubic",
             mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
@@ -240,6 +263,8 @@ for _short, _arch, _family, _dim, _extra, _mirror in [
             embed_dim=_dim,
             input_px=224,
             native_mpp=0.5,
+            native_tile_px=224,
+            tile_source="card: v2.Resize(224) -> v2.CenterCrop(224)",
             preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bilinear",
                                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_backend="torch"),
             pooling="cls",
@@ -256,6 +281,21 @@ for _short, _arch, _family, _dim, _extra, _mirror in [
 REGISTRY: dict[str, EncoderSpec] = {s.name: s for s in _SPECS}
 
 TIMM_PREFIX = "timm:"
+
+
+def native_tile_mismatch(models: list[str] | tuple[str, ...], tile_px: int, target_mpp: float) -> str | None:
+    """A warning text when the known ``models`` expect different native tiles (px at µm/px),
+    saying what a run tiled at ``tile_px`` px and ``target_mpp`` µm/px gives each; else None.
+    Unknown names are ignored (the job records them as errors)."""
+    specs = [REGISTRY[m] for m in models if m in REGISTRY]
+    if len({(s.tile_px, s.native_mpp) for s in specs}) < 2:
+        return None
+    expects = ", ".join(f"{s.name}: {s.tile_px} px at {s.native_mpp:g} µm/px" for s in specs)
+    others = [s.name for s in specs if (s.tile_px, s.native_mpp) != (tile_px, target_mpp)]
+    return (f"models expect different native tiles ({expects}); this run cuts one tiling, {tile_px} px at "
+            f"{target_mpp:g} µm/px, for every model, and each model's own Resize/CenterCrop is applied to those "
+            f"tiles, so {', '.join(others)} see(s) a field of view other than the card's. Run such models in "
+            "separate stores (one --out per tiling) to give each its native tile.")
 
 
 def list_models() -> list[str]:
