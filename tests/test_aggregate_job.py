@@ -275,7 +275,7 @@ def test_temp_files_of_an_interrupted_write_are_invisible_to_readers(tmp_path, m
         store.write_table(store.slide_features_relpath(MODEL, "mean", "s1"), pa.table({"slide_id": ["s1"]}))
     monkeypatch.undo()
     folder = tmp_path / store.slide_features_relpath(MODEL, "mean")
-    assert [p.name[:4] for p in folder.iterdir()] == ["_s1."]  # the leftover is there ...
+    assert [p.name[:4] for p in folder.iterdir()] == [".s1."]  # the leftover is there ...
     assert pads.dataset(str(tmp_path / "slide_features"), partitioning="hive").to_table().num_rows == 0  # ... unread
     assert duckdb.sql(f"SELECT count(*) FROM glob('{tmp_path}/slide_features/**/*.parquet')").fetchall() == [(0,)]
     assert store.slide_features(MODEL, "mean").count_rows() == 0
