@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from pathray.errors import SlideUnreadableError
 from pathray.fs import split_uri
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -53,8 +54,9 @@ _PROPERTY_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesD
                   "ManufacturerModelName", "ContainerIdentifier")
 
 
-class DicomWsiError(ValueError):
-    """The series is not a DICOM WSI this reader handles (message says why)."""
+class DicomWsiError(SlideUnreadableError):
+    """The series is not a DICOM WSI this reader handles (message says why); recorded per
+    slide as ``slide_unreadable``."""
 
 
 @dataclass
