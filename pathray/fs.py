@@ -5,6 +5,13 @@ Accepted forms: a plain local path, ``file://...``, or ``s3://bucket/key``. For 
 ``client_kwargs={"endpoint_url": ...}``, ``anon``...). With none given, s3fs/botocore use
 the usual AWS sources (environment, ``~/.aws``, instance role); ``AWS_ENDPOINT_URL`` points
 them at an S3-compatible server. Credentials are never logged or written by pathray.
+
+Every S3 client gets :data:`S3_CLIENT_DEFAULTS` merged under the caller's ``config_kwargs``
+(the caller's values win): botocore's ``adaptive`` retry mode with up to 10 attempts,
+which backs off exponentially with jitter on throttling (503 SlowDown) and transient
+errors and rate-limits the client after throttling, and finite connect/read timeouts so a
+stalled request fails (and is retried) instead of hanging. s3fs adds its own retries
+(5, back-off up to 15 s) on top for SlowDown and connection errors.
 """
 
 from __future__ import annotations
@@ -13,6 +20,12 @@ import os
 from typing import Any
 
 import fsspec
+
+S3_CLIENT_DEFAULTS: dict[str, Any] = {
+    "retries": {"max_attempts": 10, "mode": "adaptive"},
+    "connect_timeout": 10,  # s
+    "read_timeout": 60,  # s
+}
 
 
 def is_remote(uri: str) -> bool:
@@ -28,7 +41,7 @@ def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[
     if uri.startswith("s3://"):
         import s3fs  # imported lazily: local-only users never pay for botocore
 
-        options = dict(storage_options or {})
+        options = s3_options(storage_options)
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and "endpoint_url" not in options.get("client_kwargs", {}):
             options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
@@ -38,6 +51,13 @@ def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[
     elif "://" in uri:
         raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
     return fsspec.filesystem("file"), os.path.abspath(uri)
+
+
+def s3_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``storage_options`` with :data:`S3_CLIENT_DEFAULTS` under its ``config_kwargs``."""
+    options = dict(storage_options or {})
+    options["config_kwargs"] = {**S3_CLIENT_DEFAULTS, **(options.get("config_kwargs") or {})}
+    return options
 
 
 def join(root: str, *parts: str) -> str:

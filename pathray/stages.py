@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from pathray.errors import describe
 from pathray.slide import open_slide
-from pathray.staging import Scratch
+from pathray.staging import Scratch, node_scratch_dir
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
 from pathray.tiling import TilingConfig, plan_tiles, read_tiles
 
@@ -113,7 +113,7 @@ class SlidePlanner:
         self.fingerprint = tiling.fingerprint()
         self.chunk_tiles = int(chunk_tiles)
         self.storage_options = storage_options
-        self.scratch = Scratch(scratch_dir, scratch_max_bytes)
+        self.scratch = Scratch(scratch_dir or node_scratch_dir(), scratch_max_bytes)  # shared by the node's actors
 
     def __del__(self) -> None:  # Ray Data deletes the UDF when its actor exits gracefully
         self.scratch.close()
@@ -171,8 +171,9 @@ def slide_metadata(slide) -> str:
 class ChunkReader:
     """chunk rows -> chunk rows with ``pixels``: ``(N, tile_px, tile_px, 3)`` uint8 as bytes.
 
-    Keeps the last ``max_open`` slides open (consecutive chunks usually share a slide), so a
-    staged S3 slide is fetched once per actor, not once per chunk. Read failures (e.g. a
+    Keeps the last ``max_open`` slides open (consecutive chunks usually share a slide). S3
+    TIFF-family slides are read by byte range (only the chunk's tiles are fetched); other
+    formats are staged into the node-wide cache, so each is fetched once per node. Read failures (e.g. a
     truncated file whose damage shows only past the header) turn the chunk into an error row.
     """
 
@@ -180,7 +181,7 @@ class ChunkReader:
                  scratch_max_bytes: int = 64 * 2**30, max_open: int = 4):
         self.tiling = tiling
         self.storage_options = storage_options
-        self.scratch = Scratch(scratch_dir, scratch_max_bytes)
+        self.scratch = Scratch(scratch_dir or node_scratch_dir(), scratch_max_bytes)  # shared by the node's actors
         self.max_open = max_open
         self._open: OrderedDict[str, Any] = OrderedDict()
 

@@ -15,6 +15,7 @@ JPEG 2000 or deflate), non-TIFF files. Those are staged and opened with OpenSlid
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from pathray.errors import SlideUnreadableError
 from pathray.rangeio import fetch_ranges, storage_error
 from pathray.tifftiles import TiledLevel, Window, load_tiles, read_window, usable
 
-HEADER_BLOCK_BYTES = 256 * 1024  # block size of the cache used while parsing IFDs
+HEADER_WINDOW_BYTES = 16 * 1024  # least bytes fetched per header read that misses the cached windows
 _STRING_TAGS = {270: "ImageDescription", 271: "Make", 272: "Model", 305: "Software", 306: "DateTime",
                 315: "Artist", 316: "HostComputer", 33432: "Copyright", 269: "DocumentName"}
 _FLOAT_TAGS = {282: "XResolution", 283: "YResolution", 286: "XPosition", 287: "YPosition"}
@@ -54,9 +55,8 @@ class TiffRangeBackend:
         import tifffile
 
         try:
-            with fs.open(path, "rb", block_size=HEADER_BLOCK_BYTES, cache_type="blockcache") as fh:
-                with tifffile.TiffFile(fh) as tif:
-                    described = _describe(tif)
+            with tifffile.TiffFile(_HeaderReader(fs, path, size_bytes)) as tif:
+                described = _describe(tif)
         except tifffile.TiffFileError:
             return None
         except (OSError, ValueError, KeyError, IndexError, EOFError) as exc:
@@ -88,6 +88,47 @@ class TiffRangeBackend:
 
     def close(self) -> None:
         self.levels = []
+
+
+class _HeaderReader(io.RawIOBase):
+    """A seekable read-only file over an object for tifffile's IFD parsing.
+
+    A read that misses the windows already fetched fetches ``max(size, HEADER_WINDOW_BYTES)``
+    bytes from the read position (one request through :func:`fetch_ranges`); windows are
+    kept until the reader is dropped, so jumping back and forth between IFDs is free.
+    """
+
+    def __init__(self, fs: Any, path: str, size_bytes: int):
+        super().__init__()
+        self.fs, self.path, self.size, self.pos = fs, path, int(size_bytes), 0
+        self.windows: list[tuple[int, bytes]] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: 0, 1: self.pos, 2: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), max(0, self.size - self.pos))
+        if n == 0:
+            return 0
+        window = next(((s, d) for s, d in self.windows if s <= self.pos and self.pos + n <= s + len(d)), None)
+        if window is None:
+            length = min(max(n, HEADER_WINDOW_BYTES), self.size - self.pos)
+            window = (self.pos, fetch_ranges(self.fs, self.path, [(self.pos, length)])[0])
+            self.windows.append(window)
+        start, data = window
+        buffer[:n] = data[self.pos - start:self.pos - start + n]
+        self.pos += n
+        return n
 
 
 def _describe(tif: Any) -> tuple[str, list[TiledLevel], dict[str, str]] | None:
