@@ -165,3 +165,31 @@ def test_range_reads_survive_throttling(s3_server, s3_bucket, s3_proxy, syntheti
         assert np.array_equal(remote_grid.x, grid.x) and np.array_equal(remote_grid.y, grid.y)
         assert np.array_equal(read_tiles(slide, config, grid.x, grid.y), expected)
     assert s3_proxy.throttled > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_job_through_a_throttling_proxy_writes_a_complete_correct_store(ray_cluster, s3_server, s3_bucket, s3_proxy,
+                                                                        synthetic_svs_025):
+    import pyarrow.dataset as pads
+
+    from pathray.config import build_job_config
+    from pathray.fakes import pixel_statistics, sleep_encoder
+    from pathray.pipeline import run_job
+
+    uri = _upload(s3_server, s3_bucket, synthetic_svs_025, "a.svs")
+    s3_server.fs.pipe(f"{s3_bucket}/manifest.csv", f"slide_id,path\na,{uri}\n".encode())
+    s3_proxy.throttle_every = 4  # a quarter of all requests (reads, listings, writes) get 503 SlowDown
+    options = s3_proxy.storage_options(s3_server.storage_options)
+    config = build_job_config(dict(manifest=f"s3://{s3_bucket}/manifest.csv", out=f"s3://{s3_bucket}/store",
+                                   models=["sleep"], tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4,
+                                   storage_options=options))
+    report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1e4, embed_dim=6)}, progress_bars=False)
+    assert report.per_model["sleep"]["ok"] == 1 and s3_proxy.throttled > 0
+    table = pads.dataset(f"{s3_bucket}/store/features", filesystem=s3_server.fs, partitioning="hive").to_table()
+    table = table.sort_by("tile_index")
+    assert table.num_rows == report.tiles_planned == 10
+    with open_slide(os.fspath(synthetic_svs_025)) as slide:
+        tiles = read_tiles(slide, config.tiling, table.column("x").to_numpy(), table.column("y").to_numpy())
+    np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                               pixel_statistics(tiles, 6), rtol=1e-5)
