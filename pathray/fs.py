@@ -7,11 +7,13 @@ the usual AWS sources (environment, ``~/.aws``, instance role); ``AWS_ENDPOINT_U
 them at an S3-compatible server. Credentials are never logged or written by pathray.
 
 Every S3 client gets :data:`S3_CLIENT_DEFAULTS` merged under the caller's ``config_kwargs``
-(the caller's values win): botocore's ``adaptive`` retry mode with up to 10 attempts,
-which backs off exponentially with jitter on throttling (503 SlowDown) and transient
-errors and rate-limits the client after throttling, and finite connect/read timeouts so a
-stalled request fails (and is retried) instead of hanging. s3fs adds its own retries
-(5, back-off up to 15 s) on top for SlowDown and connection errors.
+(the caller's values win): botocore's ``adaptive`` retry mode with up to 8 attempts,
+which backs off exponentially with jitter (up to 20 s) on throttling (503 SlowDown),
+5xx answers, connection errors and timeouts, and rate-limits the client after
+throttling; and finite connect/read timeouts (10 s / 30 s) so a stalled request fails and
+is retried instead of hanging. s3fs's own retry loops, which nest (5 x 5 attempts per
+GET), are set to one attempt (:data:`S3FS_RETRIES`), so a request that never answers
+ends as an error after at most about 8 x 30 s plus back-off.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from typing import Any
 import fsspec
 
 S3_CLIENT_DEFAULTS: dict[str, Any] = {
-    "retries": {"max_attempts": 10, "mode": "adaptive"},
+    "retries": {"max_attempts": 8, "mode": "adaptive"},
     "connect_timeout": 10,  # s
-    "read_timeout": 60,  # s
+    "read_timeout": 30,  # s
 }
+S3FS_RETRIES = 1  # s3fs's own retry loops (nested twice per GET) off: botocore's above do the retrying
 
 
 def is_remote(uri: str) -> bool:
@@ -45,7 +48,9 @@ def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and "endpoint_url" not in options.get("client_kwargs", {}):
             options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
-        return s3fs.S3FileSystem(**options), uri[len("s3://") :]
+        fs = s3fs.S3FileSystem(**options)
+        fs.retries = S3FS_RETRIES
+        return fs, uri[len("s3://") :]
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif "://" in uri:

@@ -193,3 +193,13 @@ def test_job_through_a_throttling_proxy_writes_a_complete_correct_store(ray_clus
         tiles = read_tiles(slide, config.tiling, table.column("x").to_numpy(), table.column("y").to_numpy())
     np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
                                pixel_statistics(tiles, 6), rtol=1e-5)
+
+
+def test_a_storage_timeout_is_a_per_slide_error_not_a_hang(s3_server, s3_bucket, s3_proxy, synthetic_svs_05):
+    uri = _upload(s3_server, s3_bucket, synthetic_svs_05, "stalled.svs")
+    s3_proxy.stall_gets = True  # HEAD answers, every GET hangs
+    options = s3_proxy.storage_options(s3_server.storage_options)
+    options["config_kwargs"] = {"read_timeout": 1, "retries": {"max_attempts": 1}}
+    with pytest.raises(PathrayError) as info:
+        open_slide(uri, storage_options=options)
+    assert info.value.error_type == "storage_timeout"
