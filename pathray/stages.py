@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import describe
+from pathray.errors import StagingError, describe
 from pathray.slide import open_slide
 from pathray.staging import Scratch, node_scratch_dir
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
@@ -188,7 +188,13 @@ class ChunkReader:
     def _slide(self, path: str, mpp_override: float | None):
         handle = self._open.pop(path, None)
         if handle is None:
-            handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
+            try:
+                handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
+            except StagingError:  # the node cache may be full of slides this actor keeps open: let them go, retry once
+                if not self._open:
+                    raise
+                self.close_open()
+                handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
         self._open[path] = handle
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
@@ -218,10 +224,14 @@ class ChunkReader:
         chunks = chunks.append_column("tiles_read", pa.array(counts, type=pa.int64()))
         return chunks.append_column("read_s", pa.array(read_s, type=pa.float64()))
 
-    def close(self) -> None:
-        """Close open slides and delete their staged copies."""
+    def close_open(self) -> None:
+        """Close open slides (their staged copies become evictable)."""
         while self._open:
             self._open.popitem()[1].close()
+
+    def close(self) -> None:
+        """Close open slides and release the scratch cache."""
+        self.close_open()
         self.scratch.close()
 
     def __del__(self) -> None:  # Ray Data deletes the UDF when its actor exits gracefully

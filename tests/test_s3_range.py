@@ -203,3 +203,26 @@ def test_a_storage_timeout_is_a_per_slide_error_not_a_hang(s3_server, s3_bucket,
     with pytest.raises(PathrayError) as info:
         open_slide(uri, storage_options=options)
     assert info.value.error_type == "storage_timeout"
+
+
+def test_reader_lets_go_of_its_open_slides_when_the_node_cache_is_full(s3_server, s3_bucket, generic_tiff_deflate,
+                                                                        tmp_path):
+    import math
+
+    import pyarrow as pa
+
+    from pathray.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+
+    uris = [_upload(s3_server, s3_bucket, generic_tiff_deflate, f"{name}.tif") for name in "ab"]
+    budget = int(1.5 * os.path.getsize(generic_tiff_deflate))  # one staged copy fits, two do not
+    args = (TilingConfig(), 64, s3_server.storage_options, str(tmp_path / "node"), budget)
+    slides = pa.Table.from_pylist([{"slide_id": n, "path": u, "cohort": "", "mpp_override": math.nan, "models": ["m"]}
+                                   for n, u in zip("ab", uris)], schema=SLIDE_SCHEMA)
+    chunks = SlidePlanner(*args)(slides)
+    assert chunks.column("status").to_pylist() == ["ok", "ok"]
+    reader = ChunkReader(args[0], *args[2:])
+    try:
+        out = pa.concat_tables([reader(chunks.slice(0, 1)), reader(chunks.slice(1, 1))])
+    finally:
+        reader.close()
+    assert out.column("status").to_pylist() == ["ok", "ok"] and out.column("tiles_read").to_pylist() == [6, 6]
