@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 import openslide
@@ -228,7 +228,7 @@ class Slide:
             self._own_scratch.close()
             self._own_scratch = None
 
-    def __enter__(self) -> Slide:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -421,5 +421,5 @@ def _direct_levels(path: str, level_dimensions: Sequence[tuple[int, int]]) -> li
             pages = [p for p in tif.pages if usable(p)]
             return [next((TiledLevel.from_page(p) for p in pages if (p.imagewidth, p.imagelength) == tuple(dims)), None)
                     for dims in level_dimensions]
-    except Exception:
+    except Exception:  # noqa: BLE001  (no fast path: OpenSlide reads every level)
         return [None] * len(level_dimensions)

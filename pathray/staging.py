@@ -31,10 +31,10 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
 
 from pathray.errors import SlideNotFoundError, StagingError
 from pathray.fs import split_uri
@@ -226,7 +226,7 @@ class Scratch:
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> Scratch:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

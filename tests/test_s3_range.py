@@ -73,14 +73,13 @@ def test_planning_fetches_only_the_header_and_the_tissue_level(s3_server, s3_buc
 def test_formats_the_range_reader_does_not_cover_are_staged(s3_server, s3_bucket, generic_tiff_deflate, tmp_path):
     uri = _upload(s3_server, s3_bucket, generic_tiff_deflate, "deflate.tif")
     config = TilingConfig()
-    with Scratch(str(tmp_path / "scratch")) as scratch:
-        with open_slide(os.fspath(generic_tiff_deflate)) as ref, \
+    with Scratch(str(tmp_path / "scratch")) as scratch, open_slide(os.fspath(generic_tiff_deflate)) as ref, \
                 open_slide(uri, scratch=scratch, storage_options=s3_server.storage_options) as remote:
-            assert isinstance(remote.backend, OpenSlideBackend) and remote.local_path.startswith(scratch.root)
-            assert scratch.used_bytes == remote.size_bytes == os.path.getsize(generic_tiff_deflate)
-            assert (remote.vendor, remote.mpp) == ("generic-tiff", 0.5)
-            grid = plan_tiles(ref, "s", config)
-            assert np.array_equal(read_tiles(remote, config, grid.x, grid.y), read_tiles(ref, config, grid.x, grid.y))
+        assert isinstance(remote.backend, OpenSlideBackend) and remote.local_path.startswith(scratch.root)
+        assert scratch.used_bytes == remote.size_bytes == os.path.getsize(generic_tiff_deflate)
+        assert (remote.vendor, remote.mpp) == ("generic-tiff", 0.5)
+        grid = plan_tiles(ref, "s", config)
+        assert np.array_equal(read_tiles(remote, config, grid.x, grid.y), read_tiles(ref, config, grid.x, grid.y))
 
 
 def _read_staged(args: tuple) -> tuple[bool, int]:
@@ -116,7 +115,10 @@ def test_node_cache_budget_evicts_unused_lru_entries_only(s3_server, s3_bucket, 
     fs = s3_server.fs
     for name in "abcd":
         fs.pipe(f"{s3_bucket}/m/{name}.mrxs", bytes(1000))
-    stage = lambda name, scratch: scratch.stage(f"s3://{s3_bucket}/m/{name}.mrxs", s3_server.storage_options)  # noqa: E731
+
+    def stage(name, scratch):
+        return scratch.stage(f"s3://{s3_bucket}/m/{name}.mrxs", s3_server.storage_options)
+
     root = str(tmp_path / "node")
     first, second = Scratch(root, max_bytes=2500), Scratch(root, max_bytes=2500)  # two actors of one node
     a = stage("a", first)
@@ -181,9 +183,9 @@ def test_job_through_a_throttling_proxy_writes_a_complete_correct_store(ray_clus
     s3_server.fs.pipe(f"{s3_bucket}/manifest.csv", f"slide_id,path\na,{uri}\n".encode())
     s3_proxy.throttle_every = 4  # a quarter of all requests (reads, listings, writes) get 503 SlowDown
     options = s3_proxy.storage_options(s3_server.storage_options)
-    config = build_job_config(dict(manifest=f"s3://{s3_bucket}/manifest.csv", out=f"s3://{s3_bucket}/store",
-                                   models=["sleep"], tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4,
-                                   storage_options=options))
+    config = build_job_config({"manifest": f"s3://{s3_bucket}/manifest.csv", "out": f"s3://{s3_bucket}/store",
+                               "models": ["sleep"], "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4,
+                               "storage_options": options})
     report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1e4, embed_dim=6)}, progress_bars=False)
     assert report.per_model["sleep"]["ok"] == 1 and s3_proxy.throttled > 0
     table = pads.dataset(f"{s3_bucket}/store/features", filesystem=s3_server.fs, partitioning="hive").to_table()
