@@ -231,7 +231,9 @@ def markdown(results: dict, sizes: dict[str, int], args: argparse.Namespace) -> 
         (f"CMU-1-Small-Region repeated {args.large_repeat}x{args.large_repeat} as a 3-level SVS. From nothing to the "
          "first tile: open, plan (tissue detection on level 2), read the grid's first tile. *Emulated link*: the "
          f"proxy paces each response at {rate:g} MB/s and adds {latency:g} ms before each request, a stand-in for one "
-         "S3 stream (not a measurement of S3 itself)."),
+         "S3 stream (not a measurement of S3 itself). s3fs downloads a staged object in parts over up to 10 "
+         "connections, each paced separately, so staging gets up to 10x that rate here; on a real node its NIC and "
+         "the other actors' traffic bound it."),
         "",
         f"| how | s, localhost | s, emulated {rate:g} MB/s + {latency:g} ms | bytes before the first tile |",
         "|---|---:|---:|---:|",
