@@ -39,9 +39,9 @@ def test_fetch_ranges_returns_each_range_in_input_order(tmp_path):
 def test_range_backend_on_a_local_file_matches_openslide(request, fixture):
     path = os.fspath(request.getfixturevalue(fixture))
     backend = TiffRangeBackend.open(fsspec.filesystem("file"), path, os.path.getsize(path))
-    reference = openslide.OpenSlide(path)
-    assert backend.properties == {k: v for k, v in reference.properties.items() if k != "openslide.quickhash-1"}
-    assert backend.level_dimensions == reference.level_dimensions
+    with openslide.OpenSlide(path) as reference:
+        assert backend.properties == {k: v for k, v in reference.properties.items() if k != "openslide.quickhash-1"}
+        assert backend.level_dimensions == reference.level_dimensions
     with open_slide(path) as slide:
         for level, (w, h) in enumerate(backend.level_dimensions):
             ds = slide.level_downsamples[level]

@@ -33,7 +33,8 @@ def test_range_reads_equal_local_reads(request, fixture, s3_server, s3_bucket, t
     scratch = Scratch(str(tmp_path / "scratch"))
     with open_slide(os.fspath(local)) as ref, open_slide(uri, scratch=scratch, storage_options=s3_server.storage_options) as remote:
         assert isinstance(remote.backend, TiffRangeBackend) and remote.local_path is None
-        reference_props = dict(openslide.OpenSlide(os.fspath(local)).properties)
+        with openslide.OpenSlide(os.fspath(local)) as reference:
+            reference_props = dict(reference.properties)
         assert remote.properties == {k: v for k, v in reference_props.items() if k not in NOT_COMPUTED}
         assert (remote.vendor, remote.mpp, remote.mpp_source) == (ref.vendor, ref.mpp, ref.mpp_source)
         assert (remote.level_dimensions, remote.level_downsamples) == (ref.level_dimensions, ref.level_downsamples)
