@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import openslide
@@ -228,7 +228,7 @@ class Slide:
             self._own_scratch.close()
             self._own_scratch = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Slide:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
 from pathray.errors import SlideNotFoundError, StagingError
 from pathray.fs import split_uri
@@ -226,7 +226,7 @@ class Scratch:
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Scratch:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
