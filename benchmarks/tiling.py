@@ -40,11 +40,11 @@ def naive(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray) -> n
 
 
 def openslide_only(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    direct, slide._direct = slide._direct, None
+    levels, slide.backend._levels = slide.backend._levels, [None] * slide.level_count
     try:
         return read_tiles(slide, config, x, y)
     finally:
-        slide._direct = direct
+        slide.backend._levels = levels
 
 
 def measure(path: str, config: TilingConfig, repeats: int) -> dict[str, object]:

@@ -68,8 +68,8 @@ class JobConfig:
     chunk_tiles: int = 256  # tiles per work unit (read + encode + staged file)
     keep_columns: tuple[str, ...] = ()  # manifest columns copied onto every tile row
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # s3fs options; never written
-    scratch_dir: str | None = None  # where s3:// slides are staged (default: system temp)
-    scratch_max_bytes: int = 64 * 2**30
+    scratch_dir: str | None = None  # node-wide cache for staged s3:// slides (default: <tmp>/pathray-scratch-<uid>)
+    scratch_max_bytes: int = 64 * 2**30  # bound on that cache per node (all actors of the node together)
     new_version: bool = False  # on a config mismatch, write a new version under out/versions/
     ray_address: str | None = None  # None: the cluster of `ray job submit`, else a local one
     run_id: str | None = None  # default: UTC timestamp + random suffix

@@ -52,6 +52,18 @@ class SlideUnreadableError(SlideError):
     error_type = "slide_unreadable"
 
 
+class SlideAccessDeniedError(SlideError):
+    """The storage refused to serve the slide object (credentials or bucket policy)."""
+
+    error_type = "slide_access_denied"
+
+
+class StorageTimeoutError(SlideError):
+    """A storage request for the slide kept timing out after the client's retries."""
+
+    error_type = "storage_timeout"
+
+
 class MppMissingError(SlideError):
     """Neither the slide nor the manifest's ``mpp`` column gives microns per pixel."""
 

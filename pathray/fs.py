@@ -5,6 +5,15 @@ Accepted forms: a plain local path, ``file://...``, or ``s3://bucket/key``. For 
 ``client_kwargs={"endpoint_url": ...}``, ``anon``...). With none given, s3fs/botocore use
 the usual AWS sources (environment, ``~/.aws``, instance role); ``AWS_ENDPOINT_URL`` points
 them at an S3-compatible server. Credentials are never logged or written by pathray.
+
+Every S3 client gets :data:`S3_CLIENT_DEFAULTS` merged under the caller's ``config_kwargs``
+(the caller's values win): botocore's ``adaptive`` retry mode with up to 8 attempts,
+which backs off exponentially with jitter (up to 20 s) on throttling (503 SlowDown),
+5xx answers, connection errors and timeouts, and rate-limits the client after
+throttling; and finite connect/read timeouts (10 s / 30 s) so a stalled request fails and
+is retried instead of hanging. s3fs's own retry loops, which nest (5 x 5 attempts per
+GET), are set to one attempt (:data:`S3FS_RETRIES`), so a request that never answers
+ends as an error after at most about 8 x 30 s plus back-off.
 """
 
 from __future__ import annotations
@@ -13,6 +22,13 @@ import os
 from typing import Any
 
 import fsspec
+
+S3_CLIENT_DEFAULTS: dict[str, Any] = {
+    "retries": {"max_attempts": 8, "mode": "adaptive"},
+    "connect_timeout": 10,  # s
+    "read_timeout": 30,  # s
+}
+S3FS_RETRIES = 1  # s3fs's own retry loops (nested twice per GET) off: botocore's above do the retrying
 
 
 def is_remote(uri: str) -> bool:
@@ -28,16 +44,25 @@ def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[
     if uri.startswith("s3://"):
         import s3fs  # imported lazily: local-only users never pay for botocore
 
-        options = dict(storage_options or {})
+        options = s3_options(storage_options)
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and "endpoint_url" not in options.get("client_kwargs", {}):
             options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
-        return s3fs.S3FileSystem(**options), uri[len("s3://") :]
+        fs = s3fs.S3FileSystem(**options)
+        fs.retries = S3FS_RETRIES
+        return fs, uri[len("s3://") :]
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif "://" in uri:
         raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
     return fsspec.filesystem("file"), os.path.abspath(uri)
+
+
+def s3_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``storage_options`` with :data:`S3_CLIENT_DEFAULTS` under its ``config_kwargs``."""
+    options = dict(storage_options or {})
+    options["config_kwargs"] = {**S3_CLIENT_DEFAULTS, **(options.get("config_kwargs") or {})}
+    return options
 
 
 def join(root: str, *parts: str) -> str:

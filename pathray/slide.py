@@ -1,4 +1,4 @@
-"""Open a whole-slide image with OpenSlide: levels, µm/px, region reads.
+"""Open a whole-slide image: levels, µm/px, region reads, over a pluggable backend.
 
 Coordinates passed to :meth:`Slide.read_region` are **level-0 pixels** (OpenSlide's
 convention); sizes are pixels of the requested level. µm/px is resolved in this order:
@@ -11,17 +11,24 @@ It is never guessed from objective power ("40x"). ``Slide.mpp_source`` records w
 was used. Missing → :class:`MppMissingError`; outside [0.05, 20] µm/px or non-square
 pixels → :class:`MppImplausibleError`.
 
-Reads of TIFF-based slides (Aperio SVS, generic tiled TIFF) whose level is a JPEG-tiled
-page decode that page's own tiles directly (tifffile + imagecodecs), which is several
-times faster than OpenSlide's RGBA path and gives the same pixels (both use
-libjpeg-turbo; tested). Everything else goes through OpenSlide.
+Where the pixels come from is a :class:`SlideBackend`:
+
+* a local file: :class:`OpenSlideBackend` (OpenSlide; levels that are JPEG-tiled TIFF pages
+  of an Aperio SVS or generic TIFF are decoded from the file's own tiles with tifffile +
+  imagecodecs, several times faster than OpenSlide's RGBA path and the same pixels);
+* an ``s3://`` Aperio SVS or generic tiled TIFF: :class:`pathray.tiffrange.TiffRangeBackend`
+  reads the header and then only the JPEG tiles each read needs, by byte range: no local
+  copy, the same metadata and bit-identical pixels;
+* any other ``s3://`` slide (MRXS, DICOM, JPEG 2000 SVS...): staged once per node into the
+  shared :class:`pathray.staging.Scratch` cache and opened with :class:`OpenSlideBackend`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import openslide
@@ -33,44 +40,120 @@ from pathray.errors import (
     SlideUnreadableError,
 )
 from pathray.fs import is_remote, split_uri
+from pathray.rangeio import storage_error
 from pathray.staging import Scratch, StagedSlide
+from pathray.tifftiles import TiledLevel, Window, load_tiles, read_window, usable
 
 MPP_RANGE = (0.05, 20.0)
 THUMBNAIL_STRIP_PIXELS = 16 * 1024**2  # level pixels read at once while making a thumbnail
+RANGE_READ_SUFFIXES = (".svs", ".tif", ".tiff")  # s3:// names tried with the range reader before staging
 _UNIT_TO_UM = {"centimeter": 1e4, "inch": 25400.0}
 _DIRECT_VENDORS = ("aperio", "generic-tiff")
 
 
-class Slide:
-    """An open slide. Use as a context manager; :meth:`close` also deletes staged copies."""
+class SlideBackend(Protocol):
+    """Where a :class:`Slide` gets its levels, properties and pixels from."""
 
-    def __init__(
-        self,
-        uri: str,
-        handle: openslide.OpenSlide,
-        mpp: float,
-        mpp_source: str,
-        etag: str | None,
-        size_bytes: int | None,
-        local_path: str,
-        staged: StagedSlide | None = None,
-        own_scratch: Scratch | None = None,
-    ):
+    vendor: str | None
+    level_dimensions: tuple[tuple[int, int], ...]  # (width, height), level 0 first
+    level_downsamples: tuple[float, ...]
+    properties: dict[str, str]  # OpenSlide-style names where they exist
+
+    def read_level(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
+        """RGB uint8 ``(height, width, 3)`` of ``level`` at level px ``(lx, ly)``; outside = white."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class TileCachingBackend(Protocol):
+    """Optional: a backend whose reads decode whole stored tiles into the caller's ``cache``.
+
+    :func:`pathray.tiling.read_tiles` then groups nearby tiles and calls :meth:`prefetch`
+    once per group, so a remote backend fetches the group's tiles in one coalesced batch.
+    """
+
+    def caches_tiles(self, level: int) -> bool: ...
+
+    def prefetch(self, level: int, windows: Sequence[Window], cache: dict) -> None: ...
+
+
+class OpenSlideBackend:
+    """A local slide file through OpenSlide, with the TIFF JPEG fast path where it applies."""
+
+    def __init__(self, uri: str, local_path: str):
+        self._osr = _open_handle(uri, local_path)
         self.uri = uri
+        self.properties: dict[str, str] = dict(self._osr.properties)
+        self.vendor: str | None = self.properties.get(openslide.PROPERTY_NAME_VENDOR)
+        self.level_dimensions = tuple(tuple(d) for d in self._osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self._levels: list[TiledLevel | None] = [None] * len(self.level_dimensions)
+        self._fd: int | None = None
+        if self.vendor in _DIRECT_VENDORS:
+            self._levels = _direct_levels(local_path, self.level_dimensions)
+            if any(self._levels):
+                self._fd = os.open(local_path, os.O_RDONLY)
+
+    def caches_tiles(self, level: int) -> bool:
+        return self._levels[level] is not None
+
+    def read_level(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
+        """Direct TIFF tile decoding where available, else OpenSlide at level-0 ``round(l * downsample)``."""
+        tiled = self._levels[level]
+        if tiled is not None:
+            return read_window(tiled, level, (lx, ly, width, height), cache, self._pread)
+        ds = self.level_downsamples[level]
+        return self.read_openslide(round(lx * ds), round(ly * ds), level, width, height)
+
+    def prefetch(self, level: int, windows: Sequence[Window], cache: dict) -> None:
+        tiled = self._levels[level]
+        if tiled is not None:
+            load_tiles(tiled, level, {i for w in windows for i in tiled.tile_indices(*w)}, cache, self._pread)
+
+    def read_openslide(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB of OpenSlide's ``read_region`` at level-0 ``(x0, y0)``, composited on white."""
+        try:
+            rgba = np.asarray(self._osr.read_region((int(x0), int(y0)), level, (int(width), int(height))))
+        except openslide.OpenSlideError as exc:
+            raise SlideUnreadableError(f"{self.uri}: read failed: {exc}") from exc
+        return _on_white(rgba)
+
+    def _pread(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return [os.pread(self._fd, length, offset) for offset, length in ranges]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._osr.close()
+
+
+class Slide:
+    """An open slide. Use as a context manager; :meth:`close` also releases a staged copy.
+
+    ``backend`` is what reads it (:class:`SlideBackend`); ``local_path`` is the local file
+    OpenSlide opened, or ``None`` when the slide is read remotely by range.
+    """
+
+    def __init__(self, uri: str, backend: SlideBackend, mpp: float, mpp_source: str, etag: str | None,
+                 size_bytes: int | None, local_path: str | None = None, staged: StagedSlide | None = None,
+                 own_scratch: Scratch | None = None):
+        self.uri = uri
+        self.backend = backend
         self.mpp = mpp
         self.mpp_source = mpp_source
         self.etag = etag
         self.size_bytes = size_bytes
         self.local_path = local_path
-        self._osr = handle
         self._staged = staged
         self._own_scratch = own_scratch
-        self.dimensions: tuple[int, int] = tuple(handle.dimensions)
-        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(tuple(d) for d in handle.level_dimensions)
-        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in handle.level_downsamples)
-        self.properties: dict[str, str] = dict(handle.properties)
-        self.vendor: str | None = self.properties.get(openslide.PROPERTY_NAME_VENDOR)
-        self._direct = _DirectTiffReader.open(local_path, self) if self.vendor in _DIRECT_VENDORS else None
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(tuple(d) for d in backend.level_dimensions)
+        self.dimensions: tuple[int, int] = self.level_dimensions[0]
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in backend.level_downsamples)
+        self.properties: dict[str, str] = dict(backend.properties)
+        self.vendor: str | None = backend.vendor
 
     @property
     def level_count(self) -> int:
@@ -81,36 +164,36 @@ class Slide:
         return self.mpp * self.level_downsamples[level]
 
     def has_direct_reads(self, level: int) -> bool:
-        """True when ``level`` is read by decoding the TIFF's own tiles (fast path)."""
-        return self._direct is not None and self._direct.pages[level] is not None
+        """True when reads of ``level`` decode the file's own tiles into the caller's cache (fast path)."""
+        return isinstance(self.backend, TileCachingBackend) and self.backend.caches_tiles(level)
 
     def read_region(
         self, x0: int, y0: int, level: int, width: int, height: int, *, cache: dict | None = None
     ) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` of ``level`` with top-left at level-0 px ``(x0, y0)``.
 
-        Areas outside the slide or transparent are white. Uses the direct TIFF path where
-        available (the level position is ``round(x0 / downsample)``), else OpenSlide.
-        ``cache``: a dict the caller keeps across nearby reads so each TIFF tile is decoded
-        once (direct path only; the caller bounds its lifetime).
+        Areas outside the slide or transparent are white. The level position read is
+        ``round(x0 / downsample)``. ``cache``: a dict the caller keeps across nearby reads
+        so each stored tile is fetched and decoded once (the caller bounds its lifetime).
         """
+        ds = self.level_downsamples[level]
+        return self.backend.read_level(level, round(x0 / ds), round(y0 / ds), int(width), int(height), cache)
+
+    def prefetch(self, level: int, windows: Sequence[Window], cache: dict) -> None:
+        """Load every stored tile the level-px ``windows`` touch into ``cache`` at once (fast path only)."""
         if self.has_direct_reads(level):
-            ds = self.level_downsamples[level]
-            return self._direct.read(level, round(x0 / ds), round(y0 / ds), width, height, cache)
-        return self.read_region_openslide(x0, y0, level, width, height)
+            self.backend.prefetch(level, windows, cache)
 
     def read_region_openslide(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
-        """Same as :meth:`read_region` but always through OpenSlide (the reference path)."""
-        try:
-            rgba = np.asarray(self._osr.read_region((int(x0), int(y0)), level, (int(width), int(height))))
-        except openslide.OpenSlideError as exc:
-            raise SlideUnreadableError(f"{self.uri}: read failed: {exc}") from exc
-        return _on_white(rgba)
+        """Same as :meth:`read_region` but always through OpenSlide (the reference path; local/staged only)."""
+        if not isinstance(self.backend, OpenSlideBackend):
+            raise TypeError(f"{self.uri} is read by {type(self.backend).__name__}, not OpenSlide")
+        return self.backend.read_openslide(x0, y0, level, width, height)
 
     def thumbnail(self, max_mpp: float) -> tuple[np.ndarray, float]:
         """RGB image of the whole slide at about ``max_mpp`` µm/px, and its exact µm/px.
 
-        Reads the coarsest level no coarser than ``max_mpp`` (or the coarsest level) and
+        Reads only the coarsest level no coarser than ``max_mpp`` (or the coarsest level) and
         area-averages it down to ``max_mpp`` in horizontal strips, so a slide without a
         pyramid never needs its whole level 0 in memory. Returns ``(image, image_mpp)``.
         """
@@ -137,16 +220,15 @@ class Slide:
         return out, self.mpp * self.dimensions[0] / tw
 
     def close(self) -> None:
-        if self._direct is not None:
-            self._direct.close()
-            self._direct = None
-        self._osr.close()
+        self.backend.close()
         if self._staged is not None:
             self._staged.release()
+            self._staged = None
         if self._own_scratch is not None:
             self._own_scratch.close()
+            self._own_scratch = None
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,50 +246,76 @@ def open_slide(
 ) -> Slide:
     """Open the slide at ``uri`` (local path, ``file://`` or ``s3://``).
 
-    ``mpp_override`` (µm/px) wins over the slide's metadata when given. ``s3://`` slides are
-    staged into ``scratch`` (a private temporary one if ``None``). Raises
-    :class:`SlideNotFoundError`, :class:`SlideUnreadableError` (not a slide, corrupt,
-    truncated: a small probe read is done at open), :class:`MppMissingError`,
-    :class:`MppImplausibleError`, or :class:`~pathray.errors.StagingError`.
+    ``mpp_override`` (µm/px) wins over the slide's metadata when given. ``s3://`` Aperio SVS
+    and generic tiled TIFF are read by byte range; other ``s3://`` slides are staged into
+    ``scratch`` (a private temporary one if ``None``). Raises :class:`SlideNotFoundError`,
+    :class:`~pathray.errors.SlideAccessDeniedError`, :class:`~pathray.errors.StorageTimeoutError`,
+    :class:`SlideUnreadableError` (not a slide, corrupt, truncated: a small probe read is done
+    at open), :class:`MppMissingError`, :class:`MppImplausibleError`, or
+    :class:`~pathray.errors.StagingError`.
     """
-    staged: StagedSlide | None = None
-    own_scratch: Scratch | None = None
-    if is_remote(uri):
-        if scratch is None:
-            scratch = own_scratch = Scratch()
-        try:
-            staged = scratch.stage(uri, storage_options)
-        except Exception:
-            if own_scratch is not None:
-                own_scratch.close()
-            raise
-        local_path, etag, size = staged.local_path, staged.etag, staged.size_bytes
-    else:
+    if not is_remote(uri):
         _, local_path = split_uri(uri)
         if not os.path.exists(local_path):
             raise SlideNotFoundError(f"no such file: {local_path}")
-        etag, size = None, (os.path.getsize(local_path) if os.path.isfile(local_path) else None)
+        size = os.path.getsize(local_path) if os.path.isfile(local_path) else None
+        return _finish(uri, lambda: OpenSlideBackend(uri, local_path), mpp_override, None, size, local_path)
+    remote = _open_range(uri, storage_options)
+    if remote is not None:
+        backend, etag, size = remote
+        return _finish(uri, lambda: backend, mpp_override, etag, size, None)
+    own_scratch = Scratch() if scratch is None else None
     try:
-        handle = _open_handle(uri, local_path)
-        try:
-            mpp, source = resolve_mpp(dict(handle.properties), mpp_override)
-            slide = Slide(uri, handle, mpp, source, etag, size, local_path, staged, own_scratch)
-        except BaseException:
-            handle.close()
-            raise
-        try:
-            _probe(slide)
-        except BaseException:
-            slide.close()
-            staged = own_scratch = None
-            raise
-        return slide
+        staged = (scratch or own_scratch).stage(uri, storage_options)
     except BaseException:
+        if own_scratch is not None:
+            own_scratch.close()
+        raise
+    return _finish(uri, lambda: OpenSlideBackend(uri, staged.local_path), mpp_override, staged.etag,
+                   staged.size_bytes, staged.local_path, staged, own_scratch)
+
+
+def _open_range(uri: str, storage_options: dict[str, Any] | None) -> tuple[SlideBackend, str | None, int] | None:
+    """``(backend, etag, size)`` when the range reader covers ``uri``, else ``None`` (stage it)."""
+    from pathray.tiffrange import TiffRangeBackend
+
+    if uri.endswith("/") or not uri.lower().endswith(RANGE_READ_SUFFIXES):
+        return None
+    fs, path = split_uri(uri, storage_options)
+    try:
+        info = fs.info(path)
+    except Exception as exc:
+        raise storage_error(uri, exc) from exc
+    if info.get("type") == "directory":
+        raise SlideNotFoundError(f"no object at {uri}")
+    etag = info.get("ETag") or info.get("etag")
+    size = int(info["size"])
+    backend = TiffRangeBackend.open(fs, path, size)
+    return None if backend is None else (backend, etag.strip('"') if isinstance(etag, str) else None, size)
+
+
+def _finish(uri: str, make_backend: Any, mpp_override: float | None, etag: str | None, size: int | None,
+            local_path: str | None, staged: StagedSlide | None = None, own_scratch: Scratch | None = None) -> Slide:
+    """Build the backend, resolve µm/px, probe; on any failure release what was taken."""
+    backend = None
+    try:
+        backend = make_backend()
+        mpp, source = resolve_mpp(dict(backend.properties), mpp_override)
+        slide = Slide(uri, backend, mpp, source, etag, size, local_path, staged, own_scratch)
+    except BaseException:
+        if backend is not None:
+            backend.close()
         if staged is not None:
             staged.release()
         if own_scratch is not None:
             own_scratch.close()
         raise
+    try:
+        _probe(slide)
+    except BaseException:
+        slide.close()
+        raise
+    return slide
 
 
 def resolve_mpp(properties: dict[str, str], override: float | None = None) -> tuple[float, str]:
@@ -272,13 +380,19 @@ def _open_handle(uri: str, local_path: str) -> openslide.OpenSlide:
 
 
 def _probe(slide: Slide) -> None:
-    """Read the middle of level 0 and the whole coarsest level (capped) to surface corruption now."""
+    """Surface corruption now: through OpenSlide the middle of level 0 and the coarsest level
+    (capped at 2048 px); by range one stored tile in the middle of level 0 and one of the
+    coarsest level (structural truncation was checked when the backend opened)."""
     w, h = slide.dimensions
-    slide.read_region_openslide(max(0, w // 2 - 32), max(0, h // 2 - 32), 0, min(64, w), min(64, h))
     last = slide.level_count - 1
     lw, lh = slide.level_dimensions[last]
     try:
-        slide.read_region(0, 0, last, min(lw, 2048), min(lh, 2048))
+        if isinstance(slide.backend, OpenSlideBackend):
+            slide.read_region_openslide(max(0, w // 2 - 32), max(0, h // 2 - 32), 0, min(64, w), min(64, h))
+            slide.read_region(0, 0, last, min(lw, 2048), min(lh, 2048))
+        else:
+            slide.read_region(w // 2, h // 2, 0, 1, 1)
+            slide.backend.read_level(last, 0, 0, 1, 1)
     except SlideUnreadableError:
         raise
     except Exception as exc:
@@ -295,85 +409,17 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-class _DirectTiffReader:
-    """Decodes JPEG tiles of a tiled TIFF page straight from the file (``os.pread``).
-
-    ``pages[level]`` is the tifffile page holding that OpenSlide level, or ``None`` when the
-    level cannot be read this way (then OpenSlide is used for it).
-    """
-
-    def __init__(self, fd: int, tif: Any, pages: list[Any]):
-        self._fd = fd
-        self._tif = tif
-        self.pages = pages
-
-    @classmethod
-    def open(cls, path: str, slide: Slide) -> "_DirectTiffReader | None":
-        try:
-            import imagecodecs  # noqa: F401  (tifffile's JPEG decoder)
-            import tifffile
-        except ImportError:
-            return None
-        try:
-            tif = tifffile.TiffFile(path)
-        except Exception:
-            return None
-        pages: list[Any] = []
-        for dims in slide.level_dimensions:
-            pages.append(next((p for p in tif.pages if _usable(p) and (p.imagewidth, p.imagelength) == dims), None))
-        if not any(pages):
-            tif.close()
-            return None
-        return cls(os.open(path, os.O_RDONLY), tif, pages)
-
-    def read(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
-        """RGB uint8 ``(height, width, 3)`` at level pixel ``(lx, ly)``; outside = white.
-
-        Decoded tiles are kept in ``cache`` (keyed by ``(level, index)``) when one is given."""
-        page = self.pages[level]
-        tw, th = page.tilewidth, page.tilelength
-        iw, ih = page.imagewidth, page.imagelength
-        cols = (iw + tw - 1) // tw
-        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + width, iw), min(ly + height, ih)
-        inside = (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height)
-        out = np.empty((height, width, 3), dtype=np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        decode = page.decode
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                index = ty * cols + tx
-                # intersection of this tile with the requested window, in level pixels
-                ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
-                ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
-                count = page.databytecounts[index]
-                if count == 0:  # sparse tile: transparent in OpenSlide, white here
-                    out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = 255
-                    continue
-                tile = cache.get((level, index)) if cache is not None else None
-                if tile is None:
-                    try:
-                        data = os.pread(self._fd, count, page.dataoffsets[index])
-                        tile = decode(data, index, jpegtables=page.jpegtables)[0]
-                    except Exception as exc:
-                        raise SlideUnreadableError(f"tile {index} of level {level} cannot be decoded: {exc}") from exc
-                    tile = tile.reshape(tile.shape[-3:])
-                    if cache is not None:
-                        cache[(level, index)] = tile
-                out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
-        return out
-
-    def close(self) -> None:
-        os.close(self._fd)
-        self._tif.close()
-
-
-def _usable(page: Any) -> bool:
-    return (
-        page.is_tiled
-        and page.compression == 7  # JPEG
-        and page.samplesperpixel == 3
-        and page.bitspersample == 8
-        and page.planarconfig == 1
-        and page.photometric in (2, 6)  # RGB, YCbCr
-    )
+def _direct_levels(path: str, level_dimensions: Sequence[tuple[int, int]]) -> list[TiledLevel | None]:
+    """For each OpenSlide level, the JPEG-tiled TIFF page of the same size (``None``: read via OpenSlide)."""
+    try:
+        import imagecodecs  # noqa: F401  (tifffile's JPEG decoder)
+        import tifffile
+    except ImportError:
+        return [None] * len(level_dimensions)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = [p for p in tif.pages if usable(p)]
+            return [next((TiledLevel.from_page(p) for p in pages if (p.imagewidth, p.imagelength) == tuple(dims)), None)
+                    for dims in level_dimensions]
+    except Exception:  # noqa: BLE001  (no fast path: OpenSlide reads every level)
+        return [None] * len(level_dimensions)

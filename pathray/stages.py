@@ -28,9 +28,9 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import describe
+from pathray.errors import StagingError, describe
 from pathray.slide import open_slide
-from pathray.staging import Scratch
+from pathray.staging import Scratch, node_scratch_dir
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
 from pathray.tiling import TilingConfig, plan_tiles, read_tiles
 
@@ -113,7 +113,7 @@ class SlidePlanner:
         self.fingerprint = tiling.fingerprint()
         self.chunk_tiles = int(chunk_tiles)
         self.storage_options = storage_options
-        self.scratch = Scratch(scratch_dir, scratch_max_bytes)
+        self.scratch = Scratch(scratch_dir or node_scratch_dir(), scratch_max_bytes)  # shared by the node's actors
 
     def __del__(self) -> None:  # Ray Data deletes the UDF when its actor exits gracefully
         self.scratch.close()
@@ -171,8 +171,9 @@ def slide_metadata(slide) -> str:
 class ChunkReader:
     """chunk rows -> chunk rows with ``pixels``: ``(N, tile_px, tile_px, 3)`` uint8 as bytes.
 
-    Keeps the last ``max_open`` slides open (consecutive chunks usually share a slide), so a
-    staged S3 slide is fetched once per actor, not once per chunk. Read failures (e.g. a
+    Keeps the last ``max_open`` slides open (consecutive chunks usually share a slide). S3
+    TIFF-family slides are read by byte range (only the chunk's tiles are fetched); other
+    formats are staged into the node-wide cache, so each is fetched once per node. Read failures (e.g. a
     truncated file whose damage shows only past the header) turn the chunk into an error row.
     """
 
@@ -180,14 +181,20 @@ class ChunkReader:
                  scratch_max_bytes: int = 64 * 2**30, max_open: int = 4):
         self.tiling = tiling
         self.storage_options = storage_options
-        self.scratch = Scratch(scratch_dir, scratch_max_bytes)
+        self.scratch = Scratch(scratch_dir or node_scratch_dir(), scratch_max_bytes)  # shared by the node's actors
         self.max_open = max_open
         self._open: OrderedDict[str, Any] = OrderedDict()
 
     def _slide(self, path: str, mpp_override: float | None):
         handle = self._open.pop(path, None)
         if handle is None:
-            handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
+            try:
+                handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
+            except StagingError:  # the node cache may be full of slides this actor keeps open: let them go, retry once
+                if not self._open:
+                    raise
+                self.close_open()
+                handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
         self._open[path] = handle
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
@@ -217,10 +224,14 @@ class ChunkReader:
         chunks = chunks.append_column("tiles_read", pa.array(counts, type=pa.int64()))
         return chunks.append_column("read_s", pa.array(read_s, type=pa.float64()))
 
-    def close(self) -> None:
-        """Close open slides and delete their staged copies."""
+    def close_open(self) -> None:
+        """Close open slides (their staged copies become evictable)."""
         while self._open:
             self._open.popitem()[1].close()
+
+    def close(self) -> None:
+        """Close open slides and release the scratch cache."""
+        self.close_open()
         self.scratch.close()
 
     def __del__(self) -> None:  # Ray Data deletes the UDF when its actor exits gracefully

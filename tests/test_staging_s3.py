@@ -22,7 +22,15 @@ def s3_slide(s3_server, s3_bucket, synthetic_svs_025) -> str:
     return uri
 
 
-def test_s3_slide_tiles_equal_local_and_scratch_is_cleaned(s3_server, s3_slide, synthetic_svs_025, tmp_path):
+@pytest.fixture
+def s3_staged_slide(s3_server, s3_bucket, generic_tiff_deflate) -> str:
+    """A slide the range reader declines (deflate tiles): it is staged."""
+    uri = f"s3://{s3_bucket}/slides/deflate.tif"
+    s3_server.fs.put_file(str(generic_tiff_deflate), uri)
+    return uri
+
+
+def test_s3_svs_is_read_by_range_without_staging(s3_server, s3_slide, synthetic_svs_025, tmp_path):
     config = TilingConfig()
     with open_slide(str(synthetic_svs_025)) as local:
         grid = plan_tiles(local, "s", config)
@@ -30,25 +38,34 @@ def test_s3_slide_tiles_equal_local_and_scratch_is_cleaned(s3_server, s3_slide, 
     scratch = Scratch(str(tmp_path / "scratch"), max_bytes=50 * 1024**2)
     with open_slide(s3_slide, scratch=scratch, storage_options=s3_server.storage_options) as remote:
         assert remote.etag and remote.size_bytes == os.path.getsize(synthetic_svs_025)
-        assert scratch.used_bytes == remote.size_bytes
+        assert remote.local_path is None and scratch.used_bytes == 0
         remote_grid = plan_tiles(remote, "s", config)
         assert np.array_equal(remote_grid.x, grid.x) and np.array_equal(remote_grid.y, grid.y)
         assert np.array_equal(read_tiles(remote, config, grid.x, grid.y), expected)
-    assert scratch.used_bytes == 0 and os.listdir(scratch.root) == []
+    assert scratch.used_bytes == 0 and set(os.listdir(scratch.root)) <= {".lock"}
 
 
-def test_private_scratch_is_removed(s3_server, s3_slide):
-    slide = open_slide(s3_slide, storage_options=s3_server.storage_options)
+def test_staged_copy_stays_cached_until_evicted(s3_server, s3_staged_slide, generic_tiff_deflate, tmp_path):
+    scratch = Scratch(str(tmp_path / "scratch"), max_bytes=50 * 1024**2)
+    with open_slide(s3_staged_slide, scratch=scratch, storage_options=s3_server.storage_options) as remote:
+        assert scratch.used_bytes == remote.size_bytes == os.path.getsize(generic_tiff_deflate)
+        assert remote._staged.downloaded
+    with open_slide(s3_staged_slide, scratch=scratch, storage_options=s3_server.storage_options) as again:
+        assert not again._staged.downloaded and scratch.used_bytes == again.size_bytes
+
+
+def test_private_scratch_is_removed(s3_server, s3_staged_slide):
+    slide = open_slide(s3_staged_slide, storage_options=s3_server.storage_options)
     root = slide._own_scratch.root
     assert os.path.isfile(slide.local_path) and slide.local_path.startswith(root)
     slide.close()
     assert not os.path.exists(root)
 
 
-def test_size_bound_is_enforced(s3_server, s3_slide, tmp_path):
+def test_size_bound_is_enforced(s3_server, s3_staged_slide, tmp_path):
     scratch = Scratch(str(tmp_path / "scratch"), max_bytes=1000)
     with pytest.raises(StagingError) as info:
-        open_slide(s3_slide, scratch=scratch, storage_options=s3_server.storage_options)
+        open_slide(s3_staged_slide, scratch=scratch, storage_options=s3_server.storage_options)
     assert info.value.error_type == "staging_failed" and scratch.used_bytes == 0
 
 
@@ -90,10 +107,9 @@ def test_multi_file_formats_are_staged_whole(s3_server, s3_bucket, tmp_path):
         assert sorted(os.listdir(prefix.local_path)) == ["1.dcm", "2.dcm"]
         for staged in (mrxs, dcm, prefix):
             staged.release()
-        assert scratch.used_bytes == 0 and os.listdir(scratch.root) == []
+        assert scratch.used_bytes == mrxs.size_bytes + dcm.size_bytes + prefix.size_bytes  # cached until evicted
         with pytest.raises(PathrayError):  # staged fine, but not a slide
             open_slide(f"s3://{s3_bucket}/m/case.mrxs", scratch=scratch, storage_options=s3_server.storage_options)
-        assert os.listdir(scratch.root) == []
 
 
 def test_manifest_on_s3_with_relative_slide_paths(s3_server, s3_bucket, s3_slide):

@@ -1,0 +1,122 @@
+"""Windows of a JPEG-tiled TIFF page assembled from its own tiles, wherever the bytes live.
+
+A :class:`TiledLevel` holds what is needed to read one pyramid level without the file
+open: tile geometry, the tile offset/byte-count tables and tifffile's decoder for the
+page (the decoder needs no file handle). :func:`read_window` takes a ``fetch`` callable
+that turns ``[(offset, length)]`` into bytes (``os.pread`` locally,
+:func:`pathray.rangeio.fetch_ranges` remotely), so local and remote reads decode the
+same bytes the same way and give bit-identical pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pathray.errors import SlideUnreadableError
+
+Fetch = Callable[[Sequence[tuple[int, int]]], list[bytes]]
+Window = tuple[int, int, int, int]  # (lx, ly, width, height) in level pixels
+
+
+def usable(page: Any) -> bool:
+    """True for a tiled, interleaved 8-bit RGB/YCbCr JPEG page (what :class:`TiledLevel` reads)."""
+    return bool(
+        page.is_tiled
+        and page.compression == 7  # JPEG
+        and page.samplesperpixel == 3
+        and page.bitspersample == 8
+        and page.planarconfig == 1
+        and page.photometric in (2, 6)  # RGB, YCbCr
+    )
+
+
+@dataclass(frozen=True)
+class TiledLevel:
+    """One JPEG-tiled page: sizes in level pixels, per-tile byte offsets and counts."""
+
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    offsets: np.ndarray  # int64, one per tile, row-major
+    counts: np.ndarray  # int64, 0 = sparse tile (white)
+    jpegtables: bytes | None
+    decode: Callable[..., Any]  # tifffile's page.decode
+
+    @classmethod
+    def from_page(cls, page: Any) -> TiledLevel:
+        return cls(int(page.imagewidth), int(page.imagelength), int(page.tilewidth), int(page.tilelength),
+                   np.asarray(page.dataoffsets, dtype=np.int64), np.asarray(page.databytecounts, dtype=np.int64),
+                   page.jpegtables, page.decode)
+
+    @property
+    def columns(self) -> int:
+        return (self.width + self.tile_width - 1) // self.tile_width
+
+    @property
+    def end_offset(self) -> int:
+        """One past the last byte of tile data this level needs."""
+        return int((self.offsets + self.counts).max()) if self.counts.size else 0
+
+    def clip(self, lx: int, ly: int, width: int, height: int) -> tuple[int, int, int, int]:
+        """The window's part inside the level as ``(x0, y0, x1, y1)`` (empty: x1 <= x0 or y1 <= y0)."""
+        return max(lx, 0), max(ly, 0), min(lx + width, self.width), min(ly + height, self.height)
+
+    def tile_indices(self, lx: int, ly: int, width: int, height: int) -> list[int]:
+        """Row-major indices of the tiles a window touches (sparse ones included)."""
+        x0, y0, x1, y1 = self.clip(lx, ly, width, height)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        tw, th = self.tile_width, self.tile_height
+        return [ty * self.columns + tx for ty in range(y0 // th, (y1 - 1) // th + 1)
+                for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
+
+    def decode_tile(self, data: bytes, index: int) -> np.ndarray:
+        """``(tile_height, tile_width, ≥3)`` uint8 of tile ``index``; raises SlideUnreadableError."""
+        try:
+            tile = self.decode(data, index, jpegtables=self.jpegtables)[0]
+        except Exception as exc:
+            raise SlideUnreadableError(f"tile {index} cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        if tile is None:
+            raise SlideUnreadableError(f"tile {index} cannot be decoded: no data")
+        return tile.reshape(tile.shape[-3:])
+
+
+def load_tiles(level: TiledLevel, key: int, indices: Iterable[int], cache: dict, fetch: Fetch) -> None:
+    """Decode every tile in ``indices`` not yet in ``cache`` (keyed ``(key, index)``), with one fetch."""
+    missing = sorted({i for i in indices if (key, i) not in cache and level.counts[i] > 0})
+    if not missing:
+        return
+    blobs = fetch([(int(level.offsets[i]), int(level.counts[i])) for i in missing])
+    for index, data in zip(missing, blobs):
+        cache[(key, index)] = level.decode_tile(data, index)
+
+
+def read_window(level: TiledLevel, key: int, window: Window, cache: dict | None, fetch: Fetch) -> np.ndarray:
+    """RGB uint8 ``(height, width, 3)`` of the level at ``window``; outside and sparse tiles are white.
+
+    ``cache`` keeps decoded tiles (keyed ``(key, index)``) across calls; ``None`` = this call only.
+    """
+    lx, ly, width, height = window
+    cache = {} if cache is None else cache
+    x0, y0, x1, y1 = level.clip(lx, ly, width, height)
+    inside = (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height)
+    out = np.empty((height, width, 3), np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
+    indices = level.tile_indices(lx, ly, width, height)
+    load_tiles(level, key, indices, cache, fetch)
+    tw, th = level.tile_width, level.tile_height
+    for index in indices:
+        ty, tx = divmod(index, level.columns)
+        ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)  # this tile's part of the window, level px
+        ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
+        target = out[ay0 - ly:ay1 - ly, ax0 - lx:ax1 - lx]
+        tile = cache.get((key, index))
+        if tile is None:  # sparse tile: transparent in OpenSlide, white here
+            target[...] = 255
+        else:
+            target[...] = tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
+    return out
