@@ -247,13 +247,18 @@ def open_slide(
     """Open the slide at ``uri`` (local path, ``file://`` or ``s3://``).
 
     ``mpp_override`` (µm/px) wins over the slide's metadata when given. ``s3://`` Aperio SVS
-    and generic tiled TIFF are read by byte range; other ``s3://`` slides are staged into
+    and generic tiled TIFF are read by byte range, and so is a DICOM WSI series (a URI ending
+    in ``/``, or a local directory of ``.dcm`` files); other ``s3://`` slides are staged into
     ``scratch`` (a private temporary one if ``None``). Raises :class:`SlideNotFoundError`,
     :class:`~pathray.errors.SlideAccessDeniedError`, :class:`~pathray.errors.StorageTimeoutError`,
     :class:`SlideUnreadableError` (not a slide, corrupt, truncated: a small probe read is done
     at open), :class:`MppMissingError`, :class:`MppImplausibleError`, or
     :class:`~pathray.errors.StagingError`.
     """
+    if _is_series_prefix(uri):
+        backend = _open_dicom(uri, storage_options)
+        return _finish(uri, lambda: backend, mpp_override, backend.properties.get("dicom.SeriesInstanceUID"),
+                       backend.series_bytes, None)
     if not is_remote(uri):
         _, local_path = split_uri(uri)
         if not os.path.exists(local_path):
@@ -273,6 +278,27 @@ def open_slide(
         raise
     return _finish(uri, lambda: OpenSlideBackend(uri, staged.local_path), mpp_override, staged.etag,
                    staged.size_bytes, staged.local_path, staged, own_scratch)
+
+
+def _is_series_prefix(uri: str) -> bool:
+    """A DICOM WSI series: an ``s3://`` prefix (URI ending in ``/``, IDC's ``<series uuid>/``)
+    or a local directory of ``.dcm`` instances."""
+    if uri.endswith("/"):
+        return True
+    if is_remote(uri):
+        return False
+    _, local_path = split_uri(uri)
+    return os.path.isdir(local_path) and any(n.lower().endswith(".dcm") for n in os.listdir(local_path))
+
+
+def _open_dicom(uri: str, storage_options: dict[str, Any] | None) -> SlideBackend:
+    """The series read in place (:mod:`pathray.dicom_wsi`); storage failures as per-slide errors."""
+    from pathray.dicom_wsi import open_dicom_series
+
+    try:
+        return open_dicom_series(uri, storage_options)
+    except Exception as exc:
+        raise storage_error(uri, exc) from exc
 
 
 def _open_range(uri: str, storage_options: dict[str, Any] | None) -> tuple[SlideBackend, str | None, int] | None:

@@ -184,3 +184,43 @@ def test_anonymous_access_is_unsigned(synthetic_svs_05, tmp_path, s3_server, s3_
 def test_prefix_without_instances_is_an_error(tmp_path):
     with pytest.raises(DicomWsiError, match="no DICOM instances"):
         open_dicom_series(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_job_embeds_dicom_series_read_in_place_equal_to_the_source_svs(
+        synthetic_svs_025, synthetic_svs_05, tmp_path, s3_server, dicom_bucket, ray_cluster, random_weights):
+    """IDC's layout end to end: series prefixes in a public-read bucket, read anonymously and in
+    place by the job (no staging: the node cache stays empty); tiles and embeddings equal those
+    of the source SVS read locally (the JPEG tiles were transferred losslessly), and a missing
+    series is a recorded slide_not_found."""
+    from pathray.config import build_job_config
+    from pathray.pipeline import run_job
+    from pathray.store import FeatureStore
+
+    uris = {}
+    for name, source in (("a", synthetic_svs_025), ("b", synthetic_svs_05)):
+        series_uuid = str(uuid.uuid4())
+        written = write_dicom_series(Path(os.fspath(source)), tmp_path / series_uuid, "jpeg", "basic")
+        for path in written.files:
+            s3_server.fs.put_file(str(path), f"{dicom_bucket}/{series_uuid}/{path.name}")
+        uris[name] = f"s3://{dicom_bucket}/{series_uuid}/"
+    uris["gone"] = f"s3://{dicom_bucket}/{uuid.uuid4()}/"
+    weights = str(random_weights("kaiko-vits16", depth=1))
+    stores = {}
+    for kind, paths in (("dicom", uris), ("svs", {"a": synthetic_svs_025, "b": synthetic_svs_05})):
+        manifest = tmp_path / f"{kind}.csv"
+        manifest.write_text("slide_id,path\n" + "".join(f"{k},{v}\n" for k, v in paths.items()))
+        config = build_job_config(dict(manifest=str(manifest), out=str(tmp_path / kind), models=["kaiko-vits16"],
+                                       encoders={"kaiko-vits16": {"weights": weights}}, chunk_tiles=8,
+                                       scratch_dir=str(tmp_path / "scratch"),
+                                       storage_options=anonymous(s3_server) if kind == "dicom" else None))
+        stores[kind] = (run_job(config, progress_bars=False), FeatureStore(config.out))
+    (report, dicom), (_, svs) = stores["dicom"], stores["svs"]
+    assert dicom.committed("kaiko-vits16") == {"a", "b"}
+    assert dicom.errors().column("error_type").to_pylist() == ["slide_not_found"] and report.exit_code == 1
+    got = dicom.dataset("kaiko-vits16").to_table().sort_by([("slide_id", "ascending"), ("tile_index", "ascending")])
+    want = svs.dataset("kaiko-vits16").to_table().sort_by([("slide_id", "ascending"), ("tile_index", "ascending")])
+    assert got.num_rows == want.num_rows > 0
+    for column in ("x", "y", "embedding"):
+        assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
+    assert not any((tmp_path / "scratch").rglob("*.dcm"))  # nothing was staged
