@@ -44,7 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--num-gpus", type=float, dest="encoder_num_gpus", help="GPUs per encoder actor (fractional allowed)")
     add("--keep-columns", help="comma-separated manifest columns to copy onto every tile row")
     add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
-    add("--s3-anonymous", action="store_true", help="unsigned S3 requests, for public buckets such as IDC's idc-open-data")
+    add("--s3-anonymous", action="store_true", help="read slides with unsigned S3 requests (public buckets such as IDC's idc-open-data); "
+        "the manifest and the store keep the usual credentials")
     add("--new-version", action="store_true", help="on a config mismatch, write a new store version under OUT/versions/")
     add("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
     add("--run-id", help="name of this run (default: timestamp)")
@@ -75,8 +76,8 @@ def raw_config(args: argparse.Namespace) -> dict:
         raw["keep_columns"] = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
     if args.s3_endpoint_url:
         raw.setdefault("storage_options", {}).setdefault("client_kwargs", {})["endpoint_url"] = args.s3_endpoint_url
-    if args.s3_anonymous:
-        raw.setdefault("storage_options", {})["anon"] = True
+    if args.s3_anonymous:  # slides only: the manifest and the store keep the usual credentials
+        raw["slide_storage_options"] = {**(raw.get("storage_options") or {}), "anon": True}
     models = raw.get("models") or []
     models = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
     encoders = {m: dict((raw.get("encoders") or {}).get(m) or {}) for m in models}

@@ -68,6 +68,9 @@ class JobConfig:
     chunk_tiles: int = 256  # tiles per work unit (read + encode + staged file)
     keep_columns: tuple[str, ...] = ()  # manifest columns copied onto every tile row
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # s3fs options; never written
+    #: s3fs options for reading slides only (e.g. ``{"anon": True}`` for a public bucket such as
+    #: IDC's while the manifest and store use ``storage_options``); None: ``storage_options``
+    slide_storage_options: dict[str, Any] | None = field(default=None, repr=False)
     scratch_dir: str | None = None  # node-wide cache for staged s3:// slides (default: <tmp>/pathray-scratch-<uid>)
     scratch_max_bytes: int = 64 * 2**30  # bound on that cache per node (all actors of the node together)
     new_version: bool = False  # on a config mismatch, write a new version under out/versions/
@@ -78,7 +81,13 @@ class JobConfig:
         """JSON-able view for the run record (storage options left out: they may hold secrets)."""
         d = dataclasses.asdict(self)
         d.pop("storage_options")
+        d.pop("slide_storage_options")
         return d
+
+    @property
+    def slide_options(self) -> dict[str, Any] | None:
+        """The s3fs options slides are read with."""
+        return self.storage_options if self.slide_storage_options is None else self.slide_storage_options
 
 
 def tiling_record(tiling: TilingConfig) -> dict[str, Any]:

@@ -212,7 +212,7 @@ def _build_dataset(config: JobConfig, store_root: str, models: list[ModelPlan], 
     table = pa.Table.from_pylist(todo, schema=SLIDE_SCHEMA)
     per_block = max(1, min(16, len(todo) // (8 * res.readers) or 1))
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(todo), per_block)])
-    staging = dict(storage_options=config.storage_options, scratch_dir=config.scratch_dir,
+    staging = dict(storage_options=config.slide_options, scratch_dir=config.scratch_dir,
                    scratch_max_bytes=config.scratch_max_bytes)
     ds = ds.map_batches(SlidePlanner, batch_size=1, batch_format="pyarrow", num_cpus=res.plan_num_cpus,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.planners),
@@ -383,7 +383,7 @@ def _estimate_tiles(config: JobConfig, todo: list[SlideEntry], sample: int) -> d
         estimate = estimate_tiles(rows, config.tiling.tile_px, config.tiling.target_mpp)
         return {"tile_estimate": "index geometry (full grid, no tissue filter: an upper bound)",
                 "estimated_tiles": estimate.grid_tiles, "sampled_slides": 0, "sample_errors": []}
-    planner = SlidePlanner(config.tiling, config.chunk_tiles, config.storage_options, config.scratch_dir,
+    planner = SlidePlanner(config.tiling, config.chunk_tiles, config.slide_options, config.scratch_dir,
                            config.scratch_max_bytes)
     counts, errors = [], []
     try:

@@ -188,11 +188,13 @@ def test_prefix_without_instances_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_the_job_embeds_dicom_series_read_in_place_equal_to_the_source_svs(
-        synthetic_svs_025, synthetic_svs_05, tmp_path, s3_server, dicom_bucket, ray_cluster, random_weights):
+        synthetic_svs_025, synthetic_svs_05, tmp_path, s3_server, dicom_bucket, s3_bucket, ray_cluster,
+        random_weights):
     """IDC's layout end to end: series prefixes in a public-read bucket, read anonymously and in
-    place by the job (no staging: the node cache stays empty); tiles and embeddings equal those
-    of the source SVS read locally (the JPEG tiles were transferred losslessly), and a missing
-    series is a recorded slide_not_found."""
+    place by the job (no staging: the node cache stays empty) while the store goes to a private
+    bucket with credentials; tiles and embeddings equal those of the source SVS read locally
+    (the JPEG tiles were transferred losslessly), and a missing series is a recorded
+    slide_not_found."""
     from pathray.config import build_job_config
     from pathray.pipeline import run_job
     from pathray.store import FeatureStore
@@ -210,11 +212,13 @@ def test_the_job_embeds_dicom_series_read_in_place_equal_to_the_source_svs(
     for kind, paths in (("dicom", uris), ("svs", {"a": synthetic_svs_025, "b": synthetic_svs_05})):
         manifest = tmp_path / f"{kind}.csv"
         manifest.write_text("slide_id,path\n" + "".join(f"{k},{v}\n" for k, v in paths.items()))
-        config = build_job_config(dict(manifest=str(manifest), out=str(tmp_path / kind), models=["kaiko-vits16"],
-                                       encoders={"kaiko-vits16": {"weights": weights}}, chunk_tiles=8,
-                                       scratch_dir=str(tmp_path / "scratch"),
-                                       storage_options=anonymous(s3_server) if kind == "dicom" else None))
-        stores[kind] = (run_job(config, progress_bars=False), FeatureStore(config.out))
+        remote = kind == "dicom"
+        config = build_job_config(dict(
+            manifest=str(manifest), out=f"s3://{s3_bucket}/store" if remote else str(tmp_path / kind),
+            models=["kaiko-vits16"], encoders={"kaiko-vits16": {"weights": weights}}, chunk_tiles=8,
+            scratch_dir=str(tmp_path / "scratch"), storage_options=s3_server.storage_options if remote else None,
+            slide_storage_options=anonymous(s3_server) if remote else None))
+        stores[kind] = (run_job(config, progress_bars=False), FeatureStore(config.out, config.storage_options))
     (report, dicom), (_, svs) = stores["dicom"], stores["svs"]
     assert dicom.committed("kaiko-vits16") == {"a", "b"}
     assert dicom.errors().column("error_type").to_pylist() == ["slide_not_found"] and report.exit_code == 1

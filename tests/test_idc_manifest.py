@@ -120,7 +120,7 @@ def test_estimate_tiles_matches_the_planned_grid(synthetic_svs_025, tmp_path):
             assert estimate.slides_counted == 1 and estimate.rows_without_geometry == ("no-geometry",)
 
 
-def test_embed_s3_anonymous_flag_sets_unsigned_storage_options():
+def test_embed_s3_anonymous_flag_sets_unsigned_slide_storage_options_only():
     import argparse
 
     from pathray import cli_embed
@@ -128,9 +128,12 @@ def test_embed_s3_anonymous_flag_sets_unsigned_storage_options():
     parser = argparse.ArgumentParser()
     cli_embed.configure(parser)
     raw = cli_embed.raw_config(parser.parse_args(["--manifest", "m.parquet", "--models", "uni2-h", "--out", "o",
-                                                  "--s3-anonymous"]))
-    assert raw["storage_options"]["anon"] is True
-    assert "storage_options" not in cli_embed.raw_config(parser.parse_args(["--manifest", "m.parquet", "--models", "x"]))
+                                                  "--s3-endpoint-url", "http://s3.local", "--s3-anonymous"]))
+    assert raw["slide_storage_options"]["anon"] is True  # slides unsigned, same endpoint
+    assert raw["slide_storage_options"]["client_kwargs"]["endpoint_url"] == "http://s3.local"
+    assert "anon" not in raw["storage_options"]  # manifest and store keep their credentials
+    assert "slide_storage_options" not in cli_embed.raw_config(parser.parse_args(["--manifest", "m.parquet",
+                                                                                  "--models", "x"]))
 
 
 def test_sm_index_geometry_joins_onto_the_manifest_and_feeds_the_estimate(tmp_path):
