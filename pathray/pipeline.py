@@ -39,6 +39,7 @@ from pathray.manifest import SlideEntry, read_manifest
 from pathray.modelplan import ModelPlan, plan_models
 from pathray.report import RunReport
 from pathray.resources import Resources, local_gpus, plan_resources
+from pathray.slidefacts import SlideFacts
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
 from pathray.store import FeatureStore, consolidate_slide_table, status_row
 from pathray.tracker import Complete, CompletionTracker, Failed
@@ -46,8 +47,6 @@ from pathray.tracker import Complete, CompletionTracker, Failed
 log = logging.getLogger("pathray")
 
 PROGRESS_EVERY_S = 30.0
-#: slide facts a commit record keeps (from the planner's slide metadata)
-COMMIT_SLIDE_FIELDS = ("path", "width", "height", "mpp", "mpp_source", "vendor", "etag", "size_bytes")
 
 __all__ = ["CustomEncoder", "RunReport", "Resources", "dry_run_plan", "plan_resources", "run_job"]
 
@@ -151,7 +150,7 @@ def _todo(run: RunContext) -> list[dict]:
         need = [m for m in run.model_names if e.slide_id not in committed[m]]
         if need:
             todo.append({"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "",
-                         "mpp_override": math.nan if e.mpp is None else float(e.mpp), "models": need})
+                         "mpp_override": e.mpp, "models": need})
     run.report.slides_skipped = len(run.entries) - len(todo)
     run.report.pairs_to_do = sum(len(t["models"]) for t in todo)
     return todo
@@ -249,13 +248,13 @@ class _CommitQueue:
 
     def submit(self, done: Complete, model_provenance: dict) -> None:
         run, r = self.run, done.row
-        entry, meta = run.entries[done.slide_id], json.loads(r["slide_meta"])
+        entry, facts = run.entries[done.slide_id], SlideFacts.from_json(r["slide_meta"])
         prov = {"model": model_provenance, "tiling": tiling_record(run.config.tiling), "run_id": run.run_id,
                 "pathray_version": __version__, "store_config_hash": run.store_hash}
         ref = self.pool.submit(done.model, done.slide_id, entry.cohort, list(done.chunk_ids), r["n_tiles_slide"],
-                               {k: meta.get(k) for k in COMMIT_SLIDE_FIELDS}, prov, run.store_hash, run.run_id,
+                               facts.commit_fields(), prov, run.store_hash, run.run_id,
                                {c: entry.extra.get(c) for c in run.config.keep_columns}, run.passthrough_schema)
-        self.inflight[ref] = dict(_status_base(run, r, meta), status="ok" if r["n_tiles_slide"] else "no_tissue")
+        self.inflight[ref] = dict(_status_base(run, r, facts), status="ok" if r["n_tiles_slide"] else "no_tissue")
         self.settle(block=False)
 
     def settle(self, block: bool) -> None:
@@ -271,12 +270,12 @@ class _CommitQueue:
             _record(self.run, row)
 
 
-def _status_base(run: RunContext, r: dict, meta: dict) -> dict:
+def _status_base(run: RunContext, r: dict, facts: SlideFacts | None) -> dict:
+    """The status row of a result row's (slide, model), with the slide's facts when known."""
     entry = run.entries[r["slide_id"]]
+    known = {k: getattr(facts, k) for k in ("width", "height", "mpp", "mpp_source", "vendor")} if facts else {}
     return status_row(slide_id=r["slide_id"], model=r["model"], path=entry.path, cohort=entry.cohort,
-                      width=meta.get("width"), height=meta.get("height"), mpp=meta.get("mpp"),
-                      mpp_source=meta.get("mpp_source"), vendor=meta.get("vendor"), run_id=run.run_id,
-                      n_tiles=r["n_tiles_slide"])
+                      run_id=run.run_id, n_tiles=r["n_tiles_slide"], **known)
 
 
 def _record(run: RunContext, row: dict) -> None:
@@ -321,7 +320,7 @@ def _drive(ray, ds, run: RunContext) -> None:
             _account(r, run.report, busy, provenance)
             decision = tracker.add(r)
             if isinstance(decision, Failed):  # staged chunks stay; a re-run overwrites them
-                _record(run, dict(_status_base(run, r, json.loads(r["slide_meta"])), status="error",
+                _record(run, dict(_status_base(run, r, SlideFacts.from_json(r["slide_meta"])), status="error",
                                   stage=r["stage"], error_type=r["error_type"], error_message=r["error_message"]))
             elif decision is not None:
                 commits.submit(decision, provenance.get(decision.model, {}))
@@ -389,7 +388,7 @@ def _estimate_tiles(config: JobConfig, todo: list[SlideEntry], sample: int) -> d
     try:
         for e in todo[:sample]:
             rows = planner.plan_one({"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "models": [],
-                                     "mpp_override": math.nan if e.mpp is None else e.mpp})
+                                     "mpp_override": e.mpp})
             if rows[0]["status"] == "error":
                 errors.append({"slide_id": e.slide_id, "error_type": rows[0]["error_type"],
                                "message": rows[0]["error_message"]})

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from pathray.errors import StagingError, describe
 from pathray.slide import open_slide
+from pathray.slidefacts import SlideFacts
 from pathray.staging import Scratch, node_scratch_dir
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
 from pathray.tiling import TilingConfig, plan_tiles, read_tiles
@@ -39,7 +40,7 @@ SLIDE_SCHEMA = pa.schema(
         ("slide_id", pa.string()),
         ("path", pa.string()),
         ("cohort", pa.string()),  # "" when the manifest has none
-        ("mpp_override", pa.float64()),  # NaN when the manifest has none
+        ("mpp_override", pa.float64()),  # the manifest's µm/px, null when it has none
         ("models", pa.list_(pa.string())),  # models still to do for this slide
     ]
 )
@@ -60,7 +61,7 @@ CHUNK_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
-        ("slide_meta", pa.string()),  # JSON: path, width, height, mpp, mpp_source, vendor, etag...
+        ("slide_meta", pa.string()),  # pathray.slidefacts.SlideFacts as JSON ("{}" when planning failed)
         ("plan_s", pa.float64()),
     ]
 )
@@ -129,11 +130,10 @@ class SlidePlanner:
         base = {k: slide[k] for k in ("slide_id", "path", "cohort", "models")}
         empty = dict(base, chunk_id="", chunk_index=0, n_chunks=0, n_tiles_slide=0, tile_index=b"", x=b"", y=b"",
                      tissue_fraction=b"", size_level0=0.0, stage="plan", error_type="", error_message="", slide_meta="{}")
-        mpp = slide["mpp_override"]
         try:
-            with open_slide(slide["path"], mpp_override=None if mpp is None or np.isnan(mpp) else mpp,
-                            scratch=self.scratch, storage_options=self.storage_options) as handle:
-                meta = slide_metadata(handle)
+            with open_slide(slide["path"], mpp_override=slide["mpp_override"], scratch=self.scratch,
+                            storage_options=self.storage_options) as handle:
+                meta = SlideFacts.of(handle).to_json()
                 grid = plan_tiles(handle, slide["slide_id"], self.tiling)
         except Exception as exc:  # every failure becomes a recorded per-slide error
             return [dict(empty, **_error_fields("plan", exc), plan_s=time.perf_counter() - start)]
@@ -155,16 +155,6 @@ class SlidePlanner:
             )
             for i, lo in enumerate(bounds)
         ]
-
-
-def slide_metadata(slide) -> str:
-    """JSON of the slide facts that go into the slide table and commit records."""
-    width, height = slide.dimensions
-    return json.dumps({
-        "path": slide.uri, "width": int(width), "height": int(height), "mpp": float(slide.mpp),
-        "mpp_source": slide.mpp_source, "vendor": slide.vendor, "etag": slide.etag, "size_bytes": slide.size_bytes,
-        "level_count": len(slide.level_dimensions),
-    })
 
 
 # --- read -----------------------------------------------------------------------------------
@@ -207,8 +197,7 @@ class ChunkReader:
             data, update, count = b"", {}, 0
             if row["status"] == "ok":
                 try:
-                    meta = json.loads(row["slide_meta"])
-                    handle = self._slide(row["path"], meta["mpp"] if meta.get("mpp_source") == "manifest" else None)
+                    handle = self._slide(row["path"], SlideFacts.from_json(row["slide_meta"]).mpp_override)
                     x = np.frombuffer(row["x"], dtype="<i8")
                     y = np.frombuffer(row["y"], dtype="<i8")
                     tiles = read_tiles(handle, self.tiling, x, y)

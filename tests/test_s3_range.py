@@ -210,7 +210,6 @@ def test_a_storage_timeout_is_a_per_slide_error_not_a_hang(s3_server, s3_bucket,
 
 def test_reader_lets_go_of_its_open_slides_when_the_node_cache_is_full(s3_server, s3_bucket, generic_tiff_deflate,
                                                                         tmp_path):
-    import math
 
     import pyarrow as pa
 
@@ -219,7 +218,7 @@ def test_reader_lets_go_of_its_open_slides_when_the_node_cache_is_full(s3_server
     uris = [_upload(s3_server, s3_bucket, generic_tiff_deflate, f"{name}.tif") for name in "ab"]
     budget = int(1.5 * os.path.getsize(generic_tiff_deflate))  # one staged copy fits, two do not
     args = (TilingConfig(), 64, s3_server.storage_options, str(tmp_path / "node"), budget)
-    slides = pa.Table.from_pylist([{"slide_id": n, "path": u, "cohort": "", "mpp_override": math.nan, "models": ["m"]}
+    slides = pa.Table.from_pylist([{"slide_id": n, "path": u, "cohort": "", "mpp_override": None, "models": ["m"]}
                                    for n, u in zip("ab", uris)], schema=SLIDE_SCHEMA)
     chunks = SlidePlanner(*args)(slides)
     assert chunks.column("status").to_pylist() == ["ok", "ok"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -33,9 +32,9 @@ def test_tile_batches_are_zero_copy_views_of_each_row():
 
 def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_path):
     slides = pa.Table.from_pylist([
-        {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "c", "mpp_override": math.nan,
+        {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "c", "mpp_override": None,
          "models": ["m1", "m2"]},
-        {"slide_id": "gone", "path": str(tmp_path / "gone.svs"), "cohort": "c", "mpp_override": math.nan,
+        {"slide_id": "gone", "path": str(tmp_path / "gone.svs"), "cohort": "c", "mpp_override": None,
          "models": ["m1", "m2"]},
     ], schema=SLIDE_SCHEMA)
     chunks = SlidePlanner(TILING, chunk_tiles=4)(slides)
@@ -73,7 +72,7 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
 
 def test_encoder_that_cannot_load_fails_its_model_only(synthetic_svs_05):
     slides = pa.Table.from_pylist([{"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "",
-                                    "mpp_override": math.nan, "models": ["bad"]}], schema=SLIDE_SCHEMA)
+                                    "mpp_override": None, "models": ["bad"]}], schema=SLIDE_SCHEMA)
     read = ChunkReader(TILING)(SlidePlanner(TILING, chunk_tiles=8)(slides))
 
     def broken():
