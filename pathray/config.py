@@ -30,6 +30,7 @@ from pathray.encoders import EncoderConfig, get_spec
 from pathray.encoders.loading import weights_identity
 from pathray.encoders.registry import native_tile_mismatch
 from pathray.errors import UnknownModelError
+from pathray.staging import DEFAULT_MAX_BYTES
 from pathray.tiling import TilingConfig
 from pathray.tissue import TissueConfig
 
@@ -72,7 +73,7 @@ class JobConfig:
     #: IDC's while the manifest and store use ``storage_options``); None: ``storage_options``
     slide_storage_options: dict[str, Any] | None = field(default=None, repr=False)
     scratch_dir: str | None = None  # node-wide cache for staged s3:// slides (default: <tmp>/pathray-scratch-<uid>)
-    scratch_max_bytes: int = 64 * 2**30  # bound on that cache per node (all actors of the node together)
+    scratch_max_bytes: int = DEFAULT_MAX_BYTES  # bound on that cache per node (all actors of the node together)
     new_version: bool = False  # on a config mismatch, write a new version under out/versions/
     ray_address: str | None = None  # None: the cluster of `ray job submit`, else a local one
     run_id: str | None = None  # default: UTC timestamp + random suffix

@@ -31,7 +31,7 @@ import pyarrow as pa
 from pathray.errors import StagingError, describe
 from pathray.slide import open_slide
 from pathray.slidefacts import SlideFacts
-from pathray.staging import Scratch, node_scratch_dir
+from pathray.staging import DEFAULT_MAX_BYTES, Scratch, node_scratch_dir
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
 from pathray.tiling import TilingConfig, plan_tiles, read_tiles
 
@@ -109,7 +109,7 @@ class SlidePlanner:
     into chunks of at most ``chunk_tiles`` tiles (in ``tile_index`` order)."""
 
     def __init__(self, tiling: TilingConfig, chunk_tiles: int, storage_options: dict | None = None,
-                 scratch_dir: str | None = None, scratch_max_bytes: int = 64 * 2**30):
+                 scratch_dir: str | None = None, scratch_max_bytes: int = DEFAULT_MAX_BYTES):
         self.tiling = tiling
         self.fingerprint = tiling.fingerprint()
         self.chunk_tiles = int(chunk_tiles)
@@ -168,7 +168,7 @@ class ChunkReader:
     """
 
     def __init__(self, tiling: TilingConfig, storage_options: dict | None = None, scratch_dir: str | None = None,
-                 scratch_max_bytes: int = 64 * 2**30, max_open: int = 4):
+                 scratch_max_bytes: int = DEFAULT_MAX_BYTES, max_open: int = 4):
         self.tiling = tiling
         self.storage_options = storage_options
         self.scratch = Scratch(scratch_dir or node_scratch_dir(), scratch_max_bytes)  # shared by the node's actors

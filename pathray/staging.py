@@ -40,7 +40,8 @@ from pathray.errors import SlideNotFoundError, StagingError
 from pathray.fs import split_uri
 from pathray.rangeio import storage_error
 
-DEFAULT_MAX_BYTES = 20 * 1024**3
+#: the per-node bound on staged slides unless a job or command sets one
+DEFAULT_MAX_BYTES = 64 * 2**30
 
 
 def node_scratch_dir() -> str:
