@@ -29,7 +29,7 @@ from pathray.store import LEASE
 
 TIMEOUT_S = 120.0
 HEARTBEAT_S = 15.0
-SETTLE_S = 2.0
+SETTLE_S = 0.5
 
 
 @dataclass(frozen=True)
