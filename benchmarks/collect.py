@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-ORDER = ("tiling", "encoders", "pipeline")
+ORDER = ("tiling", "encoders", "pipeline", "pipeline-cluster")
 
 HEADER = """# Benchmarks
 

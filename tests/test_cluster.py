@@ -9,7 +9,6 @@ never in the job config, the command line or the store.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -57,12 +56,24 @@ def job_config(manifest: str, out: str, weights: Path, scratch: Path) -> dict:
                           "encoder_num_cpus": 1, "committers": 2}}
 
 
-def submit(cluster, config_uri: str, submission_id: str) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir .` from the repository root, waiting for the job's end."""
+def submit(cluster, config_uri: str, submission_id: str, wait: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir .` from the repository root; ``wait``: follow the job's
+    logs until it ends (else return once it is submitted)."""
     cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
-           "--working-dir", str(ROOT), "--", "python", "jobs/embed.py", "--config", config_uri, "--no-progress"]
+           "--working-dir", str(ROOT), *([] if wait else ["--no-wait"]),
+           "--", "python", "jobs/embed.py", "--config", config_uri, "--no-progress"]
     return subprocess.run(cmd, cwd=ROOT, env=cluster.client_env, capture_output=True, text=True,
-                          timeout=JOB_TIMEOUT_S)
+                          timeout=JOB_TIMEOUT_S, check=False)
+
+
+def wait_for_job(cluster, submission_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(cluster, submission_id)
+        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return info
+        time.sleep(1.0)
+    raise TimeoutError(f"job {submission_id} still {info['status']} after {timeout:.0f} s")
 
 
 def job_info(cluster, submission_id: str) -> dict:
@@ -145,3 +156,78 @@ def test_job_submit_on_multinode_cluster(multinode_cluster, s3_server, s3_bucket
     for path in fs.find(f"{s3_bucket}/store"):
         if path.endswith(".json"):
             assert s3_server.secret_key not in fs.cat_file(path).decode()
+
+
+def test_node_lost_mid_run_then_rerun_commits_every_slide_once(multinode_cluster, s3_server, s3_bucket,
+                                                                kaiko_vits16_weights, local_reference, tmp_path):
+    fs = s3_server.fs
+    n_slides = 8
+    manifest = make_slides(tmp_path, fs, s3_bucket, n_slides)
+    raw = job_config(manifest, f"s3://{s3_bucket}/store", kaiko_vits16_weights, tmp_path / "scratch")
+    fs.pipe(f"{s3_bucket}/job.yaml", yaml.safe_dump(raw).encode())
+    cluster = multinode_cluster({**os.environ, **s3_server.env})
+    cluster.add_node("cpu-a", num_cpus=2)
+    cluster.add_node("cpu-b", num_cpus=2)
+    cluster.add_node("gpu", num_cpus=1, num_gpus=1)
+    commits = f"{s3_bucket}/store/_commits/model=kaiko-vits16"
+
+    submitted = submit(cluster, f"s3://{s3_bucket}/job.yaml", "embed-1", wait=False)
+    assert submitted.returncode == 0, submitted.stderr
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline and not (fs.exists(commits) and fs.ls(commits, refresh=True)):
+        assert job_info(cluster, "embed-1")["status"] in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    cluster.kill_node("cpu-b")  # a reader node lost like a reclaimed spot instance: raylet, store, workers
+    before = len(fs.ls(commits, refresh=True))
+    first = wait_for_job(cluster, "embed-1")
+    assert before < n_slides, "the node was killed after the job had committed everything"
+    assert first["status"] in ("SUCCEEDED", "FAILED"), first
+    if first["status"] == "FAILED":  # the lost work is on record: the run's report says why it stopped
+        reports = fs.glob(f"{s3_bucket}/store/_runs/*/report.json")
+        assert any(json.loads(fs.cat_file(r))["aborted"] for r in reports), first["message"]
+
+    done = submit(cluster, f"s3://{s3_bucket}/job.yaml", "embed-2")
+    assert job_info(cluster, "embed-2")["status"] == "SUCCEEDED", done.stdout[-4000:]
+    store = FeatureStore(raw["out"], s3_server.storage_options)
+    assert store.committed("kaiko-vits16") == {f"s{i}" for i in range(n_slides)}
+    files = fs.find(f"{s3_bucket}/store/features")
+    assert sorted(os.path.basename(f) for f in files) == sorted(f"s{i}.parquet" for i in range(n_slides))
+    assert not [f for f in fs.find(f"{s3_bucket}/store/_staging") if f.endswith(".parquet")]
+    got = features_by_slide(store, "kaiko-vits16")
+    assert {k: len(set(v["tile_index"])) for k, v in got.items()} == dict.fromkeys(got, TILES_PER_SLIDE)
+    assert_same_features(got, local_reference(raw, f"s3://{s3_bucket}/local-store"))
+    print(f"node lost after {before} of {n_slides} commits; first run {first['status']}")
+
+
+AUTOSCALING = {"idle_timeout_minutes": 0.1, "available_node_types": {
+    "cpu": {"resources": {"CPU": 2, "testnode_cpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
+    "gpu": {"resources": {"CPU": 1, "GPU": 1, "testnode_gpu": 1}, "node_config": {}, "min_workers": 0,
+            "max_workers": 1}}}
+
+
+def test_autoscaler_adds_cpu_and_gpu_nodes_from_zero_then_removes_them(multinode_cluster, s3_server, s3_bucket,
+                                                                      kaiko_vits16_weights, tmp_path):
+    fs = s3_server.fs
+    manifest = make_slides(tmp_path, fs, s3_bucket, 2)
+    raw = job_config(manifest, f"s3://{s3_bucket}/store", kaiko_vits16_weights, tmp_path / "scratch")
+    raw["resources"].update(readers=1, encoder_actors_min=1)  # as docs/cluster.md says for clusters that start empty
+    fs.pipe(f"{s3_bucket}/job.yaml", yaml.safe_dump(raw).encode())
+    cluster = multinode_cluster({**os.environ, **s3_server.env}, AUTOSCALING)
+    assert set(cluster.alive_nodes()) == {"head"}  # no worker node until the job asks
+
+    done = submit(cluster, f"s3://{s3_bucket}/job.yaml", "embed-1")
+    assert job_info(cluster, "embed-1")["status"] == "SUCCEEDED", done.stdout[-4000:]
+    assert "kaiko-vits16: ok 2, no_tissue 0, error 0" in done.stdout
+    nodes = cluster.state("nodes")
+    kinds = {n["node_id"]: ("gpu" if "testnode_gpu" in n["resources_total"] else
+                            "cpu" if "testnode_cpu" in n["resources_total"] else "head") for n in nodes}
+    assert sorted(kinds.values()) == ["cpu", "gpu", "head"]  # the autoscaler added one node of each type
+    actors = [a for a in cluster.state("actors") if "MapWorker" in (a.get("class_name") or "")]
+    assert {kinds[a["node_id"]] for a in actors if "ChunkEncoder" in a["class_name"]} == {"gpu"}
+    assert {kinds[a["node_id"]] for a in actors if "ChunkReader" in a["class_name"]} == {"cpu"}
+    assert FeatureStore(raw["out"], s3_server.storage_options).committed("kaiko-vits16") == {"s0", "s1"}
+
+    deadline = time.monotonic() + 180  # idle nodes go after idle_timeout_minutes (6 s) plus the autoscaler's rounds
+    while time.monotonic() < deadline and set(cluster.alive_nodes()) != {"head"}:
+        time.sleep(2.0)
+    assert set(cluster.alive_nodes()) == {"head"}
