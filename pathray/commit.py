@@ -5,7 +5,7 @@ merged features file), so one actor caps the whole cluster's output at what one 
 moves. The pool is sized from the cluster (:func:`committer_count`; ``resources.committers``
 pins it), its actors are spread over the nodes, and each (slide, model) goes to one
 committer chosen by a stable hash of its key (:func:`route`), so a pair is never merged by
-two actors at once and the same pair lands on the same actor in every run of the job.
+two actors at once, and with the same pool size it lands on the same actor in every run.
 
 The store's protocol is unchanged: deterministic names, commit record written last, staged
 chunks deleted after it. A committer lost with its node is restarted elsewhere and Ray
