@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-ORDER = ("tiling", "encoders", "pipeline", "s3_io")
+ORDER = ("tiling", "encoders", "pipeline", "pipeline-cluster", "s3_io")
 
 HEADER = """# Benchmarks
 

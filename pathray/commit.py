@@ -5,12 +5,13 @@ merged features file), so one actor caps the whole cluster's output at what one 
 moves. The pool is sized from the cluster (:func:`committer_count`; ``resources.committers``
 pins it), its actors are spread over the nodes, and each (slide, model) goes to one
 committer chosen by a stable hash of its key (:func:`route`), so a pair is never merged by
-two actors at once and the same pair lands on the same actor in every run of the job.
+two actors at once, and with the same pool size it lands on the same actor in every run.
 
 The store's protocol is unchanged: deterministic names, commit record written last, staged
-chunks deleted after it. A committer lost with its node is restarted elsewhere and Ray
-retries its in-flight commits (``max_task_retries``); a retried commit rewrites identical
-bytes at the same names, so a (slide, model) is still committed exactly once.
+chunks deleted after it. A committer lost with its node is restarted elsewhere (up to
+:data:`ACTOR_RESTARTS` times) and Ray retries its in-flight commits there; a retried commit
+rewrites identical bytes at the same names, so a (slide, model) is still committed exactly
+once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from pathray.store import CommitRecord, FeatureStore, finalize_slide
 CPUS_PER_COMMITTER = 16
 MAX_COMMITTERS = 32
 ACTOR_RESTARTS = 3
+#: A commit sent to a committer whose node just died is retried until the actor is back (or
+#: has used its restarts): a few bounded retries ran out while Ray was still noticing the loss.
+TASK_RETRIES = -1
 
 
 class Committer:
@@ -33,8 +37,17 @@ class Committer:
     def __init__(self, store: FeatureStore):
         self.store = store
 
-    def finalize(self, *args: Any, **kwargs: Any) -> CommitRecord:
-        return finalize_slide(self.store, *args, **kwargs)
+    def finalize(self, model: str, slide_id: str, *args: Any, **kwargs: Any) -> CommitRecord:
+        """:func:`finalize_slide`; a retry of a commit that had already written its record
+        (its actor died while deleting the staged chunks) finds chunks gone and returns that
+        record instead of failing."""
+        try:
+            return finalize_slide(self.store, model, slide_id, *args, **kwargs)
+        except FileNotFoundError:
+            record = self.store.commit_record(model, slide_id)
+            if record is None:
+                raise
+            return record
 
 
 def committer_count(pinned: int | None, cluster: dict[str, float]) -> int:
@@ -58,7 +71,7 @@ class CommitPool:
 
     def __init__(self, ray, store: FeatureStore, n: int, max_concurrency: int):
         remote = ray.remote(num_cpus=0, max_concurrency=max_concurrency, max_restarts=ACTOR_RESTARTS,
-                            max_task_retries=ACTOR_RESTARTS, scheduling_strategy="SPREAD")(Committer)
+                            max_task_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(Committer)
         self.actors = [remote.remote(store) for _ in range(n)]
 
     def __len__(self) -> int:

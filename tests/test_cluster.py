@@ -1,7 +1,8 @@
 """The job on real multi-node Ray clusters on this machine: `ray job submit`, node loss, autoscaling.
 
-Every test starts its own cluster (tests/fixtures/multinode.py: one process group per node,
-free ports, its own temp dir) and tears it down whatever happens. Slides, manifest, job
+The clusters are real Ray processes (tests/fixtures/multinode.py: one process group per
+node, free ports, their own temp dir), torn down whatever happens: one static cluster
+shared by the job-API and node-loss tests, one autoscaling cluster for the autoscaler test. Slides, manifest, job
 config and store live on the SeaweedFS S3 server; credentials reach the nodes the way
 docs/cluster.md says for S3-compatible stores: AWS_* variables in every node's environment,
 never in the job config, the command line or the store.
@@ -9,19 +10,20 @@ never in the job config, the command line or the store.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import yaml
+from fixtures.multinode import LocalRayCluster
 
 from pathray.config import build_job_config
 from pathray.demo.synthetic import write_synthetic_svs
@@ -57,12 +59,24 @@ def job_config(manifest: str, out: str, weights: Path, scratch: Path) -> dict:
                           "encoder_num_cpus": 1, "committers": 2}}
 
 
-def submit(cluster, config_uri: str, submission_id: str) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir .` from the repository root, waiting for the job's end."""
+def submit(cluster, config_uri: str, submission_id: str, wait: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir .` from the repository root; ``wait``: follow the job's
+    logs until it ends (else return once it is submitted)."""
     cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
-           "--working-dir", str(ROOT), "--", "python", "jobs/embed.py", "--config", config_uri, "--no-progress"]
+           "--working-dir", str(ROOT), *([] if wait else ["--no-wait"]),
+           "--", "python", "jobs/embed.py", "--config", config_uri, "--no-progress"]
     return subprocess.run(cmd, cwd=ROOT, env=cluster.client_env, capture_output=True, text=True,
-                          timeout=JOB_TIMEOUT_S)
+                          timeout=JOB_TIMEOUT_S, check=False)
+
+
+def wait_for_job(cluster, submission_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(cluster, submission_id)
+        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return info
+        time.sleep(1.0)
+    raise TimeoutError(f"job {submission_id} still {info['status']} after {timeout:.0f} s")
 
 
 def job_info(cluster, submission_id: str) -> dict:
@@ -90,58 +104,150 @@ def assert_same_features(got: dict, want: dict) -> None:
         np.testing.assert_allclose(got[slide_id]["embedding"], want[slide_id]["embedding"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def local_reference(ray_cluster, s3_server):
-    """Run the same job config on the test session's local Ray (no GPU, same pools otherwise)."""
-
-    def run(raw: dict, out: str) -> dict:
-        resources = {k: v for k, v in raw["resources"].items() if k != "encoder_num_gpus"}
-        config = build_job_config({**raw, "out": out, "resources": resources,
-                                   "storage_options": s3_server.storage_options})
-        report = run_job(config, progress_bars=False)
-        assert report.exit_code == 0
-        return features_by_slide(FeatureStore(out, s3_server.storage_options), "kaiko-vits16")
-
-    return run
+N_SLIDES = 8
 
 
-def test_job_submit_on_multinode_cluster(multinode_cluster, s3_server, s3_bucket, kaiko_vits16_weights,
-                                         local_reference, tmp_path):
-    fs = s3_server.fs
-    manifest = make_slides(tmp_path, fs, s3_bucket, 3)
-    raw = job_config(manifest, f"s3://{s3_bucket}/store", kaiko_vits16_weights, tmp_path / "scratch")
-    fs.pipe(f"{s3_bucket}/job.yaml", yaml.safe_dump(raw).encode())
+@pytest.fixture(scope="module")
+def slides_on_s3(s3_server, tmp_path_factory) -> dict[str, str]:
+    """A bucket holding 8 small slides and two manifests: ``all`` (8 slides) and ``three``."""
+    fs, bucket = s3_server.fs, f"pathray-cluster-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    manifest = make_slides(tmp_path_factory.mktemp("cluster_slides"), fs, bucket, N_SLIDES)
+    lines = fs.cat_file(manifest).decode().splitlines()
+    fs.pipe(f"{bucket}/three.csv", ("\n".join(lines[:4]) + "\n").encode())
+    return {"bucket": bucket, "all": manifest, "three": f"s3://{bucket}/three.csv"}
 
-    cluster = multinode_cluster({**os.environ, **s3_server.env})
-    cpu_a = cluster.add_node("cpu-a", num_cpus=2)
-    cpu_b = cluster.add_node("cpu-b", num_cpus=2)
-    gpu = cluster.add_node("gpu", num_cpus=1, num_gpus=1)
-    done = submit(cluster, f"s3://{s3_bucket}/job.yaml", "embed-1")
-    info = job_info(cluster, "embed-1")
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, s3_server, slides_on_s3, kaiko_vits16_weights, tmp_path_factory) -> dict:
+    """Features of the 8 slides from a local run (the test session's 2-CPU Ray, no GPU) of the
+    same manifest and job config as the cluster runs."""
+    raw = job_config(slides_on_s3["all"], f"s3://{slides_on_s3['bucket']}/local-store", kaiko_vits16_weights,
+                     tmp_path_factory.mktemp("reference_scratch"))
+    resources = {k: v for k, v in raw["resources"].items() if k != "encoder_num_gpus"}
+    config = build_job_config({**raw, "resources": resources, "storage_options": s3_server.storage_options})
+    assert run_job(config, progress_bars=False).exit_code == 0
+    return features_by_slide(FeatureStore(raw["out"], s3_server.storage_options), "kaiko-vits16")
+
+
+@pytest.fixture(scope="module")
+def static_cluster(s3_server):
+    """Head (0 CPUs) + two 2-CPU nodes + one node declaring a GPU (1 CPU), shared by the tests
+    of this module; the S3 credentials are in every node's environment."""
+    cluster = LocalRayCluster(env={**os.environ, **s3_server.env})
+    try:
+        cluster.start_head()
+        for name, cpus, gpus in (("cpu-a", 2, 0), ("cpu-b", 2, 0), ("gpu", 1, 1)):
+            cluster.add_node(name, num_cpus=cpus, num_gpus=gpus)
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def put_config(fs, bucket: str, raw: dict, name: str) -> str:
+    fs.pipe(f"{bucket}/{name}", yaml.safe_dump(raw).encode())
+    return f"s3://{bucket}/{name}"
+
+
+def test_job_submit_on_multinode_cluster(static_cluster, s3_server, slides_on_s3, kaiko_vits16_weights, reference,
+                                         tmp_path):
+    cluster, fs, bucket = static_cluster, s3_server.fs, slides_on_s3["bucket"]
+    raw = job_config(slides_on_s3["three"], f"s3://{bucket}/store-submit", kaiko_vits16_weights, tmp_path / "scratch")
+    done = submit(cluster, put_config(fs, bucket, raw, "submit.yaml"), "submit-1")
+    info = job_info(cluster, "submit-1")
     assert info["status"] == "SUCCEEDED", f"{info.get('message')}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
 
     # the job's logs (streamed by `ray job submit`) end with the run report
     assert "pathray run " in done.stdout and "kaiko-vits16: ok 3, no_tissue 0, error 0" in done.stdout
     # where the work ran: encoders on the GPU node, readers on the CPU nodes, nothing on the head
-    actors = [a for a in cluster.state("actors") if "MapWorker" in (a.get("class_name") or "")]
-    encoders = [a for a in actors if "ChunkEncoder" in a["class_name"]]
-    readers = [a for a in actors if "ChunkReader" in a["class_name"]]
-    nodes = {v: k for k, v in cluster.alive_nodes().items()}
-    where = {a["class_name"] + "/" + a["actor_id"][:6]: nodes.get(a["node_id"]) for a in actors}
-    assert encoders and {a["node_id"] for a in encoders} == {gpu}, where
-    assert readers and {a["node_id"] for a in readers} <= {cpu_a, cpu_b}, where
-    committers = [a for a in cluster.state("actors") if a.get("class_name") == "Committer"]
-    assert len(committers) == 2
+    nodes = cluster.alive_nodes()
+    actors = [a for a in cluster.state("actors") if a.get("job_id") == info["job_id"]]
+    where = {a["class_name"] + "/" + a["actor_id"][:6]: a["node_id"] for a in actors}
+    encoders = [a["node_id"] for a in actors if "ChunkEncoder" in a["class_name"]]
+    readers = [a["node_id"] for a in actors if "ChunkReader" in a["class_name"]]
+    assert encoders and set(encoders) == {nodes["gpu"]}, (where, nodes)
+    assert readers and set(readers) <= {nodes["cpu-a"], nodes["cpu-b"]}, (where, nodes)
+    assert len([a for a in actors if a["class_name"] == "Committer"]) == 2
 
     # the store on S3 equals a local run of the same manifest and job config
     store = FeatureStore(raw["out"], s3_server.storage_options)
     assert store.committed("kaiko-vits16") == {"s0", "s1", "s2"}
     got = features_by_slide(store, "kaiko-vits16")
     assert {k: len(v["tile_index"]) for k, v in got.items()} == dict.fromkeys(got, TILES_PER_SLIDE)
-    assert_same_features(got, local_reference(raw, f"s3://{s3_bucket}/local-store"))
+    assert_same_features(got, {k: reference[k] for k in ("s0", "s1", "s2")})
 
     # credentials: not in the store, not in what the job server keeps about the job
     assert s3_server.secret_key not in json.dumps(info)
-    for path in fs.find(f"{s3_bucket}/store"):
+    for path in fs.find(raw["out"]):
         if path.endswith(".json"):
             assert s3_server.secret_key not in fs.cat_file(path).decode()
+
+
+def test_node_lost_mid_run_then_rerun_commits_every_slide_once(static_cluster, s3_server, slides_on_s3,
+                                                                kaiko_vits16_weights, reference, tmp_path):
+    cluster, fs, bucket = static_cluster, s3_server.fs, slides_on_s3["bucket"]
+    raw = job_config(slides_on_s3["all"], f"s3://{bucket}/store-loss", kaiko_vits16_weights, tmp_path / "scratch")
+    config_uri = put_config(fs, bucket, raw, "loss.yaml")
+    commits = f"{bucket}/store-loss/_commits/model=kaiko-vits16"
+    submitted = submit(cluster, config_uri, "loss-1", wait=False)
+    assert submitted.returncode == 0, submitted.stderr
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline and not (fs.exists(commits) and fs.ls(commits, refresh=True)):
+            assert job_info(cluster, "loss-1")["status"] in ("PENDING", "RUNNING")
+            time.sleep(0.5)
+        cluster.kill_node("cpu-b")  # a reader node lost like a reclaimed spot instance: raylet, store, workers
+        before = len(fs.ls(commits, refresh=True))
+        first = wait_for_job(cluster, "loss-1")
+    finally:
+        cluster.add_node("cpu-b", num_cpus=2)  # the replacement node (also for the module's other tests)
+    assert before < N_SLIDES, "the node was killed after the job had committed everything"
+    assert first["status"] in ("SUCCEEDED", "FAILED"), first
+    if first["status"] == "FAILED":  # the lost work is on record: the run stopped (aborted) or logged errors
+        reports = [json.loads(fs.cat_file(r)) for r in fs.glob(f"{bucket}/store-loss/_runs/*/report.json")]
+        assert any(r["aborted"] or r["errors"] for r in reports), first["message"]
+
+    done = submit(cluster, config_uri, "loss-2")
+    assert job_info(cluster, "loss-2")["status"] == "SUCCEEDED", done.stdout[-4000:]
+    store = FeatureStore(raw["out"], s3_server.storage_options)
+    assert store.committed("kaiko-vits16") == {f"s{i}" for i in range(N_SLIDES)}
+    files = fs.find(f"{bucket}/store-loss/features")
+    assert sorted(os.path.basename(f) for f in files) == sorted(f"s{i}.parquet" for i in range(N_SLIDES))
+    assert not [f for f in fs.find(f"{bucket}/store-loss/_staging") if f.endswith(".parquet")]
+    got = features_by_slide(store, "kaiko-vits16")
+    assert {k: len(set(v["tile_index"])) for k, v in got.items()} == dict.fromkeys(got, TILES_PER_SLIDE)
+    assert_same_features(got, reference)
+    print(f"node lost after {before} of {N_SLIDES} commits; first run {first['status']}")
+
+AUTOSCALING = {"idle_timeout_minutes": 0.1, "available_node_types": {
+    "cpu": {"resources": {"CPU": 2, "testnode_cpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
+    "gpu": {"resources": {"CPU": 1, "GPU": 1, "testnode_gpu": 1}, "node_config": {}, "min_workers": 0,
+            "max_workers": 1}}}
+
+
+def test_autoscaler_adds_cpu_and_gpu_nodes_from_zero_then_removes_them(multinode_cluster, s3_server, s3_bucket,
+                                                                      kaiko_vits16_weights, tmp_path):
+    fs = s3_server.fs
+    manifest = make_slides(tmp_path, fs, s3_bucket, 2)
+    raw = job_config(manifest, f"s3://{s3_bucket}/store", kaiko_vits16_weights, tmp_path / "scratch")
+    raw["resources"].update(readers=1, encoder_actors_min=1)  # as docs/cluster.md says for clusters that start empty
+    fs.pipe(f"{s3_bucket}/job.yaml", yaml.safe_dump(raw).encode())
+    cluster = multinode_cluster({**os.environ, **s3_server.env}, AUTOSCALING)
+    assert set(cluster.alive_nodes()) == {"head"}  # no worker node until the job asks
+
+    done = submit(cluster, f"s3://{s3_bucket}/job.yaml", "embed-1")
+    assert job_info(cluster, "embed-1")["status"] == "SUCCEEDED", done.stdout[-4000:]
+    assert "kaiko-vits16: ok 2, no_tissue 0, error 0" in done.stdout
+    nodes = cluster.state("nodes")
+    kinds = {n["node_id"]: ("gpu" if "testnode_gpu" in n["resources_total"] else
+                            "cpu" if "testnode_cpu" in n["resources_total"] else "head") for n in nodes}
+    assert sorted(kinds.values()) == ["cpu", "gpu", "head"]  # the autoscaler added one node of each type
+    actors = [a for a in cluster.state("actors") if "MapWorker" in (a.get("class_name") or "")]
+    assert {kinds[a["node_id"]] for a in actors if "ChunkEncoder" in a["class_name"]} == {"gpu"}
+    assert {kinds[a["node_id"]] for a in actors if "ChunkReader" in a["class_name"]} == {"cpu"}
+    assert FeatureStore(raw["out"], s3_server.storage_options).committed("kaiko-vits16") == {"s0", "s1"}
+
+    deadline = time.monotonic() + 180  # idle nodes go after idle_timeout_minutes (6 s) plus the autoscaler's rounds
+    while time.monotonic() < deadline and set(cluster.alive_nodes()) != {"head"}:
+        time.sleep(2.0)
+    assert set(cluster.alive_nodes()) == {"head"}

@@ -94,3 +94,27 @@ def test_job_commits_through_several_committers(ray_cluster, synthetic_svs_025, 
     assert report.per_model["sleep"]["ok"] == 2 and report.exit_code == 0
     table = FeatureStore(config.out).dataset("sleep").to_table()
     assert table.num_rows == report.tiles_planned > 0
+
+
+def test_commits_survive_their_committer_being_killed_mid_flight(ray_cluster, tmp_path):
+    import ray
+
+    store = FeatureStore(str(tmp_path / "store"))
+    staged = {f"s{i}": stage_fake_slide(store, "m", f"s{i}", n_tiles=2048, chunk_tiles=256, embed_dim=256, seed=i)
+              for i in range(8)}
+    expected = {s: pa.concat_tables([pq.read_table(store.staging_path("m", s, c)) for c in ids])
+                for s, ids in staged.items()}
+    pool = CommitPool(ray, store, 1, max_concurrency=2)
+    ray.get(pool.actors[0].__ray_ready__.remote())
+    refs = [pool.submit("m", s, "c", ids, 2048, {}, {}, "h", "r1") for s, ids in staged.items()]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.3)
+    ray.kill(pool.actors[0], no_restart=False)  # the process dies; Ray restarts it and retries its commits
+    assert len(ready) < len(refs), "every commit had finished before the kill"
+    records = ray.get(refs, timeout=120)
+    assert sorted(r.slide_id for r in records) == sorted(staged) and store.committed("m") == set(staged)
+    for slide_id, want in expected.items():
+        got = pq.read_table(tmp_path / "store" / store.features_relpath("m", "c", slide_id))
+        assert got.select(want.column_names).equals(want)
+    assert len(list((tmp_path / "store" / "features").rglob("*.parquet"))) == len(staged)
+    assert not list((tmp_path / "store" / "_staging").rglob("*.parquet"))
+    ray.kill(pool.actors[0])
