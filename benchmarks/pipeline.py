@@ -27,15 +27,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOURCES = {"readers": 1, "reader_num_cpus": 0.5, "encoder_actors": 1, "encoder_num_cpus": 1.0}
@@ -183,7 +179,7 @@ def commit_throughput(tmp: Path, n_slides: int, tiles: int, committer_counts: li
 
     from pathray.commit import CommitPool
     from pathray.fakes import stage_fake_slide
-    from pathray.store import FeatureStore
+    from pathray.store import CommitRequest, FeatureStore
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
@@ -195,7 +191,7 @@ def commit_throughput(tmp: Path, n_slides: int, tiles: int, committer_counts: li
             pool = CommitPool(ray, store, n, max_concurrency=16)
             ray.get([a.__ray_ready__.remote() for a in pool.actors])
             t0 = time.perf_counter()
-            ray.get([pool.submit("uni", sid, "bench", ids, tiles, {}, {}, "h", "bench") for sid, ids in staged.items()])
+            ray.get([pool.submit(CommitRequest("uni", sid, "bench", ids, tiles, {}, {}, "h", "bench")) for sid, ids in staged.items()])
             seconds = time.perf_counter() - t0
             mb = n_slides * tiles * COMMIT_DIM * 4 / 1e6
             rows.append({"committers": n, "slides": n_slides, "tiles": n_slides * tiles, "mb": mb, "s": seconds,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pathray.store import CommitRecord, FeatureStore, finalize_slide
+from pathray.store import CommitRecord, CommitRequest, FeatureStore, finalize_slide
 
 #: One committer per this many cluster CPUs (a committer moves ~the output of 16 readers).
 CPUS_PER_COMMITTER = 16
@@ -37,14 +37,14 @@ class Committer:
     def __init__(self, store: FeatureStore):
         self.store = store
 
-    def finalize(self, model: str, slide_id: str, *args: Any, **kwargs: Any) -> CommitRecord:
+    def finalize(self, request: CommitRequest) -> CommitRecord:
         """:func:`finalize_slide`; a retry of a commit that had already written its record
         (its actor died while deleting the staged chunks) finds chunks gone and returns that
         record instead of failing."""
         try:
-            return finalize_slide(self.store, model, slide_id, *args, **kwargs)
+            return finalize_slide(self.store, request)
         except FileNotFoundError:
-            record = self.store.commit_record(model, slide_id)
+            record = self.store.commit_record(request.model, request.slide_id)
             if record is None:
                 raise
             return record
@@ -77,6 +77,6 @@ class CommitPool:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def submit(self, model: str, slide_id: str, *args: Any) -> Any:
-        """``finalize_slide(store, model, slide_id, *args)`` on the pair's committer."""
-        return self.actors[route(slide_id, model, len(self.actors))].finalize.remote(model, slide_id, *args)
+    def submit(self, request: CommitRequest) -> Any:
+        """``finalize_slide(store, request)`` on the pair's committer; the Ray object ref."""
+        return self.actors[route(request.slide_id, request.model, len(self.actors))].finalize.remote(request)

@@ -41,7 +41,7 @@ from pathray.report import RunReport
 from pathray.resources import Resources, local_gpus, plan_resources
 from pathray.slidefacts import SlideFacts
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
-from pathray.store import FeatureStore, consolidate_slide_table, status_row
+from pathray.store import CommitRequest, FeatureStore, consolidate_slide_table, status_row
 from pathray.tracker import Complete, CompletionTracker, Failed
 
 log = logging.getLogger("pathray")
@@ -251,9 +251,10 @@ class _CommitQueue:
         entry, facts = run.entries[done.slide_id], SlideFacts.from_json(r["slide_meta"])
         prov = {"model": model_provenance, "tiling": tiling_record(run.config.tiling), "run_id": run.run_id,
                 "pathray_version": __version__, "store_config_hash": run.store_hash}
-        ref = self.pool.submit(done.model, done.slide_id, entry.cohort, list(done.chunk_ids), r["n_tiles_slide"],
-                               facts.commit_fields(), prov, run.store_hash, run.run_id,
-                               {c: entry.extra.get(c) for c in run.config.keep_columns}, run.passthrough_schema)
+        ref = self.pool.submit(CommitRequest(
+            done.model, done.slide_id, entry.cohort, done.chunk_ids, r["n_tiles_slide"], facts.commit_fields(), prov,
+            run.store_hash, run.run_id, {c: entry.extra.get(c) for c in run.config.keep_columns},
+            run.passthrough_schema))
         self.inflight[ref] = dict(_status_base(run, r, facts), status="ok" if r["n_tiles_slide"] else "no_tissue")
         self.settle(block=False)
 

@@ -42,7 +42,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -374,57 +374,65 @@ def config_diff(stored: dict, requested: dict, prefix: str = "") -> str:
 
 
 # --- commit ---------------------------------------------------------------------------------
-def finalize_slide(
-    store: FeatureStore,
-    model: str,
-    slide_id: str,
-    cohort: str | None,
-    chunk_ids: list[str],
-    n_tiles: int,
-    slide_meta: dict[str, Any],
-    provenance: dict[str, Any],
-    store_config_hash: str,
-    run_id: str,
-    passthrough: dict[str, Any] | None = None,
-    passthrough_schema: pa.Schema | None = None,
-) -> CommitRecord:
-    """Merge a (slide, model)'s staged chunks into its features file, then commit it.
+@dataclass(frozen=True)
+class CommitRequest:
+    """One (slide, model) to commit: exactly the chunks the plan produced (never a listing, so
+    stale objects cannot leak in), the tile count they must hold, and what the features file
+    and commit record carry. ``passthrough`` values (one per slide) become constant columns
+    typed by ``passthrough_schema``."""
 
-    ``chunk_ids`` are exactly the chunks the plan produced (never a listing, so stale
-    objects cannot leak in). Rows are sorted by ``tile_index``; a row count different from
-    ``n_tiles`` or a repeated ``tile_index`` raises before anything becomes visible.
-    ``passthrough`` values (one per slide) become constant columns typed by
-    ``passthrough_schema``. Provenance goes to the file's key-value metadata."""
+    model: str
+    slide_id: str
+    cohort: str | None
+    chunk_ids: tuple[str, ...]
+    n_tiles: int
+    slide: dict[str, Any]  # slide facts for the commit record (pathray.slidefacts.COMMIT_FIELDS)
+    provenance: dict[str, Any]  # into the file's Parquet key-value metadata
+    store_config_hash: str
+    run_id: str
+    passthrough: dict[str, Any] = field(default_factory=dict)
+    passthrough_schema: pa.Schema | None = None
+
+
+def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
+    """Merge a (slide, model)'s staged chunks into its features file, then commit it: the
+    file (rows sorted by ``tile_index``), then the commit record, then the staged chunks are
+    deleted. A row count other than ``request.n_tiles`` or a repeated ``tile_index`` raises
+    :class:`CommitMismatchError` before anything becomes visible."""
+    r = request
     features_relpath = None
-    if chunk_ids:
-        parts = []
-        for chunk_id in chunk_ids:
-            with store.fs.open(store.staging_path(model, slide_id, chunk_id), "rb") as f:
-                parts.append(pq.read_table(f))
-        table = pa.concat_tables(parts).sort_by("tile_index")
-        tile_index = table.column("tile_index").to_numpy()
-        if len(table) != n_tiles or len(np.unique(tile_index)) != len(tile_index):
-            raise CommitMismatchError(f"staged chunks of {slide_id}/{model} hold {len(table)} rows "
-                               f"({len(np.unique(tile_index))} unique tiles), expected {n_tiles}")
-        for field in passthrough_schema or []:
-            value = (passthrough or {}).get(field.name)
-            table = table.append_column(field, pa.array([value] * len(table), type=field.type))
-        meta = dict(table.schema.metadata or {})
-        meta[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True, default=str).encode()
-        table = table.replace_schema_metadata(meta)
-        features_relpath = store.features_relpath(model, cohort, slide_id)
-        store.write_table(features_relpath, table)
+    if r.chunk_ids:
+        features_relpath = store.features_relpath(r.model, r.cohort, r.slide_id)
+        store.write_table(features_relpath, _merged_chunks(store, r))
     record = CommitRecord(
-        slide_id=slide_id, model=model, cohort=cohort or NO_COHORT, n_tiles=n_tiles,
-        features_path=features_relpath, store_config_hash=store_config_hash, run_id=run_id, slide=slide_meta,
+        slide_id=r.slide_id, model=r.model, cohort=r.cohort or NO_COHORT, n_tiles=r.n_tiles,
+        features_path=features_relpath, store_config_hash=r.store_config_hash, run_id=r.run_id, slide=r.slide,
     )
-    store.write_json(store.commit_relpath(model, slide_id), record.__dict__)
-    for chunk_id in chunk_ids:
+    store.write_json(store.commit_relpath(r.model, r.slide_id), record.__dict__)
+    for chunk_id in r.chunk_ids:
         try:
-            store.fs.rm(store.staging_path(model, slide_id, chunk_id))
+            store.fs.rm(store.staging_path(r.model, r.slide_id, chunk_id))
         except FileNotFoundError:
             pass
     return record
+
+
+def _merged_chunks(store: FeatureStore, r: CommitRequest) -> pa.Table:
+    parts = []
+    for chunk_id in r.chunk_ids:
+        with store.fs.open(store.staging_path(r.model, r.slide_id, chunk_id), "rb") as f:
+            parts.append(pq.read_table(f))
+    table = pa.concat_tables(parts).sort_by("tile_index")
+    tile_index = table.column("tile_index").to_numpy()
+    if len(table) != r.n_tiles or len(np.unique(tile_index)) != len(tile_index):
+        raise CommitMismatchError(f"staged chunks of {r.slide_id}/{r.model} hold {len(table)} rows "
+                                  f"({len(np.unique(tile_index))} unique tiles), expected {r.n_tiles}")
+    for column in r.passthrough_schema or []:
+        value = r.passthrough.get(column.name)
+        table = table.append_column(column, pa.array([value] * len(table), type=column.type))
+    meta = dict(table.schema.metadata or {})
+    meta[PROVENANCE_KEY] = json.dumps(r.provenance, sort_keys=True, default=str).encode()
+    return table.replace_schema_metadata(meta)
 
 
 def consolidate_slide_table(store: FeatureStore, committed: dict[str, set[str]]) -> pa.Table:

@@ -16,7 +16,7 @@ from pathray.commit import CommitPool, committer_count, route
 from pathray.config import build_job_config
 from pathray.fakes import sleep_encoder, stage_fake_slide
 from pathray.pipeline import run_job
-from pathray.store import FeatureStore
+from pathray.store import CommitRequest, FeatureStore
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,7 +59,7 @@ def test_pool_commits_every_pair_once_across_actors(ray_cluster, tmp_path):
     assert len(set(pids)) == 3  # three processes share the commits
 
     def commit_all():
-        return ray.get([pool.submit(m, s, "c", staged[(s, m)], 10, {}, {}, "h", "r1") for s, m in pairs])
+        return ray.get([pool.submit(CommitRequest(m, s, "c", staged[(s, m)], 10, {}, {}, "h", "r1")) for s, m in pairs])
 
     records = commit_all()
     assert {(r.slide_id, r.model) for r in records} == set(pairs)
@@ -106,7 +106,7 @@ def test_commits_survive_their_committer_being_killed_mid_flight(ray_cluster, tm
                 for s, ids in staged.items()}
     pool = CommitPool(ray, store, 1, max_concurrency=2)
     ray.get(pool.actors[0].__ray_ready__.remote())
-    refs = [pool.submit("m", s, "c", ids, 2048, {}, {}, "h", "r1") for s, ids in staged.items()]
+    refs = [pool.submit(CommitRequest("m", s, "c", ids, 2048, {}, {}, "h", "r1")) for s, ids in staged.items()]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.3)
     ray.kill(pool.actors[0], no_restart=False)  # the process dies; Ray restarts it and retries its commits
     assert len(ready) < len(refs), "every commit had finished before the kill"

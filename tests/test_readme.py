@@ -8,8 +8,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pathray.store import (SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table,
-                           embeddings_to_arrow, feature_schema, finalize_slide, status_row)
+from pathray.store import (
+    SLIDE_STATUS_SCHEMA,
+    CommitRequest,
+    FeatureStore,
+    consolidate_slide_table,
+    embeddings_to_arrow,
+    feature_schema,
+    finalize_slide,
+    status_row,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -26,7 +34,7 @@ def make_store(root: Path, model: str = "kaiko-vits16", dim: int = 384) -> None:
             pa.array([0] * n, pa.int64()), pa.array([224.0] * n), pa.array([0.5] * n), pa.array([224] * n, pa.int32()),
             pa.array([1.0] * n, pa.float32()), embeddings_to_arrow(emb)], schema=schema)
         store.write_chunk(model, slide_id, "c0", table)
-        finalize_slide(store, model, slide_id, cohort, ["c0"], n, {"path": f"/{slide_id}.svs"}, {}, "h", "r")
+        finalize_slide(store, CommitRequest(model, slide_id, cohort, ["c0"], n, {"path": f"/{slide_id}.svs"}, {}, "h", "r"))
         rows.append(status_row(slide_id=slide_id, model=model, cohort=cohort, status="ok", n_tiles=n, mpp=0.5,
                                vendor="aperio"))
     store.write_table("_runs/r/slides-00001.parquet", pa.Table.from_pylist(rows, schema=SLIDE_STATUS_SCHEMA))

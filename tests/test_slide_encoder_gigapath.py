@@ -49,6 +49,7 @@ from pathray.slide_encoders.gigapath import (
 )
 from pathray.slide_encoders.longnet import LongNetConfig, segment_lengths
 from pathray.store import (
+    CommitRequest,
     FeatureStore,
     embeddings_to_arrow,
     feature_schema,
@@ -212,7 +213,7 @@ def store_slide(root: Path, grid, tiles: np.ndarray) -> dict[str, np.ndarray]:
     store = FeatureStore(str(root))
     table = grid.to_table().append_column("embedding", embeddings_to_arrow(tiles))
     store.write_chunk("prov-gigapath", grid.slide_id, "c0", table.cast(feature_schema(1536, pa.float16())))
-    finalize_slide(store, "prov-gigapath", grid.slide_id, "demo", ["c0"], len(grid), {}, {}, "h", "r")
+    finalize_slide(store, CommitRequest("prov-gigapath", grid.slide_id, "demo", ["c0"], len(grid), {}, {}, "h", "r"))
     back = store.dataset("prov-gigapath").to_table().sort_by("tile_index")
     emb = back["embedding"].combine_chunks().flatten().to_numpy().reshape(len(back), -1)
     return {"x": back["x"].to_numpy(), "y": back["y"].to_numpy(), "embedding": emb}

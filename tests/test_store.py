@@ -14,8 +14,16 @@ import pytest
 
 from pathray.aggregate import slide_embeddings
 from pathray.errors import CommitMismatchError, StoreConfigMismatchError
-from pathray.store import (SLIDE_STATUS_SCHEMA, FeatureStore, consolidate_slide_table, embeddings_to_arrow,
-                           feature_schema, finalize_slide, status_row)
+from pathray.store import (
+    SLIDE_STATUS_SCHEMA,
+    CommitRequest,
+    FeatureStore,
+    consolidate_slide_table,
+    embeddings_to_arrow,
+    feature_schema,
+    finalize_slide,
+    status_row,
+)
 
 DIM = 4
 
@@ -38,8 +46,8 @@ def stage_and_commit(store: FeatureStore, slide_id: str, cohort: str, sizes=(3, 
         store.write_chunk("m", slide_id, chunk, chunk_table(slide_id, list(range(start, start + size)), seed=k))
         ids.append(chunk)
         start += size
-    return finalize_slide(store, "m", slide_id, cohort, ids, kw.pop("n_tiles", start), {"path": f"/{slide_id}.svs"},
-                          {"model": {"name": "m"}}, "hash", "run1", **kw)
+    return finalize_slide(store, CommitRequest("m", slide_id, cohort, ids, kw.pop("n_tiles", start), {"path": f"/{slide_id}.svs"},
+                          {"model": {"name": "m"}}, "hash", "run1", **kw))
 
 
 def test_commit_merges_chunks_in_tile_order_and_cleans_staging(tmp_path):
@@ -47,8 +55,8 @@ def test_commit_merges_chunks_in_tile_order_and_cleans_staging(tmp_path):
     # chunks staged out of order must come out sorted by tile_index
     store.write_chunk("m", "s1", "b", chunk_table("s1", [3, 4], seed=1))
     store.write_chunk("m", "s1", "a", chunk_table("s1", [0, 1, 2], seed=0))
-    record = finalize_slide(store, "m", "s1", "C", ["b", "a"], 5, {"path": "/s1.svs"}, {"x": 1}, "hash", "run1",
-                            {"label": 7}, pa.schema([("label", pa.int64())]))
+    record = finalize_slide(store, CommitRequest("m", "s1", "C", ["b", "a"], 5, {"path": "/s1.svs"}, {"x": 1}, "hash", "run1",
+                            {"label": 7}, pa.schema([("label", pa.int64())])))
     table = pads.dataset(str(tmp_path / record.features_path)).to_table()
     assert table.column("tile_index").to_pylist() == [0, 1, 2, 3, 4]
     assert table.column("label").to_pylist() == [7] * 5
@@ -64,7 +72,7 @@ def test_incomplete_or_duplicated_chunks_are_never_committed(tmp_path):
     store.write_chunk("m", "dup", "a", chunk_table("dup", [0, 1]))
     store.write_chunk("m", "dup", "b", chunk_table("dup", [1, 2]))
     with pytest.raises(CommitMismatchError, match="unique"):
-        finalize_slide(store, "m", "dup", "C", ["a", "b"], 4, {}, {}, "hash", "run1")
+        finalize_slide(store, CommitRequest("m", "dup", "C", ["a", "b"], 4, {}, {}, "hash", "run1"))
     assert store.committed("m") == set()
     assert not (tmp_path / "features").exists()
 
