@@ -10,7 +10,7 @@ For each series (IDC layout on a local SeaweedFS server, made by ``pathray.demo.
 Reported: bytes fetched (all opens + all frames) ÷ the series' total bytes, and range
 requests, for k = 1, 2, 4, 8. Frames shared by two chunks are fetched by both readers, and
 each reader pays the header/offset-table reads ("kB per open"), so the ratio can only grow
-with k; the table shows by how much. Counted by :class:`pathray.dicom_wsi.RangeStats` (bytes
+with k; the table shows by how much. Counted by :class:`pathray.rangeio.FetchStats` (bytes
 requested = bytes received).
 
 Reading it: on the pyramidal series the tissue read stays ≤ 1.0 up to 8 readers, but it is

@@ -30,8 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pathray.encoders import EncoderConfig, get_spec, load_encoder, write_random_weights  # noqa: E402
-from pathray.encoders import cost  # noqa: E402
+from pathray.encoders import (  # noqa: E402
+    EncoderConfig,
+    cost,  # noqa: E402
+    get_spec,
+    load_encoder,
+    write_random_weights,
+)
 from pathray.encoders.build import create_model  # noqa: E402
 
 #: dense peak TFLOP/s by (device-name substring, dtype); fp32 = TF32 tensor cores when enabled

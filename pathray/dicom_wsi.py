@@ -38,8 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from pathray import rangeio
 from pathray.errors import SlideUnreadableError
 from pathray.fs import split_uri
+from pathray.rangeio import FetchStats
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 HEAD_BYTES = 16 * 1024  # first read of each instance; extended while the header + BOT need more
@@ -59,36 +61,18 @@ class DicomWsiError(SlideUnreadableError):
     slide as ``slide_unreadable``."""
 
 
-@dataclass
-class RangeStats:
-    """Bytes and requests :func:`fetch_ranges` pulled for one backend."""
-
-    bytes_fetched: int = 0
-    requests: int = 0
-
-
-def fetch_ranges(fs: Any, ranges: list[tuple[str, int, int]], stats: RangeStats) -> list[bytes]:
-    """Bytes ``[start, end)`` of each ``(path, start, end)``, in order, with one ``fs.cat_ranges``
-    call; ranges of one file that touch or overlap (gap ≤ :data:`COALESCE_GAP_BYTES`) are merged
-    into one request first. Adds what was requested to ``stats``."""
-    order = sorted(range(len(ranges)), key=lambda i: ranges[i])
-    merged: list[list] = []  # [path, start, end, [(index, start, end)]]
-    for i in order:
-        path, start, end = ranges[i]
-        if merged and merged[-1][0] == path and start <= merged[-1][2] + COALESCE_GAP_BYTES:
-            merged[-1][2] = max(merged[-1][2], end)
-        else:
-            merged.append([path, start, end, []])
-        merged[-1][3].append((i, start, end))
-    blobs = fs.cat_ranges([m[0] for m in merged], [m[1] for m in merged], [m[2] for m in merged])
+def fetch_ranges(fs: Any, ranges: list[tuple[str, int, int]], stats: FetchStats) -> list[bytes]:
+    """Bytes ``[start, end)`` of each ``(path, start, end)``, in order: per file, one batch of
+    concurrent range requests through :func:`pathray.rangeio.fetch_ranges` (ranges that touch
+    or overlap, gap ≤ :data:`COALESCE_GAP_BYTES`, merged first), credited to ``stats``."""
     out: list[bytes] = [b""] * len(ranges)
-    for (path, start, end, parts), blob in zip(merged, blobs):
-        if isinstance(blob, Exception):
-            raise blob
-        stats.bytes_fetched += len(blob)
-        stats.requests += 1
-        for i, s, e in parts:
-            out[i] = blob[s - start : e - start]
+    by_path: dict[str, list[int]] = {}
+    for i, (path, _, _) in enumerate(ranges):
+        by_path.setdefault(path, []).append(i)
+    for path, indices in by_path.items():
+        spans = [(ranges[i][1], ranges[i][2] - ranges[i][1]) for i in indices]
+        for i, blob in zip(indices, rangeio.fetch_ranges(fs, path, spans, gap_bytes=COALESCE_GAP_BYTES, stats=stats)):
+            out[i] = blob
     return out
 
 
@@ -121,7 +105,7 @@ class Instance:
         return self.sparse_frames.get((column, row))
 
 
-def _read_header(fs: Any, path: str, size: int, head: bytes, stats: RangeStats) -> tuple[Any, bytes, int]:
+def _read_header(fs: Any, path: str, size: int, head: bytes, stats: FetchStats) -> tuple[Any, bytes, int]:
     """``(dataset, head bytes, offset of the Pixel Data element)``: ``head`` (the file's first
     bytes) is extended (doubled, or to the end of the Basic Offset Table once its length is
     known) until the element header, and for encapsulated pixel data its BOT, are inside."""
@@ -147,7 +131,7 @@ def _read_header(fs: Any, path: str, size: int, head: bytes, stats: RangeStats) 
         head += fetch_ranges(fs, [(path, len(head), min(want, size))], stats)[0]
 
 
-def _frame_ranges(fs: Any, inst: Instance, head: bytes, pos: int, size: int, stats: RangeStats) -> list[tuple[int, int]]:
+def _frame_ranges(fs: Any, inst: Instance, head: bytes, pos: int, size: int, stats: FetchStats) -> list[tuple[int, int]]:
     """File byte ranges ``[start, end)`` of each frame's fragment items (tags included)."""
     ds = inst.dataset
     n = int(ds.get("NumberOfFrames", 1))
@@ -164,7 +148,7 @@ def _frame_ranges(fs: Any, inst: Instance, head: bytes, pos: int, size: int, sta
     return []
 
 
-def _walk_items(fs: Any, inst: Instance, upto: int, stats: RangeStats) -> None:
+def _walk_items(fs: Any, inst: Instance, upto: int, stats: FetchStats) -> None:
     """Extend ``inst.frame_ranges`` past frame ``upto`` by reading fragment item headers (8 bytes,
     one request each) from where the last walk stopped; one fragment per frame is assumed."""
     while len(inst.frame_ranges) <= upto < inst.frame_count:
@@ -190,7 +174,7 @@ def _fragments(blob: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _instance(fs: Any, path: str, size: int, head: bytes, stats: RangeStats) -> Instance | None:
+def _instance(fs: Any, path: str, size: int, head: bytes, stats: FetchStats) -> Instance | None:
     """The VOLUME instance at ``path`` (``head``: its first bytes), or ``None`` for any other
     image type or SOP class (label, overview, thumbnail...)."""
     ds, head, pos = _read_header(fs, path, size, head, stats)
@@ -256,7 +240,7 @@ class DicomWsiBackend:
 
     vendor = "dicom"
 
-    def __init__(self, uri: str, fs: Any, levels: list[Instance], stats: RangeStats, series_bytes: int):
+    def __init__(self, uri: str, fs: Any, levels: list[Instance], stats: FetchStats, series_bytes: int):
         self.uri = uri
         self._fs = fs
         self._levels = levels
@@ -332,7 +316,7 @@ def open_dicom_series(uri: str, storage_options: dict | None = None) -> DicomWsi
     entries = [e for e in fs.ls(root.rstrip("/"), detail=True) if e.get("type") == "file" and e["size"] > 132]
     if not entries:
         raise DicomWsiError(f"{uri}: no DICOM instances under this prefix")
-    stats = RangeStats()
+    stats = FetchStats()
     heads = fetch_ranges(fs, [(e["name"], 0, min(HEAD_BYTES, e["size"])) for e in entries], stats)
     levels = [inst for e, head in zip(entries, heads)
               if head[128:132] == b"DICM" and (inst := _instance(fs, e["name"], e["size"], head, stats)) is not None]

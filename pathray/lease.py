@@ -71,7 +71,7 @@ class StoreLease:
         except (ValueError, TypeError):  # unreadable lease: treat as stale
             return LeaseRecord("", "?", "?", 0, 0.0, 0.0)
 
-    def acquire(self) -> "StoreLease":
+    def acquire(self) -> StoreLease:
         """Take the lease or raise :class:`StoreBusyError` naming the live holder."""
         current = self.read()
         if current is not None and time.time() - current.heartbeat_at < self.timeout_s:
@@ -114,7 +114,7 @@ class StoreLease:
             f"work; wait for it to finish (a dead holder's lease expires {self.timeout_s:.0f} s after its last "
             "heartbeat), or write to another --out.")
 
-    def __enter__(self) -> "StoreLease":
+    def __enter__(self) -> StoreLease:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -4,9 +4,10 @@ dtype), so nothing downstream asks where a model came from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from pathray.config import JobConfig, fingerprint, model_record
 from pathray.encoders import get_spec, load_encoder

@@ -29,7 +29,7 @@ class SlideFacts:
     level_count: int
 
     @classmethod
-    def of(cls, slide: Any) -> "SlideFacts":
+    def of(cls, slide: Any) -> SlideFacts:
         """The facts of an open :class:`pathray.slide.Slide`."""
         width, height = slide.dimensions
         return cls(slide.uri, int(width), int(height), float(slide.mpp), slide.mpp_source, slide.vendor, slide.etag,
@@ -44,7 +44,7 @@ class SlideFacts:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "SlideFacts | None":
+    def from_json(cls, text: str) -> SlideFacts | None:
         """The facts a chunk row carries; ``None`` for a slide that failed before they were known."""
         raw = json.loads(text or "{}")
         return cls(**raw) if raw else None

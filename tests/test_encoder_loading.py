@@ -19,8 +19,13 @@ from safetensors.torch import load_file, save_file
 from pathray.encoders import EncoderConfig, file_sha256, get_spec, list_models, load_encoder, write_random_weights
 from pathray.encoders.encoder import build_model
 from pathray.encoders.loading import load_weights
-from pathray.errors import (EncoderError, UnknownModelError, WeightsCorruptError, WeightsMismatchError,
-                            WeightsUnavailableError)
+from pathray.errors import (
+    EncoderError,
+    UnknownModelError,
+    WeightsCorruptError,
+    WeightsMismatchError,
+    WeightsUnavailableError,
+)
 
 TILES = np.random.default_rng(0).integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
 TINY = "timm:vit_tiny_patch16_224"  # full-size (12 blocks) but small: single files carry no config

@@ -12,8 +12,7 @@ import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
 from pathray.fakes import SleepEncoder, pixel_statistics
 from pathray.slide import open_slide
-from pathray.stages import (SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner, chunk_id,
-                            tile_batches)
+from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner, chunk_id, tile_batches
 from pathray.store import FeatureStore
 from pathray.tiling import TilingConfig, plan_tiles, read_tiles
 

@@ -13,8 +13,8 @@ on page 0 carrying ``MPP`` so OpenSlide reports ``openslide.mpp-x/y``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image

@@ -33,7 +33,7 @@ def flops_per_tile(spec: EncoderSpec, architecture: str | None = None, kwargs: d
     return counter.get_total_flops() / 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def target_tiles_per_s(model: str, peak_tflops: float = H100_BF16_PEAK_TFLOPS, mfu: float = TARGET_MFU) -> float:
     """Tiles/s of registered ``model`` on one GPU of ``peak_tflops`` at ``mfu`` (a target)."""
     return mfu * peak_tflops * 1e12 / flops_per_tile(get_spec(model))

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from .registry import Preprocess
 
-
 # --- Pillow's resampling, exactly ------------------------------------------------------
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c
 
