@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures.slides import write_manifest
 
 from pathray.aggregate import AGGREGATORS, build_aggregator, get_aggregator
 from pathray.aggregate_job import AggregateConfig, _pin_aggregator, plan_aggregate_resources, run_aggregate
@@ -33,14 +33,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 MODEL = "sleep"
 DIM = 8
 GIGA = "prov-gigapath"  # a stand-in with Prov-GigaPath's 1536-d tile embeddings
-
-
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from fixtures.slides import write_manifest
 
 from pathray.config import build_job_config
 from pathray.encoders import EncoderConfig, load_encoder
@@ -26,14 +27,6 @@ from pathray.store import FeatureStore
 from pathray.tiling import plan_tiles, read_tiles
 
 pytestmark = pytest.mark.timeout(420)
-
-
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def direct_embeddings(slide_path, slide_id, tiling, encoder, mpp=None):
