@@ -4,7 +4,8 @@ Two drivers writing one store would both run the whole job and delete each other
 chunks, so a run takes the store's lease (``ROOT/_lease.json``) before it changes anything and
 gives it back at the end. A second driver is refused with :class:`StoreBusyError` naming the
 holder. A holder that died (SIGKILL, lost node) stops heart-beating; once its heartbeat is
-older than ``timeout_s`` the next run takes the lease over.
+older than ``timeout_s`` the next run takes the lease over, or at once when the holder ran on
+the same host and its process no longer exists.
 
 The protocol needs no compare-and-swap, so it holds on any S3-compatible store: a driver
 reads the lease, and if it is absent or stale, writes its own token, waits ``settle_s`` and
@@ -74,7 +75,7 @@ class StoreLease:
     def acquire(self) -> StoreLease:
         """Take the lease or raise :class:`StoreBusyError` naming the live holder."""
         current = self.read()
-        if current is not None and time.time() - current.heartbeat_at < self.timeout_s:
+        if current is not None and self._live(current):
             raise self._busy(current)
         now = time.time()
         self._write(LeaseRecord(self.token, self.run_id, socket.gethostname(), os.getpid(), now, now))
@@ -86,6 +87,13 @@ class StoreLease:
         self._thread = threading.Thread(target=self._beat, name="pathray-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _live(self, holder: LeaseRecord) -> bool:
+        """A holder is live while its heartbeat is fresh, unless it ran on this host and its
+        process is gone (a crashed or killed local driver: no need to wait for the timeout)."""
+        if time.time() - holder.heartbeat_at >= self.timeout_s:
+            return False
+        return holder.host != socket.gethostname() or _pid_alive(holder.pid)
 
     def release(self) -> None:
         """Stop heart-beating and delete the lease if this run still holds it."""
@@ -119,3 +127,13 @@ class StoreLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -173,9 +173,31 @@ def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
             _drive(ray, ds, run)
         except BaseException as exc:  # Ray failure, timeout, Ctrl-C: keep what is known, then re-raise
             run.report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
+            _kill_stage_actors(ray, run.report.started_at)
             _close_run(run)
             raise
     return _close_run(run)
+
+
+def _kill_stage_actors(ray, since: float) -> None:
+    """Kill this job's Ray Data stage actors started since ``since`` (unix s) after an abort.
+
+    When its no-progress timeout fires, Ray Data releases the pools' actors without killing
+    them, so an actor stuck in a task (a stalled encoder) would keep its CPUs until the task
+    ends and starve a re-run in the same session. Uses Ray 2.60's actor table (pinned); if
+    that is unavailable the run still aborts cleanly, only without this clean-up."""
+    try:
+        from ray._private.state import actors
+        from ray._raylet import ActorID
+
+        job = ray.get_runtime_context().get_job_id()
+        core = ray._private.worker.global_worker.core_worker
+        for actor_id, info in actors().items():
+            if (info.get("State") == "ALIVE" and info.get("JobID") == job and info.get("StartTime", 0) >= since * 1000
+                    and str(info.get("ActorClassName", "")).startswith("MapWorker(")):
+                ray.kill(core.get_actor_handle(ActorID.from_hex(actor_id)))
+    except Exception as exc:  # noqa: BLE001 - clean-up must never hide the abort's own error
+        log.warning("could not kill the aborted run's stage actors: %s", exc)
 
 
 def _configure_ray_data(config: JobConfig, progress_bars: bool) -> None:

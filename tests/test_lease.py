@@ -4,6 +4,7 @@ drivers started together on one store."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from pathray.errors import StoreBusyError, describe
-from pathray.lease import StoreLease
+from pathray.lease import LeaseRecord, StoreLease
 from pathray.store import FeatureStore
 
 
@@ -47,6 +48,22 @@ def test_a_dead_holders_lease_is_taken_over_after_the_timeout(store):
     dead.release()  # the old holder no longer owns it: its release must not delete the new lease
     assert store.fs.exists(store.lease_path())
     taker.release()
+
+
+def test_a_dead_local_holder_is_taken_over_at_once(store):
+    """A driver on this host that was SIGKILLed: its pid is gone, so the re-run need not wait
+    for the heartbeat timeout (the killed-driver re-run test relies on it)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = StoreLease(store, "run-killed", settle_s=0.1)
+    dead._write(LeaseRecord("t", "run-killed", socket.gethostname(), child.pid, time.time(), time.time()))
+    taker = StoreLease(store, "rerun", settle_s=0.1).acquire()
+    assert taker.took_over.run_id == "run-killed"
+    taker.release()
+    alive = StoreLease(store, "run-alive", settle_s=0.1).acquire()  # this process: alive, fresh heartbeat
+    with pytest.raises(StoreBusyError):
+        StoreLease(store, "other", settle_s=0.1).acquire()
+    alive.release()
 
 
 def test_heartbeat_keeps_a_long_run_alive(store):

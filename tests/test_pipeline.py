@@ -266,10 +266,8 @@ def test_aborted_run_keeps_its_record_and_a_rerun_finishes(ray_cluster, syntheti
 
     import dataclasses
 
-    # Ray Data releases the stalled encoder actor but does not kill it while its task runs (its
-    # no-progress shutdown is not forced), so in this same Ray session it keeps its CPUs until the
-    # task ends: the re-run claims less (README, Limits). A new driver process would not see it.
-    rerun = dataclasses.replace(config, run_id="again",
-                                resources=dataclasses.replace(config.resources, encoder_num_cpus=0.25))
-    done = run_job(rerun, {"sleep": sleep_encoder(tiles_per_s=1e4)}, progress_bars=False)
+    # the stalled encoder actor was killed with the aborted run (Ray Data only releases it): the
+    # re-run in this same Ray session gets the CPUs it plans for
+    done = run_job(dataclasses.replace(config, run_id="again"), {"sleep": sleep_encoder(tiles_per_s=1e4)},
+                   progress_bars=False)
     assert done.aborted is None and done.per_model["sleep"]["ok"] == 1 and done.exit_code == 0
