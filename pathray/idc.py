@@ -259,16 +259,19 @@ class TileEstimate:
     rows_without_geometry: tuple[str, ...]
 
 
-def grid_tiles(width_px: int, height_px: int, mpp: float, tile_px: int, target_mpp: float) -> int:
-    """Tiles in the full non-overlapping grid of a ``width_px`` x ``height_px`` (level-0 px) slide
-    at ``mpp`` µm/px, same rule as :func:`pathray.tiling.plan_tiles` (tiles entirely inside)."""
-    size = tile_px * target_mpp / mpp
-    cols = math.floor((width_px - size) / size + 1e-9) + 1 if width_px >= size else 0
-    rows = math.floor((height_px - size) / size + 1e-9) + 1 if height_px >= size else 0
+def grid_tiles(width_px: int, height_px: int, mpp: float, tile_px: int, target_mpp: float,
+               stride_px: int | None = None) -> int:
+    """Tiles in the full grid of a ``width_px`` x ``height_px`` (level-0 px) slide at ``mpp`` µm/px:
+    :func:`pathray.tiling.grid_shape`, the rule :func:`pathray.tiling.plan_tiles` grids by
+    (``stride_px`` in target px; ``None``: ``tile_px``, no overlap)."""
+    from pathray.tiling import grid_shape
+
+    cols, rows = grid_shape(width_px, height_px, tile_px * target_mpp / mpp, (stride_px or tile_px) * target_mpp / mpp)
     return cols * rows
 
 
-def estimate_tiles(manifest_rows: Sequence[dict], tile_px: int, target_mpp: float) -> TileEstimate:
+def estimate_tiles(manifest_rows: Sequence[dict], tile_px: int, target_mpp: float,
+                   stride_px: int | None = None) -> TileEstimate:
     """Sum :func:`grid_tiles` over manifest rows carrying ``width_px``, ``height_px`` (level-0 px)
     and ``index_mpp`` (µm/px), the geometry columns IDC's SM index gives per series
     (``max_TotalPixelMatrixColumns``/``Rows``, ``min_PixelSpacing_2sf`` in mm x 1000)."""
@@ -278,6 +281,6 @@ def estimate_tiles(manifest_rows: Sequence[dict], tile_px: int, target_mpp: floa
         if not width or not height or not mpp or not math.isfinite(mpp):
             missing.append(row["slide_id"])
             continue
-        total += grid_tiles(int(width), int(height), float(mpp), tile_px, target_mpp)
+        total += grid_tiles(int(width), int(height), float(mpp), tile_px, target_mpp, stride_px)
         counted += 1
     return TileEstimate(total, counted, tuple(missing))

@@ -402,7 +402,7 @@ def _estimate_tiles(config: JobConfig, todo: list[SlideEntry], sample: int) -> d
 
     rows = [{"slide_id": e.slide_id, **e.extra} for e in todo]
     if rows and all(r.get("width_px") and r.get("index_mpp") for r in rows):
-        estimate = estimate_tiles(rows, config.tiling.tile_px, config.tiling.target_mpp)
+        estimate = estimate_tiles(rows, config.tiling.tile_px, config.tiling.target_mpp, config.tiling.stride_px)
         return {"tile_estimate": "index geometry (full grid, no tissue filter: an upper bound)",
                 "estimated_tiles": estimate.grid_tiles, "sampled_slides": 0, "sample_errors": []}
     planner = SlidePlanner(config.tiling, config.chunk_tiles, config.slide_options, config.scratch_dir,

@@ -141,17 +141,23 @@ def read_geometry(slide: Slide, config: TilingConfig) -> tuple[int, int]:
     return level, read_px
 
 
+def grid_shape(width: int, height: int, size_level0: float, step_level0: float) -> tuple[int, int]:
+    """``(columns, rows)`` of the grid of tiles of side ``size_level0`` placed every
+    ``step_level0`` level-0 px from (0, 0) that lie entirely inside ``width`` x ``height``."""
+    cols = int(math.floor((width - size_level0) / step_level0 + 1e-9)) + 1 if width >= size_level0 else 0
+    rows = int(math.floor((height - size_level0) / step_level0 + 1e-9)) + 1 if height >= size_level0 else 0
+    return cols, rows
+
+
 def plan_tiles(slide: Slide, slide_id: str, config: TilingConfig) -> TileGrid:
     """Grid the whole slide at ``config.target_mpp`` and keep tiles with enough tissue.
 
     The grid holds every tile that fits entirely inside level 0, starting at (0, 0), with
     stride ``stride * target_mpp / slide.mpp`` level-0 px (positions rounded to int).
     """
-    width, height = slide.dimensions
     size = config.tile_px * config.target_mpp / slide.mpp
     step = config.stride * config.target_mpp / slide.mpp
-    cols = int(math.floor((width - size) / step + 1e-9)) + 1 if width >= size else 0
-    rows = int(math.floor((height - size) / step + 1e-9)) + 1 if height >= size else 0
+    cols, rows = grid_shape(*slide.dimensions, size, step)
     gx = np.round(np.arange(cols) * step).astype(np.int64)
     gy = np.round(np.arange(rows) * step).astype(np.int64)
     yy, xx = np.meshgrid(gy, gx, indexing="ij")

@@ -113,10 +113,11 @@ def test_estimate_tiles_matches_the_planned_grid(synthetic_svs_025, tmp_path):
     rows = [{"slide_id": "a", "width_px": width, "height_px": height, "index_mpp": float(backend.properties["openslide.mpp-x"])},
             {"slide_id": "no-geometry"}]
     with open_slide(str(synthetic_svs_025)) as slide:
-        for tile_px, target_mpp in ((224, 0.5), (256, 1.0), (224, 0.25)):
-            cols, nrows = plan_tiles(slide, "a", TilingConfig(tile_px=tile_px, target_mpp=target_mpp)).grid_shape
-            estimate = estimate_tiles(rows, tile_px, target_mpp)
-            assert estimate.grid_tiles == cols * nrows == grid_tiles(width, height, 0.25, tile_px, target_mpp)
+        for tile_px, target_mpp, stride in ((224, 0.5, None), (256, 1.0, None), (224, 0.25, None), (224, 0.5, 112)):
+            config = TilingConfig(tile_px=tile_px, target_mpp=target_mpp, stride_px=stride)
+            cols, nrows = plan_tiles(slide, "a", config).grid_shape
+            estimate = estimate_tiles(rows, tile_px, target_mpp, stride)
+            assert estimate.grid_tiles == cols * nrows == grid_tiles(width, height, 0.25, tile_px, target_mpp, stride)
             assert estimate.slides_counted == 1 and estimate.rows_without_geometry == ("no-geometry",)
 
 
