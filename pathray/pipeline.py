@@ -58,6 +58,7 @@ class RunContext:
     config: JobConfig
     store: FeatureStore
     store_hash: str
+    tiling_rec: dict[str, Any]  # the tiling's store record (with its fingerprint), for provenance
     models: list[ModelPlan]
     entries: dict[str, SlideEntry]  # by slide id
     passthrough_schema: pa.Schema
@@ -123,7 +124,7 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
             log.warning("took over the lease of %s: its holder stopped heart-beating", lease.took_over.describe())
         store_hash = fingerprint(store.ensure_config(tiling_rec, model_recs))
         store.remove_temporaries()
-        run = RunContext(config, store, store_hash, models, {e.slide_id: e for e in entries},
+        run = RunContext(config, store, store_hash, tiling_rec, models, {e.slide_id: e for e in entries},
                          _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report)
         report.per_model = {m.name: {"ok": 0, "no_tissue": 0, "error": 0, "tiles": 0} for m in models}
         _record_unknown(run, unknown)
@@ -271,7 +272,7 @@ class _CommitQueue:
     def submit(self, done: Complete, model_provenance: dict) -> None:
         run, r = self.run, done.row
         entry, facts = run.entries[done.slide_id], SlideFacts.from_json(r["slide_meta"])
-        prov = {"model": model_provenance, "tiling": tiling_record(run.config.tiling), "run_id": run.run_id,
+        prov = {"model": model_provenance, "tiling": run.tiling_rec, "run_id": run.run_id,
                 "pathray_version": __version__, "store_config_hash": run.store_hash}
         ref = self.pool.submit(CommitRequest(
             done.model, done.slide_id, entry.cohort, done.chunk_ids, r["n_tiles_slide"], facts.commit_fields(), prov,

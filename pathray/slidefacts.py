@@ -35,11 +35,6 @@ class SlideFacts:
         return cls(slide.uri, int(width), int(height), float(slide.mpp), slide.mpp_source, slide.vendor, slide.etag,
                    slide.size_bytes, len(slide.level_dimensions))
 
-    @property
-    def mpp_override(self) -> float | None:
-        """The manifest's µm/px when that is what the slide was tiled with (readers must reopen it so)."""
-        return self.mpp if self.mpp_source == "manifest" else None
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 

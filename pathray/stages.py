@@ -48,7 +48,7 @@ SLIDE_SCHEMA = pa.schema(
 
 CHUNK_SCHEMA = pa.schema(
     [
-        *[f for f in SLIDE_SCHEMA if f.name != "mpp_override"],
+        *SLIDE_SCHEMA,  # mpp_override travels on so readers open the slide as the planner did
         ("chunk_id", pa.string()),
         ("chunk_index", pa.int32()),
         ("n_chunks", pa.int32()),
@@ -128,7 +128,7 @@ class SlidePlanner:
 
     def plan_one(self, slide: dict[str, Any]) -> list[dict[str, Any]]:
         start = time.perf_counter()
-        base = {k: slide[k] for k in ("slide_id", "path", "cohort", "models")}
+        base = {k: slide[k] for k in ("slide_id", "path", "cohort", "mpp_override", "models")}
         empty = dict(base, chunk_id="", chunk_index=0, n_chunks=0, n_tiles_slide=0, tile_index=b"", x=b"", y=b"",
                      tissue_fraction=b"", size_level0=0.0, stage="plan", error_type="", error_message="", slide_meta="{}")
         try:
@@ -198,7 +198,7 @@ class ChunkReader:
             data, update, count = b"", {}, 0
             if row["status"] == "ok":
                 try:
-                    handle = self._slide(row["path"], SlideFacts.from_json(row["slide_meta"]).mpp_override)
+                    handle = self._slide(row["path"], row["mpp_override"])
                     x = np.frombuffer(row["x"], dtype="<i8")
                     y = np.frombuffer(row["y"], dtype="<i8")
                     tiles = read_tiles(handle, self.tiling, x, y)
