@@ -9,7 +9,7 @@ only slides committed for the tile model and not yet aggregated. Ray Data then r
    ``accelerated`` and the cluster has GPUs): builds the aggregator once per actor, computes
    each slide's embedding and commits it: the one-row Parquet file
    ``slide_features/model=<m>/aggregator=<a>/<slide_id>.parquet`` (one PUT; locally a
-   ``_``-prefixed temp file + ``os.replace``), then its commit record under ``_commits/``.
+   ``.``-prefixed temp file + ``os.replace``), then its commit record under ``_commits/``.
 
 A slide is aggregated iff its commit record exists; a re-run skips those and redoes the
 rest, overwriting any file a crash left without a record. Slides committed without tissue
@@ -348,9 +348,9 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
     finally:
         errors = _errors_table(failed, config.model, spec.name)
         if errors.num_rows:
-            store.write_table(f"errors/run_id={run_id}/part-00001.parquet", errors)
+            store.write_table(store.errors_relpath(run_id, 1), errors)
         report.ended_at = time.time()
-        store.write_json(f"_runs/{run_id}/report.json", report.to_dict())
+        store.write_json(store.report_relpath(run_id), report.to_dict())
     return report
 
 
