@@ -305,7 +305,7 @@ def _open_range(uri: str, storage_options: dict[str, Any] | None) -> tuple[Slide
     """``(backend, etag, size)`` when the range reader covers ``uri``, else ``None`` (stage it)."""
     from pathray.tiffrange import TiffRangeBackend
 
-    if uri.endswith("/") or not uri.lower().endswith(RANGE_READ_SUFFIXES):
+    if not uri.lower().endswith(RANGE_READ_SUFFIXES):
         return None
     fs, path = split_uri(uri, storage_options)
     try:
