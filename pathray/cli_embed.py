@@ -48,6 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "the manifest and the store keep the usual credentials")
     add("--new-version", action="store_true", help="on a config mismatch, write a new store version under OUT/versions/")
     add("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
+    add("--runner", choices=["auto", "ray", "local"],
+        help="ray: the Ray Data plan; local: the same stages in this process, no Ray; auto (default): local only "
+             "when there is no Ray cluster to join (no --ray-address / RAY_ADDRESS) and no GPU here")
     add("--run-id", help="name of this run (default: timestamp)")
     add("--dry-run", action="store_true", help="print the plan (slides, estimated tiles, resources) and exit")
     add("--no-progress", action="store_true", help="no Ray Data progress bars")
@@ -58,7 +61,7 @@ def raw_config(args: argparse.Namespace) -> dict:
     from pathray.config import load_yaml
 
     raw = load_yaml(args.config) if args.config else {}
-    for key in ("manifest", "models", "out", "chunk_tiles", "new_version", "ray_address", "run_id"):
+    for key in ("manifest", "models", "out", "chunk_tiles", "new_version", "ray_address", "runner", "run_id"):
         value = getattr(args, key)
         if value not in (None, False):
             raw[key] = value

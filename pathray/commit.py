@@ -17,6 +17,7 @@ once.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from pathray.store import CommitRecord, CommitRequest, FeatureStore, finalize_slide
@@ -72,6 +73,7 @@ class CommitPool:
     def __init__(self, ray, store: FeatureStore, n: int, max_concurrency: int):
         remote = ray.remote(num_cpus=0, max_concurrency=max_concurrency, max_restarts=ACTOR_RESTARTS,
                             max_task_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(Committer)
+        self.ray = ray
         self.actors = [remote.remote(store) for _ in range(n)]
 
     def __len__(self) -> int:
@@ -80,3 +82,36 @@ class CommitPool:
     def submit(self, request: CommitRequest) -> Any:
         """``finalize_slide(store, request)`` on the pair's committer; the Ray object ref."""
         return self.actors[route(request.slide_id, request.model, len(self.actors))].finalize.remote(request)
+
+    def wait_one(self, handles: list[Any]) -> Any:
+        """The first of ``handles`` (refs from :meth:`submit`) to finish."""
+        return self.ray.wait(handles, num_returns=1)[0][0]
+
+    def result(self, handle: Any) -> CommitRecord:
+        """The commit's record; raises what the commit raised."""
+        return self.ray.get(handle)
+
+
+class LocalCommitPool:
+    """The in-process runner's committer: one thread running :meth:`Committer.finalize`, so a
+    commit's I/O overlaps the next chunk's encoding. Same interface as :class:`CommitPool`,
+    with futures for object refs."""
+
+    def __init__(self, store: FeatureStore):
+        self.committer = Committer(store)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pathray-commit")
+
+    def __len__(self) -> int:
+        return 1
+
+    def submit(self, request: CommitRequest) -> Future:
+        return self.executor.submit(self.committer.finalize, request)
+
+    def wait_one(self, handles: list[Future]) -> Future:
+        return next(iter(wait(handles, return_when=FIRST_COMPLETED).done))
+
+    def result(self, handle: Future) -> CommitRecord:
+        return handle.result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)

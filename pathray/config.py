@@ -76,6 +76,9 @@ class JobConfig:
     scratch_max_bytes: int = DEFAULT_MAX_BYTES  # bound on that cache per node (all actors of the node together)
     new_version: bool = False  # on a config mismatch, write a new version under out/versions/
     ray_address: str | None = None  # None: the cluster of `ray job submit`, else a local one
+    #: "ray": the Ray Data plan; "local": the same stages in the driver process, no Ray
+    #: (pathray.localrun); "auto": local only with no Ray cluster to join and no GPU here
+    runner: str = "auto"
     run_id: str | None = None  # default: UTC timestamp + random suffix
 
     def public_dict(self) -> dict[str, Any]:
@@ -89,6 +92,9 @@ class JobConfig:
     def slide_options(self) -> dict[str, Any] | None:
         """The s3fs options slides are read with."""
         return self.storage_options if self.slide_storage_options is None else self.slide_storage_options
+
+
+RUNNERS = ("auto", "ray", "local")
 
 
 def tiling_record(tiling: TilingConfig) -> dict[str, Any]:
@@ -131,6 +137,8 @@ def build_job_config(raw: dict[str, Any]) -> JobConfig:
     for key in ("manifest", "out", "models"):
         if not raw.get(key):
             raise ValueError(f"job config needs {key!r}")
+    if raw.get("runner", "auto") not in RUNNERS:
+        raise ValueError(f"runner {raw['runner']!r}: expected one of {', '.join(RUNNERS)}")
     models = raw["models"]
     models = tuple(m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip())
     encoder_raw = raw.get("encoders") or {}

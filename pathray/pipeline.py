@@ -22,6 +22,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +30,13 @@ import numpy as np
 import pyarrow as pa
 
 from pathray import __version__
-from pathray.commit import CommitPool, committer_count
+from pathray.commit import CommitPool, LocalCommitPool, committer_count
 from pathray.config import JobConfig, fingerprint, tiling_record
 from pathray.encoders.custom import CustomEncoder
 from pathray.errors import StoreConfigMismatchError, UnknownModelError, describe
 from pathray.lease import StoreLease
 from pathray.ledger import StatusLedger
+from pathray.localrun import READ_AHEAD_CHUNKS, choose_runner, local_results
 from pathray.manifest import SlideEntry, read_manifest
 from pathray.modelplan import ModelPlan, plan_models
 from pathray.report import RunReport
@@ -159,25 +161,59 @@ def _todo(run: RunContext) -> list[dict]:
 
 def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
     """The body of :func:`run_job` once the store's lease is held."""
-    import ray
-
     todo = _todo(run)
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=run.config.ray_address)
-        res = plan_resources(run.config, ray.cluster_resources(), len(run.models))
-        run.report.resources = dataclasses.asdict(res)
-        log.info("resources: %s", run.report.resources)
-        _configure_ray_data(run.config, progress_bars)
-        ds = _build_dataset(run.config, run.store.root, run.models, res, todo)
+        run.report.runner = choose_runner(run.config)
         try:
-            _drive(ray, ds, run)
+            if run.report.runner == "local":
+                _run_local(run, todo)
+            else:
+                _run_ray(run, todo, progress_bars)
         except BaseException as exc:  # Ray failure, timeout, Ctrl-C: keep what is known, then re-raise
             run.report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
-            _kill_stage_actors(ray, run.report.started_at)
             _close_run(run)
             raise
     return _close_run(run)
+
+
+def _run_ray(run: RunContext, todo: list[dict], progress_bars: bool) -> None:
+    """The Ray Data plan on the cluster at ``ray_address`` (the submitted job's, or a local
+    one started here without its dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=run.config.ray_address,
+                 **({} if run.config.ray_address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+    res = plan_resources(run.config, ray.cluster_resources(), len(run.models))
+    run.report.resources = dataclasses.asdict(res)
+    log.info("resources: %s", run.report.resources)
+    _configure_ray_data(run.config, progress_bars)
+    ds = _build_dataset(run.config, run.store.root, run.models, res, todo)
+    pool = CommitPool(ray, run.store, committer_count(run.config.resources.committers, ray.cluster_resources()),
+                      max_concurrency=run.config.resources.max_inflight_finalize)
+    run.report.resources["committers"] = len(pool)
+    try:
+        _drive(ds.iter_batches(batch_size=None, batch_format="pyarrow"), pool, run)
+    except BaseException:
+        _kill_stage_actors(ray, run.report.started_at)
+        raise
+
+
+def _run_local(run: RunContext, todo: list[dict]) -> None:
+    """The same stages in this process (:mod:`pathray.localrun`): no Ray at all."""
+    import torch
+
+    run.report.resources = {"encoder_threads": torch.get_num_threads(), "read_ahead_chunks": READ_AHEAD_CHUNKS,
+                            "committers": 1}
+    log.info("runner: local (in this process; no Ray cluster and no GPU here), %d torch threads",
+             torch.get_num_threads())
+    pool = LocalCommitPool(run.store)
+    results = local_results(run.config, run.store.root, run.models, todo)
+    try:
+        _drive(results, pool, run)
+    finally:
+        results.close()
+        pool.close()
 
 
 def _kill_stage_actors(ray, since: float) -> None:
@@ -260,13 +296,9 @@ class _CommitQueue:
     """Finished (slide, model) pairs on their way through the committer pool: at most
     ``max_inflight_finalize`` per committer in flight; each outcome is counted and recorded."""
 
-    def __init__(self, ray, run: RunContext):
-        self.ray, self.run = ray, run
-        resources = run.config.resources
-        self.pool = CommitPool(ray, run.store, committer_count(resources.committers, ray.cluster_resources()),
-                               max_concurrency=resources.max_inflight_finalize)
-        self.limit = resources.max_inflight_finalize * len(self.pool)
-        run.report.resources["committers"] = len(self.pool)
+    def __init__(self, pool: CommitPool | LocalCommitPool, run: RunContext):
+        self.pool, self.run = pool, run
+        self.limit = run.config.resources.max_inflight_finalize * len(pool)
         self.inflight: dict[Any, dict] = {}
 
     def submit(self, done: Complete, model_provenance: dict) -> None:
@@ -284,10 +316,10 @@ class _CommitQueue:
     def settle(self, block: bool) -> None:
         """Collect finished commits (all of them when ``block``)."""
         while self.inflight and (block or len(self.inflight) >= self.limit):
-            done, _ = self.ray.wait(list(self.inflight), num_returns=1)
-            row = self.inflight.pop(done[0])
+            done = self.pool.wait_one(list(self.inflight))
+            row = self.inflight.pop(done)
             try:
-                self.ray.get(done[0])
+                self.pool.result(done)
             except Exception as exc:
                 error_type, message = describe(exc)
                 row = dict(row, status="error", stage="finalize", error_type=error_type, error_message=message[:2000])
@@ -333,13 +365,13 @@ def _account(r: dict, report: RunReport, busy: dict[str, float], provenance: dic
         provenance[model] = json.loads(r["provenance"])
 
 
-def _drive(ray, ds, run: RunContext) -> None:
-    """Consume result rows; commit finished (slide, model) pairs; record every decision."""
-    commits, tracker = _CommitQueue(ray, run), CompletionTracker()
+def _drive(results: Iterable[pa.Table], pool: CommitPool | LocalCommitPool, run: RunContext) -> None:
+    """Consume result tables; commit finished (slide, model) pairs; record every decision."""
+    commits, tracker = _CommitQueue(pool, run), CompletionTracker()
     busy = {"plan": 0.0, "read": 0.0, "write": 0.0, **{f"encode:{m}": 0.0 for m in run.model_names}}
     provenance: dict[str, dict] = {}
     last_log = time.time()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in results:
         for r in batch.to_pylist():
             _account(r, run.report, busy, provenance)
             decision = tracker.add(r)

@@ -28,6 +28,7 @@ class RunReport:
     errors: int = 0
     busy_s: dict[str, float] = field(default_factory=dict)  # summed per stage over all workers
     aborted: str | None = None  # why the run stopped early (then re-running resumes it)
+    runner: str = ""  # "ray" or "local" (pathray.localrun.choose_runner); "" when nothing was to do
     resources: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 

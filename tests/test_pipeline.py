@@ -37,11 +37,12 @@ def direct_embeddings(slide_path, slide_id, tiling, encoder, mpp=None):
     return grid, encoder(tiles)
 
 
-@pytest.fixture(scope="module")
-def mixed_run(ray_cluster, mixed_manifest, cmu_slide, kaiko_vits16_weights, tmp_path_factory):
+@pytest.fixture(scope="module", params=["ray", "local"])
+def mixed_run(request, ray_cluster, mixed_manifest, cmu_slide, kaiko_vits16_weights, tmp_path_factory):
     """One run over good, blank and broken slides plus the real CMU H&E slide, with one
-    valid model, one model whose weights are missing and one unknown model name."""
-    tmp = tmp_path_factory.mktemp("mixed_run")
+    valid model, one model whose weights are missing and one unknown model name; once with
+    the Ray Data plan and once with the in-process runner (the same stages, no Ray)."""
+    tmp = tmp_path_factory.mktemp(f"mixed_run_{request.param}")
     with open(mixed_manifest.path) as f:
         rows = list(csv.DictReader(f))
     rows.append({"slide_id": "cmu", "path": os.fspath(cmu_slide), "mpp": "", "cohort": "real", "case_id": "cmu-1"})
@@ -49,9 +50,10 @@ def mixed_run(ray_cluster, mixed_manifest, cmu_slide, kaiko_vits16_weights, tmp_
     config = build_job_config(dict(
         manifest=str(manifest), out=str(tmp / "store"), models=["kaiko-vits16", "uni", "no-such-model"],
         encoders={"kaiko-vits16": {"weights": str(kaiko_vits16_weights)}, "uni": {"weights": str(tmp / "absent")}},
-        tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=8, keep_columns=["case_id"],
+        tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=8, keep_columns=["case_id"], runner=request.param,
     ))
     report = run_job(config, progress_bars=False)
+    assert report.runner == request.param
     expected = dict(mixed_manifest.expected, cmu="ok")
     return config, report, FeatureStore(config.out), expected, {r["slide_id"]: r for r in rows}
 
