@@ -1,8 +1,9 @@
-"""The Ray Data plan: manifest -> plan -> read -> encode (one pool per model) -> write -> commit.
+"""The job: manifest -> plan -> read -> encode (one pool per model) -> write -> commit.
 
-Stages are the Ray-free callables of :mod:`pathray.stages`; this module only wires them
-into Ray Data (:func:`run_job`, :func:`_build_dataset`) and runs the driver loop
-(:func:`_drive`): result rows go through a :class:`~pathray.tracker.CompletionTracker`,
+Stages are the Ray-free callables of :mod:`pathray.stages`; this module wires them into
+Ray Data (:func:`run_job`, :func:`_build_dataset`), or hands them to the in-process runner
+(:mod:`pathray.localrun`) where there is no Ray cluster to join and no GPU, and runs the
+driver loop both share (:func:`_drive`): result rows go through a :class:`~pathray.tracker.CompletionTracker`,
 finished (slide, model) pairs to the committer pool (:mod:`pathray.commit`), and every
 decision to the run's :class:`~pathray.ledger.StatusLedger` and
 :class:`~pathray.report.RunReport`. Resources: :mod:`pathray.resources`; models:
@@ -426,6 +427,7 @@ def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
                              * len(todo)) if tiles["estimated_tiles"] else 0),
         "gpu_hours": _gpu_hours(models, tiles["estimated_tiles"]),
         "local_resources": cluster,
+        "runner_here": choose_runner(config),
         "resource_plan_here": dataclasses.asdict(plan_resources(config, cluster, max(1, len(models)))),
     }
 

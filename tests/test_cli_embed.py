@@ -77,10 +77,10 @@ def test_dry_run_reports_plan_without_running(tmp_path, synthetic_svs_025, synth
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"slide_id,path\na,{synthetic_svs_025}\nb,{synthetic_svs_05}\nbad,{tmp_path}/missing.svs\n")
     code = main(["embed", "--manifest", str(manifest), "--models", "kaiko-vits16,not-a-model",
-                 "--out", str(tmp_path / "store"), "--dry-run"])
+                 "--out", str(tmp_path / "store"), "--dry-run", "--runner", "local"])
     plan = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert plan["slides_to_do"] == 3 and plan["unknown_models"] == ["not-a-model"]
+    assert plan["slides_to_do"] == 3 and plan["unknown_models"] == ["not-a-model"] and plan["runner_here"] == "local"
     expected = len(synthetic_svs_025.expected_tiles(0.5, 224)) + len(synthetic_svs_05.expected_tiles(0.5, 224))
     assert plan["estimated_tiles"] == expected  # mean tiles of the 3 sampled slides x 3 slides to do
     assert plan["sample_errors"][0]["error_type"] == "slide_not_found"
