@@ -17,7 +17,9 @@ from pathray.store import FeatureStore
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def test_job_reads_and_writes_s3(ray_cluster, s3_server, s3_bucket, synthetic_svs_025, synthetic_svs_05, tmp_path):
+@pytest.mark.parametrize("runner", ["ray", "local"])
+def test_job_reads_and_writes_s3(runner, ray_cluster, s3_server, s3_bucket, synthetic_svs_025, synthetic_svs_05,
+                                 tmp_path):
     fs = s3_server.fs
     for name, src in (("a.svs", synthetic_svs_025), ("b.svs", synthetic_svs_05)):
         fs.put(os.fspath(src), f"{s3_bucket}/slides/{name}")
@@ -27,9 +29,10 @@ def test_job_reads_and_writes_s3(ray_cluster, s3_server, s3_bucket, synthetic_sv
     config = build_job_config(dict(
         manifest=f"s3://{s3_bucket}/manifest.csv", out=f"s3://{s3_bucket}/store", models=["sleep"],
         tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4, storage_options=s3_server.storage_options,
-        scratch_dir=str(tmp_path / "scratch"),
+        scratch_dir=str(tmp_path / "scratch"), runner=runner,
     ))
     report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1e4, embed_dim=6)}, progress_bars=False)
+    assert report.runner == runner
     assert report.per_model["sleep"]["ok"] == 2 and report.per_model["sleep"]["error"] == 1
 
     # plain pyarrow over s3fs, no pathray code: only whole, committed slides are there
