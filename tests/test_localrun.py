@@ -1,26 +1,20 @@
-"""The in-process runner (pathray.localrun): when it is chosen, that a killed run resumes
-exactly once, and the `pathray embed` command's output and exit through it.
+"""The in-process runner (pathray.localrun): when it is chosen, and the `pathray embed`
+command's output and exit through it.
 
-The store it writes is checked against the tiler + encoder and for every bad input by
-test_pipeline.py's ``mixed_run`` tests, which run once per runner."""
+The store it writes (against the tiler + encoder, every bad input, resume after a kill -9)
+is checked by test_pipeline.py's and test_pipeline_s3.py's tests, which run once per runner."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
-import pyarrow.compute as pc
 import pytest
 from fixtures.slides import write_manifest
 
-from pathray.config import build_job_config
-from pathray.fakes import sleep_encoder
-from pathray.pipeline import run_job
 from pathray.store import FeatureStore
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,53 +45,6 @@ def test_auto_runner_is_local_only_without_a_cluster_to_join(case, env, want, tm
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == want
-
-
-DRIVER = textwrap.dedent("""
-    import sys
-    from pathray.config import build_job_config
-    from pathray.fakes import sleep_encoder
-    from pathray.pipeline import run_job
-    config = build_job_config(dict(manifest=sys.argv[1], out=sys.argv[2], models=["sleep"], runner="local",
-                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4))
-    run_job(config, {"sleep": sleep_encoder(tiles_per_s=float(sys.argv[3]))}, progress_bars=False)
-""")
-
-
-@pytest.mark.slow
-def test_killed_local_run_then_rerun_leaves_every_slide_exactly_once(tmp_path):
-    from pathray.demo.synthetic import write_synthetic_svs
-
-    rows = []
-    for i in range(6):
-        path = write_synthetic_svs(tmp_path / f"s{i}.svs", 1792, 1344, mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i)
-        rows.append({"slide_id": f"s{i}", "path": str(path), "cohort": "c"})
-    manifest = write_manifest(tmp_path / "m.csv", rows)
-    out = tmp_path / "store"
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(manifest), str(out), "15"],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    commits = out / "_commits" / "model=sleep"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (commits.exists() and any(commits.iterdir())):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = {p.stem for p in commits.iterdir()} if commits.exists() else set()
-    assert 0 < len(before) < len(rows), f"kill landed after {len(before)} commits"
-
-    config = build_job_config(dict(manifest=str(manifest), out=str(out), models=["sleep"], runner="local",
-                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4))
-    report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1000)}, progress_bars=False)
-    assert report.runner == "local" and report.slides_skipped == len(before)
-    store = FeatureStore(str(out))
-    table = store.dataset("sleep").to_table()
-    assert sorted(p.stem for p in (out / "features").rglob("*.parquet")) == sorted(r["slide_id"] for r in rows)
-    for r in rows:
-        index = table.filter(pc.equal(table.column("slide_id"), r["slide_id"])).column("tile_index").to_numpy()
-        assert len(index) > 0 and sorted(index) == list(range(len(index)))  # every tile once
-    assert not list((out / "_staging").rglob("*.parquet"))  # the killed run's staged chunks are gone
 
 
 def test_embed_command_prints_everything_before_its_fast_exit(synthetic_svs_05, kaiko_vits16_weights, tmp_path):

@@ -195,19 +195,22 @@ def test_new_version_writes_a_complete_separate_store(ray_cluster, synthetic_svs
 
 
 DRIVER = textwrap.dedent("""
-    import sys, ray
+    import sys
     from pathray.config import build_job_config
     from pathray.fakes import sleep_encoder
     from pathray.pipeline import run_job
-    ray.init(address=sys.argv[1], log_to_driver=False)
-    config = build_job_config(dict(manifest=sys.argv[2], out=sys.argv[3], models=["sleep"],
+    if sys.argv[5] == "ray":
+        import ray
+        ray.init(address=sys.argv[1], log_to_driver=False)
+    config = build_job_config(dict(manifest=sys.argv[2], out=sys.argv[3], models=["sleep"], runner=sys.argv[5],
                                    tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=2))
     run_job(config, {"sleep": sleep_encoder(tiles_per_s=float(sys.argv[4]))}, progress_bars=False)
 """)
 
 
 @pytest.mark.slow
-def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(ray_cluster, slide_dir, tmp_path):
+@pytest.mark.parametrize("runner", ["ray", "local"])
+def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(runner, ray_cluster, slide_dir, tmp_path):
     from pathray.demo.synthetic import write_synthetic_svs
 
     rows = []
@@ -218,21 +221,21 @@ def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(ray_cluster, s
     out = tmp_path / "store"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script), ray_cluster, str(manifest), str(out), "20"],
+    proc = subprocess.Popen([sys.executable, str(script), ray_cluster, str(manifest), str(out), "20", runner],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     commits = out / "_commits" / "model=sleep"
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not (commits.exists() and any(commits.iterdir())):
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {p.stem for p in commits.iterdir()} if commits.exists() else set()
     assert 0 < len(before) < len(rows), f"kill landed after {len(before)} commits"
 
-    config = build_job_config(dict(manifest=str(manifest), out=str(out), models=["sleep"],
+    config = build_job_config(dict(manifest=str(manifest), out=str(out), models=["sleep"], runner=runner,
                                    tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=2))
     report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1000)}, progress_bars=False)
-    assert report.slides_skipped == len(before)
+    assert report.slides_skipped == len(before) and report.runner == runner
     store = FeatureStore(str(out))
     table = store.dataset("sleep").to_table()
     files = list((out / "features").rglob("*.parquet"))
