@@ -96,6 +96,62 @@ def load_tiles(level: TiledLevel, key: int, indices: Iterable[int], cache: dict,
         cache[(key, index)] = level.decode_tile(data, index)
 
 
+@dataclass(frozen=True)
+class Block:
+    """Level pixels around a group of windows: ``pixels[y - y0, x - x0]`` is level px ``(x, y)``.
+
+    Only pixels inside the group's windows are defined (outside the level or in a sparse
+    stored tile: white); the rest of the bounding box is left uninitialised.
+    """
+
+    x0: int
+    y0: int
+    pixels: np.ndarray  # uint8 (height, width, 3)
+
+    def window(self, lx: int, ly: int, width: int, height: int) -> np.ndarray:
+        """A view of the window at level px ``(lx, ly)``; it must be one of the group's windows."""
+        return self.pixels[ly - self.y0:ly - self.y0 + height, lx - self.x0:lx - self.x0 + width]
+
+
+class BlockLoader:
+    """Loads groups of windows of one level as :class:`Block` s, decoding each stored tile once.
+
+    ``load(k)`` must be called for k = 0, 1, ... in order (one thread at a time). A decoded
+    stored tile stays in memory from the first group that touches it until the last one,
+    so memory is bounded by the tiles shared between groups loaded and groups to come.
+    """
+
+    def __init__(self, level: TiledLevel, groups: Sequence[Sequence[Window]], fetch: Fetch):
+        self.level, self.groups, self.fetch = level, groups, fetch
+        self.touched = [sorted({i for w in g for i in level.tile_indices(*w)}) for g in groups]
+        last_use = {i: k for k, indices in enumerate(self.touched) for i in indices}
+        self.release: list[list[int]] = [[] for _ in groups]
+        for index, k in last_use.items():
+            self.release[k].append(index)
+        self.decoded: dict = {}  # (0, index) -> decoded stored tile, as load_tiles keys it
+
+    def load(self, k: int) -> Block:
+        """Group ``k`` as one :class:`Block` (one fetch for its stored tiles not decoded yet)."""
+        level, windows = self.level, self.groups[k]
+        x0, y0 = min(w[0] for w in windows), min(w[1] for w in windows)
+        x1, y1 = max(w[0] + w[2] for w in windows), max(w[1] + w[3] for w in windows)
+        inside = level.clip(x0, y0, x1 - x0, y1 - y0) == (x0, y0, x1, y1)
+        shape = (y1 - y0, x1 - x0, 3)
+        pixels = np.empty(shape, np.uint8) if inside else np.full(shape, 255, np.uint8)
+        load_tiles(level, 0, self.touched[k], self.decoded, self.fetch)
+        tw, th = level.tile_width, level.tile_height
+        for index in self.touched[k]:
+            ty, tx = divmod(index, level.columns)
+            ax0, ay0, ax1, ay1 = level.clip(tx * tw, ty * th, tw, th)  # the stored tile inside the level
+            ax0, ay0, ax1, ay1 = max(ax0, x0), max(ay0, y0), min(ax1, x1), min(ay1, y1)
+            tile = self.decoded.get((0, index))
+            target = pixels[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
+            target[...] = 255 if tile is None else tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
+        for index in self.release[k]:
+            self.decoded.pop((0, index), None)
+        return Block(x0, y0, pixels)
+
+
 def read_window(level: TiledLevel, key: int, window: Window, cache: dict | None, fetch: Fetch) -> np.ndarray:
     """RGB uint8 ``(height, width, 3)`` of the level at ``window``; outside and sparse tiles are white.
 

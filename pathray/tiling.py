@@ -34,6 +34,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import cv2
 import numpy as np
 import pyarrow as pa
 from PIL import Image
@@ -205,21 +206,15 @@ def read_tiles(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray)
             out[i] = resize_tile(slide.read_region(round(lx[i] * ds), round(ly[i] * ds), level, n, n), config.tile_px)
         return out
     blocks = _blocks(lx, ly, n)
-
-    def load(members: np.ndarray) -> dict:  # decoded TIFF tiles of one block only: bounded memory
-        cache: dict = {}
-        slide.prefetch(level, [(int(lx[i]), int(ly[i]), n, n) for i in members], cache)  # one batch per block
-        return cache
-
-    with ThreadPoolExecutor(1) as loader:  # fetch + decode block k+1 while block k is cut and resized
-        pending = loader.submit(load, blocks[0])
+    loader = slide.block_loader(level, [[(int(lx[i]), int(ly[i]), n, n) for i in members] for members in blocks])
+    with ThreadPoolExecutor(1) as pool:  # fetch + decode block k+1 while block k is cut and resized
+        pending = pool.submit(loader.load, 0)
         for k, members in enumerate(blocks):
-            cache = pending.result()
+            block = pending.result()
             if k + 1 < len(blocks):
-                pending = loader.submit(load, blocks[k + 1])
+                pending = pool.submit(loader.load, k + 1)
             for i in members:
-                region = slide.read_region(round(lx[i] * ds), round(ly[i] * ds), level, n, n, cache=cache)
-                out[i] = resize_tile(region, config.tile_px)
+                out[i] = resize_tile(block.window(int(lx[i]), int(ly[i]), n, n), config.tile_px)
     return out
 
 
@@ -233,10 +228,18 @@ def _blocks(lx: np.ndarray, ly: np.ndarray, n: int) -> list[np.ndarray]:
 
 
 def resize_tile(region: np.ndarray, tile_px: int) -> np.ndarray:
-    """Resize a square RGB uint8 region to ``tile_px`` (area average down, bilinear up)."""
+    """Resize a square RGB uint8 region to ``tile_px`` (area average down, bilinear up).
+
+    Halving (the common 0.25 -> 0.5 µm/px case) is OpenCV's integer area resize, which
+    computes ``(a + b + c + d + 2) >> 2`` per 2x2 block and channel, exactly what PIL's
+    ``reduce(2)`` computes (tests compare them), several times faster and without
+    copying ``region`` (any view with contiguous rows).
+    """
     n = region.shape[0]
     if n == tile_px:
         return region
+    if n == 2 * tile_px:
+        return cv2.resize(region, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
     image = Image.fromarray(np.ascontiguousarray(region))
     if n > tile_px and n % tile_px == 0:
         return np.asarray(image.reduce(n // tile_px))
