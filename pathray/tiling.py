@@ -14,14 +14,17 @@ integer factor k, PIL ``BOX`` otherwise), bilinear when enlarging (slide coarser
 target). Never rounded to magnification buckets.
 
 Where the level is read by decoding the TIFF's own JPEG tiles (:meth:`Slide.has_direct_reads`),
-nearby tiles are grouped into blocks of ``BLOCK_PX`` level pixels per side and each block's
-tiles are cut from one cache of decoded TIFF tiles, filled by one :meth:`Slide.prefetch`
-per block (for a remote slide: one coalesced, concurrent batch of byte-range requests),
-so each JPEG tile is fetched and decoded once however the tiles overlap it, no pixel outside
-a tile is decoded, and memory stays bounded (≈ 20 MB of decoded tiles per block, two blocks
-at a time: the next block is loaded on a helper thread while the current one is cut and
-resized, which hides remote latency). Through OpenSlide, tiles are read one by one: OpenSlide block reads
-measured 0.8-1.0x the speed of per-tile reads here (its RGBA conversion, not decoding, is
+nearby tiles are grouped into blocks of ``BLOCK_PX`` level pixels per side and read through
+one :meth:`Slide.block_loader` per call: each block's JPEG tiles are fetched in one batch
+(for a remote slide: one coalesced, concurrent batch of byte-range requests) and copied
+once into one array whose tile windows are views, and each JPEG tile is fetched and
+decoded once per call however the tiles overlap it or the blocks split it (a decoded JPEG
+tile is kept until the last block that needs it). No pixel outside a touched JPEG tile is
+decoded and memory stays bounded (≈ 20 MB per block, two blocks at a time: the next block
+is loaded on a helper thread while the current one is cut and resized, which hides remote
+latency, plus the decoded JPEG tiles shared with blocks still to come: in row-major block
+order about one row of JPEG tiles across the chunk's width). Through OpenSlide, tiles are
+read one by one: OpenSlide block reads measured 0.8-1.0x the speed of per-tile reads here (its RGBA conversion, not decoding, is
 the cost; see ``docs/bench/tiling.md``). Either way a tile's pixels do not depend on which
 other tiles are read with it.
 """
