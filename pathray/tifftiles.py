@@ -123,8 +123,8 @@ class BlockLoader:
 
     def __init__(self, level: TiledLevel, groups: Sequence[Sequence[Window]], fetch: Fetch):
         self.level, self.groups, self.fetch = level, groups, fetch
-        self.touched = [sorted({i for w in g for i in level.tile_indices(*w)}) for g in groups]
-        last_use = {i: k for k, indices in enumerate(self.touched) for i in indices}
+        self.extents = [_extents(level, g) for g in groups]
+        last_use = {i: k for k, extents in enumerate(self.extents) for i in extents}
         self.release: list[list[int]] = [[] for _ in groups]
         for index, k in last_use.items():
             self.release[k].append(index)
@@ -132,24 +132,34 @@ class BlockLoader:
 
     def load(self, k: int) -> Block:
         """Group ``k`` as one :class:`Block` (one fetch for its stored tiles not decoded yet)."""
-        level, windows = self.level, self.groups[k]
+        level, windows, extents = self.level, self.groups[k], self.extents[k]
         x0, y0 = min(w[0] for w in windows), min(w[1] for w in windows)
         x1, y1 = max(w[0] + w[2] for w in windows), max(w[1] + w[3] for w in windows)
         inside = level.clip(x0, y0, x1 - x0, y1 - y0) == (x0, y0, x1, y1)
         shape = (y1 - y0, x1 - x0, 3)
         pixels = np.empty(shape, np.uint8) if inside else np.full(shape, 255, np.uint8)
-        load_tiles(level, 0, self.touched[k], self.decoded, self.fetch)
+        load_tiles(level, 0, extents, self.decoded, self.fetch)
         tw, th = level.tile_width, level.tile_height
-        for index in self.touched[k]:
+        for index, (ex0, ey0, ex1, ey1) in extents.items():
             ty, tx = divmod(index, level.columns)
             ax0, ay0, ax1, ay1 = level.clip(tx * tw, ty * th, tw, th)  # the stored tile inside the level
-            ax0, ay0, ax1, ay1 = max(ax0, x0), max(ay0, y0), min(ax1, x1), min(ay1, y1)
+            ax0, ay0, ax1, ay1 = max(ax0, ex0), max(ay0, ey0), min(ax1, ex1), min(ay1, ey1)  # ... the windows use
             tile = self.decoded.get((0, index))
             target = pixels[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
             target[...] = 255 if tile is None else tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
         for index in self.release[k]:
             self.decoded.pop((0, index), None)
         return Block(x0, y0, pixels)
+
+
+def _extents(level: TiledLevel, windows: Sequence[Window]) -> dict[int, list[int]]:
+    """For each stored tile the windows touch, ``[x0, y0, x1, y1]``: the bounding box of those windows."""
+    extents: dict[int, list[int]] = {}
+    for lx, ly, width, height in windows:
+        for index in level.tile_indices(lx, ly, width, height):
+            e = extents.setdefault(index, [lx, ly, lx + width, ly + height])
+            e[0], e[1], e[2], e[3] = min(e[0], lx), min(e[1], ly), max(e[2], lx + width), max(e[3], ly + height)
+    return extents
 
 
 def read_window(level: TiledLevel, key: int, window: Window, cache: dict | None, fetch: Fetch) -> np.ndarray:
