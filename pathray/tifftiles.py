@@ -125,30 +125,36 @@ class BlockLoader:
         self.level, self.groups, self.fetch = level, groups, fetch
         self.extents = [_extents(level, g) for g in groups]
         last_use = {i: k for k, extents in enumerate(self.extents) for i in extents}
-        self.release: list[list[int]] = [[] for _ in groups]
+        self.release: list[set[int]] = [set() for _ in groups]
         for index, k in last_use.items():
-            self.release[k].append(index)
-        self.decoded: dict = {}  # (0, index) -> decoded stored tile, as load_tiles keys it
+            self.release[k].add(index)
+        self.decoded: dict[int, np.ndarray] = {}  # stored tile index -> decoded, kept for later groups
 
     def load(self, k: int) -> Block:
-        """Group ``k`` as one :class:`Block` (one fetch for its stored tiles not decoded yet)."""
+        """Group ``k`` as one :class:`Block` (one fetch for its stored tiles not decoded yet).
+
+        Each stored tile is copied right after it is decoded (still in cache) and dropped at
+        once when no later group needs it.
+        """
         level, windows, extents = self.level, self.groups[k], self.extents[k]
         x0, y0 = min(w[0] for w in windows), min(w[1] for w in windows)
         x1, y1 = max(w[0] + w[2] for w in windows), max(w[1] + w[3] for w in windows)
         inside = level.clip(x0, y0, x1 - x0, y1 - y0) == (x0, y0, x1, y1)
         shape = (y1 - y0, x1 - x0, 3)
         pixels = np.empty(shape, np.uint8) if inside else np.full(shape, 255, np.uint8)
-        load_tiles(level, 0, extents, self.decoded, self.fetch)
+        missing = [i for i in extents if i not in self.decoded and level.counts[i] > 0]
+        blobs = dict(zip(missing, self.fetch([(int(level.offsets[i]), int(level.counts[i])) for i in missing])))
         tw, th = level.tile_width, level.tile_height
         for index, (ex0, ey0, ex1, ey1) in extents.items():
             ty, tx = divmod(index, level.columns)
             ax0, ay0, ax1, ay1 = level.clip(tx * tw, ty * th, tw, th)  # the stored tile inside the level
             ax0, ay0, ax1, ay1 = max(ax0, ex0), max(ay0, ey0), min(ax1, ex1), min(ay1, ey1)  # ... the windows use
-            tile = self.decoded.get((0, index))
+            tile = self.decoded.pop(index) if index in self.decoded else (
+                level.decode_tile(blobs[index], index) if index in blobs else None)  # None: sparse
             target = pixels[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
             target[...] = 255 if tile is None else tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
-        for index in self.release[k]:
-            self.decoded.pop((0, index), None)
+            if tile is not None and index not in self.release[k]:
+                self.decoded[index] = tile
         return Block(x0, y0, pixels)
 
 
