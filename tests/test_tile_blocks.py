@@ -29,10 +29,13 @@ def test_block_loader_decodes_each_stored_tile_once_and_matches_window_reads(cmu
                   [(224, 224, 224, 224), (100, 300, 224, 224)],  # shares stored tiles with group 0
                   [(2100, 2800, 224, 224)]]  # sticks out of the 2220 x 2967 level: white there
         loader = BlockLoader(tiled, groups, fetch)
+        previous = None
         for k, group in enumerate(groups):
             block = loader.load(k)
             for lx, ly, w, h in group:
                 assert np.array_equal(block.window(lx, ly, w, h), slide.read_region(lx, ly, 0, w, h))
+            assert previous is None or not np.shares_memory(block.pixels, previous.pixels)  # valid until load(k + 2)
+            previous = block
         touched = {i for g in groups for win in g for i in tiled.tile_indices(*win)}
         assert sorted(fetched) == sorted((int(tiled.offsets[i]), int(tiled.counts[i])) for i in touched)
         assert loader.decoded == {}  # every decoded tile released after its last group
