@@ -6,11 +6,17 @@ page (the decoder needs no file handle). :func:`read_window` takes a ``fetch`` c
 that turns ``[(offset, length)]`` into bytes (``os.pread`` locally,
 :func:`pathray.rangeio.fetch_ranges` remotely), so local and remote reads decode the
 same bytes the same way and give bit-identical pixels.
+
+:class:`BlockLoader` serves many windows at once (tile production): the windows come in
+groups, each group's stored tiles are fetched in one batch, and a decoded stored tile is
+kept only until the last group that touches it, so each is fetched and decoded once
+whatever the grouping; a group is copied into one array (a :class:`Block`, whose windows
+are views) or straight into one array per window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,11 +120,13 @@ class Block:
 
 
 class BlockLoader:
-    """Loads groups of windows of one level as :class:`Block` s, decoding each stored tile once.
+    """Loads groups of windows of one level, decoding each stored tile once.
 
-    ``load(k)`` must be called for k = 0, 1, ... in order (one thread at a time); the block
-    it returns is valid until ``load(k + 2)`` is called, which reuses its memory (two
-    rotating buffers: fresh block-sized arrays cost ~10 % of the CPU time in page faults).
+    A group is loaded either as one :class:`Block` (:meth:`load`) or straight into one array
+    per window (:meth:`load_into`). Groups must be loaded in order k = 0, 1, ... (one thread
+    at a time, each once); the block ``load(k)`` returns is valid until group k + 2 is
+    loaded, which reuses its memory (two rotating buffers: fresh block-sized arrays cost
+    ~10 % of the CPU time in page faults).
     A decoded stored tile stays in memory from the first group that touches it until the
     last one, so memory is bounded by two blocks plus the stored tiles shared between
     groups loaded and groups to come.
@@ -127,6 +135,7 @@ class BlockLoader:
     def __init__(self, level: TiledLevel, groups: Sequence[Sequence[Window]], fetch: Fetch):
         self.level, self.groups, self.fetch = level, groups, fetch
         self.extents = [_extents(level, g) for g in groups]
+        self.users = [_users(level, g) for g in groups]
         last_use = {i: k for k, extents in enumerate(self.extents) for i in extents}
         self.release: list[set[int]] = [set() for _ in groups]
         for index, k in last_use.items():
@@ -137,28 +146,41 @@ class BlockLoader:
     def load(self, k: int) -> Block:
         """Group ``k`` as one :class:`Block` (one fetch for its stored tiles not decoded yet).
 
-        Each stored tile is copied right after it is decoded (still in cache) and dropped at
-        once when no later group needs it.
+        Each stored tile is copied (the part the group's windows use) right after it is decoded.
         """
         level, windows, extents = self.level, self.groups[k], self.extents[k]
         x0, y0 = min(w[0] for w in windows), min(w[1] for w in windows)
         x1, y1 = max(w[0] + w[2] for w in windows), max(w[1] + w[3] for w in windows)
         inside = level.clip(x0, y0, x1 - x0, y1 - y0) == (x0, y0, x1, y1)
         pixels = self._pixels(k, (y1 - y0, x1 - x0, 3), white=not inside)
-        missing = [i for i in extents if i not in self.decoded and level.counts[i] > 0]
+        for index, tile in self._tiles(k):
+            _paste(level, index, tile, pixels, (x0, y0), extents[index])
+        return Block(x0, y0, pixels)
+
+    def load_into(self, k: int, outs: Sequence[np.ndarray]) -> None:
+        """Write group ``k``'s windows into ``outs`` (one ``(height, width, 3)`` array per window,
+        in group order) straight from the decoded stored tiles: one copy of each window's pixels."""
+        windows = self.groups[k]
+        for j, (lx, ly, width, height) in enumerate(windows):
+            if _sticks_out(self.level, lx, ly, width, height):
+                outs[j][...] = 255  # parts outside the level stay white
+        for index, tile in self._tiles(k):
+            for j in self.users[k][index]:
+                lx, ly, width, height = windows[j]
+                _paste(self.level, index, tile, outs[j], (lx, ly), (lx, ly, lx + width, ly + height))
+
+    def _tiles(self, k: int) -> Iterator[tuple[int, np.ndarray | None]]:
+        """``(index, decoded tile or None if sparse)`` for each stored tile group ``k`` touches;
+        fetched (one batch) and decoded only if no earlier group kept it, kept only for later groups."""
+        level = self.level
+        missing = [i for i in self.extents[k] if i not in self.decoded and level.counts[i] > 0]
         blobs = dict(zip(missing, self.fetch([(int(level.offsets[i]), int(level.counts[i])) for i in missing])))
-        tw, th = level.tile_width, level.tile_height
-        for index, (ex0, ey0, ex1, ey1) in extents.items():
-            ty, tx = divmod(index, level.columns)
-            ax0, ay0, ax1, ay1 = level.clip(tx * tw, ty * th, tw, th)  # the stored tile inside the level
-            ax0, ay0, ax1, ay1 = max(ax0, ex0), max(ay0, ey0), min(ax1, ex1), min(ay1, ey1)  # ... the windows use
+        for index in self.extents[k]:
             tile = self.decoded.pop(index) if index in self.decoded else (
-                level.decode_tile(blobs[index], index) if index in blobs else None)  # None: sparse
-            target = pixels[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
-            target[...] = 255 if tile is None else tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
+                level.decode_tile(blobs[index], index) if index in blobs else None)
+            yield index, tile
             if tile is not None and index not in self.release[k]:
                 self.decoded[index] = tile
-        return Block(x0, y0, pixels)
 
     def _pixels(self, k: int, shape: tuple[int, int, int], white: bool) -> np.ndarray:
         """An uninitialised (or all-white) array of ``shape`` in buffer ``k % 2``, grown as needed."""
@@ -171,6 +193,23 @@ class BlockLoader:
         return pixels
 
 
+def _sticks_out(level: TiledLevel, lx: int, ly: int, width: int, height: int) -> bool:
+    """True when part of the window lies outside the level."""
+    return level.clip(lx, ly, width, height) != (lx, ly, lx + width, ly + height)
+
+
+def _paste(level: TiledLevel, index: int, tile: np.ndarray | None, target: np.ndarray, origin: tuple[int, int],
+           area: Sequence[int]) -> None:
+    """Copy stored tile ``index`` (``None``: sparse, white) into ``target`` (whose pixel (0, 0) is level
+    px ``origin``) where it overlaps ``area`` = ``(x0, y0, x1, y1)`` level px (within the level)."""
+    tw, th = level.tile_width, level.tile_height
+    ty, tx = divmod(index, level.columns)
+    ax0, ay0, ax1, ay1 = level.clip(tx * tw, ty * th, tw, th)  # the stored tile inside the level
+    ax0, ay0, ax1, ay1 = max(ax0, area[0]), max(ay0, area[1]), min(ax1, area[2]), min(ay1, area[3])
+    part = target[ay0 - origin[1]:ay1 - origin[1], ax0 - origin[0]:ax1 - origin[0]]
+    part[...] = 255 if tile is None else tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
+
+
 def _extents(level: TiledLevel, windows: Sequence[Window]) -> dict[int, list[int]]:
     """For each stored tile the windows touch, ``[x0, y0, x1, y1]``: the bounding box of those windows."""
     extents: dict[int, list[int]] = {}
@@ -179,6 +218,15 @@ def _extents(level: TiledLevel, windows: Sequence[Window]) -> dict[int, list[int
             e = extents.setdefault(index, [lx, ly, lx + width, ly + height])
             e[0], e[1], e[2], e[3] = min(e[0], lx), min(e[1], ly), max(e[2], lx + width), max(e[3], ly + height)
     return extents
+
+
+def _users(level: TiledLevel, windows: Sequence[Window]) -> dict[int, list[int]]:
+    """For each stored tile the windows touch, the positions of those windows."""
+    users: dict[int, list[int]] = {}
+    for j, window in enumerate(windows):
+        for index in level.tile_indices(*window):
+            users.setdefault(index, []).append(j)
+    return users
 
 
 def read_window(level: TiledLevel, key: int, window: Window, cache: dict | None, fetch: Fetch) -> np.ndarray:

@@ -16,17 +16,19 @@ target). Never rounded to magnification buckets.
 Where the level is read by decoding the TIFF's own JPEG tiles (:meth:`Slide.has_direct_reads`),
 nearby tiles are grouped into blocks of ``BLOCK_PX`` level pixels per side and read through
 one :meth:`Slide.block_loader` per call: each block's JPEG tiles are fetched in one batch
-(for a remote slide: one coalesced, concurrent batch of byte-range requests) and copied
-once into one array whose tile windows are views, and each JPEG tile is fetched and
-decoded once per call however the tiles overlap it or the blocks split it (a decoded JPEG
-tile is kept until the last block that needs it). No pixel outside a touched JPEG tile is
-decoded and memory stays bounded (≈ 20 MB per block, two blocks at a time: the next block
-is loaded on a helper thread while the current one is cut and resized, which hides remote
-latency, plus the decoded JPEG tiles shared with blocks still to come: in row-major block
-order about one row of JPEG tiles across the chunk's width). Through OpenSlide, tiles are
-read one by one: OpenSlide block reads measured 0.8-1.0x the speed of per-tile reads here (its RGBA conversion, not decoding, is
-the cost; see ``docs/bench/tiling.md``). Either way a tile's pixels do not depend on which
-other tiles are read with it.
+(for a remote slide: one coalesced, concurrent batch of byte-range requests), and each JPEG
+tile is fetched and decoded once per call however the tiles overlap it or the blocks split
+it (a decoded JPEG tile is kept until the last block that needs it). Tiles read at their
+own size are copied straight from the decoded JPEG tiles into the output; tiles to resize
+are cut (as views) from one array per block into which the block's JPEG tiles are copied
+once, and the next block is loaded on a helper thread while the current one is resized
+(which also hides remote latency). No pixel outside a touched JPEG tile is decoded and
+memory stays bounded: ≈ 20 MB per block array, two at a time, plus the decoded JPEG tiles
+shared with blocks still to come (in row-major block order about one row of JPEG tiles
+across the chunk's width). Through OpenSlide, tiles are read one by one: OpenSlide block
+reads measured 0.8-1.0x the speed of per-tile reads here (its RGBA conversion, not
+decoding, is the cost; see ``docs/bench/tiling.md``). Either way a tile's pixels do not
+depend on which other tiles are read with it.
 """
 
 from __future__ import annotations
@@ -210,6 +212,10 @@ def read_tiles(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray)
         return out
     blocks = _blocks(lx, ly, n)
     loader = slide.block_loader(level, [[(int(lx[i]), int(ly[i]), n, n) for i in members] for members in blocks])
+    if n == config.tile_px:  # no resize: each tile is copied once, straight from the decoded JPEG tiles
+        for k, members in enumerate(blocks):
+            loader.load_into(k, [out[i] for i in members])
+        return out
     with ThreadPoolExecutor(1) as pool:  # fetch + decode block k+1 while block k is cut and resized
         pending = pool.submit(loader.load, 0)
         for k, members in enumerate(blocks):

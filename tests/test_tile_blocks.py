@@ -5,6 +5,7 @@ only how often a stored JPEG tile is fetched and decoded may change.
 """
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pathray.slide import open_slide
@@ -16,7 +17,8 @@ def _pil_halve(region: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(region)).reduce(2))
 
 
-def test_block_loader_decodes_each_stored_tile_once_and_matches_window_reads(cmu_slide):
+@pytest.mark.parametrize("into", [False, True], ids=["block", "into"])
+def test_block_loader_decodes_each_stored_tile_once_and_matches_window_reads(cmu_slide, into):
     with open_slide(str(cmu_slide)) as slide:
         tiled = slide.backend._levels[0]  # 240-px JPEG tiles; 224-px windows straddle them
         fetched: list[tuple[int, int]] = []
@@ -31,11 +33,16 @@ def test_block_loader_decodes_each_stored_tile_once_and_matches_window_reads(cmu
         loader = BlockLoader(tiled, groups, fetch)
         previous = None
         for k, group in enumerate(groups):
-            block = loader.load(k)
-            for lx, ly, w, h in group:
-                assert np.array_equal(block.window(lx, ly, w, h), slide.read_region(lx, ly, 0, w, h))
-            assert previous is None or not np.shares_memory(block.pixels, previous.pixels)  # valid until load(k + 2)
-            previous = block
+            if into:
+                got = [np.zeros((h, w, 3), np.uint8) for _, _, w, h in group]
+                loader.load_into(k, got)
+            else:
+                block = loader.load(k)
+                got = [block.window(*window) for window in group]
+                assert previous is None or not np.shares_memory(block.pixels, previous.pixels)  # valid until load(k + 2)
+                previous = block
+            for (lx, ly, w, h), pixels in zip(group, got):
+                assert np.array_equal(pixels, slide.read_region(lx, ly, 0, w, h))
         touched = {i for g in groups for win in g for i in tiled.tile_indices(*win)}
         assert sorted(fetched) == sorted((int(tiled.offsets[i]), int(tiled.counts[i])) for i in touched)
         assert loader.decoded == {}  # every decoded tile released after its last group
