@@ -70,9 +70,9 @@ class SlideBackend(Protocol):
 class TileCachingBackend(Protocol):
     """Optional: a backend whose reads decode whole stored tiles into the caller's ``cache``.
 
-    :func:`pathray.tiling.read_tiles` then groups nearby tiles and reads each group as one
-    block through :meth:`block_loader` (one fetch per group: for a remote backend one
-    coalesced batch of byte ranges), decoding each stored tile once.
+    :func:`pathray.tiling.read_tiles` then groups nearby tiles and reads the groups through
+    :meth:`block_loader` (one fetch per group: for a remote backend one coalesced batch of
+    byte ranges), decoding each stored tile once.
     """
 
     def caches_tiles(self, level: int) -> bool: ...
