@@ -126,7 +126,8 @@ def load_tiles(level: TiledLevel, key: int, indices: Iterable[int], cache: dict,
 
 @dataclass(frozen=True)
 class Block:
-    """Level pixels around a group of windows: ``pixels[y - y0, x - x0]`` is level px ``(x, y)``.
+    """Level pixels around a group of windows, at 1/``scale`` resolution: ``pixels[(y - y0) //
+    scale, (x - x0) // scale]`` covers level px ``(x, y)``.
 
     Only pixels inside the group's windows are defined (outside the level or in a sparse
     stored tile: white); the rest of the bounding box is left uninitialised.
@@ -135,10 +136,13 @@ class Block:
     x0: int
     y0: int
     pixels: np.ndarray  # uint8 (height, width, 3)
+    scale: int = 1  # 2: each pixel is the exact 2 x 2 area mean of the level (see BlockLoader.load)
 
     def window(self, lx: int, ly: int, width: int, height: int) -> np.ndarray:
-        """A view of the window at level px ``(lx, ly)``; it must be one of the group's windows."""
-        return self.pixels[ly - self.y0:ly - self.y0 + height, lx - self.x0:lx - self.x0 + width]
+        """A view of the window at level px ``(lx, ly)`` (``width // scale`` pixels wide); it must be
+        one of the group's windows."""
+        s, x, y = self.scale, (lx - self.x0) // self.scale, (ly - self.y0) // self.scale
+        return self.pixels[y:y + height // s, x:x + width // s]
 
 
 class BlockLoader:
@@ -165,19 +169,34 @@ class BlockLoader:
         self.decoded: dict[int, np.ndarray] = {}  # stored tile index -> decoded, kept for later groups
         self.buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8)]  # block memory, reused alternately
 
-    def load(self, k: int) -> Block:
+    def load(self, k: int, halve: Callable[[np.ndarray], np.ndarray] | None = None) -> Block:
         """Group ``k`` as one :class:`Block` (one fetch for its stored tiles not decoded yet).
 
         Each stored tile is copied (the part the group's windows use) right after it is decoded.
+        With ``halve`` (an exact 2 x 2 area mean of an even-sized array; only where
+        :meth:`halvable`) that part is halved instead and the block has ``scale`` 2: as every
+        2 x 2 cell of every window then lies in one stored tile, a window of the block is its
+        level window halved, bit for bit, without the full-size block ever being made.
         """
         level, windows, extents = self.level, self.groups[k], self.extents[k]
         x0, y0 = min(w[0] for w in windows), min(w[1] for w in windows)
         x1, y1 = max(w[0] + w[2] for w in windows), max(w[1] + w[3] for w in windows)
         inside = level.clip(x0, y0, x1 - x0, y1 - y0) == (x0, y0, x1, y1)
-        pixels = self._pixels(k, (y1 - y0, x1 - x0, 3), white=not inside)
+        scale = 1 if halve is None else 2
+        pixels = self._pixels(k, ((y1 - y0) // scale, (x1 - x0) // scale, 3), white=not inside)
         for index, tile in self._tiles(k):
-            _paste(level, index, tile, pixels, (x0, y0), extents[index])
-        return Block(x0, y0, pixels)
+            if halve is None:
+                _paste(level, index, tile, pixels, (x0, y0), extents[index])
+            else:
+                _paste_halved(level, index, tile, pixels, (x0, y0), extents[index], halve)
+        return Block(x0, y0, pixels, scale)
+
+    def halvable(self, k: int) -> bool:
+        """True when group ``k``'s windows all lie inside the level at even positions with even
+        sizes and the stored tiles have even sizes (so :meth:`load` may halve tile by tile)."""
+        level = self.level
+        return level.tile_width % 2 == 0 and level.tile_height % 2 == 0 and all(
+            (lx | ly | w | h) % 2 == 0 and not _sticks_out(level, lx, ly, w, h) for lx, ly, w, h in self.groups[k])
 
     def load_into(self, k: int, outs: Sequence[np.ndarray]) -> None:
         """Write group ``k``'s windows into ``outs`` (one ``(height, width, 3)`` array per window,
@@ -230,6 +249,18 @@ def _paste(level: TiledLevel, index: int, tile: np.ndarray | None, target: np.nd
     ax0, ay0, ax1, ay1 = max(ax0, area[0]), max(ay0, area[1]), min(ax1, area[2]), min(ay1, area[3])
     part = target[ay0 - origin[1]:ay1 - origin[1], ax0 - origin[0]:ax1 - origin[0]]
     part[...] = 255 if tile is None else tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
+
+
+def _paste_halved(level: TiledLevel, index: int, tile: np.ndarray | None, target: np.ndarray,
+                  origin: tuple[int, int], area: Sequence[int], halve: Callable[[np.ndarray], np.ndarray]) -> None:
+    """:func:`_paste` at half resolution: the part of stored tile ``index`` inside ``area`` (even
+    level px bounds, inside the level), halved, into ``target`` (pixel (0, 0) = level px ``origin``)."""
+    tw, th = level.tile_width, level.tile_height
+    ty, tx = divmod(index, level.columns)
+    ax0, ay0 = max(tx * tw, area[0]), max(ty * th, area[1])
+    ax1, ay1 = min((tx + 1) * tw, area[2]), min((ty + 1) * th, area[3])
+    part = target[(ay0 - origin[1]) // 2:(ay1 - origin[1]) // 2, (ax0 - origin[0]) // 2:(ax1 - origin[0]) // 2]
+    part[...] = 255 if tile is None else halve(tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw])
 
 
 def _extents(level: TiledLevel, windows: Sequence[Window]) -> dict[int, list[int]]:

@@ -45,6 +45,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pathray.slide import Slide
+from pathray.tifftiles import Block
 from pathray.tissue import TissueConfig, TissueMask, detect_tissue
 
 BLOCK_PX = 2048  # side of a block grouping cell, level pixels
@@ -216,15 +217,24 @@ def read_tiles(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray)
         for k, members in enumerate(blocks):
             loader.load_into(k, [out[i] for i in members])
         return out
+
+    def load(k: int) -> Block:  # halved tile by tile where exact (even positions), else full size
+        return loader.load(k, _halve) if n == 2 * config.tile_px and loader.halvable(k) else loader.load(k)
+
     with ThreadPoolExecutor(1) as pool:  # fetch + decode block k+1 while block k is cut and resized
-        pending = pool.submit(loader.load, 0)
+        pending = pool.submit(load, 0)
         for k, members in enumerate(blocks):
             block = pending.result()
             if k + 1 < len(blocks):
-                pending = pool.submit(loader.load, k + 1)
+                pending = pool.submit(load, k + 1)
             for i in members:
                 out[i] = resize_tile(block.window(int(lx[i]), int(ly[i]), n, n), config.tile_px)
     return out
+
+
+def _halve(region: np.ndarray) -> np.ndarray:
+    """Exact 2 x 2 area mean of an even-sized RGB uint8 array (``(a + b + c + d + 2) >> 2``)."""
+    return cv2.resize(region, (region.shape[1] // 2, region.shape[0] // 2), interpolation=cv2.INTER_AREA)
 
 
 def _blocks(lx: np.ndarray, ly: np.ndarray, n: int) -> list[np.ndarray]:
@@ -248,7 +258,7 @@ def resize_tile(region: np.ndarray, tile_px: int) -> np.ndarray:
     if n == tile_px:
         return region
     if n == 2 * tile_px:
-        return cv2.resize(region, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
+        return _halve(region)
     image = Image.fromarray(np.ascontiguousarray(region))
     if n > tile_px and n % tile_px == 0:
         return np.asarray(image.reduce(n // tile_px))

@@ -6,10 +6,11 @@ only how often a stored JPEG tile is fetched and decoded may change.
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from pathray.slide import open_slide
-from pathray.tifftiles import BlockLoader
+from pathray.tifftiles import DECODE_OFFSET, BlockLoader, TiledLevel
 from pathray.tiling import TilingConfig, plan_tiles, read_tiles, resize_tile
 
 
@@ -60,13 +61,40 @@ def test_halving_is_bit_identical_to_pil_reduce(cmu_slide):
     assert np.array_equal(resize_tile(region, 224), _pil_halve(region))
 
 
-def test_read_tiles_equal_openslide_reads_halved_by_pil(synthetic_svs_025):
-    """Overlapping tiles at odd level-0 positions (µm/px 0.2501): blocks share stored tiles."""
+@pytest.mark.parametrize("mpp, odd", [(None, False), (0.2501, True)], ids=["even-halved-per-stored-tile", "odd-block"])
+def test_read_tiles_equal_openslide_reads_halved_by_pil(synthetic_svs_025, mpp, odd):
+    """Overlapping tiles (blocks share stored tiles). At 0.25 µm/px every position is even and
+    stored tiles are halved one by one; at µm/px 0.2501 some are odd and blocks stay full size."""
     config = TilingConfig(tile_px=224, target_mpp=0.5, stride_px=150, min_tissue_fraction=0.5)
-    with open_slide(str(synthetic_svs_025), mpp_override=0.2501) as slide:
+    with open_slide(str(synthetic_svs_025), mpp_override=mpp) as slide:
         grid = plan_tiles(slide, "s", config)
-        assert grid.read_px == 448 and (grid.x % 2 == 1).any() and len(grid) > 20
+        assert grid.read_px == 448 and (grid.x % 2 == 1).any() == odd and len(grid) > 20
         tiles = read_tiles(slide, config, grid.x, grid.y)
         for i in range(len(grid)):
             region = slide.read_region_openslide(int(grid.x[i]), int(grid.y[i]), 0, 448, 448)
             assert np.array_equal(tiles[i], _pil_halve(region))
+
+
+def test_halved_blocks_equal_full_blocks_halved(cmu_slide):
+    with open_slide(str(cmu_slide)) as slide:
+        tiled = slide.backend._levels[0]
+        groups = [[(0, 0, 448, 448), (240, 478, 448, 448)], [(1, 0, 448, 448)], [(1800, 2600, 448, 448)]]
+        loader = BlockLoader(tiled, groups, slide.backend._pread)
+        assert [loader.halvable(k) for k in range(3)] == [True, False, False]  # odd x; outside the level
+        block = loader.load(0, _pil_halve)  # stored tiles cut at 240-px edges: pieces as thin as 2 px
+        assert block.scale == 2
+        for lx, ly, w, h in groups[0]:
+            assert np.array_equal(block.window(lx, ly, w, h), _pil_halve(slide.read_region(lx, ly, 0, w, h)))
+
+
+@pytest.mark.parametrize("fixture", ["synthetic_svs_025", "cmu_slide"])  # YCbCr JFIF tiles; Aperio RGB-coded tiles
+def test_tiles_decode_as_tifffile_decodes_them(request, fixture):
+    with tifffile.TiffFile(str(request.getfixturevalue(fixture))) as tif:
+        page, fh = tif.pages[0], tif.filehandle
+        level = TiledLevel.from_page(page)
+        for index in range(0, len(page.dataoffsets), 7):
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+            expected = page.decode(data, index, jpegtables=page.jpegtables)[0].reshape(level.tile_height, level.tile_width, 3)
+            tile = level.decode_tile(data, index)
+            assert np.array_equal(tile, expected) and tile.ctypes.data % 32 == DECODE_OFFSET
