@@ -19,10 +19,12 @@ one :meth:`Slide.block_loader` per call: each block's JPEG tiles are fetched in 
 (for a remote slide: one coalesced, concurrent batch of byte-range requests), and each JPEG
 tile is fetched and decoded once per call however the tiles overlap it or the blocks split
 it (a decoded JPEG tile is kept until the last block that needs it). Tiles read at their
-own size are copied straight from the decoded JPEG tiles into the output; tiles to resize
+own size are copied straight from the decoded JPEG tiles into the output. Tiles to resize
 are cut (as views) from one array per block into which the block's JPEG tiles are copied
-once, and the next block is loaded on a helper thread while the current one is resized
-(which also hides remote latency). No pixel outside a touched JPEG tile is decoded and
+once; when halving tiles at even level positions, each JPEG tile is halved as it is
+decoded into a half-size block instead (each 2 x 2 cell lies in one JPEG tile, so the
+pixels are the same). The next block is loaded on a helper thread while the current one
+is cut and resized (which also hides remote latency). No pixel outside a touched JPEG tile is decoded and
 memory stays bounded: ≈ 20 MB per block array, two at a time, plus the decoded JPEG tiles
 shared with blocks still to come (in row-major block order about one row of JPEG tiles
 across the chunk's width). Through OpenSlide, tiles are read one by one: OpenSlide block
