@@ -161,9 +161,9 @@ def main() -> None:
         footer = (
             "\n\n*naive*: one OpenSlide `read_region` per tile + the same area-average resize. "
             "*pathray*: `pathray.tiling.read_tiles` (the TIFF's own JPEG tiles decoded with "
-            "tifffile/imagecodecs, each once per call, copied once into 2048-px block arrays whose "
-            "tile windows are views; 448 -> 224 px by OpenCV's integer area resize, bit-identical to "
-            "PIL `reduce(2)`). *decode limit*: only decoding, once each and from memory, the JPEG tiles "
+            "imagecodecs with tifffile's colour spaces, each once per call, grouped in 2048-px blocks; 224-px "
+            "tiles copied straight from the decoded JPEG tiles, 448 -> 224 px by halving each JPEG tile as it "
+            "is decoded with OpenCV's integer area resize, bit-identical to PIL `reduce(2)`). *decode limit*: only decoding, once each and from memory, the JPEG tiles "
             "counted in *JPEG tiles touched*, with the same libjpeg-turbo decoder and colour handling "
             "(`imagecodecs.jpeg8_decode`, into one reused array, the faster of a 32-byte aligned one and one 16 bytes past "
             "that: the latter decodes YCbCr tiles ~20 % faster here, so pathray decodes there too), expressed as output tiles per CPU second: what a reader "
