@@ -87,15 +87,16 @@ class TiledLevel:
         return [ty * self.columns + tx for ty in range(y0 // th, (y1 - 1) // th + 1)
                 for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
 
-    def decode_tile(self, data: bytes, index: int) -> np.ndarray:
+    def decode_tile(self, data: bytes, index: int, out: np.ndarray | None = None) -> np.ndarray:
         """``(tile_height, tile_width, 3)`` uint8 of tile ``index`` (imagecodecs' libjpeg-turbo, as
-        tifffile decodes it); raises SlideUnreadableError."""
+        tifffile decodes it), into ``out`` if given (else a new :func:`decode_buffer`); raises
+        SlideUnreadableError."""
         import imagecodecs
 
+        out = decode_buffer((self.tile_height, self.tile_width, 3)) if out is None else out
         try:
             return imagecodecs.jpeg_decode(data, tables=self.jpegtables, colorspace=self.colorspaces[0],
-                                           outcolorspace=self.colorspaces[1],
-                                           out=decode_buffer((self.tile_height, self.tile_width, 3)))
+                                           outcolorspace=self.colorspaces[1], out=out)
         except Exception as exc:  # corrupt data, or a tile of another size or colour layout
             raise SlideUnreadableError(f"tile {index} cannot be decoded: {type(exc).__name__}: {exc}") from exc
 
@@ -168,6 +169,7 @@ class BlockLoader:
             self.release[k].add(index)
         self.decoded: dict[int, np.ndarray] = {}  # stored tile index -> decoded, kept for later groups
         self.buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8)]  # block memory, reused alternately
+        self.scratch = decode_buffer((level.tile_height, level.tile_width, 3))  # decoded tiles used by one group only
 
     def load(self, k: int, halve: Callable[[np.ndarray], np.ndarray] | None = None) -> Block:
         """Group ``k`` as one :class:`Block` (one fetch for its stored tiles not decoded yet).
@@ -217,10 +219,11 @@ class BlockLoader:
         missing = [i for i in self.extents[k] if i not in self.decoded and level.counts[i] > 0]
         blobs = dict(zip(missing, self.fetch([(int(level.offsets[i]), int(level.counts[i])) for i in missing])))
         for index in self.extents[k]:
-            tile = self.decoded.pop(index) if index in self.decoded else (
-                level.decode_tile(blobs[index], index) if index in blobs else None)
-            yield index, tile
-            if tile is not None and index not in self.release[k]:
+            keep = index not in self.release[k]
+            tile = self.decoded.pop(index) if index in self.decoded else (  # a tile not kept reuses self.scratch
+                level.decode_tile(blobs[index], index, None if keep else self.scratch) if index in blobs else None)
+            yield index, tile  # used before the next one is decoded
+            if tile is not None and keep:
                 self.decoded[index] = tile
 
     def _pixels(self, k: int, shape: tuple[int, int, int], white: bool) -> np.ndarray:
