@@ -147,32 +147,43 @@ class Block:
 
 
 class BlockLoader:
-    """Loads groups of windows of one level, decoding each stored tile once.
+    """Loads groups of windows of one level, fetching and decoding each stored tile once.
 
     A group is loaded either as one :class:`Block` (:meth:`load`) or straight into one array
-    per window (:meth:`load_into`). Groups must be loaded in order k = 0, 1, ... (one thread
-    at a time, each once); the block ``load(k)`` returns is valid until group k + 2 is
-    loaded, which reuses its memory (two rotating buffers: fresh block-sized arrays cost
-    ~10 % of the CPU time in page faults).
-    A decoded stored tile stays in memory from the first group that touches it until the
-    last one, so memory is bounded by two blocks plus the stored tiles shared between
-    groups loaded and groups to come.
+    per window (:meth:`load_into`), in order k = 0, 1, ... (one thread at a time, each once);
+    a block is valid until the next group is loaded, which reuses its memory (fresh
+    block-sized arrays cost ~10 % of the CPU time in page faults). The bytes a group needs
+    (its stored tiles that no earlier group touched) can be fetched ahead with
+    :meth:`fetch`, from any thread. A decoded stored tile stays in memory from the first
+    group that touches it until the last one, so memory is bounded by one block plus the
+    stored tiles shared between groups loaded and groups to come.
     """
 
     def __init__(self, level: TiledLevel, groups: Sequence[Sequence[Window]], fetch: Fetch):
-        self.level, self.groups, self.fetch = level, groups, fetch
+        self.level, self.groups, self._fetch = level, groups, fetch
         self.extents = [_extents(level, g) for g in groups]
         self.users = [_users(level, g) for g in groups]
+        self.first: list[list[int]] = [[] for _ in groups]  # stored tiles with data first touched by group k
+        self.release: list[set[int]] = [set() for _ in groups]  # ... last touched by group k
+        seen: set[int] = set()
+        for k, extents in enumerate(self.extents):
+            self.first[k] = [i for i in extents if i not in seen and level.counts[i] > 0]
+            seen.update(extents)
         last_use = {i: k for k, extents in enumerate(self.extents) for i in extents}
-        self.release: list[set[int]] = [set() for _ in groups]
         for index, k in last_use.items():
             self.release[k].add(index)
         self.decoded: dict[int, np.ndarray] = {}  # stored tile index -> decoded, kept for later groups
-        self.buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8)]  # block memory, reused alternately
+        self.buffer = np.empty(0, np.uint8)  # block memory, reused
         self.scratch = decode_buffer((level.tile_height, level.tile_width, 3))  # decoded tiles used by one group only
 
-    def load(self, k: int, halve: Callable[[np.ndarray], np.ndarray] | None = None) -> Block:
-        """Group ``k`` as one :class:`Block` (one fetch for its stored tiles not decoded yet).
+    def fetch(self, k: int) -> dict[int, bytes]:
+        """The encoded stored tiles group ``k`` is the first to touch, in one batch (thread-safe)."""
+        level, indices = self.level, self.first[k]
+        return dict(zip(indices, self._fetch([(int(level.offsets[i]), int(level.counts[i])) for i in indices])))
+
+    def load(self, k: int, blobs: dict[int, bytes] | None = None,
+             halve: Callable[[np.ndarray], np.ndarray] | None = None) -> Block:
+        """Group ``k`` as one :class:`Block`; ``blobs`` = ``fetch(k)`` if fetched ahead.
 
         Each stored tile is copied (the part the group's windows use) right after it is decoded.
         With ``halve`` (an exact 2 x 2 area mean of an even-sized array; only where
@@ -185,8 +196,8 @@ class BlockLoader:
         x1, y1 = max(w[0] + w[2] for w in windows), max(w[1] + w[3] for w in windows)
         inside = level.clip(x0, y0, x1 - x0, y1 - y0) == (x0, y0, x1, y1)
         scale = 1 if halve is None else 2
-        pixels = self._pixels(k, ((y1 - y0) // scale, (x1 - x0) // scale, 3), white=not inside)
-        for index, tile in self._tiles(k):
+        pixels = self._pixels(((y1 - y0) // scale, (x1 - x0) // scale, 3), white=not inside)
+        for index, tile in self._tiles(k, blobs):
             if halve is None:
                 _paste(level, index, tile, pixels, (x0, y0), extents[index])
             else:
@@ -200,38 +211,37 @@ class BlockLoader:
         return level.tile_width % 2 == 0 and level.tile_height % 2 == 0 and all(
             (lx | ly | w | h) % 2 == 0 and not _sticks_out(level, lx, ly, w, h) for lx, ly, w, h in self.groups[k])
 
-    def load_into(self, k: int, outs: Sequence[np.ndarray]) -> None:
+    def load_into(self, k: int, outs: Sequence[np.ndarray], blobs: dict[int, bytes] | None = None) -> None:
         """Write group ``k``'s windows into ``outs`` (one ``(height, width, 3)`` array per window,
         in group order) straight from the decoded stored tiles: one copy of each window's pixels."""
         windows = self.groups[k]
         for j, (lx, ly, width, height) in enumerate(windows):
             if _sticks_out(self.level, lx, ly, width, height):
                 outs[j][...] = 255  # parts outside the level stay white
-        for index, tile in self._tiles(k):
+        for index, tile in self._tiles(k, blobs):
             for j in self.users[k][index]:
                 lx, ly, width, height = windows[j]
                 _paste(self.level, index, tile, outs[j], (lx, ly), (lx, ly, lx + width, ly + height))
 
-    def _tiles(self, k: int) -> Iterator[tuple[int, np.ndarray | None]]:
+    def _tiles(self, k: int, blobs: dict[int, bytes] | None) -> Iterator[tuple[int, np.ndarray | None]]:
         """``(index, decoded tile or None if sparse)`` for each stored tile group ``k`` touches;
-        fetched (one batch) and decoded only if no earlier group kept it, kept only for later groups."""
-        level = self.level
-        missing = [i for i in self.extents[k] if i not in self.decoded and level.counts[i] > 0]
-        blobs = dict(zip(missing, self.fetch([(int(level.offsets[i]), int(level.counts[i])) for i in missing])))
+        decoded from ``blobs`` (fetched now if ``None``) unless an earlier group kept it, kept
+        only for later groups."""
+        blobs = self.fetch(k) if blobs is None else blobs
         for index in self.extents[k]:
             keep = index not in self.release[k]
             tile = self.decoded.pop(index) if index in self.decoded else (  # a tile not kept reuses self.scratch
-                level.decode_tile(blobs[index], index, None if keep else self.scratch) if index in blobs else None)
+                self.level.decode_tile(blobs[index], index, None if keep else self.scratch) if index in blobs else None)
             yield index, tile  # used before the next one is decoded
             if tile is not None and keep:
                 self.decoded[index] = tile
 
-    def _pixels(self, k: int, shape: tuple[int, int, int], white: bool) -> np.ndarray:
-        """An uninitialised (or all-white) array of ``shape`` in buffer ``k % 2``, grown as needed."""
+    def _pixels(self, shape: tuple[int, int, int], white: bool) -> np.ndarray:
+        """An uninitialised (or all-white) array of ``shape`` in the reused block buffer, grown as needed."""
         size = shape[0] * shape[1] * shape[2]
-        if self.buffers[k % 2].size < size:
-            self.buffers[k % 2] = np.empty(size, np.uint8)
-        pixels = self.buffers[k % 2][:size].reshape(shape)
+        if self.buffer.size < size:
+            self.buffer = np.empty(size, np.uint8)
+        pixels = self.buffer[:size].reshape(shape)
         if white:
             pixels.fill(255)
         return pixels

@@ -32,7 +32,6 @@ def test_block_loader_decodes_each_stored_tile_once_and_matches_window_reads(cmu
                   [(224, 224, 224, 224), (100, 300, 224, 224)],  # shares stored tiles with group 0
                   [(2100, 2800, 224, 224)]]  # sticks out of the 2220 x 2967 level: white there
         loader = BlockLoader(tiled, groups, fetch)
-        previous = None
         for k, group in enumerate(groups):
             if into:
                 got = [np.zeros((h, w, 3), np.uint8) for _, _, w, h in group]
@@ -40,8 +39,6 @@ def test_block_loader_decodes_each_stored_tile_once_and_matches_window_reads(cmu
             else:
                 block = loader.load(k)
                 got = [block.window(*window) for window in group]
-                assert previous is None or not np.shares_memory(block.pixels, previous.pixels)  # valid until load(k + 2)
-                previous = block
             for (lx, ly, w, h), pixels in zip(group, got):
                 assert np.array_equal(pixels, slide.read_region(lx, ly, 0, w, h))
         touched = {i for g in groups for win in g for i in tiled.tile_indices(*win)}
@@ -81,7 +78,7 @@ def test_halved_blocks_equal_full_blocks_halved(cmu_slide):
         groups = [[(0, 0, 448, 448), (240, 478, 448, 448)], [(1, 0, 448, 448)], [(1800, 2600, 448, 448)]]
         loader = BlockLoader(tiled, groups, slide.backend._pread)
         assert [loader.halvable(k) for k in range(3)] == [True, False, False]  # odd x; outside the level
-        block = loader.load(0, _pil_halve)  # stored tiles cut at 240-px edges: pieces as thin as 2 px
+        block = loader.load(0, halve=_pil_halve)  # stored tiles cut at 240-px edges: pieces as thin as 2 px
         assert block.scale == 2
         for lx, ly, w, h in groups[0]:
             assert np.array_equal(block.window(lx, ly, w, h), _pil_halve(slide.read_region(lx, ly, 0, w, h)))
