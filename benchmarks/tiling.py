@@ -156,7 +156,7 @@ def main() -> None:
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {machine}, shared with other jobs "
             f"(timings are process CPU time, all threads, best of {args.repeats} interleaved samples of {args.calls} "
             "calls each; ratios move by about ±5 % between runs). 224-px tiles at 0.5 µm/px, default tissue "
-            "filter; one calling thread (pathray's helper thread, used when halving, is counted).\n\n"
+            "filter; one thread (pathray uses a helper thread only to fetch a remote slide's bytes ahead).\n\n"
         )
         footer = (
             "\n\n*naive*: one OpenSlide `read_region` per tile + the same area-average resize. "
