@@ -2,10 +2,10 @@
 
 A :class:`TiledLevel` holds what is needed to read one pyramid level without the file
 open: tile geometry, the tile offset/byte-count tables, the JPEG tables and the colour
-spaces tifffile's own decoder would use for the page (decoding needs no file handle). :func:`read_window` takes a ``fetch`` callable
-that turns ``[(offset, length)]`` into bytes (``os.pread`` locally,
-:func:`pathray.rangeio.fetch_ranges` remotely), so local and remote reads decode the
-same bytes the same way and give bit-identical pixels.
+spaces tifffile's own decoder would use for the page (decoding needs no file handle).
+:func:`read_window` takes a ``fetch`` callable that turns ``[(offset, length)]`` into
+bytes (``os.pread`` locally, :func:`pathray.rangeio.fetch_ranges` remotely), so local
+and remote reads decode the same bytes the same way and give bit-identical pixels.
 
 :class:`BlockLoader` serves many windows at once (tile production): the windows come in
 groups, each group's stored tiles are fetched in one batch, and a decoded stored tile is
