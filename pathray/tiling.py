@@ -39,6 +39,7 @@ import json
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -215,13 +216,14 @@ def read_tiles(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray)
         return out
     blocks = _blocks(lx, ly, n)
     loader = slide.block_loader(level, [[(int(lx[i]), int(ly[i]), n, n) for i in members] for members in blocks])
-    for (k, members), blobs in zip(enumerate(blocks), _fetched(loader, len(blocks), ahead=slide.local_path is None)):
-        if n == config.tile_px:  # no resize: each tile is copied once, straight from the decoded JPEG tiles
-            loader.load_into(k, [out[i] for i in members], blobs)
-            continue
-        block = loader.load(k, blobs, _halve if n == 2 * config.tile_px and loader.halvable(k) else None)
-        for i in members:  # halved at even positions already (block.scale 2), else resized here
-            out[i] = resize_tile(block.window(int(lx[i]), int(ly[i]), n, n), config.tile_px)
+    with closing(_fetched(loader, len(blocks), ahead=slide.local_path is None)) as fetched:  # helper ends on errors too
+        for (k, members), blobs in zip(enumerate(blocks), fetched):
+            if n == config.tile_px:  # no resize: each tile is copied once, straight from the decoded JPEG tiles
+                loader.load_into(k, [out[i] for i in members], blobs)
+                continue
+            block = loader.load(k, blobs, _halve if n == 2 * config.tile_px and loader.halvable(k) else None)
+            for i in members:  # halved at even positions already (block.scale 2), else resized here
+                out[i] = resize_tile(block.window(int(lx[i]), int(ly[i]), n, n), config.tile_px)
     return out
 
 
