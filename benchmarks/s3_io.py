@@ -243,8 +243,8 @@ def markdown(results: dict, sizes: dict[str, int], args: argparse.Namespace) -> 
         "",
         "## Read throughput, same slide, same run (one caller thread)",
         "",
-        ("`read_tiles` loads the next block on a helper thread, so CPU-seconds (both threads) can exceed wall "
-         "seconds. Over localhost the S3 server (read directly, no proxy) and the decoder share the same two cores."),
+        ("For a remote slide `read_tiles` fetches the next block's bytes on a helper thread while it decodes the "
+         "current block, so CPU-seconds (both threads) can exceed wall seconds. Over localhost the S3 server (read directly, no proxy) and the decoder share the same two cores."),
         "",
         "| source | tiles | tiles/s (wall) | tiles/s per CPU-second |",
         "|---|---:|---:|---:|",

@@ -42,7 +42,7 @@ from pathray.errors import (
 from pathray.fs import is_remote, split_uri
 from pathray.rangeio import storage_error
 from pathray.staging import Scratch, StagedSlide
-from pathray.tifftiles import TiledLevel, Window, load_tiles, read_window, usable
+from pathray.tifftiles import BlockLoader, TiledLevel, Window, read_window, usable
 
 MPP_RANGE = (0.05, 20.0)
 THUMBNAIL_STRIP_PIXELS = 16 * 1024**2  # level pixels read at once while making a thumbnail
@@ -70,13 +70,14 @@ class SlideBackend(Protocol):
 class TileCachingBackend(Protocol):
     """Optional: a backend whose reads decode whole stored tiles into the caller's ``cache``.
 
-    :func:`pathray.tiling.read_tiles` then groups nearby tiles and calls :meth:`prefetch`
-    once per group, so a remote backend fetches the group's tiles in one coalesced batch.
+    :func:`pathray.tiling.read_tiles` then groups nearby tiles and reads the groups through
+    :meth:`block_loader` (one fetch per group: for a remote backend one coalesced batch of
+    byte ranges), decoding each stored tile once.
     """
 
     def caches_tiles(self, level: int) -> bool: ...
 
-    def prefetch(self, level: int, windows: Sequence[Window], cache: dict) -> None: ...
+    def block_loader(self, level: int, groups: Sequence[Sequence[Window]]) -> BlockLoader: ...
 
 
 class OpenSlideBackend:
@@ -107,10 +108,11 @@ class OpenSlideBackend:
         ds = self.level_downsamples[level]
         return self.read_openslide(round(lx * ds), round(ly * ds), level, width, height)
 
-    def prefetch(self, level: int, windows: Sequence[Window], cache: dict) -> None:
+    def block_loader(self, level: int, groups: Sequence[Sequence[Window]]) -> BlockLoader:
         tiled = self._levels[level]
-        if tiled is not None:
-            load_tiles(tiled, level, {i for w in windows for i in tiled.tile_indices(*w)}, cache, self._pread)
+        if tiled is None:
+            raise ValueError(f"level {level} is read through OpenSlide, not by stored tiles")
+        return BlockLoader(tiled, groups, self._pread)
 
     def read_openslide(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB of OpenSlide's ``read_region`` at level-0 ``(x0, y0)``, composited on white."""
@@ -179,10 +181,12 @@ class Slide:
         ds = self.level_downsamples[level]
         return self.backend.read_level(level, round(x0 / ds), round(y0 / ds), int(width), int(height), cache)
 
-    def prefetch(self, level: int, windows: Sequence[Window], cache: dict) -> None:
-        """Load every stored tile the level-px ``windows`` touch into ``cache`` at once (fast path only)."""
-        if self.has_direct_reads(level):
-            self.backend.prefetch(level, windows, cache)
+    def block_loader(self, level: int, groups: Sequence[Sequence[Window]]) -> BlockLoader:
+        """Reads groups of level-px windows as blocks, each stored tile decoded once
+        (:class:`pathray.tifftiles.BlockLoader`); only where :meth:`has_direct_reads`."""
+        if not self.has_direct_reads(level):
+            raise ValueError(f"{self.uri}: level {level} has no direct tile reads")
+        return self.backend.block_loader(level, groups)
 
     def read_region_openslide(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         """Same as :meth:`read_region` but always through OpenSlide (the reference path; local/staged only)."""

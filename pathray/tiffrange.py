@@ -24,7 +24,7 @@ import numpy as np
 
 from pathray.errors import SlideUnreadableError
 from pathray.rangeio import fetch_ranges, storage_error
-from pathray.tifftiles import TiledLevel, Window, load_tiles, read_window, usable
+from pathray.tifftiles import BlockLoader, TiledLevel, Window, read_window, usable
 
 HEADER_WINDOW_BYTES = 16 * 1024  # least bytes fetched per header read that misses the cached windows
 _STRING_TAGS = {270: "ImageDescription", 271: "Make", 272: "Model", 305: "Software", 306: "DateTime",
@@ -78,10 +78,9 @@ class TiffRangeBackend:
     def caches_tiles(self, level: int) -> bool:
         return True
 
-    def prefetch(self, level: int, windows: Sequence[Window], cache: dict) -> None:
-        """Fetch (in one coalesced, concurrent request batch) and decode every tile the windows touch."""
-        tiled = self.levels[level]
-        load_tiles(tiled, level, {i for w in windows for i in tiled.tile_indices(*w)}, cache, self._fetch)
+    def block_loader(self, level: int, groups: Sequence[Sequence[Window]]) -> BlockLoader:
+        """Groups read as blocks; each group's missing tiles in one coalesced, concurrent request batch."""
+        return BlockLoader(self.levels[level], groups, self._fetch)
 
     def _fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         return fetch_ranges(self.fs, self.path, ranges)

@@ -14,16 +14,22 @@ integer factor k, PIL ``BOX`` otherwise), bilinear when enlarging (slide coarser
 target). Never rounded to magnification buckets.
 
 Where the level is read by decoding the TIFF's own JPEG tiles (:meth:`Slide.has_direct_reads`),
-nearby tiles are grouped into blocks of ``BLOCK_PX`` level pixels per side and each block's
-tiles are cut from one cache of decoded TIFF tiles, filled by one :meth:`Slide.prefetch`
-per block (for a remote slide: one coalesced, concurrent batch of byte-range requests),
-so each JPEG tile is fetched and decoded once however the tiles overlap it, no pixel outside
-a tile is decoded, and memory stays bounded (≈ 20 MB of decoded tiles per block, two blocks
-at a time: the next block is loaded on a helper thread while the current one is cut and
-resized, which hides remote latency). Through OpenSlide, tiles are read one by one: OpenSlide block reads
-measured 0.8-1.0x the speed of per-tile reads here (its RGBA conversion, not decoding, is
-the cost; see ``docs/bench/tiling.md``). Either way a tile's pixels do not depend on which
-other tiles are read with it.
+nearby tiles are grouped into blocks of ``BLOCK_PX`` level pixels per side and read through
+one :meth:`Slide.block_loader` per call: each JPEG tile is fetched (with the first block
+that needs it, one batch per block: for a remote slide one coalesced, concurrent batch of
+byte-range requests, fetched while the previous block is decoded, which hides latency) and
+decoded once per call however the tiles overlap it or the blocks split it; a decoded JPEG
+tile is kept until the last block that needs it. Tiles read at their own size are copied
+straight from the decoded JPEG tiles into the output. Tiles to resize are cut (as views)
+from one array per block into which the block's JPEG tiles are copied once; when halving
+tiles at even level positions, each JPEG tile is halved as it is decoded into a half-size
+block instead (each 2 x 2 cell lies in one JPEG tile, so the pixels are the same). No
+pixel outside a touched JPEG tile is decoded and memory stays bounded: one block array
+(≈ 20 MB) plus the decoded JPEG tiles shared with blocks still to come (in row-major block
+order about one row of JPEG tiles across the chunk's width). Through OpenSlide, tiles are
+read one by one: OpenSlide block reads measured 0.8-1.0x the speed of per-tile reads here
+(its RGBA conversion, not decoding, is the cost; see ``docs/bench/tiling.md``). Either way
+a tile's pixels do not depend on which other tiles are read with it.
 """
 
 from __future__ import annotations
@@ -31,14 +37,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
+import cv2
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
 from pathray.slide import Slide
+from pathray.tifftiles import BlockLoader
 from pathray.tissue import TissueConfig, TissueMask, detect_tissue
 
 BLOCK_PX = 2048  # side of a block grouping cell, level pixels
@@ -205,22 +215,40 @@ def read_tiles(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray)
             out[i] = resize_tile(slide.read_region(round(lx[i] * ds), round(ly[i] * ds), level, n, n), config.tile_px)
         return out
     blocks = _blocks(lx, ly, n)
-
-    def load(members: np.ndarray) -> dict:  # decoded TIFF tiles of one block only: bounded memory
-        cache: dict = {}
-        slide.prefetch(level, [(int(lx[i]), int(ly[i]), n, n) for i in members], cache)  # one batch per block
-        return cache
-
-    with ThreadPoolExecutor(1) as loader:  # fetch + decode block k+1 while block k is cut and resized
-        pending = loader.submit(load, blocks[0])
-        for k, members in enumerate(blocks):
-            cache = pending.result()
-            if k + 1 < len(blocks):
-                pending = loader.submit(load, blocks[k + 1])
-            for i in members:
-                region = slide.read_region(round(lx[i] * ds), round(ly[i] * ds), level, n, n, cache=cache)
-                out[i] = resize_tile(region, config.tile_px)
+    loader = slide.block_loader(level, [[(int(lx[i]), int(ly[i]), n, n) for i in members] for members in blocks])
+    with closing(_fetched(loader, len(blocks), ahead=slide.local_path is None)) as fetched:  # helper ends on errors too
+        for (k, members), blobs in zip(enumerate(blocks), fetched):
+            if n == config.tile_px:  # no resize: each tile is copied once, straight from the decoded JPEG tiles
+                loader.load_into(k, [out[i] for i in members], blobs)
+                continue
+            block = loader.load(k, blobs, _halve if n == 2 * config.tile_px and loader.halvable(k) else None)
+            for i in members:  # halved at even positions already (block.scale 2), else resized here
+                out[i] = resize_tile(block.window(int(lx[i]), int(ly[i]), n, n), config.tile_px)
     return out
+
+
+def _fetched(loader: BlockLoader, count: int, ahead: bool) -> Iterator[dict[int, bytes]]:
+    """The encoded stored tiles of blocks ``0 .. count-1`` (:meth:`BlockLoader.fetch`), in order.
+
+    ``ahead`` (a remote slide): block k+1's bytes are fetched on a helper thread while block
+    k is decoded and cut, which hides the storage latency. A local file is read in line: a
+    helper thread would only add hand-offs (measured 2-3 % more CPU per tile).
+    """
+    if not ahead:
+        yield from (loader.fetch(k) for k in range(count))
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(loader.fetch, 0)
+        for k in range(count):
+            blobs = pending.result()
+            if k + 1 < count:
+                pending = pool.submit(loader.fetch, k + 1)
+            yield blobs
+
+
+def _halve(region: np.ndarray) -> np.ndarray:
+    """Exact 2 x 2 area mean of an even-sized RGB uint8 array (``(a + b + c + d + 2) >> 2``)."""
+    return cv2.resize(region, (region.shape[1] // 2, region.shape[0] // 2), interpolation=cv2.INTER_AREA)
 
 
 def _blocks(lx: np.ndarray, ly: np.ndarray, n: int) -> list[np.ndarray]:
@@ -233,10 +261,18 @@ def _blocks(lx: np.ndarray, ly: np.ndarray, n: int) -> list[np.ndarray]:
 
 
 def resize_tile(region: np.ndarray, tile_px: int) -> np.ndarray:
-    """Resize a square RGB uint8 region to ``tile_px`` (area average down, bilinear up)."""
+    """Resize a square RGB uint8 region to ``tile_px`` (area average down, bilinear up).
+
+    Halving (the common 0.25 -> 0.5 µm/px case) is OpenCV's integer area resize, which
+    computes ``(a + b + c + d + 2) >> 2`` per 2x2 block and channel, exactly what PIL's
+    ``reduce(2)`` computes (tests compare them), several times faster and without
+    copying ``region`` (any view with contiguous rows).
+    """
     n = region.shape[0]
     if n == tile_px:
         return region
+    if n == 2 * tile_px:
+        return _halve(region)
     image = Image.fromarray(np.ascontiguousarray(region))
     if n > tile_px and n % tile_px == 0:
         return np.asarray(image.reduce(n // tile_px))

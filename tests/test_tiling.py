@@ -97,7 +97,8 @@ def test_tiles_do_not_depend_on_chunking_or_reader(synthetic_svs_025):
         full = read_tiles(slide, config, grid.x, grid.y)
         order = np.random.default_rng(0).permutation(len(grid))[:7]
         assert np.array_equal(read_tiles(slide, config, grid.x[order], grid.y[order]), full[order])
-        slide._direct = None  # force the OpenSlide fallback for every read
+        slide.backend._levels = [None] * slide.level_count  # force the OpenSlide fallback for every read
+        assert not slide.has_direct_reads(0)
         assert np.array_equal(read_tiles(slide, config, grid.x, grid.y), full)
 
 
