@@ -78,6 +78,13 @@ def pathray_run(slide: Path, weights: Path, out: Path, variant: Variant) -> dict
             "steady": report["steady_tiles_per_s"], "runner": report.get("runner", "ray")}
 
 
+NOTES = """*End to end*: `pathray embed` timed from the command to its exit, in a fresh process (imports, start-up,
+model load and commit included). *Steady*: the run report's tiles / the encoder's working window. *as installed
+(auto)*: what a user gets on this machine (no Ray cluster, no GPU: the in-process runner, `pathray.localrun`);
+*--runner ray*: the Ray Data plan on a local Ray started by the command; *before*: an older source tree
+(`--before-src`, named with its commit), run by the same command on the same slide in the same run."""
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way of running ``pathray embed``: extra options, and an older source tree to run
@@ -127,10 +134,11 @@ def main() -> None:
                         f"| {run['first_commit_s']:.1f} | {run['wall_s']:.1f} |")
             print(rows[-1], flush=True)
     header = [
-        "# pathray end to end vs the model alone (benchmarks/peers.py)", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU; kaiko ViT-S/16 random weights, fp32, "
-        f"batch {BATCH}; `pathray embed` with default resources; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-        "Ratios are from one run; model alone = mean of one measurement before and one after the slide's runs.", "",
+        "# pathray end to end vs the model alone (CPU-only, `benchmarks/peers.py`)", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU; kaiko ViT-S/16 random weights, full depth, "
+        f"fp32, batch {BATCH}; `pathray embed` with default resources, one slide per manifest; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios are from one run; model alone = mean of one "
+        "measurement before and one after the slide's runs.", "", NOTES, "",
         "| slide | pathray (runner) | tiles | model alone tiles/s | end to end tiles/s | end to end / alone "
         "| steady tiles/s | steady / alone | command → first commit (s) | command → exit (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",

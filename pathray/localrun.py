@@ -21,6 +21,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -54,22 +55,34 @@ def _ray_initialized() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def local_results(config: JobConfig, store_root: str, models: list[ModelPlan], todo: list[dict]) -> Iterator[pa.Table]:
+def prepare_encoders(config: JobConfig, models: list[ModelPlan]) -> Future:
+    """Build every model's encode stage on a thread and return the future of the list: the
+    models load while the driver reads the manifest, takes the store's lease (its settle
+    time is a sleep) and plans the first slide, instead of after. Nothing is written."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="pathray-model-load")
+    future = executor.submit(lambda: [
+        ChunkEncoder(m.name, m.factory, config.tiling.tile_px, drop_pixels=i == len(models) - 1,
+                     output_dtype=m.output_dtype) for i, m in enumerate(models)])
+    executor.shutdown(wait=False)
+    return future
+
+
+def local_results(config: JobConfig, store_root: str, models: list[ModelPlan], todo: list[dict],
+                  encoders: Future) -> Iterator[pa.Table]:
     """Result tables (:data:`pathray.stages.RESULT_SCHEMA`) of ``todo``'s slides, computed in
-    this process by the Ray plan's own stages, in manifest order. Closing the generator
-    stops the read-ahead thread."""
+    this process by the Ray plan's own stages, in manifest order; ``encoders`` is
+    :func:`prepare_encoders`' future. Closing the generator stops the read-ahead thread."""
     staging = dict(storage_options=config.slide_options, scratch_dir=config.scratch_dir,
                    scratch_max_bytes=config.scratch_max_bytes)
     planner = SlidePlanner(config.tiling, config.chunk_tiles, **staging)
     reader = ChunkReader(config.tiling, **staging)
     ahead = _ReadAhead(planner, reader, todo)
-    try:  # the models load while the first chunks are planned and read
-        encoders = [ChunkEncoder(m.name, m.factory, config.tiling.tile_px, drop_pixels=i == len(models) - 1,
-                                 output_dtype=m.output_dtype) for i, m in enumerate(models)]
+    try:
         writer = ChunkWriter(store_root, config.storage_options, [m.name for m in models], config.tiling,
                              {m.name: m.output_dtype for m in models})
+        stages = encoders.result()
         for chunk in ahead:
-            for encoder in encoders:
+            for encoder in stages:
                 chunk = encoder(chunk)
             yield writer(chunk)
     finally:

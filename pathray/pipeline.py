@@ -24,6 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from pathray.encoders.custom import CustomEncoder
 from pathray.errors import StoreConfigMismatchError, UnknownModelError, describe
 from pathray.lease import StoreLease
 from pathray.ledger import StatusLedger
-from pathray.localrun import READ_AHEAD_CHUNKS, choose_runner, local_results
+from pathray.localrun import READ_AHEAD_CHUNKS, choose_runner, local_results, prepare_encoders
 from pathray.manifest import SlideEntry, read_manifest
 from pathray.modelplan import ModelPlan, plan_models
 from pathray.report import RunReport
@@ -67,6 +68,9 @@ class RunContext:
     passthrough_schema: pa.Schema
     ledger: StatusLedger
     report: RunReport
+    runner: str = "ray"  # pathray.localrun.choose_runner
+    #: the in-process runner's encode stages, loading since before the lease (localrun.prepare_encoders)
+    encoders: Future | None = None
 
     @property
     def run_id(self) -> str:
@@ -114,6 +118,8 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
     models, unknown = plan_models(config, custom_encoders)
     if not models:
         raise UnknownModelError("; ".join(msg for _, msg in unknown))
+    runner = choose_runner(config)
+    encoders = prepare_encoders(config, models) if runner == "local" else None
     entries = read_manifest(config.manifest, config.storage_options)
     report.slides_in_manifest = len(entries)
     tiling_rec = tiling_record(config.tiling)
@@ -128,7 +134,8 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
         store_hash = fingerprint(store.ensure_config(tiling_rec, model_recs))
         store.remove_temporaries()
         run = RunContext(config, store, store_hash, tiling_rec, models, {e.slide_id: e for e in entries},
-                         _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report)
+                         _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report,
+                         runner, encoders)
         report.per_model = {m.name: {"ok": 0, "no_tissue": 0, "error": 0, "tiles": 0} for m in models}
         _record_unknown(run, unknown)
         return _run_locked(run, progress_bars)
@@ -164,9 +171,9 @@ def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
     """The body of :func:`run_job` once the store's lease is held."""
     todo = _todo(run)
     if todo:
-        run.report.runner = choose_runner(run.config)
+        run.report.runner = run.runner
         try:
-            if run.report.runner == "local":
+            if run.runner == "local":
                 _run_local(run, todo)
             else:
                 _run_ray(run, todo, progress_bars)
@@ -209,7 +216,7 @@ def _run_local(run: RunContext, todo: list[dict]) -> None:
     log.info("runner: local (in this process; no Ray cluster and no GPU here), %d torch threads",
              torch.get_num_threads())
     pool = LocalCommitPool(run.store)
-    results = local_results(run.config, run.store.root, run.models, todo)
+    results = local_results(run.config, run.store.root, run.models, todo, run.encoders)
     try:
         _drive(results, pool, run)
     finally:
