@@ -51,6 +51,10 @@ from pathray.slide import Slide
 from pathray.tifftiles import BlockLoader
 from pathray.tissue import TissueConfig, TissueMask, detect_tissue
 
+# a reader is one core's worth of work in the resource plan (pathray.resources); OpenCV's own
+# thread pool would oversubscribe it, and the encoder sharing a process with the in-process runner
+cv2.setNumThreads(1)
+
 BLOCK_PX = 2048  # side of a block grouping cell, level pixels
 LEVEL_TOLERANCE = 0.01  # relative: a level up to 1 % coarser than the target still qualifies
 
