@@ -163,8 +163,9 @@ def test_job_submit_on_multinode_cluster(static_cluster, s3_server, slides_on_s3
     nodes = cluster.alive_nodes()
     actors = [a for a in cluster.state("actors") if a.get("job_id") == info["job_id"]]
     where = {a["class_name"] + "/" + a["actor_id"][:6]: a["node_id"] for a in actors}
-    encoders = [a["node_id"] for a in actors if "ChunkEncoder" in a["class_name"]]
-    readers = [a["node_id"] for a in actors if "ChunkReader" in a["class_name"]]
+    placed = [a for a in actors if a["node_id"]]  # a pool may ask for one more actor than it ever places
+    encoders = [a["node_id"] for a in placed if "ChunkEncoder" in a["class_name"]]
+    readers = [a["node_id"] for a in placed if "ChunkReader" in a["class_name"]]
     assert encoders and set(encoders) == {nodes["gpu"]}, (where, nodes)
     assert readers and set(readers) <= {nodes["cpu-a"], nodes["cpu-b"]}, (where, nodes)
     assert len([a for a in actors if a["class_name"] == "Committer"]) == 2
@@ -242,7 +243,7 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_from_zero_then_removes_them(multinode
     kinds = {n["node_id"]: ("gpu" if "testnode_gpu" in n["resources_total"] else
                             "cpu" if "testnode_cpu" in n["resources_total"] else "head") for n in nodes}
     assert sorted(kinds.values()) == ["cpu", "gpu", "head"]  # the autoscaler added one node of each type
-    actors = [a for a in cluster.state("actors") if "MapWorker" in (a.get("class_name") or "")]
+    actors = [a for a in cluster.state("actors") if "MapWorker" in (a.get("class_name") or "") and a["node_id"]]
     assert {kinds[a["node_id"]] for a in actors if "ChunkEncoder" in a["class_name"]} == {"gpu"}
     assert {kinds[a["node_id"]] for a in actors if "ChunkReader" in a["class_name"]} == {"cpu"}
     assert FeatureStore(raw["out"], s3_server.storage_options).committed("kaiko-vits16") == {"s0", "s1"}
