@@ -68,7 +68,7 @@ class SlideBackend(Protocol):
 
 @runtime_checkable
 class TileCachingBackend(Protocol):
-    """Optional: a backend whose reads decode whole stored tiles into the caller's ``cache``.
+    """Optional: a backend that reads a level by decoding its whole stored tiles.
 
     :func:`pathray.tiling.read_tiles` then groups nearby tiles and reads the groups through
     :meth:`block_loader` (one fetch per group: for a remote backend one coalesced batch of
@@ -166,20 +166,18 @@ class Slide:
         return self.mpp * self.level_downsamples[level]
 
     def has_direct_reads(self, level: int) -> bool:
-        """True when reads of ``level`` decode the file's own tiles into the caller's cache (fast path)."""
+        """True when ``level`` is read by decoding the file's own stored tiles (:meth:`block_loader`, fast path)."""
         return isinstance(self.backend, TileCachingBackend) and self.backend.caches_tiles(level)
 
-    def read_region(
-        self, x0: int, y0: int, level: int, width: int, height: int, *, cache: dict | None = None
-    ) -> np.ndarray:
+    def read_region(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` of ``level`` with top-left at level-0 px ``(x0, y0)``.
 
         Areas outside the slide or transparent are white. The level position read is
-        ``round(x0 / downsample)``. ``cache``: a dict the caller keeps across nearby reads
-        so each stored tile is fetched and decoded once (the caller bounds its lifetime).
+        ``round(x0 / downsample)``. Many nearby reads: :meth:`block_loader` (fast path) decodes
+        each stored tile once.
         """
         ds = self.level_downsamples[level]
-        return self.backend.read_level(level, round(x0 / ds), round(y0 / ds), int(width), int(height), cache)
+        return self.backend.read_level(level, round(x0 / ds), round(y0 / ds), int(width), int(height))
 
     def block_loader(self, level: int, groups: Sequence[Sequence[Window]]) -> BlockLoader:
         """Reads groups of level-px windows as blocks, each stored tile decoded once
