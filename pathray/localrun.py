@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,8 +50,6 @@ def choose_runner(config: JobConfig) -> str:
 
 
 def _ray_initialized() -> bool:
-    import sys
-
     ray = sys.modules.get("ray")  # never imported: certainly not initialised (and no import cost)
     return bool(ray is not None and ray.is_initialized())
 
