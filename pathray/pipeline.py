@@ -213,7 +213,7 @@ def _run_local(run: RunContext, todo: list[dict]) -> None:
 
     run.report.resources = {"encoder_threads": torch.get_num_threads(), "read_ahead_chunks": READ_AHEAD_CHUNKS,
                             "committers": 1}
-    log.info("runner: local (in this process; no Ray cluster and no GPU here), %d torch threads",
+    log.info("runner: local (the stages in this process, no Ray), %d torch threads",
              torch.get_num_threads())
     pool = LocalCommitPool(run.store)
     results = local_results(run.config, run.store.root, run.models, todo, run.encoders)
