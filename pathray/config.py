@@ -112,6 +112,7 @@ def model_record(name: str, cfg: EncoderConfig) -> dict[str, Any]:
         "preprocess": spec.preprocess.describe(),
         "pooling": spec.pooling,
         "embed_dim": spec.embed_dim,
+        **({"builder": spec.builder} if spec.builder != "timm" else {}),  # timm records predate builders
         "weights": weights_identity(spec, cfg.weights),  # content, not location (see weights_identity)
         "dtype": cfg.dtype,
         "output_dtype": cfg.output_dtype,

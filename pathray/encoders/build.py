@@ -1,14 +1,13 @@
-"""Build the timm module of a spec, optionally with a hub ``config.json`` overriding it."""
+"""Build the network of a spec (through its builder), optionally shrunk by a pathray
+random-weight ``config.json``."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
-from pathray.errors import WeightsMismatchError
-
+from .builders import check_config_architecture, get_builder
 from .registry import EncoderSpec, spec_from_pretrained_cfg
 
 
@@ -27,33 +26,33 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     kwargs = dict(spec.model_kwargs)
     arch = spec.architecture
     config = config or {}
-    cfg_arch = config.get("architecture")
-    if cfg_arch and cfg_arch.split(".")[0] != arch.split(".")[0]:
-        hint = f"; use timm:{cfg_arch}" if spec.name.startswith("timm:") else ""
-        raise WeightsMismatchError(
-            f"{spec.name} is a {arch}, but the weights' config.json says architecture {cfg_arch!r}{hint}")
+    check_config_architecture(spec.name, spec.builder, arch, config)
     if spec.name.startswith("timm:"):
         overrides = config.get("model_args")
     else:
         overrides = (config.get("pathray") or {}).get("arch_overrides")
-    layer_keys = set(spec.callable_model_args())
     if isinstance(overrides, dict):
-        kwargs.update({k: v for k, v in overrides.items() if k not in layer_keys})
-    kwargs["num_classes"] = 0
+        kwargs = apply_overrides(spec, kwargs, overrides)
+    if spec.builder == "timm":
+        kwargs["num_classes"] = 0
     return arch, kwargs
 
 
-def create_model(arch: str, kwargs: dict[str, Any], *, meta: bool = False) -> torch.nn.Module:
-    """``timm.create_model(arch, pretrained=False, **kwargs)``; on the meta device if asked
-    (no memory, no init: for parameter counts, shapes and ``load_state_dict(assign=True)``)."""
-    import timm
+def apply_overrides(spec: EncoderSpec, kwargs: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with JSON ``overrides`` (e.g. ``depth=2``; layer classes always come from the
+    spec). For ``transformers`` specs they apply to the model config (``num_hidden_layers=2``)."""
+    layer_keys = set(spec.callable_model_args())
+    clean = {k: v for k, v in overrides.items() if k not in layer_keys}
+    if spec.builder == "transformers":
+        return {**kwargs, "config": {**kwargs.get("config", {}), **clean}}
+    return {**kwargs, **clean}
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if meta:
-            with torch.device("meta"):
-                return timm.create_model(arch, pretrained=False, **kwargs)
-        return timm.create_model(arch, pretrained=False, **kwargs)
+
+def create_model(arch: str, kwargs: dict[str, Any], *, meta: bool = False, builder: str = "timm") -> torch.nn.Module:
+    """The network ``arch`` built by ``builder`` (default timm:
+    ``timm.create_model(arch, pretrained=False, **kwargs)``); on the meta device if asked (no
+    memory, no init: for parameter counts, shapes and ``load_state_dict(assign=True)``)."""
+    return get_builder(builder).create(arch, kwargs, meta=meta)
 
 
 def spec_for_config(spec: EncoderSpec, config: dict[str, Any] | None) -> EncoderSpec:

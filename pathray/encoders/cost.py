@@ -12,6 +12,7 @@ import functools
 import torch
 
 from .build import create_model
+from .builders import get_builder
 from .registry import EncoderSpec, get_spec
 
 #: dense bf16 peak of one H100 SXM / H200 (TFLOP/s), the reference GPU of the targets
@@ -25,11 +26,16 @@ def flops_per_tile(spec: EncoderSpec, architecture: str | None = None, kwargs: d
     (the fused CPU attention kernel is not counted). Preprocessing is not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = create_model(architecture or spec.architecture, {**spec.model_kwargs, **(kwargs or {}), "num_classes": 0},
-                         meta=True).eval()
+    if spec.builder == "transformers" and kwargs:
+        merged = dict(kwargs)  # resolved kwargs of a loaded encoder: {"config": ..., "init": ...}
+    else:
+        merged = {**spec.model_kwargs, **(kwargs or {})}
+    if spec.builder == "timm":
+        merged["num_classes"] = 0
+    model = create_model(architecture or spec.architecture, merged, meta=True, builder=spec.builder).eval()
     x = torch.empty(2, 3, spec.input_px, spec.input_px, device="meta")
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x) if spec.pooling == "cls" else model.forward_features(x)
+        get_builder(spec.builder).pool(model, x, spec.pooling)
     return counter.get_total_flops() / 2
 
 

@@ -13,6 +13,7 @@ import torch
 from pathray.errors import EncoderError
 
 from .build import count_params, create_model, resolve_architecture, spec_for_config
+from .builders import from_release_layout, get_builder
 from .loading import LoadedWeights, card_adaptations, load_into, load_weights
 from .preprocess import preprocess_batch
 from .registry import EncoderSpec, get_spec
@@ -79,13 +80,7 @@ class Encoder:
 
     # -- forward -----------------------------------------------------------------------
     def _pool_forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        if self.spec.pooling == "cls":
-            return m(x)  # the card's model(x): num_classes=0, timm pools (CLS token)
-        tokens = m.forward_features(x)  # final norm applied, (N, prefix + patches, C)
-        cls = tokens[:, 0]
-        patches = tokens[:, getattr(m, "num_prefix_tokens", 1):]  # registers excluded
-        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
+        return get_builder(self.spec.builder).pool(self.model, x, self.spec.pooling)
 
     def _autocast(self):
         if self._autocast_dtype == torch.float32:
@@ -152,6 +147,7 @@ class Encoder:
         return {
             "model": self.spec.name,
             "architecture": self.architecture,
+            "builder": self.spec.builder,
             "family": self.spec.family,
             "embed_dim": str(self.embed_dim),
             "num_params": str(self.num_params),
@@ -191,13 +187,14 @@ def build_model(spec: EncoderSpec, loaded: LoadedWeights) -> tuple[str, dict[str
     card-prescribed changes made to the weights on load (recorded in provenance)."""
     arch, kwargs = resolve_architecture(spec, loaded.config)
     try:
-        model = create_model(arch, kwargs, meta=True)
+        model = create_model(arch, kwargs, meta=True, builder=spec.builder)
     except Exception as exc:  # noqa: BLE001 - bad architecture args in a config.json
         raise EncoderError(f"{spec.name}: cannot build {arch} with {sorted(kwargs)}: {exc}") from exc
     what = f"{spec.name} weights {loaded.source}"
-    state_dict, adaptations = card_adaptations(spec, model, loaded.state_dict)
+    released = from_release_layout(loaded.state_dict, spec.checkpoint_prefix, spec.checkpoint_ignore)
+    state_dict, adaptations = card_adaptations(spec, model, released)
     model = load_into(model, state_dict, what=what)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # non-persistent buffers: rebuild on CPU and load normally
-        model = load_into(create_model(arch, kwargs), state_dict, what=what)
+        model = load_into(create_model(arch, kwargs, builder=spec.builder), state_dict, what=what)
     return arch, kwargs, model, adaptations

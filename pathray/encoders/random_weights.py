@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .build import create_model
+from .build import apply_overrides, create_model
+from .builders import get_builder, to_release_layout
 from .registry import EncoderSpec, _is_json_value, get_spec
 
 
@@ -25,37 +26,43 @@ def _perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf == "gamma" or ".ls" in name:  # LayerScale
+            if leaf in ("gamma", "lambda1") or ".ls" in name:  # LayerScale (timm, transformers)
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.4 + 0.1)
             elif leaf == "bias":
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
             elif "norm" in name and leaf == "weight":
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
-            elif leaf in ("cls_token", "reg_token", "pos_embed"):
+            elif leaf in ("cls_token", "reg_token", "pos_embed", "register_tokens", "position_embeddings",
+                          "mask_token"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
 def random_model(model: str | EncoderSpec, *, seed: int = 0, **arch_overrides: Any) -> tuple[str, dict, torch.nn.Module]:
     """(architecture, kwargs, module) of a random init; deterministic for a given seed."""
     spec = get_spec(model) if isinstance(model, str) else model
-    kwargs = {**spec.model_kwargs, **arch_overrides, "num_classes": 0}
+    kwargs = apply_overrides(spec, dict(spec.model_kwargs), arch_overrides)
+    if spec.builder == "timm":
+        kwargs["num_classes"] = 0
     torch.manual_seed(seed)
-    net = create_model(spec.architecture, kwargs)
+    net = create_model(spec.architecture, kwargs, builder=spec.builder)
     gen = torch.Generator().manual_seed(seed + 1)
     _perturb(net, gen)
     return spec.architecture, kwargs, net.eval()
 
 
-def hub_config(spec: EncoderSpec, kwargs: dict[str, Any], num_features: int, **extra: Any) -> dict[str, Any]:
-    """A timm-style ``config.json`` (architecture, model_args, pretrained_cfg) for ``spec``."""
+def hub_config(spec: EncoderSpec, kwargs: dict[str, Any], net: torch.nn.Module, **extra: Any) -> dict[str, Any]:
+    """The ``config.json`` of a random-weight directory: for timm specs timm's layout
+    (architecture, model_args, pretrained_cfg), for ``transformers`` specs the model config,
+    for ``module`` specs the net's name; always a ``pathray`` block recording the model."""
+    base = get_builder(spec.builder).hub_config(spec.architecture, kwargs, net)
+    if spec.builder != "timm":
+        return {**base, "pathray": {"model": spec.name, **extra}}
     p = spec.preprocess
     resize = p.resize_px if p.resize_px is not None else p.crop_px
     json_args = {k: v for k, v in kwargs.items() if _is_json_value(v)}
     layer_args = {k: getattr(v, "__name__", None) or repr(v) for k, v in kwargs.items() if k not in json_args}
     return {
-        "architecture": spec.architecture,
-        "num_classes": 0,
-        "num_features": num_features,
+        **base,
         "global_pool": kwargs.get("global_pool", "token"),
         "model_args": json_args,
         "pretrained_cfg": {
@@ -89,11 +96,11 @@ def write_random_weights(model: str, out_dir: str | os.PathLike, *, seed: int = 
     arch, kwargs, net = random_model(spec, seed=seed, **arch_overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    sd = to_release_layout({k: v.detach().contiguous() for k, v in net.state_dict().items()}, spec.checkpoint_prefix)
     tmp = out / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt", "pathray_model": spec.name, "seed": str(seed)})
     os.replace(tmp, out / "model.safetensors")
-    cfg = hub_config(spec, kwargs, int(getattr(net, "num_features", 0) or 0), seed=seed, random_init=True,
+    cfg = hub_config(spec, kwargs, net, seed=seed, random_init=True,
                      arch_overrides={k: v for k, v in arch_overrides.items() if not callable(v)})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out

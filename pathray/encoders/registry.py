@@ -21,11 +21,10 @@ from timm.layers import GluMlp, SwiGLUPacked
 
 from pathray.errors import UnknownModelError
 
+from .builders import POOLINGS_BY_BUILDER
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: pooling conventions understood by the encoder
-POOLINGS = ("cls", "cls+mean_patch")
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,13 @@ class EncoderSpec:
     """Everything pathray needs to know about one encoder (pure data)."""
 
     name: str
-    architecture: str                      # timm architecture name
-    model_kwargs: dict[str, Any]           # exact timm.create_model kwargs of the card
+    architecture: str                      # timm architecture / transformers class / pathray net name
+    model_kwargs: dict[str, Any]           # exact constructor kwargs of the card (see ``builder``)
     embed_dim: int                         # dimension of the pooled embedding
     input_px: int                          # side of the image fed to the network
     native_mpp: float                      # µm/px the model was trained at (default tiling)
     preprocess: Preprocess
-    pooling: str = "cls"                   # "cls" | "cls+mean_patch" (register tokens excluded)
+    pooling: str = "cls"                   # see pathray.encoders.builders (register tokens never pooled)
     hf_hub_id: str | None = None           # default weight source ("org/name" on the HF hub)
     gated: bool = False                    # hub repo needs an access request + token
     weights_url: str | None = None         # alternative direct download (e.g. GitHub release)
@@ -81,10 +80,22 @@ class EncoderSpec:
     #: its Resize leaves unchanged); ``None``: ``input_px`` (generic timm backbones, no card)
     native_tile_px: int | None = None
     tile_source: str = ""                  # where the native tile fact comes from (docs/models.md)
+    #: "timm" | "transformers" | "module" (pathray.encoders.builders)
+    builder: str = "timm"
+    #: key prefix of the network's weights in the published checkpoint (e.g. "visual.")
+    checkpoint_prefix: str = ""
+    #: key prefixes of the published checkpoint that are not the tile encoder (e.g. a text tower)
+    checkpoint_ignore: tuple[str, ...] = ()
+    #: where the architecture and pooling facts come from (official code, card)
+    source: str = ""
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        poolings = POOLINGS_BY_BUILDER.get(self.builder)
+        if poolings is None:
+            raise ValueError(f"{self.name}: builder must be one of {sorted(POOLINGS_BY_BUILDER)}, got {self.builder!r}")
+        if self.pooling not in poolings:
+            raise ValueError(f"{self.name}: pooling for builder {self.builder} must be one of {poolings}, "
+                             f"got {self.pooling!r}")
 
     @property
     def tile_px(self) -> int:
