@@ -28,7 +28,7 @@ import torch
 
 from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUnavailableError
 
-from .registry import EncoderSpec
+from .spec import EncoderSpec
 
 WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth")
 PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .registry import Preprocess
+from .spec import Preprocess
 
 # --- Pillow's resampling, exactly ------------------------------------------------------
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c

@@ -16,7 +16,8 @@ import torch
 
 from .build import apply_overrides, create_model
 from .builders import get_builder, to_release_layout
-from .registry import EncoderSpec, _is_json_value, get_spec
+from .registry import get_spec
+from .spec import EncoderSpec, is_json_value
 
 
 def _perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -59,7 +60,7 @@ def hub_config(spec: EncoderSpec, kwargs: dict[str, Any], net: torch.nn.Module, 
         return {**base, "pathray": {"model": spec.name, **extra}}
     p = spec.preprocess
     resize = p.resize_px if p.resize_px is not None else p.crop_px
-    json_args = {k: v for k, v in kwargs.items() if _is_json_value(v)}
+    json_args = {k: v for k, v in kwargs.items() if is_json_value(v)}
     layer_args = {k: getattr(v, "__name__", None) or repr(v) for k, v in kwargs.items() if k not in json_args}
     return {
         **base,
