@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--min-tissue", type=float, dest="min_tissue_fraction", help="drop tiles with less tissue than this fraction")
     add("--chunk-tiles", type=int, help="tiles per work unit (default 256)")
     add("--weights", action="append", default=[], metavar="MODEL=SOURCE",
-        help="weights for a model: local hub-layout dir, .safetensors/.pth file, or hf-hub:org/name (repeatable)")
+        help="weights for a model: local or s3:// hub-layout dir, .safetensors/.pth file, or hf-hub:org/name "
+             "(repeatable); default: $PATHRAY_WEIGHTS_DIR/MODEL if present, else the hub")
     add("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision for every model")
     add("--output-dtype", choices=["float32", "float16"], help="stored embedding precision for every model")
     add("--batch-size", type=int, help="encoder micro-batch for every model")

@@ -28,10 +28,11 @@ def _rows() -> list[dict[str, str]]:
     for name in list_models():
         s = get_spec(name)
         rows.append({
-            "name": name, "architecture": s.family, "timm": s.architecture, "dim": str(s.embed_dim),
-            "mpp": f"{s.native_mpp:g}", "tile_px": str(s.tile_px), "preprocess": s.preprocess.describe(), "pooling": s.pooling,
+            "name": name, "architecture": s.family, "builder": s.builder, s.builder: s.architecture,
+            "dim": str(s.embed_dim), "mpp": f"{s.native_mpp:g}", "tile_px": str(s.tile_px),
+            "tile_source": s.tile_source, "preprocess": s.preprocess.describe(), "pooling": s.pooling,
             "weights": s.hf_hub_id or s.weights_url or "-", "gated": "gated" if s.gated else "open",
-            "license": s.license,
+            "license": s.license, "licence": s.license.split(" (")[0].split(":")[0], "source": s.source,
         })
     return rows
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ["name", "architecture", "dim", "mpp", "tile_px", "pooling", "gated", "weights"]
+    cols = ["name", "builder", "architecture", "dim", "tile_px", "mpp", "pooling", "gated", "licence", "weights"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:

@@ -8,7 +8,8 @@ A YAML job file uses the field names below, e.g.::
     tiling: {tile_px: 224, target_mpp: 0.5, min_tissue_fraction: 0.25}
     encoders:
       uni2-h: {dtype: bf16, batch_size: 256}
-      virchow2: {weights: /mnt/weights/virchow2, dtype: fp16}
+      virchow2: {dtype: fp16}
+    weights: {virchow2: s3://bucket/weights/virchow2}   # or $PATHRAY_WEIGHTS_DIR/<model>/
     resources: {readers: 32, encoder_actors: 8}
     keep_columns: [case_id, label]
 
@@ -28,6 +29,7 @@ import yaml
 
 from pathray.encoders import EncoderConfig, get_spec
 from pathray.encoders.loading import weights_identity
+from pathray.encoders.offline import weights_dir_source
 from pathray.encoders.registry import native_tile_mismatch
 from pathray.errors import UnknownModelError
 from pathray.staging import DEFAULT_MAX_BYTES
@@ -131,7 +133,7 @@ def build_job_config(raw: dict[str, Any]) -> JobConfig:
     Unknown keys raise ``ValueError``; unknown model names are kept (the job records them
     as errors and runs the others)."""
     raw = dict(raw)
-    known = {f.name for f in dataclasses.fields(JobConfig)}
+    known = {f.name for f in dataclasses.fields(JobConfig)} | {"weights"}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"unknown job config keys: {sorted(unknown)}; known: {sorted(known)}")
@@ -142,9 +144,7 @@ def build_job_config(raw: dict[str, Any]) -> JobConfig:
         raise ValueError(f"runner {raw['runner']!r}: expected one of {', '.join(RUNNERS)}")
     models = raw["models"]
     models = tuple(m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip())
-    encoder_raw = raw.get("encoders") or {}
-    encoders = {m: EncoderConfig(model=m, **{k: v for k, v in (encoder_raw.get(m) or {}).items() if k != "model"})
-                for m in models}
+    encoders = _encoder_configs(models, raw.get("encoders") or {}, raw.pop("weights", None) or {})
     raw.update(
         models=models,
         encoders=encoders,
@@ -153,6 +153,27 @@ def build_job_config(raw: dict[str, Any]) -> JobConfig:
         keep_columns=tuple(raw.get("keep_columns") or ()),
     )
     return JobConfig(**raw)
+
+
+def _encoder_configs(models: tuple[str, ...], encoder_raw: dict[str, Any],
+                     weights_map: dict[str, str]) -> dict[str, EncoderConfig]:
+    """Each model's :class:`EncoderConfig`. Its weights come from, in order: ``encoders.<m>.weights``,
+    the YAML ``weights: {model: source}`` map, ``$PATHRAY_WEIGHTS_DIR/<m>`` when that folder
+    exists (resolved here, on the driver), else the spec's hub repo."""
+    if not isinstance(weights_map, dict):
+        raise ValueError("weights: expected a mapping {model: source}")
+    unknown = sorted(set(weights_map) - set(models))
+    if unknown:
+        raise ValueError(f"weights: {unknown} not among the run's models {list(models)}")
+    configs = {}
+    for m in models:
+        fields = {k: v for k, v in (encoder_raw.get(m) or {}).items() if k != "model"}
+        if not fields.get("weights"):
+            source = weights_map.get(m) or weights_dir_source(m)
+            if source:
+                fields["weights"] = source
+        configs[m] = EncoderConfig(model=m, **fields)
+    return configs
 
 
 def _tiling(raw: dict[str, Any], models: tuple[str, ...]) -> TilingConfig:

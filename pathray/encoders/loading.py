@@ -28,6 +28,7 @@ import torch
 
 from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUnavailableError
 
+from .offline import WEIGHTS_DIR_ENV, is_remote_source, local_copy, remote_identity
 from .spec import EncoderSpec
 
 WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth")
@@ -150,6 +151,13 @@ def load_weights(spec: EncoderSpec, weights: str | os.PathLike | None) -> Loaded
     for prefix in HUB_PREFIXES:
         if text.startswith(prefix):
             return load_from_hub(spec, text[len(prefix):])
+    if is_remote_source(text):
+        try:
+            local = local_copy(text)
+        except (OSError, ValueError) as exc:
+            raise WeightsUnavailableError(f"{spec.name}: cannot copy weights {text}: {exc}") from exc
+        loaded = load_weights(spec, local)
+        return LoadedWeights(loaded.state_dict, loaded.config, text, remote_identity(text))
     if text.startswith("file://"):
         text = urlparse(text).path
     path = Path(text).expanduser()
@@ -271,11 +279,13 @@ def _hub_errors(what: str, repo_id: str, gated: bool, online: bool) -> Iterator[
     from huggingface_hub import errors as hf_errors
 
     how_to = (
-        f"request access at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
-        if gated else f"check the repo id https://huggingface.co/{repo_id}"
+        f"{repo_id} is gated: request access at https://huggingface.co/{repo_id}, then `hf auth login` or set "
+        "HF_TOKEN" if gated else f"check the repo id https://huggingface.co/{repo_id}"
     )
     offline_hint = (
-        "or download it elsewhere (huggingface_hub.snapshot_download) and pass the directory as weights=DIR"
+        f"or run offline: download it where the hub is reachable (huggingface_hub.snapshot_download('{repo_id}', "
+        f"local_dir=DIR/<model>)) and set {WEIGHTS_DIR_ENV}=DIR, or name the folder (local or s3://) in the job "
+        "YAML's `weights: {<model>: SOURCE}` / `--weights <model>=SOURCE`"
     )
     try:
         yield
@@ -368,6 +378,8 @@ def weights_identity(spec: EncoderSpec, weights: str | os.PathLike | None) -> st
     ``unavailable:<source>`` for local weights that are not there (the run records
     ``weights_unavailable`` for them)."""
     text = os.fspath(weights) if weights is not None else None
+    if text and is_remote_source(text):
+        return remote_identity(text)
     hub = next((text[len(p):] for p in HUB_PREFIXES if text and text.startswith(p)), None)
     if text is None or hub is not None:
         repo = hub or spec.hf_hub_id or ""
