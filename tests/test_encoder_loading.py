@@ -252,7 +252,7 @@ def test_hub_without_network_fails_fast(empty_hf_cache, monkeypatch):
     assert time.monotonic() - t0 < 10
     msg = str(exc.value)
     assert "unreachable" in msg and "MahmoodLab/UNI2-h" in msg and "HF_TOKEN" in msg and "request access" in msg
-    assert "weights=DIR" in msg
+    assert "PATHRAY_WEIGHTS_DIR=DIR" in msg and "--weights <model>=SOURCE" in msg
 
 
 def test_hub_blackholed_network_times_out(empty_hf_cache, monkeypatch):
