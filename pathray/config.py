@@ -33,7 +33,7 @@ from pathray.encoders.offline import weights_dir_source
 from pathray.encoders.registry import native_tile_mismatch
 from pathray.errors import UnknownModelError
 from pathray.staging import DEFAULT_MAX_BYTES
-from pathray.tiling import TilingConfig
+from pathray.tiling import TilingConfig, TilingGroup
 from pathray.tissue import TissueConfig
 
 
@@ -68,6 +68,8 @@ class JobConfig:
     tiling: TilingConfig
     encoders: dict[str, EncoderConfig]
     resources: ResourceConfig = ResourceConfig()
+    #: models embedded at a tiling other than ``tiling``: their own native tile (see :func:`build_job_config`)
+    model_tilings: dict[str, TilingConfig] = field(default_factory=dict)
     chunk_tiles: int = 256  # tiles per work unit (read + encode + staged file)
     keep_columns: tuple[str, ...] = ()  # manifest columns copied onto every tile row
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # s3fs options; never written
@@ -90,6 +92,24 @@ class JobConfig:
         d.pop("slide_storage_options")
         return d
 
+    def tiling_of(self, model: str) -> TilingConfig:
+        """The tiling ``model``'s tiles are cut at."""
+        return self.model_tilings.get(model, self.tiling)
+
+    def tiling_groups(self, models: list[str] | tuple[str, ...] | None = None) -> tuple[TilingGroup, ...]:
+        """One :class:`TilingGroup` per distinct tiling of ``models`` (default: the run's), in
+        model order; a single group for every model when they share one tiling."""
+        models = tuple(self.models if models is None else models)
+        by_fp: dict[str, list[str]] = {}
+        tilings: dict[str, TilingConfig] = {}
+        for m in models:
+            tiling = self.tiling_of(m)
+            by_fp.setdefault(tiling.fingerprint(), []).append(m)
+            tilings[tiling.fingerprint()] = tiling
+        if len(by_fp) <= 1:
+            return (TilingGroup(next(iter(tilings.values()), self.tiling)),)
+        return tuple(TilingGroup(tilings[fp], tuple(ms)) for fp, ms in by_fp.items())
+
     @property
     def slide_options(self) -> dict[str, Any] | None:
         """The s3fs options slides are read with."""
@@ -101,6 +121,12 @@ RUNNERS = ("auto", "ray", "local")
 
 def tiling_record(tiling: TilingConfig) -> dict[str, Any]:
     return {**tiling.to_dict(), "fingerprint": tiling.fingerprint()}
+
+
+def model_tiling_records(config: JobConfig, models: list[str]) -> dict[str, dict[str, Any]]:
+    """Store records of the tilings of ``models`` that are cut at their own native tile
+    (not ``config.tiling``): what :meth:`pathray.store.FeatureStore.check_config` takes."""
+    return {m: tiling_record(config.model_tilings[m]) for m in models if m in config.model_tilings}
 
 
 def model_record(name: str, cfg: EncoderConfig) -> dict[str, Any]:
@@ -145,10 +171,12 @@ def build_job_config(raw: dict[str, Any]) -> JobConfig:
     models = raw["models"]
     models = tuple(m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip())
     encoders = _encoder_configs(models, raw.get("encoders") or {}, raw.pop("weights", None) or {})
+    tiling, model_tilings = _tilings(raw.get("tiling") or {}, models)
     raw.update(
         models=models,
         encoders=encoders,
-        tiling=_tiling(raw.get("tiling") or {}, models),
+        tiling=tiling,
+        model_tilings=model_tilings,
         resources=ResourceConfig(**(raw.get("resources") or {})),
         keep_columns=tuple(raw.get("keep_columns") or ()),
     )
@@ -176,26 +204,38 @@ def _encoder_configs(models: tuple[str, ...], encoder_raw: dict[str, Any],
     return configs
 
 
-def _tiling(raw: dict[str, Any], models: tuple[str, ...]) -> TilingConfig:
-    """TilingConfig from ``raw``; ``tile_px``/``target_mpp`` default to the first known
-    model's native tile (``EncoderSpec.tile_px``) and native µm/px. Logs a warning when the
-    models expect different native tiles (one tiling serves them all)."""
+def _tilings(raw: dict[str, Any], models: tuple[str, ...]) -> tuple[TilingConfig, dict[str, TilingConfig]]:
+    """``(tiling, model_tilings)`` from the YAML/CLI ``tiling`` mapping.
+
+    With ``tile_px`` or ``target_mpp`` given, every model is cut at that one tiling (a warning
+    names models that see a field of view other than their card's). Otherwise each known
+    model gets its native tile (``EncoderSpec.tile_px`` px at ``native_mpp``): ``tiling`` is
+    the first model's, and ``model_tilings`` holds each model whose native tile differs, with
+    the same tissue settings and no overlap. Unknown names fall back to ``tiling``."""
     raw = dict(raw)
     if isinstance(raw.get("tissue"), dict):
         raw["tissue"] = TissueConfig(**raw["tissue"])
+    pinned = "tile_px" in raw or "target_mpp" in raw
+    natives = {}
     for name in models:
         try:
             spec = get_spec(name)
         except UnknownModelError:
             continue
-        raw.setdefault("tile_px", spec.tile_px)
-        raw.setdefault("target_mpp", spec.native_mpp)
-        break
+        natives[name] = (spec.tile_px, spec.native_mpp)
+    if natives:
+        first = next(iter(natives.values()))
+        raw.setdefault("tile_px", first[0])
+        raw.setdefault("target_mpp", first[1])
     tiling = TilingConfig(**raw)
-    mismatch = native_tile_mismatch(models, tiling.tile_px, tiling.target_mpp)
-    if mismatch:
-        logging.getLogger(__name__).warning(mismatch)
-    return tiling
+    if pinned:
+        mismatch = native_tile_mismatch(models, tiling.tile_px, tiling.target_mpp)
+        if mismatch:
+            logging.getLogger(__name__).warning(mismatch)
+        return tiling, {}
+    own = {m: dataclasses.replace(tiling, tile_px=px, target_mpp=mpp, stride_px=None)
+           for m, (px, mpp) in natives.items() if (px, mpp) != (tiling.tile_px, tiling.target_mpp)}
+    return tiling, own
 
 
 def load_yaml(path: str) -> dict[str, Any]:

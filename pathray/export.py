@@ -126,7 +126,7 @@ def export_store(store: FeatureStore, model: str, fmt: str, out_dir: str) -> Exp
     folder, ext = FORMATS[fmt]
     target = os.path.join(os.path.abspath(out_dir), folder)
     os.makedirs(target, exist_ok=True)
-    tiling = (store.read_config() or {}).get("tiling", {})
+    tiling = store.tiling_of(model)
     stride_px = tiling.get("stride_px") or tiling.get("tile_px") or 0
     report = ExportReport()
     for slide_id in sorted(store.committed(model)):

@@ -60,7 +60,7 @@ def prepare_encoders(config: JobConfig, models: list[ModelPlan]) -> Future:
     time is a sleep) and plans the first slide, instead of after. Nothing is written."""
     executor = ThreadPoolExecutor(1, thread_name_prefix="pathray-model-load")
     future = executor.submit(lambda: [
-        ChunkEncoder(m.name, m.factory, config.tiling.tile_px, drop_pixels=i == len(models) - 1,
+        ChunkEncoder(m.name, m.factory, drop_pixels=i == len(models) - 1,
                      output_dtype=m.output_dtype) for i, m in enumerate(models)])
     executor.shutdown(wait=False)
     return future
@@ -73,11 +73,12 @@ def local_results(config: JobConfig, store_root: str, models: list[ModelPlan], t
     :func:`prepare_encoders`' future. Closing the generator stops the read-ahead thread."""
     staging = dict(storage_options=config.slide_options, scratch_dir=config.scratch_dir,
                    scratch_max_bytes=config.scratch_max_bytes)
-    planner = SlidePlanner(config.tiling, config.chunk_tiles, **staging)
-    reader = ChunkReader(config.tiling, **staging)
+    groups = config.tiling_groups([m.name for m in models])
+    planner = SlidePlanner(groups, config.chunk_tiles, **staging)
+    reader = ChunkReader(groups, **staging)
     ahead = _ReadAhead(planner, reader, todo)
     try:
-        writer = ChunkWriter(store_root, config.storage_options, [m.name for m in models], config.tiling,
+        writer = ChunkWriter(store_root, config.storage_options, [m.name for m in models],
                              {m.name: m.output_dtype for m in models})
         stages = encoders.result()
         for chunk in ahead:

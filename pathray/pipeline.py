@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from pathray import __version__
 from pathray.commit import CommitPool, LocalCommitPool, committer_count
-from pathray.config import JobConfig, fingerprint, tiling_record
+from pathray.config import JobConfig, fingerprint, model_tiling_records, tiling_record
 from pathray.encoders.custom import CustomEncoder
 from pathray.errors import StoreConfigMismatchError, UnknownModelError, describe
 from pathray.lease import StoreLease
@@ -46,6 +46,7 @@ from pathray.resources import Resources, local_gpus, plan_resources
 from pathray.slidefacts import SlideFacts
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
 from pathray.store import CommitRequest, FeatureStore, consolidate_slide_table, status_row
+from pathray.tiling import TilingConfig, TilingGroup
 from pathray.tracker import Complete, CompletionTracker, Failed
 
 log = logging.getLogger("pathray")
@@ -62,7 +63,8 @@ class RunContext:
     config: JobConfig
     store: FeatureStore
     store_hash: str
-    tiling_rec: dict[str, Any]  # the tiling's store record (with its fingerprint), for provenance
+    tiling_rec: dict[str, Any]  # the run's tiling's store record (with its fingerprint), for provenance
+    model_tiling_recs: dict[str, dict[str, Any]]  # models cut at their own native tile: their tiling records
     models: list[ModelPlan]
     entries: dict[str, SlideEntry]  # by slide id
     passthrough_schema: pa.Schema
@@ -80,20 +82,26 @@ class RunContext:
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
 
+    def tiling_rec_of(self, model: str) -> dict[str, Any]:
+        return self.model_tiling_recs.get(model, self.tiling_rec)
 
-def _choose_store(config: JobConfig, tiling_rec: dict, model_recs: dict[str, dict]) -> FeatureStore:
+
+def _choose_store(config: JobConfig, tiling_rec: dict, model_recs: dict[str, dict],
+                  model_tilings: dict[str, dict]) -> FeatureStore:
     """The store this run writes: ``out``, or with ``new_version`` and a config mismatch,
     ``out/versions/<hash>``. Only reads; raises :class:`StoreConfigMismatchError` otherwise."""
     store = FeatureStore(config.out, config.storage_options)
     try:
-        store.check_config(tiling_rec, model_recs)
+        store.check_config(tiling_rec, model_recs, model_tilings)
         return store
     except StoreConfigMismatchError:
         if not config.new_version:
             raise
-    version = fingerprint({"tiling": tiling_rec["fingerprint"], "models": sorted(r["fingerprint"] for r in model_recs.values())})
-    store = FeatureStore(f"{config.out.rstrip('/')}/versions/{version}", config.storage_options)
-    store.check_config(tiling_rec, model_recs)
+    identity = {"tiling": tiling_rec["fingerprint"], "models": sorted(r["fingerprint"] for r in model_recs.values())}
+    if model_tilings:  # runs with one tiling keep the version names they always had
+        identity["model_tilings"] = {m: r["fingerprint"] for m, r in model_tilings.items()}
+    store = FeatureStore(f"{config.out.rstrip('/')}/versions/{fingerprint(identity)}", config.storage_options)
+    store.check_config(tiling_rec, model_recs, model_tilings)
     return store
 
 
@@ -124,16 +132,17 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
     report.slides_in_manifest = len(entries)
     tiling_rec = tiling_record(config.tiling)
     model_recs = {m.name: m.record for m in models}
-    store = _choose_store(config, tiling_rec, model_recs)
+    model_tilings = model_tiling_records(config, list(model_recs))
+    store = _choose_store(config, tiling_rec, model_recs, model_tilings)
     if store.root != config.out.rstrip("/"):
         log.warning("config differs from %s: writing store version %s", config.out, store.root)
     report.store = store.root
     with StoreLease(store, run_id) as lease:
         if lease.took_over is not None:
             log.warning("took over the lease of %s: its holder stopped heart-beating", lease.took_over.describe())
-        store_hash = fingerprint(store.ensure_config(tiling_rec, model_recs))
+        store_hash = fingerprint(store.ensure_config(tiling_rec, model_recs, model_tilings))
         store.remove_temporaries()
-        run = RunContext(config, store, store_hash, tiling_rec, models, {e.slide_id: e for e in entries},
+        run = RunContext(config, store, store_hash, tiling_rec, model_tilings, models, {e.slide_id: e for e in entries},
                          _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report,
                          runner, encoders)
         report.per_model = {m.name: {"ok": 0, "no_tissue": 0, "error": 0, "tiles": 0} for m in models}
@@ -280,24 +289,25 @@ def _build_dataset(config: JobConfig, store_root: str, models: list[ModelPlan], 
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(todo), per_block)])
     staging = dict(storage_options=config.slide_options, scratch_dir=config.scratch_dir,
                    scratch_max_bytes=config.scratch_max_bytes)
+    groups = config.tiling_groups([m.name for m in models])
     ds = ds.map_batches(SlidePlanner, batch_size=1, batch_format="pyarrow", num_cpus=res.plan_num_cpus,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.planners),
-                        fn_constructor_kwargs=dict(tiling=config.tiling, chunk_tiles=config.chunk_tiles, **staging))
+                        fn_constructor_kwargs=dict(tiling=groups, chunk_tiles=config.chunk_tiles, **staging))
     ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow", num_cpus=res.reader_num_cpus,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.readers),
-                        fn_constructor_kwargs=dict(tiling=config.tiling, **staging))
+                        fn_constructor_kwargs=dict(tiling=groups, **staging))
     for i, model in enumerate(models):
         ds = ds.map_batches(ChunkEncoder, batch_size=config.resources.chunks_per_encode_call, batch_format="pyarrow",
                             num_cpus=res.encoder_num_cpus, num_gpus=res.encoder_num_gpus,
                             compute=ActorPoolStrategy(min_size=res.encoder_actors_min, max_size=res.encoder_actors),
-                            fn_constructor_kwargs=dict(model=model.name, make_encoder=model.factory, tile_px=config.tiling.tile_px,
+                            fn_constructor_kwargs=dict(model=model.name, make_encoder=model.factory,
                                                        drop_pixels=i == len(models) - 1,
                                                        threads=res.encoder_threads, output_dtype=model.output_dtype))
     types = {m.name: m.output_dtype for m in models}
     return ds.map_batches(ChunkWriter, batch_size=1, batch_format="pyarrow", num_cpus=res.write_num_cpus,
                           compute=ActorPoolStrategy(min_size=1, max_size=res.writers),
-                          fn_constructor_kwargs=dict(root=store_root, storage_options=config.storage_options, models=[m.name for m in models],
-                                         tiling=config.tiling, embedding_types=types))
+                          fn_constructor_kwargs=dict(root=store_root, storage_options=config.storage_options,
+                                                     models=[m.name for m in models], embedding_types=types))
 
 
 class _CommitQueue:
@@ -312,7 +322,7 @@ class _CommitQueue:
     def submit(self, done: Complete, model_provenance: dict) -> None:
         run, r = self.run, done.row
         entry, facts = run.entries[done.slide_id], SlideFacts.from_json(r["slide_meta"])
-        prov = {"model": model_provenance, "tiling": run.tiling_rec, "run_id": run.run_id,
+        prov = {"model": model_provenance, "tiling": run.tiling_rec_of(done.model), "run_id": run.run_id,
                 "pathray_version": __version__, "store_config_hash": run.store_hash}
         ref = self.pool.submit(CommitRequest(
             done.model, done.slide_id, entry.cohort, done.chunk_ids, r["n_tiles_slide"], facts.commit_fields(), prov,
@@ -415,39 +425,51 @@ def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
     plans, unknown = plan_models(config)
     models = [m.name for m in plans]
     entries = read_manifest(config.manifest, config.storage_options)
-    store = _choose_store(config, tiling_record(config.tiling), {m.name: m.record for m in plans})
+    store = _choose_store(config, tiling_record(config.tiling), {m.name: m.record for m in plans},
+                          model_tiling_records(config, models))
     committed = {m: store.committed(m) for m in models}
     todo = [e for e in entries if any(e.slide_id not in committed[m] for m in models)]
-    tiles = _estimate_tiles(config, todo, sample)
+    groups = config.tiling_groups(models) if models else (TilingGroup(config.tiling),)
+    per_group = [dict(tile_px=g.tiling.tile_px, target_mpp=g.tiling.target_mpp, models=list(g.models or models),
+                      **_estimate_tiles(config, g.tiling, todo, sample)) for g in groups]
+    tiles = sum(g["estimated_tiles"] for g in per_group)
     cluster = {"CPU": float(os.cpu_count() or 1), "GPU": float(local_gpus())}
     return {
         "models": models,
         "unknown_models": [name for name, _ in unknown],
         "tiling": config.tiling.to_dict(),
+        "tilings": per_group,
         "store": store.root,
         "store_exists": store.read_config() is not None,
         "slides_in_manifest": len(entries),
         "slides_already_committed": len(entries) - len(todo),
         "slides_to_do": len(todo),
-        **tiles,
-        "estimated_chunks": (round(math.ceil(tiles["estimated_tiles"] / max(len(todo), 1) / config.chunk_tiles)
-                             * len(todo)) if tiles["estimated_tiles"] else 0),
-        "gpu_hours": _gpu_hours(models, tiles["estimated_tiles"]),
+        "tile_estimate": per_group[0]["tile_estimate"],
+        "estimated_tiles": tiles,
+        "sampled_slides": per_group[0]["sampled_slides"],
+        "sample_errors": per_group[0]["sample_errors"],
+        "estimated_chunks": sum(_chunks(g["estimated_tiles"], len(todo), config.chunk_tiles) for g in per_group),
+        "gpu_hours": _gpu_hours({m: g["estimated_tiles"] for g in per_group for m in g["models"]}),
         "local_resources": cluster,
         "runner_here": choose_runner(config),
         "resource_plan_here": dataclasses.asdict(plan_resources(config, cluster, max(1, len(models)))),
     }
 
 
-def _estimate_tiles(config: JobConfig, todo: list[SlideEntry], sample: int) -> dict[str, Any]:
+def _chunks(tiles: int, slides: int, chunk_tiles: int) -> int:
+    """Chunks for ``tiles`` spread evenly over ``slides`` slides."""
+    return round(math.ceil(tiles / max(slides, 1) / chunk_tiles) * slides) if tiles else 0
+
+
+def _estimate_tiles(config: JobConfig, tiling: TilingConfig, todo: list[SlideEntry], sample: int) -> dict[str, Any]:
     from pathray.idc import estimate_tiles
 
     rows = [{"slide_id": e.slide_id, **e.extra} for e in todo]
     if rows and all(r.get("width_px") and r.get("index_mpp") for r in rows):
-        estimate = estimate_tiles(rows, config.tiling.tile_px, config.tiling.target_mpp, config.tiling.stride_px)
+        estimate = estimate_tiles(rows, tiling.tile_px, tiling.target_mpp, tiling.stride_px)
         return {"tile_estimate": "index geometry (full grid, no tissue filter: an upper bound)",
                 "estimated_tiles": estimate.grid_tiles, "sampled_slides": 0, "sample_errors": []}
-    planner = SlidePlanner(config.tiling, config.chunk_tiles, config.slide_options, config.scratch_dir,
+    planner = SlidePlanner(tiling, config.chunk_tiles, config.slide_options, config.scratch_dir,
                            config.scratch_max_bytes)
     counts, errors = [], []
     try:
@@ -465,11 +487,12 @@ def _estimate_tiles(config: JobConfig, todo: list[SlideEntry], sample: int) -> d
             "estimated_tiles": round(mean_tiles * len(todo)), "sampled_slides": len(counts), "sample_errors": errors}
 
 
-def _gpu_hours(models: list[str], tiles: int) -> dict[str, Any]:
-    """GPU-hours per registered model at the 50 %-MFU target rate on one H100 (bf16): a
-    planning figure, not a measurement (no benchmarked GPU rate is recorded yet)."""
+def _gpu_hours(tiles: dict[str, int]) -> dict[str, Any]:
+    """GPU-hours per registered model (``tiles``: the tiles each embeds) at the 50 %-MFU target
+    rate on one H100 (bf16): a planning figure, not a measurement (no benchmarked GPU rate is
+    recorded yet)."""
     from pathray.encoders.cost import TARGET_MFU, target_tiles_per_s
     from pathray.encoders.registry import REGISTRY
 
-    hours = {m: round(tiles / target_tiles_per_s(m) / 3600, 2) for m in models if m in REGISTRY}
+    hours = {m: round(n / target_tiles_per_s(m) / 3600, 2) for m, n in tiles.items() if m in REGISTRY}
     return {"basis": f"target rate at {TARGET_MFU:.0%} MFU on one H100 (bf16), not measured", "per_model": hours}

@@ -34,7 +34,8 @@ from pathray.slide import open_slide
 from pathray.slidefacts import SlideFacts
 from pathray.staging import DEFAULT_MAX_BYTES, Scratch, node_scratch_dir
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
-from pathray.tiling import TilingConfig, plan_tiles, read_tiles
+from pathray.tiling import TilingConfig, TilingGroup, as_groups, plan_tiles, read_tiles
+from pathray.tissue import detect_tissue
 
 SLIDE_SCHEMA = pa.schema(
     [
@@ -49,6 +50,9 @@ SLIDE_SCHEMA = pa.schema(
 CHUNK_SCHEMA = pa.schema(
     [
         *SLIDE_SCHEMA,  # mpp_override travels on so readers open the slide as the planner did
+        ("tiling", pa.string()),  # fingerprint of the chunk's tiling ("" when planning failed)
+        ("tile_px", pa.int32()),  # that tiling's tile side (px at target_mpp)
+        ("target_mpp", pa.float64()),
         ("chunk_id", pa.string()),
         ("chunk_index", pa.int32()),
         ("n_chunks", pa.int32()),
@@ -106,13 +110,15 @@ def _error_fields(stage: str, exc: BaseException) -> dict[str, str]:
 
 # --- plan -----------------------------------------------------------------------------------
 class SlidePlanner:
-    """slide rows -> chunk rows: open each slide, detect tissue, lay the tile grid, cut it
-    into chunks of at most ``chunk_tiles`` tiles (in ``tile_index`` order)."""
+    """slide rows -> chunk rows: open each slide once, detect tissue once per tissue setting,
+    lay one tile grid per tiling group (a run whose models were trained on different tiles
+    has several), and cut each grid into chunks of at most ``chunk_tiles`` tiles (in
+    ``tile_index`` order). A chunk row's ``models`` are the slide's models of its tiling."""
 
-    def __init__(self, tiling: TilingConfig, chunk_tiles: int, storage_options: dict | None = None,
-                 scratch_dir: str | None = None, scratch_max_bytes: int = DEFAULT_MAX_BYTES):
-        self.tiling = tiling
-        self.fingerprint = tiling.fingerprint()
+    def __init__(self, tiling: TilingConfig | tuple[TilingGroup, ...], chunk_tiles: int,
+                 storage_options: dict | None = None, scratch_dir: str | None = None,
+                 scratch_max_bytes: int = DEFAULT_MAX_BYTES):
+        self.groups = as_groups(tiling)
         self.chunk_tiles = int(chunk_tiles)
         self.storage_options = storage_options
         self.scratch = Scratch(scratch_dir or node_scratch_dir(), scratch_max_bytes)  # shared by the node's actors
@@ -129,30 +135,45 @@ class SlidePlanner:
     def plan_one(self, slide: dict[str, Any]) -> list[dict[str, Any]]:
         start = time.perf_counter()
         base = {k: slide[k] for k in ("slide_id", "path", "cohort", "mpp_override", "models")}
-        empty = dict(base, chunk_id="", chunk_index=0, n_chunks=0, n_tiles_slide=0, tile_index=b"", x=b"", y=b"",
-                     tissue_fraction=b"", size_level0=0.0, stage="plan", error_type="", error_message="", slide_meta="{}")
+        empty = dict(base, tiling="", tile_px=0, target_mpp=0.0, chunk_id="", chunk_index=0, n_chunks=0,
+                     n_tiles_slide=0, tile_index=b"", x=b"", y=b"", tissue_fraction=b"", size_level0=0.0, stage="plan",
+                     error_type="", error_message="", slide_meta="{}")
+        rows: list[dict[str, Any]] = []
         try:
             with open_slide(slide["path"], mpp_override=slide["mpp_override"], scratch=self.scratch,
                             storage_options=self.storage_options) as handle:
-                meta = SlideFacts.of(handle).to_json()
-                grid = plan_tiles(handle, slide["slide_id"], self.tiling)
+                empty["slide_meta"] = SlideFacts.of(handle).to_json()
+                masks: dict[Any, Any] = {}
+                for group in self.groups:
+                    models = [m for m in slide["models"] if group.takes(m)]
+                    if models or not slide["models"]:
+                        rows.extend(self._plan_group(handle, slide["slide_id"], group.tiling, dict(empty, models=models),
+                                                     masks))
         except Exception as exc:  # every failure becomes a recorded per-slide error
-            return [dict(empty, **_error_fields("plan", exc), plan_s=time.perf_counter() - start)]
-        n = len(grid.tile_index)
+            rows = [dict(empty, **_error_fields("plan", exc))]
         elapsed = time.perf_counter() - start
+        return [dict(r, plan_s=elapsed / len(rows)) for r in rows]
+
+    def _plan_group(self, handle: Any, slide_id: str, tiling: TilingConfig, empty: dict[str, Any],
+                    masks: dict[Any, Any]) -> list[dict[str, Any]]:
+        """The chunk rows of one tiling of an open slide (``masks``: tissue masks by setting)."""
+        fingerprint = tiling.fingerprint()
+        empty = dict(empty, tiling=fingerprint, tile_px=tiling.tile_px, target_mpp=tiling.target_mpp)
+        if tiling.tissue not in masks:
+            masks[tiling.tissue] = detect_tissue(handle, tiling.tissue)
+        grid = plan_tiles(handle, slide_id, tiling, masks[tiling.tissue])
+        n = len(grid.tile_index)
         if n == 0:
-            return [dict(empty, status="no_tissue", slide_meta=meta, plan_s=elapsed)]
+            return [dict(empty, status="no_tissue")]
         bounds = list(range(0, n, self.chunk_tiles))
         return [
             dict(
-                base, chunk_id=chunk_id(slide["slide_id"], self.fingerprint, i), chunk_index=i, n_chunks=len(bounds),
-                n_tiles_slide=n,
+                empty, chunk_id=chunk_id(slide_id, fingerprint, i), chunk_index=i, n_chunks=len(bounds), n_tiles_slide=n,
                 tile_index=np.asarray(grid.tile_index[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
                 x=np.asarray(grid.x[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
                 y=np.asarray(grid.y[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
                 tissue_fraction=np.asarray(grid.tissue_fraction[lo:lo + self.chunk_tiles], dtype="<f4").tobytes(),
-                size_level0=float(grid.size_level0), status="ok", stage="", error_type="", error_message="",
-                slide_meta=meta, plan_s=elapsed / len(bounds),
+                size_level0=float(grid.size_level0), status="ok", stage="",
             )
             for i, lo in enumerate(bounds)
         ]
@@ -168,9 +189,9 @@ class ChunkReader:
     truncated file whose damage shows only past the header) turn the chunk into an error row.
     """
 
-    def __init__(self, tiling: TilingConfig, storage_options: dict | None = None, scratch_dir: str | None = None,
-                 scratch_max_bytes: int = DEFAULT_MAX_BYTES, max_open: int = 4):
-        self.tiling = tiling
+    def __init__(self, tiling: TilingConfig | tuple[TilingGroup, ...], storage_options: dict | None = None,
+                 scratch_dir: str | None = None, scratch_max_bytes: int = DEFAULT_MAX_BYTES, max_open: int = 4):
+        self.tilings = {g.tiling.fingerprint(): g.tiling for g in as_groups(tiling)}
         self.storage_options = storage_options
         self.scratch = Scratch(scratch_dir or node_scratch_dir(), scratch_max_bytes)  # shared by the node's actors
         self.max_open = max_open
@@ -201,7 +222,7 @@ class ChunkReader:
                     handle = self._slide(row["path"], row["mpp_override"])
                     x = np.frombuffer(row["x"], dtype="<i8")
                     y = np.frombuffer(row["y"], dtype="<i8")
-                    tiles = read_tiles(handle, self.tiling, x, y)
+                    tiles = read_tiles(handle, self.tilings[row["tiling"]], x, y)
                     data, count = np.ascontiguousarray(tiles, dtype=np.uint8).tobytes(), len(tiles)
                 except Exception as exc:
                     update = _error_fields("read", exc)
@@ -238,15 +259,18 @@ def _apply_updates(table: pa.Table, updates: list[dict[str, str]]) -> pa.Table:
     return table
 
 
-def tile_batches(pixels: pa.ChunkedArray, tile_px: int) -> list[np.ndarray]:
-    """Zero-copy, read-only uint8 ``(N, tile_px, tile_px, 3)`` views of a ``pixels`` column,
-    one per row (no copy into Python bytes: at GPU rates that is ~1 GB/s of memcpy saved)."""
-    views = []
+def tile_batches(pixels: pa.ChunkedArray, tile_px: list[int]) -> list[np.ndarray]:
+    """Zero-copy, read-only uint8 ``(N, tile_px[i], tile_px[i], 3)`` views of a ``pixels`` column,
+    one per row (no copy into Python bytes: at GPU rates that is ~1 GB/s of memcpy saved). A
+    row without pixels gives an empty ``(0, 1, 1, 3)`` view when its ``tile_px`` is 0."""
+    views, sides = [], iter(tile_px)
     for chunk in pixels.chunks:
         offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
         data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8) if len(chunk) else np.empty(0, np.uint8)
         data.flags.writeable = False  # the buffer may live in the shared object store
-        views.extend(data[lo:hi].reshape(-1, tile_px, tile_px, 3) for lo, hi in zip(offsets[:-1], offsets[1:]))
+        for lo, hi in zip(offsets[:-1], offsets[1:]):
+            side = max(int(next(sides)), 1)
+            views.append(data[lo:hi].reshape(-1, side, side, 3))
     return views
 
 
@@ -262,7 +286,7 @@ class ChunkEncoder:
     already failed, pass through with empty embeddings.
     """
 
-    def __init__(self, model: str, make_encoder: Callable[[], Any], tile_px: int, drop_pixels: bool,
+    def __init__(self, model: str, make_encoder: Callable[[], Any], drop_pixels: bool,
                  threads: int | None = None, output_dtype: str = "float32"):
         if threads:  # the actor's CPU share, not Ray's OMP_NUM_THREADS=1 default for fractional actors
             import torch
@@ -270,7 +294,6 @@ class ChunkEncoder:
             torch.set_num_threads(threads)
         self.model = model
         self.output_dtype = np.dtype(output_dtype)
-        self.tile_px = tile_px
         self.drop_pixels = drop_pixels
         self.encoder, self.load_error = None, None
         try:
@@ -283,7 +306,7 @@ class ChunkEncoder:
     def __call__(self, chunks: pa.Table) -> pa.Table:
         embeddings, seconds, finished, errors = [], [], [], []
         rows = zip(chunks.column("status").to_pylist(), chunks.column("models").to_pylist(),
-                   tile_batches(chunks.column("pixels"), self.tile_px))
+                   tile_batches(chunks.column("pixels"), chunks.column("tile_px").to_pylist()))
         for status, models, tiles in rows:
             start, data, error = time.perf_counter(), b"", ""
             if status == "ok" and self.model in models:
@@ -311,14 +334,13 @@ class ChunkEncoder:
 class ChunkWriter:
     """chunk rows with embeddings -> result rows; stages one Parquet object per (chunk, model).
 
-    ``embedding_types`` maps each model to its Arrow float type (float32/float16).
+    ``embedding_types`` maps each model to its Arrow float type (float32/float16). Each tile
+    row records the tiling (``target_mpp``, ``tile_px``) of its chunk.
     """
 
-    def __init__(self, root: str, storage_options: dict | None, models: list[str], tiling: TilingConfig,
-                 embedding_types: dict[str, str]):
+    def __init__(self, root: str, storage_options: dict | None, models: list[str], embedding_types: dict[str, str]):
         self.store = FeatureStore(root, storage_options)
         self.models = list(models)
-        self.tiling = tiling
         self.embedding_types = {m: np.dtype(t) for m, t in embedding_types.items()}
 
     def __call__(self, chunks: pa.Table) -> pa.Table:
@@ -351,8 +373,8 @@ class ChunkWriter:
                     pa.array(np.frombuffer(row["x"], dtype="<i8")),
                     pa.array(np.frombuffer(row["y"], dtype="<i8")),
                     pa.array(np.full(n, row["size_level0"], dtype=np.float64)),
-                    pa.array(np.full(n, self.tiling.target_mpp, dtype=np.float64)),
-                    pa.array(np.full(n, self.tiling.tile_px, dtype=np.int32)),
+                    pa.array(np.full(n, row["target_mpp"], dtype=np.float64)),
+                    pa.array(np.full(n, row["tile_px"], dtype=np.int32)),
                     pa.array(np.frombuffer(row["tissue_fraction"], dtype="<f4")),
                     embeddings_to_arrow(embeddings),
                 ],

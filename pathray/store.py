@@ -2,7 +2,7 @@
 
 Layout under ``ROOT`` (a local directory or ``s3://bucket/prefix``)::
 
-    _pathray_store.json                                   store config: tiling + every model's config
+    _pathray_store.json                                   store config: tiling(s) + every model's config
     features/model=<model>/cohort=<cohort>/<slide_id>.parquet
                                                           all tiles of one committed (slide, model)
     _staging/model=<model>/<slide_id>/<chunk_id>.parquet  chunk outputs of the write stage (transient)
@@ -171,6 +171,12 @@ class CommitRecord:
     slide: dict[str, Any]  # width, height, mpp, mpp_source, vendor, path
 
 
+def model_tiling(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """The tiling record of ``model`` in a store config: its ``model_tilings`` entry, else the
+    store's ``tiling`` (stores written before per-model tilings have only the latter)."""
+    return (config.get("model_tilings") or {}).get(model) or config.get("tiling") or {}
+
+
 class FeatureStore:
     """A feature store rooted at a local directory or ``s3://`` prefix.
 
@@ -243,45 +249,67 @@ class FeatureStore:
     def read_config(self) -> dict | None:
         return _read_json(self.fs, self.path(STORE_META))
 
-    def ensure_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]]) -> dict:
+    def ensure_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]],
+                      model_tilings: dict[str, dict[str, Any]] | None = None) -> dict:
         """Create the store config, or check a run's config against the existing one and add
         new models to it. Raises :class:`StoreConfigMismatchError` as :meth:`check_config`.
         Returns the config now in force."""
-        current, changed = self.check_config(tiling, models)
+        current, changed = self.check_config(tiling, models, model_tilings)
         if changed:
             _put_bytes(self.fs, self.path(STORE_META), json.dumps(current, indent=2, sort_keys=True).encode())
         return current
 
-    def check_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]]) -> tuple[dict, bool]:
+    def check_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]],
+                     model_tilings: dict[str, dict[str, Any]] | None = None) -> tuple[dict, bool]:
         """The config a run with ``tiling`` and ``models`` would put in force, and whether it
         differs from the stored one; nothing is written (``--dry-run`` uses this).
 
-        ``tiling`` and each ``models[name]`` are JSON-able dicts whose ``fingerprint`` key
-        identifies them. A different tiling, or a model name already in the store with a
-        different fingerprint, raises :class:`StoreConfigMismatchError` naming the fields
-        that differ."""
+        ``tiling``, each ``models[name]`` and each ``model_tilings[name]`` (models cut at a
+        tiling other than ``tiling``: their native tile) are JSON-able dicts whose
+        ``fingerprint`` key identifies them. Each model has one tiling in a store: the config's
+        ``tiling``, or its entry in the config's ``model_tilings``. A model already in the store
+        with a different tiling or a different fingerprint raises
+        :class:`StoreConfigMismatchError` naming the fields that differ; a new model is added,
+        under ``model_tilings`` when its tiling is not the store's ``tiling``."""
+        model_tilings = model_tilings or {}
         current = self.read_config()
         if current is None:
-            fresh = {"format": STORE_FORMAT, "created_by": f"pathray {__version__}", "tiling": tiling, "models": models}
-            return fresh, True
-        if current.get("format") != STORE_FORMAT:
-            raise StoreConfigMismatchError(f"{self.root} has store format {current.get('format')}, expected {STORE_FORMAT}")
-        if current["tiling"]["fingerprint"] != tiling["fingerprint"]:
-            raise StoreConfigMismatchError(
-                f"{self.root} was written with another tiling: {config_diff(current['tiling'], tiling)}. Write to a "
-                f"new --out root, or pass --new-version to store this configuration as a separate version under "
-                f"{self.root}/versions/."
-            )
-        merged = dict(current, models=dict(current["models"]))
-        for name, cfg in models.items():
-            old = merged["models"].get(name)
-            if old is not None and old["fingerprint"] != cfg["fingerprint"]:
+            current = {"format": STORE_FORMAT, "created_by": f"pathray {__version__}", "tiling": tiling, "models": {}}
+            fresh = True
+        else:
+            fresh = False
+            if current.get("format") != STORE_FORMAT:
                 raise StoreConfigMismatchError(
-                    f"model {name!r} in {self.root} was written with another config: {config_diff(old, cfg)}. "
-                    "Use a new --out root, or --new-version."
-                )
-            merged["models"].setdefault(name, cfg)
-        return merged, merged != current
+                    f"{self.root} has store format {current.get('format')}, expected {STORE_FORMAT}")
+        merged = dict(current, models=dict(current["models"]), model_tilings=dict(current.get("model_tilings", {})))
+        for name, cfg in models.items():
+            want = model_tilings.get(name, tiling)
+            if name in merged["models"]:
+                self._check_model(name, merged, cfg, want)
+                continue
+            merged["models"][name] = cfg
+            if want["fingerprint"] != merged["tiling"]["fingerprint"]:
+                merged["model_tilings"][name] = want
+        if not merged["model_tilings"]:
+            del merged["model_tilings"]
+        return merged, fresh or merged != current
+
+    def _check_model(self, name: str, config: dict, record: dict[str, Any], tiling: dict[str, Any]) -> None:
+        have = model_tiling(config, name)
+        if have["fingerprint"] != tiling["fingerprint"]:
+            raise StoreConfigMismatchError(
+                f"{self.root} holds {name!r} at another tiling: {config_diff(have, tiling)}. Write to a new --out "
+                f"root, or pass --new-version to store this configuration as a separate version under "
+                f"{self.root}/versions/.")
+        old = config["models"][name]
+        if old["fingerprint"] != record["fingerprint"]:
+            raise StoreConfigMismatchError(
+                f"model {name!r} in {self.root} was written with another config: {config_diff(old, record)}. "
+                "Use a new --out root, or --new-version.")
+
+    def tiling_of(self, model: str) -> dict[str, Any]:
+        """The tiling record ``model`` was embedded at in this store ({} when unknown)."""
+        return model_tiling(self.read_config() or {}, model)
 
     # writing -----------------------------------------------------------------------------
     def write_chunk(self, model: str, slide_id: str, chunk_id: str, table: pa.Table) -> None:

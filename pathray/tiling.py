@@ -104,6 +104,23 @@ class TilingConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class TilingGroup:
+    """One tiling of a run and the models embedded at it (``None``: every model of the run).
+    A run whose models were trained on different tiles has one group per (tile px, µm/px)."""
+
+    tiling: TilingConfig
+    models: tuple[str, ...] | None = None
+
+    def takes(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+def as_groups(tiling: TilingConfig | tuple[TilingGroup, ...] | list[TilingGroup]) -> tuple[TilingGroup, ...]:
+    """``tiling`` as tiling groups: a single :class:`TilingConfig` is one group for every model."""
+    return (TilingGroup(tiling),) if isinstance(tiling, TilingConfig) else tuple(tiling)
+
+
 @dataclass
 class TileGrid:
     """One slide's kept tiles, in row-major grid order; ``tile_index`` is 0..N-1."""
@@ -163,11 +180,13 @@ def grid_shape(width: int, height: int, size_level0: float, step_level0: float) 
     return cols, rows
 
 
-def plan_tiles(slide: Slide, slide_id: str, config: TilingConfig) -> TileGrid:
+def plan_tiles(slide: Slide, slide_id: str, config: TilingConfig, tissue: TissueMask | None = None) -> TileGrid:
     """Grid the whole slide at ``config.target_mpp`` and keep tiles with enough tissue.
 
     The grid holds every tile that fits entirely inside level 0, starting at (0, 0), with
     stride ``stride * target_mpp / slide.mpp`` level-0 px (positions rounded to int).
+    ``tissue``: the slide's mask for ``config.tissue`` when already detected (several tilings
+    of one slide share it), else detected here.
     """
     size = config.tile_px * config.target_mpp / slide.mpp
     step = config.stride * config.target_mpp / slide.mpp
@@ -176,7 +195,7 @@ def plan_tiles(slide: Slide, slide_id: str, config: TilingConfig) -> TileGrid:
     gy = np.round(np.arange(rows) * step).astype(np.int64)
     yy, xx = np.meshgrid(gy, gx, indexing="ij")
     xx, yy = xx.ravel(), yy.ravel()
-    tissue = detect_tissue(slide, config.tissue)
+    tissue = tissue if tissue is not None else detect_tissue(slide, config.tissue)
     fraction = tissue.fraction(xx, yy, size)
     keep = fraction >= config.min_tissue_fraction if config.min_tissue_fraction > 0 else np.ones(xx.size, bool)
     if tissue.is_empty and config.min_tissue_fraction > 0:

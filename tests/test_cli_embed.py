@@ -59,18 +59,29 @@ def test_tiling_defaults_to_the_first_models_native_tile(caplog):
         build_job_config({"manifest": "m.csv", "out": "o", "models": "uni", "tile_size": 3})
 
 
-def test_models_with_different_native_tiles_warn_and_share_the_first_models_tiling(caplog):
+def test_models_with_different_native_tiles_get_each_their_own_tiling(caplog):
     with caplog.at_level(logging.WARNING, logger="pathray.config"):
         config = build_job_config({"manifest": "m.csv", "out": "o", "models": "uni2-h,prov-gigapath,kaiko-vits16"})
+    assert not caplog.records  # nothing to warn about: every model gets its card's tile
     assert (config.tiling.tile_px, config.tiling.target_mpp) == (224, 0.5)
+    assert {m: (t.tile_px, t.target_mpp) for m, t in config.model_tilings.items()} == {"prov-gigapath": (256, 0.5)}
+    assert config.tiling_of("prov-gigapath").tissue == config.tiling.tissue
+    groups = config.tiling_groups()
+    assert [(g.tiling.tile_px, g.models) for g in groups] == [(224, ("uni2-h", "kaiko-vits16")), (256, ("prov-gigapath",))]
+    same = build_job_config({"manifest": "m.csv", "out": "o", "models": "kaiko-vits16,uni,virchow2"})
+    assert same.model_tilings == {} and len(same.tiling_groups()) == 1 and same.tiling_groups()[0].models is None
+
+
+def test_a_pinned_tiling_serves_every_model_and_warns_who_sees_another_field_of_view(caplog):
+    with caplog.at_level(logging.WARNING, logger="pathray.config"):
+        config = build_job_config({"manifest": "m.csv", "out": "o", "models": "uni2-h,prov-gigapath,kaiko-vits16",
+                                   "tiling": {"tile_px": 224}})
+    assert (config.tiling.tile_px, config.tiling.target_mpp) == (224, 0.5) and config.model_tilings == {}
     (record,) = caplog.records
     text = record.getMessage()
     assert "uni2-h: 224 px at 0.5 µm/px" in text and "prov-gigapath: 256 px at 0.5 µm/px" in text
     assert "224 px at 0.5 µm/px, for every model" in text and "so prov-gigapath see" in text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pathray.config"):
-        config = build_job_config({"manifest": "m.csv", "out": "o", "models": "kaiko-vits16,uni,virchow2"})
-    assert not caplog.records  # same native tile for all: silent
+    assert "Leave tile_px and target_mpp unset" in text
 
 
 def test_dry_run_reports_plan_without_running(tmp_path, synthetic_svs_025, synthetic_svs_05, capsys):

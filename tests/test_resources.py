@@ -64,7 +64,7 @@ def test_a_fractional_encoder_actor_runs_the_planned_torch_threads(ray_cluster):
     @ray.remote(num_cpus=0.5)
     class Probe:
         def __init__(self, threads):
-            self.stage = ChunkEncoder("m", sleep_encoder(tiles_per_s=1e6).factory, 8, True, threads=threads)
+            self.stage = ChunkEncoder("m", sleep_encoder(tiles_per_s=1e6).factory, True, threads=threads)
 
         def threads(self):
             import torch

@@ -22,7 +22,7 @@ TILING = TilingConfig(tile_px=224, target_mpp=0.5)
 def test_tile_batches_are_zero_copy_views_of_each_row():
     rows = [np.full((n, 4, 4, 3), n, np.uint8) for n in (1, 2, 3)]
     table = pa.table({"pixels": pa.array([r.tobytes() for r in rows], type=pa.large_binary())}).slice(1)
-    views = tile_batches(table.column("pixels"), 4)
+    views = tile_batches(table.column("pixels"), [4] * table.num_rows)
     assert [v.shape[0] for v in views] == [2, 3]
     for view, want in zip(views, rows[1:]):
         np.testing.assert_array_equal(view, want)
@@ -45,11 +45,11 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
     reader = ChunkReader(TILING)
     read = reader(chunks)
     assert read.column("tiles_read").to_pylist()[:3] == [4, 4, 2]
-    encoded = ChunkEncoder("m1", lambda: SleepEncoder(1e6, 6), 224, drop_pixels=False)(read)
+    encoded = ChunkEncoder("m1", lambda: SleepEncoder(1e6, 6), drop_pixels=False)(read)
     # m2 is stored as float16 while its encoder returns float32: the encode stage casts
-    encoded = ChunkEncoder("m2", lambda: SleepEncoder(1e6, 3), 224, drop_pixels=True, output_dtype="float16")(encoded)
+    encoded = ChunkEncoder("m2", lambda: SleepEncoder(1e6, 3), drop_pixels=True, output_dtype="float16")(encoded)
     assert "pixels" not in encoded.column_names
-    results = ChunkWriter(str(tmp_path / "store"), None, ["m1", "m2"], TILING, {"m1": "float32", "m2": "float16"})(encoded)
+    results = ChunkWriter(str(tmp_path / "store"), None, ["m1", "m2"], {"m1": "float32", "m2": "float16"})(encoded)
     assert len(results) == 2 * len(chunks)  # one row per (chunk, model)
     assert [r["first"] for r in results.to_pylist()] == [True, False] * len(chunks)
     reader.close()
@@ -77,7 +77,7 @@ def test_encoder_that_cannot_load_fails_its_model_only(synthetic_svs_05):
     def broken():
         raise FileNotFoundError("no weights here")
 
-    out = ChunkEncoder("bad", broken, 224, drop_pixels=True)(read)
+    out = ChunkEncoder("bad", broken, drop_pixels=True)(read)
     errors = [json.loads(e) for e in out.column("err:bad").to_pylist()]
     assert {e["error_type"] for e in errors} == {"unexpected_error"} and {e["stage"] for e in errors} == {"encode"}
     assert errors[0]["error_message"] == "FileNotFoundError: no weights here"

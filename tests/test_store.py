@@ -104,10 +104,28 @@ def test_store_config_guard(tmp_path):
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}})
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}, "kaiko": {"fingerprint": "k1"}})
     assert sorted(store.read_config()["models"]) == ["kaiko", "uni"]  # adding a model is fine
-    with pytest.raises(StoreConfigMismatchError, match="tile_px: store has 224, this run asks for 256"):
-        store.ensure_config({"tile_px": 256, "fingerprint": "t2"}, {})
+    with pytest.raises(StoreConfigMismatchError, match="holds 'uni' at another tiling: tile_px: store has 224, this run asks "
+                       "for 256"):
+        store.ensure_config({"tile_px": 256, "fingerprint": "t2"}, {"uni": {"weights": "a", "fingerprint": "u1"}})
+    with pytest.raises(StoreConfigMismatchError, match="holds 'kaiko' at another tiling"):
+        store.ensure_config(tiling, {"kaiko": {"fingerprint": "k1"}}, {"kaiko": {"tile_px": 448, "fingerprint": "t4"}})
     with pytest.raises(StoreConfigMismatchError, match="model 'uni' .*weights: store has 'a', this run asks for 'b'[.] Use"):
         store.ensure_config(tiling, {"uni": {"weights": "b", "fingerprint": "u2"}})
+
+
+def test_store_config_keeps_each_models_own_tiling(tmp_path):
+    """A model cut at its own native tile is recorded under model_tilings; the store's tiling
+    stays the one of the models that share it, and both are checked on the next run."""
+    store = FeatureStore(str(tmp_path))
+    tiling, conch = {"tile_px": 224, "fingerprint": "t1"}, {"tile_px": 512, "fingerprint": "t5"}
+    store.ensure_config(tiling, {"uni": {"fingerprint": "u1"}, "conch": {"fingerprint": "c1"}}, {"conch": conch})
+    config = store.read_config()
+    assert config["tiling"] == tiling and config["model_tilings"] == {"conch": conch}
+    assert store.tiling_of("conch") == conch and store.tiling_of("uni") == tiling
+    # a run of conch alone (its tiling first) finds it where it was: nothing changes
+    assert store.check_config(conch, {"conch": {"fingerprint": "c1"}})[1] is False
+    with pytest.raises(StoreConfigMismatchError, match="holds 'conch' at another tiling"):
+        store.check_config(tiling, {"conch": {"fingerprint": "c1"}})
 
 
 def test_check_config_writes_nothing(tmp_path):

@@ -39,8 +39,8 @@ def native_tile_mismatch(models: list[str] | tuple[str, ...], tile_px: int, targ
     others = [s.name for s in specs if (s.tile_px, s.native_mpp) != (tile_px, target_mpp)]
     return (f"models expect different native tiles ({expects}); this run cuts one tiling, {tile_px} px at "
             f"{target_mpp:g} µm/px, for every model, and each model's own Resize/CenterCrop is applied to those "
-            f"tiles, so {', '.join(others)} see(s) a field of view other than the card's. Run such models in "
-            "separate stores (one --out per tiling) to give each its native tile.")
+            f"tiles, so {', '.join(others)} see(s) a field of view other than the card's. Leave tile_px and "
+            "target_mpp unset (no --tile-px/--target-mpp) to embed each model at its own native tile.")
 
 
 def list_models() -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pathray.store import FeatureStore
+from pathray.store import FeatureStore, model_tiling
 from pathray.tiling import TILE_SCHEMA
 
 #: Columns of a features file that are per tile, not per slide.
@@ -44,7 +44,7 @@ class BagIndex:
         """sha256 (16 hex) of the store's tiling and model fingerprints and every slide's
         (slide_id, n_tiles): changes when the features a model would see change."""
         config = self.store.read_config() or {}
-        payload = {"tiling": config.get("tiling", {}).get("fingerprint"),
+        payload = {"tiling": model_tiling(config, self.model).get("fingerprint"),
                    "model": config.get("models", {}).get(self.model, {}).get("fingerprint"),
                    "slides": list(zip(self.slides.column("slide_id").to_pylist(),
                                       self.slides.column("n_tiles").to_pylist()))}

@@ -31,6 +31,7 @@ from pathray.mil.labels import SlideLabels
 from pathray.mil.metrics import auroc, balanced_accuracy, summarize
 from pathray.mil.model import AbmilSpec, GatedAbmil
 from pathray.mil.splits import Fold
+from pathray.store import model_tiling
 
 METRICS = {"balanced_accuracy": balanced_accuracy, "auroc": auroc}
 
@@ -194,7 +195,7 @@ def run_record(index: BagIndex, labels: SlideLabels, config: TrainConfig, extra:
     store_config = index.store.read_config() or {}
     return {"pathray_version": __version__, "torch_version": torch.__version__, "created_at": time.time(),
             "store": index.store.root, "store_fingerprint": index.fingerprint(), "model": index.model,
-            "model_config": store_config.get("models", {}).get(index.model), "tiling": store_config.get("tiling"),
+            "model_config": store_config.get("models", {}).get(index.model), "tiling": model_tiling(store_config, index.model) or None,
             "in_dim": index.in_dim, "device": str(pick_device(config.device)), "hyperparameters": asdict(config),
             "labels": {"classes": labels.classes, "key": labels.key, "patient_key": labels.patient_key,
                        "n_slides": len(labels.labels), "unmatched_label_rows": labels.unmatched}, **extra}
