@@ -34,10 +34,11 @@ from pathray.encoders import (  # noqa: E402
     EncoderConfig,
     cost,  # noqa: E402
     get_spec,
+    list_models,
     load_encoder,
     write_random_weights,
 )
-from pathray.encoders.build import create_model  # noqa: E402
+from pathray.encoders.builders import depth_override  # noqa: E402
 
 #: dense peak TFLOP/s by (device-name substring, dtype); fp32 = TF32 tensor cores when enabled
 PEAK_TFLOPS = {
@@ -102,12 +103,13 @@ def parse_model(arg: str) -> tuple[str, int | None]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["kaiko-vits16", "kaiko-vitb16", "uni@4", "uni2-h@2"],
-                    help="model names; name@N shrinks to N blocks (same width)")
+                    help="model names, or 'all' for every registered model; name@N shrinks to N blocks (same width)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tile-px", type=int, default=224)
+    ap.add_argument("--tile-px", type=int, default=None, help="tile side fed to every model (default: each model's "
+                    "native tile, which its own preprocessing resizes to its input)")
     ap.add_argument("--min-seconds", type=float, default=3.0)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -121,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
 
     rows = []
+    models = list_models() if args.models == ["all"] else args.models
     with tempfile.TemporaryDirectory() as tmp:
-        for model_arg in args.models:
+        for model_arg in models:
             name, depth = parse_model(model_arg)
             spec = get_spec(name)
-            full_depth = len(create_model(spec.architecture, spec.model_kwargs, meta=True).blocks)
-            overrides = {"depth": depth} if depth else {}
+            overrides = depth_override(spec.builder, depth) if depth else {}
+            tile_px = args.tile_px or spec.tile_px
             wdir = write_random_weights(name, Path(tmp) / model_arg.replace(":", "_").replace("@", "_d"), **overrides)
             for compile_flag in args.compile:
                 for dtype in args.dtypes:
@@ -136,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                         enc = load_encoder(cfg)
                         fpt = flops_per_tile(enc)
                         try:
-                            tps, n_iter = bench_one(enc, bs, args.tile_px, args.min_seconds, args.warmup)
+                            tps, n_iter = bench_one(enc, bs, tile_px, args.min_seconds, args.warmup)
                         except Exception as exc:  # noqa: BLE001 - e.g. no compiler for inductor
                             print(f"{model_arg} {dtype} bs={bs} compile={compile_flag}: FAILED {exc}", file=sys.stderr)
                             continue
                         achieved = tps * fpt
                         peak = device_peak(enc.device, dtype)
-                        label = name if not depth else f"{name} (depth {depth} of {full_depth})"
-                        row = dict(model=label, params_m=round(enc.num_params / 1e6, 1), dtype=dtype,
+                        label = name if not depth else f"{name} (depth {depth})"
+                        row = dict(model=label, tile_px=tile_px, params_m=round(enc.num_params / 1e6, 1), dtype=dtype,
                                    compile=compile_flag, batch=bs, tiles_per_s=round(tps, 2),
                                    gflop_per_tile=round(fpt / 1e9, 2), achieved_gflops=round(achieved / 1e9, 1),
                                    mfu=(round(achieved / peak, 3) if peak else None), iters=n_iter)
@@ -152,15 +155,15 @@ def main(argv: list[str] | None = None) -> int:
                         del enc
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
-    header = {"device": device_label(dev), "torch": torch.__version__, "tile_px": args.tile_px,
+    header = {"device": device_label(dev), "torch": torch.__version__, "tile_px": args.tile_px or "native",
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     if args.json:
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
-    table = ["| model | params (M) | dtype | compile | batch | tiles/s | GFLOP/tile | achieved GFLOP/s | MFU |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    table = ["| model | tile px | params (M) | dtype | compile | batch | tiles/s | GFLOP/tile | achieved GFLOP/s | MFU |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (CPU)"
-        table.append(f"| {r['model']} | {r['params_m']} | {r['dtype']} | {r['compile']} | {r['batch']} | "
+        table.append(f"| {r['model']} | {r['tile_px']} | {r['params_m']} | {r['dtype']} | {r['compile']} | {r['batch']} | "
                      f"{r['tiles_per_s']} | {r['gflop_per_tile']} | {r['achieved_gflops']} | {mfu} |")
     text = "\n".join(table)
     print(f"\n{header}\n{text}")

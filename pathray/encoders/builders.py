@@ -139,6 +139,15 @@ class ModuleBuilder:
 
 BUILDERS = {b.name: b for b in (TimmBuilder(), TransformersBuilder(), ModuleBuilder())}
 
+#: the architecture argument that sets the number of transformer blocks, by builder (tests and
+#: benchmarks shrink a model to a few blocks of full width; ``module`` nets take ``depth``)
+DEPTH_KEYS = {"timm": "depth", "transformers": "num_hidden_layers", "module": "depth"}
+
+
+def depth_override(builder: str, depth: int) -> dict[str, int]:
+    """Architecture overrides that shrink a ``builder`` network to ``depth`` blocks."""
+    return {DEPTH_KEYS[builder]: int(depth)}
+
 
 def get_builder(name: str) -> TimmBuilder | TransformersBuilder | ModuleBuilder:
     return BUILDERS[name]
