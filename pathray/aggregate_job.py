@@ -40,6 +40,7 @@ from pathray import __version__
 from pathray.aggregate import AggregatorSpec, SlideTiles, build_aggregator, get_aggregator
 from pathray.config import fingerprint
 from pathray.errors import AggregatorError, FeaturesUnreadableError, StoreConfigMismatchError, describe
+from pathray.resources import PLACEMENT
 from pathray.store import (
     ERROR_SCHEMA,
     PROVENANCE_KEY,
@@ -368,9 +369,10 @@ def _run_dataset(config: AggregateConfig, spec: AggregatorSpec, store: FeatureSt
     ctx.enable_progress_bars = progress_bars
     ctx.execution_options.preserve_order = False
     ds = ray.data.from_arrow([pa.table({"slide_id": todo[i:i + 4]}) for i in range(0, len(todo), 4)])
-    ds = ds.map_batches(load_slides, batch_size=1, batch_format="pyarrow", num_cpus=res.loader_num_cpus,
+    ds = ds.map_batches(load_slides, batch_size=1, batch_format="pyarrow", num_cpus=res.loader_num_cpus, **PLACEMENT,
                         fn_kwargs={"root": store.root, "storage_options": config.storage_options, "model": config.model})
     ds = ds.map_batches(SlideAggregatorStage, batch_size=1, batch_format="pyarrow", num_cpus=res.actor_num_cpus,
+                        **PLACEMENT,
                         num_gpus=res.actor_num_gpus, compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
                         fn_constructor_kwargs={"config": config, "spec": spec, "base_provenance": provenance,
                                                "device": "cuda" if res.actor_num_gpus else "cpu"})

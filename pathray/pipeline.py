@@ -42,7 +42,7 @@ from pathray.localrun import READ_AHEAD_CHUNKS, choose_runner, local_results, pr
 from pathray.manifest import SlideEntry, read_manifest
 from pathray.modelplan import ModelPlan, plan_models
 from pathray.report import RunReport
-from pathray.resources import Resources, local_gpus, plan_resources
+from pathray.resources import PLACEMENT, Resources, local_gpus, plan_resources
 from pathray.slidefacts import SlideFacts
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
 from pathray.store import CommitRequest, FeatureStore, consolidate_slide_table, status_row
@@ -264,7 +264,6 @@ def _configure_ray_data(config: JobConfig, progress_bars: bool) -> None:
     # Ray Data's per-30-s "operator uses N GiB per worker" warning fires for every model
     # actor (its memory is the model's, held on purpose); the run reports its own progress
     ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
-    ctx.scheduling_strategy = "DEFAULT"  # not SPREAD: Ray then keeps CPU-only actors off GPU nodes while it can
     if config.resources.object_store_limit_gb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=int(config.resources.object_store_limit_gb * 2**30))
@@ -290,21 +289,22 @@ def _build_dataset(config: JobConfig, store_root: str, models: list[ModelPlan], 
     staging = dict(storage_options=config.slide_options, scratch_dir=config.scratch_dir,
                    scratch_max_bytes=config.scratch_max_bytes)
     groups = config.tiling_groups([m.name for m in models])
-    ds = ds.map_batches(SlidePlanner, batch_size=1, batch_format="pyarrow", num_cpus=res.plan_num_cpus,
+    ds = ds.map_batches(SlidePlanner, batch_size=1, batch_format="pyarrow", num_cpus=res.plan_num_cpus, **PLACEMENT,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.planners),
                         fn_constructor_kwargs=dict(tiling=groups, chunk_tiles=config.chunk_tiles, **staging))
-    ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow", num_cpus=res.reader_num_cpus,
+    ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow", num_cpus=res.reader_num_cpus, **PLACEMENT,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.readers),
                         fn_constructor_kwargs=dict(tiling=groups, **staging))
     for i, model in enumerate(models):
         ds = ds.map_batches(ChunkEncoder, batch_size=config.resources.chunks_per_encode_call, batch_format="pyarrow",
+                            **PLACEMENT,
                             num_cpus=res.encoder_num_cpus, num_gpus=res.encoder_num_gpus,
                             compute=ActorPoolStrategy(min_size=res.encoder_actors_min, max_size=res.encoder_actors),
                             fn_constructor_kwargs=dict(model=model.name, make_encoder=model.factory,
                                                        drop_pixels=i == len(models) - 1,
                                                        threads=res.encoder_threads, output_dtype=model.output_dtype))
     types = {m.name: m.output_dtype for m in models}
-    return ds.map_batches(ChunkWriter, batch_size=1, batch_format="pyarrow", num_cpus=res.write_num_cpus,
+    return ds.map_batches(ChunkWriter, batch_size=1, batch_format="pyarrow", num_cpus=res.write_num_cpus, **PLACEMENT,
                           compute=ActorPoolStrategy(min_size=1, max_size=res.writers),
                           fn_constructor_kwargs=dict(root=store_root, storage_options=config.storage_options,
                                                      models=[m.name for m in models], embedding_types=types))

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 
 from pathray.config import JobConfig
 
+#: Ray remote args of every stage: Ray's default hybrid scheduling, not Ray Data's SPREAD, so
+#: CPU-only actors stay off GPU nodes while CPU nodes have room (Ray avoids GPU nodes for work
+#: that needs no GPU). Set per operator: ``DataContext.scheduling_strategy`` is deprecated.
+PLACEMENT: dict[str, str] = {"scheduling_strategy": "DEFAULT"}
+
 
 @dataclass
 class Resources:

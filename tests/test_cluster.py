@@ -59,11 +59,27 @@ def job_config(manifest: str, out: str, weights: Path, scratch: Path) -> dict:
                           "encoder_num_cpus": 1, "committers": 2}}
 
 
+def working_dir(submission_id: str) -> Path:
+    """The job's working dir: the repository's ``pathray/`` and ``jobs/`` plus a file naming the
+    submission. Ray names a working-dir package by its content, so jobs submitted from one
+    folder share one package, and the end of one job can delete it on a node while the next
+    starts there (seen once: the re-run's cwd vanished). A file per submission gives each job
+    its own package."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=f"pathray-job-{submission_id}-"))
+    for name in ("pathray", "jobs"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "SUBMISSION").write_text(f"{submission_id} {uuid.uuid4().hex}\n")
+    return folder
+
+
 def submit(cluster, config_uri: str, submission_id: str, wait: bool = True) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir .` from the repository root; ``wait``: follow the job's
+    """`ray job submit --working-dir DIR` (:func:`working_dir`); ``wait``: follow the job's
     logs until it ends (else return once it is submitted)."""
     cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
-           "--working-dir", str(ROOT), *([] if wait else ["--no-wait"]),
+           "--working-dir", str(working_dir(submission_id)), *([] if wait else ["--no-wait"]),
            "--", "python", "jobs/embed.py", "--config", config_uri, "--no-progress"]
     return subprocess.run(cmd, cwd=ROOT, env=cluster.client_env, capture_output=True, text=True,
                           timeout=JOB_TIMEOUT_S, check=False)
