@@ -7,13 +7,13 @@ CC0) tiled 3x3 into a 6660x8901 px pyramidal SVS declared at 0.25 µm/px (JPEG q
 levels 1/4/16) and the same pixels as a deflate-compressed generic TIFF, a format the
 range reader declines and which is therefore staged.
 
-**Bytes per slide** mirror the job's I/O: one planner opens the slide and plans tiles
-(224 px at 0.5 µm/px, default tissue filter); the grid is cut into chunks of
-``--chunk-tiles`` tiles dealt round-robin to N reader *processes* (as Ray Data deals chunks
-to reader actors), each of which opens the slide and reads its chunks with
-``read_tiles``, keeping it open, exactly like ``ChunkReader``. Modes: SVS read by range;
-deflate TIFF staged into the node-wide cache (all processes share one directory); deflate
-TIFF staged into a private scratch per process (the behaviour before the node cache).
+**Bytes per slide** mirror the job's I/O: one planner process opens the slide and plans tiles
+(224 px at 0.5 µm/px, default tissue filter); the grid is cut into chunks of each of
+``--chunk-tiles`` tiles and one reader *process* reads them in order with ``read_tiles``,
+keeping the slide open, exactly like ``ChunkReader`` (the job gives one reader every chunk of
+a slide). Modes: SVS read by range; deflate TIFF staged into the node-wide cache (both
+processes share one directory); deflate TIFF staged into a private scratch per process (the
+behaviour before the node cache).
 
 **Time to first tile** of a larger SVS (CMU repeated 8x8): open + plan + first tile by range
 vs staging the SVS whole first, on localhost and through the proxy emulating one remote
@@ -99,7 +99,7 @@ def write_large_svs(path: Path, repeat: int) -> Path:
 
 
 def reader(args: tuple) -> int:
-    """One reader process: open the slide once, read its chunks; returns tiles read."""
+    """One reader process: open the slide once, read its chunks in order; returns tiles read."""
     uri, options, scratch_root, chunks, barrier = args
     barrier.wait(timeout=120)
     scratch = Scratch(scratch_root) if scratch_root else None
@@ -110,11 +110,12 @@ def reader(args: tuple) -> int:
     return count
 
 
-def bytes_per_slide(proxy: S3Proxy, base_options: dict, uri: str, key: str, size: int, readers: int,
+def bytes_per_slide(proxy: S3Proxy, base_options: dict, uri: str, key: str, size: int,
                     mode: str, chunk_tiles: int, work: Path) -> dict[str, float]:
-    """Planner + ``readers`` reader processes over one slide; bytes ÷ object size."""
+    """Planner + one reader process over one slide; bytes ÷ object size."""
     options = proxy.storage_options(base_options)
-    node = work / f"node-{mode}-{readers}"
+    readers = 1
+    node = work / f"node-{mode}-{chunk_tiles}"
     scratch_root = str(node) if mode == "node cache" else None
     proxy.reset()
     planner_scratch = Scratch(scratch_root) if scratch_root else Scratch()
@@ -128,7 +129,7 @@ def bytes_per_slide(proxy: S3Proxy, base_options: dict, uri: str, key: str, size
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(readers)
-        jobs = [(uri, options, scratch_root, chunks[r::readers], barrier) for r in range(readers)]
+        jobs = [(uri, options, scratch_root, chunks, barrier)]
         with ctx.Pool(readers) as pool:
             tiles = sum(pool.map(reader, jobs))
     assert tiles == len(grid)
@@ -209,20 +210,24 @@ def markdown(results: dict, sizes: dict[str, int], args: argparse.Namespace) -> 
          f"Python {platform.python_version()}. S3 = SeaweedFS `weed mini` on 127.0.0.1 behind a byte-counting proxy "
          "(bytes counted as the server sends them). Slide: CMU-1-Small-Region tiled 3x3 (6660x8901 px, declared "
          f"0.25 µm/px): SVS {sizes['svs'] / 2**20:.1f} MiB (range-read), deflate generic TIFF "
-         f"{sizes['deflate'] / 2**20:.1f} MiB (staged). Tiles 224 px at 0.5 µm/px, chunks of {args.chunk_tiles} tiles."),
+         f"{sizes['deflate'] / 2**20:.1f} MiB (staged). Tiles 224 px at 0.5 µm/px."),
         "",
         "## Bytes fetched from S3 per slide ÷ object size",
         "",
-        "One planner, then N reader processes on one node, chunks dealt round-robin (as the job does).",
+        ("One planner process, then one reader process reading every chunk of the slide in order (as the job "
+         "does: a reader takes a planned slide whole), at several chunk sizes. The reader keeps the spans it "
+         "fetched recently (32 MiB per open slide), so the stored tiles two neighbouring chunks share are "
+         "fetched once."),
         "",
         (f"The floor for the SVS is {results['floor']:.3f}: the bytes of the stored JPEG tiles that the "
          "tissue tiles overlap ÷ object size (tissue covers most of this slide's non-white, i.e. most of its bytes)."),
         "",
-        "| format, how read | readers | chunks | planner | readers | **total** |",
+        "| format, how read | tiles per chunk | chunks | planner | reader | **total** |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for (label, readers), r in results["bytes"].items():
-        lines.append(f"| {label} | {readers} | {r['chunks']} | {r['plan']:.3f} | {r['read']:.3f} | **{r['total']:.3f}** |")
+    for (label, chunk_tiles), r in results["bytes"].items():
+        lines.append(f"| {label} | {chunk_tiles} | {r['chunks']} | {r['plan']:.3f} | {r['read']:.3f} | "
+                     f"**{r['total']:.3f}** |")
     ft = results["first_tile"]
     rate, latency = args.link_mb_s, args.link_latency_ms
     lines += [
@@ -257,8 +262,8 @@ def markdown(results: dict, sizes: dict[str, int], args: argparse.Namespace) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--readers", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--chunk-tiles", type=int, default=16)
+    parser.add_argument("--chunk-tiles", type=int, nargs="+", default=[16, 32, 128, 256],
+                        help="chunk sizes for the range-read SVS (the staged TIFF uses the first)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-repeat", type=int, default=8, help="CMU repeats per side of the large SVS")
     parser.add_argument("--link-mb-s", type=float, default=100.0, help="emulated per-connection bandwidth, MB/s")
@@ -279,13 +284,13 @@ def main() -> None:
         sizes = {name: os.path.getsize(p) for name, p in (("svs", svs), ("deflate", deflate))}
         results: dict = {"bytes": {}, "floor": read_floor(svs, sizes["svs"])}
         modes = (("SVS, range reads", "svs", "range"), ("deflate TIFF, node cache", "deflate", "node cache"),
-                 ("deflate TIFF, scratch per reader (before)", "deflate", "per reader"))
+                 ("deflate TIFF, scratch per process (before)", "deflate", "per reader"))
         for label, name, mode in modes:
-            for readers in args.readers:
+            for chunk_tiles in args.chunk_tiles if mode == "range" else args.chunk_tiles[:1]:
                 r = bytes_per_slide(proxy, server.storage_options, uris[name], f"{BUCKET}/{Path(uris[name]).name}",
-                                    sizes[name], readers, mode, args.chunk_tiles, work)
-                results["bytes"][(label, readers)] = r
-                print(label, readers, {k: round(v, 3) for k, v in r.items()}, flush=True)
+                                    sizes[name], mode, chunk_tiles, work)
+                results["bytes"][(label, chunk_tiles)] = r
+                print(label, chunk_tiles, {k: round(v, 3) for k, v in r.items()}, flush=True)
         large = write_large_svs(work / "large.svs", args.large_repeat)
         sizes["large"] = os.path.getsize(large)
         server.fs.put_file(str(large), f"{BUCKET}/large.svs")

@@ -107,8 +107,8 @@ class _ReadAhead:
         try:
             for slide in self.todo:
                 chunks = self.planner(pa.Table.from_pylist([slide], schema=SLIDE_SCHEMA))
-                for i in range(len(chunks)):
-                    if not self._put(self.reader(chunks.slice(i, 1))):
+                for read in self.reader(chunks):
+                    if not self._put(read):
                         return
             self._put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread

@@ -292,7 +292,8 @@ def _build_dataset(config: JobConfig, store_root: str, models: list[ModelPlan], 
     ds = ds.map_batches(SlidePlanner, batch_size=1, batch_format="pyarrow", num_cpus=res.plan_num_cpus, **PLACEMENT,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.planners),
                         fn_constructor_kwargs=dict(tiling=groups, chunk_tiles=config.chunk_tiles, **staging))
-    ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow", num_cpus=res.reader_num_cpus, **PLACEMENT,
+    # a reader takes a planned block whole (every chunk of its slides) and yields chunk by chunk
+    ds = ds.map_batches(ChunkReader, batch_size=None, batch_format="pyarrow", num_cpus=res.reader_num_cpus, **PLACEMENT,
                         compute=ActorPoolStrategy(min_size=1, max_size=res.readers),
                         fn_constructor_kwargs=dict(tiling=groups, **staging))
     for i, model in enumerate(models):

@@ -77,9 +77,19 @@ def fetch_ranges(fs: Any, path: str, ranges: Sequence[tuple[int, int]], gap_byte
     ranges give ``b""``. Raises the per-slide errors listed in the module doc. ``stats``
     (default: :data:`STATS`) is credited with the spans fetched.
     """
-    spans = coalesce(ranges, gap_bytes)
+    spans, blobs = fetch_spans(fs, path, ranges, gap_bytes, stats)
     if not spans:
         return [b"" for _ in ranges]
+    return _cut(path, ranges, spans, blobs)
+
+
+def fetch_spans(fs: Any, path: str, ranges: Sequence[tuple[int, int]], gap_bytes: int = DEFAULT_GAP_BYTES,
+                stats: FetchStats | None = None) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """The coalesced ``(start, end)`` spans covering ``ranges`` and their bytes (a span may be
+    shorter than asked at the object's end)."""
+    spans = coalesce(ranges, gap_bytes)
+    if not spans:
+        return [], []
     try:
         blobs = fs.cat_ranges([path] * len(spans), [s for s, _ in spans], [e for _, e in spans], on_error="return")
     except Exception as exc:  # noqa: BLE001  (some filesystems raise instead of returning per-range errors)
@@ -88,7 +98,7 @@ def fetch_ranges(fs: Any, path: str, ranges: Sequence[tuple[int, int]], gap_byte
         if isinstance(blob, BaseException):
             raise storage_error(path, blob) from blob
     (stats or STATS).add(len(spans), sum(len(b) for b in blobs), sum(int(n) for _, n in ranges if n > 0))
-    return _cut(path, ranges, spans, blobs)
+    return spans, blobs
 
 
 def _cut(path: str, ranges: Sequence[tuple[int, int]], spans: list[tuple[int, int]], blobs: list[bytes]) -> list[bytes]:
@@ -124,3 +134,56 @@ def storage_error(path: str, exc: BaseException) -> Exception:
     if "timeout" in detail.lower() or "timed out" in detail.lower():
         return StorageTimeoutError(f"{path}: storage request timed out after retries: {detail}")
     return SlideUnreadableError(f"{path}: read failed: {detail}")
+
+
+#: bytes of recently fetched ranges a slide reader keeps per open slide (:class:`RecentRanges`)
+RECENT_RANGE_BYTES = 32 * 1024**2
+
+
+class RecentRanges:
+    """``fetch(ranges) -> bytes`` over one object that remembers the spans it fetched most
+    recently, up to ``max_bytes``, and serves any range lying inside one from memory.
+
+    Neighbouring chunks of a slide share the stored (JPEG) tiles on their boundary, and a
+    coalesced span also carries the tiles between the ones asked for; a reader that reads a
+    slide's chunks in order with one open handle then pulls each byte of the object about once,
+    whatever the chunk size. Thread-safe (a block's bytes may be fetched ahead on another
+    thread); the network fetch runs outside the lock."""
+
+    def __init__(self, fs: Any, path: str, max_bytes: int = RECENT_RANGE_BYTES):
+        from collections import OrderedDict
+
+        self.fs, self.path, self.max_bytes = fs, path, max_bytes
+        self._spans: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # (start, end) -> bytes, LRU order
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        keys = [(int(o), int(n)) for o, n in ranges]
+        with self._lock:
+            known = {k: piece for k in keys if (piece := self._lookup(k)) is not None}
+        missing = list(dict.fromkeys(k for k in keys if k not in known and k[1] > 0))
+        if missing:
+            spans, blobs = fetch_spans(self.fs, self.path, missing)
+            known.update(zip(missing, _cut(self.path, missing, spans, blobs)))
+            with self._lock:
+                for span, blob in zip(spans, blobs):
+                    self._remember(span, blob)
+        return [known.get(k, b"") for k in keys]
+
+    def _lookup(self, key: tuple[int, int]) -> bytes | None:
+        offset, length = key
+        for (start, end), blob in self._spans.items():
+            if start <= offset and offset + length <= start + len(blob):
+                self._spans.move_to_end((start, end))
+                return bytes(blob[offset - start:offset - start + length])
+        return None
+
+    def _remember(self, span: tuple[int, int], blob: bytes) -> None:
+        if span in self._spans or len(blob) > self.max_bytes:
+            return
+        self._spans[span] = blob
+        self._size += len(blob)
+        while self._size > self.max_bytes:
+            _, old = self._spans.popitem(last=False)
+            self._size -= len(old)

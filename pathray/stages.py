@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -212,28 +212,31 @@ class ChunkReader:
             self._open.popitem(last=False)[1].close()
         return handle
 
-    def __call__(self, chunks: pa.Table) -> pa.Table:
-        pixels, read_s, counts, updates = [], [], [], []
-        for row in chunks.to_pylist():
-            start = time.perf_counter()
-            data, update, count = b"", {}, 0
-            if row["status"] == "ok":
-                try:
-                    handle = self._slide(row["path"], row["mpp_override"])
-                    x = np.frombuffer(row["x"], dtype="<i8")
-                    y = np.frombuffer(row["y"], dtype="<i8")
-                    tiles = read_tiles(handle, self.tilings[row["tiling"]], x, y)
-                    data, count = np.ascontiguousarray(tiles, dtype=np.uint8).tobytes(), len(tiles)
-                except Exception as exc:
-                    update = _error_fields("read", exc)
-            pixels.append(data)
-            counts.append(count)
-            read_s.append(time.perf_counter() - start)
-            updates.append(update)
-        chunks = _apply_updates(chunks, updates)
-        chunks = chunks.append_column(pa.field("pixels", pa.large_binary()), pa.array(pixels, type=pa.large_binary()))
-        chunks = chunks.append_column("tiles_read", pa.array(counts, type=pa.int64()))
-        return chunks.append_column("read_s", pa.array(read_s, type=pa.float64()))
+    def __call__(self, chunks: pa.Table) -> Iterator[pa.Table]:
+        """One table per chunk row, in order: the job gives a reader every chunk of a slide
+        (its whole planned block), so it reads them in sequence with one open handle and
+        the stored tiles two neighbouring chunks share are fetched once."""
+        for i in range(chunks.num_rows):
+            yield self.read_chunk(chunks.slice(i, 1))
+
+    def read_chunk(self, chunk: pa.Table) -> pa.Table:
+        """``chunk`` (one chunk row) with its ``pixels``, ``tiles_read`` and ``read_s``."""
+        (row,) = chunk.to_pylist()
+        start = time.perf_counter()
+        data, update, count = b"", {}, 0
+        if row["status"] == "ok":
+            try:
+                handle = self._slide(row["path"], row["mpp_override"])
+                x = np.frombuffer(row["x"], dtype="<i8")
+                y = np.frombuffer(row["y"], dtype="<i8")
+                tiles = read_tiles(handle, self.tilings[row["tiling"]], x, y)
+                data, count = np.ascontiguousarray(tiles, dtype=np.uint8).tobytes(), len(tiles)
+            except Exception as exc:
+                update = _error_fields("read", exc)
+        chunk = _apply_updates(chunk, [update])
+        chunk = chunk.append_column(pa.field("pixels", pa.large_binary()), pa.array([data], type=pa.large_binary()))
+        chunk = chunk.append_column("tiles_read", pa.array([count], type=pa.int64()))
+        return chunk.append_column("read_s", pa.array([time.perf_counter() - start], type=pa.float64()))
 
     def close_open(self) -> None:
         """Close open slides (their staged copies become evictable)."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pathray.errors import SlideUnreadableError
-from pathray.rangeio import fetch_ranges, storage_error
+from pathray.rangeio import RecentRanges, fetch_ranges, storage_error
 from pathray.tifftiles import BlockLoader, TiledLevel, Window, read_window, usable
 
 HEADER_WINDOW_BYTES = 16 * 1024  # least bytes fetched per header read that misses the cached windows
@@ -44,6 +44,7 @@ class TiffRangeBackend:
         self.level_dimensions = tuple((lv.width, lv.height) for lv in levels)
         self.level_downsamples = tuple((w0 / lv.width + h0 / lv.height) / 2 for lv in levels)
         self.properties = properties
+        self._recent = RecentRanges(fs, path)
 
     @classmethod
     def open(cls, fs: Any, path: str, size_bytes: int) -> TiffRangeBackend | None:
@@ -83,7 +84,9 @@ class TiffRangeBackend:
         return BlockLoader(self.levels[level], groups, self._fetch)
 
     def _fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        return fetch_ranges(self.fs, self.path, ranges)
+        """Bytes of stored tiles; tiles fetched by a recent read of this handle (the previous
+        chunk's boundary) come from memory."""
+        return self._recent(ranges)
 
     def close(self) -> None:
         self.levels = []

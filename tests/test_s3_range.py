@@ -224,7 +224,41 @@ def test_reader_lets_go_of_its_open_slides_when_the_node_cache_is_full(s3_server
     assert chunks.column("status").to_pylist() == ["ok", "ok"]
     reader = ChunkReader(args[0], *args[2:])
     try:
-        out = pa.concat_tables([reader(chunks.slice(0, 1)), reader(chunks.slice(1, 1))])
+        out = pa.concat_tables([reader.read_chunk(chunks.slice(0, 1)), reader.read_chunk(chunks.slice(1, 1))])
     finally:
         reader.close()
     assert out.column("status").to_pylist() == ["ok", "ok"] and out.column("tiles_read").to_pylist() == [6, 6]
+
+
+def test_a_reader_fetches_the_tiles_neighbouring_chunks_share_once(s3_server, s3_bucket, synthetic_svs_025):
+    """Chunks of 4 tiles of one slide, read in sequence by one reader (as the job gives a
+    reader all chunks of a slide): bytes pulled stay within the object's size, where readers
+    that each see one chunk fetch the stored tiles on every chunk boundary again."""
+    import pyarrow as pa
+
+    from pathray.rangeio import STATS
+    from pathray.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+
+    uri = _upload(s3_server, s3_bucket, synthetic_svs_025, "chunks.svs")
+    size = s3_server.fs.size(uri)
+    config = TilingConfig(min_tissue_fraction=0.0)  # every grid tile: an all-tissue slide's worth of reads
+    slides = pa.Table.from_pylist([{"slide_id": "a", "path": uri, "cohort": "", "mpp_override": None, "models": ["m"]}],
+                                  schema=SLIDE_SCHEMA)
+    chunks = SlidePlanner(config, 4, s3_server.storage_options)(slides)
+    assert chunks.num_rows > 10
+
+    def pulled(readers_per_chunk: bool) -> int:
+        STATS.reset()
+        if readers_per_chunk:
+            for i in range(chunks.num_rows):
+                reader = ChunkReader(config, s3_server.storage_options)
+                reader.read_chunk(chunks.slice(i, 1))
+                reader.close()
+        else:
+            reader = ChunkReader(config, s3_server.storage_options)
+            assert sum(t.column("tiles_read")[0].as_py() for t in reader(chunks)) == 9 * 6
+            reader.close()
+        return STATS.bytes_fetched
+
+    one_reader, reader_each = pulled(False), pulled(True)
+    assert one_reader <= size < reader_each, (one_reader, size, reader_each)

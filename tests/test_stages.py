@@ -43,7 +43,7 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
     assert (gone["status"], gone["error_type"], gone["n_chunks"]) == ("error", "slide_not_found", 0)
 
     reader = ChunkReader(TILING)
-    read = reader(chunks)
+    read = pa.concat_tables(list(reader(chunks)))
     assert read.column("tiles_read").to_pylist()[:3] == [4, 4, 2]
     encoded = ChunkEncoder("m1", lambda: SleepEncoder(1e6, 6), drop_pixels=False)(read)
     # m2 is stored as float16 while its encoder returns float32: the encode stage casts
@@ -72,7 +72,7 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
 def test_encoder_that_cannot_load_fails_its_model_only(synthetic_svs_05):
     slides = pa.Table.from_pylist([{"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "",
                                     "mpp_override": None, "models": ["bad"]}], schema=SLIDE_SCHEMA)
-    read = ChunkReader(TILING)(SlidePlanner(TILING, chunk_tiles=8)(slides))
+    read = pa.concat_tables(list(ChunkReader(TILING)(SlidePlanner(TILING, chunk_tiles=8)(slides))))
 
     def broken():
         raise FileNotFoundError("no weights here")
