@@ -56,8 +56,43 @@ def qc_label(grid: TileGrid) -> str:
             f"at {grid.target_mpp:g} µm/px")
 
 
+#: fonts with a "µ" glyph, tried in order (Pillow's built-in font has none: it drew "□m/px")
+LABEL_FONTS = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+
+
+def label_font(size: int = 18) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, bool]:
+    """``(font, has_micro)``: the first of :data:`LABEL_FONTS` that draws "µ" (matplotlib's
+    DejaVu Sans when installed, else the system's), else Pillow's default, which does not."""
+    candidates = list(LABEL_FONTS)
+    try:
+        import matplotlib
+
+        candidates.insert(0, f"{matplotlib.get_data_path()}/fonts/ttf/DejaVuSans.ttf")
+    except ImportError:
+        pass
+    for name in candidates:
+        try:
+            font = ImageFont.truetype(name, size)
+        except OSError:
+            continue
+        if draws_glyph(font, "µ"):
+            return font, True
+    return ImageFont.load_default(size=size), False
+
+
+def draws_glyph(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, char: str) -> bool:
+    """True when ``font`` draws ``char`` as something other than its missing-glyph box (the
+    glyph an unassigned code point, U+0378, gets)."""
+    def pixels(c: str) -> bytes:
+        return bytes(font.getmask(c))
+
+    return pixels(char) != pixels("\u0378")
+
+
 def _label(draw: ImageDraw.ImageDraw, text: str) -> None:
-    font = ImageFont.load_default(size=18)
+    font, has_micro = label_font(18)
+    if not has_micro:
+        text = text.replace("µm/px", "um/px")
     left, top, right, bottom = draw.textbbox((6, 4), text, font=font)
     draw.rectangle([0, 0, right + 6, bottom + 4], fill=LABEL_BG_RGB)
     draw.text((6, 4), text, fill=(0, 0, 0), font=font)

@@ -54,3 +54,29 @@ def test_qc_of_blank_slide(blank_svs):
     grid = _grid(blank_svs)
     assert tiles_geojson(grid)["features"] == []
     assert not (np.asarray(qc_image(grid)) == TILE_RGB).all(-1).any()
+
+
+def test_qc_label_font_draws_micro_not_a_missing_glyph_box():
+    """Pillow's default font has no "µ" (the label read "□m/px"); the label font draws it."""
+    from PIL import ImageFont
+
+    from pathray.qc import draws_glyph, label_font
+
+    assert not draws_glyph(ImageFont.load_default(size=18), "µ")  # the check sees the box
+    font, has_micro = label_font(18)
+    assert has_micro and draws_glyph(font, "µ") and draws_glyph(font, "m")
+
+
+def test_qc_label_renders_micro_in_the_image(synthetic_svs_05):
+    from PIL import Image, ImageDraw
+
+    from pathray.qc import label_font
+
+    grid = _grid(synthetic_svs_05)
+    image = np.asarray(qc_image(grid))
+    font, _ = label_font(18)
+    expected = Image.new("RGB", (image.shape[1], 40), (255, 255, 255))
+    ImageDraw.Draw(expected).text((6, 4), qc_label(grid), fill=(0, 0, 0), font=font)
+    _, _, right, bottom = ImageDraw.Draw(expected).textbbox((6, 4), qc_label(grid), font=font)
+    assert "µm/px" in qc_label(grid)
+    assert np.array_equal(image[4:bottom, 6:right], np.asarray(expected)[4:bottom, 6:right])
