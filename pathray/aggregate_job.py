@@ -40,6 +40,7 @@ from pathray import __version__
 from pathray.aggregate import AggregatorSpec, SlideTiles, build_aggregator, get_aggregator
 from pathray.config import fingerprint
 from pathray.errors import AggregatorError, FeaturesUnreadableError, StoreConfigMismatchError, describe
+from pathray.localrun import choose_runner
 from pathray.resources import PLACEMENT
 from pathray.store import (
     ERROR_SCHEMA,
@@ -83,6 +84,8 @@ class AggregateConfig:
     run_id: str | None = None
     num_gpus: float | None = None  # per aggregator actor
     actors: int | None = None
+    #: "ray" | "local" (the stages in this process) | "auto": local with no cluster to join and no GPU
+    runner: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class AggregateReport:
     busy_s: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "aggregate": 0.0})
     resources: dict[str, Any] = field(default_factory=dict)
     aborted: str | None = None
+    runner: str = ""  # "ray" | "local" (pathray.localrun.choose_runner), "" when nothing was to do
 
     @property
     def exit_code(self) -> int:
@@ -337,7 +341,10 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
         if todo:
             provenance = {"aggregator": record, "tile_model": config.model, "run_id": run_id,
                           "pathray_version": __version__, "store_config_hash": fingerprint(store.read_config())}
-            for r in _run_dataset(config, spec, store, todo, provenance, report, progress_bars):
+            report.runner = choose_runner(config)
+            rows = (_run_local(config, spec, store, todo, provenance) if report.runner == "local"
+                    else _run_dataset(config, spec, store, todo, provenance, report, progress_bars))
+            for r in rows:
                 failed += [r] if r["status"] == "error" else []
                 report.counts[r["status"]] += 1
                 report.tiles += r["n_tiles"] if r["status"] != "error" else 0
@@ -353,6 +360,16 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
         report.ended_at = time.time()
         store.write_json(store.report_relpath(run_id), report.to_dict())
     return report
+
+
+def _run_local(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, todo: list[str],
+               provenance: dict[str, Any]):
+    """The Ray plan's two stages in this process, slide by slide (no Ray to start: a CPU box
+    mean-pools a cohort in seconds); yields one result row per slide of ``todo``."""
+    stage = SlideAggregatorStage(config, spec, "cpu", provenance)
+    for slide_id in todo:
+        loaded = load_slides(pa.table({"slide_id": [slide_id]}), store.root, config.storage_options, config.model)
+        yield from stage(loaded).to_pylist()
 
 
 def _run_dataset(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, todo: list[str],

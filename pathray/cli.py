@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("pathray.cli_tile", "tile slides into tile records, QC images and a status table"),
     "embed": ("pathray.cli_embed", "run the Ray Data job: slides -> tile embeddings -> Parquet store"),
     "aggregate": ("pathray.cli_aggregate", "slide-level embeddings (mean, max, a slide encoder) from a store, as a Ray job"),
+    "status": ("pathray.cli_status", "what is in a store: models, tilings, slides committed / failed / to do, runs"),
     "export": ("pathray.cli_export", "write a store's tile features as TRIDENT/CLAM h5 or pt files, one per slide"),
     "models": ("pathray.cli_models", "list the supported encoders, or write random weights for one"),
     "demo": ("pathray.cli_demo", "make the bundled demo slides and weights, then run the job on them"),

@@ -34,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
     add("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
     add("--run-id", help="name of this run (default: agg-<timestamp>)")
+    add("--runner", choices=["auto", "ray", "local"], default="auto",
+        help="auto (default): in this process when there is no Ray cluster to join and no GPU, else Ray")
     add("--no-progress", action="store_true", help="no Ray Data progress bars")
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
     config = AggregateConfig(store=args.store, model=args.model, aggregator=args.aggregator, weights=args.weights,
                              storage_options=storage, ray_address=args.ray_address, run_id=args.run_id,
-                             num_gpus=args.num_gpus, actors=args.actors)
+                             num_gpus=args.num_gpus, actors=args.actors, runner=args.runner)
     try:
         report = run_aggregate(config, progress_bars=not args.no_progress)
     except (PathrayError, ValueError) as exc:

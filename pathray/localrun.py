@@ -36,8 +36,9 @@ READ_AHEAD_CHUNKS = 2
 _DONE = object()
 
 
-def choose_runner(config: JobConfig) -> str:
-    """``"ray"`` or ``"local"``: ``config.runner`` unless it is ``"auto"``; then ``"ray"`` when
+def choose_runner(config: JobConfig | Any) -> str:
+    """``"ray"`` or ``"local"`` for a job (or aggregate) config with ``runner`` and
+    ``ray_address``: ``config.runner`` unless it is ``"auto"``; then ``"ray"`` when
     there is a cluster to join (``ray_address``, ``RAY_ADDRESS`` as in a submitted job, or an
     initialised Ray) or a GPU on this machine, else ``"local"``."""
     if config.runner != "auto":

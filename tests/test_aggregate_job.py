@@ -294,3 +294,46 @@ def test_aggregate_on_s3(tile_store, s3_server, s3_bucket):
     again = run_aggregate(AggregateConfig(root, MODEL, "mean", storage_options=s3_server.storage_options),
                           progress_bars=False)
     assert again.slides_skipped == 4
+
+
+def test_local_runner_aggregates_in_process_as_the_ray_plan_does(store_copy):
+    store = FeatureStore(str(store_copy))
+    report = run_aggregate(AggregateConfig(str(store_copy), MODEL, "mean", runner="local"), progress_bars=False)
+    assert report.runner == "local"
+    assert report.counts == {"ok": 3, "no_tissue": 1, "error": 0} and report.exit_code == 0
+    rows = slide_rows(store, "mean")
+    assert sorted(rows) == ["a", "b", "c"] and store.aggregated(MODEL, "mean") == {"a", "b", "c", "blank"}
+    for slide_id, row in rows.items():
+        np.testing.assert_allclose(row["embedding"], stored_tiles(store, slide_id).mean(axis=0), rtol=1e-6)
+        assert row["case_id"] == "c" + slide_id
+
+
+def test_status_reports_models_errors_runs_and_aggregations_without_writing(store_copy, tmp_path, capsys):
+    run_aggregate(AggregateConfig(str(store_copy), MODEL, "mean", runner="local"), progress_bars=False)
+    manifest = write_manifest(tmp_path / "more.csv", [
+        {"slide_id": "a", "path": "unused", "cohort": "x", "case_id": "ca", "mpp": ""},
+        {"slide_id": "gone", "path": str(tmp_path / "gone.svs"), "cohort": "y", "case_id": "cg", "mpp": ""},
+    ])
+    config = build_job_config({"manifest": str(manifest), "out": str(store_copy), "models": [MODEL, GIGA],
+                               "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4,
+                               "keep_columns": ["case_id"], "runner": "local"})
+    encoders = {MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM),
+                GIGA: sleep_encoder(tiles_per_s=1e4, embed_dim=1536, output_dtype="float16")}
+    assert run_job(config, encoders, progress_bars=False).errors == 2  # "gone" fails for both models
+    everything = sorted((p.relative_to(store_copy), p.stat().st_mtime_ns) for p in store_copy.rglob("*"))
+    never = write_manifest(tmp_path / "never.csv", [{"slide_id": s, "path": "x"} for s in ("a", "gone", "new1", "new2")])
+    assert main(["status", str(store_copy), "--json", "--manifest", str(never)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert sorted((p.relative_to(store_copy), p.stat().st_mtime_ns) for p in store_copy.rglob("*")) == everything
+    sleep = status["models"][MODEL]
+    assert (sleep["committed"], sleep["no_tissue"], sleep["errors"], sleep["never_tried"]) == \
+        (4, 1, {"slide_not_found": 1}, 2)
+    assert sleep["tiling"] == {"tile_px": 224, "target_mpp": 0.5} and sleep["embed_dim"] == DIM
+    assert [(r["kind"], r["errors"]) for r in status["runs"]] == [("embed", 0), ("aggregate", 0), ("embed", 2)]
+    assert all(r["wall_s"] is not None and r["wall_s"] >= 0 for r in status["runs"])
+    assert status["aggregations"] == [{"model": MODEL, "aggregator": "mean", "slides": 4}]
+    assert main(["status", str(store_copy)]) == 0
+    text = capsys.readouterr().out
+    assert f"{MODEL}: 4 slides committed (1 without tissue), errors: slide_not_found 1" in text
+    assert f"{MODEL} -> mean: 4 slides" in text
+    assert main(["status", str(tmp_path / "nothing-here")]) == 2
