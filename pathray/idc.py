@@ -270,6 +270,15 @@ def grid_tiles(width_px: int, height_px: int, mpp: float, tile_px: int, target_m
     return cols * rows
 
 
+def _number(value: object) -> float | None:
+    """A finite positive number from a manifest cell (CSV cells arrive as text), else None."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def estimate_tiles(manifest_rows: Sequence[dict], tile_px: int, target_mpp: float,
                    stride_px: int | None = None) -> TileEstimate:
     """Sum :func:`grid_tiles` over manifest rows carrying ``width_px``, ``height_px`` (level-0 px)
@@ -277,10 +286,10 @@ def estimate_tiles(manifest_rows: Sequence[dict], tile_px: int, target_mpp: floa
     (``max_TotalPixelMatrixColumns``/``Rows``, ``min_PixelSpacing_2sf`` in mm x 1000)."""
     total, counted, missing = 0, 0, []
     for row in manifest_rows:
-        width, height, mpp = row.get("width_px"), row.get("height_px"), row.get("index_mpp")
-        if not width or not height or not mpp or not math.isfinite(mpp):
+        width, height, mpp = (_number(row.get(k)) for k in ("width_px", "height_px", "index_mpp"))
+        if not width or not height or not mpp:
             missing.append(row["slide_id"])
             continue
-        total += grid_tiles(int(width), int(height), float(mpp), tile_px, target_mpp, stride_px)
+        total += grid_tiles(int(width), int(height), mpp, tile_px, target_mpp, stride_px)
         counted += 1
     return TileEstimate(total, counted, tuple(missing))

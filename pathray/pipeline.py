@@ -450,11 +450,20 @@ def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
         "sampled_slides": per_group[0]["sampled_slides"],
         "sample_errors": per_group[0]["sample_errors"],
         "estimated_chunks": sum(_chunks(g["estimated_tiles"], len(todo), config.chunk_tiles) for g in per_group),
+        "store_objects": _store_objects(per_group, len(todo), config.chunk_tiles),
         "gpu_hours": _gpu_hours({m: g["estimated_tiles"] for g in per_group for m in g["models"]}),
         "local_resources": cluster,
         "runner_here": choose_runner(config),
         "resource_plan_here": dataclasses.asdict(plan_resources(config, cluster, max(1, len(models)))),
     }
+
+
+def _store_objects(per_group: list[dict], slides: int, chunk_tiles: int) -> dict[str, int]:
+    """Objects the run would write: one features file and one commit record per (slide, model)
+    and one staged object per (chunk, model), deleted once its slide commits."""
+    pairs = slides * sum(len(g["models"]) for g in per_group)
+    staged = sum(_chunks(g["estimated_tiles"], slides, chunk_tiles) * len(g["models"]) for g in per_group)
+    return {"features_files": pairs, "commit_records": pairs, "staged_chunks_transient": staged}
 
 
 def _chunks(tiles: int, slides: int, chunk_tiles: int) -> int:

@@ -170,3 +170,26 @@ def test_dry_run_on_an_index_manifest_estimates_tiles_and_gpu_hours_without_the_
     assert plan["estimated_tiles"] == tiles
     assert plan["gpu_hours"]["per_model"]["uni2-h"] == round(tiles / target_tiles_per_s("uni2-h") / 3600, 2)
     assert "not measured" in plan["gpu_hours"]["basis"]
+    assert plan["store_objects"]["features_files"] == plan["store_objects"]["commit_records"] == 2
+    assert plan["store_objects"]["staged_chunks_transient"] == plan["estimated_chunks"]
+
+
+def test_dry_run_reads_index_geometry_from_a_csv_manifest_and_estimates_each_tiling(tmp_path, capsys):
+    """CSV cells arrive as text; a run of models with different native tiles is estimated
+    per tiling (kaiko: 224 px, Prov-GigaPath: 256 px at 0.5 µm/px)."""
+    from pathray.idc import grid_tiles
+
+    (tmp_path / "m.csv").write_text("slide_id,path,width_px,height_px,index_mpp\n"
+                                    "a,s3://idc-open-data/x/,100000,80000,0.25\n"
+                                    "c,s3://idc-open-data/z/,60000,40000,0.5\n")
+    code = main(["embed", "--manifest", str(tmp_path / "m.csv"), "--models", "kaiko-vits16,prov-gigapath",
+                 "--out", str(tmp_path / "store"), "--dry-run"])
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    by_px = {g["tile_px"]: g for g in plan["tilings"]}
+    assert sorted(by_px) == [224, 256] and by_px[256]["models"] == ["prov-gigapath"]
+    assert by_px[224]["estimated_tiles"] == grid_tiles(100_000, 80_000, 0.25, 224, 0.5) + \
+        grid_tiles(60_000, 40_000, 0.5, 224, 0.5)
+    assert by_px[256]["estimated_tiles"] == grid_tiles(100_000, 80_000, 0.25, 256, 0.5) + \
+        grid_tiles(60_000, 40_000, 0.5, 256, 0.5)
+    assert plan["estimated_tiles"] == by_px[224]["estimated_tiles"] + by_px[256]["estimated_tiles"]
