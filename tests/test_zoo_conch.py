@@ -25,14 +25,13 @@ from pathray.encoders.build import count_params, create_model
 from pathray.encoders.nets.conch import dino_interpolate_pos_embed
 from pathray.errors import WeightsMismatchError
 
-COVERED_MODELS = ("conch-v1", "conch-v1-contrast", "conch-v1.5")
+COVERED_MODELS = ("conch-v1", "conch-v1.5")
 
 DATA = Path(__file__).parent / "data"
 TOL = 1e-5
 #: model -> (golden file, array in it, script that regenerates it)
 GOLDENS = {
     "conch-v1": ("conch_v1_golden.npz", "conch_v1", "tests/reference/conch_v1_golden.py"),
-    "conch-v1-contrast": ("conch_v1_golden.npz", "conch_v1_contrast", "tests/reference/conch_v1_golden.py"),
     "conch-v1.5": ("conch_v15_golden.npz", "conch_v1_5", "tests/reference/conch_v15_golden.py"),
 }
 
@@ -88,15 +87,6 @@ def test_matches_official_code(name, random_weights, cmu_slide, _one_thread):
     assert float(np.abs(ref).std()) > 1e-2  # not a degenerate embedding
 
 
-def test_contrast_embedding_is_unit_norm_projection(random_weights, cmu_slide, _one_thread):
-    """conch-v1-contrast is conch-v1's pooled feature @ proj_contrast, L2-normalised (same weights)."""
-    golden, wdir = _golden_weights("conch-v1", random_weights)
-    proj = load_file(str(wdir / "model.safetensors"))["visual.proj_contrast"].numpy()
-    projected = golden["conch_v1"] @ proj
-    expected = projected / np.linalg.norm(projected, axis=1, keepdims=True)
-    np.testing.assert_allclose(golden["conch_v1_contrast"], expected, atol=1e-5)
-
-
 def _release_copy(wdir: Path, out: Path, extra: dict[str, torch.Tensor], filename: str) -> Path:
     """``wdir``'s weights plus ``extra`` keys as a pickled ``filename`` next to its config.json."""
     sd = load_file(str(wdir / "model.safetensors"))
@@ -108,11 +98,13 @@ def _release_copy(wdir: Path, out: Path, extra: dict[str, torch.Tensor], filenam
 
 def test_conch_v1_release_layout_loads_vision_part_only(random_weights, cmu_slide, tmp_path, _one_thread):
     """The published pytorch_model.bin is the whole CoCa model minus the decoder: the text tower,
-    logit_scale and the caption pooler are skipped; any other stray key is refused."""
+    logit_scale, the contrastive projection and the caption pooler are skipped; any other stray
+    key is refused."""
     golden, wdir = _golden_weights("conch-v1", random_weights)
     release_extra = {
         "text.token_embedding.weight": torch.zeros(32007, 8), "text.positional_embedding": torch.zeros(128, 8),
-        "logit_scale": torch.tensor(2.0), "visual.attn_pool_caption.query": torch.zeros(256, 768),
+        "logit_scale": torch.tensor(2.0), "visual.proj_contrast": torch.zeros(512, 512),
+        "visual.attn_pool_caption.query": torch.zeros(256, 768),
         "visual.ln_caption.weight": torch.ones(768),
     }
     release = _release_copy(wdir, tmp_path / "release", release_extra, "pytorch_model.bin")
@@ -133,6 +125,25 @@ def test_conch_v15_release_file_name(random_weights, cmu_slide, tmp_path, _one_t
     tile = golden_tiles(cmu_slide, golden["tiles"][-1:])
     got = load_encoder(EncoderConfig("conch-v1.5", weights=str(release.parent), device="cpu"))(np.stack(tile))
     np.testing.assert_allclose(got, golden["conch_v1_5"][-1:], atol=TOL)
+
+
+def test_conch_v15_from_hub_cache(random_weights, cmu_slide, tmp_path, monkeypatch, _one_thread):
+    """The default weights (hub MahmoodLab/conchv1_5) resolve to its pytorch_model_vision.bin,
+    here from a pre-populated HF cache, offline."""
+    from huggingface_hub import constants
+
+    golden, wdir = _golden_weights("conch-v1.5", random_weights)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--MahmoodLab--conchv1_5"
+    _release_copy(wdir, repo / "snapshots" / sha, {}, "pytorch_model_vision.bin")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    encoder = load_encoder(EncoderConfig("conch-v1.5", device="cpu"))
+    assert encoder.weights_fingerprint == f"hf:MahmoodLab/conchv1_5@{sha}"
+    tile = golden_tiles(cmu_slide, golden["tiles"][:1])
+    np.testing.assert_allclose(encoder(np.stack(tile)), golden["conch_v1_5"][:1], atol=TOL)
 
 
 @pytest.mark.parametrize("name, other", [("conch-v1.5", "conch-v1"), ("conch-v1", "conch-v1.5"),
@@ -164,8 +175,7 @@ def test_pos_embed_interpolation_matches_official_rule():
 # --------------------------------------------------------------------------------------
 #: (depth, width, heads, pos-embed rows, exact parameter count of pathray's network)
 FULL = {
-    "conch-v1": (12, 768, 12, 1 + 28 * 28, 87_829_248),
-    "conch-v1-contrast": (12, 768, 12, 1 + 28 * 28, 87_829_248),
+    "conch-v1": (12, 768, 12, 1 + 28 * 28, 87_567_104),
     "conch-v1.5": (24, 1024, 16, 1 + 14 * 14, 306_109_184),
 }
 

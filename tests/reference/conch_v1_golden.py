@@ -9,9 +9,11 @@ temporary directory and imported from there. The script writes pathray's random 
 ``conch-v1`` (``write_random_weights(..., seed=SEED, depth=DEPTH)``, release layout), saves
 them as the ``pytorch_model.bin`` the README loads, builds the official model with
 ``create_model_from_pretrained`` (config ``conch_ViT-B-16.json`` with ``vision_cfg.layers =
-DEPTH``), checks that the checkpoint fits it with only the unreleased parts missing, runs the
-official transform and ``encode_image`` on real H&E tiles of CMU-1-Small-Region (448 px: no
-resampling; 512 px: bicubic resize to 448) and writes ``tests/data/conch_v1_golden.npz``.
+DEPTH``), checks that the checkpoint fits it with only parts outside the tile embedding missing
+(text tower, projection, caption pooler), runs the official transform and
+``encode_image(x, proj_contrast=False, normalize=False)`` (the README's embedding) on real H&E
+tiles of CMU-1-Small-Region (448 px: no resampling; 512 px: bicubic resize to 448) and writes
+``tests/data/conch_v1_golden.npz``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ TILE_ORIGINS = ((1024, 768), (896, 1536))
 TILE_SIDES = (448, 512)
 OUT = Path(__file__).resolve().parents[1] / "data" / "conch_v1_golden.npz"
 #: parts of the official CoCa model that the vision embedding does not use / the release lacks
-NOT_VISION = ("text.", "text_decoder.", "logit_scale", "visual.attn_pool_caption.", "visual.ln_caption.")
+NOT_VISION = ("text.", "text_decoder.", "logit_scale", "visual.proj_contrast", "visual.attn_pool_caption.",
+              "visual.ln_caption.")
 
 
 def weights_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -105,15 +108,14 @@ def main() -> None:
         images, rows = read_tiles()
         batch = torch.stack([preprocess(im) for im in images])
         with torch.inference_mode():
-            plain = model.encode_image(batch, proj_contrast=False, normalize=False)
-            contrast = model.encode_image(batch, proj_contrast=True, normalize=True)
+            emb = model.encode_image(batch, proj_contrast=False, normalize=False)
     np.savez_compressed(
-        OUT, conch_v1=plain.numpy(), conch_v1_contrast=contrast.numpy(), tiles=rows, weights_sha256=sha,
+        OUT, conch_v1=emb.numpy(), tiles=rows, weights_sha256=sha,
         seed=SEED, depth=DEPTH, official=f"github:mahmoodlab/CONCH@{commit}",
         tile_source="CMU-1-Small-Region.svs level 0 read_region((x, y), 0, (side, side)), RGB",
         tile_pixels_sha256=hashlib.sha256(b"".join(np.asarray(im).tobytes() for im in images)).hexdigest(),
     )
-    print(f"wrote {OUT}: {plain.shape} + {contrast.shape}, weights sha256 {sha[:12]}, CONCH@{commit[:12]}")
+    print(f"wrote {OUT}: {tuple(emb.shape)}, weights sha256 {sha[:12]}, CONCH@{commit[:12]}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@ strictly.
   (``conch/open_clip_custom/{coca_model,vision_tower,transformer}.py``): a timm ViT-B/16 trunk
   at 448 px (``trunk.forward = trunk.forward_features``: final norm applied, all tokens), an
   attentional pooler with one query over all tokens (``torch.nn.MultiheadAttention`` with
-  ``kdim = vdim = 768``, query/key LayerNorms), ``ln_contrast`` and the contrastive projection
-  ``proj_contrast``. ``forward`` is ``CoCa.encode_image(x, proj_contrast, normalize)``: the
-  README's linear-probe/MIL embedding is ``proj_contrast=False, normalize=False`` (pooled, 512-d),
-  its retrieval embedding ``proj_contrast=True, normalize=True``. The caption pooler
-  (``attn_pool_caption``, ``ln_caption``) feeds only the text decoder and is not built.
+  ``kdim = vdim =`` the trunk width, query/key LayerNorms) and ``ln_contrast``: ``forward`` is
+  ``CoCa.encode_image(x, proj_contrast=False, normalize=False)``, the README's embedding for
+  linear probes and MIL (512-d). The contrastive projection ``proj_contrast`` and the caption
+  pooler (``attn_pool_caption``, ``ln_caption``) are not part of it and are not built.
 * ``conch_v15_visual`` — ``EncoderWithAttentionalPooler`` of TITAN's ``conch_v1_5.py`` (an iBOT
   ViT-L/16 whose ``pos_embed`` has the 14x14 grid of ``img_size=224`` and is interpolated at
   every forward, DINO-style: bicubic with ``scale_factor=(grid + 0.1) / 14``), then a
@@ -104,36 +103,30 @@ def dino_interpolate_pos_embed(pos_embed: torch.Tensor, image_hw: tuple[int, int
 
 
 class ConchV1Visual(nn.Module):
-    """``CoCa.visual`` of CONCH v1 without the caption pooler (see the module docstring)."""
+    """``CoCa.visual`` of CONCH v1 up to ``ln_contrast`` (see the module docstring)."""
 
-    def __init__(self, *, depth: int = 12, img_size: int = 448, proj_contrast: bool = False,
-                 normalize: bool = False) -> None:
+    def __init__(self, *, depth: int = 12, embed_dim: int = 768, num_heads: int = 12, img_size: int = 448) -> None:
         super().__init__()
-        self.trunk = VisionTransformer(embed_dim=768, depth=depth, num_heads=12, mlp_ratio=4, img_size=img_size,
-                                       patch_size=16, num_classes=0, dynamic_img_size=True)
-        self.attn_pool_contrast = MhaAttentionalPooler(d_model=512, context_dim=768, n_head=8, n_queries=1)
+        self.trunk = VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
+                                       img_size=img_size, patch_size=16, num_classes=0, dynamic_img_size=True)
+        self.attn_pool_contrast = MhaAttentionalPooler(d_model=512, context_dim=embed_dim, n_head=8, n_queries=1)
         self.ln_contrast = nn.LayerNorm(512)
-        self.proj_contrast = nn.Parameter(768 ** -0.5 * torch.randn(512, 512))
-        self.use_proj_contrast = proj_contrast
-        self.normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised ``(N, 3, 448, 448)`` -> ``(N, 512)``."""
-        pooled = self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
-        if self.use_proj_contrast:
-            pooled = pooled @ self.proj_contrast
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
 
 
 class ConchV15Visual(nn.Module):
     """TITAN's CONCH v1.5 tile encoder (see the module docstring)."""
 
-    def __init__(self, *, depth: int = 24, img_size: int = 224, init_values: float = 1e-6) -> None:
+    def __init__(self, *, depth: int = 24, embed_dim: int = 1024, num_heads: int = 16, img_size: int = 224,
+                 init_values: float = 1e-6) -> None:
         super().__init__()
-        self.trunk = VisionTransformer(img_size=img_size, patch_size=16, embed_dim=1024, depth=depth, num_heads=16,
-                                       mlp_ratio=4.0, qkv_bias=True, init_values=init_values, num_classes=0,
-                                       dynamic_img_size=True)
-        self.attn_pool_contrast = LinearAttentionalPooler(d_model=768, context_dim=1024, n_head=8, n_queries=1)
+        self.trunk = VisionTransformer(img_size=img_size, patch_size=16, embed_dim=embed_dim, depth=depth,
+                                       num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=init_values,
+                                       num_classes=0, dynamic_img_size=True)
+        self.attn_pool_contrast = LinearAttentionalPooler(d_model=768, context_dim=embed_dim, n_head=8, n_queries=1)
         self.ln_contrast = nn.LayerNorm(768)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:

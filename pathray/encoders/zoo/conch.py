@@ -18,23 +18,22 @@ _V1_TILE = ("conch_ViT-B-16.json vision_cfg.image_size=448; transform.py image_t
             "(resized to 448 by the same transform)")
 #: the release holds the whole CoCa model except the multimodal decoder (CONCH README)
 _V1_PREFIX = "visual."
-_V1_IGNORE = ("text.", "logit_scale", "visual.attn_pool_caption.", "visual.ln_caption.")
-_V1_PREPROCESS = Preprocess(resize_px=448, crop_px=448, interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
+_V1_IGNORE = ("text.", "logit_scale", "visual.proj_contrast", "visual.attn_pool_caption.", "visual.ln_caption.")
 
 
-def _conch_v1(name: str, *, proj_contrast: bool, notes: str) -> EncoderSpec:
-    return EncoderSpec(
-        name=name,
+SPECS: list[EncoderSpec] = [
+    EncoderSpec(
+        name="conch-v1",
         family="ViT-B/16 CoCa vision tower, attentional pooler",
         architecture="conch_v1_visual",
         builder="module",
-        model_kwargs=dict(depth=12, img_size=448, proj_contrast=proj_contrast, normalize=proj_contrast),
+        model_kwargs=dict(depth=12, embed_dim=768, num_heads=12, img_size=448),
         embed_dim=512,
         input_px=448,
         native_mpp=0.5,
         native_tile_px=448,
         tile_source=_V1_TILE,
-        preprocess=_V1_PREPROCESS,
+        preprocess=Preprocess(resize_px=448, crop_px=448, interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD),
         pooling="model",
         hf_hub_id="MahmoodLab/CONCH",
         gated=True,
@@ -42,27 +41,16 @@ def _conch_v1(name: str, *, proj_contrast: bool, notes: str) -> EncoderSpec:
         checkpoint_prefix=_V1_PREFIX,
         checkpoint_ignore=_V1_IGNORE,
         source=_V1_SOURCE,
-        notes=notes,
-    )
-
-
-SPECS: list[EncoderSpec] = [
-    _conch_v1(
-        "conch-v1", proj_contrast=False,
-        notes="CONCH README 'vision encoder' embedding: encode_image(x, proj_contrast=False, normalize=False), "
-              "the attention-pooled 512-d feature before the contrastive projection (also CLAM and TRIDENT)",
-    ),
-    _conch_v1(
-        "conch-v1-contrast", proj_contrast=True,
-        notes="CONCH README image-text retrieval embedding: encode_image(x, proj_contrast=True, normalize=True), "
-              "L2-normalised and in CONCH's joint image-text space (zero-shot with CONCH text embeddings)",
+        notes="CONCH README 'vision encoder' embedding: encode_image(x, proj_contrast=False, normalize=False), the "
+              "attention-pooled 512-d feature before the contrastive projection (also CLAM's and TRIDENT's). The "
+              "README's retrieval embedding (CONCH's joint image-text space) is normalize(emb @ visual.proj_contrast)",
     ),
     EncoderSpec(
         name="conch-v1.5",
         family="ViT-L/16 (iBOT), attentional pooler",
         architecture="conch_v15_visual",
         builder="module",
-        model_kwargs=dict(depth=24, img_size=224, init_values=1e-6),
+        model_kwargs=dict(depth=24, embed_dim=1024, num_heads=16, img_size=224, init_values=1e-6),
         embed_dim=768,
         input_px=448,
         native_mpp=0.5,
