@@ -199,3 +199,12 @@ def test_conch_v15_trunk_is_a_vit_large_like_uni():
     uni = get_spec("uni")
     trunk = create_model(v15.architecture, v15.model_kwargs, meta=True, builder=v15.builder).trunk
     assert count_params(trunk) == count_params(create_model(uni.architecture, uni.model_kwargs, meta=True))
+
+
+def test_cost_model_counts_the_full_networks():
+    """pathray's GPU-hour planning counts FLOPs on the meta device: the nets must run there under
+    FlopCounterMode; at 448 px (785 tokens) they cost more than UNI at 224 px."""
+    from pathray.encoders.cost import flops_per_tile
+
+    flops = {name: flops_per_tile(get_spec(name)) for name in ("conch-v1", "conch-v1.5", "uni")}
+    assert flops["uni"] < flops["conch-v1"] < flops["conch-v1.5"]

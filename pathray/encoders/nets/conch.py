@@ -30,6 +30,12 @@ from torch import nn
 from . import register
 
 
+def layer_norm_of_param(norm: nn.LayerNorm, param: torch.Tensor) -> torch.Tensor:
+    """``norm(param)`` computed functionally: a Parameter given to a module call trips module
+    hooks that expect autograd history (``FlopCounterMode`` under ``inference_mode``)."""
+    return F.layer_norm(param, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 class MhaAttentionalPooler(nn.Module):
     """CONCH v1 ``AttentionalPooler``: learned queries attend over LayerNormed tokens through
     ``nn.MultiheadAttention`` (sequence-first, as the official module calls it)."""
@@ -44,7 +50,7 @@ class MhaAttentionalPooler(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(N, L, context_dim)`` -> ``(N, n_queries, d_model)``."""
         kv = self.ln_k(tokens).permute(1, 0, 2)
-        q = self.ln_q(self.query).unsqueeze(1).repeat(1, tokens.shape[0], 1)
+        q = layer_norm_of_param(self.ln_q, self.query).unsqueeze(1).repeat(1, tokens.shape[0], 1)
         return self.attn(q, kv, kv, need_weights=False)[0].permute(1, 0, 2)
 
 
@@ -72,7 +78,7 @@ class LinearAttentionalPooler(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(N, L, context_dim)`` -> ``(N, n_queries, d_model)``."""
         b = tokens.shape[0]
-        q = self.to_q(self.ln_q(self.query.unsqueeze(0).expand(b, -1, -1)))
+        q = self.to_q(layer_norm_of_param(self.ln_q, self.query).unsqueeze(0).expand(b, -1, -1))
         k, v = self.to_kv(self.ln_k(tokens)).chunk(2, dim=-1)
         q, k, v = (self._split_heads(t) for t in (q, k, v))
         sim = torch.einsum("... i d, ... j d -> ... i j", q * self.scale, k)
