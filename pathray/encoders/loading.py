@@ -31,7 +31,7 @@ from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUna
 from .offline import WEIGHTS_DIR_ENV, is_remote_source, local_copy, remote_identity
 from .spec import EncoderSpec
 
-WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth")
+WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth", "pytorch_model_vision.bin")
 PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt")
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 #: seconds allowed to reach the hub before failing over to the local cache / a clear error
@@ -233,7 +233,9 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
             cfg = {}
         wfile = None
         last_exc: Exception | None = None
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        # a card whose release file has another name states it (CONCH v1.5: pytorch_model_vision.bin)
+        for name in dict.fromkeys(filter(None, (spec.extra.get("hub_weights_file"), "model.safetensors",
+                                                "pytorch_model.bin"))):
             try:
                 wfile = _hub_get(repo_id, revision, name, online)
                 break
