@@ -211,7 +211,9 @@ def hub_reachable(repo_id: str = "", revision: str | None = None, timeout: float
 
 
 def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
-    """Download (or find in the local HF cache) config.json + weights of ``repo[@revision]``."""
+    """Download (or find in the local HF cache) config.json + weights of ``repo[@revision]``: the
+    spec's ``extra["hub_filename"]`` when the release names its file otherwise (e.g. ``GPFM.pth``),
+    then ``model.safetensors``, then ``pytorch_model.bin``."""
     from huggingface_hub import errors as hf_errors
 
     repo_id, _, revision = repo.partition("@")
@@ -225,7 +227,9 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
             cfg = {}
         wfile = None
         last_exc: Exception | None = None
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        names = ((spec.extra.get("hub_filename"),) if spec.extra.get("hub_filename") else ()) + (
+            "model.safetensors", "pytorch_model.bin")
+        for name in names:
             try:
                 wfile = _hub_get(repo_id, revision, name, online)
                 break
@@ -235,8 +239,8 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
                     raise
                 last_exc = exc
         if wfile is None:
-            raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has no model.safetensors or "
-                                          f"pytorch_model.bin ({last_exc})")
+            raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has none of {', '.join(names)} "
+                                          f"({last_exc})")
     return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}",
                          _hub_fingerprint(repo_id, wfile))
 
@@ -302,10 +306,16 @@ def _natural(key: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
+#: BatchNorm's training-step counter: checkpoints saved before torch 0.4.1 (e.g. torchvision's
+#: ResNet-50 ``resnet50-19c8e357.pth``) lack it, torch fills it on load, and eval never reads it
+_BN_COUNTER = ".num_batches_tracked"
+
+
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
-    """Problems (missing / unexpected / wrong-shape keys) of ``sd`` for ``model``; [] if it fits."""
+    """Problems (missing / unexpected / wrong-shape keys) of ``sd`` for ``model``; [] if it fits.
+    A missing BatchNorm ``num_batches_tracked`` counter is not a problem (see ``_BN_COUNTER``)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted((k for k in expected if k not in sd), key=_natural)
+    missing = sorted((k for k in expected if k not in sd and not k.endswith(_BN_COUNTER)), key=_natural)
     unexpected = sorted((k for k in sd if k not in expected), key=_natural)
     shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
