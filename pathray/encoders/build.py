@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from pathray.errors import WeightsMismatchError
+
 from .builders import check_config_architecture, get_builder
 from .registry import EncoderSpec, spec_from_pretrained_cfg
 
@@ -27,6 +29,11 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     arch = spec.architecture
     config = config or {}
     check_config_architecture(spec.name, spec.builder, arch, config)
+    written_for = (config.get("pathray") or {}).get("model")
+    if written_for and written_for != spec.name and not spec.name.startswith("timm:"):
+        # models of one architecture (H-optimus-0 and -1) are told apart by pathray's own record
+        raise WeightsMismatchError(f"{spec.name}: these weights were written for {written_for!r} "
+                                   "(config.json pathray.model)")
     if spec.name.startswith("timm:"):
         overrides = config.get("model_args")
     else:

@@ -31,7 +31,7 @@ from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUna
 from .spec import EncoderSpec
 
 WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth")
-PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt")
+PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt", ".torch")  # .torch: Lunit's releases
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 #: seconds allowed to reach the hub before failing over to the local cache / a clear error
 DEFAULT_HUB_TIMEOUT_S = 5.0
@@ -211,9 +211,7 @@ def hub_reachable(repo_id: str = "", revision: str | None = None, timeout: float
 
 
 def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
-    """Download (or find in the local HF cache) config.json + weights of ``repo[@revision]``: the
-    spec's ``extra["hub_filename"]`` when the release names its file otherwise (e.g. ``GPFM.pth``),
-    then ``model.safetensors``, then ``pytorch_model.bin``."""
+    """Download (or find in the local HF cache) config.json + weights of ``repo[@revision]``."""
     from huggingface_hub import errors as hf_errors
 
     repo_id, _, revision = repo.partition("@")
@@ -227,9 +225,9 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
             cfg = {}
         wfile = None
         last_exc: Exception | None = None
-        names = ((spec.extra.get("hub_filename"),) if spec.extra.get("hub_filename") else ()) + (
-            "model.safetensors", "pytorch_model.bin")
-        for name in names:
+        # a card whose release file has another name states it (CONCH v1.5: pytorch_model_vision.bin)
+        for name in dict.fromkeys(filter(None, (spec.extra.get("hub_weights_file"), "model.safetensors",
+                                                "pytorch_model.bin"))):
             try:
                 wfile = _hub_get(repo_id, revision, name, online)
                 break
@@ -239,8 +237,8 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
                     raise
                 last_exc = exc
         if wfile is None:
-            raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has none of {', '.join(names)} "
-                                          f"({last_exc})")
+            raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has no model.safetensors or "
+                                          f"pytorch_model.bin ({last_exc})")
     return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}",
                          _hub_fingerprint(repo_id, wfile))
 

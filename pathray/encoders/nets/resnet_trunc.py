@@ -23,20 +23,29 @@ from torch import nn
 
 from . import register
 
+_RESNET50_LAYERS = (3, 4, 6, 3)
+_RESNET50_CHANNELS = (64, 128, 256, 512)
+
 
 class ResNet50Trunc(nn.Module):
-    """ResNet-50 through ``layer3`` + global average pool: ``(N, 3, H, W) -> (N, 1024)``."""
+    """ResNet-50 through ``layer3`` + global average pool: ``(N, 3, H, W) -> (N, embed_dim)``.
 
-    def __init__(self) -> None:
+    ``depth`` (blocks per stage, at most) and ``embed_dim`` (output width; every stage's width
+    scales with it) only shrink the network for random-weight tests; the defaults are ResNet-50.
+    """
+
+    def __init__(self, depth: int | None = None, embed_dim: int = 1024) -> None:
         super().__init__()
-        import timm
+        from timm.models.resnet import Bottleneck, ResNet
 
+        layers = [n if depth is None else min(n, depth) for n in _RESNET50_LAYERS]
+        channels = tuple(c * embed_dim // 1024 for c in _RESNET50_CHANNELS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            full = timm.create_model("resnet50", pretrained=False, num_classes=0)
+            full = ResNet(Bottleneck, layers, num_classes=0, channels=channels, stem_width=channels[0])
         self.conv1, self.bn1, self.act1, self.maxpool = full.conv1, full.bn1, full.act1, full.maxpool
         self.layer1, self.layer2, self.layer3 = full.layer1, full.layer2, full.layer3
-        self.num_features = 1024
+        self.num_features = embed_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
@@ -45,5 +54,5 @@ class ResNet50Trunc(nn.Module):
 
 
 @register("resnet50_trunc")
-def resnet50_trunc() -> ResNet50Trunc:
-    return ResNet50Trunc()
+def resnet50_trunc(depth: int | None = None, embed_dim: int = 1024) -> ResNet50Trunc:
+    return ResNet50Trunc(depth=depth, embed_dim=embed_dim)

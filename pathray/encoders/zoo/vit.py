@@ -33,7 +33,7 @@ SPECS: list[EncoderSpec] = [
         pooling="cls",
         hf_hub_id="bioptimus/H-optimus-1",
         gated=True,
-        license="H-optimus-1 licence on the gated hub card (non-commercial terms; read it before use)",
+        license="CC-BY-NC-ND-4.0 (TRIDENT model table; non-commercial, no redistribution)",
         source="card (timm hub id + kwargs); TRIDENT load.py loads pytorch_model.bin strictly into timm "
                "vit_giant_patch14_reg4_dinov2 at img_size=224",
         notes="same architecture and normalisation as H-optimus-0; other tile sizes are resized (bicubic) to 224",
@@ -74,9 +74,9 @@ SPECS: list[EncoderSpec] = [
         preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic"),
         pooling="cls",
         hf_hub_id="majiabo/GPFM",
-        extra={"hub_filename": "GPFM.pth"},
+        extra={"hub_weights_file": "GPFM.pth"},
         weights_url="https://github.com/birkhoffkiki/GPFM/releases/download/ckpt/GPFM.pth",
-        license="MIT (hub card)",
+        license="MIT (TRIDENT model table)",
         source="github:birkhoffkiki/GPFM models/dinov2 (vit_large, patch 14, img 224, ffn mlp, LayerScale 1e-5); "
                "the hub's GPFM.pth is a flat timm-layout state dict (TRIDENT, slide2vec load it strictly into "
                "timm vit_large_patch14_dinov2 at img_size=224)",
@@ -123,8 +123,9 @@ SPECS: list[EncoderSpec] = [
         preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bilinear"),
         pooling="model",
         hf_hub_id="SophontAI/OpenMidnight",
-        extra={"hub_filename": "teacher_checkpoint_load.pt"},
-        license="see the SophontAI/OpenMidnight hub card",
+        extra={"hub_weights_file": "teacher_checkpoint_load.pt"},
+        gated=True,
+        license="Apache-2.0 (TRIDENT model table; access request on the hub)",
         source="github:facebookresearch/dinov2 hub/backbones.py dinov2_vitg14_reg + models/vision_transformer.py; "
                "TRIDENT load.py: checkpoint pos_embed replaces the model's, strict load, model(x)",
         notes="output: the final-norm CLS token; ImageNet normalisation",
