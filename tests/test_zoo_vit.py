@@ -1,6 +1,6 @@
 """Exactness of the ``zoo/vit.py`` encoders against their official code.
 
-* H-optimus-1 and Lunit ViT-S/8: the official code is a library call (timm), run here with the
+* H-optimus-1 and Lunit's ViT-S/8 and ViT-S/16: the official code is a library call (timm), run here with the
   card's arguments on pathray's random weights saved as the release file.
 * GPFM, CLAM's truncated ResNet-50 and OpenMidnight: the official code is a repository; the
   ``tests/reference/<model>_golden.py`` scripts ran it (from the fetched mirrors) on the weights
@@ -32,7 +32,7 @@ from pathray.encoders.loading import read_state_dict
 from pathray.errors import WeightsMismatchError
 
 #: the models this module checks against their official code (tests/test_zoo_coverage.py)
-COVERED_MODELS = ("h-optimus-1", "lunit-vits8", "gpfm", "resnet50-trunc", "openmidnight")
+COVERED_MODELS = ("h-optimus-1", "lunit-vits8", "lunit-vits16", "gpfm", "resnet50-trunc", "openmidnight")
 
 TOL = 1e-5
 DATA = Path(__file__).parent / "data"
@@ -124,20 +124,21 @@ def test_h_optimus_1_matches_card(side, random_weights, he_tiles, _one_thread):
     _assert_close(_encode("h-optimus-1", wdir, tiles), ref, f"h-optimus-1 @ {side}px")
 
 
-@pytest.mark.parametrize("side", [224, 256])
-def test_lunit_vits8_matches_official(side, random_weights, he_tiles, tmp_path, _one_thread):
+@pytest.mark.parametrize("patch, side", [(8, 224), (8, 256), (16, 224)])
+def test_lunit_matches_official(patch, side, random_weights, he_tiles, tmp_path, _one_thread):
     from timm.models.vision_transformer import VisionTransformer
 
-    wdir = random_weights("lunit-vits8", depth=2)
-    release = tmp_path / "dino_vit_small_patch8_ep200.torch"
+    name = f"lunit-vits{patch}"
+    wdir = random_weights(name, depth=2)
+    release = tmp_path / f"dino_vit_small_patch{patch}_ep200.torch"
     torch.save(load_file(str(wdir / "model.safetensors")), release)
-    # github:lunit-io/benchmark-ssl-pathology README (vit_small, key "DINO_p8"), depth reduced
-    model = VisionTransformer(img_size=224, patch_size=8, embed_dim=384, num_heads=6, num_classes=0, depth=2)
+    # github:lunit-io/benchmark-ssl-pathology README (vit_small, keys "DINO_p8"/"DINO_p16"), depth reduced
+    model = VisionTransformer(img_size=224, patch_size=patch, embed_dim=384, num_heads=6, num_classes=0, depth=2)
     model.load_state_dict(torch.load(release, map_location="cpu"))
     card = transforms.Compose([transforms.ToTensor(), transforms.Normalize(**LUNIT)])
     tiles = _tiles(he_tiles, side)
     ref = _reference(model, card if side == 224 else _resized(LUNIT), tiles)
-    _assert_close(_encode("lunit-vits8", wdir, tiles), ref, f"lunit-vits8 @ {side}px")
+    _assert_close(_encode(name, wdir, tiles), ref, f"{name} @ {side}px")
     assert read_state_dict(release).keys() == model.state_dict().keys()  # Lunit's release file type is read
 
 
@@ -217,7 +218,7 @@ def test_resnet50_trunc_matches_official_golden(random_weights, he_tiles, tmp_pa
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, other", [("openmidnight", "h-optimus-1"), ("gpfm", "lunit-vits8"),
                                          ("resnet50-trunc", "lunit-vits8"), ("h-optimus-1", "openmidnight"),
-                                         ("lunit-vits8", "gpfm")])
+                                         ("lunit-vits8", "gpfm"), ("lunit-vits16", "lunit-vits8")])
 def test_checkpoint_of_another_model_is_refused(name, other, random_weights, he_tiles, tmp_path, _one_thread):
     wdir = random_weights(other, depth=1)
     tiles = _tiles(he_tiles, 224, n=1)
@@ -236,6 +237,7 @@ FULL = {
     # name: (params, output dim, depth, width, heads, patch, prefix tokens)
     "h-optimus-1": (1_134_774_272, 1536, 40, 1536, 24, 14, 5),
     "lunit-vits8": (21_670_272, 384, 12, 384, 6, 8, 1),
+    "lunit-vits16": (21_665_664, 384, 12, 384, 6, 16, 1),
     "gpfm": (303_227_904, 1024, 24, 1024, 16, 14, 1),
     "openmidnight": (1_134_777_344, 1536, 40, 1536, 24, 14, 5),
 }

@@ -1,5 +1,5 @@
 """ViT (and one CNN) tile encoders built on timm or on a plain DINOv2 network: H-optimus-1,
-Lunit DINO ViT-S/8, GPFM, CLAM's truncated ResNet-50 and OpenMidnight.
+Lunit's DINO ViT-S/8 and ViT-S/16, GPFM, CLAM's truncated ResNet-50 and OpenMidnight.
 
 Sources are given per spec (``source``, ``tile_source``); docs/zoo/vit.md tabulates them.
 """
@@ -14,6 +14,34 @@ _HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 _LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
 _LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
 _LUNIT_RELEASE = "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/pretrained-weights/{}"
+
+
+def _lunit(patch: int) -> EncoderSpec:
+    """Lunit's DINO ViT-S/``patch`` (README keys ``DINO_p8``/``DINO_p16``)."""
+    return EncoderSpec(
+        name=f"lunit-vits{patch}",
+        family=f"ViT-S/{patch} (DINO)",
+        architecture=f"vit_small_patch{patch}_224",
+        # Lunit README: VisionTransformer(img_size=224, patch_size=patch, embed_dim=384, num_heads=6, num_classes=0)
+        model_kwargs=dict(img_size=224, num_classes=0),
+        embed_dim=384,
+        input_px=224,
+        native_mpp=0.5,
+        native_tile_px=224,
+        tile_source="TRIDENT: --patch_encoder lunit-vits8 --patch_size 224 --mag 20 (ViT-S/16: same release, "
+                    "same statistics in kaiko-ai/eva); slide2vec: 0.5 µm/px",
+        preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic",
+                              mean=_LUNIT_MEAN, std=_LUNIT_STD),
+        pooling="cls",
+        hf_hub_id=f"1aurent/vit_small_patch{patch}_224.lunit_dino",
+        weights_url=_LUNIT_RELEASE.format(f"dino_vit_small_patch{patch}_ep200.torch"),
+        license="Lunit non-commercial public licence (research use only)",
+        source="github:lunit-io/benchmark-ssl-pathology README (timm VisionTransformer); normalisation: "
+               "kaiko-ai/eva lunit.py (Lunit's ViT-S training statistics)",
+        notes="the 1aurent hub mirror's config.json carries timm's stock DINO transform (ImageNet mean/std, "
+              "crop 0.9); pathray uses Lunit's own statistics and feeds 224 px tiles unresized",
+    )
+
 
 SPECS: list[EncoderSpec] = [
     EncoderSpec(
@@ -38,28 +66,8 @@ SPECS: list[EncoderSpec] = [
                "vit_giant_patch14_reg4_dinov2 at img_size=224",
         notes="same architecture and normalisation as H-optimus-0; other tile sizes are resized (bicubic) to 224",
     ),
-    EncoderSpec(
-        name="lunit-vits8",
-        family="ViT-S/8 (DINO)",
-        architecture="vit_small_patch8_224",
-        # Lunit README: VisionTransformer(img_size=224, patch_size=8, embed_dim=384, num_heads=6, num_classes=0)
-        model_kwargs=dict(img_size=224, num_classes=0),
-        embed_dim=384,
-        input_px=224,
-        native_mpp=0.5,
-        native_tile_px=224,
-        tile_source="TRIDENT: --patch_encoder lunit-vits8 --patch_size 224 --mag 20; slide2vec: 0.5 µm/px",
-        preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic",
-                              mean=_LUNIT_MEAN, std=_LUNIT_STD),
-        pooling="cls",
-        hf_hub_id="1aurent/vit_small_patch8_224.lunit_dino",
-        weights_url=_LUNIT_RELEASE.format("dino_vit_small_patch8_ep200.torch"),
-        license="Lunit non-commercial public licence (research use only)",
-        source="github:lunit-io/benchmark-ssl-pathology README (timm VisionTransformer); normalisation: "
-               "kaiko-ai/eva lunit.py (Lunit's ViT-S training statistics)",
-        notes="the 1aurent hub mirror's config.json carries timm's stock DINO transform (ImageNet mean/std, "
-              "crop 0.9); pathray uses Lunit's own statistics and feeds 224 px tiles unresized",
-    ),
+    _lunit(8),
+    _lunit(16),
     EncoderSpec(
         name="gpfm",
         family="ViT-L/14 (DINOv2, knowledge distillation)",
@@ -131,3 +139,4 @@ SPECS: list[EncoderSpec] = [
         notes="output: the final-norm CLS token; ImageNet normalisation",
     ),
 ]
+
