@@ -211,6 +211,16 @@ def test_resnet50_trunc_matches_official_golden(random_weights, he_tiles, tmp_pa
         save_file(sd, str(tmp_path / f"{label}.safetensors"))
         _assert_close(_encode("resnet50-trunc", tmp_path / f"{label}.safetensors", batch),
                       golden["resnet50_trunc"][keep], f"resnet50-trunc from a {label} ResNet-50 release")
+    # the default hub snapshot (timm/resnet50.tv_in1k): its config.json names timm's full resnet50
+    snapshot = tmp_path / "tv_in1k"
+    snapshot.mkdir()
+    save_file(full, str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "resnet50", "num_classes": 1000}))
+    _assert_close(_encode("resnet50-trunc", snapshot, batch), golden["resnet50_trunc"][keep],
+                  "resnet50-trunc from a timm resnet50 hub snapshot")
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "resnet101"}))
+    with pytest.raises(WeightsMismatchError, match="architecture 'resnet101'"):
+        _encode("resnet50-trunc", snapshot, batch)
 
 
 # --------------------------------------------------------------------------------------

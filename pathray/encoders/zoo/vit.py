@@ -83,12 +83,12 @@ SPECS: list[EncoderSpec] = [
         pooling="cls",
         hf_hub_id="majiabo/GPFM",
         extra={"hub_weights_file": "GPFM.pth"},
-        weights_url="https://github.com/birkhoffkiki/GPFM/releases/download/ckpt/GPFM.pth",
         license="MIT (TRIDENT model table)",
         source="github:birkhoffkiki/GPFM models/dinov2 (vit_large, patch 14, img 224, ffn mlp, LayerScale 1e-5); "
                "the hub's GPFM.pth is a flat timm-layout state dict (TRIDENT, slide2vec load it strictly into "
                "timm vit_large_patch14_dinov2 at img_size=224)",
-        notes="output: the final-norm CLS token (official forward with head=Identity)",
+        notes="output: the final-norm CLS token (official forward with head=Identity); the GitHub release "
+              "GPFM.pth is the training layout (teacher/backbone, chunked blocks) and is not read",
     ),
     EncoderSpec(
         name="resnet50-trunc",
@@ -107,6 +107,7 @@ SPECS: list[EncoderSpec] = [
         hf_hub_id="timm/resnet50.tv_in1k",
         weights_url="https://download.pytorch.org/models/resnet50-19c8e357.pth",
         checkpoint_ignore=("layer4.", "fc."),
+        extra={"release_architecture": "resnet50"},  # timm/resnet50.tv_in1k config.json
         license="BSD-3-Clause (torchvision ImageNet weights)",
         source="github:mahmoodlab/CLAM models/timm_wrapper.py TimmCNNEncoder (resnet50.tv_in1k, features_only, "
                "out_indices=(3,), AdaptiveAvgPool2d(1)); utils/transform_utils.py Resize(224) + ImageNet norm",
