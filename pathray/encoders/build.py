@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from pathray.errors import WeightsMismatchError
+
 from .builders import check_config_architecture, get_builder
 from .registry import EncoderSpec, spec_from_pretrained_cfg
 
@@ -21,12 +23,20 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     weights' ``reg_tokens=4`` would otherwise build Virchow2). The one exception is a
     pathray random-weight directory, whose ``config.json`` declares its shrinking under
     ``pathray.arch_overrides`` (e.g. ``depth=2``). ``timm:`` entries take the config's
-    JSON ``model_args``; layer classes always come from the spec.
+    JSON ``model_args``; layer classes always come from the spec. A release whose config.json
+    names the architecture it was cut from (``spec.extra["release_architecture"]``: CLAM's
+    ResNet-50 trunk ships as timm's full ``resnet50``) is not another model.
     """
     kwargs = dict(spec.model_kwargs)
     arch = spec.architecture
     config = config or {}
-    check_config_architecture(spec.name, spec.builder, arch, config)
+    if config.get("architecture") != spec.extra.get("release_architecture"):
+        check_config_architecture(spec.name, spec.builder, arch, config)
+    written_for = (config.get("pathray") or {}).get("model")
+    if written_for and written_for != spec.name and not spec.name.startswith("timm:"):
+        # models of one architecture (H-optimus-0 and -1) are told apart by pathray's own record
+        raise WeightsMismatchError(f"{spec.name}: these weights were written for {written_for!r} "
+                                   "(config.json pathray.model)")
     if spec.name.startswith("timm:"):
         overrides = config.get("model_args")
     else:

@@ -32,7 +32,7 @@ from .offline import WEIGHTS_DIR_ENV, is_remote_source, local_copy, remote_ident
 from .spec import EncoderSpec
 
 WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth", "pytorch_model_vision.bin")
-PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt")
+PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt", ".torch")  # .torch: Lunit's releases
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 #: seconds allowed to reach the hub before failing over to the local cache / a clear error
 DEFAULT_HUB_TIMEOUT_S = 5.0
@@ -314,10 +314,16 @@ def _natural(key: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
+#: BatchNorm's training-step counter: checkpoints saved before torch 0.4.1 (e.g. torchvision's
+#: ResNet-50 ``resnet50-19c8e357.pth``) lack it, torch fills it on load, and eval never reads it
+_BN_COUNTER = ".num_batches_tracked"
+
+
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
-    """Problems (missing / unexpected / wrong-shape keys) of ``sd`` for ``model``; [] if it fits."""
+    """Problems (missing / unexpected / wrong-shape keys) of ``sd`` for ``model``; [] if it fits.
+    A missing BatchNorm ``num_batches_tracked`` counter is not a problem (see ``_BN_COUNTER``)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted((k for k in expected if k not in sd), key=_natural)
+    missing = sorted((k for k in expected if k not in sd and not k.endswith(_BN_COUNTER)), key=_natural)
     unexpected = sorted((k for k in sd if k not in expected), key=_natural)
     shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
