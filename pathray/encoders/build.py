@@ -26,7 +26,7 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     kwargs = dict(spec.model_kwargs)
     arch = spec.architecture
     config = config or {}
-    check_config_architecture(spec.name, spec.builder, arch, config)
+    check_config_architecture(spec.name, spec.builder, arch, config, tuple(spec.extra.get("config_architectures", ())))
     if spec.name.startswith("timm:"):
         overrides = config.get("model_args")
     else:
