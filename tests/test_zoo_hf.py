@@ -335,5 +335,7 @@ def test_full_architecture_on_meta(name):
         assert round(count_params(model) / 1e6, 1 if spec.card_params_m < 100 else 0) == spec.card_params_m
     release = get_builder("transformers").to_release(model, dict(model.state_dict()))
     assert len(release) == tensors, len(release)
-    pooled = {"cls": width, "pooler": width, "cls+mean_patch": 2 * width}[spec.pooling]
-    assert pooled == spec.embed_dim
+    x = torch.empty(2, 3, spec.input_px, spec.input_px, device="meta")
+    with torch.inference_mode():
+        pooled = get_builder("transformers").pool(model.eval(), x, spec.pooling)
+    assert tuple(pooled.shape) == (2, spec.embed_dim)
