@@ -31,7 +31,8 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     arch = spec.architecture
     config = config or {}
     if config.get("architecture") != spec.extra.get("release_architecture"):
-        check_config_architecture(spec.name, spec.builder, arch, config)
+        check_config_architecture(spec.name, spec.builder, arch, config,
+                                  tuple(spec.extra.get("config_architectures", ())))
     written_for = (config.get("pathray") or {}).get("model")
     if written_for and written_for != spec.name and not spec.name.startswith("timm:"):
         # models of one architecture (H-optimus-0 and -1) are told apart by pathray's own record

@@ -16,6 +16,7 @@ Each builder also states how the embedding is pooled from its network's output
 
 from __future__ import annotations
 
+import copy
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -66,6 +67,12 @@ class TimmBuilder:
     def hub_config(self, arch: str, kwargs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
         return {"architecture": arch, "num_classes": 0, "num_features": int(getattr(model, "num_features", 0) or 0)}
 
+    def to_release(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state_dict
+
+    def from_release(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state_dict
+
 
 @dataclass(frozen=True)
 class TransformersBuilder:
@@ -108,6 +115,39 @@ class TransformersBuilder:
         cfg["architectures"] = [arch]
         return cfg
 
+    def to_release(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The checkpoint layout ``save_pretrained`` writes, which is the hub's: transformers renamed
+        modules (ViT/DINOv2 ``attention.attention.query`` is now ``attention.q_proj``, DINOv2's
+        SwiGLU ``weights_in`` is split into ``gate_proj``/``up_proj``) and converts published
+        checkpoints on load; this is its own reverse conversion."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(model, dict(state_dict))
+
+    def from_release(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A published checkpoint's keys in this transformers version's module names: the renamings
+        and conversions ``from_pretrained`` applies for ``model``'s class (its conversion mapping).
+        Keys no rule matches are kept as they are, so a strict load reports them."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_converters, apply_renamings
+
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        out: dict[str, torch.Tensor] = {}
+        pending: dict[str, Any] = {}
+        for key, tensor in state_dict.items():
+            renamed, pattern = apply_converters(apply_renamings(key, renamings), converters)
+            if pattern is None:
+                out[renamed] = tensor
+            else:
+                pending.setdefault(renamed, copy.deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, tensor)
+        for first, converter in pending.items():
+            for name, value in converter.convert(first, model=model, config=model.config).items():
+                out[name] = value[0] if isinstance(value, list) else value
+        return out
+
 
 @dataclass(frozen=True)
 class ModuleBuilder:
@@ -136,6 +176,12 @@ class ModuleBuilder:
     def hub_config(self, arch: str, kwargs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
         return {"architecture": arch}
 
+    def to_release(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state_dict
+
+    def from_release(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state_dict
+
 
 BUILDERS = {b.name: b for b in (TimmBuilder(), TransformersBuilder(), ModuleBuilder())}
 
@@ -153,12 +199,14 @@ def get_builder(name: str) -> TimmBuilder | TransformersBuilder | ModuleBuilder:
     return BUILDERS[name]
 
 
-def check_config_architecture(spec_name: str, builder: str, arch: str, config: dict[str, Any]) -> None:
+def check_config_architecture(spec_name: str, builder: str, arch: str, config: dict[str, Any],
+                              aliases: tuple[str, ...] = ()) -> None:
     """Raise :class:`WeightsMismatchError` when a ``config.json`` names another architecture
     than ``arch`` (timm's pretrained tag ignored: ``vit_small_patch16_224.augreg`` is
-    ``vit_small_patch16_224``)."""
+    ``vit_small_patch16_224``) or one of its ``aliases`` (the name a hub config gives the same
+    network, e.g. a ``trust_remote_code`` class)."""
     named = get_builder(builder).config_architecture(config or {})
-    if named and named.split(".")[0] != arch.split(".")[0]:
+    if named and named.split(".")[0] not in {arch.split(".")[0], *aliases}:
         hint = f"; use timm:{named}" if spec_name.startswith("timm:") else ""
         raise WeightsMismatchError(
             f"{spec_name} is a {arch}, but the weights' config.json says architecture {named!r}{hint}")

@@ -192,6 +192,7 @@ def build_model(spec: EncoderSpec, loaded: LoadedWeights) -> tuple[str, dict[str
         raise EncoderError(f"{spec.name}: cannot build {arch} with {sorted(kwargs)}: {exc}") from exc
     what = f"{spec.name} weights {loaded.source}"
     released = from_release_layout(loaded.state_dict, spec.checkpoint_prefix, spec.checkpoint_ignore)
+    released = get_builder(spec.builder).from_release(model, released)
     state_dict, adaptations = card_adaptations(spec, model, released)
     model = load_into(model, state_dict, what=what)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

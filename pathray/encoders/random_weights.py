@@ -97,7 +97,8 @@ def write_random_weights(model: str, out_dir: str | os.PathLike, *, seed: int = 
     arch, kwargs, net = random_model(spec, seed=seed, **arch_overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = to_release_layout({k: v.detach().contiguous() for k, v in net.state_dict().items()}, spec.checkpoint_prefix)
+    own = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    sd = to_release_layout(get_builder(spec.builder).to_release(net, own), spec.checkpoint_prefix)
     tmp = out / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt", "pathray_model": spec.name, "seed": str(seed)})
     os.replace(tmp, out / "model.safetensors")
