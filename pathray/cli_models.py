@@ -19,6 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="shrink the network to N blocks (CPU tests/demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="list as JSON")
+    parser.add_argument("--markdown", action="store_true", help="list as a Markdown table (README, docs/models.md)")
 
 
 def _rows() -> list[dict[str, str]]:
@@ -35,6 +36,21 @@ def _rows() -> list[dict[str, str]]:
             "license": s.license, "licence": s.license.split(" (")[0].split(":")[0], "source": s.source,
         })
     return rows
+
+
+_POOLING_TEXT = {"cls": "CLS", "cls+mean_patch": "CLS ⊕ mean(patch)", "pooler": "pooler output",
+                 "model": "the net's own head"}
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    """The models table of README.md and docs/models.md, from the registry."""
+    lines = ["| name | architecture | builder | dim | native tile | embedding | weights | access, licence |",
+             "|---|---|---|---:|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['name']}` | {r['architecture']} | {r['builder']} | {r['dim']} | {r['tile_px']} px @ "
+                     f"{r['mpp']} µm/px | {_POOLING_TEXT.get(r['pooling'], r['pooling'])} | `{r['weights']}` | "
+                     f"{r['gated']}, {r['licence']} |")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     rows = _rows()
     if args.json:
         print(json.dumps(rows, indent=2))
+        return 0
+    if args.markdown:
+        print(markdown_table(rows))
         return 0
     cols = ["name", "builder", "architecture", "dim", "tile_px", "mpp", "pooling", "gated", "licence", "weights"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
