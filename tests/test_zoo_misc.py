@@ -1,4 +1,4 @@
-"""Exactness of the misc zoo family (CTransPath, MUSK, KEEP) against their official code.
+"""Exactness of the misc zoo family (CTransPath, MUSK) against their official code.
 
 Each model's official code was run by ``tests/reference/<model>_golden.py`` (fetched official
 repository, pinned dependencies, separate process) on 4 real H&E tiles of CMU-1-Small-Region
@@ -17,16 +17,21 @@ import numpy as np
 import pytest
 import torch
 from reference.golden_common import tensors_sha256
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pathray.encoders import EncoderConfig, get_spec, load_encoder, write_random_weights
 from pathray.encoders.build import count_params, create_model
+from pathray.encoders.builders import from_release_layout
 from pathray.errors import WeightsMismatchError
 
 DATA = Path(__file__).parent / "data"
 TOL = 1e-5
-#: model -> (tile sizes of the golden, arch overrides of its weights)
-GOLDENS = {"ctranspath": ((224, 256), {})}
+#: model -> (golden file stem, its script, arch overrides of its weights)
+GOLDENS = {
+    "ctranspath": ("ctranspath", {}),
+    "musk": ("musk", {"depth": 2}),
+    "musk-cls": ("musk", {"depth": 2}),
+}
 COVERED_MODELS = tuple(GOLDENS)
 
 
@@ -38,8 +43,22 @@ def _torch_threads():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def he_tiles_by_px(cmu_slide):
+    """px -> the golden scripts' tiles: real H&E of CMU-1-Small-Region at HE_TILE_ORIGINS, ``px`` wide."""
+    import openslide
+    from fixtures.weights import HE_TILE_ORIGINS
+
+    def read(px: int, n: int) -> np.ndarray:
+        with openslide.OpenSlide(str(cmu_slide)) as slide:
+            return np.stack([np.asarray(slide.read_region(xy, 0, (px, px)).convert("RGB"))
+                             for xy in HE_TILE_ORIGINS[:n]]).astype(np.uint8)
+
+    return read
+
+
 def _golden(model: str) -> dict[str, np.ndarray]:
-    with np.load(DATA / f"{model}_golden.npz") as z:
+    with np.load(DATA / f"{GOLDENS[model][0]}_golden.npz") as z:
         return dict(z)
 
 
@@ -47,19 +66,20 @@ def _golden_weights(model: str, golden: dict, tmp_path: Path) -> Path:
     wdir = write_random_weights(model, tmp_path / model, seed=int(golden["seed"]), **GOLDENS[model][1])
     if tensors_sha256(wdir / "model.safetensors") != str(golden["weights_sha256"]):
         pytest.fail(f"the random weights of {model} changed: regenerate the golden with "
-                    f"tests/reference/{model.replace('-', '_')}_golden.py")
+                    f"tests/reference/{GOLDENS[model][0]}_golden.py")
     return wdir
 
 
-@pytest.mark.parametrize("model", list(GOLDENS))
-def test_matches_official_code(model, he_tiles, tmp_path):
+@pytest.mark.parametrize("model", [pytest.param(m, marks=pytest.mark.slow) if m == "musk" else m for m in GOLDENS])
+def test_matches_official_code(model, he_tiles_by_px, tmp_path):
     golden = _golden(model)
     wdir = _golden_weights(model, golden, tmp_path)
     encoder = load_encoder(EncoderConfig(model, weights=str(wdir), device="cpu", batch_size=2))
-    for px in GOLDENS[model][0]:
-        ref = golden[f"emb_{px}"]
-        tiles = np.ascontiguousarray(he_tiles[: len(ref), :px, :px])
-        got = encoder(tiles)
+    sizes = sorted(int(k.rsplit("_", 1)[1]) for k in golden if k.startswith(f"{model}_emb_"))
+    assert len(sizes) == 2  # one tile size the card feeds as is, one it resizes
+    for px in sizes:
+        ref = golden[f"{model}_emb_{px}"]
+        got = encoder(he_tiles_by_px(px, len(ref)))
         assert got.shape == ref.shape == (len(ref), get_spec(model).embed_dim)
         diff = float(np.abs(got - ref).max())
         assert diff <= TOL, f"{model} @ {px}px: max abs diff {diff:.3g} > {TOL}"
@@ -76,14 +96,47 @@ def test_ctranspath_release_checkpoint_layout(he_tiles, tmp_path):
     pth = tmp_path / "ctranspath.pth"
     torch.save({"model": sd}, pth)
     encoder = load_encoder(EncoderConfig("ctranspath", weights=str(pth), device="cpu", batch_size=4))
-    np.testing.assert_allclose(encoder(np.ascontiguousarray(he_tiles[:4, :224, :224])), golden["emb_224"],
+    np.testing.assert_allclose(encoder(np.ascontiguousarray(he_tiles[:4, :224, :224])), golden["ctranspath_emb_224"],
                                rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize(("model", "other"), [("ctranspath", "kaiko-vits16")])
-def test_other_architecture_refused(model, other, random_weights):
+def test_musk_release_layout_ignores_text_parts(tmp_path):
+    """xiangjx/musk's model.safetensors holds the whole MUSK model: the image tower under ``beit3.``
+    plus the text embedding, the text (``B``) experts of every multiway module, both heads, the
+    logit scale and the mask token, which are dropped; a missing image-tower key is refused."""
+    golden = _golden("musk")
+    wdir = _golden_weights("musk", golden, tmp_path)
+    sd = load_file(str(wdir / "model.safetensors"))
+    assert all(k.startswith("beit3.") for k in sd)
+    extra = {"beit3.text_embed.weight": torch.zeros(8, 1024), "beit3.vision_embed.mask_token": torch.zeros(1, 1, 1024),
+             "beit3.encoder.embed_positions.B.weight": torch.zeros(4, 1024),
+             "beit3.encoder.layers.1.ffn.B.fc1.weight": torch.zeros(4096, 1024),
+             "beit3.encoder.layer_norm.B.bias": torch.zeros(1024), "language_head.weight": torch.zeros(1024, 1024),
+             "vision_head.weight": torch.zeros(1024, 1024), "logit_scale": torch.zeros(())}
+    full = tmp_path / "full"
+    full.mkdir()
+    save_file({**sd, **extra}, str(full / "model.safetensors"))
+    (full / "config.json").write_text((wdir / "config.json").read_text())
+    tiles = np.full((1, 384, 384, 3), 200, np.uint8)
+    ref = load_encoder(EncoderConfig("musk-cls", weights=str(wdir), device="cpu"))(tiles)
+    np.testing.assert_array_equal(load_encoder(EncoderConfig("musk-cls", weights=str(full), device="cpu"))(tiles), ref)
+    del sd["beit3.encoder.layers.1.ffn.A.fc1.weight"]
+    save_file({**sd, **extra}, str(full / "model.safetensors"))
+    with pytest.raises(WeightsMismatchError, match="ffn.A.fc1.weight"):
+        load_encoder(EncoderConfig("musk-cls", weights=str(full), device="cpu"))
+
+
+def test_checkpoint_ignore_globs():
+    sd = {"beit3.a.A.w": 1, "beit3.a.B.w": 2, "beit3.text_embed.weight": 3, "logit_scale": 4, "other.x": 5}
+    out = from_release_layout(sd, "beit3.", ("beit3.text_embed.", "logit_scale", "*.B.*"))
+    assert out == {"a.A.w": 1, "other.x": 5}
+
+
+@pytest.mark.parametrize(("model", "other", "overrides"), [
+    ("ctranspath", "kaiko-vits16", {"depth": 1}), ("musk", "ctranspath", {}), ("musk-cls", "kaiko-vits16", {"depth": 1})])
+def test_other_architecture_refused(model, other, overrides, random_weights):
     with pytest.raises(WeightsMismatchError, match="missing keys|unexpected keys|architecture"):
-        load_encoder(EncoderConfig(model, weights=str(random_weights(other, depth=1)), device="cpu"))
+        load_encoder(EncoderConfig(model, weights=str(random_weights(other, **overrides)), device="cpu"))
 
 
 def test_ctranspath_refuses_other_input_size():
@@ -93,9 +146,10 @@ def test_ctranspath_refuses_other_input_size():
         net(torch.zeros(1, 3, 256, 256))
 
 
-#: parameter counts of the full official networks (counted on the official code: TransPath's
-#: ctranspath() on timm-ctp 0.5.4 with head = Identity)
-FULL_PARAMS = {"ctranspath": 27_520_038}
+#: parameter counts of the full official networks, counted on the official code: TransPath's
+#: ctranspath() on timm-ctp 0.5.4 with head = Identity; MUSK: musk_large_patch16_384 (675,188,737
+#: parameters in all) less its text embedding, text experts, heads, logit scale and mask token)
+FULL_PARAMS = {"ctranspath": 27_520_038, "musk": 303_938_560, "musk-cls": 303_938_560}
 
 
 @pytest.mark.parametrize("model", list(FULL_PARAMS))

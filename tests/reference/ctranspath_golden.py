@@ -76,7 +76,8 @@ def parent(official: str, timm_ctp: str) -> None:
         commit = extract_from_mirror(official, ["ctran.py"], work / "official")
         run_child(__file__, work, [timm_ctp])
         out = save_golden(
-            MODEL, emb_224=np.load(work / "emb_224.npy"), emb_256=np.load(work / "emb_256.npy"), seed=SEED,
+            MODEL, ctranspath_emb_224=np.load(work / "emb_224.npy"), ctranspath_emb_256=np.load(work / "emb_256.npy"),
+            seed=SEED,
             weights_sha256=tensors_sha256(wdir / "model.safetensors"), tile_origins_level0=np.array(origins),
             tile_source="CMU-1-Small-Region.svs level 0, tests/fixtures/weights.py HE_TILE_ORIGINS[:4]",
             official=f"github.com/Xiyue-Wang/TransPath@{commit} ctran.py + timm-ctp 0.5.4")

@@ -1,5 +1,6 @@
 """Models of several families whose networks pathray writes itself (``module`` builder):
-CTransPath (also CHIEF's tile encoder), MUSK, KEEP."""
+CTransPath (also CHIEF's tile encoder) and MUSK (two embeddings: the README's multi-scale one and
+the single-scale [CLS])."""
 
 from __future__ import annotations
 
@@ -36,3 +37,42 @@ SPECS: list[EncoderSpec] = [
               " final tokens after LayerNorm (model.head = nn.Identity()). TRIDENT tiles it at 0.5 µm/px by default",
     ),
 ]
+
+_MUSK_SOURCE = ("github.com/lilab-stanford/MUSK musk/modeling.py (musk_large_patch16_384, BEiT-3 on the vendored"
+                " torchscale), musk/utils.py (MultiScaleForward, load_model_and_may_interpolate), README usage")
+_MUSK_TILE = ("README transform: Resize(384, interpolation=3 (bicubic), antialias=True) -> CenterCrop((384, 384)),"
+              " IMAGENET_INCEPTION mean/std; pretraining mixed magnifications (musk/utils.py); 0.5 µm/px default"
+              " tiling as TRIDENT's (--patch_size 384 --mag 20)")
+# the text tower, the text experts (B) of every multiway module, both heads, the logit scale and the
+# masked-image-modelling token of the released MUSK checkpoint are not the image embedding
+_MUSK_IGNORE = ("beit3.text_embed.", "beit3.vision_embed.mask_token", "language_head.", "vision_head.", "logit_scale",
+                "*.B.*")
+for _name, _multiscale, _dim, _what in [
+    ("musk", True, 2048, "README's recommended image embedding for linear probes and MIL: ms_aug=True (scales 1"
+                         " and 2: the [CLS] token + the mean [CLS] of the 2x upsampled image's four 384-px quarters)"),
+    ("musk-cls", False, 1024, "single-scale [CLS] token, ms_aug=False (TRIDENT's `musk`; the README's setting for"
+                              " zero-shot tasks, here without the projection head)"),
+]:
+    SPECS.append(EncoderSpec(
+        name=_name,
+        family="BEiT-3 multiway ViT-L/16 (vision path)",
+        architecture="musk_large_patch16_384_vision",
+        model_kwargs=dict(img_size=384, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
+                          multiscale=_multiscale),
+        builder="module",
+        pooling="model",
+        embed_dim=_dim,
+        input_px=384,
+        native_mpp=0.5,
+        native_tile_px=384,
+        tile_source=_MUSK_TILE,
+        preprocess=Preprocess(resize_px=384, crop_px=384, interpolation="bicubic", mean=(0.5, 0.5, 0.5),
+                              std=(0.5, 0.5, 0.5)),
+        hf_hub_id="xiangjx/musk",
+        gated=True,
+        license="CC-BY-NC-ND-4.0 (non-commercial academic research; no redistribution)",
+        checkpoint_prefix="beit3.",
+        checkpoint_ignore=_MUSK_IGNORE,
+        source=_MUSK_SOURCE,
+        notes=f"model(image=x, with_head=False, out_norm=False, return_global=True)[0]: {_what}",
+    ))
