@@ -1,4 +1,4 @@
-"""Exactness of the misc zoo family (CTransPath, MUSK) against their official code.
+"""Exactness of the misc zoo family (CTransPath, MUSK, KEEP) against their official code.
 
 Each model's official code was run by ``tests/reference/<model>_golden.py`` (fetched official
 repository, pinned dependencies, separate process) on 4 real H&E tiles of CMU-1-Small-Region
@@ -26,11 +26,12 @@ from pathray.errors import WeightsMismatchError
 
 DATA = Path(__file__).parent / "data"
 TOL = 1e-5
-#: model -> (golden file stem, its script, arch overrides of its weights)
+#: model -> (stem of its golden file and script, arch overrides of its weights)
 GOLDENS = {
     "ctranspath": ("ctranspath", {}),
     "musk": ("musk", {"depth": 2}),
     "musk-cls": ("musk", {"depth": 2}),
+    "keep": ("keep", {"depth": 2}),
 }
 COVERED_MODELS = tuple(GOLDENS)
 
@@ -133,7 +134,8 @@ def test_checkpoint_ignore_globs():
 
 
 @pytest.mark.parametrize(("model", "other", "overrides"), [
-    ("ctranspath", "kaiko-vits16", {"depth": 1}), ("musk", "ctranspath", {}), ("musk-cls", "kaiko-vits16", {"depth": 1})])
+    ("ctranspath", "kaiko-vits16", {"depth": 1}), ("musk", "ctranspath", {}), ("musk-cls", "kaiko-vits16", {"depth": 1}),
+    ("keep", "uni", {"depth": 1}), ("keep", "musk", {"depth": 1})])
 def test_other_architecture_refused(model, other, overrides, random_weights):
     with pytest.raises(WeightsMismatchError, match="missing keys|unexpected keys|architecture"):
         load_encoder(EncoderConfig(model, weights=str(random_weights(other, **overrides)), device="cpu"))
@@ -148,8 +150,9 @@ def test_ctranspath_refuses_other_input_size():
 
 #: parameter counts of the full official networks, counted on the official code: TransPath's
 #: ctranspath() on timm-ctp 0.5.4 with head = Identity; MUSK: musk_large_patch16_384 (675,188,737
-#: parameters in all) less its text embedding, text experts, heads, logit scale and mask token)
-FULL_PARAMS = {"ctranspath": 27_520_038, "musk": 303_938_560, "musk-cls": 303_938_560}
+#: parameters in all) less its text embedding, text experts, heads, logit scale and mask token); KEEP:
+#: quick_start KEEPModel less its text tower and logit scale
+FULL_PARAMS = {"ctranspath": 27_520_038, "musk": 303_938_560, "musk-cls": 303_938_560, "keep": 304_728_576}
 
 
 @pytest.mark.parametrize("model", list(FULL_PARAMS))

@@ -1,6 +1,6 @@
 """Models of several families whose networks pathray writes itself (``module`` builder):
-CTransPath (also CHIEF's tile encoder) and MUSK (two embeddings: the README's multi-scale one and
-the single-scale [CLS])."""
+CTransPath (also CHIEF's tile encoder), MUSK (two embeddings: the README's multi-scale one and
+the single-scale [CLS]) and KEEP."""
 
 from __future__ import annotations
 
@@ -76,3 +76,27 @@ for _name, _multiscale, _dim, _what in [
         source=_MUSK_SOURCE,
         notes=f"model(image=x, with_head=False, out_norm=False, return_global=True)[0]: {_what}",
     ))
+
+SPECS.append(EncoderSpec(
+    name="keep",
+    family="ViT-L/16 + 2-layer projection head (KEEP image tower)",
+    architecture="keep_vit_large_patch16_224",
+    model_kwargs=dict(projection_dim=768, depth=24),
+    builder="module",
+    pooling="model",
+    embed_dim=768,
+    input_px=224,
+    native_mpp=0.5,
+    native_tile_px=224,
+    tile_source="README / quick_start/keep_inference.py: Resize(224, bicubic) -> CenterCrop(224), ImageNet mean/std;"
+                " 0.5 µm/px default tiling as TRIDENT's (--patch_size 256 --mag 20)",
+    preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic"),
+    hf_hub_id="Astaxanthin/KEEP",
+    gated=False,
+    license="MIT (github.com/MAGIC-AI4Med/KEEP LICENSE)",
+    checkpoint_ignore=("text.", "logit_scale"),
+    source="github.com/MAGIC-AI4Med/KEEP quick_start/keep_inference.py (KEEPModel, as the hub's remote code) +"
+           " README quick start: model.encode_image(transform(img))",
+    notes="embedding = KEEPModel.encode_image: L2-normalised projection of the ViT-L/16 [CLS] token (768-d);"
+          " the hub's trust_remote_code is never run: pathray builds the same network itself",
+))
