@@ -1,4 +1,4 @@
-"""Exactness of the misc zoo family (CTransPath, MUSK, KEEP) against their official code.
+"""Exactness of the misc zoo family (CTransPath, MUSK, KEEP, GenBio-PathFM) against their official code.
 
 Each model's official code was run by ``tests/reference/<model>_golden.py`` (fetched official
 repository, pinned dependencies, separate process) on 4 real H&E tiles of CMU-1-Small-Region
@@ -32,6 +32,7 @@ GOLDENS = {
     "musk": ("musk", {"depth": 2}),
     "musk-cls": ("musk", {"depth": 2}),
     "keep": ("keep", {"depth": 2}),
+    "genbio-pathfm": ("genbio_pathfm", {"depth": 1}),
 }
 COVERED_MODELS = tuple(GOLDENS)
 
@@ -127,6 +128,20 @@ def test_musk_release_layout_ignores_text_parts(tmp_path):
         load_encoder(EncoderConfig("musk-cls", weights=str(full), device="cpu"))
 
 
+def test_genbio_rope_tables_stay_bfloat16(tmp_path):
+    """The official RoPE runs in bfloat16; a float32 copy of ``rope_embed.periods`` (e.g. a converted
+    checkpoint loaded with ``assign``) must not change the embedding."""
+    golden = _golden("genbio-pathfm")
+    wdir = _golden_weights("genbio-pathfm", golden, tmp_path)
+    sd = load_file(str(wdir / "model.safetensors"))
+    assert sd["rope_embed.periods"].dtype == torch.bfloat16
+    encoder = load_encoder(EncoderConfig("genbio-pathfm", weights=str(wdir), device="cpu"))
+    tiles = np.full((1, 224, 224, 3), 180, np.uint8)
+    ref = encoder(tiles)
+    encoder.model.rope_embed.periods = encoder.model.rope_embed.periods.float()
+    np.testing.assert_array_equal(encoder(tiles), ref)
+
+
 def test_checkpoint_ignore_globs():
     sd = {"beit3.a.A.w": 1, "beit3.a.B.w": 2, "beit3.text_embed.weight": 3, "logit_scale": 4, "other.x": 5}
     out = from_release_layout(sd, "beit3.", ("beit3.text_embed.", "logit_scale", "*.B.*"))
@@ -135,7 +150,7 @@ def test_checkpoint_ignore_globs():
 
 @pytest.mark.parametrize(("model", "other", "overrides"), [
     ("ctranspath", "kaiko-vits16", {"depth": 1}), ("musk", "ctranspath", {}), ("musk-cls", "kaiko-vits16", {"depth": 1}),
-    ("keep", "uni", {"depth": 1}), ("keep", "musk", {"depth": 1})])
+    ("keep", "uni", {"depth": 1}), ("keep", "musk", {"depth": 1}), ("genbio-pathfm", "h-optimus-0", {"depth": 1})])
 def test_other_architecture_refused(model, other, overrides, random_weights):
     with pytest.raises(WeightsMismatchError, match="missing keys|unexpected keys|architecture"):
         load_encoder(EncoderConfig(model, weights=str(random_weights(other, **overrides)), device="cpu"))
@@ -152,7 +167,9 @@ def test_ctranspath_refuses_other_input_size():
 #: ctranspath() on timm-ctp 0.5.4 with head = Identity; MUSK: musk_large_patch16_384 (675,188,737
 #: parameters in all) less its text embedding, text experts, heads, logit scale and mask token); KEEP:
 #: quick_start KEEPModel less its text tower and logit scale
-FULL_PARAMS = {"ctranspath": 27_520_038, "musk": 303_938_560, "musk-cls": 303_938_560, "keep": 304_728_576}
+#: GenBio-PathFM: GenBio_PathFM_Inference's VisionTransformer (README: "a 1.1B-parameter FM")
+FULL_PARAMS = {"ctranspath": 27_520_038, "musk": 303_938_560, "musk-cls": 303_938_560, "keep": 304_728_576,
+               "genbio-pathfm": 1_133_686_784}
 
 
 @pytest.mark.parametrize("model", list(FULL_PARAMS))

@@ -1,6 +1,6 @@
 """Models of several families whose networks pathray writes itself (``module`` builder):
 CTransPath (also CHIEF's tile encoder), MUSK (two embeddings: the README's multi-scale one and
-the single-scale [CLS]) and KEEP."""
+the single-scale [CLS]), KEEP and GenBio-PathFM."""
 
 from __future__ import annotations
 
@@ -99,4 +99,30 @@ SPECS.append(EncoderSpec(
            " README quick start: model.encode_image(transform(img))",
     notes="embedding = KEEPModel.encode_image: L2-normalised projection of the ViT-L/16 [CLS] token (768-d);"
           " the hub's trust_remote_code is never run: pathray builds the same network itself",
+))
+
+SPECS.append(EncoderSpec(
+    name="genbio-pathfm",
+    family="ViT-g/16-like per-channel encoder, 4 storage tokens, RoPE, SwiGLU (JEDI: JEPA + DINO)",
+    architecture="genbio_pathfm_vit",
+    model_kwargs=dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24, ffn_ratio=4.0, n_storage_tokens=4,
+                      rope_base=100.0),
+    builder="module",
+    pooling="model",
+    embed_dim=4608,
+    input_px=224,
+    native_mpp=0.5,
+    native_tile_px=224,
+    tile_source="README / GenBio_PathFM_Inference.transform: Resize((224, 224)) (bilinear, no crop); the README states"
+                " no µm/px: 0.5 µm/px as TRIDENT's default (--patch_size 224 --mag 20)",
+    preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bilinear", mean=(0.697, 0.575, 0.728),
+                          std=(0.188, 0.240, 0.187)),
+    hf_hub_id=None,
+    gated=False,
+    weights_url="https://huggingface.co/genbio-ai/genbio-pathfm/resolve/main/model.pth",
+    license="GenBio AI Community License (non-commercial; no training of similar models on its outputs)",
+    source="github.com/genbio-ai/genbio-pathfm genbio_pathfm/model.py (GenBio_PathFM_Inference, VisionTransformer)",
+    notes="weights: model.pth of genbio-ai/genbio-pathfm (a plain state dict, loaded strictly by the official code);"
+          " pass weights=<model.pth>. README: \"a 1.1B-parameter FM\" (1,133,686,784 counted). Embedding: the [CLS] tokens of the R, G and B planes, each encoded as a grey"
+          " image, concatenated (3 x 1536). RoPE in bfloat16 as in the official code",
 ))
