@@ -129,17 +129,42 @@ def test_musk_release_layout_ignores_text_parts(tmp_path):
 
 
 def test_genbio_rope_tables_stay_bfloat16(tmp_path):
-    """The official RoPE runs in bfloat16; a float32 copy of ``rope_embed.periods`` (e.g. a converted
-    checkpoint loaded with ``assign``) must not change the embedding."""
+    """The official RoPE runs in bfloat16 (its ``rope_embed.periods`` buffer too); the encoder holds
+    its network in float32 (``model.float()``), which must not change the embedding."""
     golden = _golden("genbio-pathfm")
     wdir = _golden_weights("genbio-pathfm", golden, tmp_path)
     sd = load_file(str(wdir / "model.safetensors"))
     assert sd["rope_embed.periods"].dtype == torch.bfloat16
     encoder = load_encoder(EncoderConfig("genbio-pathfm", weights=str(wdir), device="cpu"))
+    assert encoder.model.rope_embed.periods.dtype == torch.float32
     tiles = np.full((1, 224, 224, 3), 180, np.uint8)
     ref = encoder(tiles)
-    encoder.model.rope_embed.periods = encoder.model.rope_embed.periods.float()
+    encoder.model.rope_embed.periods = encoder.model.rope_embed.periods.bfloat16()
     np.testing.assert_array_equal(encoder(tiles), ref)
+
+
+def test_genbio_hub_weights_are_model_pth(tmp_path, monkeypatch, he_tiles_by_px):
+    """The default weights are the hub repo's ``model.pth`` (the official loader's file), read here
+    from a pre-populated HF cache offline; its fingerprint is the snapshot's commit."""
+    from huggingface_hub import constants
+
+    golden = _golden("genbio-pathfm")
+    wdir = _golden_weights("genbio-pathfm", golden, tmp_path)
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--genbio-ai--genbio-pathfm"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    torch.save(load_file(str(wdir / "model.safetensors")), snap / "model.pth")
+    (snap / "config.json").write_text((wdir / "config.json").read_text())  # records the test's depth=1
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = load_encoder(EncoderConfig("genbio-pathfm", device="cpu"))
+    assert encoder.provenance()["weights_fingerprint"] == f"hf:genbio-ai/genbio-pathfm@{sha}"
+    ref = golden["genbio-pathfm_emb_224"]
+    np.testing.assert_allclose(encoder(he_tiles_by_px(224, len(ref))), ref, rtol=0, atol=TOL)
 
 
 def test_checkpoint_ignore_globs():

@@ -162,8 +162,13 @@ class CTransPath(nn.Module):
     """Swin-T with a conv stem; ``forward`` returns the mean of the final normalised tokens."""
 
     def __init__(self, img_size: int = 224, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
-                 num_heads: tuple[int, ...] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0) -> None:
+                 num_heads: tuple[int, ...] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
+                 depth: int | None = None) -> None:
+        """``depth`` (shrunk test models, ``write_random_weights(..., depth=1)``): at most that many
+        blocks per stage."""
         super().__init__()
+        if depth is not None:
+            depths = [min(d, depth) for d in depths]
         self.img_size = img_size
         self.patch_embed = ConvStem(embed_dim)
         grid = img_size // 4

@@ -81,7 +81,7 @@ SPECS.append(EncoderSpec(
     name="keep",
     family="ViT-L/16 + 2-layer projection head (KEEP image tower)",
     architecture="keep_vit_large_patch16_224",
-    model_kwargs=dict(projection_dim=768, depth=24),
+    model_kwargs=dict(projection_dim=768, depth=24, embed_dim=1024),
     builder="module",
     pooling="model",
     embed_dim=768,
@@ -117,12 +117,12 @@ SPECS.append(EncoderSpec(
                 " no µm/px: 0.5 µm/px as TRIDENT's default (--patch_size 224 --mag 20)",
     preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bilinear", mean=(0.697, 0.575, 0.728),
                           std=(0.188, 0.240, 0.187)),
-    hf_hub_id=None,
+    hf_hub_id="genbio-ai/genbio-pathfm",
     gated=False,
-    weights_url="https://huggingface.co/genbio-ai/genbio-pathfm/resolve/main/model.pth",
+    extra={"hub_weights_file": "model.pth"},
     license="GenBio AI Community License (non-commercial; no training of similar models on its outputs)",
     source="github.com/genbio-ai/genbio-pathfm genbio_pathfm/model.py (GenBio_PathFM_Inference, VisionTransformer)",
-    notes="weights: model.pth of genbio-ai/genbio-pathfm (a plain state dict, loaded strictly by the official code);"
-          " pass weights=<model.pth>. README: \"a 1.1B-parameter FM\" (1,133,686,784 counted). Embedding: the [CLS] tokens of the R, G and B planes, each encoded as a grey"
+    notes="weights: model.pth of genbio-ai/genbio-pathfm (a plain state dict, loaded strictly by the official code;"
+          " the repo's model.safetensors is the trust_remote_code wrapper's). README: \"a 1.1B-parameter FM\" (1,133,686,784 counted). Embedding: the [CLS] tokens of the R, G and B planes, each encoded as a grey"
           " image, concatenated (3 x 1536). RoPE in bfloat16 as in the official code",
 ))
