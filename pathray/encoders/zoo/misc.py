@@ -34,7 +34,8 @@ SPECS: list[EncoderSpec] = [
         source=_CTRANSPATH_SOURCE,
         notes="weights: ctranspath.pth ({'model': state_dict}, TransPath README Google Drive link) or CHIEF's"
               " CHIEF_CTransPath.pth (same layout; CHIEF README); pass weights=<file>. Embedding: mean of the 7x7"
-              " final tokens after LayerNorm (model.head = nn.Identity()). TRIDENT tiles it at 0.5 µm/px by default",
+              " final tokens after LayerNorm (model.head = nn.Identity()). TRIDENT tiles it at 1 µm/px too (README:"
+              " --patch_size 256 --mag 10)",
     ),
 ]
 
