@@ -167,6 +167,21 @@ def test_genbio_hub_weights_are_model_pth(tmp_path, monkeypatch, he_tiles_by_px)
     np.testing.assert_allclose(encoder(he_tiles_by_px(224, len(ref))), ref, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize(("model", "shrink"), [
+    ("ctranspath", {"depth": 1, "embed_dim": 48}), ("musk", {"depth": 1, "embed_dim": 64, "num_heads": 4}),
+    ("keep", {"depth": 1, "embed_dim": 64}), ("genbio-pathfm", {"depth": 1, "embed_dim": 96})])
+def test_nets_accept_channels_last_input(model, shrink):
+    """On CUDA the encoder feeds channels-last batches: same embedding as a contiguous batch."""
+    spec = get_spec(model)
+    torch.manual_seed(0)
+    net = create_model(spec.architecture, {**spec.model_kwargs, **shrink}, builder="module").eval()
+    x = torch.randn(2, 3, spec.input_px, spec.input_px)
+    with torch.inference_mode():
+        ref = net(x)
+        got = net(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
 def test_checkpoint_ignore_globs():
     sd = {"beit3.a.A.w": 1, "beit3.a.B.w": 2, "beit3.text_embed.weight": 3, "logit_scale": 4, "other.x": 5}
     out = from_release_layout(sd, "beit3.", ("beit3.text_embed.", "logit_scale", "*.B.*"))

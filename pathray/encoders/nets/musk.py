@@ -129,7 +129,7 @@ class MuskVision(nn.Module):
         b, c, size, _ = x.shape
         up = F.interpolate(x.to(torch.float32), size=2 * size, mode="bicubic").to(x.dtype)
         # (nh nw b) order of musk.utils.split_chessboard, one batch of b per quarter as its batched_forward
-        quarters = up.view(b, c, 2, size, 2, size).permute(2, 4, 0, 1, 3, 5).reshape(4, b, c, size, size)
+        quarters = up.reshape(b, c, 2, size, 2, size).permute(2, 4, 0, 1, 3, 5).reshape(4, b, c, size, size)
         up_cls = torch.stack([self.cls_embedding(q) for q in quarters], dim=1)  # (b, 4, dim)
         return torch.cat([cls, up_cls.mean(dim=1)], dim=-1)
 
