@@ -17,6 +17,7 @@ Each builder also states how the embedding is pooled from its network's output
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -221,12 +222,16 @@ def from_release_layout(state_dict: dict[str, torch.Tensor], prefix: str,
                         ignore: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The published checkpoint's keys for the network: keys under an ``ignore`` prefix (parts
     of the release that are not the tile encoder, e.g. a CLIP text tower) are dropped, ``prefix``
-    is stripped. Keys outside both are kept as they are, so a strict load reports them."""
+    is stripped. An ``ignore`` entry containing ``*`` is a glob over the whole key instead (e.g.
+    ``*.B.*``: the text experts interleaved in a multiway transformer). Keys outside both are
+    kept as they are, so a strict load reports them."""
     if not prefix and not ignore:
         return state_dict
+    prefixes = tuple(p for p in ignore if "*" not in p)
+    globs = [p for p in ignore if "*" in p]
     out = {}
     for key, value in state_dict.items():
-        if ignore and key.startswith(ignore):
+        if (prefixes and key.startswith(prefixes)) or any(fnmatch.fnmatchcase(key, g) for g in globs):
             continue
         out[key[len(prefix):] if prefix and key.startswith(prefix) else key] = value
     return out

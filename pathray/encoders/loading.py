@@ -233,9 +233,7 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
             cfg = {}
         wfile = None
         last_exc: Exception | None = None
-        # a card whose release file has another name states it (CONCH v1.5: pytorch_model_vision.bin)
-        for name in dict.fromkeys(filter(None, (spec.extra.get("hub_weights_file"), "model.safetensors",
-                                                "pytorch_model.bin"))):
+        for name in hub_weight_filenames(spec):
             try:
                 wfile = _hub_get(repo_id, revision, name, online)
                 break
@@ -245,10 +243,18 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
                     raise
                 last_exc = exc
         if wfile is None:
-            raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has no model.safetensors or "
-                                          f"pytorch_model.bin ({last_exc})")
+            raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has no "
+                                          f"{' or '.join(hub_weight_filenames(spec))} ({last_exc})")
     return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}",
                          _hub_fingerprint(repo_id, wfile))
+
+
+def hub_weight_filenames(spec: EncoderSpec) -> tuple[str, ...]:
+    """The files of a hub repo that hold the spec's weights, in order of preference: the spec's
+    ``extra["hub_weights_file"]`` where the card names one (e.g. GenBio-PathFM's ``model.pth``,
+    next to a ``model.safetensors`` in another layout), else ``model.safetensors``, ``pytorch_model.bin``."""
+    named = spec.extra.get("hub_weights_file")
+    return (named,) if named else ("model.safetensors", "pytorch_model.bin")
 
 
 def download_hub_file(what: str, repo: str, filename: str, *, gated: bool) -> tuple[str, str]:

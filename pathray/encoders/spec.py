@@ -69,7 +69,8 @@ class EncoderSpec:
     builder: str = "timm"
     #: key prefix of the network's weights in the published checkpoint (e.g. "visual.")
     checkpoint_prefix: str = ""
-    #: key prefixes of the published checkpoint that are not the tile encoder (e.g. a text tower)
+    #: key prefixes of the published checkpoint that are not the tile encoder (e.g. a text tower);
+    #: entries with ``*`` are globs over the whole key (``*.B.*``)
     checkpoint_ignore: tuple[str, ...] = ()
     #: where the architecture and pooling facts come from (official code, card)
     source: str = ""
