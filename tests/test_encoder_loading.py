@@ -334,3 +334,13 @@ def test_cuda_requested_without_cuda(kaiko_vits16_weights):
         pytest.skip("CUDA present")
     with pytest.raises(EncoderError, match="CUDA"):
         load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cuda"))
+
+
+def test_random_weights_files_are_byte_identical_for_the_same_seed(tmp_path):
+    """The weights fingerprint is the file's sha256: two writes of one model and seed must give
+    the same bytes (safetensors writes a metadata map of several entries in hash order)."""
+    from pathray.encoders import file_sha256, write_random_weights
+
+    digests = {file_sha256(write_random_weights("kaiko-vits16", tmp_path / f"w{i}", seed=3, depth=1)
+                           / "model.safetensors") for i in range(3)}
+    assert len(digests) == 1

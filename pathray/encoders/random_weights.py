@@ -100,7 +100,9 @@ def write_random_weights(model: str, out_dir: str | os.PathLike, *, seed: int = 
     own = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     sd = to_release_layout(get_builder(spec.builder).to_release(net, own), spec.checkpoint_prefix)
     tmp = out / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt", "pathray_model": spec.name, "seed": str(seed)})
+    # one metadata entry: safetensors writes a map of several in hash order, so the file (and its
+    # sha256, the weights fingerprint) would differ between two writes of the same tensors
+    save_file(sd, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     cfg = hub_config(spec, kwargs, net, seed=seed, random_init=True,
                      arch_overrides={k: v for k, v in arch_overrides.items() if not callable(v)})
