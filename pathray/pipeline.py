@@ -133,6 +133,8 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
             log.warning("took over the lease of %s: its holder stopped heart-beating", lease.took_over.describe())
         store_hash = fingerprint(store.ensure_config(tiling_rec, model_recs))
         store.remove_temporaries()
+        for model in models:
+            store.remove_committed_staging(model.name)
         run = RunContext(config, store, store_hash, tiling_rec, models, {e.slide_id: e for e in entries},
                          _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report,
                          runner, encoders)

@@ -27,7 +27,8 @@ Commit protocol (no rename needed, so it holds on S3):
    pairs (whose record names the same slide path and cohort as its manifest) and redoes the
    rest, overwriting any features file left by a crash between steps 2 and 3; a copy left
    under another cohort folder is deleted before the record is written, so no slide is ever
-   present twice.
+   present twice. Staged chunks a killed writer left after its record are deleted by the
+   next run (:meth:`FeatureStore.remove_committed_staging`).
 
 Local writes are durable in that order: each file is fsync-ed before its rename and its
 directory after, so a commit record on disk implies its features file is.
@@ -267,6 +268,20 @@ class FeatureStore:
                     os.remove(os.path.join(directory, name))
                     removed += 1
         return removed
+
+    def remove_committed_staging(self, model: str) -> int:
+        """Delete the staged chunks of ``model``'s committed slides: a writer killed between a
+        commit record and the deletion of its chunks leaves them, and a re-run skips the
+        slide. Call only while holding the store's lease. Returns how many slides' folders."""
+        committed = self.committed(model)
+        try:
+            folders = self.fs.ls(self.path("_staging", f"model={model}"), detail=False)
+        except FileNotFoundError:
+            return 0
+        stale = [f for f in folders if os.path.basename(f.rstrip("/")) in committed]
+        for folder in stale:
+            self.fs.rm(folder, recursive=True)
+        return len(stale)
 
     def slide_features_relpath(self, model: str, aggregator: str, slide_id: str | None = None) -> str:
         """``slide_features/model=<model>/aggregator=<aggregator>[/<slide_id>.parquet]``."""

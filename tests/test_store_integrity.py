@@ -42,8 +42,8 @@ MODEL = "sleep"
 
 def embed(tmp_path: Path, manifest: Path, encoder: CustomEncoder | None = None, **raw):
     """One `pathray embed` run of the stand-in encoder on the in-process runner."""
-    config = build_job_config(dict(manifest=str(manifest), out=str(tmp_path / "store"), models=[MODEL],
-                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4, runner="local", **raw))
+    config = build_job_config({"manifest": str(manifest), "out": str(tmp_path / "store"), "models": [MODEL],
+                               "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4, "runner": "local", **raw})
     return config, run_job(config, {MODEL: encoder or sleep_encoder(tiles_per_s=1e5)}, progress_bars=False)
 
 
@@ -66,6 +66,21 @@ def test_a_killed_runs_copy_under_another_cohort_is_never_read(synthetic_svs_05,
     assert index_bags(store, MODEL).slides.column("slide_id").to_pylist() == [slide_id]
     # the stale copy is gone, so a plain glob over features/ sees the slide once too
     assert [p.parent.name for p in (tmp_path / "store" / "features").rglob("*.parquet")] == ["cohort=B"]
+
+
+def test_a_rerun_deletes_staged_chunks_a_killed_commit_left_behind(synthetic_svs_05, tmp_path):
+    """Killed between the commit record and the deletion of the staged chunks: the re-run
+    skips the slide and deletes its leftover chunks."""
+    manifest = write_manifest(tmp_path / "m.csv", [{"path": str(synthetic_svs_05)}])
+    embed(tmp_path, manifest)
+    store = FeatureStore(str(tmp_path / "store"))
+    features = tmp_path / "store" / store.commit_record(MODEL, "synthetic_05").features_path
+    leftover = Path(store.staging_path(MODEL, "synthetic_05", "synthetic_05.c00000"))
+    leftover.parent.mkdir(parents=True, exist_ok=True)  # the commit deleted the chunks, not the folder
+    shutil.copy(features, leftover)
+    _, report = embed(tmp_path, manifest)
+    assert report.slides_skipped == 1
+    assert not leftover.parent.exists()
 
 
 # --- 3. a slide id committed from another slide is an error, not "already done" -------------
@@ -260,3 +275,28 @@ def test_commit_fsyncs_file_then_renames_then_fsyncs_directory_before_the_record
     assert positions == sorted(positions), events
     # the directories a commit created are on disk too: their parents were fsync-ed before the record
     assert ("fsync", str(root / "_commits")) in events[:positions[4]]
+
+
+@pytest.mark.s3
+@pytest.mark.slow  # starts the S3 server if no other test did
+def test_resume_and_stale_copies_on_s3(s3_server, s3_bucket, synthetic_svs_05, synthetic_svs_025, tmp_path):
+    """Issues 2 and 3 with the store on S3: commit records read in one batch, the stale copy
+    of a killed run found by listing the cohort prefixes and deleted."""
+    out = f"s3://{s3_bucket}/integrity"
+    raw = dict(out=out, storage_options=s3_server.storage_options)
+
+    def run(rows: list[dict]):
+        manifest = write_manifest(tmp_path / f"m{len(list(tmp_path.glob('m*.csv')))}.csv", rows)
+        return embed(tmp_path, manifest, **raw)[1]
+
+    run([{"slide_id": "s", "path": str(synthetic_svs_05), "cohort": "A"}])
+    store = FeatureStore(out, s3_server.storage_options)
+    store.fs.rm(store.commit_path(MODEL, "s"))  # killed before its record
+    assert run([{"slide_id": "s", "path": str(synthetic_svs_05), "cohort": "B"}]).per_model[MODEL]["ok"] == 1
+    store.fs.invalidate_cache()
+    assert [p.rsplit("/", 2)[-2] for p in store.fs.find(store.path("features"))] == ["cohort=B"]
+    assert set(store.dataset(MODEL).to_table().column("cohort").to_pylist()) == {"B"}
+    conflict = run([{"slide_id": "s", "path": str(synthetic_svs_025), "cohort": "B"}])
+    assert conflict.per_model[MODEL]["error"] == 1 and conflict.slides_skipped == 0
+    assert [e["error_type"] for e in store.errors().to_pylist()] == ["slide_id_conflict"]
+    assert run([{"slide_id": "s", "path": str(synthetic_svs_05), "cohort": "B"}]).slides_skipped == 1
