@@ -232,14 +232,22 @@ def test_export_refuses_another_models_files_unless_overwrite(fmt, tmp_path):
 
 # --- 8. local commits are durable, in order -----------------------------------------------------
 COMMIT_SCRIPT = textwrap.dedent("""
+    import os
     import sys
-    from pathray.fakes import stage_fake_slide
-    from pathray.store import CommitRequest, FeatureStore, finalize_slide
+    import numpy as np
+    import pyarrow as pa
+    from pathray.store import CommitRequest, FeatureStore, embeddings_to_arrow, feature_schema, finalize_slide
     store = FeatureStore(sys.argv[1])
-    ids = stage_fake_slide(store, "m", "s1", n_tiles=8, chunk_tiles=4, embed_dim=4)
-    print("COMMIT-START", flush=True)
-    finalize_slide(store, CommitRequest("m", "s1", "C", tuple(ids), 8, {"path": "/s1.svs"}, {}, "h", "r1"))
+    n = 8
+    columns = [pa.array(["s1"] * n), pa.array(np.arange(n)), pa.array(np.arange(n) * 448), pa.array(np.zeros(n, np.int64)),
+               pa.array(np.full(n, 448.0)), pa.array(np.full(n, 0.5)), pa.array(np.full(n, 224, np.int32)),
+               pa.array(np.ones(n, np.float32)), embeddings_to_arrow(np.ones((n, 4), np.float32))]
+    store.write_chunk("m", "s1", "c0", pa.Table.from_arrays(columns, schema=feature_schema(4, pa.float32())))
+    with open(sys.argv[1] + "-commit-starts", "wb") as marker:  # its fsync marks the start in the trace
+        os.fsync(marker.fileno())
+    finalize_slide(store, CommitRequest("m", "s1", "C", ("c0",), n, {"path": "/s1.svs"}, {}, "h", "r1"))
 """)
+
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
@@ -247,13 +255,13 @@ def test_commit_fsyncs_file_then_renames_then_fsyncs_directory_before_the_record
     """A real system-call trace of one commit: features file fsync -> rename -> directory
     fsync, and only then the commit record, the same way."""
     root = tmp_path.resolve() / "store"
-    trace = subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=write,fsync,rename,renameat,renameat2",
+    trace = subprocess.run(["strace", "-f", "-y", "-qq", "--seccomp-bpf", "-e", "trace=fsync,rename,renameat,renameat2",
                             sys.executable, "-c", COMMIT_SCRIPT, str(root)],
                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if trace.returncode != 0 and "ptrace" in trace.stderr:
         pytest.skip(f"strace cannot trace here: {trace.stderr[-200:]}")
     assert trace.returncode == 0, trace.stderr[-2000:]
-    calls = trace.stderr[trace.stderr.index("COMMIT-START"):]
+    calls = trace.stderr[trace.stderr.index("-commit-starts>"):]
     events = []
     for call, args in re.findall(r"\b(fsync|rename|renameat2?)\((.*?)\)\s+= 0", calls):
         paths = re.findall(r"<([^>]+)>|\"([^\"]+)\"", args)
