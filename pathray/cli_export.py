@@ -3,7 +3,8 @@
 ``--format trident-h5`` writes ``OUT/h5_files/<slide_id>.h5`` (``features``, ``coords`` in
 level-0 px, TRIDENT's coords attributes), ``--format pt`` writes ``OUT/pt_files/<slide_id>.pt``
 (CLAM's features tensor). Details: :mod:`pathray.export`. Exit status: 0 all exported,
-1 some slide failed (listed), 2 nothing could start.
+1 some slide failed (listed), 2 nothing could start (e.g. ``--out`` holds another model's files:
+``--overwrite`` replaces them).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--model", required=True, help="tile model to export")
     add("--format", required=True, choices=sorted(FORMATS), dest="fmt", help="file layout")
     add("--out", required=True, help="local output directory (CLAM data_root_dir)")
+    add("--overwrite", action="store_true",
+        help="rewrite existing files (default: skip this model's, refuse another model's)")
     add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathray.export import export_store
+    from pathray.export import ExportConflictError, export_store
     from pathray.store import FeatureStore
 
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
@@ -32,7 +35,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in store.models():
         print(f"pathray export: model {args.model!r} is not in the store {args.store}", file=sys.stderr)
         return 2
-    report = export_store(store, args.model, args.fmt, args.out)
+    try:
+        report = export_store(store, args.model, args.fmt, args.out, overwrite=args.overwrite)
+    except ExportConflictError as exc:
+        print(f"pathray export: {exc}", file=sys.stderr)
+        return 2
     print(f"pathray export: {len(report.written)} written, {len(report.skipped)} skipped, "
           f"{len(report.errors)} failed -> {args.out}")
     for slide_id, error in sorted(report.errors.items()):

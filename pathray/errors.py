@@ -87,6 +87,12 @@ class EncoderError(PathrayError):
     error_type = "encoder_error"
 
 
+class NonFiniteEmbeddingError(EncoderError):
+    """An encoder returned NaN or infinite values (e.g. fp16 overflow); they are never stored."""
+
+    error_type = "non_finite_embedding"
+
+
 class UnknownModelError(EncoderError, KeyError):
     error_type = "unknown_model"
 
@@ -133,6 +139,13 @@ class CommitMismatchError(StoreError):
     """A (slide, model)'s staged chunks do not hold exactly the planned tiles."""
 
     error_type = "commit_mismatch"
+
+
+class SlideIdConflictError(StoreError):
+    """A manifest row's slide id is already committed in the store for another slide (another
+    path or cohort), e.g. two cohorts' ``slide1.svs`` under the default id (the file stem)."""
+
+    error_type = "slide_id_conflict"
 
 
 class FeaturesUnreadableError(StoreError):

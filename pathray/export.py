@@ -26,7 +26,11 @@ array, so ``torch.load(..., weights_only=True)`` (torch's default since 2.6) loa
 
 So ``OUT`` is a CLAM ``data_root_dir`` entry as is, and ``OUT/h5_files`` a TRIDENT
 features directory. Files are written to a ``_``-prefixed temporary name and renamed, and
-a slide whose file exists is skipped, so an interrupted export can simply be re-run.
+a slide whose file exists is skipped, so an interrupted export can simply be re-run. A
+file there that this model did not write (an h5 whose ``features`` ``encoder`` attribute
+names another model; pt files, which carry no model, when ``_last_export.json`` names another
+model or is missing) makes the export refuse before writing anything
+(:class:`ExportConflictError`), unless ``overwrite`` rewrites every existing file.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import pyarrow.parquet as pq
 from pathray.errors import FeaturesUnreadableError, describe
 from pathray.store import PROVENANCE_KEY, CommitRecord, FeatureStore
 
+#: what the last export into a folder wrote (model, format, slides)
+LAST_EXPORT = "_last_export.json"
 #: format name -> (sub-folder of OUT, file extension)
 FORMATS: dict[str, tuple[str, str]] = {"trident-h5": ("h5_files", "h5"), "pt": ("pt_files", "pt")}
 
@@ -118,9 +124,15 @@ def write_pt(path: str, slide: SlideFeatures) -> None:
     torch.save(torch.tensor(slide.features, dtype=torch.float32), path)
 
 
-def export_store(store: FeatureStore, model: str, fmt: str, out_dir: str) -> ExportReport:
+class ExportConflictError(ValueError):
+    """``OUT`` holds files another model wrote (or of unknown origin) for slides to export."""
+
+
+def export_store(store: FeatureStore, model: str, fmt: str, out_dir: str, overwrite: bool = False) -> ExportReport:
     """Write one ``fmt`` file per committed slide of ``model`` under ``out_dir`` (local).
-    Per-slide failures are collected in the report, never raised."""
+    Per-slide failures are collected in the report, never raised. Existing files are
+    skipped, or rewritten with ``overwrite``; without it, files not written for ``model``
+    raise :class:`ExportConflictError` before anything is written."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     folder, ext = FORMATS[fmt]
@@ -129,10 +141,14 @@ def export_store(store: FeatureStore, model: str, fmt: str, out_dir: str) -> Exp
     tiling = store.tiling_of(model)
     stride_px = tiling.get("stride_px") or tiling.get("tile_px") or 0
     report = ExportReport()
-    for slide_id in sorted(store.committed(model)):
+    slide_ids = sorted(store.committed(model))
+    if not overwrite:
+        _refuse_foreign_files(target, fmt, model, [os.path.join(target, f"{s}.{ext}") for s in slide_ids])
+    _write_manifest(target, model, fmt, report)  # names the model now: an interrupted pt export is re-run as is
+    for slide_id in slide_ids:
         path = os.path.join(target, f"{slide_id}.{ext}")
         record = store.commit_record(model, slide_id)
-        if os.path.exists(path) or record is None or record.features_path is None:
+        if (os.path.exists(path) and not overwrite) or record is None or record.features_path is None:
             report.skipped.append(slide_id)
             continue
         tmp = os.path.join(target, f"_{slide_id}.{ext}.tmp-{uuid.uuid4().hex}")
@@ -153,8 +169,43 @@ def export_store(store: FeatureStore, model: str, fmt: str, out_dir: str) -> Exp
     return report
 
 
+def written_by(path: str, fmt: str, target: str) -> str | None:
+    """The model an existing export file was written for: an h5's ``features`` ``encoder``
+    attribute; for pt files (no attribute) the model of ``target``'s ``_last_export.json``.
+    ``None`` when it cannot be told."""
+    if fmt == "pt":
+        try:
+            with open(os.path.join(target, LAST_EXPORT)) as f:
+                return json.load(f).get("model")
+        except (OSError, ValueError):
+            return None
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            encoder = f["features"].attrs.get("encoder") if "features" in f else None
+    except OSError:
+        return None
+    return encoder.decode() if isinstance(encoder, bytes) else (str(encoder) if encoder is not None else None)
+
+
+def _refuse_foreign_files(target: str, fmt: str, model: str, paths: list[str]) -> None:
+    """Raise :class:`ExportConflictError` naming the files at ``paths`` not written for ``model``."""
+    foreign = {}
+    for path in paths:
+        if os.path.exists(path):
+            owner = written_by(path, fmt, target)
+            if owner != model:
+                foreign[os.path.basename(path)] = owner
+    if foreign:
+        names = ", ".join(f"{name} ({owner or 'unknown model'})" for name, owner in sorted(foreign.items())[:5])
+        raise ExportConflictError(
+            f"{target} already holds {len(foreign)} file(s) of these slides written for another model than {model!r}: "
+            f"{names}{' ...' if len(foreign) > 5 else ''}. Export to another --out, or pass --overwrite to replace them.")
+
+
 def _write_manifest(target: str, model: str, fmt: str, report: ExportReport) -> None:
     """``_last_export.json`` next to the files: what the last export wrote, skipped and failed on."""
-    with open(os.path.join(target, "_last_export.json"), "w") as f:
+    with open(os.path.join(target, LAST_EXPORT), "w") as f:
         json.dump({"model": model, "format": fmt, "written": report.written, "skipped": report.skipped,
                    "errors": report.errors}, f, indent=2)

@@ -35,7 +35,7 @@ from pathray import __version__
 from pathray.commit import CommitPool, LocalCommitPool, committer_count
 from pathray.config import JobConfig, fingerprint, model_tiling_records, tiling_record
 from pathray.encoders.custom import CustomEncoder
-from pathray.errors import StoreConfigMismatchError, UnknownModelError, describe
+from pathray.errors import SlideIdConflictError, StoreConfigMismatchError, UnknownModelError, describe
 from pathray.lease import StoreLease
 from pathray.ledger import StatusLedger
 from pathray.localrun import READ_AHEAD_CHUNKS, choose_runner, local_results, prepare_encoders
@@ -45,7 +45,7 @@ from pathray.report import RunReport
 from pathray.resources import PLACEMENT, Resources, local_gpus, plan_resources
 from pathray.slidefacts import SlideFacts
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
-from pathray.store import CommitRequest, FeatureStore, consolidate_slide_table, status_row
+from pathray.store import NO_COHORT, CommitRecord, CommitRequest, FeatureStore, consolidate_slide_table, status_row
 from pathray.tiling import TilingConfig, TilingGroup
 from pathray.tracker import Complete, CompletionTracker, Failed
 
@@ -142,6 +142,8 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
             log.warning("took over the lease of %s: its holder stopped heart-beating", lease.took_over.describe())
         store_hash = fingerprint(store.ensure_config(tiling_rec, model_recs, model_tilings))
         store.remove_temporaries()
+        for model in models:
+            store.remove_committed_staging(model.name)
         run = RunContext(config, store, store_hash, tiling_rec, model_tilings, models, {e.slide_id: e for e in entries},
                          _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report,
                          runner, encoders)
@@ -162,18 +164,70 @@ def _record_unknown(run: RunContext, unknown: list[tuple[str, str]]) -> None:
 
 
 def _todo(run: RunContext) -> list[dict]:
-    """Slide rows for the planner: every slide with a model not yet committed."""
-    committed = {m: run.store.committed(m) for m in run.model_names}
-    run.report.committed_before = {m: sum(s in committed[m] for s in run.entries) for m in run.model_names}
-    todo = []
-    for e in run.entries.values():
-        need = [m for m in run.model_names if e.slide_id not in committed[m]]
-        if need:
-            todo.append({"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "",
-                         "mpp_override": e.mpp, "models": need})
-    run.report.slides_skipped = len(run.entries) - len(todo)
+    """Slide rows for the planner: every slide with a model not yet committed. A slide id
+    committed from another slide (path or cohort) is a ``slide_id_conflict`` error, never
+    skipped as done."""
+    state = resume_state(run.store, run.model_names, run.entries.values())
+    run.report.committed_before = {m: len(state.committed[m]) for m in run.model_names}
+    for e, model, message in state.conflicts:
+        _record(run, status_row(slide_id=e.slide_id, model=model, path=e.path, cohort=e.cohort, status="error",
+                                stage="plan", error_type=SlideIdConflictError.error_type, error_message=message,
+                                run_id=run.run_id))
+    todo = [{"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "mpp_override": e.mpp, "models": need}
+            for e, need in state.todo]
+    run.report.slides_skipped = state.fully_committed(run.entries.values())
     run.report.pairs_to_do = sum(len(t["models"]) for t in todo)
     return todo
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a manifest stands against a store: per model the slide ids committed for the
+    manifest's own slide; the slides with models still to do; and (entry, model, message)
+    for each slide id committed from another slide."""
+
+    committed: dict[str, set[str]]
+    todo: list[tuple[SlideEntry, list[str]]]
+    conflicts: list[tuple[SlideEntry, str, str]]
+
+    def fully_committed(self, entries: Iterable[SlideEntry]) -> int:
+        """How many of ``entries`` are committed for every model."""
+        return sum(all(e.slide_id in ids for ids in self.committed.values()) for e in entries)
+
+
+def resume_state(store: FeatureStore, models: list[str], entries: Iterable[SlideEntry]) -> ResumeState:
+    """Compare each manifest entry with the commit record of its slide id, per model: no
+    record -> to do; a record of the same path and cohort -> done; otherwise a conflict."""
+    records = {m: store.commit_records(m) for m in models}
+    committed: dict[str, set[str]] = {m: set() for m in models}
+    todo, conflicts = [], []
+    for e in entries:
+        need = []
+        for m in models:
+            record = records[m].get(e.slide_id)
+            message = slide_id_conflict(record, e) if record is not None else None
+            if record is None:
+                need.append(m)
+            elif message:
+                conflicts.append((e, m, message))
+            else:
+                committed[m].add(e.slide_id)
+        if need:
+            todo.append((e, need))
+    return ResumeState(committed, todo, conflicts)
+
+
+def slide_id_conflict(record: CommitRecord, entry: SlideEntry) -> str | None:
+    """Why ``record`` (committed under ``entry``'s slide id) is not ``entry``'s slide, or None
+    when path and cohort agree (a record without a path is compared on the cohort only)."""
+    cohort = entry.cohort or NO_COHORT
+    path = record.slide.get("path")
+    if record.cohort == cohort and (path is None or path == entry.path):
+        return None
+    return (f"slide_id {entry.slide_id!r} is already committed for model {record.model!r} from {path} (cohort "
+            f"{record.cohort!r}), but the manifest (row {entry.row}) lists {entry.path} (cohort {cohort!r}) under it; "
+            "give the manifest a slide_id column with ids unique across the store (e.g. prefixed by cohort), "
+            "or write to another --out")
 
 
 def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
@@ -412,7 +466,8 @@ def _log_progress(report: RunReport, in_flight: int) -> None:
              report.chunks_done, report.tiles_read, done, report.pairs_to_do, in_flight)
 
 
-def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
+def dry_run_plan(config: JobConfig, sample: int = 8,
+                 custom_encoders: dict[str, CustomEncoder] | None = None) -> dict[str, Any]:
     """What a run would do, without starting Ray: slides to do / already committed, the tiles
     to embed and GPU-hours per model, and the resource plan for the local machine (or the
     cluster at ``RAY_ADDRESS`` once the job runs there). Checks the store's config as the run
@@ -422,14 +477,15 @@ def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
     Tiles: a manifest whose rows all carry the index's geometry (``width_px``, ``height_px``,
     ``index_mpp``: ``pathray manifest idc --sm-index``) is estimated from it without opening a
     slide (the full grid, an upper bound: no tissue filter); otherwise up to ``sample`` slides
-    are planned for real and the mean is extrapolated."""
-    plans, unknown = plan_models(config)
+    are planned for real and the mean is extrapolated. ``custom_encoders`` as for
+    :func:`run_job`. Slide ids committed from another slide are listed in ``slide_id_conflicts``."""
+    plans, unknown = plan_models(config, custom_encoders)
     models = [m.name for m in plans]
     entries = read_manifest(config.manifest, config.storage_options)
     store = _choose_store(config, tiling_record(config.tiling), {m.name: m.record for m in plans},
                           model_tiling_records(config, models))
-    committed = {m: store.committed(m) for m in models}
-    todo = [e for e in entries if any(e.slide_id not in committed[m] for m in models)]
+    state = resume_state(store, models, entries)
+    todo = [e for e, _ in state.todo]
     groups = config.tiling_groups(models) if models else (TilingGroup(config.tiling),)
     per_group = [dict(tile_px=g.tiling.tile_px, target_mpp=g.tiling.target_mpp, models=list(g.models or models),
                       **_estimate_tiles(config, g.tiling, todo, sample)) for g in groups]
@@ -443,8 +499,10 @@ def dry_run_plan(config: JobConfig, sample: int = 8) -> dict[str, Any]:
         "store": store.root,
         "store_exists": store.read_config() is not None,
         "slides_in_manifest": len(entries),
-        "slides_already_committed": len(entries) - len(todo),
+        "slides_already_committed": state.fully_committed(entries),
         "slides_to_do": len(todo),
+        "slide_id_conflicts": [{"slide_id": e.slide_id, "model": m, "error_type": SlideIdConflictError.error_type,
+                                "message": message} for e, m, message in state.conflicts],
         "tile_estimate": per_group[0]["tile_estimate"],
         "estimated_tiles": tiles,
         "sampled_slides": per_group[0]["sampled_slides"],

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import StagingError, describe
+from pathray.errors import NonFiniteEmbeddingError, StagingError, describe
 from pathray.slide import open_slide
 from pathray.slidefacts import SlideFacts
 from pathray.staging import DEFAULT_MAX_BYTES, Scratch, node_scratch_dir
@@ -317,7 +317,7 @@ class ChunkEncoder:
                     error = json.dumps(self.load_error)
                 else:
                     try:
-                        data = np.ascontiguousarray(self.encoder(tiles), dtype=self.output_dtype).tobytes()
+                        data = self._embed(tiles).tobytes()
                     except Exception as exc:
                         error = json.dumps(_error_fields("encode", exc))
             embeddings.append(data)
@@ -331,6 +331,20 @@ class ChunkEncoder:
         chunks = chunks.append_column(f"prov:{self.model}", pa.array([self.provenance] * len(chunks), type=pa.string()))
         chunks = chunks.append_column(f"encoded_at:{self.model}", pa.array(finished, type=pa.float64()))
         return chunks.append_column(f"encode_s:{self.model}", pa.array(seconds, type=pa.float64()))
+
+
+    def _embed(self, tiles: np.ndarray) -> np.ndarray:
+        """The chunk's embeddings as ``output_dtype``; raises :class:`NonFiniteEmbeddingError`
+        if any value is NaN or infinite (after the cast: a float16 overflow shows here)."""
+        with np.errstate(over="ignore"):  # an overflow is reported below, as an error row
+            embeddings = np.ascontiguousarray(self.encoder(tiles), dtype=self.output_dtype)
+        bad = np.flatnonzero(~np.isfinite(embeddings.reshape(len(embeddings), -1)).all(axis=1))
+        if len(bad):
+            raise NonFiniteEmbeddingError(
+                f"{self.model} returned NaN/inf embeddings ({self.output_dtype}) for {len(bad)} of {len(embeddings)} "
+                f"tiles of the chunk (positions {bad[:5].tolist()}); a float16 overflow shows as inf: try --dtype "
+                "bf16/fp32 or --output-dtype float32")
+        return embeddings
 
 
 # --- write ----------------------------------------------------------------------------------

@@ -24,12 +24,18 @@ Commit protocol (no rename needed, so it holds on S3):
    are written to a temporary name and ``os.replace``-d), then writes the commit record,
    then deletes the staging objects.
 3. A (slide, model) is committed iff its commit record exists. A re-run skips committed
-   pairs and redoes the rest, overwriting any features file left by a crash between steps
-   2 and 3 with identical content, so no slide is ever present twice.
+   pairs (whose record names the same slide path and cohort as its manifest) and redoes the
+   rest, overwriting any features file left by a crash between steps 2 and 3; a copy left
+   under another cohort folder is deleted before the record is written, so no slide is ever
+   present twice. Staged chunks a killed writer left after its record are deleted by the
+   next run (:meth:`FeatureStore.remove_committed_staging`).
+
+Local writes are durable in that order: each file is fsync-ed before its rename and its
+directory after, so a commit record on disk implies its features file is.
 
 Files under ``_``-prefixed folders are ignored by pyarrow.dataset, DuckDB globs over
 ``features/`` and polars, so plain readers see only whole per-slide files;
-:meth:`FeatureStore.dataset` additionally restricts to slides with a commit record.
+:meth:`FeatureStore.dataset` reads exactly the files the commit records name.
 
 Units: ``x``/``y`` are level-0 pixels (top-left of the tile), ``size_level0`` is the tile's
 side in level-0 pixels, ``target_mpp`` is µm per pixel of the encoded tile.
@@ -42,6 +48,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,24 +125,57 @@ def embeddings_to_arrow(embeddings: np.ndarray) -> pa.FixedSizeListArray:
 
 
 # --- low-level atomic writes --------------------------------------------------------------
-def _put_bytes(fs, path: str, data: bytes) -> None:
+def _put_bytes(fs, path: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` at ``path`` so that readers see either nothing or all of it.
 
     S3 PUTs are atomic per object; on a local filesystem we write a temporary sibling and
     ``os.replace`` it (atomic on POSIX). The temporary name starts with ``.`` and does not end
     in ``.parquet`` (see :data:`TEMP_MARKER`), so pyarrow, DuckDB and polars never list a
     half-written file, even one a killed process left behind;
-    :meth:`FeatureStore.remove_temporaries` deletes those."""
+    :meth:`FeatureStore.remove_temporaries` deletes those.
+
+    ``durable`` (local only): once this returns, the file survives a power loss: the
+    temporary file is fsync-ed before the rename, and its directory (and the parent of any
+    directory created for it) after, so a later write (a commit record) is never on disk
+    without this one. Staged chunks skip it: a crash makes a re-run stage them again."""
     if _is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         head, name = os.path.split(path)
+        _makedirs(head, durable)
         tmp = os.path.join(head, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            _fsync_dir(head)
     else:
         with fs.open(path, "wb") as f:
             f.write(data)
+
+
+def _makedirs(directory: str, durable: bool) -> None:
+    """``os.makedirs``; with ``durable``, the parent of each directory it created is fsync-ed
+    (top-down), so the new directory entries are on disk too."""
+    missing = []
+    head = directory
+    while head and not os.path.isdir(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    os.makedirs(directory, exist_ok=True)
+    if durable:
+        for created in reversed(missing):
+            _fsync_dir(os.path.dirname(created))
+
+
+def _fsync_dir(directory: str) -> None:
+    """fsync a directory (its entries: a rename or a new file in it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_local(fs) -> bool:
@@ -235,6 +275,20 @@ class FeatureStore:
                     removed += 1
         return removed
 
+    def remove_committed_staging(self, model: str) -> int:
+        """Delete the staged chunks of ``model``'s committed slides: a writer killed between a
+        commit record and the deletion of its chunks leaves them, and a re-run skips the
+        slide. Call only while holding the store's lease. Returns how many slides' folders."""
+        committed = self.committed(model)
+        try:
+            folders = self.fs.ls(self.path("_staging", f"model={model}"), detail=False)
+        except FileNotFoundError:
+            return 0
+        stale = [f for f in folders if os.path.basename(f.rstrip("/")) in committed]
+        for folder in stale:
+            self.fs.rm(folder, recursive=True)
+        return len(stale)
+
     def slide_features_relpath(self, model: str, aggregator: str, slide_id: str | None = None) -> str:
         """``slide_features/model=<model>/aggregator=<aggregator>[/<slide_id>.parquet]``."""
         folder = f"slide_features/model={model}/aggregator={aggregator}"
@@ -314,7 +368,7 @@ class FeatureStore:
     # writing -----------------------------------------------------------------------------
     def write_chunk(self, model: str, slide_id: str, chunk_id: str, table: pa.Table) -> None:
         """Stage one chunk's tile rows (schema :func:`feature_schema`) at its deterministic name."""
-        _put_bytes(self.fs, self.staging_path(model, slide_id, chunk_id), _parquet_bytes(table))
+        _put_bytes(self.fs, self.staging_path(model, slide_id, chunk_id), _parquet_bytes(table), durable=False)
 
     def write_table(self, relpath: str, table: pa.Table) -> None:
         _put_bytes(self.fs, self.path(relpath), _parquet_bytes(table))
@@ -342,35 +396,48 @@ class FeatureStore:
         raw = _read_json(self.fs, self.commit_path(model, slide_id))
         return CommitRecord(**raw) if raw else None
 
+    def commit_records(self, model: str) -> dict[str, CommitRecord]:
+        """Every commit record of ``model`` by slide id: one listing, then the records read
+        together (fsspec ``cat`` of many paths, concurrent on S3). A record deleted between
+        the two is left out."""
+        return {slide_id: CommitRecord(**raw) for slide_id, raw in self._records(self.path("_commits", f"model={model}")).items()}
+
+    def _records(self, prefix: str) -> dict[str, dict]:
+        try:
+            names = sorted(n for n in self.fs.ls(prefix, detail=False) if n.endswith(".json"))
+        except FileNotFoundError:
+            return {}
+        found = self.fs.cat(names, on_error="omit") if names else {}
+        return {os.path.basename(n)[: -len(".json")]: json.loads(data) for n, data in sorted(found.items())}
+
     def models(self) -> list[str]:
         return sorted((self.read_config() or {}).get("models", {}))
 
     def dataset(self, model: str) -> pads.Dataset:
-        """pyarrow dataset over the committed slides of ``model``; ``model`` and ``cohort``
-        come from the hive partitioning of the path. Costs two listings, no per-slide reads."""
-        committed = self.committed(model)
-        try:
-            found = self.fs.find(self.path("features", f"model={model}"))
-        except FileNotFoundError:
-            found = []
-        files = sorted(f for f in found if f.endswith(".parquet") and os.path.basename(f)[: -len(".parquet")] in committed)
-        partitioning = pads.partitioning(pa.schema([("model", pa.string()), ("cohort", pa.string())]), flavor="hive")
-        return pads.dataset(files, filesystem=self.fs, format="parquet", partitioning=partitioning,
-                            partition_base_dir=self.path("features"))
+        """pyarrow dataset over the committed slides of ``model``: exactly the features files
+        their commit records name (a file of the same slide under another cohort, left by a
+        run killed before its record, is not read). ``model`` and ``cohort`` come from the
+        hive partitioning of the path. The schema is unified over every file: a manifest
+        column one run kept and another did not is present, null for the slides without it.
+        Costs a listing, the commit records and each file's footer."""
+        records = self.commit_records(model)
+        files = sorted(self.path(r.features_path) for r in records.values() if r.features_path)
+        partitioning = pa.schema([("model", pa.string()), ("cohort", pa.string())])
+        return _unified_dataset(self.fs, files, partitioning, self.path("features"))
 
     def slide_features(self, model: str, aggregator: str) -> pads.Dataset:
         """pyarrow dataset of the committed slide-level rows of (``model``, ``aggregator``):
-        ``slide_id``, ``cohort``, ``n_tiles``, ``embedding``, kept manifest columns, and
-        ``model``/``aggregator`` from the hive partitioning."""
+        ``slide_id``, ``cohort``, ``n_tiles``, ``embedding``, kept manifest columns (schema
+        unified over the files, as :meth:`dataset`), and ``model``/``aggregator`` from the
+        hive partitioning."""
         committed = self.aggregated(model, aggregator)
         try:
             found = self.fs.ls(self.path(self.slide_features_relpath(model, aggregator)), detail=False)
         except FileNotFoundError:
             found = []
         files = sorted(f for f in found if f.endswith(".parquet") and os.path.basename(f)[: -len(".parquet")] in committed)
-        partitioning = pads.partitioning(pa.schema([("model", pa.string()), ("aggregator", pa.string())]), flavor="hive")
-        return pads.dataset(files, filesystem=self.fs, format="parquet", partitioning=partitioning,
-                            partition_base_dir=self.path("slide_features"))
+        partitioning = pa.schema([("model", pa.string()), ("aggregator", pa.string())])
+        return _unified_dataset(self.fs, files, partitioning, self.path("slide_features"))
 
     def slides(self) -> pa.Table:
         """The slide status table (one row per slide and model, latest status)."""
@@ -383,6 +450,25 @@ class FeatureStore:
             return pads.dataset(self.path("errors"), filesystem=self.fs, format="parquet", partitioning="hive").to_table()
         except (FileNotFoundError, pa.ArrowInvalid):
             return ERROR_SCHEMA.empty_table()
+
+
+#: threads reading files' footers for :func:`_unified_dataset` (latency-bound on S3)
+FOOTER_READERS = 16
+
+
+def _unified_dataset(fs, files: list[str], partitioning: pa.Schema, base_dir: str) -> pads.Dataset:
+    """A hive-partitioned Parquet dataset over ``files`` whose schema holds every column of
+    every file (pyarrow otherwise takes the first file's schema and silently drops columns
+    only later files have); a file without a column reads it as null."""
+    dataset = pads.dataset(files, filesystem=fs, format="parquet", partitioning=pads.partitioning(partitioning, flavor="hive"),
+                           partition_base_dir=base_dir)
+    fragments = list(dataset.get_fragments())
+    if len(fragments) < 2:
+        return dataset
+    with ThreadPoolExecutor(FOOTER_READERS) as pool:
+        schemas = list(pool.map(lambda fragment: fragment.physical_schema, fragments))
+    unified = pa.unify_schemas([*schemas, partitioning], promote_options="permissive")
+    return dataset if unified.equals(dataset.schema) else dataset.replace_schema(unified)
 
 
 def config_diff(stored: dict, requested: dict, prefix: str = "") -> str:
@@ -432,6 +518,7 @@ def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
     if r.chunk_ids:
         features_relpath = store.features_relpath(r.model, r.cohort, r.slide_id)
         store.write_table(features_relpath, _merged_chunks(store, r))
+    _remove_stale_copies(store, r.model, r.slide_id, features_relpath)
     record = CommitRecord(
         slide_id=r.slide_id, model=r.model, cohort=r.cohort or NO_COHORT, n_tiles=r.n_tiles,
         features_path=features_relpath, store_config_hash=r.store_config_hash, run_id=r.run_id, slide=r.slide,
@@ -443,6 +530,23 @@ def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
         except FileNotFoundError:
             pass
     return record
+
+
+def _remove_stale_copies(store: FeatureStore, model: str, slide_id: str, keep: str | None) -> None:
+    """Delete the features files of ``slide_id`` under every cohort folder of ``model`` but
+    ``keep``: left by a run killed between writing its file and its record, under a cohort
+    the slide no longer has, they would show the slide twice to a plain glob over
+    ``features/``. One listing of the cohort folders, one delete per other cohort."""
+    folder = store.path("features", f"model={model}")
+    try:
+        cohorts = store.fs.ls(folder, detail=False, refresh=True)
+    except FileNotFoundError:
+        return
+    keep_path = store.path(keep) if keep else None
+    for cohort in cohorts:
+        stale = join(cohort, f"{slide_id}.parquet")
+        if stale != keep_path and store.fs.exists(stale):
+            store.fs.rm(stale)
 
 
 def _merged_chunks(store: FeatureStore, r: CommitRequest) -> pa.Table:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pathray.mil.bags import BagIndex, index_bags
+from pathray.mil.bags import BagIndex, check_finite, index_bags
 from pathray.mil.classifier import SlideClassifier, attention_table, predict_probs
 from pathray.mil.labels import join_labels, read_labels
 from pathray.mil.splits import Splits, check_splits, make_splits
@@ -64,6 +64,7 @@ def train(store: FeatureStore | str, model: str, labels: str | Path | pa.Table, 
     config = config or TrainConfig()
     index = index_bags(store, model)
     joined = join_labels(index, read_labels(labels), label_column, key)
+    check_finite(index, sorted(joined.labels))
     if splits is None:
         splits = make_splits(joined.labels, joined.patients, config.n_folds, config.val_fraction, config.seed)
     elif not isinstance(splits, Splits):
@@ -86,7 +87,7 @@ def train(store: FeatureStore | str, model: str, labels: str | Path | pa.Table, 
                                                 "metrics": metrics})
     predictions = predictions_table(joined.classes, rows)
     if out_dir is not None:
-        (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str))
+        (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str, allow_nan=False))
         pq.write_table(predictions, out_dir / PREDICTIONS_FILE)
     return MilResult(folds, metrics, predictions, splits, classifiers, record, str(out_dir) if out_dir else None)
 
@@ -112,6 +113,7 @@ def predict(run: Run, store: FeatureStore | str, model: str,
     classifiers = load_classifiers(run)
     index = index_bags(store, model)
     slide_ids = slide_ids or index.slides.column("slide_id").to_pylist()
+    check_finite(index, slide_ids)
     probs = predict_probs(classifiers, index, slide_ids)
     classes = classifiers[0].classes
     columns = {"slide_id": slide_ids, **{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)},
@@ -132,6 +134,7 @@ def evaluate(run: Run, store: FeatureStore | str, model: str, labels: str | Path
     if unknown:
         raise ValueError(f"labels {unknown} are not classes of the run ({classes})")
     slide_ids = sorted(joined.labels)
+    check_finite(index, slide_ids)
     position = {str(c): i for i, c in enumerate(classes)}
     y = np.array([position[str(joined.classes[joined.labels[s]])] for s in slide_ids])
     probs = predict_probs(classifiers, index, slide_ids)
@@ -155,5 +158,6 @@ def fit_all(store: FeatureStore | str, model: str, labels: str | Path | pa.Table
     config = config or TrainConfig()
     index = index_bags(store, model)
     joined = join_labels(index, read_labels(labels), label_column, key)
+    check_finite(index, sorted(joined.labels))
     with torch_threads(config.cpu_threads):
         return fit(index, joined, sorted(joined.labels), [], config, seed=config.seed).classifier

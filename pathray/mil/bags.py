@@ -88,3 +88,13 @@ def embedding_matrix(tiles: pa.Table) -> np.ndarray:
     column = tiles.column("embedding").combine_chunks()
     flat = column.values.to_numpy(zero_copy_only=False)
     return flat.reshape(len(column), column.type.list_size).astype(np.float32)  # a writable copy (torch needs one)
+
+
+def check_finite(index: BagIndex, slide_ids: list[str]) -> None:
+    """Raise ``ValueError`` naming every slide of ``slide_ids`` whose bag holds a NaN or
+    infinite embedding (stores written before the job refused them); one read of each bag."""
+    bad = [s for s in slide_ids if not np.isfinite(load_bag(index, s)).all()]
+    if bad:
+        raise ValueError(f"{len(bad)} slide(s) of model {index.model!r} have NaN/inf tile embeddings: "
+                         f"{', '.join(bad[:20])}{' ...' if len(bad) > 20 else ''}. Re-embed them (delete their "
+                         f"commit records under _commits/model={index.model}/ and re-run) or leave them out of the labels.")

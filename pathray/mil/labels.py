@@ -9,6 +9,7 @@ ignored; a key listed twice is an error.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,28 @@ def join_labels(index: BagIndex, table: pa.Table, label_column: str = "label", k
 
 
 def _patients(index: BagIndex, table: pa.Table, slides: dict[str, Any]) -> tuple[dict[str, str], str]:
-    """Patient of each slide: the store's ``case_id``, else the labels' (slide_id -> case_id), else itself."""
-    if PATIENT_COLUMN in index.slides.column_names:
-        case = index.column(PATIENT_COLUMN)
-        return {s: str(case[s]) if case[s] is not None else s for s in slides}, PATIENT_COLUMN
+    """Patient of each slide: its ``case_id`` in the store, else in the labels table (keyed by
+    slide_id), else the slide itself; warns (naming them) when any slide is its own patient,
+    as slides of one patient may then be split apart."""
+    store_case = index.column(PATIENT_COLUMN) if PATIENT_COLUMN in index.slides.column_names else {}
+    label_case = {}
     if {"slide_id", PATIENT_COLUMN} <= set(table.column_names):
-        case = dict(zip(table.column("slide_id").to_pylist(), table.column(PATIENT_COLUMN).to_pylist()))
-        return {s: str(case.get(s) or s) for s in slides}, PATIENT_COLUMN
-    return {s: s for s in slides}, "slide_id"
+        label_case = dict(zip(table.column("slide_id").to_pylist(), table.column(PATIENT_COLUMN).to_pylist()))
+    patients, alone = {}, []
+    for s in slides:
+        case = store_case.get(s)
+        case = label_case.get(s) if case is None else case
+        patients[s] = s if case is None else str(case)
+        if case is None:
+            alone.append(s)
+    if alone:
+        warnings.warn(f"{len(alone)} of {len(slides)} labelled slides have no {PATIENT_COLUMN} (neither a kept column "
+                      f"of their features files nor in the labels table), so each is taken as its own patient and "
+                      f"slides of one patient can land in different splits: {', '.join(sorted(alone)[:10])}"
+                      f"{' ...' if len(alone) > 10 else ''}. Add {PATIENT_COLUMN} to the labels table.",
+                      PatientFallbackWarning, stacklevel=3)
+    return patients, PATIENT_COLUMN if len(alone) < len(slides) else "slide_id"
+
+
+class PatientFallbackWarning(UserWarning):
+    """Some slides have no patient id and are split as their own patient."""

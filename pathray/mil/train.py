@@ -106,6 +106,9 @@ def fit(index: BagIndex, labels: SlideLabels, train_ids: list[str], val_ids: lis
         order = [train_ids[i] for i in rng.permutation(len(train_ids))]
         train_loss = _train_epoch(network, optimizer, loss_fn, index, labels, order)
         val_loss = _mean_loss(network, index, labels, val_ids) if val_ids else float("nan")
+        if not np.isfinite(train_loss) or (val_ids and not np.isfinite(val_loss)):
+            raise ValueError(f"fitting diverged at epoch {epoch}: train loss {train_loss}, validation loss {val_loss} "
+                             f"(try a lower --lr)")
         best.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         if not val_ids or val_loss < best.best_val_loss - 1e-6:
             best.best_epoch, best.best_val_loss, since_best = epoch, val_loss, 0
@@ -193,12 +196,25 @@ def run_record(index: BagIndex, labels: SlideLabels, config: TrainConfig, extra:
     from pathray import __version__
 
     store_config = index.store.read_config() or {}
-    return {"pathray_version": __version__, "torch_version": torch.__version__, "created_at": time.time(),
+    return finite_json({"pathray_version": __version__, "torch_version": torch.__version__, "created_at": time.time(),
             "store": index.store.root, "store_fingerprint": index.fingerprint(), "model": index.model,
             "model_config": store_config.get("models", {}).get(index.model), "tiling": model_tiling(store_config, index.model) or None,
             "in_dim": index.in_dim, "device": str(pick_device(config.device)), "hyperparameters": asdict(config),
             "labels": {"classes": labels.classes, "key": labels.key, "patient_key": labels.patient_key,
-                       "n_slides": len(labels.labels), "unmatched_label_rows": labels.unmatched}, **extra}
+                       "n_slides": len(labels.labels), "unmatched_label_rows": labels.unmatched}, **extra})
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN/infinite float (a fold without validation slides has no
+    validation loss; a one-class test fold no AUROC) replaced by ``None``, so the JSON
+    written is standard (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def fold_summary(folds: list[FoldResult]) -> dict[str, dict[str, float]]:
