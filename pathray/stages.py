@@ -20,6 +20,7 @@ same stream.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import OrderedDict
@@ -29,7 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import StagingError, describe
+from pathray.errors import StagingError, StorageUnavailableError, describe
+from pathray.outage import with_storage_retries
 from pathray.slide import open_slide
 from pathray.slidefacts import SlideFacts
 from pathray.staging import DEFAULT_MAX_BYTES, Scratch, node_scratch_dir
@@ -132,10 +134,7 @@ class SlidePlanner:
         empty = dict(base, chunk_id="", chunk_index=0, n_chunks=0, n_tiles_slide=0, tile_index=b"", x=b"", y=b"",
                      tissue_fraction=b"", size_level0=0.0, stage="plan", error_type="", error_message="", slide_meta="{}")
         try:
-            with open_slide(slide["path"], mpp_override=slide["mpp_override"], scratch=self.scratch,
-                            storage_options=self.storage_options) as handle:
-                meta = SlideFacts.of(handle).to_json()
-                grid = plan_tiles(handle, slide["slide_id"], self.tiling)
+            meta, grid = with_storage_retries(lambda: self._plan(slide))
         except Exception as exc:  # every failure becomes a recorded per-slide error
             return [dict(empty, **_error_fields("plan", exc), plan_s=time.perf_counter() - start)]
         n = len(grid.tile_index)
@@ -156,6 +155,13 @@ class SlidePlanner:
             )
             for i, lo in enumerate(bounds)
         ]
+
+
+    def _plan(self, slide: dict[str, Any]) -> tuple[str, Any]:
+        """``(slide facts as JSON, tile grid)`` of one slide row."""
+        with open_slide(slide["path"], mpp_override=slide["mpp_override"], scratch=self.scratch,
+                        storage_options=self.storage_options) as handle:
+            return SlideFacts.of(handle).to_json(), plan_tiles(handle, slide["slide_id"], self.tiling)
 
 
 # --- read -----------------------------------------------------------------------------------
@@ -198,10 +204,7 @@ class ChunkReader:
             data, update, count = b"", {}, 0
             if row["status"] == "ok":
                 try:
-                    handle = self._slide(row["path"], row["mpp_override"])
-                    x = np.frombuffer(row["x"], dtype="<i8")
-                    y = np.frombuffer(row["y"], dtype="<i8")
-                    tiles = read_tiles(handle, self.tiling, x, y)
+                    tiles = with_storage_retries(functools.partial(self._read, row))
                     data, count = np.ascontiguousarray(tiles, dtype=np.uint8).tobytes(), len(tiles)
                 except Exception as exc:
                     update = _error_fields("read", exc)
@@ -213,6 +216,18 @@ class ChunkReader:
         chunks = chunks.append_column(pa.field("pixels", pa.large_binary()), pa.array(pixels, type=pa.large_binary()))
         chunks = chunks.append_column("tiles_read", pa.array(counts, type=pa.int64()))
         return chunks.append_column("read_s", pa.array(read_s, type=pa.float64()))
+
+    def _read(self, row: dict[str, Any]) -> np.ndarray:
+        """The tiles of one chunk row; a slide whose storage failed is closed (reopened on retry)."""
+        try:
+            handle = self._slide(row["path"], row["mpp_override"])
+            return read_tiles(handle, self.tiling, np.frombuffer(row["x"], dtype="<i8"),
+                              np.frombuffer(row["y"], dtype="<i8"))
+        except StorageUnavailableError:
+            stale = self._open.pop(row["path"], None)
+            if stale is not None:
+                stale.close()
+            raise
 
     def close_open(self) -> None:
         """Close open slides (their staged copies become evictable)."""
