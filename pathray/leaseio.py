@@ -6,9 +6,9 @@ when the condition did not hold (another driver wrote first):
 
 ``renew`` is the heartbeat's replace.
 
-* :class:`LocalLeaseIO`: ``O_CREAT | O_EXCL`` creates; replace and delete compare and write
-  under an exclusive ``flock`` of a side file (``_lease.json.lock``); the version is a hash
-  of the file's bytes.
+* :class:`LocalLeaseIO`: ``O_CREAT | O_EXCL`` creates; every write (and delete) holds an
+  exclusive ``flock`` of a side file (``_lease.json.lock``), replace and delete comparing
+  first; the version is a hash of the file's bytes.
 * :class:`S3LeaseIO`: S3 conditional requests, the version being the object's ETag:
   ``PUT If-None-Match: *`` creates, ``PUT If-Match: <etag>`` replaces, ``DELETE If-Match``
   deletes. AWS S3 and SeaweedFS enforce them (a refused condition is HTTP 412).
@@ -80,13 +80,13 @@ class LocalLeaseIO:
         return data, _digest(data)
 
     def create(self, data: bytes) -> str | None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with self._locked():  # no replace sees the new file before its bytes are in
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
         return _digest(data)
 
     def replace(self, data: bytes, version: str | None) -> str | None:

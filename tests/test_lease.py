@@ -134,19 +134,21 @@ def _proxied_store(s3_server, s3_proxy, bucket: str) -> FeatureStore:
 def test_the_heartbeat_survives_injected_503s(s3_server, s3_bucket, s3_proxy):
     store = _proxied_store(s3_server, s3_proxy, s3_bucket)
     direct = FeatureStore(f"s3://{s3_bucket}/store", s3_server.storage_options)
-    with StoreLease(store, "run-a", timeout_s=6.0, heartbeat_s=0.2) as lease:
+    with StoreLease(store, "run-a", timeout_s=30.0, heartbeat_s=0.2) as lease:
         s3_proxy.fail_paths = "_lease.json"  # every lease request answered 503 SlowDown for a while
         time.sleep(1.0)
         s3_proxy.fail_paths = ""
         outage_over = time.time()
-        time.sleep(1.0)
         assert s3_proxy.throttled > 0
+        deadline = time.time() + 10
+        while time.time() < deadline and lease.read().heartbeat_at <= outage_over:
+            time.sleep(0.1)
         assert lease._thread.is_alive()
         assert lease.read().heartbeat_at > outage_over  # heart-beating again
         assert lease.lost is None
         lease.ensure_held()
         with pytest.raises(StoreBusyError):
-            StoreLease(direct, "run-b", timeout_s=6.0).acquire()
+            StoreLease(direct, "run-b", timeout_s=30.0).acquire()
 
 
 @pytest.mark.slow
@@ -200,8 +202,8 @@ def test_a_driver_whose_lease_was_taken_over_commits_nothing(s3_server, s3_bucke
     from pathray.fakes import SleepEncoder, sleep_encoder
     from pathray.pipeline import run_job
 
-    monkeypatch.setattr(pathray.lease, "TIMEOUT_S", 1.5)
-    monkeypatch.setattr(pathray.lease, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(pathray.lease, "TIMEOUT_S", 3.0)
+    monkeypatch.setattr(pathray.lease, "HEARTBEAT_S", 0.3)
     uris = []
     for name in ("a", "b"):
         uris.append(f"s3://{s3_bucket}/slides/{name}.svs")
@@ -226,7 +228,7 @@ def test_a_driver_whose_lease_was_taken_over_commits_nothing(s3_server, s3_bucke
         deadline = time.time() + 20
         while time.time() < deadline and "lease" not in taker:
             try:
-                taker["lease"] = StoreLease(direct, "driver-b", timeout_s=1.5, heartbeat_s=0.2).acquire()
+                taker["lease"] = StoreLease(direct, "driver-b", timeout_s=3.0, heartbeat_s=0.3).acquire()
             except StoreBusyError:
                 time.sleep(0.2)
         taken.set()
@@ -247,3 +249,57 @@ def test_a_driver_whose_lease_was_taken_over_commits_nothing(s3_server, s3_bucke
                                        "run_id": "driver-c"}), {"sleep": sleep_encoder(1e4, 6)}, progress_bars=False)
     assert report.per_model["sleep"]["ok"] == 2 and direct.committed("sleep") == {"a", "b"}
     assert {direct.commit_record("sleep", s).run_id for s in "ab"} == {"driver-c"}
+
+
+def test_aggregate_takes_the_same_lease(tmp_path):
+    """`pathray aggregate` writes the store too: refused while `pathray embed` (or another
+    aggregate) holds it, before any work starts."""
+    from fixtures.feature_stores import write_planted_store
+
+    from pathray.aggregate_job import AggregateConfig, run_aggregate
+
+    planted = write_planted_store(tmp_path / "store", n_patients=2, slides_per_patient=1)
+    store = FeatureStore(str(planted.root))
+    with StoreLease(store, "embed-run", settle_s=0.1):
+        with pytest.raises(StoreBusyError, match="run embed-run"):
+            run_aggregate(AggregateConfig(str(planted.root), planted.model, "mean"))
+        assert store.aggregated(planted.model, "mean") == set()
+
+
+@pytest.mark.slow
+def test_the_settle_fallback_lets_one_racer_in_and_withdraws_a_slow_write(s3_server, s3_bucket, s3_proxy):
+    """For a server that ignores conditional writes: write, settle, read back. Racers leave one
+    holder; a write slower than half the settle window (botocore back-off, a slow link) may
+    land after a rival's read-back, so it is withdrawn and the acquisition refused."""
+    import threading
+
+    from pathray.leaseio import SettledLeaseIO
+
+    def settled(lease: StoreLease) -> StoreLease:
+        lease._io = SettledLeaseIO(lease.store.fs, lease.store.lease_path(), lease.settle_s)
+        return lease
+
+    direct = FeatureStore(f"s3://{s3_bucket}/store", s3_server.storage_options)
+    results: dict[str, object] = {}
+
+    def contend(name: str) -> None:
+        try:
+            results[name] = settled(StoreLease(direct, name, settle_s=4.0)).acquire()  # SeaweedFS: ~1 s per racing PUT
+        except StoreBusyError as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=contend, args=(f"run-{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [v for v in results.values() if isinstance(v, StoreLease)]
+    assert len(winners) == 1
+    winners[0].release()
+    assert winners[0].read() is None
+
+    s3_proxy.latency_s = 0.4  # every request through the proxy takes 0.4 s: longer than half of 0.5 s
+    slow = FeatureStore(f"s3://{s3_bucket}/store", s3_proxy.storage_options(s3_server.storage_options))
+    with pytest.raises(StoreBusyError):
+        settled(StoreLease(slow, "slow-writer", settle_s=0.5)).acquire()
+    assert StoreLease(direct, "reader").read() is None  # the slow write was withdrawn
