@@ -132,7 +132,11 @@ class StoreLease:
             self._thread.join(timeout=self.heartbeat_s + 5)
             self._thread = None
         if self.lost is None and self._version is not None:
-            self.io.delete(self._version)
+            try:
+                self.io.delete(self._version)
+            except Exception as exc:  # noqa: BLE001 - never mask the run's own outcome: the lease then expires
+                log.warning("could not delete the lease of %s (it expires %.0f s after its last heartbeat): %s",
+                            self.store.root, self.timeout_s, exc)
 
     def _beat(self) -> None:
         """Renew every ``heartbeat_s``; after a failure retry sooner, backing off up to it."""
