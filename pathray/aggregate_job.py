@@ -40,6 +40,7 @@ from pathray import __version__
 from pathray.aggregate import AggregatorSpec, SlideTiles, build_aggregator, get_aggregator
 from pathray.config import fingerprint
 from pathray.errors import AggregatorError, FeaturesUnreadableError, StoreConfigMismatchError, describe
+from pathray.lease import StoreLease
 from pathray.localrun import choose_runner
 from pathray.resources import PLACEMENT
 from pathray.store import (
@@ -325,13 +326,23 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
     report (also saved in the store). Per-slide failures never raise: they are error rows
     and a non-zero :attr:`AggregateReport.exit_code`. Raised: an unknown aggregator or tile
     model, a tile model the aggregator does not take (``ValueError``), other weights than
-    the folder was made with (:class:`StoreConfigMismatchError`)."""
+    the folder was made with (:class:`StoreConfigMismatchError`), another live driver on the
+    store (:class:`StoreBusyError`: the run takes the store's lease as ``pathray embed``
+    does), a lease lost mid-run (:class:`LeaseLostError`)."""
     spec = get_aggregator(config.aggregator)
     store = FeatureStore(config.store, config.storage_options)
     _check_inputs(store, config, spec)
     run_id = config.run_id or "agg-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     report = AggregateReport(run_id=run_id, store=store.root, model=config.model, aggregator=spec.name,
                              started_at=time.time())
+    with StoreLease(store, run_id) as lease:
+        return _aggregate_locked(config, spec, store, report, lease, progress_bars)
+
+
+def _aggregate_locked(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, report: AggregateReport,
+                      lease: StoreLease, progress_bars: bool) -> AggregateReport:
+    """The body of :func:`run_aggregate` once the store's lease is held; the lease is checked
+    for every result (commits happen in the actors: a lost lease stops the run at once)."""
     committed, done = store.committed(config.model), store.aggregated(config.model, spec.name)
     record = _pin_aggregator(store, config.model, spec, config.weights, done)
     todo = sorted(committed - done)
@@ -339,12 +350,13 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
     failed: list[dict[str, Any]] = []
     try:
         if todo:
-            provenance = {"aggregator": record, "tile_model": config.model, "run_id": run_id,
+            provenance = {"aggregator": record, "tile_model": config.model, "run_id": report.run_id,
                           "pathray_version": __version__, "store_config_hash": fingerprint(store.read_config())}
             report.runner = choose_runner(config)
             rows = (_run_local(config, spec, store, todo, provenance) if report.runner == "local"
                     else _run_dataset(config, spec, store, todo, provenance, report, progress_bars))
             for r in rows:
+                lease.ensure_held()
                 failed += [r] if r["status"] == "error" else []
                 report.counts[r["status"]] += 1
                 report.tiles += r["n_tiles"] if r["status"] != "error" else 0
@@ -354,11 +366,12 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
         report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
         raise
     finally:
-        errors = _errors_table(failed, config.model, spec.name)
-        if errors.num_rows:
-            store.write_table(store.errors_relpath(run_id, 1), errors)
-        report.ended_at = time.time()
-        store.write_json(store.report_relpath(run_id), report.to_dict())
+        if lease.lost is None:  # a lost store may be another driver's now: leave it alone
+            errors = _errors_table(failed, config.model, spec.name)
+            if errors.num_rows:
+                store.write_table(store.errors_relpath(report.run_id, 1), errors)
+            report.ended_at = time.time()
+            store.write_json(store.report_relpath(report.run_id), report.to_dict())
     return report
 
 

@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 
+from pathray.cli_s3 import add_s3_options, s3_options_from_args
 from pathray.errors import PathrayError
 
 SAMPLE_QUERY = """\
@@ -31,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--weights", help="weights of a slide encoder: file, hub-layout dir or hf-hub:org/name")
     add("--num-gpus", type=float, help="GPUs per aggregator actor (default: 1 when the cluster has GPUs)")
     add("--actors", type=int, help="aggregator actors (default: one per GPU, else 1)")
-    add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
+    add_s3_options(parser, slides=False)
     add("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
     add("--run-id", help="name of this run (default: agg-<timestamp>)")
     add("--runner", choices=["auto", "ray", "local"], default="auto",
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from pathray.aggregate_job import AggregateConfig, run_aggregate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
+    storage, _ = s3_options_from_args(args)
     config = AggregateConfig(store=args.store, model=args.model, aggregator=args.aggregator, weights=args.weights,
                              storage_options=storage, ray_address=args.ray_address, run_id=args.run_id,
                              num_gpus=args.num_gpus, actors=args.actors, runner=args.runner)

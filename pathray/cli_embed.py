@@ -3,7 +3,8 @@
 Options override the YAML file given with ``--config``. Exit status: 0 when every slide
 ended ok or without tissue, 1 when any slide/model error was recorded (see the store's
 ``errors/`` and ``slides.parquet``), 2 when the job could not start (bad manifest,
-config mismatch with the store, no usable model).
+config mismatch with the store, no usable model, unreachable storage) or stopped part-way
+(storage unreachable, lease lost; a re-run resumes).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import sys
 
+from pathray.cli_s3 import add_s3_options, apply_s3_args
 from pathray.errors import PathrayError
 
 SAMPLE_QUERY = """\
@@ -44,9 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--encoder-actors", type=int, help="encoder actors per model")
     add("--num-gpus", type=float, dest="encoder_num_gpus", help="GPUs per encoder actor (fractional allowed)")
     add("--keep-columns", help="comma-separated manifest columns to copy onto every tile row")
-    add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
-    add("--s3-anonymous", action="store_true", help="read slides with unsigned S3 requests (public buckets such as IDC's idc-open-data); "
-        "the manifest and the store keep the usual credentials")
+    add_s3_options(parser)
     add("--new-version", action="store_true", help="on a config mismatch, write a new store version under OUT/versions/")
     add("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
     add("--runner", choices=["auto", "ray", "local"],
@@ -78,10 +78,7 @@ def raw_config(args: argparse.Namespace) -> dict:
     raw["resources"] = resources
     if args.keep_columns:
         raw["keep_columns"] = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
-    if args.s3_endpoint_url:
-        raw.setdefault("storage_options", {}).setdefault("client_kwargs", {})["endpoint_url"] = args.s3_endpoint_url
-    if args.s3_anonymous:  # slides only: the manifest and the store keep the usual credentials
-        raw["slide_storage_options"] = {**(raw.get("storage_options") or {}), "anon": True}
+    apply_s3_args(args, raw)
     models = raw.get("models") or []
     models = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
     encoders = {m: dict((raw.get("encoders") or {}).get(m) or {}) for m in models}

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathray.cli_s3 import add_s3_options, s3_options_from_args
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from pathray.export import FORMATS
@@ -23,14 +25,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--out", required=True, help="local output directory (CLAM data_root_dir)")
     add("--overwrite", action="store_true",
         help="rewrite existing files (default: skip this model's, refuse another model's)")
-    add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
+    add_s3_options(parser, slides=False)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathray.export import ExportConflictError, export_store
     from pathray.store import FeatureStore
 
-    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
+    storage, _ = s3_options_from_args(args)
     store = FeatureStore(args.store, storage)
     if args.model not in store.models():
         print(f"pathray export: model {args.model!r} is not in the store {args.store}", file=sys.stderr)

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from pathray.cli_s3 import add_s3_options, s3_options_from_args
 from pathray.mil.train import TrainConfig
 
 #: command-line flag -> TrainConfig field
@@ -54,6 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--column", help="draw this per-tile column of the features file instead")
     heatmap.add_argument("--slide-path", default=None, help="the slide file (default: the path in its commit record)")
     heatmap.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.geojson")
+    add_s3_options(heatmap)
 
 
 def _store_args(parser: argparse.ArgumentParser) -> None:
@@ -75,12 +77,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _model(args: argparse.Namespace) -> str:
+def _model(args: argparse.Namespace, storage_options: dict | None = None) -> str:
     from pathray.store import FeatureStore
 
     if args.model:
         return args.model
-    models = FeatureStore(args.store).models()
+    models = FeatureStore(args.store, storage_options).models()
     if len(models) != 1:
         raise ValueError(f"pass --model: the store holds models {models}")
     return models[0]
@@ -121,7 +123,8 @@ def _heatmap(args: argparse.Namespace) -> int:
     from pathray.slide import open_slide
     from pathray.store import FeatureStore
 
-    store, model = FeatureStore(args.store), _model(args)
+    store_options, slide_options = s3_options_from_args(args)
+    store, model = FeatureStore(args.store, store_options), _model(args, store_options)
     record = store.commit_record(model, args.slide)
     if record is None:
         raise ValueError(f"slide {args.slide!r} is not committed for model {model!r}")
@@ -130,7 +133,9 @@ def _heatmap(args: argparse.Namespace) -> int:
         scores = attention(args.run, store, model, args.slide)
     else:
         scores = tile_scores(store, model, args.slide, column)
-    with open_slide(args.slide_path or record.slide["path"], mpp_override=record.slide.get("mpp")) as slide:
-        write_heatmap(slide, scores, f"{args.out}.png", f"{args.out}.geojson", column=column)
+    with open_slide(args.slide_path or record.slide["path"], mpp_override=record.slide.get("mpp"),
+                    storage_options=slide_options) as slide:
+        write_heatmap(slide, scores, f"{args.out}.png", f"{args.out}.geojson", column=column,
+                      storage_options=store_options)
     print(f"wrote {args.out}.png and {args.out}.geojson ({len(scores)} tiles)")
     return 0

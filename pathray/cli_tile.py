@@ -19,12 +19,14 @@ import io
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pathray.errors import ManifestError, describe
+from pathray.cli_s3 import add_s3_options, s3_options_from_args
+from pathray.errors import ManifestError, PathrayError, describe
 from pathray.fs import join, split_uri
 from pathray.manifest import SlideEntry, read_manifest
 from pathray.qc import write_qc
@@ -55,6 +57,15 @@ TILE_STATUS_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class TileOutput:
+    """Where QC files go: ``root`` (local or ``s3://``) with its s3fs options."""
+
+    root: str
+    storage_options: dict[str, Any] | None = None
+    geojson: bool = False  # also write QuPath-importable GeoJSON
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = TilingConfig()
     parser.add_argument("manifest", help="CSV/TSV/Parquet/JSONL manifest, local or s3://")
@@ -67,6 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--geojson", action="store_true", help="also write QuPath-importable GeoJSON of the kept tiles")
     parser.add_argument("--scratch-dir", default=None, help="local directory for staging s3:// slides (default: a temporary one)")
     parser.add_argument("--scratch-gb", type=float, default=DEFAULT_MAX_BYTES / 1024**3, help="most GB of staged slides at once (default %(default)s)")
+    add_s3_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,30 +89,47 @@ def run(args: argparse.Namespace) -> int:
         min_tissue_fraction=args.min_tissue,
         tissue=TissueConfig(thumbnail_mpp=args.thumbnail_mpp),
     )
+    store_options, slide_options = s3_options_from_args(args)
     try:
-        entries = read_manifest(args.manifest)
-    except ManifestError as exc:
-        print(exc, file=sys.stderr)
+        entries = _read_reachable(args.manifest, args.out, store_options, slide_options)
+    except (ManifestError, PathrayError) as exc:
+        print(f"pathray tile: {exc}", file=sys.stderr)
         return 2
     tiles, statuses = [], []
+    out = TileOutput(args.out, store_options, args.geojson)
     with Scratch(args.scratch_dir, int(args.scratch_gb * 1024**3)) as scratch:
         for entry in entries:
-            table, status = tile_slide(entry, config, args.out, scratch, geojson=args.geojson)
+            table, status = tile_slide(entry, config, out, scratch, slide_options)
             tiles.append(table)
             statuses.append(status)
             print(f"{entry.slide_id}: {status['status']} {status['error_type'] or ''} {status['n_tiles']} tiles", file=sys.stderr)
     metadata = {b"pathray.tiling_config": json.dumps(config.to_dict(), sort_keys=True).encode(), b"pathray.tiling_fingerprint": config.fingerprint().encode()}
     tiles_table = pa.concat_tables(tiles or [TILE_SCHEMA.empty_table()]).replace_schema_metadata(metadata)
-    _write_parquet(tiles_table, join(args.out, "tiles.parquet"))
-    _write_parquet(pa.Table.from_pylist(statuses, schema=TILE_STATUS_SCHEMA), join(args.out, "slides.parquet"))
+    _write_parquet(tiles_table, join(args.out, "tiles.parquet"), store_options)
+    _write_parquet(pa.Table.from_pylist(statuses, schema=TILE_STATUS_SCHEMA), join(args.out, "slides.parquet"),
+                   store_options)
     failed = sum(s["status"] == "error" for s in statuses)
     print(f"{len(entries) - failed}/{len(entries)} slides tiled, {tiles_table.num_rows} tiles -> {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def tile_slide(entry: SlideEntry, config: TilingConfig, out: str, scratch: Scratch, geojson: bool = False,
+def _read_reachable(manifest: str, out: str, store_options: dict[str, Any] | None,
+                    slide_options: dict[str, Any] | None) -> list[SlideEntry]:
+    """The manifest's entries once the manifest, the output and the slides' storage answer
+    (:mod:`pathray.outage`): an outage stops the command at once."""
+    from pathray.outage import check_reachable, check_slide_sources
+
+    check_reachable(manifest, store_options, "manifest")
+    check_reachable(out, store_options, "output")
+    entries = read_manifest(manifest, store_options)
+    check_slide_sources((e.path for e in entries), slide_options)
+    return entries
+
+
+def tile_slide(entry: SlideEntry, config: TilingConfig, out: TileOutput, scratch: Scratch,
                storage_options: dict[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    """Plan one slide's tiles and write its QC files; never raises for a bad slide.
+    """Plan one slide's tiles and write its QC files under ``out``; never raises for a bad
+    slide. ``storage_options``: the slide's s3fs options.
 
     Returns ``(tile table, status row)``; on failure the table is empty and the status row
     carries ``error_type`` (a :class:`PathrayError` type, or ``unexpected_error``).
@@ -114,8 +143,9 @@ def tile_slide(entry: SlideEntry, config: TilingConfig, out: str, scratch: Scrat
             status.update(mpp=slide.mpp, mpp_source=slide.mpp_source, width=slide.dimensions[0], height=slide.dimensions[1],
                           etag=slide.etag, size_bytes=slide.size_bytes)
             grid = plan_tiles(slide, entry.slide_id, config)
-        qc_dir = join(out, "qc")
-        write_qc(grid, join(qc_dir, f"{entry.slide_id}.png"), join(qc_dir, f"{entry.slide_id}.geojson") if geojson else None, storage_options)
+        qc_dir = join(out.root, "qc")
+        write_qc(grid, join(qc_dir, f"{entry.slide_id}.png"),
+                 join(qc_dir, f"{entry.slide_id}.geojson") if out.geojson else None, out.storage_options)
         status.update(level=grid.level, read_px=grid.read_px, n_tiles=len(grid), status="no_tissue" if grid.no_tissue else "ok")
         table = grid.to_table()
     except Exception as exc:  # every failure is recorded, never fatal for the other slides
@@ -125,8 +155,8 @@ def tile_slide(entry: SlideEntry, config: TilingConfig, out: str, scratch: Scrat
     return table, status
 
 
-def _write_parquet(table: pa.Table, uri: str) -> None:
-    fs, path = split_uri(uri)
+def _write_parquet(table: pa.Table, uri: str, storage_options: dict[str, Any] | None) -> None:
+    fs, path = split_uri(uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)

@@ -74,7 +74,9 @@ class JobConfig:
     keep_columns: tuple[str, ...] = ()  # manifest columns copied onto every tile row
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # s3fs options; never written
     #: s3fs options for reading slides only (e.g. ``{"anon": True}`` for a public bucket such as
-    #: IDC's while the manifest and store use ``storage_options``); None: ``storage_options``
+    #: IDC's while the manifest and store use ``storage_options``); None: ``storage_options``.
+    #: Given, slides never inherit the store's endpoint (nor AWS_ENDPOINT_URL): name theirs in
+    #: ``client_kwargs.endpoint_url``, or they are read from AWS
     slide_storage_options: dict[str, Any] | None = field(default=None, repr=False)
     scratch_dir: str | None = None  # node-wide cache for staged s3:// slides (default: <tmp>/pathray-scratch-<uid>)
     scratch_max_bytes: int = DEFAULT_MAX_BYTES  # bound on that cache per node (all actors of the node together)
@@ -112,8 +114,12 @@ class JobConfig:
 
     @property
     def slide_options(self) -> dict[str, Any] | None:
-        """The s3fs options slides are read with."""
-        return self.storage_options if self.slide_storage_options is None else self.slide_storage_options
+        """The s3fs options slides are read with (:func:`pathray.fs.slide_storage_options`:
+        the store's, or with ``slide_storage_options`` given, a client of their own that
+        never inherits the store's endpoint)."""
+        from pathray.fs import slide_storage_options
+
+        return slide_storage_options(self.storage_options, self.slide_storage_options)
 
 
 RUNNERS = ("auto", "ray", "local")

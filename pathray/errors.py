@@ -64,6 +64,22 @@ class StorageTimeoutError(SlideError):
     error_type = "storage_timeout"
 
 
+class StorageUnavailableError(SlideError):
+    """The storage did not serve the slide for now: throttled (503 SlowDown, which s3fs
+    raises as ``OSError(EBUSY)``), a server error (S3 ``InternalError``, 5xx) or an endpoint
+    that cannot be reached. Not a fact about the slide: nothing is committed for it and the
+    next run retries it. See :func:`is_unavailable`."""
+
+    error_type = "storage_unavailable"
+
+
+class StorageUnreachableError(PathrayError):
+    """The slide source, manifest or store cannot be reached at all (endpoint down, every
+    request throttled): the run stops instead of turning every slide into an error row."""
+
+    error_type = "storage_unreachable"
+
+
 class MppMissingError(SlideError):
     """Neither the slide nor the manifest's ``mpp`` column gives microns per pixel."""
 
@@ -123,6 +139,13 @@ class StoreError(PathrayError):
     error_type = "store_error"
 
 
+class LeaseLostError(StoreError):
+    """This run's store lease was taken over (or could not be renewed before it expired):
+    another driver may own the store, so this one must not commit anything more."""
+
+    error_type = "lease_lost"
+
+
 class StoreConfigMismatchError(StoreError):
     """An existing store was written with a different tiling/model config."""
 
@@ -162,6 +185,11 @@ class AggregatorError(PathrayError):
 
 
 UNEXPECTED = "unexpected_error"
+#: words in an exception (or its causes) that mean "the storage is not serving now", not
+#: "this object is bad": S3 error codes, botocore's connection errors, HTTP 5xx reasons
+_UNAVAILABLE_MARKERS = ("SlowDown", "ServiceUnavailable", "Service Unavailable", "InternalError",
+                        "EndpointConnectionError", "Could not connect to the endpoint", "ConnectionClosedError",
+                        "Connection was closed", "Connection refused", "RequestLimitExceeded", "Throttling")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
@@ -175,6 +203,28 @@ def describe(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, PathrayError):
         return exc.error_type, _ANSI.sub("", str(exc))
     return UNEXPECTED, _ANSI.sub("", f"{type(exc).__name__}: {exc}")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it was raised from) says the storage is throttling,
+    failing server-side or unreachable, i.e. a retry later may succeed: ``OSError(EBUSY)``
+    (s3fs's 503 SlowDown), ``ConnectionError``, botocore's connection errors, S3
+    ``SlowDown``/``ServiceUnavailable``/``InternalError``."""
+    import errno
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, StorageUnavailableError | StorageUnreachableError | ConnectionError):
+            return True
+        if isinstance(seen, OSError) and seen.errno == errno.EBUSY:
+            return True
+        text = f"{type(seen).__name__}: {seen}"
+        if any(marker in text for marker in _UNAVAILABLE_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _root_cause(exc: BaseException) -> BaseException:

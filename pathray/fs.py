@@ -4,7 +4,8 @@ Accepted forms: a plain local path, ``file://...``, or ``s3://bucket/key``. For 
 ``storage_options`` go to :class:`s3fs.S3FileSystem` unchanged (``key``, ``secret``,
 ``client_kwargs={"endpoint_url": ...}``, ``anon``...). With none given, s3fs/botocore use
 the usual AWS sources (environment, ``~/.aws``, instance role); ``AWS_ENDPOINT_URL`` points
-them at an S3-compatible server. Credentials are never logged or written by pathray.
+them at an S3-compatible server: the store's client, and the slides' too unless they have options of
+their own (:func:`slide_storage_options`). Credentials are never logged or written by pathray.
 
 Every S3 client gets :data:`S3_CLIENT_DEFAULTS` merged under the caller's ``config_kwargs``
 (the caller's values win): botocore's ``adaptive`` retry mode with up to 8 attempts,
@@ -46,7 +47,8 @@ def split_uri(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[
 
         options = s3_options(storage_options)
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint and "endpoint_url" not in options.get("client_kwargs", {}):
+        own = options["config_kwargs"].get("ignore_configured_endpoint_urls")  # see slide_storage_options
+        if endpoint and not own and "endpoint_url" not in options.get("client_kwargs", {}):
             options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
         fs = s3fs.S3FileSystem(**options)
         fs.retries = S3FS_RETRIES
@@ -62,6 +64,19 @@ def s3_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of ``storage_options`` with :data:`S3_CLIENT_DEFAULTS` under its ``config_kwargs``."""
     options = dict(storage_options or {})
     options["config_kwargs"] = {**S3_CLIENT_DEFAULTS, **(options.get("config_kwargs") or {})}
+    return options
+
+
+def slide_storage_options(store: dict[str, Any] | None, slides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The s3fs options slides are read with. ``slides`` None: the store's (one storage).
+    Otherwise slides have their own client: ``slides`` as given, and when they name no
+    endpoint, AWS's: ``AWS_ENDPOINT_URL`` (and botocore's endpoint settings), which point the
+    store's client elsewhere, are ignored for them (botocore ``ignore_configured_endpoint_urls``)."""
+    if slides is None:
+        return store
+    options = dict(slides)
+    if not (options.get("client_kwargs") or {}).get("endpoint_url"):
+        options["config_kwargs"] = {**(options.get("config_kwargs") or {}), "ignore_configured_endpoint_urls": True}
     return options
 
 

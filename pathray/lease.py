@@ -7,26 +7,36 @@ holder. A holder that died (SIGKILL, lost node) stops heart-beating; once its he
 older than ``timeout_s`` the next run takes the lease over, or at once when the holder ran on
 the same host and its process no longer exists.
 
-The protocol needs no compare-and-swap, so it holds on any S3-compatible store: a driver
-reads the lease, and if it is absent or stale, writes its own token, waits ``settle_s`` and
-reads it back. S3 (like a local file) is read-after-write consistent and a write is whole,
-so of several drivers that write within the same window, every one reads back the last
-token and only its writer goes on. ``settle_s`` must exceed the time between one driver's
-check and its write (milliseconds); the default leaves a wide margin.
+Taking and renewing the lease are conditional writes where the store has them
+(:mod:`pathray.leaseio`): ``O_EXCL`` and a compare-and-write under ``flock`` on local disk,
+``If-None-Match: *`` / ``If-Match: <etag>`` on S3 (AWS, SeaweedFS), so of several drivers
+exactly one wins however slow their requests are. A server that ignores those headers gets
+write, wait ``settle_s``, read back, with writes slower than half that window withdrawn.
+
+The heartbeat survives storage errors: a failed renewal is retried with a growing pause (at
+most ``heartbeat_s``). The lease is *lost* when a renewal finds another driver's token, or
+when no renewal has succeeded for ``timeout_s`` less one heartbeat (others may take it
+over at ``timeout_s``). A lost lease is never renewed or deleted by this run, and
+:meth:`StoreLease.ensure_held`, which the driver calls before every commit, raises
+:class:`~pathray.errors.LeaseLostError` from then on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from pathray.errors import StoreBusyError
+from pathray.errors import LeaseLostError, StoreBusyError
+from pathray.leaseio import LeaseIO, lease_io
 from pathray.store import LEASE
+
+log = logging.getLogger("pathray")
 
 TIMEOUT_S = 120.0
 HEARTBEAT_S = 15.0
@@ -52,37 +62,46 @@ class StoreLease:
     """The run lease of one store. ``store`` is a :class:`pathray.store.FeatureStore`.
 
     Use as a context manager or call :meth:`acquire` / :meth:`release`. While held, a daemon
-    thread rewrites the heartbeat every ``heartbeat_s``."""
+    thread renews the heartbeat every ``heartbeat_s``; check :meth:`ensure_held` before
+    changing the store."""
 
-    def __init__(self, store, run_id: str, timeout_s: float = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
-                 settle_s: float = SETTLE_S):
-        self.store, self.run_id = store, run_id
-        self.timeout_s, self.heartbeat_s, self.settle_s = timeout_s, heartbeat_s, settle_s
+    def __init__(self, store, run_id: str, timeout_s: float | None = None, heartbeat_s: float | None = None,
+                 settle_s: float | None = None):
+        self.store, self.run_id = store, run_id  # timings default to the module's constants, read now
+        self.timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
+        self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self.settle_s = SETTLE_S if settle_s is None else settle_s
         self.token = uuid.uuid4().hex
         self.took_over: LeaseRecord | None = None  # the stale lease this run replaced, if any
+        self.lost: str | None = None  # why this run no longer holds the lease (None while it does)
+        self._version: str | None = None  # the lease object's version as this run last wrote it
+        self._renewed_at = 0.0  # time.monotonic() of the last successful write
+        self._io: LeaseIO | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def io(self) -> LeaseIO:
+        if self._io is None:
+            self._io = lease_io(self.store.fs, self.store.lease_path(), self.settle_s)
+        return self._io
+
     def read(self) -> LeaseRecord | None:
-        try:
-            with self.store.fs.open(self.store.lease_path(), "rb") as f:
-                return LeaseRecord(**json.loads(f.read()))
-        except FileNotFoundError:
-            return None
-        except (ValueError, TypeError):  # unreadable lease: treat as stale
-            return LeaseRecord("", "?", "?", 0, 0.0, 0.0)
+        return _parse(self.io.read()[0])
 
     def acquire(self) -> StoreLease:
         """Take the lease or raise :class:`StoreBusyError` naming the live holder."""
-        current = self.read()
+        data, version = self.io.read()
+        current = _parse(data)
         if current is not None and self._live(current):
             raise self._busy(current)
         now = time.time()
-        self._write(LeaseRecord(self.token, self.run_id, socket.gethostname(), os.getpid(), now, now))
-        time.sleep(self.settle_s)
-        winner = self.read()
-        if winner is None or winner.token != self.token:
-            raise self._busy(winner or current)
+        mine = _dump(LeaseRecord(self.token, self.run_id, socket.gethostname(), os.getpid(), now, now))
+        started = time.monotonic()
+        self._version = self.io.create(mine) if data is None else self.io.replace(mine, version)
+        if self._version is None:
+            raise self._busy(self.read() or current)
+        self._renewed_at = started
         self.took_over = current
         self._thread = threading.Thread(target=self._beat, name="pathray-lease", daemon=True)
         self._thread.start()
@@ -95,24 +114,72 @@ class StoreLease:
             return False
         return holder.host != socket.gethostname() or _pid_alive(holder.pid)
 
+    def ensure_held(self) -> None:
+        """Raise :class:`LeaseLostError` unless this run still holds the lease: not taken over,
+        and renewed recently enough that no other driver may have taken it over yet."""
+        silent_s = time.monotonic() - self._renewed_at
+        if self.lost is None and silent_s >= self.timeout_s - min(self.heartbeat_s, self.timeout_s / 2):
+            self._lose(f"its heartbeat could not be renewed for {silent_s:.0f} s")
+        if self.lost is not None:
+            raise LeaseLostError(
+                f"run {self.run_id} lost the lease of {self.store.root}: {self.lost}. Another driver may be writing "
+                "the store, so this run stops without committing more; re-run to finish (committed slides are kept).")
+
     def release(self) -> None:
         """Stop heart-beating and delete the lease if this run still holds it."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s + 5)
             self._thread = None
-        held = self.read()
-        if held is not None and held.token == self.token:
-            self.store.fs.rm(self.store.lease_path())
+        if self.lost is None and self._version is not None:
+            try:
+                self.io.delete(self._version)
+            except Exception as exc:  # noqa: BLE001 - never mask the run's own outcome: the lease then expires
+                log.warning("could not delete the lease of %s (it expires %.0f s after its last heartbeat): %s",
+                            self.store.root, self.timeout_s, exc)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            held = self.read()
-            if held is None or held.token != self.token:
-                return  # taken over after a stall longer than timeout_s: the new holder owns the store
-            self._write(LeaseRecord(**{**asdict(held), "heartbeat_at": time.time()}))
+        """Renew every ``heartbeat_s``; after a failure retry sooner, backing off up to it."""
+        failures = 0
+        while not self._stop.wait(self._pause(failures)) and self.lost is None:
+            try:
+                self._renew()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - storage trouble: keep trying until the lease expires
+                failures += 1
+                log.warning("lease heartbeat failed (%d in a row): %s: %s", failures, type(exc).__name__, exc)
+                try:
+                    self.ensure_held()
+                except LeaseLostError as lost:
+                    log.error("%s", lost)
+
+    def _pause(self, failures: int) -> float:
+        return self.heartbeat_s if not failures else min(self.heartbeat_s, self.heartbeat_s / 8 * 2 ** failures)
+
+    def _renew(self) -> None:
+        """One heartbeat: a conditional replace of this run's own record."""
+        started = time.monotonic()
+        data, version = self.io.read()
+        held = _parse(data)
+        if held is None or held.token != self.token:
+            self._lose(f"the lease is now {'gone' if held is None else 'held by ' + held.describe()}")
+            return
+        new = self.io.renew(_dump(replace(held, heartbeat_at=time.time())), version)
+        if new is None:  # written meanwhile: by this run's own retried request, or a rival
+            data, new = self.io.read()
+            current = _parse(data)
+            if current is None or current.token != self.token:
+                self._lose("another driver wrote the lease")
+                return
+        self._version, self._renewed_at = new, started
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            log.error("run %s lost the lease of %s: %s", self.run_id, self.store.root, why)
 
     def _write(self, record: LeaseRecord) -> None:
+        """Write ``record`` unconditionally (tests: a lease left by another process)."""
         self.store.write_json(LEASE, asdict(record))
 
     def _busy(self, holder: LeaseRecord | None) -> StoreBusyError:
@@ -127,6 +194,19 @@ class StoreLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _parse(data: bytes | None) -> LeaseRecord | None:
+    if data is None:
+        return None
+    try:
+        return LeaseRecord(**json.loads(data))
+    except (ValueError, TypeError):  # unreadable lease: treat as stale
+        return LeaseRecord("", "?", "?", 0, 0.0, 0.0)
+
+
+def _dump(record: LeaseRecord) -> bytes:
+    return json.dumps(asdict(record), indent=2, sort_keys=True).encode()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -35,12 +35,13 @@ from pathray import __version__
 from pathray.commit import CommitPool, LocalCommitPool, committer_count
 from pathray.config import JobConfig, fingerprint, model_tiling_records, tiling_record
 from pathray.encoders.custom import CustomEncoder
-from pathray.errors import SlideIdConflictError, StoreConfigMismatchError, UnknownModelError, describe
+from pathray.errors import LeaseLostError, SlideIdConflictError, StoreConfigMismatchError, UnknownModelError, describe
 from pathray.lease import StoreLease
 from pathray.ledger import StatusLedger
 from pathray.localrun import READ_AHEAD_CHUNKS, choose_runner, local_results, prepare_encoders
 from pathray.manifest import SlideEntry, read_manifest
 from pathray.modelplan import ModelPlan, plan_models
+from pathray.outage import OutageBreaker, check_reachable, check_slide_sources
 from pathray.report import RunReport
 from pathray.resources import PLACEMENT, Resources, local_gpus, plan_resources
 from pathray.slidefacts import SlideFacts
@@ -73,6 +74,8 @@ class RunContext:
     runner: str = "ray"  # pathray.localrun.choose_runner
     #: the in-process runner's encode stages, loading since before the lease (localrun.prepare_encoders)
     encoders: Future | None = None
+    lease: StoreLease | None = None  # checked before every commit (ensure_held)
+    breaker: OutageBreaker = dataclasses.field(default_factory=OutageBreaker)  # stops a run its storage fails
 
     @property
     def run_id(self) -> str:
@@ -119,16 +122,18 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
     Per-slide failures never raise: they end as error rows and a non-zero
     :attr:`RunReport.exit_code`. Raised: an unusable manifest (:class:`ManifestError`), a
     config mismatch with the existing store (:class:`StoreConfigMismatchError`), another
-    live driver on the store (:class:`StoreBusyError`), or no usable model at all
-    (:class:`UnknownModelError`)."""
+    live driver on the store (:class:`StoreBusyError`), no usable model at all
+    (:class:`UnknownModelError`), an unreachable manifest, store or slide source, or slides
+    failing one after another for want of storage (:class:`StorageUnreachableError`, see
+    :mod:`pathray.outage`), or a lease lost mid-run (:class:`LeaseLostError`)."""
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     report = RunReport(run_id=run_id, store=config.out, started_at=time.time(), config=config.public_dict())
     models, unknown = plan_models(config, custom_encoders)
     if not models:
         raise UnknownModelError("; ".join(msg for _, msg in unknown))
+    entries = _read_reachable(config)
     runner = choose_runner(config)
     encoders = prepare_encoders(config, models) if runner == "local" else None
-    entries = read_manifest(config.manifest, config.storage_options)
     report.slides_in_manifest = len(entries)
     tiling_rec = tiling_record(config.tiling)
     model_recs = {m.name: m.record for m in models}
@@ -146,10 +151,24 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
             store.remove_committed_staging(model.name)
         run = RunContext(config, store, store_hash, tiling_rec, model_tilings, models, {e.slide_id: e for e in entries},
                          _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report,
-                         runner, encoders)
+                         runner, encoders, lease)
         report.per_model = {m.name: {"ok": 0, "no_tissue": 0, "error": 0, "tiles": 0} for m in models}
         _record_unknown(run, unknown)
         return _run_locked(run, progress_bars)
+
+
+def _read_reachable(config: JobConfig) -> list[SlideEntry]:
+    """The manifest's entries, after checking that the manifest, the store and the slides'
+    source answer (:func:`pathray.outage.check_reachable`): an outage stops the run here,
+    within seconds, instead of turning every slide into an error row."""
+    log.info("checking that the manifest %s and the store %s can be reached", config.manifest, config.out)
+    check_reachable(config.manifest, config.storage_options, "manifest")
+    check_reachable(config.out, config.storage_options, "feature store")
+    log.info("reading the manifest %s", config.manifest)
+    entries = read_manifest(config.manifest, config.storage_options)
+    log.info("%d slides in the manifest; checking that their storage can be reached", len(entries))
+    check_slide_sources((e.path for e in entries), config.slide_options)
+    return entries
 
 
 def _record_unknown(run: RunContext, unknown: list[tuple[str, str]]) -> None:
@@ -242,7 +261,8 @@ def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
                 _run_ray(run, todo, progress_bars)
         except BaseException as exc:  # Ray failure, timeout, Ctrl-C: keep what is known, then re-raise
             run.report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
-            _close_run(run)
+            if not isinstance(exc, LeaseLostError):  # the store may be another driver's now: leave it alone
+                _close_run(run)
             raise
     return _close_run(run)
 
@@ -376,6 +396,8 @@ class _CommitQueue:
 
     def submit(self, done: Complete, model_provenance: dict) -> None:
         run, r = self.run, done.row
+        if run.lease is not None:
+            run.lease.ensure_held()
         entry, facts = run.entries[done.slide_id], SlideFacts.from_json(r["slide_meta"])
         prov = {"model": model_provenance, "tiling": run.tiling_rec_of(done.model), "run_id": run.run_id,
                 "pathray_version": __version__, "store_config_hash": run.store_hash}
@@ -416,6 +438,8 @@ def _record(run: RunContext, row: dict) -> None:
     else:
         counts["tiles"] += row["n_tiles"]
     run.ledger.record(row)
+    run.breaker.record(row["slide_id"], row["error_type"] if row["status"] == "error" else None,
+                       row.get("error_message") or "")
 
 
 def _account(r: dict, report: RunReport, busy: dict[str, float], provenance: dict[str, dict]) -> None:
@@ -481,7 +505,8 @@ def dry_run_plan(config: JobConfig, sample: int = 8,
     :func:`run_job`. Slide ids committed from another slide are listed in ``slide_id_conflicts``."""
     plans, unknown = plan_models(config, custom_encoders)
     models = [m.name for m in plans]
-    entries = read_manifest(config.manifest, config.storage_options)
+    entries = _read_reachable(config)
+    log.info("checking the store's config and listing its committed slides")
     store = _choose_store(config, tiling_record(config.tiling), {m.name: m.record for m in plans},
                           model_tiling_records(config, models))
     state = resume_state(store, models, entries)
@@ -541,7 +566,8 @@ def _estimate_tiles(config: JobConfig, tiling: TilingConfig, todo: list[SlideEnt
                            config.scratch_max_bytes)
     counts, errors = [], []
     try:
-        for e in todo[:sample]:
+        for i, e in enumerate(todo[:sample]):
+            log.info("planning sample slide %d/%d: %s (%s)", i + 1, min(sample, len(todo)), e.slide_id, e.path)
             rows = planner.plan_one({"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "models": [],
                                      "mpp_override": e.mpp})
             if rows[0]["status"] == "error":

@@ -23,7 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pathray.errors import SlideAccessDeniedError, SlideNotFoundError, SlideUnreadableError, StorageTimeoutError
+from pathray.errors import (
+    SlideAccessDeniedError,
+    SlideNotFoundError,
+    SlideUnreadableError,
+    StorageTimeoutError,
+    StorageUnavailableError,
+    is_unavailable,
+)
 
 DEFAULT_GAP_BYTES = 64 * 1024  # merge ranges whose hole is at most this (≈ bytes per round trip)
 MAX_SPAN_BYTES = 16 * 1024**2  # never merge into a single request larger than this
@@ -133,6 +140,9 @@ def storage_error(path: str, exc: BaseException) -> Exception:
         return SlideAccessDeniedError(f"access to {path} denied: {detail}")
     if "timeout" in detail.lower() or "timed out" in detail.lower():
         return StorageTimeoutError(f"{path}: storage request timed out after retries: {detail}")
+    if is_unavailable(exc):
+        return StorageUnavailableError(f"{path}: storage unavailable (throttled, server error or unreachable) "
+                                       f"after retries: {detail}")
     return SlideUnreadableError(f"{path}: read failed: {detail}")
 
 

@@ -36,8 +36,10 @@ import openslide
 from pathray.errors import (
     MppImplausibleError,
     MppMissingError,
+    SlideError,
     SlideNotFoundError,
     SlideUnreadableError,
+    is_unavailable,
 )
 from pathray.fs import is_remote, split_uri
 from pathray.rangeio import storage_error
@@ -421,9 +423,11 @@ def _probe(slide: Slide) -> None:
         else:
             slide.read_region(w // 2, h // 2, 0, 1, 1)
             slide.backend.read_level(last, 0, 0, 1, 1)
-    except SlideUnreadableError:
+    except SlideError:  # already classified (corrupt, or storage unavailable: retried later)
         raise
     except Exception as exc:
+        if is_unavailable(exc):
+            raise storage_error(slide.uri, exc) from exc
         raise SlideUnreadableError(f"{slide.uri}: read failed: {type(exc).__name__}: {exc}") from exc
 
 

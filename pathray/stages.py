@@ -20,6 +20,7 @@ same stream.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import OrderedDict
@@ -29,7 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import NonFiniteEmbeddingError, StagingError, describe
+from pathray.errors import NonFiniteEmbeddingError, StagingError, StorageUnavailableError, describe
+from pathray.outage import with_storage_retries
 from pathray.slide import open_slide
 from pathray.slidefacts import SlideFacts
 from pathray.staging import DEFAULT_MAX_BYTES, Scratch, node_scratch_dir
@@ -138,17 +140,8 @@ class SlidePlanner:
         empty = dict(base, tiling="", tile_px=0, target_mpp=0.0, chunk_id="", chunk_index=0, n_chunks=0,
                      n_tiles_slide=0, tile_index=b"", x=b"", y=b"", tissue_fraction=b"", size_level0=0.0, stage="plan",
                      error_type="", error_message="", slide_meta="{}")
-        rows: list[dict[str, Any]] = []
         try:
-            with open_slide(slide["path"], mpp_override=slide["mpp_override"], scratch=self.scratch,
-                            storage_options=self.storage_options) as handle:
-                empty["slide_meta"] = SlideFacts.of(handle).to_json()
-                masks: dict[Any, Any] = {}
-                for group in self.groups:
-                    models = [m for m in slide["models"] if group.takes(m)]
-                    if models or not slide["models"]:
-                        rows.extend(self._plan_group(handle, slide["slide_id"], group.tiling, dict(empty, models=models),
-                                                     masks))
+            rows = with_storage_retries(lambda: self._plan(slide, empty))
         except Exception as exc:  # every failure becomes a recorded per-slide error
             rows = [dict(empty, **_error_fields("plan", exc))]
         elapsed = time.perf_counter() - start
@@ -177,6 +170,21 @@ class SlidePlanner:
             )
             for i, lo in enumerate(bounds)
         ]
+
+
+    def _plan(self, slide: dict[str, Any], empty: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunk rows of one slide row, every tiling group from one opening."""
+        rows: list[dict[str, Any]] = []
+        with open_slide(slide["path"], mpp_override=slide["mpp_override"], scratch=self.scratch,
+                        storage_options=self.storage_options) as handle:
+            empty = dict(empty, slide_meta=SlideFacts.of(handle).to_json())
+            masks: dict[Any, Any] = {}
+            for group in self.groups:
+                models = [m for m in slide["models"] if group.takes(m)]
+                if models or not slide["models"]:
+                    rows.extend(self._plan_group(handle, slide["slide_id"], group.tiling, dict(empty, models=models),
+                                                 masks))
+        return rows
 
 
 # --- read -----------------------------------------------------------------------------------
@@ -226,10 +234,7 @@ class ChunkReader:
         data, update, count = b"", {}, 0
         if row["status"] == "ok":
             try:
-                handle = self._slide(row["path"], row["mpp_override"])
-                x = np.frombuffer(row["x"], dtype="<i8")
-                y = np.frombuffer(row["y"], dtype="<i8")
-                tiles = read_tiles(handle, self.tilings[row["tiling"]], x, y)
+                tiles = with_storage_retries(functools.partial(self._read, row))
                 data, count = np.ascontiguousarray(tiles, dtype=np.uint8).tobytes(), len(tiles)
             except Exception as exc:
                 update = _error_fields("read", exc)
@@ -237,6 +242,18 @@ class ChunkReader:
         chunk = chunk.append_column(pa.field("pixels", pa.large_binary()), pa.array([data], type=pa.large_binary()))
         chunk = chunk.append_column("tiles_read", pa.array([count], type=pa.int64()))
         return chunk.append_column("read_s", pa.array([time.perf_counter() - start], type=pa.float64()))
+
+    def _read(self, row: dict[str, Any]) -> np.ndarray:
+        """The tiles of one chunk row; a slide whose storage failed is closed (reopened on retry)."""
+        try:
+            handle = self._slide(row["path"], row["mpp_override"])
+            return read_tiles(handle, self.tilings[row["tiling"]], np.frombuffer(row["x"], dtype="<i8"),
+                              np.frombuffer(row["y"], dtype="<i8"))
+        except StorageUnavailableError:
+            stale = self._open.pop(row["path"], None)
+            if stale is not None:
+                stale.close()
+            raise
 
     def close_open(self) -> None:
         """Close open slides (their staged copies become evictable)."""

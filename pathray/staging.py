@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pathray.errors import SlideNotFoundError, StagingError
+from pathray.errors import SlideNotFoundError, StagingError, is_unavailable
 from pathray.fs import split_uri
 from pathray.rangeio import storage_error
 
@@ -203,6 +203,8 @@ class Scratch:
             os.rename(partial, os.path.join(self.root, key))
         except Exception as exc:
             shutil.rmtree(partial, ignore_errors=True)
+            if is_unavailable(exc):
+                raise storage_error(uri, exc) from exc
             raise StagingError(f"cannot copy {uri} to scratch: {type(exc).__name__}: {exc}") from exc
 
     def _last_used(self, key: str) -> float:

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from pathray.cli_tile import tile_slide
+from pathray.cli_tile import TileOutput, tile_slide
 from pathray.errors import PathrayError, SlideNotFoundError, StagingError
 from pathray.manifest import SlideEntry, read_manifest
 from pathray.slide import open_slide
@@ -75,7 +75,7 @@ def test_missing_object_is_a_per_slide_error(s3_server, s3_bucket, s3_slide, tmp
         open_slide(f"s3://{s3_bucket}/nope.svs", storage_options=s3_server.storage_options)
     with Scratch(str(tmp_path / "scratch")) as scratch:
         results = [
-            tile_slide(SlideEntry(sid, uri, None, None, {}, i), config, str(tmp_path / "out"), scratch, storage_options=s3_server.storage_options)
+            tile_slide(SlideEntry(sid, uri, None, None, {}, i), config, TileOutput(str(tmp_path / "out")), scratch, storage_options=s3_server.storage_options)
             for i, (sid, uri) in enumerate([("gone", f"s3://{s3_bucket}/gone.svs"), ("here", s3_slide)], start=1)
         ]
     (gone_tiles, gone), (here_tiles, here) = results
