@@ -23,6 +23,9 @@ used. What is written:
 * ``codec="raw"``: the decoded tiles uncompressed (Explicit VR Little Endian, ``RGB``);
 * ``offset_table``: ``"basic"`` (Basic Offset Table), ``"extended"`` (empty BOT + Extended
   Offset Table) or ``"none"`` (empty BOT: readers must walk the fragment items);
+* ``fragments_per_frame``: each encapsulated frame split over this many fragment items
+  (pydicom's ``encapsulate``), as the standard allows; frame boundaries are then only in the
+  offset table or, without one, in the codestreams (each frame starts with its SOI/SOC marker);
 * a small uncompressed LABEL instance (Explicit VR Little Endian), which readers skip.
 
 PixelSpacing is ``mpp / 1000`` mm per level (row spacing first; pixels are square here).
@@ -142,7 +145,7 @@ def _save(ds, path: Path, syntax: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def _set_pixels(ds, frames: list[bytes], offset_table: str) -> None:
+def _set_pixels(ds, frames: list[bytes], offset_table: str, fragments_per_frame: int = 1) -> None:
     from pydicom.encaps import encapsulate, encapsulate_extended
 
     if str(ds.file_meta.TransferSyntaxUID) == EXPLICIT_LE:
@@ -152,7 +155,7 @@ def _set_pixels(ds, frames: list[bytes], offset_table: str) -> None:
     if offset_table == "extended":
         ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(frames)
     else:
-        ds.PixelData = encapsulate(frames, has_bot=offset_table == "basic")
+        ds.PixelData = encapsulate(frames, fragments_per_frame=fragments_per_frame, has_bot=offset_table == "basic")
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
 
@@ -198,10 +201,12 @@ def _sparsify(ds, frames: list[bytes]) -> list[bytes]:
 
 
 def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str = "jpeg",
-                       offset_table: str = "basic", mpp: float | None = None, sparse: bool = False) -> DicomSeries:
+                       offset_table: str = "basic", mpp: float | None = None, sparse: bool = False,
+                       fragments_per_frame: int = 1) -> DicomSeries:
     """Write ``slide_path`` (tiled JPEG TIFF/SVS) as a DICOM WSI series into ``directory``
     (created; files named ``<SOPInstanceUID>.dcm`` as in IDC). ``mpp`` (µm/px) defaults to
-    the slide's ``openslide.mpp-x``. ``sparse``: TILED_SPARSE, all-white frames left out."""
+    the slide's ``openslide.mpp-x``. ``sparse``: TILED_SPARSE, all-white frames left out.
+    ``fragments_per_frame``: fragment items per encapsulated frame (module doc)."""
     import openslide
     import tifffile
 
@@ -226,7 +231,7 @@ def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str
             ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else PHOTOMETRIC[codec]
             ds.LossyImageCompression = "00" if codec in ("jpeg2000", "raw") else "01"
             _set_meta(ds, SYNTAX[codec])
-            _set_pixels(ds, frames, offset_table)
+            _set_pixels(ds, frames, offset_table, fragments_per_frame)
             files.append(directory / f"{ds.SOPInstanceUID}.dcm")
             _save(ds, files[-1], SYNTAX[codec])
             dims.append((page.shape[1], page.shape[0]))
