@@ -61,11 +61,13 @@ from pathray.tifftiles import BlockLoader, TiledLevel, Window, read_window
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 HEAD_BYTES = 16 * 1024  # first read of each instance; extended while the header + BOT need more
 WALK_WINDOW_BYTES = 1024**2  # no offset table: fragment item headers are read in windows this long
+TIFF_HEADERS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # a dual-personality DICOM-TIFF preamble
 FRAME_STARTS = (b"\xff\xd8", b"\xff\x4f")  # a fragment starting a frame: JPEG SOI, JPEG 2000 SOC
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 ITEM_TAG = 0xE000FFFE  # (FFFE,E000) read as little-endian uint32
 SEQ_DELIMITER = 0xE0DDFFFE
-COALESCE_GAP_BYTES = 0  # ranges of one file at most this many bytes apart are fetched as one request
+COALESCE_GAP_BYTES = 64  # ranges of one file at most this many bytes apart are fetched as one request (frames
+# located by DICOM-TIFF offsets are bare codestreams, 8 bytes of item tag apart)
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 UNCOMPRESSED = ("1.2.840.10008.1.2.1",)  # Explicit VR Little Endian
@@ -140,6 +142,7 @@ class Instance:
     size: int = 0  # file bytes
     recent: Any = None  # RecentRanges over the file: every frame and walk window fetch
     walk_done: bool = False  # the walk reached the sequence delimiter
+    items: bool = True  # frame ranges hold fragment items; False: bare codestreams (dual-personality TIFF offsets)
     _window: tuple[int, bytes] = (0, b"")  # the walk's current window of file bytes
     _level: DicomLevel | None = None  # built for the frames located so far
 
@@ -179,7 +182,7 @@ class Instance:
                 start, end = self.frame_ranges[frame]
                 offsets[t], counts[t] = start, end - start
         self._level = DicomLevel(self.width, self.height, self.tile_w, self.tile_h, offsets, counts, None, (None, None),
-                                 self.syntax, self.photometric, self.syntax not in UNCOMPRESSED)
+                                 self.syntax, self.photometric, self.items and self.syntax not in UNCOMPRESSED)
         return self._level
 
     def walk(self, upto: int) -> None:
@@ -286,8 +289,36 @@ def _frame_ranges(inst: Instance, head: bytes, pos: int) -> list[tuple[int, int]
     if bot_len:
         offsets = list(struct.unpack_from(f"<{bot_len // 4}I", head, pos + 20)) + [None]
         return [(first + a, first + b if b is not None else inst.size) for a, b in itertools.pairwise(offsets)]
+    tiff = _tiff_frame_ranges(inst, head, first + 8) if head[:4] in TIFF_HEADERS else None
+    if tiff is not None:
+        inst.items = False  # the ranges are the codestreams inside the fragments
+        return tiff
     inst.walk_from = first  # no table: items are walked when frames are needed
     return []
+
+
+def _tiff_frame_ranges(inst: Instance, head: bytes, first_value: int) -> list[tuple[int, int]] | None:
+    """A dual-personality DICOM-TIFF file (TIFF header in the preamble, as PixelMed writes IDC's
+    converted series): each frame's codestream from the TIFF page of this level (tile offsets
+    and byte counts, read by tifffile through ``inst.recent``). ``None`` (walk the items
+    instead) unless a tiled page has this level's geometry, one tile per frame, the first tile
+    at the first fragment's value (``first_value``) and all tiles inside the file."""
+    import tifffile
+
+    from pathray.tiffrange import HeaderReader
+
+    try:
+        with tifffile.TiffFile(HeaderReader(None, inst.path, inst.size, inst.recent)) as tif:
+            pages = [(np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64))
+                     for p in tif.pages if p.is_tiled and (p.imagewidth, p.imagelength, p.tilewidth, p.tilelength)
+                     == (inst.width, inst.height, inst.tile_w, inst.tile_h)]
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the fragments are walked instead
+        return None
+    for offsets, counts in pages:
+        if (len(offsets) == inst.frame_count and inst.sparse_frames is None and offsets[0] == first_value
+                and int((offsets + counts).max()) <= inst.size):
+            return list(zip(offsets.tolist(), (offsets + counts).tolist()))
+    return None
 
 
 def _fragments(blob: bytes) -> bytes:

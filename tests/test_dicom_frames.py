@@ -187,3 +187,25 @@ def test_pixel_spacing_per_frame_then_from_the_manifest(synthetic_svs_05, tmp_pa
         with pytest.raises(MppMissingError):
             open_slide(str(written.directory))
         assert open_slide(str(written.directory), mpp_override=0.5).mpp == 0.5
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpeg2000"])
+def test_dual_personality_tiff_offsets_are_the_frame_index(synthetic_svs_05, tmp_path, codec):
+    """IDC's converted series are DICOM-TIFF files: without an offset table, the TIFF page's tile
+    offsets locate the frames (no item is walked); one tile costs its own bytes only."""
+    import tifffile
+
+    written = write_dicom_series(synthetic_svs_05, tmp_path / "s", codec, "none", tiff_personality=True)
+    with tifffile.TiffFile(written.files[0]) as tif:  # the TIFF side, read by a TIFF reader
+        np.testing.assert_array_equal(tif.pages[0].asarray(), _source_rgb(synthetic_svs_05, 0))
+    backend = open_dicom_series(str(written.directory))
+    inst = backend._levels[0]
+    assert inst.walk_from is None and len(inst.frame_ranges) == inst.frame_count
+    before = backend.stats.bytes_fetched
+    w, h = backend.level_dimensions[0]
+    last = backend.read_level(0, w - inst.tile_w, h - inst.tile_h, inst.tile_w, inst.tile_h)
+    start, end = inst.frame_ranges[-1]
+    assert backend.stats.bytes_fetched - before == end - start
+    np.testing.assert_array_equal(last, _source_rgb(synthetic_svs_05, 0)[h - inst.tile_h:, w - inst.tile_w:])
+    for level, (w, h) in enumerate(backend.level_dimensions):
+        np.testing.assert_array_equal(backend.read_level(level, 0, 0, w, h), _source_rgb(synthetic_svs_05, level))
