@@ -16,7 +16,9 @@ Per instance:
   buffer is an error at once, never a reason to read more);
 * frame positions: the Extended Offset Table when present, else the Basic Offset Table
   (a frame's bytes run to the next offset and are parsed as items, so several fragments per
-  frame are joined), else (empty BOT) the fragment items, walked in ``WALK_WINDOW_BYTES``
+  frame are joined), else (empty BOT) in a dual-personality DICOM-TIFF file (TIFF header in
+  the preamble, as IDC's converted series) the TIFF page's tile offsets and byte counts,
+  else the fragment items, walked in ``WALK_WINDOW_BYTES``
   windows only as far as the highest frame a read needs: a fragment whose value starts a
   codestream (JPEG SOI ``FFD8``, JPEG 2000 SOC ``FF4F``) starts a frame, others continue it,
   as ``pydicom.encaps`` splits frames;
