@@ -1,30 +1,26 @@
-"""Bytes pulled from S3 per DICOM WSI series, read in place, as the reader count grows.
+"""DICOM WSI series read in place from S3 along the job's own path: bytes, requests, decodes, time.
 
-For each series (IDC layout on a local SeaweedFS server, made by ``pathray.demo.dicomize``):
+Each series (IDC layout, ``<uuid>/<SOPInstanceUID>.dcm``, written by
+:mod:`pathray.demo.dicomize` from one 4096x3072 synthetic SVS at 0.25 µm/px with levels
+1/4/16 and 256-px JPEG tiles) is uploaded to a local SeaweedFS server behind the
+byte-counting proxy of ``tests/fixtures/s3proxy.py``, so every byte and GET is counted where
+it leaves the server. The tiling is 224 px at 0.5 µm/px with no tissue filter (all 54 grid
+tiles: an all-tissue series; each tile is 448 level-0 px, halved), as the job runs it:
 
-1. a planner opens the series and reads its lowest level whole (tissue detection);
-2. the tissue tiles (224 px at 0.5 µm/px, ≥ 25 % tissue) are split row-major into ``k``
-   equal chunks, one per reader; each reader opens the series itself (headers + offset
-   tables) and reads its tiles with one frame cache, as a pathray reader actor would.
+1. ``SlidePlanner`` opens the series, detects tissue on its lowest level and cuts the grid
+   into chunks of ``chunk tiles``;
+2. one ``ChunkReader`` (the job gives a reader every chunk of a slide) reads the chunks in
+   order with ``read_tiles``, keeping the series open.
 
-Reported: bytes fetched (all opens + all frames) ÷ the series' total bytes, and range
-requests, for k = 1, 2, 4, 8. Frames shared by two chunks are fetched by both readers, and
-each reader pays the header/offset-table reads ("kB per open"), so the ratio can only grow
-with k; the table shows by how much. Counted by :class:`pathray.rangeio.FetchStats` (bytes
-requested = bytes received).
+Reported for the reader: GET body bytes ÷ the series' bytes and ÷ the bytes of the unique
+level-0 frames the tiles touch, GET requests, frame decodes (calls into imagecodecs' JPEG /
+JPEG 2000 decoders) against the unique frames, and the wall time of all chunks (one process,
+shared 2-core VM: indicative). The planner's own open and thumbnail read are listed apart.
 
-Reading it: on the pyramidal series the tissue read stays ≤ 1.0 up to 8 readers, but it is
-not flat: these fixtures are 2 MB, so 8 x 56 kB of headers and the frames shared by chunk
-boundaries are a visible share. IDC series are far larger (TCGA diagnostic series average
-1.14 GB in the index); there a reader's open costs its headers plus the offset tables (4 or 8
-bytes per frame), well under 1 % per reader, while the chunk-boundary share depends on the
-job's chunking and was not measured on such a series here. The single-level CMU
-series has no low-resolution level, so tissue detection reads level 0 whole (ratio 1.0 on
-its own) and the readers then fetch the tissue frames again: ≈ 1 + tissue share. That is a
-property of single-level slides, not of IDC's pyramids; a planner that handed its decoded
-frames to the readers would remove it.
+    python benchmarks/dicom_io.py [--write docs/bench/dicom_io.md] [--baseline]
 
-    python benchmarks/dicom_io.py [--write docs/bench/dicom_io.md]
+``--baseline`` leaves out the series older code cannot write (several fragments per frame,
+DICOM-TIFF), for a run against an older checkout (``PYTHONPATH=<its tree>``).
 """
 
 from __future__ import annotations
@@ -35,108 +31,146 @@ import os
 import platform
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-from pathray.demo.cmu import fetch_cmu_small_region
-from pathray.demo.dicomize import write_dicom_series
-from pathray.demo.synthetic import write_synthetic_svs
-from pathray.dicom_wsi import open_dicom_series
-from pathray.tissue import TissueConfig, TissueMask, tissue_mask_from_rgb
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 
-READERS = (1, 2, 4, 8)
-TILE_PX, TARGET_MPP, MIN_TISSUE = 224, 0.5, 0.25
+from fixtures.s3 import _stop, find_weed, start_server  # noqa: E402
+from fixtures.s3proxy import S3Proxy  # noqa: E402
 
+from pathray.demo.dicomize import write_dicom_series  # noqa: E402
+from pathray.demo.synthetic import write_synthetic_svs  # noqa: E402
+from pathray.tiling import TilingConfig  # noqa: E402
 
-def tissue_tiles(uri: str, options: dict) -> tuple[list[tuple[int, int]], int, int]:
-    """``(tiles, planner bytes, planner requests)``: level-0 ``(x, y)`` of the tissue tiles."""
-    backend = open_dicom_series(uri, options)
-    low = len(backend.level_dimensions) - 1
-    rgb = backend.read_level(low, 0, 0, *backend.level_dimensions[low])
-    mpp = float(backend.properties["openslide.mpp-x"])
-    level0_per_px = backend.level_downsamples[low]
-    mask, threshold = tissue_mask_from_rgb(rgb, mpp * level0_per_px, TissueConfig())
-    tissue = TissueMask(mask, mpp * level0_per_px, level0_per_px, rgb, threshold)
-    size = TILE_PX * TARGET_MPP / mpp
-    width, height = backend.level_dimensions[0]
-    xs, ys = np.meshgrid(np.arange(int(width // size)) * size, np.arange(int(height // size)) * size)
-    x, y = np.round(xs.ravel()).astype(int), np.round(ys.ravel()).astype(int)
-    keep = tissue.fraction(x, y, size) >= MIN_TISSUE
-    return list(zip(x[keep].tolist(), y[keep].tolist())), backend.stats.bytes_fetched, backend.stats.requests
+CONFIG = TilingConfig(tile_px=224, target_mpp=0.5, min_tissue_fraction=0.0)
+CHUNK_TILES = (8, 256)  # 256: the job's default (the whole grid in one chunk here)
+#: name -> (codec, offset table, fragments per frame, dual-personality DICOM-TIFF)
+SERIES = {"JPEG, BOT": ("jpeg", "basic", 1, False), "JPEG, no table": ("jpeg", "none", 1, False),
+          "JPEG, no table, 2 fragments/frame": ("jpeg", "none", 2, False),
+          "JPEG, no table, DICOM-TIFF": ("jpeg", "none", 1, True), "JPEG 2000, EOT": ("jpeg2000", "extended", 1, False)}
 
 
-def readers_pull(uri: str, options: dict, tiles: list[tuple[int, int]], readers: int, size: int) -> tuple[int, int]:
-    """Bytes and requests of ``readers`` readers, each opening the series and reading its chunk."""
-    total_bytes = total_requests = 0
-    for chunk in np.array_split(np.arange(len(tiles)), readers):
-        backend = open_dicom_series(uri, options)
-        cache: dict = {}
-        for i in chunk:
-            backend.read_level(0, tiles[i][0], tiles[i][1], size, size, cache)
-        total_bytes += backend.stats.bytes_fetched
-        total_requests += backend.stats.requests
-    return total_bytes, total_requests
+class DecodeCounter:
+    """Counts calls into imagecodecs' frame decoders (patched module attributes)."""
+
+    def __init__(self) -> None:
+        import imagecodecs
+
+        self.calls = 0
+        for name in ("jpeg8_decode", "jpeg2k_decode"):
+            real = getattr(imagecodecs, name)
+            setattr(imagecodecs, name, self._wrap(real))
+
+    def _wrap(self, real):
+        def decode(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+        return decode
 
 
-def measure(name: str, uri: str, options: dict, series_bytes: int) -> list[dict]:
-    tiles, plan_bytes, plan_requests = tissue_tiles(uri, options)
-    opened = open_dicom_series(uri, options)
-    size = round(TILE_PX * TARGET_MPP / float(opened.properties["openslide.mpp-x"]))
+def unique_frames(directory: Path, chunks) -> tuple[int, int]:
+    """``(count, codestream bytes)`` of the level-0 frames the chunks' tiles touch."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    level0 = max(directory.glob("*.dcm"), key=lambda p: p.stat().st_size)
+    ds = pydicom.dcmread(level0)
+    sizes = [len(f) for f in generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames))]
+    across, tw, th = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns)), int(ds.Columns), int(ds.Rows)
+    side = round(CONFIG.tile_px * CONFIG.target_mpp / 0.25)
+    frames = set()
+    for i in range(chunks.num_rows):
+        x, y = (np.frombuffer(chunks.column(c)[i].as_py(), "<i8") for c in "xy")
+        for x0, y0 in zip(x.tolist(), y.tolist()):
+            frames.update(r * across + c for r in range(y0 // th, (y0 + side - 1) // th + 1)
+                          for c in range(x0 // tw, (x0 + side - 1) // tw + 1))
+    return len(frames), sum(sizes[f] for f in frames)
+
+
+def measure(name: str, uri: str, directory: Path, proxy: S3Proxy, options: dict, decodes: DecodeCounter) -> list[dict]:
+    import pyarrow as pa
+
+    from pathray.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+
+    series_bytes = sum(p.stat().st_size for p in directory.iterdir())
+    slides = pa.Table.from_pylist([{"slide_id": "a", "path": uri, "cohort": "", "mpp_override": None, "models": ["m"]}],
+                                  schema=SLIDE_SCHEMA)
     rows = []
-    for k in READERS:
-        got, requests = readers_pull(uri, options, tiles, k, size)
-        rows.append({"series": name, "tiles": len(tiles), "readers": k, "series_mb": series_bytes / 1e6,
-                     "open_kb": opened.stats.bytes_fetched / 1e3, "levels": len(opened.level_dimensions),
-                     "ratio": (plan_bytes + got) / series_bytes, "requests": plan_requests + requests})
+    for chunk_tiles in CHUNK_TILES:
+        proxy.reset()
+        chunks = SlidePlanner(CONFIG, chunk_tiles, options)(slides)
+        plan_bytes, plan_gets = sum(proxy.get_bytes.values()), sum(proxy.get_requests.values())
+        frames, frame_bytes = unique_frames(directory, chunks)
+        proxy.reset()
+        decodes.calls = 0
+        reader = ChunkReader(CONFIG, options)
+        start = time.perf_counter()
+        out = [reader.read_chunk(chunks.slice(i, 1)) for i in range(chunks.num_rows)]
+        seconds = time.perf_counter() - start
+        reader.close()
+        assert all(t.column("status")[0].as_py() == "ok" for t in out), [t.column("error_message")[0] for t in out]
+        got = sum(proxy.get_bytes.values())
+        rows.append({"series": name, "chunk_tiles": chunk_tiles, "chunks": chunks.num_rows,
+                     "tiles": sum(t.column("tiles_read")[0].as_py() for t in out), "series_mb": series_bytes / 1e6,
+                     "plan_kb": plan_bytes / 1e3, "plan_gets": plan_gets, "ratio_series": got / series_bytes,
+                     "ratio_frames": got / frame_bytes, "gets": sum(proxy.get_requests.values()),
+                     "decodes": decodes.calls, "frames": frames, "seconds": seconds})
     return rows
 
 
-def make_series(work: Path) -> list[tuple[str, Path]]:
-    synthetic = write_synthetic_svs(work / "synthetic.svs", 8192, 6144, mpp=0.25,
-                                    tissue_rects=((1024, 1024, 3072, 2048), (5120, 3584, 2048, 1536)))
+def make_series(work: Path, baseline: bool) -> list[tuple[str, Path]]:
+    source = write_synthetic_svs(work / "synthetic.svs", 4096, 3072, mpp=0.25,
+                                 tissue_rects=((448, 448, 1344, 896), (2688, 1792, 896, 896)))
     out = []
-    for name, source, codec, table in (("synthetic 8192x6144, JPEG, BOT", synthetic, "jpeg", "basic"),
-                                       ("synthetic 8192x6144, JPEG, no table", synthetic, "jpeg", "none"),
-                                       ("CMU-1-Small-Region, JPEG 2000, EOT", fetch_cmu_small_region(), "jpeg2000", "extended")):
-        out.append((name, write_dicom_series(source, work / str(uuid.uuid4()), codec, table).directory))
+    for name, (codec, offset_table, fragments, tiff) in SERIES.items():
+        if baseline and (fragments > 1 or tiff):
+            continue
+        kwargs = {"fragments_per_frame": fragments, "tiff_personality": tiff} if fragments > 1 or tiff else {}
+        out.append((name, write_dicom_series(source, work / str(uuid.uuid4()), codec, offset_table, **kwargs).directory))
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = [("| series | levels | series MB | kB per open | tissue tiles | readers | bytes pulled ÷ series bytes "
-             "| range requests |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['series']} | {r['levels']} | {r['series_mb']:.1f} | {r['open_kb']:.0f} | {r['tiles']} | "
-              f"{r['readers']} | {r['ratio']:.3f} | {r['requests']} |" for r in rows]
+    lines = ["| series | series MB | chunk tiles | chunks | planner kB / GETs | reader bytes ÷ series | "
+             "reader bytes ÷ unique frames | reader GETs | decodes / unique frames | reader s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['series']} | {r['series_mb']:.2f} | {r['chunk_tiles']} | {r['chunks']} | "
+              f"{r['plan_kb']:.0f} / {r['plan_gets']} | {r['ratio_series']:.3f} | {r['ratio_frames']:.2f} | "
+              f"{r['gets']} | {r['decodes']} / {r['frames']} | {r['seconds']:.2f} |" for r in rows]
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", help="write the table as Markdown here")
+    parser.add_argument("--baseline", action="store_true", help="only the series older code can write")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from fixtures.s3 import _stop, find_weed, start_server
-
+    decodes = DecodeCounter()
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(find_weed(), os.path.join(tmp, "s3"))
+        proxy = S3Proxy(upstream=server.endpoint_url.split("://", 1)[1]).start()
+        options = proxy.storage_options(server.storage_options)
         try:
             server.fs.mkdir("bench")
             rows = []
-            for name, directory in make_series(Path(tmp)):
+            for name, directory in make_series(Path(tmp), args.baseline):
                 for path in directory.iterdir():
                     server.fs.put_file(str(path), f"bench/{directory.name}/{path.name}")
-                series_bytes = sum(p.stat().st_size for p in directory.iterdir())
-                rows += measure(name, f"s3://bench/{directory.name}/", server.storage_options, series_bytes)
+                rows += measure(name, f"s3://bench/{directory.name}/", directory, proxy, options, decodes)
         finally:
+            proxy.stop()
             _stop(server.process)
     text = table(rows)
     print(text)
     if args.write:
-        header = (f"# DICOM WSI read in place: bytes pulled per series\n\n`python benchmarks/dicom_io.py`, "
-                  f"{datetime.date.today()}, {platform.machine()} shared VM (2 cores), local SeaweedFS.\n"
-                  f"{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0]}\n")
+        header = (f"# DICOM WSI read in place: bytes, requests and decodes of the job's reads\n\n"
+                  f"`python benchmarks/dicom_io.py`, {datetime.date.today()}, {platform.machine()} shared VM "
+                  f"(2 cores), local SeaweedFS.\n{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0]}\n")
         Path(args.write).write_text(header + text + "\n")
     return 0
 

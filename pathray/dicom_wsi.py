@@ -3,29 +3,44 @@
 A series is a prefix (local directory or ``s3://bucket/<uuid>/``) holding one ``.dcm`` per
 instance: one per pyramid level (ImageType ``VOLUME``) plus label/overview/thumbnail images,
 which are ignored. Nothing is staged: :func:`open_dicom_series` reads each instance's header
-and frame offsets by byte range, and :meth:`DicomWsiBackend.read_level` fetches only the
-frames (tiles) a region needs, all through :func:`fetch_ranges` (the one place bytes are
-pulled, coalescing adjacent ranges and counting bytes/requests).
+and frame offsets by byte range, and reads fetch only the frames (tiles) a region needs,
+coalescing adjacent ranges and counting bytes/requests in the backend's ``stats``.
 
 Per instance:
 
-* header: the first ``HEAD_BYTES`` (extended until the Pixel Data element and its Basic
-  Offset Table are inside), parsed with pydicom up to Pixel Data;
+* skip or keep, from the first read alone (``HEAD_BYTES``): only a VOLUME instance of the
+  WSI SOP class is a level; anything else (label, overview, an instance without Pixel Data,
+  one unparseable where SOP class and image type lie) costs that one read and is skipped;
+* header: the first read extended until the Pixel Data element and its Basic Offset Table
+  are inside, parsed with pydicom up to Pixel Data (a parse failure other than a short
+  buffer is an error at once, never a reason to read more);
 * frame positions: the Extended Offset Table when present, else the Basic Offset Table
   (a frame's bytes run to the next offset and are parsed as items, so several fragments per
-  frame are joined), else (empty BOT) the fragment item headers, walked by 8-byte range
-  reads only as far as the highest frame a read needs (one request per frame walked, the
-  cost of a file written without any table; one fragment per frame assumed);
+  frame are joined), else (empty BOT) in a dual-personality DICOM-TIFF file (TIFF header in
+  the preamble, as IDC's converted series) the TIFF page's tile offsets and byte counts,
+  else the fragment items, walked in ``WALK_WINDOW_BYTES``
+  windows only as far as the highest frame a read needs: a fragment whose value starts a
+  codestream (JPEG SOI ``FFD8``, JPEG 2000 SOC ``FF4F``) starts a frame, others continue it,
+  as ``pydicom.encaps`` splits frames;
 * layout: ``TILED_FULL`` (frames row-major over the total pixel matrix) or ``TILED_SPARSE``
   (each frame's position from PerFrameFunctionalGroupsSequence; tiles without a frame are
   white); one focal plane and optical path. Concatenated instances (one level split over
   several files) and other layouts are refused with a clear error.
 
+Reads: a level is a :class:`DicomLevel` (frames as the stored tiles of
+:mod:`pathray.tifftiles`), so :func:`pathray.tiling.read_tiles` reads it through a
+:class:`~pathray.tifftiles.BlockLoader` (each frame fetched and decoded once per call) and
+single windows through ``read_window``; all bytes of an instance (header read, walk windows,
+frames) go through one :class:`pathray.rangeio.RecentRanges`, so the frames neighbouring
+chunks share, or a walk window already holds, are not fetched again.
+
 Decoding (imagecodecs): JPEG Baseline frames are decoded with the JPEG colour space forced
 from PhotometricInterpretation (``YBR_FULL_422`` → YCbCr→RGB, ``RGB`` → none), as OpenSlide 4
 does; JPEG 2000 (``RGB`` photometric, or ``YBR_ICT`` whose transform is in the codestream)
 and uncompressed RGB frames are taken as decoded. µm/px: ``openslide.mpp-x`` =
-PixelSpacing[1] x 1000 (column spacing, mm → µm), ``openslide.mpp-y`` = PixelSpacing[0] x 1000.
+PixelSpacing[1] x 1000 (column spacing, mm → µm), ``openslide.mpp-y`` = PixelSpacing[0] x 1000,
+from the shared functional groups, else the first frame's (spacing stored per frame), else
+absent (the manifest's ``mpp`` must give it: ``mpp_missing`` otherwise).
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from __future__ import annotations
 import io
 import itertools
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,14 +57,19 @@ import numpy as np
 from pathray import rangeio
 from pathray.errors import SlideUnreadableError
 from pathray.fs import split_uri
-from pathray.rangeio import FetchStats
+from pathray.rangeio import FetchStats, RecentRanges
+from pathray.tifftiles import BlockLoader, TiledLevel, Window, read_window
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 HEAD_BYTES = 16 * 1024  # first read of each instance; extended while the header + BOT need more
+WALK_WINDOW_BYTES = 1024**2  # no offset table: fragment item headers are read in windows this long
+TIFF_HEADERS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # a dual-personality DICOM-TIFF preamble
+FRAME_STARTS = (b"\xff\xd8", b"\xff\x4f")  # a fragment starting a frame: JPEG SOI, JPEG 2000 SOC
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 ITEM_TAG = 0xE000FFFE  # (FFFE,E000) read as little-endian uint32
 SEQ_DELIMITER = 0xE0DDFFFE
-COALESCE_GAP_BYTES = 0  # ranges of one file at most this many bytes apart are fetched as one request
+COALESCE_GAP_BYTES = 64  # ranges of one file at most this many bytes apart are fetched as one request (frames
+# located by DICOM-TIFF offsets are bare codestreams, 8 bytes of item tag apart)
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 UNCOMPRESSED = ("1.2.840.10008.1.2.1",)  # Explicit VR Little Endian
@@ -76,6 +97,33 @@ def fetch_ranges(fs: Any, ranges: list[tuple[str, int, int]], stats: FetchStats)
     return out
 
 
+@dataclass(frozen=True)
+class DicomLevel(TiledLevel):
+    """A level's frames as stored tiles for :mod:`pathray.tifftiles` (``read_window``,
+    :class:`~pathray.tifftiles.BlockLoader`): ``offsets``/``counts`` are each tile's frame
+    bytes in the file (fragment items with their tags where ``items``), count 0 = no frame
+    (sparse: white; or not located yet, never asked for)."""
+
+    syntax: str = JPEG_BASELINE
+    photometric: str = "YBR_FULL_422"
+    items: bool = True  # ranges hold fragment items (tags included), not bare codestreams
+
+    def decode_tile(self, data: bytes, index: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One frame as RGB uint8 ``(tile_height, tile_width, 3)`` (see the module doc for colour);
+        raises SlideUnreadableError."""
+        try:
+            tile = decode_frame(_fragments(data) if self.items else data, self)
+        except Exception as exc:  # corrupt data, truncated or mis-split frames
+            raise SlideUnreadableError(f"frame of tile {index} cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        if tile.shape != (self.tile_height, self.tile_width, 3):
+            raise SlideUnreadableError(f"frame of tile {index} decodes to {tile.shape}, not one "
+                                       f"{self.tile_width}x{self.tile_height} RGB frame")
+        if out is None:
+            return tile
+        out[...] = tile
+        return out
+
+
 @dataclass
 class Instance:
     """One VOLUME instance = one pyramid level, with where each frame's bytes lie."""
@@ -87,12 +135,18 @@ class Instance:
     tile_h: int  # Rows
     syntax: str
     photometric: str
-    spacing_mm: tuple[float, float]  # PixelSpacing (row, column)
+    spacing_mm: tuple[float, float] | None  # PixelSpacing (row, column); None: not in the header
     frame_ranges: list[tuple[int, int]] = field(default_factory=list)  # file byte [start, end) of each frame's items
     dataset: Any = None
     sparse_frames: dict[tuple[int, int], int] | None = None  # TILED_SPARSE: (column, row) -> frame; absent = white
     walk_from: int | None = None  # no offset table: file offset of the next fragment item not yet walked
     frame_count: int = 0
+    size: int = 0  # file bytes
+    recent: Any = None  # RecentRanges over the file: every frame and walk window fetch
+    walk_done: bool = False  # the walk reached the sequence delimiter
+    items: bool = True  # frame ranges hold fragment items; False: bare codestreams (dual-personality TIFF offsets)
+    _window: tuple[int, bytes] = (0, b"")  # the walk's current window of file bytes
+    _level: DicomLevel | None = None  # built for the frames located so far
 
     @property
     def tiles_across(self) -> int:
@@ -104,20 +158,113 @@ class Instance:
             return row * self.tiles_across + column
         return self.sparse_frames.get((column, row))
 
+    def level(self, windows: Iterable[Window] = ()) -> DicomLevel:
+        """The level with every frame the ``windows`` touch located (walking items if needed)."""
+        level = self._level or self._build()
+        if self.walk_from is not None and not self.walk_done:
+            frames = [f for w in windows for t in level.tile_indices(*w)
+                      if (f := self.frame_index(t % self.tiles_across, t // self.tiles_across)) is not None]
+            if frames and max(frames) >= self.located:
+                self.walk(max(frames))
+                level = self._build()
+        return level
+
+    @property
+    def located(self) -> int:
+        """Frames whose byte range is final (a walked frame's last fragment is known only once
+        the next frame's first fragment, or the sequence delimiter, is seen)."""
+        return len(self.frame_ranges) if self.walk_from is None or self.walk_done else len(self.frame_ranges) - 1
+
+    def _build(self) -> DicomLevel:
+        rows = -(-self.height // self.tile_h)
+        offsets, counts = np.zeros(rows * self.tiles_across, np.int64), np.zeros(rows * self.tiles_across, np.int64)
+        for t in range(offsets.size):
+            frame = self.frame_index(t % self.tiles_across, t // self.tiles_across)
+            if frame is not None and frame < self.located:
+                start, end = self.frame_ranges[frame]
+                offsets[t], counts[t] = start, end - start
+        self._level = DicomLevel(self.width, self.height, self.tile_w, self.tile_h, offsets, counts, None, (None, None),
+                                 self.syntax, self.photometric, self.items and self.syntax not in UNCOMPRESSED)
+        return self._level
+
+    def walk(self, upto: int) -> None:
+        """Locate frames ``0 .. upto`` from the fragment items (no offset table): item headers are
+        read in windows of ``WALK_WINDOW_BYTES`` (through ``recent``, so the frames they hold are
+        not fetched again); a fragment whose value starts a JPEG (``FFD8``) or JPEG 2000 (``FF4F``)
+        codestream starts a frame, any other continues the previous one (several fragments per
+        frame are allowed), as ``pydicom.encaps`` splits frames."""
+        while self.located <= upto and not self.walk_done:
+            at = self.walk_from
+            tag, length, marker = self._item(at)
+            if tag == SEQ_DELIMITER:
+                self.walk_done = True
+            elif tag != ITEM_TAG:
+                raise DicomWsiError(f"{self.path}: expected a fragment item at byte {at}")
+            elif marker in FRAME_STARTS or not self.frame_ranges:
+                self.frame_ranges.append((at, at + 8 + length))
+            else:
+                self.frame_ranges[-1] = (self.frame_ranges[-1][0], at + 8 + length)
+            self.walk_from = at + 8 + length
+            if self.walk_from >= self.size:
+                self.walk_done = True
+        if self.walk_done and len(self.frame_ranges) != self.frame_count:
+            raise DicomWsiError(f"{self.path}: {len(self.frame_ranges)} frames found in the fragments, "
+                                f"NumberOfFrames is {self.frame_count}")
+
+    def _item(self, at: int) -> tuple[int, int, bytes]:
+        """``(tag, length, first 2 bytes of the value)`` of the item at file byte ``at``."""
+        start, data = self._window
+        if not (start <= at and min(at + 10, self.size) <= start + len(data)):
+            n = min(WALK_WINDOW_BYTES, self.size - at)
+            if n < 8:
+                raise DicomWsiError(f"{self.path}: pixel data end inside a fragment item at byte {at}")
+            self._window = start, data = at, self.recent([(at, n)])[0]
+        tag, length = struct.unpack_from("<II", data, at - start)
+        return tag, length, data[at - start + 8 : at - start + 10]
+
+
+def _identify(head: bytes) -> str | None:
+    """Why the instance whose first bytes are ``head`` is skipped (not a VOLUME instance of a
+    whole-slide image, or unparseable where SOP class and image type lie), ``None`` for a level.
+    Decided from the first read alone: no further byte of a skipped instance is fetched."""
+    from pydicom.filereader import read_partial
+
+    try:
+        ds = read_partial(io.BytesIO(head), stop_when=lambda tag, vr, length: tag > 0x00080016)
+    except Exception as exc:  # noqa: BLE001 - any parse failure: the instance cannot be identified
+        return f"unparseable ({type(exc).__name__}: {exc})"
+    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    if str(ds.get("SOPClassUID", "")) != WSI_SOP_CLASS or len(image_type) < 3 or image_type[2] != "VOLUME":
+        return "not a VOLUME instance of a whole-slide image"
+    return None
+
+
+def _parse_head(path: str, head: bytes, complete: bool) -> tuple[Any, int] | None:
+    """``(dataset up to Pixel Data, its offset)``, or ``None`` when ``head`` may just be too short.
+    pydicom parses a truncated buffer silently or fails unpacking a short value; other failures,
+    or any failure of the ``complete`` file, raise :class:`DicomWsiError` at once."""
+    import pydicom
+    from pydicom.errors import BytesLengthException
+
+    buf = io.BytesIO(head)
+    try:
+        ds = pydicom.dcmread(buf, stop_before_pixels=True)
+    except (struct.error, EOFError, BytesLengthException) as exc:
+        if complete:
+            raise DicomWsiError(f"{path}: header cannot be parsed: {type(exc).__name__}: {exc}") from exc
+        return None
+    except Exception as exc:  # noqa: BLE001 - not truncation: no further read can help
+        raise DicomWsiError(f"{path}: header cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    return ds, buf.tell()
+
 
 def _read_header(fs: Any, path: str, size: int, head: bytes, stats: FetchStats) -> tuple[Any, bytes, int]:
-    """``(dataset, head bytes, offset of the Pixel Data element)``: ``head`` (the file's first
-    bytes) is extended (doubled, or to the end of the Basic Offset Table once its length is
-    known) until the element header, and for encapsulated pixel data its BOT, are inside."""
-    import pydicom
-
+    """``(dataset, head bytes, offset of the Pixel Data element)`` of a level instance: ``head``
+    (the file's first bytes) is extended (doubled, or to the end of the Basic Offset Table once
+    its length is known) until the element header, and for encapsulated pixel data its BOT, are inside."""
     while True:
-        buf = io.BytesIO(head)
-        try:
-            ds = pydicom.dcmread(buf, stop_before_pixels=True)
-            pos = buf.tell()
-        except Exception:  # noqa: BLE001 - a truncated head: read more
-            ds, pos = None, len(head)
+        parsed = _parse_head(path, head, len(head) >= size)
+        ds, pos = parsed if parsed is not None else (None, len(head))
         if ds is not None and head[pos : pos + 4] == PIXEL_DATA_TAG and pos + 12 <= len(head):
             if struct.unpack_from("<I", head, pos + 8)[0] != 0xFFFFFFFF:
                 return ds, head, pos  # native (uncompressed) pixel data
@@ -131,10 +278,10 @@ def _read_header(fs: Any, path: str, size: int, head: bytes, stats: FetchStats) 
         head += fetch_ranges(fs, [(path, len(head), min(want, size))], stats)[0]
 
 
-def _frame_ranges(fs: Any, inst: Instance, head: bytes, pos: int, size: int, stats: FetchStats) -> list[tuple[int, int]]:
-    """File byte ranges ``[start, end)`` of each frame's fragment items (tags included)."""
+def _frame_ranges(inst: Instance, head: bytes, pos: int) -> list[tuple[int, int]]:
+    """File byte ranges ``[start, end)`` of each frame's fragment items (tags included); with
+    no offset table, none yet: :meth:`Instance.walk` finds them when frames are needed."""
     ds = inst.dataset
-    n = int(ds.get("NumberOfFrames", 1))
     bot_len = struct.unpack_from("<I", head, pos + 16)[0]
     first = pos + 20 + bot_len  # first fragment's item tag
     if "ExtendedOffsetTable" in ds:
@@ -143,21 +290,37 @@ def _frame_ranges(fs: Any, inst: Instance, head: bytes, pos: int, size: int, sta
         return [(first + int(o), first + int(o) + 8 + int(ln)) for o, ln in zip(offsets, lengths)]
     if bot_len:
         offsets = list(struct.unpack_from(f"<{bot_len // 4}I", head, pos + 20)) + [None]
-        return [(first + a, first + b if b is not None else size) for a, b in itertools.pairwise(offsets)]
-    inst.walk_from, inst.frame_count = first, n  # no table: items are walked when frames are needed
+        return [(first + a, first + b if b is not None else inst.size) for a, b in itertools.pairwise(offsets)]
+    tiff = _tiff_frame_ranges(inst, head, first + 8) if head[:4] in TIFF_HEADERS else None
+    if tiff is not None:
+        inst.items = False  # the ranges are the codestreams inside the fragments
+        return tiff
+    inst.walk_from = first  # no table: items are walked when frames are needed
     return []
 
 
-def _walk_items(fs: Any, inst: Instance, upto: int, stats: FetchStats) -> None:
-    """Extend ``inst.frame_ranges`` past frame ``upto`` by reading fragment item headers (8 bytes,
-    one request each) from where the last walk stopped; one fragment per frame is assumed."""
-    while len(inst.frame_ranges) <= upto < inst.frame_count:
-        at = inst.walk_from
-        tag, length = struct.unpack("<II", fetch_ranges(fs, [(inst.path, at, at + 8)], stats)[0])
-        if tag != ITEM_TAG:
-            raise DicomWsiError(f"{inst.path}: expected a fragment item at byte {at}")
-        inst.frame_ranges.append((at, at + 8 + length))
-        inst.walk_from = at + 8 + length
+def _tiff_frame_ranges(inst: Instance, head: bytes, first_value: int) -> list[tuple[int, int]] | None:
+    """A dual-personality DICOM-TIFF file (TIFF header in the preamble, as PixelMed writes IDC's
+    converted series): each frame's codestream from the TIFF page of this level (tile offsets
+    and byte counts, read by tifffile through ``inst.recent``). ``None`` (walk the items
+    instead) unless a tiled page has this level's geometry, one tile per frame, the first tile
+    at the first fragment's value (``first_value``) and all tiles inside the file."""
+    import tifffile
+
+    from pathray.tiffrange import HeaderReader
+
+    try:
+        with tifffile.TiffFile(HeaderReader(None, inst.path, inst.size, inst.recent)) as tif:
+            pages = [(np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64))
+                     for p in tif.pages if p.is_tiled and (p.imagewidth, p.imagelength, p.tilewidth, p.tilelength)
+                     == (inst.width, inst.height, inst.tile_w, inst.tile_h)]
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the fragments are walked instead
+        return None
+    for offsets, counts in pages:
+        if (len(offsets) == inst.frame_count and inst.sparse_frames is None and offsets[0] == first_value
+                and int((offsets + counts).max()) <= inst.size):
+            return list(zip(offsets.tolist(), (offsets + counts).tolist()))
+    return None
 
 
 def _fragments(blob: bytes) -> bytes:
@@ -176,25 +339,37 @@ def _fragments(blob: bytes) -> bytes:
 
 def _instance(fs: Any, path: str, size: int, head: bytes, stats: FetchStats) -> Instance | None:
     """The VOLUME instance at ``path`` (``head``: its first bytes), or ``None`` for any other
-    image type or SOP class (label, overview, thumbnail...)."""
-    ds, head, pos = _read_header(fs, path, size, head, stats)
-    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-    if str(ds.get("SOPClassUID", "")) != WSI_SOP_CLASS or len(image_type) < 3 or image_type[2] != "VOLUME":
+    image type or SOP class (label, overview, thumbnail...), decided from ``head`` alone."""
+    if _identify(head) is not None:
         return None
+    ds, head, pos = _read_header(fs, path, size, head, stats)
     _check_layout(path, ds)
-    spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     inst = Instance(path, int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows), int(ds.Columns), int(ds.Rows),
-                    str(ds.file_meta.TransferSyntaxUID), str(ds.PhotometricInterpretation),
-                    (float(spacing[0]), float(spacing[1])), dataset=ds)
+                    str(ds.file_meta.TransferSyntaxUID), str(ds.PhotometricInterpretation), _spacing_mm(ds),
+                    dataset=ds, size=size, frame_count=int(ds.get("NumberOfFrames", 1)),
+                    recent=RecentRanges(fs, path, stats=stats, gap_bytes=COALESCE_GAP_BYTES))
+    inst.recent.add(0, head)  # the first frames may lie inside the header read
     if str(ds.get("DimensionOrganizationType", "TILED_FULL")) == "TILED_SPARSE":
         inst.sparse_frames = _sparse_positions(ds)
     if inst.syntax in UNCOMPRESSED:
         frame_bytes = inst.tile_w * inst.tile_h * 3
         inst.frame_ranges = [(pos + 12 + i * frame_bytes, pos + 12 + (i + 1) * frame_bytes)
-                             for i in range(int(ds.get("NumberOfFrames", 1)))]
+                             for i in range(inst.frame_count)]
     else:
-        inst.frame_ranges = _frame_ranges(fs, inst, head, pos, size, stats)
+        inst.frame_ranges = _frame_ranges(inst, head, pos)
     return inst
+
+
+def _spacing_mm(ds: Any) -> tuple[float, float] | None:
+    """PixelSpacing (row, column) in mm from the shared functional groups, else from the first
+    frame's own (spacing stored per frame), else ``None`` (µm/px must come from the manifest)."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            spacing = getattr(ds, groups)[0].PixelMeasuresSequence[0].PixelSpacing
+            return float(spacing[0]), float(spacing[1])
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            continue
+    return None
 
 
 def _sparse_positions(ds: Any) -> dict[tuple[int, int], int]:
@@ -221,16 +396,16 @@ def _check_layout(path: str, ds: Any) -> None:
         raise DicomWsiError(f"{path}: transfer syntax {syntax} is not supported")
 
 
-def decode_frame(data: bytes, inst: Instance) -> np.ndarray:
-    """One frame as RGB uint8 ``(tile_h, tile_w, 3)`` (see the module doc for colour)."""
+def decode_frame(data: bytes, level: DicomLevel) -> np.ndarray:
+    """One frame's codestream (or native pixels) as RGB uint8 (see the module doc for colour)."""
     import imagecodecs
 
-    if inst.syntax == JPEG_BASELINE:
-        colorspace = "RGB" if inst.photometric == "RGB" else "YCbCr"
+    if level.syntax == JPEG_BASELINE:
+        colorspace = "RGB" if level.photometric == "RGB" else "YCbCr"
         return imagecodecs.jpeg8_decode(data, colorspace=colorspace, outcolorspace="RGB")
-    if inst.syntax in JPEG2000:
+    if level.syntax in JPEG2000:
         return imagecodecs.jpeg2k_decode(data)
-    return np.frombuffer(data, np.uint8).reshape(inst.tile_h, inst.tile_w, 3)
+    return np.frombuffer(data, np.uint8).reshape(level.tile_height, level.tile_width, 3)
 
 
 class DicomWsiBackend:
@@ -253,37 +428,21 @@ class DicomWsiBackend:
 
     def read_level(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` of ``level`` pixels from ``(lx, ly)``; pixels outside the
-        level are white. Frames are fetched in one batch of ranges; ``cache`` (any dict, shared
-        across calls) keeps decoded frames keyed ``(level, column, row)``."""
+        level are white. The frames are fetched in one batch of ranges; ``cache`` (any dict, shared
+        across calls) keeps decoded frames."""
+        window = (lx, ly, width, height)
         inst = self._levels[level]
-        out = np.full((height, width, 3), 255, np.uint8)
-        x0, y0 = max(lx, 0), max(ly, 0)
-        x1, y1 = min(lx + width, inst.width), min(ly + height, inst.height)
-        if x0 >= x1 or y0 >= y1:
-            return out
-        cells = [(c, r) for r in range(y0 // inst.tile_h, (y1 - 1) // inst.tile_h + 1)
-                 for c in range(x0 // inst.tile_w, (x1 - 1) // inst.tile_w + 1)]
-        frames = self._frames(level, inst, cells, {} if cache is None else cache)
-        for (c, r), tile in zip(cells, frames):
-            tx, ty = c * inst.tile_w, r * inst.tile_h
-            sx0, sy0 = max(x0, tx), max(y0, ty)
-            sx1, sy1 = min(x1, tx + inst.tile_w), min(y1, ty + inst.tile_h)
-            out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx] = tile[sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx]
-        return out
+        return read_window(inst.level([window]), level, window, cache, inst.recent)
 
-    def _frames(self, level: int, inst: Instance, cells: list[tuple[int, int]], cache: dict) -> list[np.ndarray]:
-        missing = [cell for cell in cells if (level, *cell) not in cache]
-        for cell in [cell for cell in missing if inst.frame_index(*cell) is None]:  # sparse: no frame, white
-            cache[(level, *cell)] = np.full((inst.tile_h, inst.tile_w, 3), 255, np.uint8)
-            missing.remove(cell)
-        indices = [inst.frame_index(c, r) for c, r in missing]
-        if inst.walk_from is not None and indices:
-            _walk_items(self._fs, inst, max(indices), self.stats)
-        ranges = [(inst.path, *inst.frame_ranges[i]) for i in indices]
-        encapsulated = inst.syntax not in UNCOMPRESSED
-        for cell, blob in zip(missing, fetch_ranges(self._fs, ranges, self.stats) if ranges else []):
-            cache[(level, *cell)] = decode_frame(_fragments(blob) if encapsulated else blob, inst)
-        return [cache[(level, *cell)] for cell in cells]
+    def caches_tiles(self, level: int) -> bool:
+        return True
+
+    def block_loader(self, level: int, groups: Sequence[Sequence[Window]]) -> BlockLoader:
+        """Groups of windows read as blocks (:func:`pathray.tiling.read_tiles`): each frame fetched
+        (one coalesced batch per group) and decoded once; frames a recent read of this handle
+        fetched (the previous chunk's boundary, a walk window) come from memory."""
+        inst = self._levels[level]
+        return BlockLoader(inst.level(w for g in groups for w in g), groups, inst.recent)
 
     def close(self) -> None:
         self._levels = []
@@ -292,13 +451,11 @@ class DicomWsiBackend:
 def _properties(base: Instance) -> dict[str, str]:
     """OpenSlide-style properties of a series from its level-0 instance."""
     ds = base.dataset
-    props = {
-        "openslide.vendor": "dicom",
-        "openslide.mpp-x": repr(base.spacing_mm[1] * 1000.0),
-        "openslide.mpp-y": repr(base.spacing_mm[0] * 1000.0),
-        "dicom.TransferSyntaxUID": base.syntax,
-        "dicom.PhotometricInterpretation": base.photometric,
-    }
+    props = {"openslide.vendor": "dicom", "dicom.TransferSyntaxUID": base.syntax,
+             "dicom.PhotometricInterpretation": base.photometric}
+    if base.spacing_mm is not None:  # else µm/px only from the manifest (mpp_missing without it)
+        props["openslide.mpp-x"] = repr(base.spacing_mm[1] * 1000.0)
+        props["openslide.mpp-y"] = repr(base.spacing_mm[0] * 1000.0)
     for tag in _PROPERTY_TAGS:
         if tag in ds:
             props[f"dicom.{tag}"] = str(ds.get(tag))

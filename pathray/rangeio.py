@@ -158,12 +158,14 @@ class RecentRanges:
     coalesced span also carries the tiles between the ones asked for; a reader that reads a
     slide's chunks in order with one open handle then pulls each byte of the object about once,
     whatever the chunk size. Thread-safe (a block's bytes may be fetched ahead on another
-    thread); the network fetch runs outside the lock."""
+    thread); the network fetch runs outside the lock. Missing ranges are coalesced with
+    ``gap_bytes`` and credited to ``stats`` (default :data:`STATS`)."""
 
-    def __init__(self, fs: Any, path: str, max_bytes: int = RECENT_RANGE_BYTES):
+    def __init__(self, fs: Any, path: str, max_bytes: int = RECENT_RANGE_BYTES, stats: FetchStats | None = None,
+                 gap_bytes: int = DEFAULT_GAP_BYTES):
         from collections import OrderedDict
 
-        self.fs, self.path, self.max_bytes = fs, path, max_bytes
+        self.fs, self.path, self.max_bytes, self.stats, self.gap_bytes = fs, path, max_bytes, stats, gap_bytes
         self._spans: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # (start, end) -> bytes, LRU order
         self._size = 0
         self._lock = threading.Lock()
@@ -174,12 +176,17 @@ class RecentRanges:
             known = {k: piece for k in keys if (piece := self._lookup(k)) is not None}
         missing = list(dict.fromkeys(k for k in keys if k not in known and k[1] > 0))
         if missing:
-            spans, blobs = fetch_spans(self.fs, self.path, missing)
+            spans, blobs = fetch_spans(self.fs, self.path, missing, self.gap_bytes, self.stats)
             known.update(zip(missing, _cut(self.path, missing, spans, blobs)))
             with self._lock:
                 for span, blob in zip(spans, blobs):
                     self._remember(span, blob)
         return [known.get(k, b"") for k in keys]
+
+    def add(self, offset: int, data: bytes) -> None:
+        """Keep ``data`` (the object's bytes from ``offset``, fetched elsewhere: a header read) for later ranges."""
+        with self._lock:
+            self._remember((offset, offset + len(data)), data)
 
     def _lookup(self, key: tuple[int, int]) -> bytes | None:
         offset, length = key

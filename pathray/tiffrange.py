@@ -56,7 +56,7 @@ class TiffRangeBackend:
         import tifffile
 
         try:
-            with tifffile.TiffFile(_HeaderReader(fs, path, size_bytes)) as tif:
+            with tifffile.TiffFile(HeaderReader(fs, path, size_bytes)) as tif:
                 described = _describe(tif)
         except tifffile.TiffFileError:
             return None
@@ -92,17 +92,19 @@ class TiffRangeBackend:
         self.levels = []
 
 
-class _HeaderReader(io.RawIOBase):
+class HeaderReader(io.RawIOBase):
     """A seekable read-only file over an object for tifffile's IFD parsing.
 
     A read that misses the windows already fetched fetches ``max(size, HEADER_WINDOW_BYTES)``
-    bytes from the read position (one request through :func:`fetch_ranges`); windows are
-    kept until the reader is dropped, so jumping back and forth between IFDs is free.
+    bytes from the read position (one request through :func:`fetch_ranges`, or through
+    ``fetch``: ``[(offset, length)] -> [bytes]``, when given); windows are kept until the
+    reader is dropped, so jumping back and forth between IFDs is free.
     """
 
-    def __init__(self, fs: Any, path: str, size_bytes: int):
+    def __init__(self, fs: Any, path: str, size_bytes: int, fetch: Any = None):
         super().__init__()
         self.fs, self.path, self.size, self.pos = fs, path, int(size_bytes), 0
+        self.fetch = fetch or (lambda ranges: fetch_ranges(self.fs, self.path, ranges))
         self.windows: list[tuple[int, bytes]] = []
 
     def readable(self) -> bool:
@@ -125,7 +127,7 @@ class _HeaderReader(io.RawIOBase):
         window = next(((s, d) for s, d in self.windows if s <= self.pos and self.pos + n <= s + len(d)), None)
         if window is None:
             length = min(max(n, HEADER_WINDOW_BYTES), self.size - self.pos)
-            window = (self.pos, fetch_ranges(self.fs, self.path, [(self.pos, length)])[0])
+            window = (self.pos, self.fetch([(self.pos, length)])[0])
             self.windows.append(window)
         start, data = window
         buffer[:n] = data[self.pos - start:self.pos - start + n]

@@ -23,6 +23,14 @@ used. What is written:
 * ``codec="raw"``: the decoded tiles uncompressed (Explicit VR Little Endian, ``RGB``);
 * ``offset_table``: ``"basic"`` (Basic Offset Table), ``"extended"`` (empty BOT + Extended
   Offset Table) or ``"none"`` (empty BOT: readers must walk the fragment items);
+* ``fragments_per_frame``: each encapsulated frame split over this many fragment items
+  (pydicom's ``encapsulate``), as the standard allows; frame boundaries are then only in the
+  offset table or, without one, in the codestreams (each frame starts with its SOI/SOC marker);
+* ``tiff_personality``: each level written as a dual-personality DICOM-TIFF file, as PixelMed's
+  converter wrote IDC's series (Clunie, J Pathol Inform 2019;10:12): the 128-byte preamble
+  starts with a little-endian TIFF header whose IFD (one tiled page: the level's geometry,
+  TileOffsets/TileByteCounts pointing at each frame's codestream inside its fragment) lies in
+  a Data Set Trailing Padding element (FFFC,FFFC) after the Pixel Data; one fragment per frame;
 * a small uncompressed LABEL instance (Explicit VR Little Endian), which readers skip.
 
 PixelSpacing is ``mpp / 1000`` mm per level (row spacing first; pixels are square here).
@@ -30,6 +38,7 @@ PixelSpacing is ``mpp / 1000`` mm per level (row spacing first; pixels are squar
 
 from __future__ import annotations
 
+import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +151,7 @@ def _save(ds, path: Path, syntax: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def _set_pixels(ds, frames: list[bytes], offset_table: str) -> None:
+def _set_pixels(ds, frames: list[bytes], offset_table: str, fragments_per_frame: int = 1) -> None:
     from pydicom.encaps import encapsulate, encapsulate_extended
 
     if str(ds.file_meta.TransferSyntaxUID) == EXPLICIT_LE:
@@ -152,9 +161,51 @@ def _set_pixels(ds, frames: list[bytes], offset_table: str) -> None:
     if offset_table == "extended":
         ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(frames)
     else:
-        ds.PixelData = encapsulate(frames, has_bot=offset_table == "basic")
+        ds.PixelData = encapsulate(frames, fragments_per_frame=fragments_per_frame, has_bot=offset_table == "basic")
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
+
+
+def _fragment_values(data: bytes, pixel_data_at: int) -> list[tuple[int, int]]:
+    """``(file offset, length)`` of each fragment value of encapsulated Pixel Data at ``pixel_data_at``."""
+    bot_length = struct.unpack_from("<I", data, pixel_data_at + 16)[0]
+    at, values = pixel_data_at + 20 + bot_length, []
+    while struct.unpack_from("<I", data, at)[0] == 0xE000FFFE:
+        length = struct.unpack_from("<I", data, at + 4)[0]
+        values.append((at + 8, length))
+        at += 8 + length
+    return values
+
+
+def _add_tiff_personality(path: Path, compression: int, photometric: int) -> None:
+    """Make the level instance at ``path`` a dual-personality DICOM-TIFF file (module doc)."""
+    import io
+
+    import pydicom
+
+    data = bytearray(path.read_bytes())
+    buf = io.BytesIO(bytes(data))
+    ds = pydicom.dcmread(buf, stop_before_pixels=True)
+    values = _fragment_values(bytes(data), buf.tell())
+    ifd_at = len(data) + 12  # after the padding element's tag, VR, reserved bytes and length
+    entries = [(256, 4, (int(ds.TotalPixelMatrixColumns),)), (257, 4, (int(ds.TotalPixelMatrixRows),)),
+               (258, 3, (8, 8, 8)), (259, 3, (compression,)), (262, 3, (photometric,)), (277, 3, (3,)),
+               (284, 3, (1,)), (322, 4, (int(ds.Columns),)), (323, 4, (int(ds.Rows),)),
+               (324, 4, tuple(o for o, _ in values)), (325, 4, tuple(ln for _, ln in values))]
+    extra_at = ifd_at + 2 + 12 * len(entries) + 4  # values over 4 bytes follow the IFD
+    ifd, tail = struct.pack("<H", len(entries)), b""
+    for tag, kind, items in entries:  # kind 3: SHORT, 4: LONG
+        raw = struct.pack(f"<{len(items)}{'H' if kind == 3 else 'I'}", *items)
+        if len(raw) <= 4:
+            ifd += struct.pack("<HHI", tag, kind, len(items)) + raw.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHII", tag, kind, len(items), extra_at + len(tail))
+            tail += raw
+    body = ifd + struct.pack("<I", 0) + tail
+    body += b"\0" * (len(body) % 2)
+    data += struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, len(body)) + body
+    data[0:8] = b"II*\x00" + struct.pack("<I", ifd_at)
+    path.write_bytes(bytes(data))
 
 
 def _label(common, directory: Path, number: int) -> Path:
@@ -198,10 +249,13 @@ def _sparsify(ds, frames: list[bytes]) -> list[bytes]:
 
 
 def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str = "jpeg",
-                       offset_table: str = "basic", mpp: float | None = None, sparse: bool = False) -> DicomSeries:
+                       offset_table: str = "basic", mpp: float | None = None, sparse: bool = False,
+                       fragments_per_frame: int = 1, tiff_personality: bool = False) -> DicomSeries:
     """Write ``slide_path`` (tiled JPEG TIFF/SVS) as a DICOM WSI series into ``directory``
     (created; files named ``<SOPInstanceUID>.dcm`` as in IDC). ``mpp`` (µm/px) defaults to
-    the slide's ``openslide.mpp-x``. ``sparse``: TILED_SPARSE, all-white frames left out."""
+    the slide's ``openslide.mpp-x``. ``sparse``: TILED_SPARSE, all-white frames left out.
+    ``fragments_per_frame``: fragment items per encapsulated frame; ``tiff_personality``:
+    dual-personality DICOM-TIFF levels (module doc)."""
     import openslide
     import tifffile
 
@@ -226,9 +280,11 @@ def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str
             ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else PHOTOMETRIC[codec]
             ds.LossyImageCompression = "00" if codec in ("jpeg2000", "raw") else "01"
             _set_meta(ds, SYNTAX[codec])
-            _set_pixels(ds, frames, offset_table)
+            _set_pixels(ds, frames, offset_table, fragments_per_frame)
             files.append(directory / f"{ds.SOPInstanceUID}.dcm")
             _save(ds, files[-1], SYNTAX[codec])
+            if tiff_personality:
+                _add_tiff_personality(files[-1], 7 if jpeg else 34712, 2 if ds.PhotometricInterpretation == "RGB" else 6)
             dims.append((page.shape[1], page.shape[0]))
     files.append(_label(common, directory, len(files) + 1))
     return DicomSeries(directory, series_uid, tuple(files), mpp, tuple(dims))
