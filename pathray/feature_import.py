@@ -304,19 +304,21 @@ def tiling_record(geometry: Geometry, fmt: str) -> dict[str, Any]:
 
 
 def decide_records(store: FeatureStore, config: ImportConfig, found: Probe) -> tuple[dict, dict]:
-    """``(model record, tiling record)`` of this import: the store's own when it already holds
-    the model, else the registered width (or the files' most common one) and the files' most
-    common tiling. Raises ``ValueError`` when no slide could be read at all."""
-    stored = store.read_config() or {}
-    if config.model in stored.get("models", {}):
-        tiling = store.tiling_of(config.model)
-        return model_record(config, stored["models"][config.model]["embed_dim"]), tiling
+    """``(model record, tiling record)`` this import asks the store for: the files' most common
+    tiling, and the width the store already holds for the model, else the registered width, else
+    the files' most common one (so another tiling or source of a model already in the store is
+    refused by :meth:`FeatureStore.ensure_config`, as ``pathray embed`` is). Raises
+    ``ValueError`` when no slide's attributes could be read and the store lacks the model."""
+    stored = (store.read_config() or {}).get("models", {}).get(config.model)
     if not found.geometry:
+        if stored:
+            return model_record(config, stored["embed_dim"]), store.tiling_of(config.model)
         raise ValueError(f"no slide of {config.features_dir} could be read as {config.fmt}: "
                          + "; ".join(f"{s}: {describe(e)[1]}" for s, e in sorted(found.failed.items())[:5]))
     common = Counter(g.key for g in found.geometry.values()).most_common(1)[0][0]
     representative = next(g for _, g in sorted(found.geometry.items()) if g.key == common)
-    return model_record(config, _embed_dim(config.model, found.widths)), tiling_record(representative, config.fmt)
+    embed_dim = stored["embed_dim"] if stored else _embed_dim(config.model, found.widths)
+    return model_record(config, embed_dim), tiling_record(representative, config.fmt)
 
 
 def _embed_dim(model: str, widths: dict[str, int]) -> int:
@@ -418,7 +420,7 @@ def import_features(config: ImportConfig) -> RunReport:
     with StoreLease(store, run_id):
         store_hash = fingerprint(store.ensure_config(tiling_rec, {config.model: model_rec}, {config.model: tiling_rec}))
         store.remove_temporaries()
-        run = ImportRun(config, store, model_rec, tiling_rec, store_hash, run_id,
+        run = ImportRun(config, store, model_rec, store.tiling_of(config.model), store_hash, run_id,
                         _passthrough_schema(list((entries or {}).values()), config.keep_columns))
         _import_all(run, sources, found, committed, report)
         consolidate_slide_table(store, {config.model: store.committed(config.model)})

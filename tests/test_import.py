@@ -114,7 +114,11 @@ def test_a_store_holding_the_model_with_another_config_refuses(job_store, tmp_pa
                      tile_px=256, target_magnification=20.0)
     assert main(import_args(tmp_path / "store", "trident-h5", out / "h5_files")) == 0
     assert main(import_args(tmp_path / "store", "trident-h5", other)) == 2
-    assert "another" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "at another tiling" in err and "tile_px: store has 512, this run asks for 256" in err
+    # the same tiling from another folder is another source of the model
+    assert main(import_args(tmp_path / "store", "trident-h5", out / "h5_files", "--coords-dir", str(other))) == 2
+    assert "imported.coords_dir" in capsys.readouterr().err
 
 
 def test_pt_files_take_coords_from_matching_h5_and_refuse_without(job_store, tmp_path, capsys):
