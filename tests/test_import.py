@@ -23,6 +23,7 @@ from pathray.cli_demo import SYNTHETIC
 from pathray.config import build_job_config
 from pathray.fakes import sleep_encoder
 from pathray.pipeline import run_job
+from pathray.status import store_status
 from pathray.store import PROVENANCE_KEY, FeatureStore
 
 pytestmark = pytest.mark.timeout(300)
@@ -92,6 +93,9 @@ def test_export_then_import_is_lossless_and_a_rerun_does_nothing(job_store, tmp_
     assert store.tiling_of(MODEL)["imported"]["target_mpp_from"] == "target_mpp attribute"
     statuses = {r["slide_id"]: r["status"] for r in store.slides().to_pylist()}
     assert statuses == {"a": "ok", "b": "ok"} and not os.path.exists(store.lease_path())
+    summary = store_status(store)
+    assert summary["models"][MODEL]["committed"] == 2 and summary["models"][MODEL]["embed_dim"] == DIM
+    assert [r["kind"] for r in summary["runs"]] == ["import"]
     # a re-run commits nothing again
     first_run = store.commit_record(MODEL, "a").run_id
     assert main(args) == 0
