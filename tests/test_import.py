@@ -258,3 +258,20 @@ def test_a_pt_file_that_is_not_a_tensor_is_an_error_row(tmp_path):
     assert main(import_args(tmp_path / "store", "pt", tmp_path / "pt", "--coords-dir", str(tmp_path / "h5"))) == 1
     store = FeatureStore(str(tmp_path / "store"))
     assert [r["error_type"] for r in store.errors().to_pylist()] == ["features_unreadable"] and not store.committed(MODEL)
+
+
+def test_mil_trains_on_imported_features(tmp_path, capsys):
+    """`pathray mil train` on a store that holds only imported TRIDENT features."""
+    rng = np.random.default_rng(2)
+    coords = np.array([[x * 1024, 0] for x in range(6)], np.int64)
+    slides = [f"s{i}" for i in range(8)]
+    for i, slide_id in enumerate(slides):
+        feats = rng.normal(size=(6, DIM)).astype(np.float32) + (i % 2)  # label shifts every tile
+        write_trident_h5(tmp_path / "h5" / f"{slide_id}.h5", coords, feats, mpp=0.25)
+    (tmp_path / "labels.csv").write_text("slide_id,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(slides)))
+    assert main(import_args(tmp_path / "store", "trident-h5", tmp_path / "h5")) == 0
+    assert main(["mil", "train", "--store", str(tmp_path / "store"), "--labels", str(tmp_path / "labels.csv"),
+                 "--out", str(tmp_path / "run"), "--folds", "2", "--epochs", "2", "--hidden-dim", "8",
+                 "--attention-dim", "4", "--cpu-threads", "1"]) == 0
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(record["folds"]) == 2 and record["tiling"]["imported"]["format"] == "trident-h5"
