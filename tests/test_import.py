@@ -59,7 +59,7 @@ def provenance_of(store: FeatureStore, slide_id: str) -> dict:
         return json.loads(pq.read_schema(f).metadata[PROVENANCE_KEY])
 
 
-def import_args(store: Path, fmt: str, features_dir: Path, *extra: str) -> list[str]:
+def import_args(store: Path | str, fmt: str, features_dir: Path, *extra: str) -> list[str]:
     return ["import", "--store", str(store), "--model", MODEL, "--format", fmt, "--features-dir", str(features_dir),
             *extra]
 
@@ -275,3 +275,25 @@ def test_mil_trains_on_imported_features(tmp_path, capsys):
                  "--attention-dim", "4", "--cpu-threads", "1"]) == 0
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert len(record["folds"]) == 2 and record["tiling"]["imported"]["format"] == "trident-h5"
+
+
+@pytest.mark.s3
+@pytest.mark.slow  # starts the S3 server if no other test did
+def test_import_into_a_store_on_s3(tmp_path, s3_server, s3_bucket, monkeypatch):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    rng = np.random.default_rng(3)
+    coords = np.array([[0, 0], [1024, 0], [0, 1024]], np.int64)
+    feats = {s: rng.normal(size=(3, DIM)).astype(np.float32) for s in ("s1", "s2")}
+    for slide_id, f in feats.items():
+        write_trident_h5(tmp_path / "h5" / f"{slide_id}.h5", coords, f, mpp=0.25)
+    root = f"s3://{s3_bucket}/imported"
+    args = import_args(root, "trident-h5", tmp_path / "h5", "--s3-endpoint-url", s3_server.endpoint_url)
+    assert main(args) == 0
+    store = FeatureStore(root, s3_server.storage_options)
+    assert store.committed(MODEL) == {"s1", "s2"} and not store.fs.exists(store.lease_path())
+    for slide_id, f in feats.items():
+        np.testing.assert_array_equal(np.stack(tiles_of(store, slide_id).column("embedding").to_numpy(
+            zero_copy_only=False)), f)
+    assert main(args) == 0 and store.commit_record(MODEL, "s1").run_id == store.commit_record(MODEL, "s2").run_id
+    assert {r["status"] for r in store.slides().to_pylist()} == {"ok"}
