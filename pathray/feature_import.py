@@ -125,7 +125,7 @@ class Probe:
 
     geometry: dict[str, Geometry] = field(default_factory=dict)
     widths: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, PathrayError | Exception] = field(default_factory=dict)
+    failed: dict[str, Exception] = field(default_factory=dict)
 
 
 # --- reading the files ---------------------------------------------------------------------
