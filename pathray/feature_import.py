@@ -56,11 +56,13 @@ from pathray.errors import (
     ImportMismatchError,
     MppMissingError,
     PathrayError,
+    SlideIdConflictError,
     describe,
 )
 from pathray.lease import StoreLease
 from pathray.ledger import StatusLedger
 from pathray.manifest import SlideEntry, check_safe_name, read_manifest
+from pathray.pipeline import slide_id_conflict
 from pathray.report import RunReport
 from pathray.store import (
     CommitRequest,
@@ -116,7 +118,7 @@ class SourceFile:
     slide_id: str
     features_path: str
     coords_path: str | None  # h5 holding ``coords`` when not the features file
-    entry: SlideEntry | None
+    entry: SlideEntry  # the manifest's row, else one with the features file's absolute path and no cohort
 
 
 @dataclass
@@ -136,10 +138,13 @@ def source_files(config: ImportConfig, entries: dict[str, SlideEntry] | None) ->
     found = {name[: -len(ext) - 1] for name in os.listdir(config.features_dir)
              if name.endswith(f".{ext}") and not name.startswith(("_", "."))}
     slide_ids = sorted(entries) if entries is not None else sorted(found)
-    coords_dir = config.coords_dir
-    return [SourceFile(s, os.path.join(config.features_dir, f"{s}.{ext}"),
-                       os.path.join(coords_dir, f"{s}.h5") if coords_dir else None,
-                       (entries or {}).get(s)) for s in slide_ids]
+    sources = []
+    for slide_id in slide_ids:
+        path = os.path.abspath(os.path.join(config.features_dir, f"{slide_id}.{ext}"))
+        entry = (entries or {}).get(slide_id) or SlideEntry(slide_id, path, None, None)
+        coords = os.path.join(config.coords_dir, f"{slide_id}.h5") if config.coords_dir else None
+        sources.append(SourceFile(slide_id, path, coords, entry))
+    return sources
 
 
 def _coords_h5(source: SourceFile, fmt: str):
@@ -212,7 +217,7 @@ def geometry_of(attrs: dict[str, Any], source: SourceFile, fmt: str) -> Geometry
         raise CoordsMissingError(f"{source.slide_id}: coords have no 'patch_size' attribute")
     tile_px = int(attrs["patch_size"])
     downsample = float(np.ravel(attrs.get("downsample", [1.0]))[0])
-    manifest_mpp = source.entry.mpp if source.entry else None
+    manifest_mpp = source.entry.mpp
     if "target_mpp" in attrs:
         target_mpp, mpp_from = float(attrs["target_mpp"]), "target_mpp attribute"
     elif "target_magnification" in attrs:
@@ -248,7 +253,7 @@ def _slide_facts(attrs: dict[str, Any], source: SourceFile, fmt: str, manifest_m
         mpp, mpp_source = 10.0 / float(attrs["level0_magnification"]), f"imported:{fmt}:10/level0_magnification"
     else:
         mpp, mpp_source = manifest_mpp, "manifest" if manifest_mpp else None
-    return {"path": source.entry.path if source.entry else source.features_path,
+    return {"path": source.entry.path,
             "width": width if width > 0 else None, "height": height if height > 0 else None,
             "mpp": mpp, "mpp_source": mpp_source, "vendor": None}
 
@@ -392,8 +397,8 @@ def _commit_request(run: ImportRun, source: SourceFile, geometry: Geometry, chun
                 "source_provenance": source_provenance}
     provenance = {"model": run.model_rec, "tiling": run.tiling_rec, "run_id": run.run_id,
                   "pathray_version": __version__, "store_config_hash": run.store_hash, "imported": imported}
-    passthrough = {c: (entry.extra.get(c) if entry else None) for c in run.config.keep_columns}
-    return CommitRequest(run.config.model, source.slide_id, entry.cohort if entry else None, chunk_ids, n_tiles,
+    passthrough = {c: entry.extra.get(c) for c in run.config.keep_columns}
+    return CommitRequest(run.config.model, source.slide_id, entry.cohort, chunk_ids, n_tiles,
                          geometry.slide, provenance, run.store_hash, run.run_id, passthrough, run.passthrough_schema)
 
 
@@ -414,8 +419,9 @@ def import_features(config: ImportConfig) -> RunReport:
         entries = {e.slide_id: e for e in read_manifest(config.manifest, config.storage_options)}
     sources = source_files(config, entries)
     store = FeatureStore(config.store, config.storage_options)
-    committed = store.committed(config.model)
-    found = probe(sources, config.fmt, committed)
+    committed, conflicts = resume(store, config.model, sources)
+    found = probe(sources, config.fmt, committed | set(conflicts))
+    found.failed.update({s: SlideIdConflictError(message) for s, message in conflicts.items()})
     model_rec, tiling_rec = decide_records(store, config, found)
     with StoreLease(store, run_id):
         store_hash = fingerprint(store.ensure_config(tiling_rec, {config.model: model_rec}, {config.model: tiling_rec}))
@@ -427,6 +433,22 @@ def import_features(config: ImportConfig) -> RunReport:
         report.ended_at = time.time()
         store.write_json(store.report_relpath(run_id), report.to_dict())
     return report
+
+
+def resume(store: FeatureStore, model: str, sources: list[SourceFile]) -> tuple[set[str], dict[str, str]]:
+    """``(done slide ids, {slide id: why it conflicts})``: a slide is done when its commit record is of
+    the same path and cohort, as :func:`pathray.pipeline.resume_state` decides for the job; a
+    record of another slide under the same id is a ``slide_id_conflict``."""
+    records = store.commit_records(model)
+    done, conflicts = set(), {}
+    for source in sources:
+        record = records.get(source.slide_id)
+        message = slide_id_conflict(record, source.entry) if record is not None else None
+        if message:
+            conflicts[source.slide_id] = message
+        elif record is not None:
+            done.add(source.slide_id)
+    return done, conflicts
 
 
 def _check_config(config: ImportConfig) -> None:
@@ -451,8 +473,8 @@ def _import_all(run: ImportRun, sources: list[SourceFile], found: Probe, committ
     report.slides_skipped, report.pairs_to_do = len(sources) - len(todo), len(todo)
     for source in todo:
         geometry = found.geometry.get(source.slide_id)
-        base = dict(slide_id=source.slide_id, model=model, cohort=(source.entry.cohort if source.entry else None),
-                    run_id=run.run_id, **(geometry.slide if geometry else {"path": source.features_path}))
+        base = dict(slide_id=source.slide_id, model=model, cohort=source.entry.cohort, run_id=run.run_id,
+                    **(geometry.slide if geometry else {"path": source.entry.path}))
         try:
             if source.slide_id in found.failed:
                 raise found.failed[source.slide_id]

@@ -194,6 +194,11 @@ def test_per_slide_problems_are_error_rows_and_a_rerun_imports_the_fixed_slide(t
     assert store.committed(MODEL) == {"good", "empty", "narrow"}
     assert store.commit_record(MODEL, "good").run_id == good_run
     assert {r["slide_id"]: r["status"] for r in store.slides().to_pylist()}["narrow"] == "ok"
+    # the same slide id from another cohort is a conflict, never skipped as done nor overwritten
+    moved = write_manifest(tmp_path / "moved.csv", [{"slide_id": "good", "path": "/slides/good.svs", "cohort": "c2"}])
+    assert main(import_args(tmp_path / "store", "trident-h5", tmp_path / "h5", "--manifest", str(moved))) == 1
+    assert [r["error_type"] for r in store.errors().to_pylist() if r["slide_id"] == "good"] == ["slide_id_conflict"]
+    assert store.commit_record(MODEL, "good").run_id == good_run and store.committed(MODEL) >= {"good"}
 
 
 def test_clam_h5_reads_its_patch_file_attributes_and_the_manifest_mpp(tmp_path):
