@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "aggregate": ("pathray.cli_aggregate", "slide-level embeddings (mean, max, a slide encoder) from a store, as a Ray job"),
     "status": ("pathray.cli_status", "what is in a store: models, tilings, slides committed / failed / to do, runs"),
     "export": ("pathray.cli_export", "write a store's tile features as TRIDENT/CLAM h5 or pt files, one per slide"),
+    "import": ("pathray.cli_import", "write existing TRIDENT/CLAM h5 or pt tile features into a store as a model"),
     "models": ("pathray.cli_models", "list the supported encoders, or write random weights for one"),
     "demo": ("pathray.cli_demo", "make the bundled demo slides and weights, then run the job on them"),
     "mil": ("pathray.cli_mil", "slide-level ABMIL: train|eval on store slides and labels, attention heatmaps"),

@@ -178,6 +178,21 @@ class FeaturesUnreadableError(StoreError):
     error_type = "features_unreadable"
 
 
+class CoordsMissingError(StoreError):
+    """An imported features file has no tile coordinates: no ``coords`` dataset, or for
+    ``pt`` files no matching h5 in ``--coords-dir``, or none of the attributes that give
+    the tile's size and resolution."""
+
+    error_type = "coords_missing"
+
+
+class ImportMismatchError(StoreError):
+    """An imported slide does not fit its model in the store: another embedding width,
+    another tiling, or a features/coords row count that differ."""
+
+    error_type = "import_mismatch"
+
+
 class AggregatorError(PathrayError):
     """A slide aggregator failed on one slide (or could not be built)."""
 

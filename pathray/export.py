@@ -17,6 +17,9 @@ Formats (one file per committed slide with tissue, ``<slide_id>.<ext>``):
   40x/20x buckets, so ``patch_size * level0_magnification / target_magnification`` is the
   exact level-0 tile side; pathray's exact units are added as ``target_mpp``,
   ``level0_mpp`` and ``size_level0`` (float, level-0 px).
+- dataset ``tissue_fraction``: ``(N,)`` float32, pathray's own (TRIDENT and CLAM read
+  ``features`` and ``coords`` by name and ignore it), so ``pathray import`` restores every
+  tile column.
 - file attr ``pathray_provenance``: the features file's provenance JSON.
 
 ``pt`` -> ``OUT/pt_files/<slide_id>.pt``: ``torch.save`` of the ``(N, D)`` float32
@@ -59,6 +62,7 @@ class SlideFeatures:
     slide_id: str
     features: np.ndarray  # (N, D) float32
     coords: np.ndarray  # (N, 2) int64, level-0 px
+    tissue_fraction: np.ndarray  # (N,) float32
     tile_px: int
     target_mpp: float
     size_level0: float
@@ -91,6 +95,7 @@ def read_slide_features(store: FeatureStore, record: CommitRecord) -> SlideFeatu
     return SlideFeatures(
         slide_id=record.slide_id, features=features.astype(np.float32, copy=False),
         coords=np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64),
+        tissue_fraction=table.column("tissue_fraction").to_numpy().astype(np.float32),
         tile_px=int(first["tile_px"]), target_mpp=float(first["target_mpp"]), size_level0=float(first["size_level0"]),
         provenance=(table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}").decode())
 
@@ -115,6 +120,7 @@ def write_trident_h5(path: str, slide: SlideFeatures, coords_attrs: dict, encode
         features.attrs.update({"name": slide.slide_id, "savetodir": os.path.dirname(path), "encoder": encoder})
         coords = f.create_dataset("coords", data=slide.coords)
         coords.attrs.update(coords_attrs)
+        f.create_dataset("tissue_fraction", data=slide.tissue_fraction)
         f.attrs["pathray_provenance"] = slide.provenance
 
 

@@ -74,11 +74,18 @@ def _runs(store: FeatureStore) -> list[dict[str, Any]]:
             continue
         started, ended = report.get("started_at") or 0.0, report.get("ended_at") or 0.0
         runs.append({"run_id": report.get("run_id") or os.path.basename(os.path.dirname(path)),
-                     "kind": "aggregate" if "aggregator" in report else "embed", "started_at": started,
+                     "kind": _run_kind(report), "started_at": started,
                      "wall_s": round(ended - started, 1) if ended and started else None,
                      "errors": report.get("errors", (report.get("counts") or {}).get("error")),
                      "aborted": report.get("aborted") or ""})
     return sorted(runs, key=lambda r: r["started_at"])
+
+
+def _run_kind(report: dict[str, Any]) -> str:
+    """``aggregate``, ``import`` (``pathray import``'s reports have runner ``import``) or ``embed``."""
+    if "aggregator" in report:
+        return "aggregate"
+    return "import" if report.get("runner") == "import" else "embed"
 
 
 def _aggregations(store: FeatureStore) -> list[dict[str, Any]]:
