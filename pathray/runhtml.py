@@ -4,7 +4,8 @@ No server and no network: inline CSS and JavaScript, the throughput plot as inli
 QC thumbnails as ``data:`` URIs linked to the full QC PNGs written next to the page
 (``qc/<slide_id>.png``). Sections: summary, throughput over time per stage (from the
 driver's :class:`~pathray.watch.RunWatch` series), a per-slide table (sortable by a click on
-a header, filterable by text), errors grouped by type with their slide ids, QC gallery.
+a header, filterable by text; a link's ``#filter=TEXT&sort=[-]COLUMN`` does both on load),
+errors grouped by type with their slide ids, QC gallery.
 """
 
 from __future__ import annotations
@@ -198,20 +199,21 @@ figure img{max-width:256px;max-height:256px;border:1px solid #ccc}figcaption{fon
 JS = """
 (function(){
 var table=document.getElementById('slide-table');if(!table)return;
-var body=table.tBodies[0];
-document.getElementById('filter').addEventListener('input',function(ev){
- var q=ev.target.value.toLowerCase();
- Array.prototype.forEach.call(body.rows,function(r){r.style.display=r.textContent.toLowerCase().indexOf(q)<0?'none':'';});
-});
+var body=table.tBodies[0],input=document.getElementById('filter');
+function filter(q){q=q.toLowerCase();
+ Array.prototype.forEach.call(body.rows,function(r){r.style.display=r.textContent.toLowerCase().indexOf(q)<0?'none':'';});}
+function sort(col,asc){
+ var rows=Array.prototype.slice.call(body.rows);
+ rows.sort(function(a,b){
+  var x=a.cells[col].textContent,y=b.cells[col].textContent,nx=parseFloat(x),ny=parseFloat(y);
+  var c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?c:-c;});
+ rows.forEach(function(r){body.appendChild(r);});}
+input.addEventListener('input',function(){filter(input.value);});
 Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,col){
- th.addEventListener('click',function(){
-  var asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
-  var rows=Array.prototype.slice.call(body.rows);
-  rows.sort(function(a,b){
-   var x=a.cells[col].textContent,y=b.cells[col].textContent,nx=parseFloat(x),ny=parseFloat(y);
-   var c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?c:-c;});
-  rows.forEach(function(r){body.appendChild(r);});
- });
-});
+ th.addEventListener('click',function(){var asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';sort(col,asc);});});
+// a link can carry both: report.html#filter=error&sort=-3 (column 3, descending)
+var h=new URLSearchParams(location.hash.slice(1));
+if(h.get('filter')){input.value=h.get('filter');filter(input.value);}
+if(h.get('sort')){sort(Math.abs(parseInt(h.get('sort'),10)),h.get('sort').charAt(0)!=='-');}
 })();
 """

@@ -84,6 +84,7 @@ class _Dom(HTMLParser):
         super().__init__()
         self.ids: list[str] = []
         self.rows: list[list[str]] = []
+        self.hidden: list[bool] = []  # per row: hidden by the page's filter
         self.images: list[dict[str, str]] = []
         self.links: list[str] = []
         self.text: list[str] = []
@@ -99,6 +100,7 @@ class _Dom(HTMLParser):
             self._in_body = True
         elif tag == "tr" and self._in_body:
             self.rows.append([])
+            self.hidden.append("display: none" in a.get("style", ""))
         elif tag == "img":
             self.images.append(a)
         elif tag == "a":
@@ -144,6 +146,11 @@ def test_errors_are_grouped_by_type_with_their_slides(tmp_path):
     text = " ".join(t.strip() for t in dom.text if t.strip())
     assert "SlideOpenError (2): a, b" in text and "TileReadError (1): c" in text
     assert len(dom.rows) == 4 and "Too short a run to plot." in text
+    # the table's script: sort by tiles, descending, and filter, as a link's fragment asks
+    dom = _Dom()
+    dom.feed(_browser(path.as_uri() + "#filter=slideopen&sort=-0", tmp_path, "--dump-dom"))
+    assert [r[0] for r in dom.rows] == ["d", "c", "b", "a"]
+    assert [r[0] for r, hidden in zip(dom.rows, dom.hidden) if not hidden] == ["b", "a"]
 
 
 def test_aggregate_run_is_as_quiet_and_has_its_page(demo_embed, tmp_path):
