@@ -133,7 +133,8 @@ def _is_tty(stream: TextIO) -> bool:
 def _bars(totals: dict[str, int], stream: TextIO) -> dict[str, Any]:
     from tqdm import tqdm
 
-    fmt = "{desc} {bar} {n_fmt}/{total_fmt} slides [{elapsed}<{remaining}] {postfix}"
-    return {m: tqdm(total=n, desc=m, file=stream, position=i, leave=True, dynamic_ncols=True, bar_format=fmt,
+    fmt = "{desc} {bar:24} {n_fmt}/{total_fmt} slides [{elapsed}<{remaining}{postfix}]"
+    width = max(len(m) for m in totals) if totals else 0
+    return {m: tqdm(total=n, desc=m.ljust(width), file=stream, position=i, leave=True, dynamic_ncols=True, bar_format=fmt,
                     mininterval=0.5)
             for i, (m, n) in enumerate(totals.items())}
