@@ -189,6 +189,7 @@ h1{font-size:20px}h2{font-size:16px;margin-top:28px;border-bottom:1px solid #ddd
 table.kv th{text-align:left;padding-right:16px;font-weight:600}
 table.grid{border-collapse:collapse;width:100%}table.grid td,table.grid th{border:1px solid #ddd;padding:3px 6px}
 table.grid th{background:#f4f4f4;cursor:pointer;user-select:none}
+table.grid td:nth-child(-n+5){white-space:nowrap}table.grid td:nth-child(6){font-size:12px}
 tr.error td{background:#fdecea}tr.no_tissue td{color:#777}
 #filter{margin:6px 0;padding:4px;width:320px}.note{color:#666}.msg{color:#666;font-size:12px}
 .legend span{margin-right:16px}svg text{font-size:11px;fill:#444}
