@@ -27,10 +27,11 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import time
-import uuid
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,8 @@ from pathray.errors import AggregatorError, FeaturesUnreadableError, StoreConfig
 from pathray.lease import StoreLease
 from pathray.localrun import choose_runner
 from pathray.resources import PLACEMENT
+from pathray.runhtml import MAX_TABLE_ROWS
+from pathray.runlog import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
 from pathray.store import (
     ERROR_SCHEMA,
     PROVENANCE_KEY,
@@ -52,6 +55,7 @@ from pathray.store import (
     _read_json,
     embeddings_to_arrow,
 )
+from pathray.watch import RunWatch
 
 log = logging.getLogger("pathray")
 
@@ -130,6 +134,7 @@ class AggregateReport:
     resources: dict[str, Any] = field(default_factory=dict)
     aborted: str | None = None
     runner: str = ""  # "ray" | "local" (pathray.localrun.choose_runner), "" when nothing was to do
+    html: str = ""  # the run's report.html, once written
 
     @property
     def exit_code(self) -> int:
@@ -321,9 +326,10 @@ def _errors_table(failed: list[dict[str, Any]], model: str, aggregator: str) -> 
     return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
 
 
-def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> AggregateReport:
+def run_aggregate(config: AggregateConfig, progress_bars: bool = True, display: TextIO | None = None) -> AggregateReport:
     """Aggregate every committed, not yet aggregated slide of ``config.model``; return the
-    report (also saved in the store). Per-slide failures never raise: they are error rows
+    report (also saved in the store, with ``report.html``; ``progress_bars``: Ray's output,
+    ``display``: the live progress's stream). Per-slide failures never raise: error rows
     and a non-zero :attr:`AggregateReport.exit_code`. Raised: an unknown aggregator or tile
     model, a tile model the aggregator does not take (``ValueError``), other weights than
     the folder was made with (:class:`StoreConfigMismatchError`), another live driver on the
@@ -332,22 +338,25 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True) -> Aggreg
     spec = get_aggregator(config.aggregator)
     store = FeatureStore(config.store, config.storage_options)
     _check_inputs(store, config, spec)
-    run_id = config.run_id or "agg-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_id = config.run_id or new_run_id("agg-")
     report = AggregateReport(run_id=run_id, store=store.root, model=config.model, aggregator=spec.name,
                              started_at=time.time())
     with StoreLease(store, run_id) as lease:
-        return _aggregate_locked(config, spec, store, report, lease, progress_bars)
+        return _aggregate_locked(config, spec, store, report, lease, (progress_bars, display))
 
 
 def _aggregate_locked(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, report: AggregateReport,
-                      lease: StoreLease, progress_bars: bool) -> AggregateReport:
+                      lease: StoreLease, output: tuple[bool, TextIO | None]) -> AggregateReport:
     """The body of :func:`run_aggregate` once the store's lease is held; the lease is checked
-    for every result (commits happen in the actors: a lost lease stops the run at once)."""
+    for every result (commits happen in the actors: a lost lease stops the run at once).
+    ``output``: (Ray's progress bars, the live display's stream)."""
+    progress_bars, display = output
     committed, done = store.committed(config.model), store.aggregated(config.model, spec.name)
     record = _pin_aggregator(store, config.model, spec, config.weights, done)
     todo = sorted(committed - done)
     report.slides_committed, report.slides_skipped = len(committed), len(committed) - len(todo)
-    failed: list[dict[str, Any]] = []
+    failed, shown = [], []  # error rows; the page's per-slide rows
+    watch = RunWatch({spec.name: len(todo)}, display, read_stage="load")
     try:
         if todo:
             provenance = {"aggregator": record, "tile_model": config.model, "run_id": report.run_id,
@@ -358,21 +367,42 @@ def _aggregate_locked(config: AggregateConfig, spec: AggregatorSpec, store: Feat
             for r in rows:
                 lease.ensure_held()
                 failed += [r] if r["status"] == "error" else []
-                report.counts[r["status"]] += 1
-                report.tiles += r["n_tiles"] if r["status"] != "error" else 0
-                report.busy_s["load"] += r["load_s"] or 0.0
-                report.busy_s["aggregate"] += r["aggregate_s"] or 0.0
+                _count(r, report, watch)
+                shown += [dict(r, model=spec.name)] if len(shown) < MAX_TABLE_ROWS else []
     except BaseException as exc:  # Ray failure, Ctrl-C: keep what is known (a re-run resumes), then re-raise
         report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
         raise
     finally:
+        watch.close()
         if lease.lost is None:  # a lost store may be another driver's now: leave it alone
             errors = _errors_table(failed, config.model, spec.name)
             if errors.num_rows:
                 store.write_table(store.errors_relpath(report.run_id, 1), errors)
             report.ended_at = time.time()
             store.write_json(store.report_relpath(report.run_id), report.to_dict())
+            _write_page(store, report, shown, watch)
     return report
+
+
+def _count(r: dict[str, Any], report: AggregateReport, watch: RunWatch) -> None:
+    """One slide's result row into the report and the live progress."""
+    tiles = r["n_tiles"] if r["status"] != "error" else 0
+    report.counts[r["status"]] += 1
+    report.tiles += tiles
+    report.busy_s["load"] += r["load_s"] or 0.0
+    report.busy_s["aggregate"] += r["aggregate_s"] or 0.0
+    watch.add_tiles(report.aggregator, tiles, read=tiles)
+    watch.decided(report.aggregator, r["status"], r["error_type"] or "")
+    watch.tick()
+
+
+def _write_page(store: FeatureStore, report: AggregateReport, rows: list[dict[str, Any]], watch: RunWatch) -> None:
+    try:
+        from pathray.runpage import write_aggregate_page
+
+        report.html = write_aggregate_page(store, report, rows, watch.series)
+    except Exception:  # noqa: BLE001 - the page is a view of the run: never its outcome
+        log.exception("could not write the run's report.html")
 
 
 def _run_local(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, todo: list[str],
@@ -392,19 +422,24 @@ def _run_dataset(config: AggregateConfig, spec: AggregatorSpec, store: FeatureSt
     from ray.data import ActorPoolStrategy, DataContext
 
     if not ray.is_initialized():
-        ray.init(address=config.ray_address)
+        if not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+            quiet_local_ray_env()
+        ray.init(address=config.ray_address, log_to_driver=progress_bars)
     res = plan_aggregate_resources(spec, ray.cluster_resources(), config)
     report.resources = dataclasses.asdict(res)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
     ctx.execution_options.preserve_order = False
-    ds = ray.data.from_arrow([pa.table({"slide_id": todo[i:i + 4]}) for i in range(0, len(todo), 4)])
-    ds = ds.map_batches(load_slides, batch_size=1, batch_format="pyarrow", num_cpus=res.loader_num_cpus, **PLACEMENT,
-                        fn_kwargs={"root": store.root, "storage_options": config.storage_options, "model": config.model})
-    ds = ds.map_batches(SlideAggregatorStage, batch_size=1, batch_format="pyarrow", num_cpus=res.actor_num_cpus,
-                        **PLACEMENT,
-                        num_gpus=res.actor_num_gpus, compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
-                        fn_constructor_kwargs={"config": config, "spec": spec, "base_provenance": provenance,
-                                               "device": "cuda" if res.actor_num_gpus else "cpu"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ray.data.from_arrow([pa.table({"slide_id": todo[i:i + 4]}) for i in range(0, len(todo), 4)])
+        ds = ds.map_batches(load_slides, batch_size=1, batch_format="pyarrow", num_cpus=res.loader_num_cpus, **PLACEMENT,
+                            fn_kwargs={"root": store.root, "storage_options": config.storage_options, "model": config.model})
+        ds = ds.map_batches(SlideAggregatorStage, batch_size=1, batch_format="pyarrow", num_cpus=res.actor_num_cpus,
+                            **PLACEMENT,
+                            num_gpus=res.actor_num_gpus, compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
+                            fn_constructor_kwargs={"config": config, "spec": spec, "base_provenance": provenance,
+                                                   "device": "cuda" if res.actor_num_gpus else "cpu"})
+    log_ray_plan_warnings(caught)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()  # one small row per slide

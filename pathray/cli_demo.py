@@ -32,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default="demo-out", help="where the demo slides, weights and store go")
     parser.add_argument("--no-cmu", action="store_true", help="skip the real CMU-1-Small-Region slide")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--verbose", action="store_true", help="show every log line and Ray's own output "
+                        "(otherwise they go to the run's log, _runs/RUN_ID/run.log in the store)")
 
 
 def build_demo(directory: Path, with_cmu: bool = True) -> tuple[Path, Path]:
@@ -70,19 +72,24 @@ def run(args: argparse.Namespace) -> int:
 
     from pathray.config import build_job_config
     from pathray.pipeline import run_job
+    from pathray.runlog import new_run_id, quiet_local_ray_env, run_terminal
     from pathray.store import FeatureStore
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     directory = Path(args.dir).resolve()
-    manifest, weights = build_demo(directory, with_cmu=not args.no_cmu)
-    config = build_job_config(dict(manifest=str(manifest), out=str(directory / "store"), models=[DEMO_MODEL],
-                                   encoders={DEMO_MODEL: {"weights": str(weights)}}, keep_columns=["case_id"]))
-    ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    try:
-        report = run_job(config)
-    finally:
-        ray.shutdown()
-    print("\n" + report.summary())
+    config = build_job_config(dict(manifest=str(directory / "manifest.csv"), out=str(directory / "store"),
+                                   models=[DEMO_MODEL], encoders={DEMO_MODEL: {"weights": str(directory / "weights" /
+                                                                                                DEMO_MODEL)}},
+                                   keep_columns=["case_id"], run_id=new_run_id()))
+    with run_terminal(config.out, config.run_id, args.verbose) as terminal:
+        build_demo(directory, with_cmu=not args.no_cmu)
+        quiet_local_ray_env()
+        ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=args.verbose)
+        try:
+            report = run_job(config, progress_bars=args.verbose, display=terminal.stream)
+        finally:
+            ray.shutdown()
+            log_uri = terminal.finish(config.out, config.run_id)
+    print(report.summary())
     store = FeatureStore(report.store)
     table = store.dataset(DEMO_MODEL).to_table(columns=["slide_id", "cohort", "tile_index", "x", "y", "embedding"])
     per_slide = table.group_by(["cohort", "slide_id"]).aggregate([("tile_index", "count")])
@@ -91,4 +98,5 @@ def run(args: argparse.Namespace) -> int:
           "  import duckdb\n"
           f"  duckdb.sql(\"SELECT cohort, slide_id, count(*) FROM read_parquet('{report.store}/features/**/*.parquet', "
           "hive_partitioning=true) GROUP BY ALL\")")
+    print(f"\nRun log: {log_uri}\nRun report: {report.html}")
     return report.exit_code

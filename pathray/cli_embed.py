@@ -54,7 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
              "when there is no Ray cluster to join (no --ray-address / RAY_ADDRESS) and no GPU here")
     add("--run-id", help="name of this run (default: timestamp)")
     add("--dry-run", action="store_true", help="print the plan (slides, estimated tiles, resources) and exit")
-    add("--no-progress", action="store_true", help="no Ray Data progress bars")
+    add("--no-progress", action="store_true", help="no live progress display")
+    add("--verbose", action="store_true", help="show every log line and Ray's own progress and logs on the terminal "
+        "(otherwise they go to the run's log, _runs/RUN_ID/run.log in the store)")
 
 
 def raw_config(args: argparse.Namespace) -> dict:
@@ -98,18 +100,27 @@ def raw_config(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from pathray.config import build_job_config
     from pathray.pipeline import dry_run_plan, run_job
+    from pathray.runlog import LOG_FORMAT, new_run_id, run_terminal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = build_job_config(raw_config(args))
+        raw = raw_config(args)
         if args.dry_run:
-            print(json.dumps(dry_run_plan(config), indent=2, default=str))
+            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+            print(json.dumps(dry_run_plan(build_job_config(raw)), indent=2, default=str))
             return 0
-        report = run_job(config, progress_bars=not args.no_progress)
+        config = build_job_config({**raw, "run_id": raw.get("run_id") or new_run_id()})
+        with run_terminal(config.out, config.run_id, args.verbose) as terminal:
+            store_root = config.out
+            try:
+                report = run_job(config, progress_bars=args.verbose and not args.no_progress,
+                                 display=None if args.no_progress else terminal.stream)
+                store_root = report.store
+            finally:
+                log_uri = terminal.finish(store_root, config.run_id, config.storage_options)
     except (PathrayError, ValueError) as exc:
         print(f"pathray embed: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
-    print(f"\nStore: {report.store}\nRun report: {report.store}/_runs/{report.run_id}/report.json\nQuery it:\n"
-          + SAMPLE_QUERY.format(root=report.store, model=config.models[0]))
+    print(f"\nStore: {report.store}\nQuery it:\n" + SAMPLE_QUERY.format(root=report.store, model=config.models[0]))
+    print(f"\nRun log: {log_uri}\nRun report: {report.html or report.store + '/_runs/' + report.run_id + '/report.json'}")
     return report.exit_code

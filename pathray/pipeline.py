@@ -22,11 +22,11 @@ import logging
 import math
 import os
 import time
-import uuid
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +44,13 @@ from pathray.modelplan import ModelPlan, plan_models
 from pathray.outage import OutageBreaker, check_reachable, check_slide_sources
 from pathray.report import RunReport
 from pathray.resources import PLACEMENT, Resources, local_gpus, plan_resources
+from pathray.runlog import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
 from pathray.slidefacts import SlideFacts
 from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
 from pathray.store import NO_COHORT, CommitRecord, CommitRequest, FeatureStore, consolidate_slide_table, status_row
 from pathray.tiling import TilingConfig, TilingGroup
 from pathray.tracker import Complete, CompletionTracker, Failed
+from pathray.watch import RunWatch
 
 log = logging.getLogger("pathray")
 
@@ -76,6 +78,9 @@ class RunContext:
     encoders: Future | None = None
     lease: StoreLease | None = None  # checked before every commit (ensure_held)
     breaker: OutageBreaker = dataclasses.field(default_factory=OutageBreaker)  # stops a run its storage fails
+    #: where the live progress display goes (None: none); the watch is made once the work is known
+    display: TextIO | None = None
+    watch: RunWatch | None = None
 
     @property
     def run_id(self) -> str:
@@ -116,8 +121,10 @@ def _passthrough_schema(entries, keep: tuple[str, ...]) -> pa.Schema:
 
 
 def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None = None,
-            progress_bars: bool = True) -> RunReport:
-    """Run one embedding job end to end and return its report (also saved in the store).
+            progress_bars: bool = True, display: TextIO | None = None) -> RunReport:
+    """Run one embedding job end to end and return its report (also saved in the store, with
+    ``report.html``). ``progress_bars``: Ray's own output (Ray Data's bars, a local Ray's worker
+    logs); ``display``: the stream of the live progress (:class:`~pathray.watch.RunWatch`).
 
     Per-slide failures never raise: they end as error rows and a non-zero
     :attr:`RunReport.exit_code`. Raised: an unusable manifest (:class:`ManifestError`), a
@@ -126,7 +133,7 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
     (:class:`UnknownModelError`), an unreachable manifest, store or slide source, or slides
     failing one after another for want of storage (:class:`StorageUnreachableError`, see
     :mod:`pathray.outage`), or a lease lost mid-run (:class:`LeaseLostError`)."""
-    run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_id = config.run_id or new_run_id()
     report = RunReport(run_id=run_id, store=config.out, started_at=time.time(), config=config.public_dict())
     models, unknown = plan_models(config, custom_encoders)
     if not models:
@@ -151,7 +158,7 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
             store.remove_committed_staging(model.name)
         run = RunContext(config, store, store_hash, tiling_rec, model_tilings, models, {e.slide_id: e for e in entries},
                          _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report,
-                         runner, encoders, lease)
+                         runner, encoders, lease, display=display)
         report.per_model = {m.name: {"ok": 0, "no_tissue": 0, "error": 0, "tiles": 0} for m in models}
         _record_unknown(run, unknown)
         return _run_locked(run, progress_bars)
@@ -252,6 +259,7 @@ def slide_id_conflict(record: CommitRecord, entry: SlideEntry) -> str | None:
 def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
     """The body of :func:`run_job` once the store's lease is held."""
     todo = _todo(run)
+    run.watch = RunWatch({m: sum(m in t["models"] for t in todo) for m in run.model_names}, run.display)
     if todo:
         run.report.runner = run.runner
         try:
@@ -273,13 +281,19 @@ def _run_ray(run: RunContext, todo: list[dict], progress_bars: bool) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=run.config.ray_address,
-                 **({} if run.config.ray_address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+        local = not (run.config.ray_address or os.environ.get("RAY_ADDRESS"))
+        if local:
+            quiet_local_ray_env()
+        ray.init(address=run.config.ray_address, log_to_driver=progress_bars,
+                 **({"include_dashboard": False} if local else {}))
     res = plan_resources(run.config, ray.cluster_resources(), len(run.models))
     run.report.resources = dataclasses.asdict(res)
     log.info("resources: %s", run.report.resources)
     _configure_ray_data(run.config, progress_bars)
-    ds = _build_dataset(run.config, run.store.root, run.models, res, todo)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = _build_dataset(run.config, run.store.root, run.models, res, todo)
+    log_ray_plan_warnings(caught)
     pool = CommitPool(ray, run.store, committer_count(run.config.resources.committers, ray.cluster_resources()),
                       max_concurrency=run.config.resources.max_inflight_finalize)
     run.report.resources["committers"] = len(pool)
@@ -344,11 +358,20 @@ def _configure_ray_data(config: JobConfig, progress_bars: bool) -> None:
 
 
 def _close_run(run: RunContext) -> RunReport:
-    """Flush status/error rows, rebuild slides.parquet, save the run report."""
+    """Flush status/error rows, rebuild slides.parquet, save the run report and its page."""
     run.ledger.flush()
     consolidate_slide_table(run.store, {m: run.store.committed(m) for m in run.model_names})
     run.report.ended_at = time.time()
+    if run.watch is not None:
+        run.watch.close()
+        run.report.timeline = run.watch.series
     run.store.write_json(run.store.report_relpath(run.run_id), run.report.to_dict())
+    try:
+        from pathray.runpage import write_embed_page
+
+        run.report.html = write_embed_page(run)
+    except Exception:  # noqa: BLE001 - the page is a view of the run: never its outcome
+        log.exception("could not write the run's report.html")
     return run.report
 
 
@@ -433,6 +456,8 @@ def _record(run: RunContext, row: dict) -> None:
     """Count a decided (slide, model) in the report and put its status row in the ledger."""
     counts = run.report.per_model[row["model"]]
     counts[row["status"]] += 1
+    if run.watch is not None:
+        run.watch.decided(row["model"], row["status"], row.get("error_type") or "")
     if row["status"] == "error":
         run.report.errors += 1
     else:
@@ -471,12 +496,16 @@ def _drive(results: Iterable[pa.Table], pool: CommitPool | LocalCommitPool, run:
     for batch in results:
         for r in batch.to_pylist():
             _account(r, run.report, busy, provenance)
+            if run.watch is not None:
+                run.watch.add_tiles(r["model"], r["n_tiles"] or 0, (r["tiles_read"] or 0) if r["first"] else 0)
             decision = tracker.add(r)
             if isinstance(decision, Failed):  # staged chunks stay; a re-run overwrites them
                 _record(run, dict(_status_base(run, r, SlideFacts.from_json(r["slide_meta"])), status="error",
                                   stage=r["stage"], error_type=r["error_type"], error_message=r["error_message"]))
             elif decision is not None:
                 commits.submit(decision, provenance.get(decision.model, {}))
+        if run.watch is not None:
+            run.watch.tick()
         if time.time() - last_log > PROGRESS_EVERY_S:
             last_log = time.time()
             _log_progress(run.report, tracker.in_flight)

@@ -31,6 +31,9 @@ class RunReport:
     runner: str = ""  # "ray" or "local" (pathray.localrun.choose_runner); "" when nothing was to do
     resources: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: pathray.watch.RunWatch samples: seconds since the start, cumulative tiles read / written per model
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    html: str = ""  # the run's report.html, once written
 
     @property
     def wall_s(self) -> float:

@@ -373,6 +373,9 @@ class FeatureStore:
     def write_table(self, relpath: str, table: pa.Table) -> None:
         _put_bytes(self.fs, self.path(relpath), _parquet_bytes(table))
 
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        _put_bytes(self.fs, self.path(relpath), data)
+
     def write_json(self, relpath: str, obj: dict) -> None:
         _put_bytes(self.fs, self.path(relpath), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 

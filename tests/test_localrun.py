@@ -58,9 +58,10 @@ def test_embed_command_prints_everything_before_its_fast_exit(synthetic_svs_05, 
                           "--out", str(tmp_path / "store"), "--no-progress"],
                          env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 1, out.stderr  # one slide is missing: recorded, exit 1
-    assert "runner: local" in out.stderr
-    assert "errors recorded: 1" in out.stdout and out.stdout.rstrip().endswith('aggregate([("tile_index", "count")]))')
+    assert "errors recorded: 1" in out.stdout and 'aggregate([("tile_index", "count")]))' in out.stdout
     reports = list((tmp_path / "store" / "_runs").glob("*/report.json"))
+    assert out.stdout.rstrip().endswith(f"Run report: {reports[0].parent / 'report.html'}")
+    assert "runner: local" in (reports[0].parent / "run.log").read_text()  # log lines: the run's log, not stderr
     saved = json.loads(reports[0].read_text())
     assert saved["runner"] == "local" and saved["exit_code"] == 1 and saved["per_model"]["kaiko-vits16"]["ok"] == 1
     assert FeatureStore(str(tmp_path / "store")).committed("kaiko-vits16") == {"a"}
