@@ -75,6 +75,10 @@ AGGREGATORS: dict[str, AggregatorSpec] = {s.name: s for s in (
         "gigapath-slide", "Prov-GigaPath slide encoder (LongNet, gigapath_slide_enc12l768d) over tile embeddings "
         "and level-0 coordinates", "pathray.aggregate:build_gigapath_slide", input_dim=1536, output_dim=768,
         tile_models=("prov-gigapath",), needs_weights=True, accelerated=True),
+    AggregatorSpec(
+        "chief", "CHIEF WSI_feature: gated attention-MIL pooling of CTransPath-CHIEF tile embeddings (tiles: 256 px "
+        "at 10x, ~1 µm/px); --weights CHIEF_pretraining.pth", "pathray.slide_encoders.chief:aggregator",
+        input_dim=768, output_dim=768, tile_models=("ctranspath",), needs_weights=True),
 )}
 
 
