@@ -79,6 +79,10 @@ AGGREGATORS: dict[str, AggregatorSpec] = {s.name: s for s in (
         "chief", "CHIEF WSI_feature: gated attention-MIL pooling of CTransPath-CHIEF tile embeddings (tiles: 256 px "
         "at 10x, ~1 µm/px); --weights CHIEF_pretraining.pth", "pathray.slide_encoders.chief:aggregator",
         input_dim=768, output_dim=768, tile_models=("ctranspath",), needs_weights=True),
+    AggregatorSpec(
+        "madeleine", "MADELEINE encode_he: 4-head gated attention-MIL over CONCH v1 tile embeddings (tiles: 256 px "
+        "at 10x, ~1 µm/px); weights MahmoodLab/madeleine model.pt", "pathray.slide_encoders.madeleine:aggregator",
+        input_dim=512, output_dim=512, tile_models=("conch-v1",), needs_weights=True),
 )}
 
 

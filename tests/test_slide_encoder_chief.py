@@ -13,20 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.slide_goldens import DATA, assert_store_check, golden_case
 
-from pathray.aggregate import build_aggregator, get_aggregator
-from pathray.aggregate_job import AggregateConfig, _check_inputs, run_aggregate
+from pathray.aggregate import SlideTiles, build_aggregator, get_aggregator
 from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUnavailableError
 from pathray.slide_encoders import chief
 from pathray.slide_encoders.release import random_net, state_sha256
-from pathray.store import FeatureStore
 
-GOLDEN = Path(__file__).parent / "data" / "chief_golden.npz"
+GOLDEN = DATA / "chief_golden.npz"
 TOL = 1e-5
-
-
-def synthetic_tiles(seed: int, n: int, dim: int) -> np.ndarray:
-    return (np.random.default_rng(seed).random((n, dim)) * 2 - 1).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +44,10 @@ def encoder(weights_file):
 
 @pytest.mark.parametrize("tag", ["one", "few", "mid", "long"])
 def test_matches_the_official_wsi_feature(golden, encoder, tag):
-    tiles = synthetic_tiles(int(golden[f"{tag}_seed"]), int(golden[f"{tag}_n"]), 768)
+    tiles, official = golden_case(golden, tag, 768)
     got = encoder(tiles)
     assert got.shape == (768,) and got.dtype == np.float32
-    assert np.abs(got - golden[f"{tag}_output"]).max() <= TOL
+    assert np.abs(got - official).max() <= TOL
     if len(tiles) > 1:  # attention pooling, not a plain mean
         assert np.abs(got - tiles.mean(0)).max() > 1e-3
 
@@ -61,9 +56,7 @@ def test_aggregator_through_the_spec(weights_file, golden):
     spec = get_aggregator("chief")
     assert (spec.input_dim, spec.output_dim, spec.tile_models, spec.needs_weights) == (768, 768, ("ctranspath",), True)
     agg = build_aggregator(spec, str(weights_file.parent))  # a directory holding CHIEF_pretraining.pth
-    from pathray.aggregate import SlideTiles
-
-    tiles = synthetic_tiles(int(golden["few_seed"]), int(golden["few_n"]), 768).astype(np.float16)
+    tiles = golden_case(golden, "few", 768)[0].astype(np.float16)
     got = agg(SlideTiles("s", tiles, np.zeros(5, np.int64), np.zeros(5, np.int64), 0.5))
     assert np.abs(got - chief.from_weights(weights_file)(tiles.astype(np.float32))).max() == 0
     prov = agg.provenance()
@@ -102,8 +95,4 @@ def test_bad_inputs(encoder):
 
 
 def test_store_check_refuses_another_tile_model(tmp_path):
-    store = FeatureStore(str(tmp_path / "store"))
-    store.ensure_config({"tile_px": 256, "target_mpp": 1.0}, {"uni": {"embed_dim": 1024}, "ctranspath": {"embed_dim": 768}})
-    with pytest.raises(ValueError, match="takes embeddings of ctranspath, not 'uni'"):
-        run_aggregate(AggregateConfig(store.root, "uni", "chief"))
-    _check_inputs(store, AggregateConfig(store.root, "ctranspath", "chief", weights="w.pth"), get_aggregator("chief"))
+    assert_store_check(tmp_path / "store", "chief", "ctranspath")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .abmil import GatedAttention, attention_pool
-from .release import Release, TileSetEncoder, random_net
+from .release import Release, TileSetEncoder, random_net, resolve_weights
 
 RELEASE = Release(
     architecture="chief_small_gated_abmil",
@@ -42,6 +42,12 @@ RELEASE = Release(
 SIZES = (768, 512, 256)
 N_ORGANS = 19  # rows of the official anatomical-site text table
 TEXT_DIM = 768
+PROVENANCE: dict[str, Any] = {
+    "implementation": "pathray.slide_encoders.chief (plain PyTorch, fp32)",
+    "output": "official WSI_feature: softmax(gated attention) @ input CTransPath embeddings (768-d)",
+    "tile_model": "ctranspath (CTransPath-CHIEF), 256-px tiles at 10x (~1 µm/px)",
+    "anatomical_site": "not used: it does not enter WSI_feature",
+}
 
 
 class ChiefNet(nn.Module):
@@ -72,15 +78,7 @@ class ChiefNet(nn.Module):
 def from_weights(source: str | os.PathLike | None, device: str = "cpu") -> TileSetEncoder:
     """The CHIEF slide encoder with ``source`` = ``CHIEF_pretraining.pth`` or a directory holding
     it (``None`` raises ``WeightsUnavailableError`` saying where to get it)."""
-    return TileSetEncoder.load(ChiefNet, RELEASE, source, device, PROVENANCE)
-
-
-PROVENANCE: dict[str, Any] = {
-    "implementation": "pathray.slide_encoders.chief (plain PyTorch, fp32)",
-    "output": "official WSI_feature: softmax(gated attention) @ input CTransPath embeddings (768-d)",
-    "tile_model": "ctranspath (CTransPath-CHIEF), 256-px tiles at 10x (~1 µm/px)",
-    "anatomical_site": "not used: it does not enter WSI_feature",
-}
+    return TileSetEncoder.load(ChiefNet, RELEASE, resolve_weights(RELEASE, source), device, PROVENANCE)
 
 
 def write_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:

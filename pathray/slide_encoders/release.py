@@ -166,10 +166,10 @@ class TileSetEncoder:
         self.facts = facts
 
     @classmethod
-    def load(cls, make_net: Callable[[], nn.Module], release: Release, source: str | os.PathLike | None,
+    def load(cls, make_net: Callable[[], nn.Module], release: Release, resolved: tuple[str, str, str],
              device: str, facts: dict[str, Any]) -> TileSetEncoder:
-        """Build ``make_net()`` and load ``source`` (see :func:`resolve_weights`) into it strictly."""
-        path, label, fingerprint = resolve_weights(release, source)
+        """Build ``make_net()`` and load the weights :func:`resolve_weights` found into it strictly."""
+        path, label, fingerprint = resolved
         with torch.device("meta"):
             net = make_net()
         return cls(load_release(net, release, path), device, release, label, fingerprint, facts)
