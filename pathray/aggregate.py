@@ -83,6 +83,10 @@ AGGREGATORS: dict[str, AggregatorSpec] = {s.name: s for s in (
         "madeleine", "MADELEINE encode_he: 4-head gated attention-MIL over CONCH v1 tile embeddings (tiles: 256 px "
         "at 10x, ~1 µm/px); weights MahmoodLab/madeleine model.pt", "pathray.slide_encoders.madeleine:aggregator",
         input_dim=512, output_dim=512, tile_models=("conch-v1",), needs_weights=True),
+    AggregatorSpec(
+        "feather", "FEATHER-24K (MIL-Lab abmil.base.conch_v15.pc108-24k) forward_features: gated ABMIL over CONCH "
+        "v1.5 tile embeddings (tiles: 512 px at 20x, ~0.5 µm/px)", "pathray.slide_encoders.feather:aggregator",
+        input_dim=768, output_dim=512, tile_models=("conch-v1.5",), needs_weights=True),
 )}
 
 

@@ -37,10 +37,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from pathray.errors import WeightsCorruptError, WeightsMismatchError
-
 from .abmil import GatedAttention, attention_pool
-from .release import Release, TileSetEncoder, random_net, resolve_weights
+from .release import Release, TileSetEncoder, check_config, random_net, resolve_weights
 
 RELEASE = Release(
     architecture="madeleine_abmil_4heads_conch_v1",
@@ -89,25 +87,11 @@ class MadeleineNet(nn.Module):
         return self.projector(pooled.reshape(-1))
 
 
-def check_config(weights_path: str) -> None:
-    """Refuse a ``model_config.json`` next to the weights that describes another architecture."""
-    path = Path(weights_path).with_name("model_config.json")
-    if not path.is_file():
-        return
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise WeightsCorruptError(f"cannot parse {path}: {exc}") from exc
-    wrong = {k: config[k] for k, v in CONFIG.items() if k in config and config[k] != v}
-    if wrong:
-        raise WeightsMismatchError(f"{path} describes another MADELEINE ({wrong}); pathray implements {CONFIG}")
-
-
 def from_weights(source: str | os.PathLike | None, device: str = "cpu") -> TileSetEncoder:
     """The MADELEINE slide encoder with ``source``: ``None`` (``model.pt`` of the hub repo),
     ``hf-hub:org/name[@rev]``, a ``model.pt`` file or a directory holding one."""
     resolved = resolve_weights(RELEASE, source)
-    check_config(resolved[0])
+    check_config(resolved[0], "model_config.json", CONFIG)
     return TileSetEncoder.load(MadeleineNet, RELEASE, resolved, device, PROVENANCE)
 
 

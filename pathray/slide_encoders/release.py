@@ -18,6 +18,7 @@ copies present under several names must be equal.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from pathray.encoders.loading import HUB_PREFIXES, download_hub_file, file_sha256, load_into, read_state_dict
-from pathray.errors import WeightsMismatchError, WeightsUnavailableError
+from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUnavailableError
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,21 @@ def resolve_weights(release: Release, source: str | os.PathLike | None) -> tuple
         raise WeightsUnavailableError(f"{release.architecture}: weights {text!r} not found: expected the released "
                                       f"{release.filename} (or a directory holding it); {release.obtain}")
     return str(path), str(path), "sha256:" + file_sha256(path)
+
+
+def check_config(weights_path: str, config_name: str, expected: dict[str, Any]) -> None:
+    """Refuse a release config file ``config_name`` next to the weights whose architecture fields
+    differ from ``expected`` (fields it lacks are not checked); no such file: nothing to check."""
+    path = Path(weights_path).with_name(config_name)
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise WeightsCorruptError(f"cannot parse {path}: {exc}") from exc
+    wrong = {k: config[k] for k, v in expected.items() if k in config and config[k] != v}
+    if wrong:
+        raise WeightsMismatchError(f"{path} describes another architecture ({wrong}); pathray implements {expected}")
 
 
 def load_release(net: nn.Module, release: Release, path: str) -> nn.Module:
