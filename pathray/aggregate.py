@@ -87,6 +87,10 @@ AGGREGATORS: dict[str, AggregatorSpec] = {s.name: s for s in (
         "feather", "FEATHER-24K (MIL-Lab abmil.base.conch_v15.pc108-24k) forward_features: gated ABMIL over CONCH "
         "v1.5 tile embeddings (tiles: 512 px at 20x, ~0.5 µm/px)", "pathray.slide_encoders.feather:aggregator",
         input_dim=768, output_dim=512, tile_models=("conch-v1.5",), needs_weights=True),
+    AggregatorSpec(
+        "prism", "PRISM (paige-ai/Prism) image_embedding: Perceiver resampler over Virchow v1 tile embeddings "
+        "(class token ++ mean patch token; tiles: 224 px at 20x, 0.5 µm/px)", "pathray.slide_encoders.prism:aggregator",
+        input_dim=2560, output_dim=1280, tile_models=("virchow",), needs_weights=True, accelerated=True),
 )}
 
 
