@@ -31,8 +31,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def weights_file(golden, tmp_path_factory) -> Path:
-    path = chief.write_random_weights(tmp_path_factory.mktemp("chief") / "CHIEF_pretraining.pth",
-                                      seed=int(golden["weights_seed"]))
+    path = chief.write_random_weights(tmp_path_factory.mktemp("chief"), seed=int(golden["weights_seed"]))
     assert state_sha256(torch.load(path, weights_only=True)) == str(golden["weights_sha256"])  # the golden's weights
     return path
 

@@ -81,10 +81,10 @@ def from_weights(source: str | os.PathLike | None, device: str = "cpu") -> TileS
     return TileSetEncoder.load(ChiefNet, RELEASE, resolve_weights(RELEASE, source), device, PROVENANCE)
 
 
-def write_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:
+def write_random_weights(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Random weights of the exact architecture (:func:`~pathray.slide_encoders.release.random_net`)
-    saved as the release is: a plain state dict in ``CHIEF_pretraining.pth``."""
-    path = Path(path)
+    saved as the release is: a plain state dict in ``<directory>/CHIEF_pretraining.pth``."""
+    path = Path(directory) / RELEASE.filename
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in random_net(ChiefNet, seed).state_dict().items()}, path)
     return path

@@ -156,9 +156,11 @@ class PrismNet(nn.Module):
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """``(N, 2560)`` -> ``(1280,)``: ``image_embedding`` of one slide."""
         x = self.perceiver.latents
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None
         for i, layer in enumerate(self.perceiver.layers):
             block = layer["xattn"]
             if i <= self.config.share_xattn_start_layer:  # later layers reuse the last keys/values
+                kv = None  # free the previous layer's (N, 2 x 1280) first: at 100k tiles each is 1 GB
                 kv = block["xattn"].keys_values(tiles)
             x = block["xattn"](x, kv) + x
             x = block["ff"](x) + x

@@ -198,7 +198,7 @@ class TileSetEncoder:
         if tiles.ndim != 2 or tiles.shape[1] != self.net.in_dim or tiles.shape[0] == 0:
             raise ValueError(f"tile_embeddings must be (N >= 1, {self.net.in_dim}), got {tiles.shape}")
         with torch.inference_mode():
-            out = self.net(torch.from_numpy(tiles.astype(np.float32)).to(self.device))
+            out = self.net(torch.from_numpy(tiles.astype(np.float32, copy=False)).to(self.device))
         return out.float().cpu().numpy()
 
     def provenance(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def main() -> None:
         os.chdir(root)
         from models.CHIEF import CHIEF
 
-        weights = write_random_weights(root / "CHIEF_pretraining.pth", seed=WEIGHTS_SEED)
+        weights = write_random_weights(root, seed=WEIGHTS_SEED)
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model = CHIEF(size_arg="small", dropout=True, n_classes=2)
         model.load_state_dict(state, strict=True)
