@@ -6,7 +6,8 @@ For each encoder, random weights of the exact architecture are written once in t
 layout; then each (encoder, N) runs in a fresh subprocess through the production path
 (``from_weights`` -> ``encoder(tiles)``) on N float32 tile embeddings:
 
-* ``rss_before_mb``: resident memory with the weights loaded and the tiles in memory;
+* ``rss_before_mb``: resident memory with the weights loaded, the tiles in memory and one
+  warm-up forward on a single tile done (so that weights mapped from the file are resident);
 * ``forward_peak_mb``: the peak resident memory *during* the forward (the kernel's high-water
   mark ``VmHWM``, reset through ``/proc/self/clear_refs`` just before the call), so
   ``forward_extra_mb = forward_peak_mb - rss_before_mb`` is what the forward itself adds;
@@ -51,6 +52,7 @@ def measure_one(name: str, weights: str, n_tiles: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     encoder = ENCODERS[name].from_weights(weights)
     tiles = (np.random.default_rng(0).random((n_tiles, encoder.net.in_dim), dtype=np.float32) * 2 - 1)
+    encoder(tiles[:1])  # warm-up: weights paged in (safetensors maps the file), allocator and kernels ready
     rss_before = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
@@ -82,7 +84,7 @@ def markdown(rows: list[dict], threads: int) -> str:
             f"CPU fp32, {threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}; "
             "random weights of the exact architectures loaded through `from_weights`. Produced by "
             "`benchmarks/slide_encoders_abmil.py` (method in its docstring). *before*: resident memory with weights "
-            "and tiles loaded; *forward peak*: high-water mark during the forward; *extra*: peak - before.\n\n"
+            "and tiles loaded, after a 1-tile warm-up forward; *forward peak*: high-water mark during the forward; *extra*: peak - before.\n\n"
             "| encoder | params (M) | tiles | tiles (MB) | before (MB) | forward peak (MB) | extra (MB) | forward (s) |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(f"| {r['encoder']} | {r['params_m']:.2f} | {r['tiles']:,} | {r['tiles_mb']:.0f} | "
