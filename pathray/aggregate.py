@@ -75,6 +75,22 @@ AGGREGATORS: dict[str, AggregatorSpec] = {s.name: s for s in (
         "gigapath-slide", "Prov-GigaPath slide encoder (LongNet, gigapath_slide_enc12l768d) over tile embeddings "
         "and level-0 coordinates", "pathray.aggregate:build_gigapath_slide", input_dim=1536, output_dim=768,
         tile_models=("prov-gigapath",), needs_weights=True, accelerated=True),
+    AggregatorSpec(
+        "chief", "CHIEF WSI_feature: gated attention-MIL pooling of CTransPath-CHIEF tile embeddings (tiles: 256 px "
+        "at 10x, ~1 µm/px); --weights CHIEF_pretraining.pth", "pathray.slide_encoders.chief:aggregator",
+        input_dim=768, output_dim=768, tile_models=("ctranspath",), needs_weights=True),
+    AggregatorSpec(
+        "madeleine", "MADELEINE encode_he: 4-head gated attention-MIL over CONCH v1 tile embeddings (tiles: 256 px "
+        "at 10x, ~1 µm/px); weights MahmoodLab/madeleine model.pt", "pathray.slide_encoders.madeleine:aggregator",
+        input_dim=512, output_dim=512, tile_models=("conch-v1",), needs_weights=True),
+    AggregatorSpec(
+        "feather", "FEATHER-24K (MIL-Lab abmil.base.conch_v15.pc108-24k) forward_features: gated ABMIL over CONCH "
+        "v1.5 tile embeddings (tiles: 512 px at 20x, ~0.5 µm/px)", "pathray.slide_encoders.feather:aggregator",
+        input_dim=768, output_dim=512, tile_models=("conch-v1.5",), needs_weights=True),
+    AggregatorSpec(
+        "prism", "PRISM (paige-ai/Prism) image_embedding: Perceiver resampler over Virchow v1 tile embeddings "
+        "(class token ++ mean patch token; tiles: 224 px at 20x, 0.5 µm/px)", "pathray.slide_encoders.prism:aggregator",
+        input_dim=2560, output_dim=1280, tile_models=("virchow",), needs_weights=True, accelerated=True),
 )}
 
 
