@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -282,3 +284,38 @@ def test_cli_exits_2_with_the_embed_command(tmp_path, capsys):
     code = main(["aggregate", "--store", str(tmp_path / "s"), "--model", "conch-v1.5", "--aggregator", "titan"])
     assert code == 2
     assert "pathray embed --manifest MANIFEST --models conch-v1.5 --tile-px 512 --target-mpp 0.5" in capsys.readouterr().err
+
+
+# --- end to end: `pathray aggregate --aggregator titan` over a store --------------------------
+def store_slide(store: FeatureStore, slide_path: Path, slide_id: str, seed: int) -> None:
+    """Tile a slide as `pathray embed --tile-px 512 --target-mpp 0.5` would and commit random
+    768-d float32 features for it as model conch-v1.5."""
+    from pathray.store import CommitRequest, embeddings_to_arrow, feature_schema, finalize_slide
+
+    with open_slide(str(slide_path)) as slide:
+        grid = plan_tiles(slide, slide_id, TilingConfig(tile_px=512, target_mpp=0.5, min_tissue_fraction=0.25))
+    features = (np.random.default_rng(seed).random((len(grid), 768)) * 2 - 1).astype(np.float32)
+    table = grid.to_table().append_column("embedding", embeddings_to_arrow(features))
+    store.write_chunk("conch-v1.5", slide_id, "c0", table.cast(feature_schema(768, pa.float32())))
+    finalize_slide(store, CommitRequest("conch-v1.5", slide_id, "demo", ("c0",), len(grid), {}, {}, "h", "r"))
+
+
+@pytest.mark.slow  # a Ray Data run on 2 CPUs
+def test_aggregate_job_runs_titan_as_the_encoder_called_directly(ray_cluster, weights_file, encoder, tmp_path):
+    store = make_store(tmp_path / "store", ["conch-v1.5"], TilingConfig(tile_px=512, target_mpp=0.5))
+    mpps = {"a": 0.25, "b": 0.2631}
+    for i, (slide_id, mpp) in enumerate(mpps.items()):
+        path = write_synthetic_svs(tmp_path / f"{slide_id}.svs", 6000, 5000, mpp=mpp, seed=i,
+                                   tissue_rects=((500, 400, 5200, 3900),), downsamples=(1, 4))
+        store_slide(store, path, slide_id, seed=i)
+    report = run_aggregate(AggregateConfig(str(store.root), "conch-v1.5", "titan", weights=str(weights_file)),
+                           progress_bars=False)
+    assert report.counts == {"ok": 2, "no_tissue": 0, "error": 0}
+    rows = {r["slide_id"]: r for r in store.slide_features("conch-v1.5", "titan").to_table().to_pylist()}
+    for slide_id, mpp in mpps.items():
+        tiles = store.dataset("conch-v1.5").to_table().filter(pc.field("slide_id") == slide_id)
+        tiles = tiles.sort_by("tile_index")
+        emb = np.stack(tiles.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+        direct = encoder(emb, tiles.column("x").to_numpy(), tiles.column("y").to_numpy(), mpp)
+        assert len(emb) >= 12 and rows[slide_id]["n_tiles"] == len(emb)
+        assert np.abs(np.asarray(rows[slide_id]["embedding"], np.float32) - direct).max() <= TOL

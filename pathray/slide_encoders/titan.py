@@ -138,7 +138,8 @@ class _Attention(nn.Module):
         """``x (L, dim)`` (CLS first), ``points (L - 1, 2)`` float64 cells -> ``(L, dim)``: the
         official ``scaled_dot_product_attention(q, k, v, attn_mask=alibi)``, by query rows."""
         length, dim = x.shape
-        q, k, v = self.qkv(x).reshape(length, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
+        qkv = self.qkv(x).reshape(length, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3).contiguous()
+        q, k, v = qkv.unbind(0)  # (heads, L, head_dim) each, contiguous: no copy per chunk
         out = torch.empty_like(q)
         rows = max(1, chunk_bytes // (length * (12 * self.heads + 16)))  # bias, scores, distances
         for start in range(0, length, rows):
@@ -155,8 +156,10 @@ def alibi_bias(points: torch.Tensor, start: int, stop: int, slopes: torch.Tensor
     bias = torch.zeros(len(slopes), stop - start, length, dtype=torch.float32, device=points.device)
     first = max(start, 1)
     if first < stop:
-        dists = (points[first - 1:stop - 1, None, :] - points[None, :, :]).square().sum(-1).sqrt()
-        bias[:, first - start:, 1:] = dists.float()[None] * slopes[:, None, None] * -1
+        dists = (points[first - 1:stop - 1, None, :] - points[None, :, :]).square_().sum(-1).sqrt_().float()
+        rows = bias[:, first - start:, 1:]
+        torch.mul(dists[None], slopes[:, None, None], out=rows)
+        rows.neg_()  # the official "* -1"
     return bias
 
 
