@@ -239,8 +239,9 @@ class TitanSlideNet(nn.Module):
         tokens, points = foreground_tokens(features, cells)
         x = torch.cat([self.cls_token[0], self.patch_embed(tokens)])
         slopes = torch.tensor(alibi_slopes(self.config.num_heads), dtype=torch.float32, device=x.device)
+        points = points.double()  # exact integers: float64 distances as the official numpy code
         for block in self.blocks.modules_list:
-            x = block(x, points.double(), slopes, chunk_bytes)
+            x = block(x, points, slopes, chunk_bytes)
         return self.attn_pool_contrastive(self.norm(x))[0]
 
 
