@@ -41,7 +41,7 @@ from pathray.slide_encoders.titan import (
 OFFICIAL_DIR = "src/unicorn_baseline/vision/pathology/titan"
 OUT = Path(__file__).resolve().parents[1] / "data" / "titan_golden.npz"
 WEIGHTS_SEED = 11
-#: name -> (slide µm/px, tile lattice (columns, rows) kept, tiles seed)
+#: slide cases: name -> the slide's µm/px (their lattices: make_cases)
 CASES = {
     "mpp025": 0.25, "mpp02631": 0.2631, "mpp05_long": 0.5,
 }
