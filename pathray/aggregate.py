@@ -46,9 +46,35 @@ class Aggregator(Protocol):
 
 
 @dataclass(frozen=True)
+class TileGeometry:
+    """The tiles a slide encoder was trained on: ``tile_px``-px tiles at ``target_mpp`` µm/px,
+    on a grid without overlap (stride = tile)."""
+
+    tile_px: int
+    target_mpp: float
+
+    def matches(self, tiling: dict[str, Any]) -> bool:
+        """Whether a store's tiling record (``pathray.config.tiling_record``) cuts these tiles."""
+        return (tiling.get("tile_px") == self.tile_px and tiling.get("stride_px") in (None, self.tile_px)
+                and abs(float(tiling.get("target_mpp") or 0) - self.target_mpp) <= 1e-9 * self.target_mpp)
+
+    def describe(self) -> str:
+        return f"{self.tile_px}-px tiles at {self.target_mpp:g} µm/px without overlap"
+
+
+def describe_tiling(tiling: dict[str, Any]) -> str:
+    """A store's tiling record in words."""
+    stride = tiling.get("stride_px")
+    overlap = "without overlap" if stride in (None, tiling.get("tile_px")) else f"with a {stride}-px stride"
+    return f"{tiling.get('tile_px')}-px tiles at {tiling.get('target_mpp'):g} µm/px {overlap}"
+
+
+@dataclass(frozen=True)
 class AggregatorSpec:
     """What an aggregator is. ``builder`` is ``"module:callable"``, called as
-    ``callable(weights: str | None, device: str) -> Aggregator``."""
+    ``callable(weights: str | None, device: str) -> Aggregator``. ``tile_models`` and
+    ``tiles`` state what it needs from a store; ``pathray aggregate`` refuses a store that does
+    not have it, with the ``pathray embed`` command that would (:meth:`embed_command`)."""
 
     name: str
     description: str
@@ -58,11 +84,19 @@ class AggregatorSpec:
     tile_models: tuple[str, ...] = ()  # tile models it was trained on (empty: any)
     needs_weights: bool = False  # False: --weights is ignored
     accelerated: bool = False  # True: runs on GPU actors when the cluster has GPUs
+    tiles: TileGeometry | None = None  # the tiling it needs (None: any)
 
     def record(self, weights: str | None) -> dict[str, Any]:
         """JSON-able identity of this aggregator with these weights (provenance, store guard)."""
         return {"aggregator": self.name, "builder": self.builder, "weights": weights if self.needs_weights else None,
-                "input_dim": self.input_dim, "output_dim": self.output_dim, "tile_models": list(self.tile_models)}
+                "input_dim": self.input_dim, "output_dim": self.output_dim, "tile_models": list(self.tile_models),
+                **({"tiles": self.tiles.describe()} if self.tiles else {})}
+
+    def embed_command(self, out: str) -> str:
+        """The ``pathray embed`` command line that writes the tile features this aggregator needs to ``out``."""
+        tiling = f" --tile-px {self.tiles.tile_px} --target-mpp {self.tiles.target_mpp:g}" if self.tiles else ""
+        models = ",".join(self.tile_models[:1]) or "MODEL"
+        return f"pathray embed --manifest MANIFEST --models {models}{tiling} --out {out}"
 
     def out_dim(self, tile_dim: int) -> int:
         return self.output_dim or tile_dim
@@ -91,6 +125,11 @@ AGGREGATORS: dict[str, AggregatorSpec] = {s.name: s for s in (
         "prism", "PRISM (paige-ai/Prism) image_embedding: Perceiver resampler over Virchow v1 tile embeddings "
         "(class token ++ mean patch token; tiles: 224 px at 20x, 0.5 µm/px)", "pathray.slide_encoders.prism:aggregator",
         input_dim=2560, output_dim=1280, tile_models=("virchow",), needs_weights=True, accelerated=True),
+    AggregatorSpec(
+        "titan", "TITAN slide encoder (MahmoodLab/TITAN vision part: 6-layer ViT with 2-D ALiBi over the tile grid, "
+        "attentional pooling) over conch-v1.5 features of 512-px tiles at 0.5 µm/px", "pathray.aggregate:build_titan",
+        input_dim=768, output_dim=768, tile_models=("conch-v1.5",), needs_weights=True, accelerated=True,
+        tiles=TileGeometry(tile_px=512, target_mpp=0.5)),
 )}
 
 
@@ -150,6 +189,12 @@ def build_gigapath_slide(weights: str | None, device: str) -> SlideEncoderAggreg
     from pathray.slide_encoders.gigapath import GigaPathSlideEncoder
 
     return SlideEncoderAggregator(GigaPathSlideEncoder.from_weights(weights, device=device))
+
+
+def build_titan(weights: str | None, device: str) -> SlideEncoderAggregator:
+    from pathray.slide_encoders.titan import TitanSlideEncoder
+
+    return SlideEncoderAggregator(TitanSlideEncoder.from_weights(weights, device=device))
 
 
 def slide_embeddings(dataset: pads.Dataset, pooling: str = "mean", min_tissue_fraction: float = 0.0) -> pa.Table:

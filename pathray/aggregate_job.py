@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pathray import __version__
-from pathray.aggregate import AggregatorSpec, SlideTiles, build_aggregator, get_aggregator
+from pathray.aggregate import AggregatorSpec, SlideTiles, build_aggregator, describe_tiling, get_aggregator
 from pathray.config import fingerprint
 from pathray.errors import AggregatorError, FeaturesUnreadableError, StoreConfigMismatchError, describe
 from pathray.lease import StoreLease
@@ -310,12 +310,23 @@ def _pin_aggregator(store: FeatureStore, model: str, spec: AggregatorSpec, weigh
 
 
 def _check_inputs(store: FeatureStore, config: AggregateConfig, spec: AggregatorSpec) -> None:
-    """Refuse a run that cannot produce meaningful rows, before any work starts."""
-    models = (store.read_config() or {}).get("models", {})
-    if config.model not in models:
-        raise ValueError(f"model {config.model!r} is not in the store {store.root} (has: {', '.join(sorted(models)) or 'none'})")
+    """Refuse a run that cannot produce meaningful rows, before any work starts: a tile model
+    the aggregator was not trained on, a store tiled otherwise than it needs, a model not in
+    the store. The message gives the ``pathray embed`` command that writes what it needs (into
+    this store when its tiling fits, else into a new one: a store holds one tiling)."""
+    current = store.read_config() or {}
+    models, tiling = current.get("models", {}), current.get("tiling") or {}
+    tiling_ok = spec.tiles is None or not tiling or spec.tiles.matches(tiling)
+    fix = f"; make them with: {spec.embed_command(store.root if tiling_ok else 'NEW_STORE')}"
     if spec.tile_models and config.model not in spec.tile_models:
-        raise ValueError(f"aggregator {spec.name!r} takes embeddings of {', '.join(spec.tile_models)}, not {config.model!r}")
+        raise ValueError(f"aggregator {spec.name!r} takes embeddings of {', '.join(spec.tile_models)}, "
+                         f"not {config.model!r}{fix}")
+    if not tiling_ok:
+        raise ValueError(f"aggregator {spec.name!r} needs {spec.tiles.describe()}; {store.root} holds "
+                         f"{describe_tiling(tiling)}{fix}")
+    if config.model not in models:
+        raise ValueError(f"model {config.model!r} is not in the store {store.root} (has: "
+                         f"{', '.join(sorted(models)) or 'none'}){fix if spec.tile_models else ''}")
     if spec.needs_weights and not config.weights:
         log.info("%s: no --weights given; the aggregator's default source is used", spec.name)
 
@@ -331,7 +342,8 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True, display: 
     report (also saved in the store, with ``report.html``; ``progress_bars``: Ray's output,
     ``display``: the live progress's stream). Per-slide failures never raise: error rows
     and a non-zero :attr:`AggregateReport.exit_code`. Raised: an unknown aggregator or tile
-    model, a tile model the aggregator does not take (``ValueError``), other weights than
+    model, a tile model the aggregator does not take or a store tiled otherwise than it needs
+    (``ValueError``, naming the ``pathray embed`` command that would fit), other weights than
     the folder was made with (:class:`StoreConfigMismatchError`), another live driver on the
     store (:class:`StoreBusyError`: the run takes the store's lease as ``pathray embed``
     does), a lease lost mid-run (:class:`LeaseLostError`)."""

@@ -3,7 +3,7 @@ of ``jobs/aggregate.py``).
 
 Exit status: 0 every slide aggregated (or without tissue), 1 some slide failed (recorded in
 the store's ``errors/``), 2 the job could not start (unknown aggregator or model, an
-aggregator that does not take this model's embeddings, other weights than the existing
+aggregator that does not take this model's embeddings or this store's tiling, other weights than the existing
 output was made with).
 """
 

@@ -199,6 +199,17 @@ class AggregatorError(PathrayError):
     error_type = "aggregator_error"
 
 
+class SlideTooLargeForEncoderError(AggregatorError):
+    """A slide has more tiles than a slide encoder can hold in the memory free on its device;
+    refused before any work, so the actor survives. ``n_tiles`` and ``limit_tiles`` say by how much."""
+
+    error_type = "slide_too_large_for_encoder"
+
+    def __init__(self, message: str, *, n_tiles: int, limit_tiles: int):
+        super().__init__(message)
+        self.n_tiles, self.limit_tiles = n_tiles, limit_tiles
+
+
 UNEXPECTED = "unexpected_error"
 #: words in an exception (or its causes) that mean "the storage is not serving now", not
 #: "this object is bad": S3 error codes, botocore's connection errors, HTTP 5xx reasons
