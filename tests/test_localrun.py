@@ -65,4 +65,4 @@ def test_embed_command_prints_everything_before_its_fast_exit(synthetic_svs_05, 
     saved = json.loads(reports[0].read_text())
     assert saved["runner"] == "local" and saved["exit_code"] == 1 and saved["per_model"]["kaiko-vits16"]["ok"] == 1
     assert FeatureStore(str(tmp_path / "store")).committed("kaiko-vits16") == {"a"}
-    assert not any(p.name.startswith("_lease") for p in (tmp_path / "store").iterdir())  # lease given back
+    assert not (tmp_path / "store" / "_lease.json").exists()  # lease given back (its flock side file may stay)

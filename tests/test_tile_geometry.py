@@ -21,11 +21,21 @@ from pathray.tiling import TilingConfig, plan_tiles
 GIGAPATH_TILING = TilingConfig(tile_px=256, target_mpp=0.5, min_tissue_fraction=0.0)
 
 
+#: models whose official pipeline cuts tiles of another size than its transform's target (the
+#: card's own Resize then resamples them): CONCH v1.5 (TITAN: 512 px at 20x -> 448), GPFM
+#: (512 px at 40x -> 224), CLAM's ResNet-50 (256 px at 20x -> 224)
+RESIZED_BY_OFFICIAL_PIPELINE = {"conch-v1.5": 512, "gpfm": 256, "resnet50-trunc": 256}
+
+
 def test_each_spec_tiles_at_the_size_its_card_resize_leaves_unchanged():
     for name, spec in REGISTRY.items():
         p = spec.preprocess
-        assert spec.tile_px == (p.resize_px or p.crop_px), name  # a native tile is neither resampled nor padded
         assert spec.tile_source, f"{name}: no source recorded for its native tile"
+        if name in RESIZED_BY_OFFICIAL_PIPELINE:
+            assert spec.tile_px == RESIZED_BY_OFFICIAL_PIPELINE[name] != p.resize_px, name
+            assert "resize" in spec.tile_source.lower(), name  # the source says the official transform resizes
+            continue
+        assert spec.tile_px == (p.resize_px or p.crop_px), name  # a native tile is neither resampled nor padded
     gigapath = get_spec("prov-gigapath")
     assert (gigapath.tile_px, gigapath.native_mpp, gigapath.input_px) == (256, 0.5, 224)
     assert get_spec("timm:vit_tiny_patch16_224").tile_px == 224  # no card: the network input

@@ -30,11 +30,13 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     kwargs = dict(spec.model_kwargs)
     arch = spec.architecture
     config = config or {}
-    if config.get("architecture") != spec.extra.get("release_architecture"):
+    release_arch = spec.extra.get("release_architecture")
+    if not (release_arch and config.get("architecture") == release_arch):
         check_config_architecture(spec.name, spec.builder, arch, config,
                                   tuple(spec.extra.get("config_architectures", ())))
     written_for = (config.get("pathray") or {}).get("model")
-    if written_for and written_for != spec.name and not spec.name.startswith("timm:"):
+    if written_for and written_for != spec.name and not spec.name.startswith("timm:") \
+            and not _same_release(spec, written_for):
         # models of one architecture (H-optimus-0 and -1) are told apart by pathray's own record
         raise WeightsMismatchError(f"{spec.name}: these weights were written for {written_for!r} "
                                    "(config.json pathray.model)")
@@ -75,3 +77,13 @@ def spec_for_config(spec: EncoderSpec, config: dict[str, Any] | None) -> Encoder
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _same_release(spec: EncoderSpec, other: str) -> bool:
+    """True when registered model ``other`` is read from the same published file as ``spec``
+    (two embeddings of one release, e.g. MUSK's multi-scale and CLS)."""
+    from .registry import REGISTRY
+
+    twin = REGISTRY.get(other)
+    return bool(twin and spec.hf_hub_id and twin.hf_hub_id == spec.hf_hub_id
+                and twin.architecture == spec.architecture)
