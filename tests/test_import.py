@@ -225,10 +225,7 @@ def test_clam_h5_reads_its_patch_file_attributes_and_the_manifest_mpp(tmp_path):
     assert tiles.column("x").to_pylist() == [0, 1024]
 
 
-@pytest.mark.parametrize("aggregator", [
-    "mean",
-    # integrator: add "titan" here once `--aggregator titan` lands (it takes conch-v1.5 tiles)
-])
+@pytest.mark.parametrize("aggregator", ["mean", "titan"])
 def test_trident_h5_of_the_demo_slides_import_and_aggregate(aggregator, tmp_path, capsys):
     """TRIDENT h5 files for the demo slides (coords on the 512-px grid at 0.5 um/px inside their
     tissue rectangles, random 768-d features) imported as conch-v1.5, then ``pathray aggregate``
@@ -246,14 +243,29 @@ def test_trident_h5_of_the_demo_slides_import_and_aggregate(aggregator, tmp_path
                                                    for n, c, *_ in SYNTHETIC])
     root = tmp_path / "store"
     assert main(import_args(root, "trident-h5", tmp_path / "h5", "--manifest", str(manifest))) == 0
+    weights = []
+    if aggregator == "titan":  # TITAN's exact architecture, random weights in the release's layout
+        from pathray.slide_encoders.titan import write_random_weights
+
+        weights = ["--weights", str(write_random_weights(tmp_path / "titan"))]
     assert main(["aggregate", "--store", str(root), "--model", MODEL, "--aggregator", aggregator,
-                 "--runner", "local"]) == 0
+                 "--runner", "local", *weights]) == 0
     rows = {r["slide_id"]: r for r in FeatureStore(str(root)).slide_features(MODEL, aggregator).to_table().to_pylist()}
     assert sorted(rows) == sorted(features) and all(len(f) > 0 for f in features.values())
     for name, feats in features.items():
         assert rows[name]["n_tiles"] == len(feats)
         if aggregator == "mean":
             np.testing.assert_allclose(rows[name]["embedding"], feats.mean(axis=0), rtol=1e-5, atol=1e-6)
+    if aggregator == "titan":  # the store's rows equal TITAN called on the TRIDENT files' own features and coords
+        from pathray.slide_encoders.titan import TitanSlideEncoder
+
+        encoder = TitanSlideEncoder.from_weights(weights[1])
+        for name, _, _, mpp, _ in SYNTHETIC:
+            with h5py.File(tmp_path / "h5" / f"{name}.h5") as f:
+                coords = f["coords"][:]
+            direct = encoder(features[name], coords[:, 0], coords[:, 1], mpp)
+            assert len(rows[name]["embedding"]) == 768
+            np.testing.assert_allclose(rows[name]["embedding"], direct, rtol=1e-5, atol=1e-6)
 
 
 def test_a_pt_file_that_is_not_a_tensor_is_an_error_row(tmp_path):
