@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-ORDER = ("tiling", "encoders", "encoder_costs", "pipeline", "pipeline-cluster", "s3_io", "dicom_io", "dicom_wsidicom",
-         "peers")
+ORDER = ("tiling", "encoders", "encoder_costs", "slide_encoders", "slide_encoders_abmil", "pipeline", "pipeline-cluster",
+         "s3_io", "dicom_io", "dicom_wsidicom", "peers")
 
 HEADER = """# Benchmarks
 
