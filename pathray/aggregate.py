@@ -172,12 +172,19 @@ class Pooling:
 
 
 class SlideEncoderAggregator:
-    """Adapts a slide encoder ``(embeddings, x_level0, y_level0, slide_mpp) -> (D,)``."""
+    """Adapts a slide encoder ``(embeddings, x_level0, y_level0, slide_mpp) -> (D,)``. With a
+    ``memory`` model ``(bytes per tile, fixed bytes, device)`` a slide that would not fit the
+    memory free now is refused first (:func:`pathray.slide_encoders.memory.admit`)."""
 
-    def __init__(self, encoder: Any):
-        self.encoder = encoder
+    def __init__(self, encoder: Any, memory: tuple[int, int, str] | None = None):
+        self.encoder, self.memory = encoder, memory
 
     def __call__(self, tiles: SlideTiles) -> np.ndarray:
+        if self.memory is not None:
+            from pathray.slide_encoders.memory import admit
+
+            per_tile, fixed, device = self.memory
+            admit(type(self.encoder).__name__, len(tiles.embeddings), per_tile, fixed, device)
         out = self.encoder(tiles.embeddings, tiles.x_level0, tiles.y_level0, tiles.slide_mpp)
         return np.asarray(out, dtype=np.float32).reshape(-1)
 

@@ -30,6 +30,12 @@ from torch import nn
 from .abmil import GatedAttention, attention_pool
 from .release import Release, TileSetEncoder, random_net, resolve_weights
 
+#: memory model of one slide (pathray.slide_encoders.memory.admit): twice the measured working
+#: memory per tile (docs/bench/slide_encoders_abmil.md: 4.9 MB per 1,000 tiles on CPU fp32) plus
+#: the tile embeddings themselves (768 float32), over a fixed allowance
+BYTES_PER_TILE = 16 * 1024
+FIXED_BYTES = 512 * 1024**2
+
 RELEASE = Release(
     architecture="chief_small_gated_abmil",
     filename="CHIEF_pretraining.pth",
@@ -94,4 +100,4 @@ def aggregator(weights: str | None, device: str) -> Any:
     """``AGGREGATORS["chief"]`` builder."""
     from pathray.aggregate import SlideEncoderAggregator
 
-    return SlideEncoderAggregator(from_weights(weights, device))
+    return SlideEncoderAggregator(from_weights(weights, device), (BYTES_PER_TILE, FIXED_BYTES, device))

@@ -31,6 +31,12 @@ from torch import nn
 from .abmil import GatedAttention, attention_pool
 from .release import Release, TileSetEncoder, check_config, random_net, resolve_weights
 
+#: memory model of one slide (pathray.slide_encoders.memory.admit): twice the measured working
+#: memory per tile (docs/bench/slide_encoders_abmil.md: 6.4 MB per 1,000 tiles on CPU fp32) plus
+#: the tile embeddings themselves (768 float32), over a fixed allowance
+BYTES_PER_TILE = 16 * 1024
+FIXED_BYTES = 512 * 1024**2
+
 RELEASE = Release(
     architecture="feather_abmil_base_conch_v15",
     filename="model.safetensors",
@@ -89,4 +95,4 @@ def aggregator(weights: str | None, device: str) -> Any:
     """``AGGREGATORS["feather"]`` builder."""
     from pathray.aggregate import SlideEncoderAggregator
 
-    return SlideEncoderAggregator(from_weights(weights, device))
+    return SlideEncoderAggregator(from_weights(weights, device), (BYTES_PER_TILE, FIXED_BYTES, device))

@@ -40,6 +40,12 @@ from torch import nn
 from .abmil import GatedAttention, attention_pool
 from .release import Release, TileSetEncoder, check_config, random_net, resolve_weights
 
+#: memory model of one slide (pathray.slide_encoders.memory.admit): twice the measured working
+#: memory per tile (docs/bench/slide_encoders_abmil.md: 15.7 MB per 1,000 tiles on CPU fp32) plus
+#: the tile embeddings themselves (512 float32), over a fixed allowance
+BYTES_PER_TILE = 40 * 1024
+FIXED_BYTES = 512 * 1024**2
+
 RELEASE = Release(
     architecture="madeleine_abmil_4heads_conch_v1",
     filename="model.pt",
@@ -110,4 +116,4 @@ def aggregator(weights: str | None, device: str) -> Any:
     """``AGGREGATORS["madeleine"]`` builder."""
     from pathray.aggregate import SlideEncoderAggregator
 
-    return SlideEncoderAggregator(from_weights(weights, device))
+    return SlideEncoderAggregator(from_weights(weights, device), (BYTES_PER_TILE, FIXED_BYTES, device))

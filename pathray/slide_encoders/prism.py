@@ -44,6 +44,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .release import Release, TileSetEncoder, random_net, resolve_weights, unique_state
 
+#: memory model of one slide (pathray.slide_encoders.memory.admit): twice the measured working
+#: memory per tile (docs/bench/slide_encoders_abmil.md: 16.8 MB per 1,000 tiles on CPU fp32) plus
+#: the tile embeddings themselves (2560 float32), over a fixed allowance
+BYTES_PER_TILE = 48 * 1024
+FIXED_BYTES = 512 * 1024**2
+
 RELEASE = Release(
     architecture="prism_perceiver_resampler",
     filename="model.safetensors",
@@ -192,4 +198,4 @@ def aggregator(weights: str | None, device: str) -> Any:
     """``AGGREGATORS["prism"]`` builder."""
     from pathray.aggregate import SlideEncoderAggregator
 
-    return SlideEncoderAggregator(from_weights(weights, device))
+    return SlideEncoderAggregator(from_weights(weights, device), (BYTES_PER_TILE, FIXED_BYTES, device))

@@ -57,6 +57,8 @@ from pathray.encoders.builders import from_release_layout
 from pathray.encoders.loading import HUB_PREFIXES, download_hub_file, file_sha256, load_into, read_state_dict
 from pathray.errors import SlideTooLargeForEncoderError, WeightsCorruptError, WeightsUnavailableError
 
+from .memory import available_memory_bytes
+
 ARCHITECTURE = "titan_vision_encoder"
 HUB_REPO = "MahmoodLab/TITAN"
 HUB_FILENAME = "model.safetensors"
@@ -325,31 +327,6 @@ class TitanSlideEncoder:
             "weights_fingerprint": self.fingerprint,
             "coordinate_rule": COORDINATE_RULE,
         }
-
-
-def available_memory_bytes(device: str) -> int:
-    """Free memory for one slide: ``cuda`` free device memory; on CPU ``MemAvailable`` capped by
-    the cgroup's remaining limit. ``PATHRAY_SLIDE_ENCODER_MEMORY_BYTES`` overrides both."""
-    override = os.environ.get("PATHRAY_SLIDE_ENCODER_MEMORY_BYTES")
-    if override:
-        return int(float(override))
-    if str(device).startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    free = _meminfo_available()
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return free
-
-
-def _meminfo_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable")
 
 
 def read_vision_part(path: str | os.PathLike) -> dict[str, torch.Tensor]:
