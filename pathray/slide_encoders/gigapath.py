@@ -28,19 +28,19 @@ import torch
 from torch import nn
 
 from pathray.encoders.loading import (
-    HUB_PREFIXES,
-    download_hub_file,
-    file_sha256,
     load_into,
     read_state_dict,
 )
-from pathray.errors import WeightsUnavailableError
 
 from .longnet import LongNetConfig, LongNetEncoder
+from .release import Release, resolve_weights
 
 ARCHITECTURE = "gigapath_slide_enc12l768d"
 HUB_REPO = "prov-gigapath/prov-gigapath"
 HUB_FILENAME = "slide_encoder.pth"
+#: the released file, for :func:`pathray.slide_encoders.release.resolve_weights`
+RELEASE = Release(architecture=ARCHITECTURE, filename=HUB_FILENAME, hub_repo=HUB_REPO,
+                  obtain="request access at https://huggingface.co/prov-gigapath/prov-gigapath, then `hf auth login` or HF_TOKEN")
 #: µm/px of the image whose pixels the official coordinates count
 GIGAPATH_MPP = 0.5
 #: tile side (px at GIGAPATH_MPP) of the official grid: coordinates are divided by this
@@ -158,7 +158,7 @@ class GigaPathSlideEncoder:
         a ``slide_encoder.pth``-shaped file (``{"model": state_dict}``, read with
         ``weights_only=True``) or a directory holding one. Raises ``WeightsUnavailableError``,
         ``WeightsCorruptError`` or ``WeightsMismatchError`` (strict keys and shapes)."""
-        path, label, fingerprint = _resolve(source)
+        path, label, fingerprint = resolve_weights(RELEASE, source)
         with torch.device("meta"):
             net = GigaPathSlideNet(SlideEncoderConfig(global_pool=global_pool))
         load_into(net, read_state_dict(path), what=f"{ARCHITECTURE} weights {label}")
@@ -204,23 +204,6 @@ class GigaPathSlideEncoder:
             "weights_fingerprint": self.fingerprint,
             "coordinate_rule": COORDINATE_RULE,
         }
-
-
-def _resolve(source: str | os.PathLike | None) -> tuple[str, str, str]:
-    """``(local file, source label, fingerprint)`` of the weights ``source`` names."""
-    text = HUB_PREFIXES[0] + HUB_REPO if source is None else os.fspath(source)
-    for prefix in HUB_PREFIXES:
-        if text.startswith(prefix):
-            repo = text[len(prefix):]
-            path, fingerprint = download_hub_file(ARCHITECTURE, repo, HUB_FILENAME, gated=True)
-            return path, f"hf-hub:{repo}", fingerprint
-    path = Path(text).expanduser()
-    if path.is_dir():
-        path = path / HUB_FILENAME
-    if not path.is_file():
-        raise WeightsUnavailableError(f"{ARCHITECTURE}: weights {text!r} not found: expected a {HUB_FILENAME} file, "
-                                      f"a directory holding one, or hf-hub:org/name")
-    return str(path), str(path), "sha256:" + file_sha256(path)
 
 
 def random_slide_net(seed: int = 0, config: SlideEncoderConfig = SlideEncoderConfig()) -> GigaPathSlideNet:

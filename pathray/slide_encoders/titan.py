@@ -54,14 +54,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathray.encoders.builders import from_release_layout
-from pathray.encoders.loading import HUB_PREFIXES, download_hub_file, file_sha256, load_into, read_state_dict
-from pathray.errors import SlideTooLargeForEncoderError, WeightsCorruptError, WeightsUnavailableError
+from pathray.encoders.loading import load_into, read_state_dict
+from pathray.errors import SlideTooLargeForEncoderError, WeightsCorruptError
 
 from .memory import available_memory_bytes
+from .release import Release, resolve_weights
 
 ARCHITECTURE = "titan_vision_encoder"
 HUB_REPO = "MahmoodLab/TITAN"
 HUB_FILENAME = "model.safetensors"
+#: the released file, for :func:`pathray.slide_encoders.release.resolve_weights`
+RELEASE = Release(architecture=ARCHITECTURE, filename=HUB_FILENAME, hub_repo=HUB_REPO,
+                  obtain="request access at https://huggingface.co/MahmoodLab/TITAN, then `hf auth login` or HF_TOKEN")
 #: key prefix of the slide encoder in the released checkpoint, and the declared other parts
 CHECKPOINT_PREFIX = "vision_encoder."
 CHECKPOINT_IGNORE = ("text_encoder.",)
@@ -275,7 +279,7 @@ class TitanSlideEncoder:
         a release-layout file (``.safetensors``, or a ``.pth``/``.bin`` state dict read with
         ``weights_only=True``) or a directory holding ``model.safetensors``. Raises
         ``WeightsUnavailableError``, ``WeightsCorruptError`` or ``WeightsMismatchError``."""
-        path, label, fingerprint = _resolve(source)
+        path, label, fingerprint = resolve_weights(RELEASE, source)
         with torch.device("meta"):
             net = TitanSlideNet()
         load_into(net, read_vision_part(path), what=f"{ARCHITECTURE} weights {label}")
@@ -344,23 +348,6 @@ def read_vision_part(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises its own error types
         raise WeightsCorruptError(f"cannot parse safetensors file {path}: {exc}") from exc
     return from_release_layout(state, CHECKPOINT_PREFIX, CHECKPOINT_IGNORE)
-
-
-def _resolve(source: str | os.PathLike | None) -> tuple[str, str, str]:
-    """``(local file, source label, fingerprint)`` of the weights ``source`` names."""
-    text = HUB_PREFIXES[0] + HUB_REPO if source is None else os.fspath(source)
-    for prefix in HUB_PREFIXES:
-        if text.startswith(prefix):
-            repo = text[len(prefix):]
-            path, fingerprint = download_hub_file(ARCHITECTURE, repo, HUB_FILENAME, gated=True)
-            return path, f"hf-hub:{repo}", fingerprint
-    path = Path(text).expanduser()
-    if path.is_dir():
-        path = path / HUB_FILENAME
-    if not path.is_file():
-        raise WeightsUnavailableError(f"{ARCHITECTURE}: weights {text!r} not found: expected a {HUB_FILENAME} file, "
-                                      f"a directory holding one, or hf-hub:org/name")
-    return str(path), str(path), "sha256:" + file_sha256(path)
 
 
 def random_titan_net(seed: int = 0, config: TitanConfig = TitanConfig()) -> TitanSlideNet:
