@@ -54,6 +54,7 @@ from pathray.store import (
     _put_bytes,
     _read_json,
     embeddings_to_arrow,
+    model_tiling,
 )
 from pathray.watch import RunWatch
 
@@ -313,11 +314,12 @@ def _check_inputs(store: FeatureStore, config: AggregateConfig, spec: Aggregator
     """Refuse a run that cannot produce meaningful rows, before any work starts: a tile model
     the aggregator was not trained on, a store tiled otherwise than it needs, a model not in
     the store. The message gives the ``pathray embed`` command that writes what it needs (into
-    this store when its tiling fits, else into a new one: a store holds one tiling)."""
+    this store unless the model is already there at another tiling: a store holds each model at
+    one tiling)."""
     current = store.read_config() or {}
-    models, tiling = current.get("models", {}), current.get("tiling") or {}
+    models, tiling = current.get("models", {}), model_tiling(current, config.model)
     tiling_ok = spec.tiles is None or not tiling or spec.tiles.matches(tiling)
-    fix = f"; make them with: {spec.embed_command(store.root if tiling_ok else 'NEW_STORE')}"
+    fix = f"; make them with: {spec.embed_command(store.root if tiling_ok or config.model not in models else 'NEW_STORE')}"
     if spec.tile_models and config.model not in spec.tile_models:
         raise ValueError(f"aggregator {spec.name!r} takes embeddings of {', '.join(spec.tile_models)}, "
                          f"not {config.model!r}{fix}")

@@ -211,6 +211,11 @@ class CommitRecord:
     slide: dict[str, Any]  # width, height, mpp, mpp_source, vendor, path
 
 
+def _identity(record: dict[str, Any]) -> str:
+    """A config record's identity: its ``fingerprint``, else its whole content."""
+    return str(record.get("fingerprint") or json.dumps(record, sort_keys=True, default=str))
+
+
 def model_tiling(config: dict[str, Any], model: str) -> dict[str, Any]:
     """The tiling record of ``model`` in a store config: its ``model_tilings`` entry, else the
     store's ``tiling`` (stores written before per-model tilings have only the latter)."""
@@ -342,7 +347,7 @@ class FeatureStore:
                 self._check_model(name, merged, cfg, want)
                 continue
             merged["models"][name] = cfg
-            if want["fingerprint"] != merged["tiling"]["fingerprint"]:
+            if _identity(want) != _identity(merged["tiling"]):
                 merged["model_tilings"][name] = want
         if not merged["model_tilings"]:
             del merged["model_tilings"]
@@ -350,13 +355,13 @@ class FeatureStore:
 
     def _check_model(self, name: str, config: dict, record: dict[str, Any], tiling: dict[str, Any]) -> None:
         have = model_tiling(config, name)
-        if have["fingerprint"] != tiling["fingerprint"]:
+        if _identity(have) != _identity(tiling):
             raise StoreConfigMismatchError(
                 f"{self.root} holds {name!r} at another tiling: {config_diff(have, tiling)}. Write to a new --out "
                 f"root, or pass --new-version to store this configuration as a separate version under "
                 f"{self.root}/versions/.")
         old = config["models"][name]
-        if old["fingerprint"] != record["fingerprint"]:
+        if _identity(old) != _identity(record):
             raise StoreConfigMismatchError(
                 f"model {name!r} in {self.root} was written with another config: {config_diff(old, record)}. "
                 "Use a new --out root, or --new-version.")

@@ -311,7 +311,6 @@ def test_local_runner_aggregates_in_process_as_the_ray_plan_does(store_copy):
 def test_status_reports_models_errors_runs_and_aggregations_without_writing(store_copy, tmp_path, capsys):
     run_aggregate(AggregateConfig(str(store_copy), MODEL, "mean", runner="local"), progress_bars=False)
     manifest = write_manifest(tmp_path / "more.csv", [
-        {"slide_id": "a", "path": "unused", "cohort": "x", "case_id": "ca", "mpp": ""},
         {"slide_id": "gone", "path": str(tmp_path / "gone.svs"), "cohort": "y", "case_id": "cg", "mpp": ""},
     ])
     config = build_job_config({"manifest": str(manifest), "out": str(store_copy), "models": [MODEL, GIGA],
