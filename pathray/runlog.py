@@ -100,27 +100,44 @@ def run_terminal(out: str, run_id: str, verbose: bool = False) -> Iterator[RunTe
     """Route a run's output (see the module doc) until the block ends."""
     path = log_path_for(out, run_id)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    root = logging.getLogger()
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    saved_handlers, saved_level = root.handlers[:], root.level
-    root.handlers, root.level = [file_handler], logging.INFO
+    handlers: list[logging.Handler] = [file_handler]
     if verbose:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(console)
+        handlers.append(console)
+    with _loggers_to(handlers):
         try:
-            yield RunTerminal(sys.stderr, path, True)
+            if verbose:
+                yield RunTerminal(sys.stderr, path, True)
+                return
+            with _stderr_to(path) as terminal:
+                yield RunTerminal(terminal, path, False)
         finally:
             file_handler.close()
-            root.handlers, root.level = saved_handlers, saved_level
-        return
-    with _stderr_to(path) as terminal:
-        try:
-            yield RunTerminal(terminal, path, False)
-        finally:
-            file_handler.close()
-            root.handlers, root.level = saved_handlers, saved_level
+
+
+#: loggers that keep their own handlers and do not propagate once their library configured them
+#: (Ray Data writes to its own handlers): routed to the run's log like the root logger
+OWN_HANDLER_LOGGERS = ("ray", "ray.data")
+
+
+@contextmanager
+def _loggers_to(handlers: list[logging.Handler]) -> Iterator[None]:
+    """The root logger (at INFO) and :data:`OWN_HANDLER_LOGGERS` that do not propagate write to
+    ``handlers`` only, until the block ends; then each gets its handlers and level back."""
+    root = logging.getLogger()
+    own = [logging.getLogger(name) for name in OWN_HANDLER_LOGGERS if not logging.getLogger(name).propagate]
+    saved = [(lg, lg.handlers[:], lg.level) for lg in (root, *own)]
+    root.handlers, root.level = list(handlers), logging.INFO
+    for lg in own:
+        lg.handlers = list(handlers)
+    try:
+        yield
+    finally:
+        for lg, old_handlers, level in saved:
+            lg.handlers, lg.level = old_handlers, level
 
 
 @contextmanager
