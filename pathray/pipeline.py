@@ -360,6 +360,8 @@ def _configure_ray_data(config: JobConfig, progress_bars: bool) -> None:
 def _close_run(run: RunContext) -> RunReport:
     """Flush status/error rows, rebuild slides.parquet, save the run report and its page."""
     run.ledger.flush()
+    for model in run.model_names:  # the next run (and every reader) lists the records and reads this index
+        run.store.update_commit_index(model)
     consolidate_slide_table(run.store, {m: run.store.committed(m) for m in run.model_names})
     run.report.ended_at = time.time()
     if run.watch is not None:

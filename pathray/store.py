@@ -7,6 +7,8 @@ Layout under ``ROOT`` (a local directory or ``s3://bucket/prefix``)::
                                                           all tiles of one committed (slide, model)
     _staging/model=<model>/<slide_id>/<chunk_id>.parquet  chunk outputs of the write stage (transient)
     _commits/model=<model>/<slide_id>.json                commit record, written last
+    _commits/index/model=<model>.parquet                  every record of the model with its listed
+                                                          version (a cache: FeatureStore.commit_records)
     slides.parquet                                        latest status per (slide, model)
     slide_features/model=<model>/aggregator=<name>/<slide_id>.parquet
                                                           one slide-level row (``pathray aggregate``)
@@ -400,18 +402,58 @@ class FeatureStore:
         return CommitRecord(**raw) if raw else None
 
     def commit_records(self, model: str) -> dict[str, CommitRecord]:
-        """Every commit record of ``model`` by slide id: one listing, then the records read
-        together (fsspec ``cat`` of many paths, concurrent on S3). A record deleted between
-        the two is left out."""
-        return {slide_id: CommitRecord(**raw) for slide_id, raw in self._records(self.path("_commits", f"model={model}")).items()}
+        """Every commit record of ``model`` by slide id: one listing, the model's commit index
+        (:meth:`update_commit_index`) for each record it holds at the version listed (the
+        ETag on S3, mtime and size locally), and only the other records read, together (fsspec
+        ``cat`` of many paths, concurrent on S3). A record deleted between listing and read is
+        left out. On a store whose index is current this is a listing and one GET, not one per slide."""
+        return {slide_id: CommitRecord(**raw) for slide_id, (raw, _) in self._indexed_records(model)[0].items()}
 
-    def _records(self, prefix: str) -> dict[str, dict]:
+    def update_commit_index(self, model: str) -> int:
+        """Rewrite ``model``'s commit index (``_commits/index/model=<model>.parquet``: slide id, the
+        record's listed version, the record) when records were added, changed or removed since it
+        was written; returns how many records it holds. Only a cache: a missing, stale or
+        unreadable index costs reads, never correctness. Call only while holding the store's lease."""
+        records, changed = self._indexed_records(model)
+        if changed:
+            ids = sorted(records)
+            self.write_table(self.commit_index_relpath(model), pa.table({
+                "slide_id": pa.array(ids, pa.string()), "version": pa.array([records[i][1] for i in ids], pa.string()),
+                "record": pa.array([json.dumps(records[i][0], sort_keys=True) for i in ids], pa.string())}))
+        return len(records)
+
+    @staticmethod
+    def commit_index_relpath(model: str) -> str:
+        return f"_commits/index/model={model}.parquet"
+
+    def _indexed_records(self, model: str) -> tuple[dict[str, tuple[dict, str]], bool]:
+        """slide id -> (record, listed version) of ``model``'s records, and whether that differs from the index."""
+        listed = self._listed_versions(self.path("_commits", f"model={model}"))
+        index = self._read_commit_index(model)
+        fresh = {sid: (index[sid][0], v) for sid, (_, v) in listed.items() if sid in index and index[sid][1] == v}
+        names = sorted(path for sid, (path, _) in listed.items() if sid not in fresh)
+        found = self.fs.cat(names, on_error="omit") if names else {}
+        read = {os.path.basename(n)[: -len(".json")]: json.loads(data) for n, data in found.items()}
+        records = {**fresh, **{sid: (raw, listed[sid][1]) for sid, raw in read.items()}}
+        return records, bool(read) or len(fresh) != len(index)
+
+    def _listed_versions(self, prefix: str) -> dict[str, tuple[str, str]]:
+        """slide id -> (path, version) of the ``.json`` records under ``prefix``."""
         try:
-            names = sorted(n for n in self.fs.ls(prefix, detail=False) if n.endswith(".json"))
+            infos = self.fs.ls(prefix, detail=True, refresh=True)
         except FileNotFoundError:
             return {}
-        found = self.fs.cat(names, on_error="omit") if names else {}
-        return {os.path.basename(n)[: -len(".json")]: json.loads(data) for n, data in sorted(found.items())}
+        return {os.path.basename(i["name"])[: -len(".json")]: (i["name"], _version(i))
+                for i in infos if i["name"].endswith(".json")}
+
+    def _read_commit_index(self, model: str) -> dict[str, tuple[dict, str]]:
+        try:
+            with self.fs.open(self.path(self.commit_index_relpath(model)), "rb") as f:
+                table = pq.read_table(f)
+        except (FileNotFoundError, pa.ArrowInvalid):
+            return {}
+        return {sid: (json.loads(raw), v) for sid, v, raw in zip(*(table.column(c).to_pylist()
+                                                                      for c in ("slide_id", "version", "record")))}
 
     def models(self) -> list[str]:
         return sorted((self.read_config() or {}).get("models", {}))
@@ -457,6 +499,11 @@ class FeatureStore:
 
 #: threads reading files' footers for :func:`_unified_dataset` (latency-bound on S3)
 FOOTER_READERS = 16
+
+
+def _version(info: dict[str, Any]) -> str:
+    """A listed object's version: its ETag (S3; changes with the content), else mtime and size."""
+    return str(info.get("ETag") or f"{info.get('mtime')}:{info.get('size')}")
 
 
 def _unified_dataset(fs, files: list[str], partitioning: pa.Schema, base_dir: str) -> pads.Dataset:

@@ -205,3 +205,26 @@ def test_slide_embeddings_pool_each_slide(tmp_path):
     assert pooled["s2"]["cohort"] == "B"
     with pytest.raises(ValueError, match="pooling"):
         slide_embeddings(store.dataset("m"), pooling="median")
+
+
+def test_commit_index_serves_unchanged_records_and_reads_the_rest(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    for i, cohort in enumerate("AAB"):
+        stage_and_commit(store, f"s{i}", cohort)
+    assert store.update_commit_index("m") == 3
+    read: list[str] = []
+    cat = store.fs.cat
+    store.fs.cat = lambda names, **kw: read.extend(names) or cat(names, **kw)
+    assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "A", "s2": "B"}
+    assert read == []  # every record served by the index: a listing and one read, not one per slide
+    stage_and_commit(store, "s1", "C")  # re-committed under another cohort: a new version of its record
+    os.remove(tmp_path / "_commits" / "model=m" / "s2.json")
+    stage_and_commit(store, "s3", "A")
+    assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "C", "s3": "A"}
+    assert sorted(os.path.basename(n) for n in read) == ["s1.json", "s3.json"]
+    assert store.update_commit_index("m") == 3
+    read.clear()
+    assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "C", "s3": "A"}
+    assert read == [] and store.committed("m") == {"s0", "s1", "s3"}
+    (tmp_path / "_commits" / "index" / "model=m.parquet").write_bytes(b"not parquet")  # a cache: never needed
+    assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "C", "s3": "A"}
