@@ -280,15 +280,18 @@ class FeatureStore:
     def remove_committed_staging(self, model: str) -> int:
         """Delete the staged chunks of ``model``'s committed slides: a writer killed between a
         commit record and the deletion of its chunks leaves them, and a re-run skips the
-        slide. Call only while holding the store's lease. Returns how many slides' folders."""
-        committed = self.committed(model)
+        slide. One recursive listing of the staged objects (on S3 a folder whose objects are
+        gone may still be listed, as SeaweedFS does: it is never visited). Call only while
+        holding the store's lease. Returns how many slides' folders."""
+        folder = self.path("_staging", f"model={model}")
         try:
-            folders = self.fs.ls(self.path("_staging", f"model={model}"), detail=False)
+            staged = self.fs.find(folder)
         except FileNotFoundError:
             return 0
-        stale = [f for f in folders if os.path.basename(f.rstrip("/")) in committed]
-        for folder in stale:
-            self.fs.rm(folder, recursive=True)
+        slides = {os.path.relpath(f, folder).split("/", 1)[0] for f in staged}
+        stale = sorted(slides & self.committed(model))
+        for slide_id in stale:
+            self.fs.rm(join(folder, slide_id), recursive=True)
         return len(stale)
 
     def slide_features_relpath(self, model: str, aggregator: str, slide_id: str | None = None) -> str:
@@ -578,6 +581,11 @@ def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
         try:
             store.fs.rm(store.staging_path(r.model, r.slide_id, chunk_id))
         except FileNotFoundError:
+            pass
+    if r.chunk_ids and _is_local(store.fs):  # an empty folder per slide would pile up with the cohort
+        try:
+            os.rmdir(os.path.dirname(store.staging_path(r.model, r.slide_id, r.chunk_ids[0])))
+        except OSError:
             pass
     return record
 

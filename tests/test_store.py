@@ -63,6 +63,18 @@ def test_commit_merges_chunks_in_tile_order_and_cleans_staging(tmp_path):
     assert json.loads(table.schema.metadata[b"pathray.provenance"]) == {"x": 1}
     assert store.committed("m") == {"s1"}
     assert not list((tmp_path / "_staging").rglob("*.parquet"))
+    assert not (tmp_path / "_staging" / "model=m" / "s1").exists()  # no empty folder per slide piles up
+
+
+def test_committed_staging_left_by_a_killed_writer_is_removed_and_pending_staging_kept(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    stage_and_commit(store, "s1", "A")
+    store.write_chunk("m", "s1", "s1.c9", chunk_table("s1", [0]))  # staged again after the record
+    store.write_chunk("m", "s2", "s2.c0", chunk_table("s2", [0]))  # a slide not committed yet
+    assert store.remove_committed_staging("m") == 1
+    staged = sorted(p.relative_to(tmp_path / "_staging").as_posix() for p in (tmp_path / "_staging").rglob("*.parquet"))
+    assert staged == ["model=m/s2/s2.c0.parquet"]
+    assert store.remove_committed_staging("m") == 0
 
 
 def test_incomplete_or_duplicated_chunks_are_never_committed(tmp_path):
