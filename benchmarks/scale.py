@@ -247,10 +247,28 @@ def render(rows: list[dict], goals: list[tuple[str, bool, str]], extra: str) -> 
     return "\n".join(lines) + "\n"
 
 
+def render_s3(rows: list[dict]) -> str:
+    """The S3 runs: wall time and requests by kind of the first run and both re-runs."""
+    lines = ["", "## Store on SeaweedFS S3 (slides on local disk)", "",
+             "Requests counted by kind at a proxy in front of SeaweedFS (`weed mini`, 127.0.0.1). "
+             "\"Re-run without index\" is the re-run with the commit index deleted: what every re-run did "
+             "before the index (one GET per commit record).", "",
+             "| slides | run | wall s | committed slides/s | driver RSS MiB | GET | LIST | HEAD | PUT | POST | DELETE |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for name in ("first", "rerun", "rerun without index"):
+            f, q = r[name], r[name]["requests"]
+            rate = f"{f['committed'] / f['wall_s']:.1f}" if f["committed"] else "-"
+            lines.append(f"| {r['slides']:,} | {name} | {f['wall_s']:.1f} | {rate} | {f['rss_peak_mib']:.0f} | "
+                         + " | ".join(str(q.get(k, 0)) for k in ("GET", "LIST", "HEAD", "PUT", "POST", "DELETE")) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--points", default="1000,3000,10000", help="comma-separated slide counts")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "scale.md"))
+    parser.add_argument("--s3-points", default="1000", help="slide counts run with the store on S3 ('' for none)")
     parser.add_argument("--note", default="", help="a paragraph appended to the table (e.g. the dry-run figure)")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -262,12 +280,15 @@ def main() -> None:
         for n in (int(x) for x in args.points.split(",")):
             rows.append(point(Path(tmp), n))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "rerun_added"}), flush=True)
+        s3_rows = [s3_point(Path(tmp), int(x)) for x in args.s3_points.split(",") if x]
+        for r in s3_rows:
+            print(json.dumps(r), flush=True)
     goals = bars(rows)
     for goal, ok, measured in goals:
         print(f"{'PASS' if ok else 'FAIL'}  {goal}: {measured}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    Path(args.out).write_text(render(rows, goals, args.note))
+        Path(args.json).write_text(json.dumps({"local": rows, "s3": s3_rows}, indent=1))
+    Path(args.out).write_text(render(rows, goals, args.note) + (render_s3(s3_rows) if s3_rows else ""))
 
 
 if __name__ == "__main__":
