@@ -400,6 +400,25 @@ class FeatureStore:
             return set()
         return {os.path.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
 
+    def feature_copies(self, model: str, slide_ids: set[str]) -> dict[str, tuple[str, ...]]:
+        """The features files (paths relative to the root) of each of ``slide_ids`` that has any,
+        under every cohort folder of ``model``: one recursive listing (on S3 one LIST per 1,000
+        files). Taken under the store's lease it stays exact for the run (only the run writes
+        features files then, each under its manifest's cohort), so a commit can remove a copy
+        left under another cohort without looking under each cohort folder
+        (:attr:`CommitRequest.copies`)."""
+        folder = self.path("features", f"model={model}")
+        try:
+            found = self.fs.find(folder)
+        except FileNotFoundError:
+            return {}
+        copies: dict[str, list[str]] = {}
+        for name in found:
+            slide_id = os.path.basename(name)[: -len(".parquet")]
+            if name.endswith(".parquet") and slide_id in slide_ids:
+                copies.setdefault(slide_id, []).append(name[len(self._root_path) + 1:])
+        return {k: tuple(v) for k, v in copies.items()}
+
     def commit_record(self, model: str, slide_id: str) -> CommitRecord | None:
         raw = _read_json(self.fs, self.commit_path(model, slide_id))
         return CommitRecord(**raw) if raw else None
@@ -559,6 +578,9 @@ class CommitRequest:
     run_id: str
     passthrough: dict[str, Any] = field(default_factory=dict)
     passthrough_schema: pa.Schema | None = None
+    #: the slide's features files (relative paths) in a listing taken under the lease
+    #: (:meth:`FeatureStore.feature_copies`); None: look under every cohort folder now
+    copies: tuple[str, ...] | None = None
 
 
 def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
@@ -571,7 +593,14 @@ def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
     if r.chunk_ids:
         features_relpath = store.features_relpath(r.model, r.cohort, r.slide_id)
         store.write_table(features_relpath, _merged_chunks(store, r))
-    _remove_stale_copies(store, r.model, r.slide_id, features_relpath)
+    if r.copies is None:
+        _remove_stale_copies(store, r.model, r.slide_id, features_relpath)
+    else:
+        for stale in set(r.copies) - {features_relpath}:
+            try:
+                store.fs.rm(store.path(stale))
+            except FileNotFoundError:
+                pass
     record = CommitRecord(
         slide_id=r.slide_id, model=r.model, cohort=r.cohort or NO_COHORT, n_tiles=r.n_tiles,
         features_path=features_relpath, store_config_hash=r.store_config_hash, run_id=r.run_id, slide=r.slide,

@@ -240,3 +240,18 @@ def test_commit_index_serves_unchanged_records_and_reads_the_rest(tmp_path):
     assert read == [] and store.committed("m") == {"s0", "s1", "s3"}
     (tmp_path / "_commits" / "index" / "model=m.parquet").write_bytes(b"not parquet")  # a cache: never needed
     assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "C", "s3": "A"}
+
+
+def test_a_commit_given_the_listed_copies_removes_the_other_cohorts_copy_without_probing_each(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    for cohort in "ABCDEFGH":  # eight cohort folders, as a multi-cohort store has
+        stage_and_commit(store, f"x{cohort}", cohort)
+    stage_and_commit(store, "s1", "A")
+    os.remove(store.commit_path("m", "s1"))  # killed between its features file and its record
+    copies = store.feature_copies("m", {"s1", "s2"})
+    assert copies == {"s1": ("features/model=m/cohort=A/s1.parquet",)}
+    store.fs.exists = lambda path: pytest.fail(f"probed {path}")  # the listing is all a commit needs
+    stage_and_commit(store, "s1", "B", copies=copies["s1"])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("features/model=m/*/s1.parquet")) == [
+        "features/model=m/cohort=B/s1.parquet"]
+    assert store.commit_records("m")["s1"].cohort == "B"
