@@ -81,6 +81,8 @@ class RunContext:
     #: where the live progress display goes (None: none); the watch is made once the work is known
     display: TextIO | None = None
     watch: RunWatch | None = None
+    #: per model, the features files of the slides to do, listed once under the lease (FeatureStore.feature_copies)
+    copies: dict[str, dict[str, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -262,6 +264,8 @@ def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
     run.watch = RunWatch({m: sum(m in t["models"] for t in todo) for m in run.model_names}, run.display)
     if todo:
         run.report.runner = run.runner
+        for model in run.model_names:
+            run.copies[model] = run.store.feature_copies(model, {t["slide_id"] for t in todo if model in t["models"]})
         try:
             if run.runner == "local":
                 _run_local(run, todo)
@@ -360,6 +364,8 @@ def _configure_ray_data(config: JobConfig, progress_bars: bool) -> None:
 def _close_run(run: RunContext) -> RunReport:
     """Flush status/error rows, rebuild slides.parquet, save the run report and its page."""
     run.ledger.flush()
+    for model in run.model_names:  # the next run (and every reader) lists the records and reads this index
+        run.store.update_commit_index(model)
     consolidate_slide_table(run.store, {m: run.store.committed(m) for m in run.model_names})
     run.report.ended_at = time.time()
     if run.watch is not None:
@@ -427,7 +433,7 @@ class _CommitQueue:
         ref = self.pool.submit(CommitRequest(
             done.model, done.slide_id, entry.cohort, done.chunk_ids, r["n_tiles_slide"], facts.commit_fields(), prov,
             run.store_hash, run.run_id, {c: entry.extra.get(c) for c in run.config.keep_columns},
-            run.passthrough_schema))
+            run.passthrough_schema, run.copies.get(done.model, {}).get(done.slide_id, ())))
         self.inflight[ref] = dict(_status_base(run, r, facts), status="ok" if r["n_tiles_slide"] else "no_tissue")
         self.settle(block=False)
 

@@ -7,6 +7,8 @@ Layout under ``ROOT`` (a local directory or ``s3://bucket/prefix``)::
                                                           all tiles of one committed (slide, model)
     _staging/model=<model>/<slide_id>/<chunk_id>.parquet  chunk outputs of the write stage (transient)
     _commits/model=<model>/<slide_id>.json                commit record, written last
+    _commits/index/model=<model>.parquet                  every record of the model with its listed
+                                                          version (a cache: FeatureStore.commit_records)
     slides.parquet                                        latest status per (slide, model)
     slide_features/model=<model>/aggregator=<name>/<slide_id>.parquet
                                                           one slide-level row (``pathray aggregate``)
@@ -283,15 +285,18 @@ class FeatureStore:
     def remove_committed_staging(self, model: str) -> int:
         """Delete the staged chunks of ``model``'s committed slides: a writer killed between a
         commit record and the deletion of its chunks leaves them, and a re-run skips the
-        slide. Call only while holding the store's lease. Returns how many slides' folders."""
-        committed = self.committed(model)
+        slide. One recursive listing of the staged objects (on S3 a folder whose objects are
+        gone may still be listed, as SeaweedFS does: it is never visited). Call only while
+        holding the store's lease. Returns how many slides' folders."""
+        folder = self.path("_staging", f"model={model}")
         try:
-            folders = self.fs.ls(self.path("_staging", f"model={model}"), detail=False)
+            staged = self.fs.find(folder)
         except FileNotFoundError:
             return 0
-        stale = [f for f in folders if os.path.basename(f.rstrip("/")) in committed]
-        for folder in stale:
-            self.fs.rm(folder, recursive=True)
+        slides = {os.path.relpath(f, folder).split("/", 1)[0] for f in staged}
+        stale = sorted(slides & self.committed(model))
+        for slide_id in stale:
+            self.fs.rm(join(folder, slide_id), recursive=True)
         return len(stale)
 
     def slide_features_relpath(self, model: str, aggregator: str, slide_id: str | None = None) -> str:
@@ -400,23 +405,82 @@ class FeatureStore:
             return set()
         return {os.path.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
 
+    def feature_copies(self, model: str, slide_ids: set[str]) -> dict[str, tuple[str, ...]]:
+        """The features files (paths relative to the root) of each of ``slide_ids`` that has any,
+        under every cohort folder of ``model``: one recursive listing (on S3 one LIST per 1,000
+        files). Taken under the store's lease it stays exact for the run (only the run writes
+        features files then, each under its manifest's cohort), so a commit can remove a copy
+        left under another cohort without looking under each cohort folder
+        (:attr:`CommitRequest.copies`)."""
+        folder = self.path("features", f"model={model}")
+        try:
+            found = self.fs.find(folder)
+        except FileNotFoundError:
+            return {}
+        copies: dict[str, list[str]] = {}
+        for name in found:
+            slide_id = os.path.basename(name)[: -len(".parquet")]
+            if name.endswith(".parquet") and slide_id in slide_ids:
+                copies.setdefault(slide_id, []).append(name[len(self._root_path) + 1:])
+        return {k: tuple(v) for k, v in copies.items()}
+
     def commit_record(self, model: str, slide_id: str) -> CommitRecord | None:
         raw = _read_json(self.fs, self.commit_path(model, slide_id))
         return CommitRecord(**raw) if raw else None
 
     def commit_records(self, model: str) -> dict[str, CommitRecord]:
-        """Every commit record of ``model`` by slide id: one listing, then the records read
-        together (fsspec ``cat`` of many paths, concurrent on S3). A record deleted between
-        the two is left out."""
-        return {slide_id: CommitRecord(**raw) for slide_id, raw in self._records(self.path("_commits", f"model={model}")).items()}
+        """Every commit record of ``model`` by slide id: one listing, the model's commit index
+        (:meth:`update_commit_index`) for each record it holds at the version listed (the
+        ETag on S3, mtime and size locally), and only the other records read, together (fsspec
+        ``cat`` of many paths, concurrent on S3). A record deleted between listing and read is
+        left out. On a store whose index is current this is a listing and one GET, not one per slide."""
+        return {slide_id: CommitRecord(**raw) for slide_id, (raw, _) in self._indexed_records(model)[0].items()}
 
-    def _records(self, prefix: str) -> dict[str, dict]:
+    def update_commit_index(self, model: str) -> int:
+        """Rewrite ``model``'s commit index (``_commits/index/model=<model>.parquet``: slide id, the
+        record's listed version, the record) when records were added, changed or removed since it
+        was written; returns how many records it holds. Only a cache: a missing, stale or
+        unreadable index costs reads, never correctness. Call only while holding the store's lease."""
+        records, changed = self._indexed_records(model)
+        if changed:
+            ids = sorted(records)
+            self.write_table(self.commit_index_relpath(model), pa.table({
+                "slide_id": pa.array(ids, pa.string()), "version": pa.array([records[i][1] for i in ids], pa.string()),
+                "record": pa.array([json.dumps(records[i][0], sort_keys=True) for i in ids], pa.string())}))
+        return len(records)
+
+    @staticmethod
+    def commit_index_relpath(model: str) -> str:
+        return f"_commits/index/model={model}.parquet"
+
+    def _indexed_records(self, model: str) -> tuple[dict[str, tuple[dict, str]], bool]:
+        """slide id -> (record, listed version) of ``model``'s records, and whether that differs from the index."""
+        listed = self._listed_versions(self.path("_commits", f"model={model}"))
+        index = self._read_commit_index(model)
+        fresh = {sid: (index[sid][0], v) for sid, (_, v) in listed.items() if sid in index and index[sid][1] == v}
+        names = sorted(path for sid, (path, _) in listed.items() if sid not in fresh)
+        found = self.fs.cat(names, on_error="omit") if names else {}
+        read = {os.path.basename(n)[: -len(".json")]: json.loads(data) for n, data in found.items()}
+        records = {**fresh, **{sid: (raw, listed[sid][1]) for sid, raw in read.items()}}
+        return records, bool(read) or len(fresh) != len(index)
+
+    def _listed_versions(self, prefix: str) -> dict[str, tuple[str, str]]:
+        """slide id -> (path, version) of the ``.json`` records under ``prefix``."""
         try:
-            names = sorted(n for n in self.fs.ls(prefix, detail=False) if n.endswith(".json"))
+            infos = self.fs.ls(prefix, detail=True, refresh=True)
         except FileNotFoundError:
             return {}
-        found = self.fs.cat(names, on_error="omit") if names else {}
-        return {os.path.basename(n)[: -len(".json")]: json.loads(data) for n, data in sorted(found.items())}
+        return {os.path.basename(i["name"])[: -len(".json")]: (i["name"], _version(i))
+                for i in infos if i["name"].endswith(".json")}
+
+    def _read_commit_index(self, model: str) -> dict[str, tuple[dict, str]]:
+        try:
+            with self.fs.open(self.path(self.commit_index_relpath(model)), "rb") as f:
+                table = pq.read_table(f)
+        except (FileNotFoundError, pa.ArrowInvalid):
+            return {}
+        return {sid: (json.loads(raw), v) for sid, v, raw in zip(*(table.column(c).to_pylist()
+                                                                      for c in ("slide_id", "version", "record")))}
 
     def models(self) -> list[str]:
         return sorted((self.read_config() or {}).get("models", {}))
@@ -462,6 +526,11 @@ class FeatureStore:
 
 #: threads reading files' footers for :func:`_unified_dataset` (latency-bound on S3)
 FOOTER_READERS = 16
+
+
+def _version(info: dict[str, Any]) -> str:
+    """A listed object's version: its ETag (S3; changes with the content), else mtime and size."""
+    return str(info.get("ETag") or f"{info.get('mtime')}:{info.get('size')}")
 
 
 def _unified_dataset(fs, files: list[str], partitioning: pa.Schema, base_dir: str) -> pads.Dataset:
@@ -514,6 +583,9 @@ class CommitRequest:
     run_id: str
     passthrough: dict[str, Any] = field(default_factory=dict)
     passthrough_schema: pa.Schema | None = None
+    #: the slide's features files (relative paths) in a listing taken under the lease
+    #: (:meth:`FeatureStore.feature_copies`); None: look under every cohort folder now
+    copies: tuple[str, ...] | None = None
 
 
 def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
@@ -526,7 +598,14 @@ def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
     if r.chunk_ids:
         features_relpath = store.features_relpath(r.model, r.cohort, r.slide_id)
         store.write_table(features_relpath, _merged_chunks(store, r))
-    _remove_stale_copies(store, r.model, r.slide_id, features_relpath)
+    if r.copies is None:
+        _remove_stale_copies(store, r.model, r.slide_id, features_relpath)
+    else:
+        for stale in set(r.copies) - {features_relpath}:
+            try:
+                store.fs.rm(store.path(stale))
+            except FileNotFoundError:
+                pass
     record = CommitRecord(
         slide_id=r.slide_id, model=r.model, cohort=r.cohort or NO_COHORT, n_tiles=r.n_tiles,
         features_path=features_relpath, store_config_hash=r.store_config_hash, run_id=r.run_id, slide=r.slide,
@@ -536,6 +615,11 @@ def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
         try:
             store.fs.rm(store.staging_path(r.model, r.slide_id, chunk_id))
         except FileNotFoundError:
+            pass
+    if r.chunk_ids and _is_local(store.fs):  # an empty folder per slide would pile up with the cohort
+        try:
+            os.rmdir(os.path.dirname(store.staging_path(r.model, r.slide_id, r.chunk_ids[0])))
+        except OSError:
             pass
     return record
 

@@ -63,6 +63,18 @@ def test_commit_merges_chunks_in_tile_order_and_cleans_staging(tmp_path):
     assert json.loads(table.schema.metadata[b"pathray.provenance"]) == {"x": 1}
     assert store.committed("m") == {"s1"}
     assert not list((tmp_path / "_staging").rglob("*.parquet"))
+    assert not (tmp_path / "_staging" / "model=m" / "s1").exists()  # no empty folder per slide piles up
+
+
+def test_committed_staging_left_by_a_killed_writer_is_removed_and_pending_staging_kept(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    stage_and_commit(store, "s1", "A")
+    store.write_chunk("m", "s1", "s1.c9", chunk_table("s1", [0]))  # staged again after the record
+    store.write_chunk("m", "s2", "s2.c0", chunk_table("s2", [0]))  # a slide not committed yet
+    assert store.remove_committed_staging("m") == 1
+    staged = sorted(p.relative_to(tmp_path / "_staging").as_posix() for p in (tmp_path / "_staging").rglob("*.parquet"))
+    assert staged == ["model=m/s2/s2.c0.parquet"]
+    assert store.remove_committed_staging("m") == 0
 
 
 def test_incomplete_or_duplicated_chunks_are_never_committed(tmp_path):
@@ -205,3 +217,41 @@ def test_slide_embeddings_pool_each_slide(tmp_path):
     assert pooled["s2"]["cohort"] == "B"
     with pytest.raises(ValueError, match="pooling"):
         slide_embeddings(store.dataset("m"), pooling="median")
+
+
+def test_commit_index_serves_unchanged_records_and_reads_the_rest(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    for i, cohort in enumerate("AAB"):
+        stage_and_commit(store, f"s{i}", cohort)
+    assert store.update_commit_index("m") == 3
+    read: list[str] = []
+    cat = store.fs.cat
+    store.fs.cat = lambda names, **kw: read.extend(names) or cat(names, **kw)
+    assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "A", "s2": "B"}
+    assert read == []  # every record served by the index: a listing and one read, not one per slide
+    stage_and_commit(store, "s1", "C")  # re-committed under another cohort: a new version of its record
+    os.remove(tmp_path / "_commits" / "model=m" / "s2.json")
+    stage_and_commit(store, "s3", "A")
+    assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "C", "s3": "A"}
+    assert sorted(os.path.basename(n) for n in read) == ["s1.json", "s3.json"]
+    assert store.update_commit_index("m") == 3
+    read.clear()
+    assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "C", "s3": "A"}
+    assert read == [] and store.committed("m") == {"s0", "s1", "s3"}
+    (tmp_path / "_commits" / "index" / "model=m.parquet").write_bytes(b"not parquet")  # a cache: never needed
+    assert {s: r.cohort for s, r in store.commit_records("m").items()} == {"s0": "A", "s1": "C", "s3": "A"}
+
+
+def test_a_commit_given_the_listed_copies_removes_the_other_cohorts_copy_without_probing_each(tmp_path):
+    store = FeatureStore(str(tmp_path))
+    for cohort in "ABCDEFGH":  # eight cohort folders, as a multi-cohort store has
+        stage_and_commit(store, f"x{cohort}", cohort)
+    stage_and_commit(store, "s1", "A")
+    os.remove(store.commit_path("m", "s1"))  # killed between its features file and its record
+    copies = store.feature_copies("m", {"s1", "s2"})
+    assert copies == {"s1": ("features/model=m/cohort=A/s1.parquet",)}
+    store.fs.exists = lambda path: pytest.fail(f"probed {path}")  # the listing is all a commit needs
+    stage_and_commit(store, "s1", "B", copies=copies["s1"])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("features/model=m/*/s1.parquet")) == [
+        "features/model=m/cohort=B/s1.parquet"]
+    assert store.commit_records("m")["s1"].cohort == "B"
