@@ -77,7 +77,7 @@ class RunTerminal:
         returns where it is."""
         target = join(store_root, f"_runs/{run_id}/{LOG_NAME}")
         fs, path = split_uri(target, storage_options)
-        if os.path.abspath(path) == os.path.abspath(self.log_path) and "://" not in target:
+        if "://" not in target and os.path.abspath(path) == os.path.abspath(self.log_path):
             return target
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if "://" in target:

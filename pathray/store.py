@@ -293,7 +293,7 @@ class FeatureStore:
             staged = self.fs.find(folder)
         except FileNotFoundError:
             return 0
-        slides = {os.path.relpath(f, folder).split("/", 1)[0] for f in staged}
+        slides = {f[len(folder):].lstrip("/").split("/", 1)[0] for f in staged if f.startswith(folder)}
         stale = sorted(slides & self.committed(model))
         for slide_id in stale:
             self.fs.rm(join(folder, slide_id), recursive=True)
