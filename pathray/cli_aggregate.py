@@ -51,11 +51,9 @@ def run(args: argparse.Namespace) -> int:
                              num_gpus=args.num_gpus, actors=args.actors, runner=args.runner)
     try:
         with run_terminal(config.store, config.run_id, args.verbose) as terminal:
-            try:
-                report = run_aggregate(config, progress_bars=args.verbose and not args.no_progress,
-                                       display=None if args.no_progress else terminal.stream)
-            finally:
-                log_uri = terminal.finish(config.store, config.run_id, config.storage_options)
+            report = run_aggregate(config, progress_bars=args.verbose and not args.no_progress,
+                                   display=None if args.no_progress else terminal.stream)
+            log_uri = terminal.finish(config.store, config.run_id, config.storage_options)
     except (PathrayError, ValueError) as exc:
         print(f"pathray aggregate: {exc}", file=sys.stderr)
         return 2

@@ -110,13 +110,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         config = build_job_config({**raw, "run_id": raw.get("run_id") or new_run_id()})
         with run_terminal(config.out, config.run_id, args.verbose) as terminal:
-            store_root = config.out
-            try:
-                report = run_job(config, progress_bars=args.verbose and not args.no_progress,
-                                 display=None if args.no_progress else terminal.stream)
-                store_root = report.store
-            finally:
-                log_uri = terminal.finish(store_root, config.run_id, config.storage_options)
+            report = run_job(config, progress_bars=args.verbose and not args.no_progress,
+                             display=None if args.no_progress else terminal.stream)
+            log_uri = terminal.finish(report.store, config.run_id, config.storage_options)
     except (PathrayError, ValueError) as exc:
         print(f"pathray embed: {exc}", file=sys.stderr)
         return 2
