@@ -130,14 +130,16 @@ def _loggers_to(handlers: list[logging.Handler]) -> Iterator[None]:
     root = logging.getLogger()
     own = [logging.getLogger(name) for name in OWN_HANDLER_LOGGERS if not logging.getLogger(name).propagate]
     saved = [(lg, lg.handlers[:], lg.level) for lg in (root, *own)]
-    root.handlers, root.level = list(handlers), logging.INFO
+    root.handlers = list(handlers)
+    root.setLevel(logging.INFO)  # setLevel, not .level =: loggers cache isEnabledFor per level
     for lg in own:
         lg.handlers = list(handlers)
     try:
         yield
     finally:
         for lg, old_handlers, level in saved:
-            lg.handlers, lg.level = old_handlers, level
+            lg.handlers = old_handlers
+            lg.setLevel(level)
 
 
 @contextmanager

@@ -51,3 +51,14 @@ def test_an_s3_store_gets_its_log_at_the_end(s3_server, s3_bucket):
     where = terminal.finish(root, "r4", s3_server.storage_options)
     assert where == f"{root}/_runs/r4/run.log"
     assert b"to s3" in s3_server.fs.cat_file(f"{s3_bucket}/store/_runs/r4/run.log")
+
+
+def test_a_logger_that_already_answered_for_info_still_reaches_the_log(tmp_path):
+    """Loggers cache ``isEnabledFor`` per level: a pathray logger asked once while the root was at
+    WARNING (any earlier use in the process) must still write INFO lines to the run's log."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logger = logging.getLogger("pathray.cached")
+    logger.info("before the run")  # caches "INFO disabled" on this logger
+    with run_terminal(str(tmp_path / "store"), "r5"):
+        logger.info("during the run")
+    assert "during the run" in (tmp_path / "store" / "_runs" / "r5" / "run.log").read_text()
