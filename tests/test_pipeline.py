@@ -224,12 +224,16 @@ def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(runner, ray_cl
     proc = subprocess.Popen([sys.executable, str(script), ray_cluster, str(manifest), str(out), "20", runner],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     commits = out / "_commits" / "model=sleep"
+
+    def records() -> set[str]:  # commit records, not a record's temporary file (.<name>.tmp-<hex>)
+        return {p.stem for p in commits.glob("*.json") if not p.name.startswith(".")} if commits.exists() else set()
+
     deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not (commits.exists() and any(commits.iterdir())):
+    while time.time() < deadline and proc.poll() is None and not records():
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {p.stem for p in commits.iterdir()} if commits.exists() else set()
+    before = records()
     assert 0 < len(before) < len(rows), f"kill landed after {len(before)} commits"
 
     config = build_job_config(dict(manifest=str(manifest), out=str(out), models=["sleep"], runner=runner,
