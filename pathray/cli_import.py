@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathray.cli_s3 import add_s3_options, s3_options_from_args
 from pathray.errors import PathrayError
 
 
@@ -28,14 +29,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--manifest", help="slides to import with cohort (and mpp for CLAM files); default: every file, cohort "
                            "'unassigned'")
     add("--keep-columns", nargs="*", default=[], help="manifest columns carried into every tile row")
-    add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
+    add_s3_options(parser, slides=False)
     add("--run-id", help="name of this run (default: import-<timestamp>)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathray.feature_import import ImportConfig, import_features
 
-    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
+    storage, _ = s3_options_from_args(args)
     config = ImportConfig(store=args.store, model=args.model, fmt=args.fmt, features_dir=args.features_dir,
                           coords_dir=args.coords_dir, manifest=args.manifest, keep_columns=tuple(args.keep_columns),
                           storage_options=storage, run_id=args.run_id)

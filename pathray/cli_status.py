@@ -11,13 +11,15 @@ import argparse
 import json
 import sys
 
+from pathray.cli_s3 import add_s3_options, s3_options_from_args
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("store", help="feature store root: local dir or s3://bucket/prefix")
     add("--manifest", help="a manifest: also count its slides never tried, per model")
     add("--json", action="store_true", help="print the summary as JSON")
-    add("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
+    add_s3_options(parser, slides=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from pathray.status import format_status, store_status
     from pathray.store import FeatureStore
 
-    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
+    storage, _ = s3_options_from_args(args)
     ids = [e.slide_id for e in read_manifest(args.manifest, storage)] if args.manifest else None
     try:
         status = store_status(FeatureStore(args.store, storage), ids)

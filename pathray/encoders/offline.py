@@ -37,7 +37,10 @@ def weights_dir_source(model: str, environ: dict[str, str] | None = None) -> str
 
 
 def is_remote_source(source: str) -> bool:
-    return source.startswith("s3://")
+    """True for weights in object storage (:func:`pathray.fs.is_remote`)."""
+    from pathray.fs import is_remote
+
+    return is_remote(source)
 
 
 def remote_identity(source: str) -> str:
