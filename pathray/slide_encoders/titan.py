@@ -55,9 +55,9 @@ from torch import nn
 
 from pathray.encoders.builders import from_release_layout
 from pathray.encoders.loading import load_into, read_state_dict
-from pathray.errors import SlideTooLargeForEncoderError, WeightsCorruptError
+from pathray.errors import WeightsCorruptError
 
-from .memory import available_memory_bytes
+from .memory import admit, available_memory_bytes
 from .release import Release, resolve_weights
 
 ARCHITECTURE = "titan_vision_encoder"
@@ -304,12 +304,7 @@ class TitanSlideEncoder:
             raise ValueError(f"tile_embeddings must be (N >= 1, {self.net.config.in_dim}), got {tiles.shape}")
         if cells.shape != (tiles.shape[0], 2):
             raise ValueError(f"{tiles.shape[0]} tile embeddings but {cells.shape[0]} coordinates")
-        limit = self.max_tiles()
-        if tiles.shape[0] > limit:
-            raise SlideTooLargeForEncoderError(
-                f"{tiles.shape[0]} tiles exceed {ARCHITECTURE}'s limit of {limit} tiles on {self.device} "
-                f"({available_memory_bytes(self.device) / 2**30:.1f} GiB free, ~{BYTES_PER_TOKEN // 1024} KiB per tile)",
-                n_tiles=tiles.shape[0], limit_tiles=limit)
+        admit(ARCHITECTURE, tiles.shape[0], BYTES_PER_TOKEN, FIXED_BYTES, self.device)
         t = torch.from_numpy(tiles.astype(np.float32)).to(self.device)
         out = self.net(t, torch.from_numpy(cells).to(self.device))
         return out.float().cpu().numpy()
