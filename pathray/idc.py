@@ -262,9 +262,9 @@ class TileEstimate:
 def grid_tiles(width_px: int, height_px: int, mpp: float, tile_px: int, target_mpp: float,
                stride_px: int | None = None) -> int:
     """Tiles in the full grid of a ``width_px`` x ``height_px`` (level-0 px) slide at ``mpp`` µm/px:
-    :func:`pathray.tiling.grid_shape`, the rule :func:`pathray.tiling.plan_tiles` grids by
+    :func:`pathray.tiling.grid.grid_shape`, the rule :func:`pathray.tiling.grid.plan_tiles` grids by
     (``stride_px`` in target px; ``None``: ``tile_px``, no overlap)."""
-    from pathray.tiling import grid_shape
+    from pathray.tiling.grid import grid_shape
 
     cols, rows = grid_shape(width_px, height_px, tile_px * target_mpp / mpp, (stride_px or tile_px) * target_mpp / mpp)
     return cols * rows

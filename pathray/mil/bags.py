@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pathray.store import FeatureStore, model_tiling
-from pathray.tiling import TILE_SCHEMA
+from pathray.tiling.grid import TILE_SCHEMA
 
 #: Columns of a features file that are per tile, not per slide.
 TILE_COLUMNS = frozenset(TILE_SCHEMA.names) | {"embedding"}

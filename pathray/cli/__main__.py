@@ -1,0 +1,3 @@
+from pathray.cli import entry
+
+entry()

@@ -1,0 +1,160 @@
+"""Where a command-line run's output goes: the person gets the progress display and the
+summary; everything else (pathray's log lines, Ray's own logs and warnings, native
+libraries' stderr) goes to the run's log file, ``_runs/<run_id>/run.log`` in the store.
+
+:func:`run_terminal` points file descriptor 2 at the log file for the length of the run,
+so output that bypasses Python's logging (Ray's C++ core worker, processes a local Ray
+starts) lands there too, and hands out the real terminal as
+:attr:`RunTerminal.stream`. A local store gets its log in place while the run goes (watch it
+with ``tail -f``); an ``s3://`` store's log is written to a local temporary file and uploaded
+at the end (:meth:`RunTerminal.finish`). ``verbose`` leaves the terminal as it was (every log
+line and Ray's output) and also writes the log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TextIO
+
+from pathray.fs import join, split_uri
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+LOG_NAME = "run.log"
+
+
+def new_run_id(prefix: str = "") -> str:
+    """``<prefix><UTC timestamp>-<6 hex>``: a run's default name."""
+    return prefix + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def quiet_local_ray_env() -> None:
+    """Before ``ray.init`` starts a local Ray: enable the token authentication Ray enables by
+    default for a new local cluster, the way Ray does it (its ``_enable_token_auth``: the
+    ``RAY_AUTH_MODE=token`` environment variable, then its cached config refreshed), but
+    explicitly, which is what Ray's start-up WARNING asks for. A mode the user set is kept;
+    on another Ray version without that helper, nothing changes (Ray warns as before)."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:
+        return
+    _enable_token_auth()
+
+
+def log_ray_plan_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Log the warnings that building a Ray Data plan raised (``warnings.catch_warnings(record=True)``):
+    Ray 2.60 deprecates per-operator ``ray_remote_args`` (:data:`pathray.job.resources.PLACEMENT`'s
+    scheduling strategy) and names no replacement (``DataContext.scheduling_strategy`` is
+    deprecated too), so that one is known noise for the run's log (INFO); any other stays a
+    warning."""
+    log = logging.getLogger("pathray")
+    for w in caught:
+        known = "ray_remote_args" in str(w.message)
+        (log.info if known else log.warning)("%s: %s", w.category.__name__, w.message)
+
+
+@dataclass
+class RunTerminal:
+    """The terminal of one run: ``stream`` (progress and summary), ``log_path`` (local)."""
+
+    stream: TextIO
+    log_path: str
+    verbose: bool
+
+    def finish(self, store_root: str, run_id: str, storage_options: dict | None = None) -> str:
+        """Move or upload the log into ``<store_root>/_runs/<run_id>/`` once the run is over;
+        returns where it is."""
+        target = join(store_root, f"_runs/{run_id}/{LOG_NAME}")
+        fs, path = split_uri(target, storage_options)
+        if "://" not in target and os.path.abspath(path) == os.path.abspath(self.log_path):
+            return target
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if "://" in target:
+            fs.put_file(self.log_path, path)
+        else:
+            shutil.move(self.log_path, path)
+        return target
+
+
+def log_path_for(out: str, run_id: str) -> str:
+    """The local file a run logs to while it goes: in the store for a local store, else a
+    temporary file (uploaded by :meth:`RunTerminal.finish`)."""
+    if "://" in out and not out.startswith("file://"):
+        return os.path.join(tempfile.mkdtemp(prefix=f"pathray-{run_id}-"), LOG_NAME)
+    return os.path.join(out.removeprefix("file://"), "_runs", run_id, LOG_NAME)
+
+
+@contextmanager
+def run_terminal(out: str, run_id: str, verbose: bool = False) -> Iterator[RunTerminal]:
+    """Route a run's output (see the module doc) until the block ends."""
+    path = log_path_for(out, run_id)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handlers: list[logging.Handler] = [file_handler]
+    if verbose:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter(LOG_FORMAT))
+        handlers.append(console)
+    with _loggers_to(handlers):
+        try:
+            if verbose:
+                yield RunTerminal(sys.stderr, path, True)
+                return
+            with _stderr_to(path) as terminal:
+                yield RunTerminal(terminal, path, False)
+        finally:
+            file_handler.close()
+
+
+#: loggers that keep their own handlers and do not propagate once their library configured them
+#: (Ray Data writes to its own handlers): routed to the run's log like the root logger
+OWN_HANDLER_LOGGERS = ("ray", "ray.data")
+
+
+@contextmanager
+def _loggers_to(handlers: list[logging.Handler]) -> Iterator[None]:
+    """The root logger (at INFO) and :data:`OWN_HANDLER_LOGGERS` that do not propagate write to
+    ``handlers`` only, until the block ends; then each gets its handlers and level back."""
+    root = logging.getLogger()
+    own = [logging.getLogger(name) for name in OWN_HANDLER_LOGGERS if not logging.getLogger(name).propagate]
+    saved = [(lg, lg.handlers[:], lg.level) for lg in (root, *own)]
+    root.handlers = list(handlers)
+    root.setLevel(logging.INFO)  # setLevel, not .level =: loggers cache isEnabledFor per level
+    for lg in own:
+        lg.handlers = list(handlers)
+    try:
+        yield
+    finally:
+        for lg, old_handlers, level in saved:
+            lg.handlers = old_handlers
+            lg.setLevel(level)
+
+
+@contextmanager
+def _stderr_to(path: str) -> Iterator[TextIO]:
+    """Point fd 2 (and so ``sys.stderr``) at ``path``; yield a stream on the real stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab", buffering=0) as log_file:
+        os.dup2(log_file.fileno(), 2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
+    try:
+        yield terminal
+    finally:
+        sys.stderr.flush()
+        terminal.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
