@@ -9,8 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-ORDER = ("tiling", "encoders", "encoder_costs", "slide_encoders", "slide_encoders_abmil", "pipeline", "pipeline-cluster",
-         "s3_io", "dicom_io", "dicom_wsidicom", "peers", "scale")
+ORDER = (
+    "tiling",
+    "encoders",
+    "encoder_costs",
+    "slide_encoders",
+    "slide_encoders_abmil",
+    "pipeline",
+    "pipeline-cluster",
+    "s3_io",
+    "dicom_io",
+    "dicom_wsidicom",
+    "peers",
+    "scale",
+)
 
 HEADER = """# Benchmarks
 
@@ -32,7 +44,9 @@ def main() -> None:
             parts.append(f"\n## {name}\n\nNot measured yet: run `benchmarks/{name}.py`.\n")
             continue
         text = path.read_text()
-        parts.append("\n" + "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()) + "\n")
+        parts.append(
+            "\n" + "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()) + "\n"
+        )
     (DOCS / "benchmarks.md").write_text("".join(parts))
 
 

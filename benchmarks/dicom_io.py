@@ -45,14 +45,18 @@ from fixtures.s3proxy import S3Proxy  # noqa: E402
 
 from pathray.demo.dicomize import write_dicom_series  # noqa: E402
 from pathray.demo.synthetic import write_synthetic_svs  # noqa: E402
-from pathray.tiling import TilingConfig  # noqa: E402
+from pathray.tiling.grid import TilingConfig  # noqa: E402
 
 CONFIG = TilingConfig(tile_px=224, target_mpp=0.5, min_tissue_fraction=0.0)
 CHUNK_TILES = (8, 256)  # 256: the job's default (the whole grid in one chunk here)
 #: name -> (codec, offset table, fragments per frame, dual-personality DICOM-TIFF)
-SERIES = {"JPEG, BOT": ("jpeg", "basic", 1, False), "JPEG, no table": ("jpeg", "none", 1, False),
-          "JPEG, no table, 2 fragments/frame": ("jpeg", "none", 2, False),
-          "JPEG, no table, DICOM-TIFF": ("jpeg", "none", 1, True), "JPEG 2000, EOT": ("jpeg2000", "extended", 1, False)}
+SERIES = {
+    "JPEG, BOT": ("jpeg", "basic", 1, False),
+    "JPEG, no table": ("jpeg", "none", 1, False),
+    "JPEG, no table, 2 fragments/frame": ("jpeg", "none", 2, False),
+    "JPEG, no table, DICOM-TIFF": ("jpeg", "none", 1, True),
+    "JPEG 2000, EOT": ("jpeg2000", "extended", 1, False),
+}
 
 
 class DecodeCounter:
@@ -70,6 +74,7 @@ class DecodeCounter:
         def decode(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
+
         return decode
 
 
@@ -87,19 +92,23 @@ def unique_frames(directory: Path, chunks) -> tuple[int, int]:
     for i in range(chunks.num_rows):
         x, y = (np.frombuffer(chunks.column(c)[i].as_py(), "<i8") for c in "xy")
         for x0, y0 in zip(x.tolist(), y.tolist()):
-            frames.update(r * across + c for r in range(y0 // th, (y0 + side - 1) // th + 1)
-                          for c in range(x0 // tw, (x0 + side - 1) // tw + 1))
+            frames.update(
+                r * across + c
+                for r in range(y0 // th, (y0 + side - 1) // th + 1)
+                for c in range(x0 // tw, (x0 + side - 1) // tw + 1)
+            )
     return len(frames), sum(sizes[f] for f in frames)
 
 
 def measure(name: str, uri: str, directory: Path, proxy: S3Proxy, options: dict, decodes: DecodeCounter) -> list[dict]:
     import pyarrow as pa
 
-    from pathray.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+    from pathray.job.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
 
     series_bytes = sum(p.stat().st_size for p in directory.iterdir())
-    slides = pa.Table.from_pylist([{"slide_id": "a", "path": uri, "cohort": "", "mpp_override": None, "models": ["m"]}],
-                                  schema=SLIDE_SCHEMA)
+    slides = pa.Table.from_pylist(
+        [{"slide_id": "a", "path": uri, "cohort": "", "mpp_override": None, "models": ["m"]}], schema=SLIDE_SCHEMA
+    )
     rows = []
     for chunk_tiles in CHUNK_TILES:
         proxy.reset()
@@ -115,33 +124,53 @@ def measure(name: str, uri: str, directory: Path, proxy: S3Proxy, options: dict,
         reader.close()
         assert all(t.column("status")[0].as_py() == "ok" for t in out), [t.column("error_message")[0] for t in out]
         got = sum(proxy.get_bytes.values())
-        rows.append({"series": name, "chunk_tiles": chunk_tiles, "chunks": chunks.num_rows,
-                     "tiles": sum(t.column("tiles_read")[0].as_py() for t in out), "series_mb": series_bytes / 1e6,
-                     "plan_kb": plan_bytes / 1e3, "plan_gets": plan_gets, "ratio_series": got / series_bytes,
-                     "ratio_frames": got / frame_bytes, "gets": sum(proxy.get_requests.values()),
-                     "decodes": decodes.calls, "frames": frames, "seconds": seconds})
+        rows.append(
+            {
+                "series": name,
+                "chunk_tiles": chunk_tiles,
+                "chunks": chunks.num_rows,
+                "tiles": sum(t.column("tiles_read")[0].as_py() for t in out),
+                "series_mb": series_bytes / 1e6,
+                "plan_kb": plan_bytes / 1e3,
+                "plan_gets": plan_gets,
+                "ratio_series": got / series_bytes,
+                "ratio_frames": got / frame_bytes,
+                "gets": sum(proxy.get_requests.values()),
+                "decodes": decodes.calls,
+                "frames": frames,
+                "seconds": seconds,
+            }
+        )
     return rows
 
 
 def make_series(work: Path, baseline: bool) -> list[tuple[str, Path]]:
-    source = write_synthetic_svs(work / "synthetic.svs", 4096, 3072, mpp=0.25,
-                                 tissue_rects=((448, 448, 1344, 896), (2688, 1792, 896, 896)))
+    source = write_synthetic_svs(
+        work / "synthetic.svs", 4096, 3072, mpp=0.25, tissue_rects=((448, 448, 1344, 896), (2688, 1792, 896, 896))
+    )
     out = []
     for name, (codec, offset_table, fragments, tiff) in SERIES.items():
         if baseline and (fragments > 1 or tiff):
             continue
         kwargs = {"fragments_per_frame": fragments, "tiff_personality": tiff} if fragments > 1 or tiff else {}
-        out.append((name, write_dicom_series(source, work / str(uuid.uuid4()), codec, offset_table, **kwargs).directory))
+        out.append(
+            (name, write_dicom_series(source, work / str(uuid.uuid4()), codec, offset_table, **kwargs).directory)
+        )
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| series | series MB | chunk tiles | chunks | planner kB / GETs | reader bytes ÷ series | "
-             "reader bytes ÷ unique frames | reader GETs | decodes / unique frames | reader s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['series']} | {r['series_mb']:.2f} | {r['chunk_tiles']} | {r['chunks']} | "
-              f"{r['plan_kb']:.0f} / {r['plan_gets']} | {r['ratio_series']:.3f} | {r['ratio_frames']:.2f} | "
-              f"{r['gets']} | {r['decodes']} / {r['frames']} | {r['seconds']:.2f} |" for r in rows]
+    lines = [
+        "| series | series MB | chunk tiles | chunks | planner kB / GETs | reader bytes ÷ series | "
+        "reader bytes ÷ unique frames | reader GETs | decodes / unique frames | reader s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['series']} | {r['series_mb']:.2f} | {r['chunk_tiles']} | {r['chunks']} | "
+        f"{r['plan_kb']:.0f} / {r['plan_gets']} | {r['ratio_series']:.3f} | {r['ratio_frames']:.2f} | "
+        f"{r['gets']} | {r['decodes']} / {r['frames']} | {r['seconds']:.2f} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -168,9 +197,11 @@ def main() -> int:
     text = table(rows)
     print(text)
     if args.write:
-        header = (f"# DICOM WSI read in place: bytes, requests and decodes of the job's reads\n\n"
-                  f"`python benchmarks/dicom_io.py`, {datetime.date.today()}, {platform.machine()} shared VM "
-                  f"(2 cores), local SeaweedFS.\n{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0]}\n")
+        header = (
+            f"# DICOM WSI read in place: bytes, requests and decodes of the job's reads\n\n"
+            f"`python benchmarks/dicom_io.py`, {datetime.date.today()}, {platform.machine()} shared VM "
+            f"(2 cores), local SeaweedFS.\n{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0]}\n"
+        )
         Path(args.write).write_text(header + text + "\n")
     return 0
 

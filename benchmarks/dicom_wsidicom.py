@@ -1,7 +1,7 @@
 """pathray's DICOM reader against wsidicom on the same series, read in place from S3.
 
 Should ``wsidicom`` (fsspec, Basic/Extended/no offset table, HTJ2K, JPEG-LS) replace the
-hand-written parser in :mod:`pathray.dicom_wsi`? Same series, server and byte-counting proxy
+hand-written parser in :mod:`pathray.wsi.dicom`? Same series, server and byte-counting proxy
 as ``benchmarks/dicom_io.py`` (4096x3072 synthetic slide at 0.25 µm/px, all 54 tiles of
 224 px at 0.5 µm/px, i.e. 448 level-0 px windows halved). Each reader opens the series
 (a fresh fsspec filesystem, no listing cache) and reads the 54 windows of level 0:
@@ -37,8 +37,8 @@ from dicom_io import CONFIG, make_series  # noqa: E402
 from fixtures.s3 import _stop, find_weed, start_server  # noqa: E402
 from fixtures.s3proxy import S3Proxy  # noqa: E402
 
-from pathray.slide import open_slide  # noqa: E402
-from pathray.tiling import plan_tiles, read_tiles, resize_tile  # noqa: E402
+from pathray.tiling.grid import plan_tiles, read_tiles, resize_tile  # noqa: E402
+from pathray.wsi.slide import open_slide  # noqa: E402
 
 
 def pathray_tiles(uri: str, options: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -67,14 +67,24 @@ def measure(name: str, uri: str, proxy: S3Proxy, options: dict, source: Path) ->
         proxy.reset()
         start = time.perf_counter()
         try:
-            got = (pathray_tiles(uri, options, grid.x, grid.y) if reader == "pathray"
-                   else wsidicom_tiles(uri, options, grid.x, grid.y, side))
+            got = (
+                pathray_tiles(uri, options, grid.x, grid.y)
+                if reader == "pathray"
+                else wsidicom_tiles(uri, options, grid.x, grid.y, side)
+            )
             verdict = "equal" if np.array_equal(got, want) else f"differ (max {np.abs(got.astype(int) - want).max()})"
         except Exception as exc:  # noqa: BLE001 - a reader that fails is a result
             verdict = f"fails: {type(exc).__name__}: {str(exc)[:80]}"
-        rows.append({"series": name, "reader": reader, "kb": sum(proxy.get_bytes.values()) / 1e3,
-                     "gets": sum(proxy.get_requests.values()), "seconds": time.perf_counter() - start,
-                     "tiles": verdict})
+        rows.append(
+            {
+                "series": name,
+                "reader": reader,
+                "kb": sum(proxy.get_bytes.values()) / 1e3,
+                "gets": sum(proxy.get_requests.values()),
+                "seconds": time.perf_counter() - start,
+                "tiles": verdict,
+            }
+        )
     return rows
 
 
@@ -96,18 +106,24 @@ def main() -> int:
         finally:
             proxy.stop()
             _stop(server.process)
-    lines = ["| series | reader | kB pulled | GETs | seconds | 54 tiles vs source SVS |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['series']} | {r['reader']} | {r['kb']:.0f} | {r['gets']} | {r['seconds']:.2f} | {r['tiles']} |"
-              for r in rows]
+    lines = [
+        "| series | reader | kB pulled | GETs | seconds | 54 tiles vs source SVS |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    lines += [
+        f"| {r['series']} | {r['reader']} | {r['kb']:.0f} | {r['gets']} | {r['seconds']:.2f} | {r['tiles']} |"
+        for r in rows
+    ]
     text = "\n".join(lines)
     print(text)
     if args.write:
         import wsidicom
 
-        header = (f"# pathray's DICOM reader vs wsidicom {wsidicom.__version__}\n\n`python benchmarks/dicom_wsidicom.py`, "
-                  f"{datetime.date.today()}, {platform.machine()} shared VM (2 cores), local SeaweedFS.\n"
-                  f"{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0]}\n")
+        header = (
+            f"# pathray's DICOM reader vs wsidicom {wsidicom.__version__}\n\n`python benchmarks/dicom_wsidicom.py`, "
+            f"{datetime.date.today()}, {platform.machine()} shared VM (2 cores), local SeaweedFS.\n"
+            f"{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0]}\n"
+        )
         Path(args.write).write_text(header + text + "\n")
     return 0
 

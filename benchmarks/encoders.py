@@ -42,9 +42,15 @@ from pathray.encoders.builders import depth_override  # noqa: E402
 
 #: dense peak TFLOP/s by (device-name substring, dtype); fp32 = TF32 tensor cores when enabled
 PEAK_TFLOPS = {
-    ("H100", "bf16"): 989.4, ("H100", "fp16"): 989.4, ("H100", "fp32"): 494.7,
-    ("H200", "bf16"): 989.4, ("H200", "fp16"): 989.4, ("H200", "fp32"): 494.7,
-    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 156.0,
+    ("H100", "bf16"): 989.4,
+    ("H100", "fp16"): 989.4,
+    ("H100", "fp32"): 494.7,
+    ("H200", "bf16"): 989.4,
+    ("H200", "fp16"): 989.4,
+    ("H200", "fp32"): 494.7,
+    ("A100", "bf16"): 312.0,
+    ("A100", "fp16"): 312.0,
+    ("A100", "fp32"): 156.0,
 }
 
 
@@ -102,14 +108,23 @@ def parse_model(arg: str) -> tuple[str, int | None]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["kaiko-vits16", "kaiko-vitb16", "uni@4", "uni2-h@2"],
-                    help="model names, or 'all' for every registered model; name@N shrinks to N blocks (same width)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["kaiko-vits16", "kaiko-vitb16", "uni@4", "uni2-h@2"],
+        help="model names, or 'all' for every registered model; name@N shrinks to N blocks (same width)",
+    )
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tile-px", type=int, default=None, help="tile side fed to every model (default: each model's "
-                    "native tile, which its own preprocessing resizes to its input)")
+    ap.add_argument(
+        "--tile-px",
+        type=int,
+        default=None,
+        help="tile side fed to every model (default: each model's "
+        "native tile, which its own preprocessing resizes to its input)",
+    )
     ap.add_argument("--min-seconds", type=float, default=3.0)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -134,8 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             for compile_flag in args.compile:
                 for dtype in args.dtypes:
                     for bs in args.batch_sizes:
-                        cfg = EncoderConfig(name, weights=str(wdir), device=args.device, dtype=dtype,
-                                            compile=compile_flag == "on", batch_size=bs)
+                        cfg = EncoderConfig(
+                            name,
+                            weights=str(wdir),
+                            device=args.device,
+                            dtype=dtype,
+                            compile=compile_flag == "on",
+                            batch_size=bs,
+                        )
                         enc = load_encoder(cfg)
                         fpt = flops_per_tile(enc)
                         try:
@@ -146,25 +167,45 @@ def main(argv: list[str] | None = None) -> int:
                         achieved = tps * fpt
                         peak = device_peak(enc.device, dtype)
                         label = name if not depth else f"{name} (depth {depth})"
-                        row = dict(model=label, tile_px=tile_px, params_m=round(enc.num_params / 1e6, 1), dtype=dtype,
-                                   compile=compile_flag, batch=bs, tiles_per_s=round(tps, 2),
-                                   gflop_per_tile=round(fpt / 1e9, 2), achieved_gflops=round(achieved / 1e9, 1),
-                                   mfu=(round(achieved / peak, 3) if peak else None), iters=n_iter)
+                        row = dict(
+                            model=label,
+                            tile_px=tile_px,
+                            params_m=round(enc.num_params / 1e6, 1),
+                            dtype=dtype,
+                            compile=compile_flag,
+                            batch=bs,
+                            tiles_per_s=round(tps, 2),
+                            gflop_per_tile=round(fpt / 1e9, 2),
+                            achieved_gflops=round(achieved / 1e9, 1),
+                            mfu=(round(achieved / peak, 3) if peak else None),
+                            iters=n_iter,
+                        )
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                         del enc
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
-    header = {"device": device_label(dev), "torch": torch.__version__, "tile_px": args.tile_px or "native",
-              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    dev = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    header = {
+        "device": device_label(dev),
+        "torch": torch.__version__,
+        "tile_px": args.tile_px or "native",
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     if args.json:
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
-    table = ["| model | tile px | params (M) | dtype | compile | batch | tiles/s | GFLOP/tile | achieved GFLOP/s | MFU |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    table = [
+        "| model | tile px | params (M) | dtype | compile | batch | tiles/s | GFLOP/tile | achieved GFLOP/s | MFU |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (CPU)"
-        table.append(f"| {r['model']} | {r['tile_px']} | {r['params_m']} | {r['dtype']} | {r['compile']} | {r['batch']} | "
-                     f"{r['tiles_per_s']} | {r['gflop_per_tile']} | {r['achieved_gflops']} | {mfu} |")
+        table.append(
+            f"| {r['model']} | {r['tile_px']} | {r['params_m']} | {r['dtype']} | {r['compile']} | {r['batch']} | "
+            f"{r['tiles_per_s']} | {r['gflop_per_tile']} | {r['achieved_gflops']} | {mfu} |"
+        )
     text = "\n".join(table)
     print(f"\n{header}\n{text}")
     if args.markdown:

@@ -55,15 +55,31 @@ def pathray_run(slide: Path, weights: Path, out: Path, variant: Variant) -> dict
     """Run ``pathray embed`` on one slide; wall seconds, first-commit seconds, the report."""
     manifest = out.with_suffix(".csv")
     manifest.write_text(f"slide_id,path\nslide,{slide}\n")
-    cmd = [sys.executable, "-m", "pathray.cli", "embed", "--manifest", str(manifest), "--models", "kaiko-vits16",
-           "--weights", f"kaiko-vits16={weights}", "--batch-size", str(BATCH), "--out", str(out), "--no-progress",
-           *variant.args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pathray.cli",
+        "embed",
+        "--manifest",
+        str(manifest),
+        "--models",
+        "kaiko-vits16",
+        "--weights",
+        f"kaiko-vits16={weights}",
+        "--batch-size",
+        str(BATCH),
+        "--out",
+        str(out),
+        "--no-progress",
+        *variant.args,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if variant.src:
         env["PYTHONPATH"] = variant.src
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=variant.src or ROOT)  # `python -m` puts the working directory first on sys.path
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=variant.src or ROOT
+    )  # `python -m` puts the working directory first on sys.path
     first_commit = None
     commits = out / "_commits" / "model=kaiko-vits16"
     while proc.poll() is None:
@@ -74,13 +90,18 @@ def pathray_run(slide: Path, weights: Path, out: Path, variant: Variant) -> dict
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout.read())
     report = json.loads(next((out / "_runs").glob("*/report.json")).read_text())
-    return {"wall_s": wall, "first_commit_s": first_commit or wall, "tiles": report["tiles_read"],
-            "steady": report["steady_tiles_per_s"], "runner": report.get("runner", "ray")}
+    return {
+        "wall_s": wall,
+        "first_commit_s": first_commit or wall,
+        "tiles": report["tiles_read"],
+        "steady": report["steady_tiles_per_s"],
+        "runner": report.get("runner", "ray"),
+    }
 
 
 NOTES = """*End to end*: `pathray embed` timed from the command to its exit, in a fresh process (imports, start-up,
 model load and commit included). *Steady*: the run report's tiles / the encoder's working window. *as installed
-(auto)*: what a user gets on this machine (no Ray cluster, no GPU: the in-process runner, `pathray.localrun`);
+(auto)*: what a user gets on this machine (no Ray cluster, no GPU: the in-process runner, `pathray.job.localrun`);
 *--runner ray*: the Ray Data plan on a local Ray started by the command; *before*: an older source tree
 (`--before-src`, named with its commit), run by the same command on the same slide in the same run."""
 
@@ -100,10 +121,17 @@ def slides(work: Path, quick: bool) -> dict[str, Path]:
     from pathray.demo.synthetic import write_synthetic_svs
 
     size = (8000, 6000) if quick else (20000, 15000)
-    large = write_synthetic_svs(work / "large.svs", *size, mpp=0.25,
-                                tissue_rects=((1000, 1000, size[0] // 2, size[1] // 2),), downsamples=(1, 4, 16, 32))
-    return {"CMU-1-Small-Region (0.499 µm/px)": fetch_cmu_small_region(),
-            f"synthetic {size[0]}x{size[1]} (0.25 µm/px)": large}
+    large = write_synthetic_svs(
+        work / "large.svs",
+        *size,
+        mpp=0.25,
+        tissue_rects=((1000, 1000, size[0] // 2, size[1] // 2),),
+        downsamples=(1, 4, 16, 32),
+    )
+    return {
+        "CMU-1-Small-Region (0.499 µm/px)": fetch_cmu_small_region(),
+        f"synthetic {size[0]}x{size[1]} (0.25 µm/px)": large,
+    }
 
 
 def main() -> None:
@@ -129,16 +157,22 @@ def main() -> None:
         alone = (first_alone + model_alone(weights, 256)) / 2
         for label, run in runs.items():
             e2e = run["tiles"] / run["wall_s"]
-            rows.append(f"| {name} | {label} ({run['runner']}) | {run['tiles']} | {alone:.1f} | {e2e:.1f} "
-                        f"| **{e2e / alone:.2f}** | {run['steady']:.1f} | **{run['steady'] / alone:.2f}** "
-                        f"| {run['first_commit_s']:.1f} | {run['wall_s']:.1f} |")
+            rows.append(
+                f"| {name} | {label} ({run['runner']}) | {run['tiles']} | {alone:.1f} | {e2e:.1f} "
+                f"| **{e2e / alone:.2f}** | {run['steady']:.1f} | **{run['steady'] / alone:.2f}** "
+                f"| {run['first_commit_s']:.1f} | {run['wall_s']:.1f} |"
+            )
             print(rows[-1], flush=True)
     header = [
-        "# pathray end to end vs the model alone (CPU-only, `benchmarks/peers.py`)", "",
+        "# pathray end to end vs the model alone (CPU-only, `benchmarks/peers.py`)",
+        "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU; kaiko ViT-S/16 random weights, full depth, "
         f"fp32, batch {BATCH}; `pathray embed` with default resources, one slide per manifest; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios are from one run; model alone = mean of one "
-        "measurement before and one after the slide's runs.", "", NOTES, "",
+        "measurement before and one after the slide's runs.",
+        "",
+        NOTES,
+        "",
         "| slide | pathray (runner) | tiles | model alone tiles/s | end to end tiles/s | end to end / alone "
         "| steady tiles/s | steady / alone | command → first commit (s) | command → exit (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",

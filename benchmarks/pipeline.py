@@ -13,7 +13,7 @@ end of its last, :attr:`RunReport.steady_tiles_per_s`): it leaves out the fixed 
 any stall of the encoder waiting for tiles stays in. The wall-clock rate including
 start-up is shown too. The ratio steady pipeline / slowest stage alone says how much the
 plumbing costs (1.0 = the slowest stage never waits).
-Two encoders: an idle-sleep stand-in paced like a GPU (:class:`pathray.fakes.SleepEncoder`)
+Two encoders: an idle-sleep stand-in paced like a GPU (:class:`pathray.testing.SleepEncoder`)
 and a real small CPU model (kaiko ViT-S/16, random weights, full depth).
 
 Part 2 (memory): the same job over a manifest of 10 and of 1,000 slides (rows pointing to
@@ -41,8 +41,10 @@ def make_slides(directory: Path, n: int, size: tuple[int, int]) -> list[Path]:
     from pathray.demo.synthetic import write_synthetic_svs
 
     w, h = size
-    return [write_synthetic_svs(directory / f"bench{i}.svs", w, h, mpp=0.25, tissue_rects=[(0, 0, w, h)], seed=i)
-            for i in range(n)]
+    return [
+        write_synthetic_svs(directory / f"bench{i}.svs", w, h, mpp=0.25, tissue_rects=[(0, 0, w, h)], seed=i)
+        for i in range(n)
+    ]
 
 
 def write_manifest(path: Path, slides: list[Path], repeat: int = 1) -> Path:
@@ -60,8 +62,8 @@ def stages_alone(slides: list[Path], tiling, chunk_tiles: int, encoder) -> dict[
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(RESOURCES["encoder_num_cpus"])))
-    from pathray.slide import open_slide
-    from pathray.tiling import plan_tiles, read_tiles
+    from pathray.tiling.grid import plan_tiles, read_tiles
+    from pathray.wsi.slide import open_slide
 
     grids, t0 = [], time.perf_counter()
     for p in slides:
@@ -73,7 +75,7 @@ def stages_alone(slides: list[Path], tiling, chunk_tiles: int, encoder) -> dict[
     for p, g in zip(slides, grids):
         with open_slide(str(p)) as s:
             for lo in range(0, len(g.x), chunk_tiles):
-                tiles.append(read_tiles(s, tiling, g.x[lo:lo + chunk_tiles], g.y[lo:lo + chunk_tiles]))
+                tiles.append(read_tiles(s, tiling, g.x[lo : lo + chunk_tiles], g.y[lo : lo + chunk_tiles]))
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for chunk in tiles:
@@ -84,12 +86,20 @@ def stages_alone(slides: list[Path], tiling, chunk_tiles: int, encoder) -> dict[
 
 
 def pipeline_run(manifest: Path, out: Path, models: list[str], custom, encoders: dict, chunk_tiles: int):
-    from pathray.config import build_job_config
-    from pathray.pipeline import run_job
+    from pathray.job.config import build_job_config
+    from pathray.job.raydata import run_job
 
-    config = build_job_config(dict(manifest=str(manifest), out=str(out), models=models, encoders=encoders,
-                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=chunk_tiles,
-                                   resources=RESOURCES))
+    config = build_job_config(
+        dict(
+            manifest=str(manifest),
+            out=str(out),
+            models=models,
+            encoders=encoders,
+            tiling={"tile_px": 224, "target_mpp": 0.5},
+            chunk_tiles=chunk_tiles,
+            resources=RESOURCES,
+        )
+    )
     return run_job(config, custom, progress_bars=False)
 
 
@@ -97,8 +107,8 @@ def throughput(tmp: Path, n_slides: int, size: tuple[int, int], sleep_rate: floa
     import ray
 
     from pathray.encoders import EncoderConfig, load_encoder, write_random_weights
-    from pathray.fakes import SleepEncoder, sleep_encoder
-    from pathray.tiling import TilingConfig
+    from pathray.testing import SleepEncoder, sleep_encoder
+    from pathray.tiling.grid import TilingConfig
 
     tiling = TilingConfig(tile_px=224, target_mpp=0.5)
     slides = make_slides(tmp / "slides", n_slides, size)
@@ -107,21 +117,42 @@ def throughput(tmp: Path, n_slides: int, size: tuple[int, int], sleep_rate: floa
     rows = []
     try:
         cases = [
-            ("sleep stand-in (GPU-paced)", slides, lambda: SleepEncoder(sleep_rate), ["sleep"],
-             {"sleep": sleep_encoder(sleep_rate)}, {}),
-            ("kaiko ViT-S/16 on CPU", slides[:cpu_slides],
-             lambda: load_encoder(EncoderConfig("kaiko-vits16", weights=str(weights))), ["kaiko-vits16"], None,
-             {"kaiko-vits16": {"weights": str(weights)}}),
+            (
+                "sleep stand-in (GPU-paced)",
+                slides,
+                lambda: SleepEncoder(sleep_rate),
+                ["sleep"],
+                {"sleep": sleep_encoder(sleep_rate)},
+                {},
+            ),
+            (
+                "kaiko ViT-S/16 on CPU",
+                slides[:cpu_slides],
+                lambda: load_encoder(EncoderConfig("kaiko-vits16", weights=str(weights))),
+                ["kaiko-vits16"],
+                None,
+                {"kaiko-vits16": {"weights": str(weights)}},
+            ),
         ]
         for i, (label, subset, make, models, custom, encoders) in enumerate(cases):
             alone = stages_alone(subset, tiling, 64, make())
-            report = pipeline_run(write_manifest(tmp / f"m{i}.csv", subset), tmp / f"store{i}", models, custom,
-                                  encoders, 64)
+            report = pipeline_run(
+                write_manifest(tmp / f"m{i}.csv", subset), tmp / f"store{i}", models, custom, encoders, 64
+            )
             slowest = min(("plan", "read", "encode"), key=lambda k: alone[k])
-            rows.append({"encoder": label, "tiles": report.tiles_read, "plan": alone["plan"], "read": alone["read"],
-                         "encode": alone["encode"], "slowest": slowest, "pipeline_steady": report.steady_tiles_per_s,
-                         "pipeline_wall": report.tiles_read / report.wall_s,
-                         "ratio": report.steady_tiles_per_s / alone[slowest]})
+            rows.append(
+                {
+                    "encoder": label,
+                    "tiles": report.tiles_read,
+                    "plan": alone["plan"],
+                    "read": alone["read"],
+                    "encode": alone["encode"],
+                    "slowest": slowest,
+                    "pipeline_steady": report.steady_tiles_per_s,
+                    "pipeline_wall": report.tiles_read / report.wall_s,
+                    "ratio": report.steady_tiles_per_s / alone[slowest],
+                }
+            )
     finally:
         ray.shutdown()
     return rows
@@ -130,9 +161,9 @@ def throughput(tmp: Path, n_slides: int, size: tuple[int, int], sleep_rate: floa
 MEMORY_CHILD = r"""
 import json, resource, sys, threading, time
 import ray
-from pathray.config import build_job_config
-from pathray.fakes import sleep_encoder
-from pathray.pipeline import run_job
+from pathray.job.config import build_job_config
+from pathray.testing import sleep_encoder
+from pathray.job.raydata import run_job
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 state = get_state_from_address(ray.get_runtime_context().gcs_address)
@@ -161,8 +192,20 @@ def memory(tmp: Path, counts: list[int]) -> list[dict]:
     for n in counts:
         manifest = write_manifest(tmp / f"mem{n}.csv", [slide], repeat=n)
         result = tmp / f"mem{n}.json"
-        subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(manifest), str(tmp / f"memstore{n}"),
-                        json.dumps(RESOURCES), str(result)], capture_output=True, text=True, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                MEMORY_CHILD,
+                str(manifest),
+                str(tmp / f"memstore{n}"),
+                json.dumps(RESOURCES),
+                str(result),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(result.read_text()))
     return rows
 
@@ -173,29 +216,45 @@ COMMIT_DIM = 1024  # UNI's embedding width, float32: 4 KiB per tile
 def commit_throughput(tmp: Path, n_slides: int, tiles: int, committer_counts: list[int]) -> list[dict]:
     """Commit throughput alone: stage ``n_slides`` slides of ``tiles`` 1024-d float32 embeddings
     (chunks of 256, as the write stage leaves them), then commit them all through a pool of
-    N committer actors (:class:`pathray.commit.CommitPool`, the job's own commit path).
+    N committer actors (:class:`pathray.job.committers.CommitPool`, the job's own commit path).
     MB/s counts embedding bytes merged (each is read once and written once)."""
     import ray
 
-    from pathray.commit import CommitPool
-    from pathray.fakes import stage_fake_slide
+    from pathray.job.committers import CommitPool
     from pathray.store import CommitRequest, FeatureStore
+    from pathray.testing import stage_fake_slide
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     try:
         for n in committer_counts:
             store = FeatureStore(str(tmp / f"commit{n}"))
-            staged = {f"s{i}": stage_fake_slide(store, "uni", f"s{i}", tiles, 256, COMMIT_DIM, seed=i)
-                      for i in range(n_slides)}
+            staged = {
+                f"s{i}": stage_fake_slide(store, "uni", f"s{i}", tiles, 256, COMMIT_DIM, seed=i)
+                for i in range(n_slides)
+            }
             pool = CommitPool(ray, store, n, max_concurrency=16)
             ray.get([a.__ray_ready__.remote() for a in pool.actors])
             t0 = time.perf_counter()
-            ray.get([pool.submit(CommitRequest("uni", sid, "bench", ids, tiles, {}, {}, "h", "bench")) for sid, ids in staged.items()])
+            ray.get(
+                [
+                    pool.submit(CommitRequest("uni", sid, "bench", ids, tiles, {}, {}, "h", "bench"))
+                    for sid, ids in staged.items()
+                ]
+            )
             seconds = time.perf_counter() - t0
             mb = n_slides * tiles * COMMIT_DIM * 4 / 1e6
-            rows.append({"committers": n, "slides": n_slides, "tiles": n_slides * tiles, "mb": mb, "s": seconds,
-                         "mb_per_s": mb / seconds, "slides_per_s": n_slides / seconds})
+            rows.append(
+                {
+                    "committers": n,
+                    "slides": n_slides,
+                    "tiles": n_slides * tiles,
+                    "mb": mb,
+                    "s": seconds,
+                    "mb_per_s": mb / seconds,
+                    "slides_per_s": n_slides / seconds,
+                }
+            )
             for actor in pool.actors:
                 ray.kill(actor)
     finally:
@@ -206,9 +265,9 @@ def commit_throughput(tmp: Path, n_slides: int, tiles: int, committer_counts: li
 PLUMBING_CHILD = r"""
 import json, sys, threading, time
 import psutil, ray
-from pathray.config import build_job_config
-from pathray.fakes import sleep_encoder
-from pathray.pipeline import run_job
+from pathray.job.config import build_job_config
+from pathray.testing import sleep_encoder
+from pathray.job.raydata import run_job
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 me = psutil.Process()
 cpu = {}  # pid -> latest (user + system) CPU seconds of the driver and every process under it (GCS, raylet, workers)
@@ -256,9 +315,20 @@ def plumbing(tmp: Path, n_slides: int, size: tuple[int, int], rate: float, repea
     each slide ``repeat`` times (distinct slide ids) so the steady window is long against start-up."""
     slides = make_slides(tmp / "plumbing", n_slides, size)
     result = tmp / "plumbing.json"
-    proc = subprocess.run([sys.executable, "-c", PLUMBING_CHILD, str(write_manifest(tmp / "plumbing.csv", slides, repeat)),
-                           str(tmp / "plumbing-store"), json.dumps(PLUMBING_RESOURCES), str(rate), str(result)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PLUMBING_CHILD,
+            str(write_manifest(tmp / "plumbing.csv", slides, repeat)),
+            str(tmp / "plumbing-store"),
+            json.dumps(PLUMBING_RESOURCES),
+            str(rate),
+            str(result),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-4000:])
     row = json.loads(result.read_text())
@@ -283,8 +353,10 @@ def to_markdown(tp: list[dict], mem: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in tp:
-        lines.append(f"| {r['encoder']} | {r['tiles']} | {r['plan']:.0f} | {r['read']:.0f} | {r['encode']:.1f} | "
-                     f"{r['slowest']} | {r['pipeline_steady']:.1f} | {r['pipeline_wall']:.1f} | **{r['ratio']:.2f}** |")
+        lines.append(
+            f"| {r['encoder']} | {r['tiles']} | {r['plan']:.0f} | {r['read']:.0f} | {r['encode']:.1f} | "
+            f"{r['slowest']} | {r['pipeline_steady']:.1f} | {r['pipeline_wall']:.1f} | **{r['ratio']:.2f}** |"
+        )
     lines += [
         "",
         "Stage-alone figures run in this process, the encoder with as many threads as its pipeline",
@@ -302,8 +374,10 @@ def to_markdown(tp: list[dict], mem: list[dict], args) -> str:
         "|---|---|---|---|---|",
     ]
     for r in mem:
-        lines.append(f"| {r['slides']} | {r['tiles']} | {r['wall_s']:.1f} | {r['driver_peak_rss_mib']:.0f} | "
-                     f"{r['object_store_peak_mib']:.1f} |")
+        lines.append(
+            f"| {r['slides']} | {r['tiles']} | {r['wall_s']:.1f} | {r['driver_peak_rss_mib']:.0f} | "
+            f"{r['object_store_peak_mib']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +394,7 @@ def cluster_markdown(commits: list[dict], plumb: dict, rate: float, args) -> str
         "## Commit throughput vs number of committers",
         "",
         f"Pre-staged chunks (256 tiles each) of {COMMIT_DIM}-d float32 embeddings (UNI's width, 4 KiB/tile) on local",
-        "disk, committed through `pathray.commit.CommitPool` (the job's own commit path: read the chunks,",
+        "disk, committed through `pathray.job.committers.CommitPool` (the job's own commit path: read the chunks,",
         "merge, write one features file, write the commit record, delete the chunks), 16 commits in flight",
         "per committer. Encoding and reading are left out so that commits are the only limit: in the",
         "full pipeline on this 2-core VM the readers cap the run far below these rates (next table).",
@@ -329,8 +403,10 @@ def cluster_markdown(commits: list[dict], plumb: dict, rate: float, args) -> str
         "|---|---|---|---|---|---|---|",
     ]
     for r in commits:
-        lines.append(f"| {r['committers']} | {r['slides']} | {r['tiles']} | {r['mb']:.0f} | {r['s']:.1f} | "
-                     f"{r['mb_per_s']:.1f} | {r['slides_per_s']:.2f} |")
+        lines.append(
+            f"| {r['committers']} | {r['slides']} | {r['tiles']} | {r['mb']:.0f} | {r['s']:.1f} | "
+            f"{r['mb_per_s']:.1f} | {r['slides_per_s']:.2f} |"
+        )
     best = max(r["mb_per_s"] for r in commits)
     per_core = best / min(2, os.cpu_count() or 1)
     lines += [
@@ -383,8 +459,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "pipeline.md"))
-    parser.add_argument("--cluster-path", action="store_true",
-                        help="only commit throughput vs committers and CPU cores per GPU (docs/bench/pipeline-cluster.md)")
+    parser.add_argument(
+        "--cluster-path",
+        action="store_true",
+        help="only commit throughput vs committers and CPU cores per GPU (docs/bench/pipeline-cluster.md)",
+    )
     args = parser.parse_args()
     if args.cluster_path:
         return cluster_path(args)

@@ -48,9 +48,9 @@ from fixtures.s3proxy import S3Proxy  # noqa: E402
 
 from pathray.demo.cmu import fetch_cmu_small_region  # noqa: E402
 from pathray.demo.synthetic import write_svs  # noqa: E402
-from pathray.slide import open_slide  # noqa: E402
-from pathray.staging import Scratch  # noqa: E402
-from pathray.tiling import TilingConfig, plan_tiles, read_tiles  # noqa: E402
+from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles  # noqa: E402
+from pathray.wsi.scratch import Scratch  # noqa: E402
+from pathray.wsi.slide import open_slide  # noqa: E402
 
 CONFIG = TilingConfig(tile_px=224, target_mpp=0.5)
 BUCKET = "pathray-bench-s3io"
@@ -67,8 +67,15 @@ def make_slides(directory: Path) -> tuple[Path, Path]:
     svs = write_svs(directory / "cmu3x3.svs", image, 0.25, (1, 4, 16))
     deflate = directory / "cmu3x3_deflate.tif"
     with tifffile.TiffWriter(deflate) as out:
-        out.write(image, tile=(256, 256), compression="zlib", photometric="rgb", resolution=(40000, 40000),
-                  resolutionunit="CENTIMETER", metadata=None)
+        out.write(
+            image,
+            tile=(256, 256),
+            compression="zlib",
+            photometric="rgb",
+            resolution=(40000, 40000),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
         for factor in (4, 16):
             small = np.asarray(Image.fromarray(image).reduce(factor))
             out.write(small, tile=(256, 256), compression="zlib", photometric="rgb", subfiletype=1, metadata=None)
@@ -84,17 +91,31 @@ def write_large_svs(path: Path, repeat: int) -> Path:
     with tifffile.TiffFile(fetch_cmu_small_region()) as tif:
         cmu = tif.pages[0].asarray()[..., :3]
     height, width = cmu.shape[0] * repeat, cmu.shape[1] * repeat
-    description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) JPEG/RGB Q=95"
-                   "|AppMag = 40|MPP = 0.25")
+    description = (
+        f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) JPEG/RGB Q=95"
+        "|AppMag = 40|MPP = 0.25"
+    )
     with tifffile.TiffWriter(path, bigtiff=False) as out:
         for i, factor in enumerate((1, 4, 16)):
             base = cmu if factor == 1 else np.asarray(Image.fromarray(cmu).reduce(factor))
             h, w = height // factor, width // factor
-            tiles = (base[np.ix_(np.arange(y, y + 256) % base.shape[0], np.arange(x, x + 256) % base.shape[1])]
-                     for y in range(0, h, 256) for x in range(0, w, 256))
-            out.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(256, 256), compression="jpeg",
-                      compressionargs={"level": 95}, photometric="rgb", description=description if i == 0 else None,
-                      metadata=None, subfiletype=0 if i == 0 else 1)
+            tiles = (
+                base[np.ix_(np.arange(y, y + 256) % base.shape[0], np.arange(x, x + 256) % base.shape[1])]
+                for y in range(0, h, 256)
+                for x in range(0, w, 256)
+            )
+            out.write(
+                tiles,
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": 95},
+                photometric="rgb",
+                description=description if i == 0 else None,
+                metadata=None,
+                subfiletype=0 if i == 0 else 1,
+            )
     return path
 
 
@@ -110,8 +131,9 @@ def reader(args: tuple) -> int:
     return count
 
 
-def bytes_per_slide(proxy: S3Proxy, base_options: dict, uri: str, key: str, size: int,
-                    mode: str, chunk_tiles: int, work: Path) -> dict[str, float]:
+def bytes_per_slide(
+    proxy: S3Proxy, base_options: dict, uri: str, key: str, size: int, mode: str, chunk_tiles: int, work: Path
+) -> dict[str, float]:
     """Planner + one reader process over one slide; bytes ÷ object size."""
     options = proxy.storage_options(base_options)
     readers = 1
@@ -124,8 +146,10 @@ def bytes_per_slide(proxy: S3Proxy, base_options: dict, uri: str, key: str, size
     if not scratch_root:
         planner_scratch.close()
     planned = proxy.bytes_for(key)
-    chunks = [(grid.x[i:i + chunk_tiles].tolist(), grid.y[i:i + chunk_tiles].tolist())
-              for i in range(0, len(grid), chunk_tiles)]
+    chunks = [
+        (grid.x[i : i + chunk_tiles].tolist(), grid.y[i : i + chunk_tiles].tolist())
+        for i in range(0, len(grid), chunk_tiles)
+    ]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(readers)
@@ -135,16 +159,21 @@ def bytes_per_slide(proxy: S3Proxy, base_options: dict, uri: str, key: str, size
     assert tiles == len(grid)
     shutil.rmtree(node, ignore_errors=True)
     total = proxy.bytes_for(key)
-    return {"plan": planned / size, "read": (total - planned) / size, "total": total / size, "chunks": len(chunks),
-            "tiles": tiles}
+    return {
+        "plan": planned / size,
+        "read": (total - planned) / size,
+        "total": total / size,
+        "chunks": len(chunks),
+        "tiles": tiles,
+    }
 
 
 def read_floor(local: Path, size: int) -> float:
     """Bytes of the stored JPEG tiles the grid's reads touch ÷ object size (the least any reader set can fetch)."""
     import fsspec
 
-    from pathray.tiffrange import TiffRangeBackend
-    from pathray.tiling import read_geometry
+    from pathray.tiling.grid import read_geometry
+    from pathray.wsi.tiffrange import TiffRangeBackend
 
     with open_slide(str(local)) as slide:
         grid = plan_tiles(slide, "bench", CONFIG)
@@ -166,15 +195,21 @@ def first_tile(server, proxy: S3Proxy, uri: str, key: str, link: tuple[float, fl
         fs, path = split_uri(uri, options)
         fs.info(path)
     out: dict[str, dict[str, float]] = {}
-    passes = [(m, s, o) for m in ("range", "staging") for s, o in (("localhost", server.storage_options),
-                                                                    ("emulated", emulated))]
+    passes = [
+        (m, s, o)
+        for m in ("range", "staging")
+        for s, o in (("localhost", server.storage_options), ("emulated", emulated))
+    ]
     for mode, setting, options in passes * 2:  # the first round warms imports and caches; the second is kept
         proxy.link_bytes_per_s, proxy.latency_s = link if setting == "emulated" else (0.0, 0.0)
         proxy.reset()
         start = time.perf_counter()
         with Scratch() as scratch:
-            slide = (open_slide(uri, storage_options=options) if mode == "range"
-                     else open_slide(scratch.stage(uri, options).local_path))
+            slide = (
+                open_slide(uri, storage_options=options)
+                if mode == "range"
+                else open_slide(scratch.stage(uri, options).local_path)
+            )
             with slide:
                 grid = plan_tiles(slide, "bench", CONFIG)
                 read_tiles(slide, CONFIG, grid.x[:1], grid.y[:1])
@@ -197,8 +232,10 @@ def tiles_per_s(server, uri: str, local: Path, repeats: int) -> dict[str, dict[s
                 read_tiles(slide, CONFIG, grid.x, grid.y)
                 best[name]["wall"] = min(best[name]["wall"], time.perf_counter() - wall)
                 best[name]["cpu"] = min(best[name]["cpu"], time.process_time() - cpu)
-    return {name: {"tiles_s": len(grid) / b["wall"], "tiles_cpu_s": len(grid) / b["cpu"], "tiles": len(grid)}
-            for name, b in best.items()}
+    return {
+        name: {"tiles_s": len(grid) / b["wall"], "tiles_cpu_s": len(grid) / b["cpu"], "tiles": len(grid)}
+        for name, b in best.items()
+    }
 
 
 def markdown(results: dict, sizes: dict[str, int], args: argparse.Namespace) -> str:
@@ -206,50 +243,63 @@ def markdown(results: dict, sizes: dict[str, int], args: argparse.Namespace) -> 
     lines = [
         "# S3 slide I/O",
         "",
-        (f"Generated by `python benchmarks/s3_io.py` on {when}; machine: {args.machine} ({platform.machine()}), "
-         f"Python {platform.python_version()}. S3 = SeaweedFS `weed mini` on 127.0.0.1 behind a byte-counting proxy "
-         "(bytes counted as the server sends them). Slide: CMU-1-Small-Region tiled 3x3 (6660x8901 px, declared "
-         f"0.25 µm/px): SVS {sizes['svs'] / 2**20:.1f} MiB (range-read), deflate generic TIFF "
-         f"{sizes['deflate'] / 2**20:.1f} MiB (staged). Tiles 224 px at 0.5 µm/px."),
+        (
+            f"Generated by `python benchmarks/s3_io.py` on {when}; machine: {args.machine} ({platform.machine()}), "
+            f"Python {platform.python_version()}. S3 = SeaweedFS `weed mini` on 127.0.0.1 behind a byte-counting proxy "
+            "(bytes counted as the server sends them). Slide: CMU-1-Small-Region tiled 3x3 (6660x8901 px, declared "
+            f"0.25 µm/px): SVS {sizes['svs'] / 2**20:.1f} MiB (range-read), deflate generic TIFF "
+            f"{sizes['deflate'] / 2**20:.1f} MiB (staged). Tiles 224 px at 0.5 µm/px."
+        ),
         "",
         "## Bytes fetched from S3 per slide ÷ object size",
         "",
-        ("One planner process, then one reader process reading every chunk of the slide in order (as the job "
-         "does: a reader takes a planned slide whole), at several chunk sizes. The reader keeps the spans it "
-         "fetched recently (32 MiB per open slide), so the stored tiles two neighbouring chunks share are "
-         "fetched once."),
+        (
+            "One planner process, then one reader process reading every chunk of the slide in order (as the job "
+            "does: a reader takes a planned slide whole), at several chunk sizes. The reader keeps the spans it "
+            "fetched recently (32 MiB per open slide), so the stored tiles two neighbouring chunks share are "
+            "fetched once."
+        ),
         "",
-        (f"The floor for the SVS is {results['floor']:.3f}: the bytes of the stored JPEG tiles that the "
-         "tissue tiles overlap ÷ object size (tissue covers most of this slide's non-white, i.e. most of its bytes)."),
+        (
+            f"The floor for the SVS is {results['floor']:.3f}: the bytes of the stored JPEG tiles that the "
+            "tissue tiles overlap ÷ object size (tissue covers most of this slide's non-white, i.e. most of its bytes)."
+        ),
         "",
         "| format, how read | tiles per chunk | chunks | planner | reader | **total** |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for (label, chunk_tiles), r in results["bytes"].items():
-        lines.append(f"| {label} | {chunk_tiles} | {r['chunks']} | {r['plan']:.3f} | {r['read']:.3f} | "
-                     f"**{r['total']:.3f}** |")
+        lines.append(
+            f"| {label} | {chunk_tiles} | {r['chunks']} | {r['plan']:.3f} | {r['read']:.3f} | **{r['total']:.3f}** |"
+        )
     ft = results["first_tile"]
     rate, latency = args.link_mb_s, args.link_latency_ms
     lines += [
         "",
         f"## Time to first tile (large SVS, {sizes['large'] / 2**20:.0f} MiB, nothing cached)",
         "",
-        (f"CMU-1-Small-Region repeated {args.large_repeat}x{args.large_repeat} as a 3-level SVS. From nothing to the "
-         "first tile: open, plan (tissue detection on level 2), read the grid's first tile. *Emulated link*: the "
-         f"proxy paces each response at {rate:g} MB/s and adds {latency:g} ms before each request, a stand-in for one "
-         "S3 stream (not a measurement of S3 itself). s3fs downloads a staged object in parts over up to 10 "
-         "connections, each paced separately, so staging gets up to 10x that rate here; on a real node its NIC and "
-         "the other actors' traffic bound it."),
+        (
+            f"CMU-1-Small-Region repeated {args.large_repeat}x{args.large_repeat} as a 3-level SVS. From nothing to the "
+            "first tile: open, plan (tissue detection on level 2), read the grid's first tile. *Emulated link*: the "
+            f"proxy paces each response at {rate:g} MB/s and adds {latency:g} ms before each request, a stand-in for one "
+            "S3 stream (not a measurement of S3 itself). s3fs downloads a staged object in parts over up to 10 "
+            "connections, each paced separately, so staging gets up to 10x that rate here; on a real node its NIC and "
+            "the other actors' traffic bound it."
+        ),
         "",
         f"| how | s, localhost | s, emulated {rate:g} MB/s + {latency:g} ms | bytes before the first tile |",
         "|---|---:|---:|---:|",
-        *(f"| {label} | {ft[m]['localhost']:.2f} | {ft[m]['emulated']:.2f} | {ft[m]['bytes'] / 2**20:.2f} MiB |"
-          for m, label in (("range", "range reads"), ("staging", "staging the whole object first"))),
+        *(
+            f"| {label} | {ft[m]['localhost']:.2f} | {ft[m]['emulated']:.2f} | {ft[m]['bytes'] / 2**20:.2f} MiB |"
+            for m, label in (("range", "range reads"), ("staging", "staging the whole object first"))
+        ),
         "",
         "## Read throughput, same slide, same run (one caller thread)",
         "",
-        ("For a remote slide `read_tiles` fetches the next block's bytes on a helper thread while it decodes the "
-         "current block, so CPU-seconds (both threads) can exceed wall seconds. Over localhost the S3 server (read directly, no proxy) and the decoder share the same two cores."),
+        (
+            "For a remote slide `read_tiles` fetches the next block's bytes on a helper thread while it decodes the "
+            "current block, so CPU-seconds (both threads) can exceed wall seconds. Over localhost the S3 server (read directly, no proxy) and the decoder share the same two cores."
+        ),
         "",
         "| source | tiles | tiles/s (wall) | tiles/s per CPU-second |",
         "|---|---:|---:|---:|",
@@ -262,8 +312,13 @@ def markdown(results: dict, sizes: dict[str, int], args: argparse.Namespace) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--chunk-tiles", type=int, nargs="+", default=[16, 32, 128, 256],
-                        help="chunk sizes for the range-read SVS (the staged TIFF uses the first)")
+    parser.add_argument(
+        "--chunk-tiles",
+        type=int,
+        nargs="+",
+        default=[16, 32, 128, 256],
+        help="chunk sizes for the range-read SVS (the staged TIFF uses the first)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-repeat", type=int, default=8, help="CMU repeats per side of the large SVS")
     parser.add_argument("--link-mb-s", type=float, default=100.0, help="emulated per-connection bandwidth, MB/s")
@@ -283,12 +338,23 @@ def main() -> None:
             server.fs.put_file(str(path), uris[name])
         sizes = {name: os.path.getsize(p) for name, p in (("svs", svs), ("deflate", deflate))}
         results: dict = {"bytes": {}, "floor": read_floor(svs, sizes["svs"])}
-        modes = (("SVS, range reads", "svs", "range"), ("deflate TIFF, node cache", "deflate", "node cache"),
-                 ("deflate TIFF, scratch per process (before)", "deflate", "per reader"))
+        modes = (
+            ("SVS, range reads", "svs", "range"),
+            ("deflate TIFF, node cache", "deflate", "node cache"),
+            ("deflate TIFF, scratch per process (before)", "deflate", "per reader"),
+        )
         for label, name, mode in modes:
             for chunk_tiles in args.chunk_tiles if mode == "range" else args.chunk_tiles[:1]:
-                r = bytes_per_slide(proxy, server.storage_options, uris[name], f"{BUCKET}/{Path(uris[name]).name}",
-                                    sizes[name], mode, chunk_tiles, work)
+                r = bytes_per_slide(
+                    proxy,
+                    server.storage_options,
+                    uris[name],
+                    f"{BUCKET}/{Path(uris[name]).name}",
+                    sizes[name],
+                    mode,
+                    chunk_tiles,
+                    work,
+                )
                 results["bytes"][(label, chunk_tiles)] = r
                 print(label, chunk_tiles, {k: round(v, 3) for k, v in r.items()}, flush=True)
         large = write_large_svs(work / "large.svs", args.large_repeat)

@@ -7,7 +7,7 @@ re-run on the fully committed store. Writes a Markdown table (``--out``, default
 Every slide is a hard link of one tiny synthetic SVS (4 tiles of 224 px at 0.5 µm/px) under a
 TCGA-style name (``TCGA-XX-XXXX-01Z-00-DX1``, cohorts ``tcga_brca`` ..., a ``case_id`` column
 kept on every tile row), so the cost per slide is the framework's: plan, read, write, commit,
-ledger, status table. The encoder is :func:`pathray.fakes.sleep_encoder` paced at a GPU's
+ledger, status table. The encoder is :func:`pathray.testing.sleep_encoder` paced at a GPU's
 4,000 tiles/s. Each run is a fresh driver process (``runner: local``, store on local disk);
 its RSS is sampled every 0.1 s. Per point: the first run (wall time, committed slides/s, the
 time of each driver phase), the store it leaves (files, status table and ledger sizes), and a
@@ -39,9 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 COHORTS = ("tcga_brca", "tcga_luad", "tcga_coad", "tcga_prad", "tcga_kirc")
 TILES_PER_S = 4000.0
 #: driver phases timed by wrapping the job's own functions (module attribute -> phase name)
-PHASES = {"pathray.pipeline._read_reachable": "manifest", "pathray.pipeline._todo": "resume",
-          "pathray.pipeline._run_local": "embed+commit", "pathray.pipeline.consolidate_slide_table": "status table",
-          "pathray.runpage.write_embed_page": "report page"}
+PHASES = {
+    "pathray.job.raydata._read_reachable": "manifest",
+    "pathray.job.raydata._todo": "resume",
+    "pathray.job.raydata._run_local": "embed+commit",
+    "pathray.job.raydata.consolidate_slide_table": "status table",
+    "pathray.monitor.page.write_embed_page": "report page",
+}
 EXPONENT_MAX, RSS_MAX_GIB, THROUGHPUT_MIN, PHASE_MIN_S = 1.1, 2.0, 0.8, 0.5
 
 
@@ -55,8 +59,9 @@ def make_cohort(directory: Path, n: int) -> Path:
     from pathray.demo.synthetic import write_synthetic_svs
 
     directory.mkdir(parents=True, exist_ok=True)
-    source = write_synthetic_svs(directory / "source.svs", 1024, 1024, mpp=0.25, tissue_rects=[(0, 0, 1024, 1024)],
-                                 downsamples=(1, 4))
+    source = write_synthetic_svs(
+        directory / "source.svs", 1024, 1024, mpp=0.25, tissue_rects=[(0, 0, 1024, 1024)], downsamples=(1, 4)
+    )
     lines = ["slide_id,path,cohort,case_id"]
     for i in range(n):
         sid = slide_id(i)
@@ -70,10 +75,19 @@ def make_cohort(directory: Path, n: int) -> Path:
 
 
 def job_config(manifest: str, out: str):
-    from pathray.config import build_job_config
+    from pathray.job.config import build_job_config
 
-    return build_job_config(dict(manifest=manifest, out=out, models=["sleep"], runner="local", chunk_tiles=64,
-                                 keep_columns=["case_id"], tiling={"tile_px": 224, "target_mpp": 0.5}))
+    return build_job_config(
+        dict(
+            manifest=manifest,
+            out=out,
+            models=["sleep"],
+            runner="local",
+            chunk_tiles=64,
+            keep_columns=["case_id"],
+            tiling={"tile_px": 224, "target_mpp": 0.5},
+        )
+    )
 
 
 def _wrap_phases(timings: dict[str, float]) -> None:
@@ -101,8 +115,8 @@ def child(manifest: str, out: str, result: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from pathray.fakes import sleep_encoder
-    from pathray.pipeline import run_job
+    from pathray.job.raydata import run_job
+    from pathray.testing import sleep_encoder
 
     proc, peak, stop = psutil.Process(), [0], threading.Event()
 
@@ -118,16 +132,29 @@ def child(manifest: str, out: str, result: str) -> None:
     report = run_job(job_config(manifest, out), {"sleep": sleep_encoder(TILES_PER_S)}, progress_bars=False)
     wall = time.perf_counter() - t0
     stop.set()
-    Path(result).write_text(json.dumps({
-        "wall_s": wall, "rss_peak_mib": max(peak[0], proc.memory_info().rss) / 2**20, "phases_s": timings,
-        "committed": report.per_model["sleep"]["ok"], "skipped": report.slides_skipped, "errors": report.errors,
-        "tiles": report.tiles_read}))
+    Path(result).write_text(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "rss_peak_mib": max(peak[0], proc.memory_info().rss) / 2**20,
+                "phases_s": timings,
+                "committed": report.per_model["sleep"]["ok"],
+                "skipped": report.slides_skipped,
+                "errors": report.errors,
+                "tiles": report.tiles_read,
+            }
+        )
+    )
 
 
 def run_driver(manifest: Path, out: Path | str, result: Path, env: dict[str, str] | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
-    done = subprocess.run([sys.executable, __file__, "--child", str(manifest), str(out), str(result)], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", str(manifest), str(out), str(result)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(f"driver failed:\n{done.stderr[-4000:]}")
     return json.loads(result.read_text())
@@ -157,9 +184,16 @@ def point(tmp: Path, n: int) -> dict:
     rerun = run_driver(manifest, out, tmp / f"rerun{n}.json")
     added = sorted(file_set(out) - before)
     status = pq.read_metadata(out / "slides.parquet")
-    return {"slides": n, "first": first, "rerun": rerun, "files": files, "rerun_added": added,
-            "status_rows": status.num_rows, "status_mib": (out / "slides.parquet").stat().st_size / 2**20,
-            "ledger": files.get("_runs", (0, 0))}
+    return {
+        "slides": n,
+        "first": first,
+        "rerun": rerun,
+        "files": files,
+        "rerun_added": added,
+        "status_rows": status.num_rows,
+        "status_mib": (out / "slides.parquet").stat().st_size / 2**20,
+        "ledger": files.get("_runs", (0, 0)),
+    }
 
 
 def s3_point(tmp: Path, n: int) -> dict:
@@ -207,13 +241,20 @@ def bars(rows: list[dict]) -> list[tuple[str, bool, str]]:
         values = [r["rerun"]["phases_s"].get(phase, 0.0) for r in rows]
         if values[-1] >= PHASE_MIN_S:
             series[f"re-run {phase}"] = values
-    out = [(f"time exponent of {k} <= {EXPONENT_MAX}", (e := exponent(n, v)) <= EXPONENT_MAX, f"{e:.2f}")
-           for k, v in series.items()]
+    out = [
+        (f"time exponent of {k} <= {EXPONENT_MAX}", (e := exponent(n, v)) <= EXPONENT_MAX, f"{e:.2f}")
+        for k, v in series.items()
+    ]
     rss = max(r["first"]["rss_peak_mib"] for r in rows[-1:]) / 1024
     out.append((f"driver RSS <= {RSS_MAX_GIB:g} GiB at {n[-1]:,} slides", rss <= RSS_MAX_GIB, f"{rss:.2f} GiB"))
     rate = [r["first"]["committed"] / r["first"]["wall_s"] for r in rows]
-    out.append((f"committed slides/s at {n[-1]:,} >= {THROUGHPUT_MIN}x the {n[0]:,} point", rate[-1] >= THROUGHPUT_MIN * rate[0],
-                f"{rate[-1] / rate[0]:.2f}x"))
+    out.append(
+        (
+            f"committed slides/s at {n[-1]:,} >= {THROUGHPUT_MIN}x the {n[0]:,} point",
+            rate[-1] >= THROUGHPUT_MIN * rate[0],
+            f"{rate[-1] / rate[0]:.2f}x",
+        )
+    )
     e = exponent(n, [r["first"]["rss_peak_mib"] for r in rows])
     out.append(("driver RSS exponent (reported; flat is ~0)", True, f"{e:.2f}"))
     return out
@@ -221,14 +262,17 @@ def bars(rows: list[dict]) -> list[tuple[str, bool, str]]:
 
 def render(rows: list[dict], goals: list[tuple[str, bool, str]], extra: str) -> str:
     lines = [
-        "# Scale rehearsal (TCGA-shaped cohort, local runner, local disk)", "",
+        "# Scale rehearsal (TCGA-shaped cohort, local runner, local disk)",
+        "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores shared with other "
         "work, by `benchmarks/scale.py`: each slide a hard link of one tiny synthetic SVS (4 tiles), TCGA-style ids, "
         f"5 cohorts, `case_id` kept; stand-in encoder paced at {TILES_PER_S:,.0f} tiles/s; each run a fresh driver.",
-        "", "| slides | wall s | committed slides/s | driver RSS peak MiB | manifest s | resume s | embed+commit s "
+        "",
+        "| slides | wall s | committed slides/s | driver RSS peak MiB | manifest s | resume s | embed+commit s "
         "| status table s | report page s | store files | status rows (MiB) | ledger parts (MiB) | re-run s "
         "| re-run RSS MiB | re-run new files |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         f, p = r["first"], r["first"]["phases_s"]
         files = sum(n for n, _ in r["files"].values())
@@ -236,31 +280,45 @@ def render(rows: list[dict], goals: list[tuple[str, bool, str]], extra: str) -> 
             f"| {r['slides']:,} | {f['wall_s']:.1f} | {f['committed'] / f['wall_s']:.1f} | {f['rss_peak_mib']:.0f} | "
             + " | ".join(f"{p.get(k, 0.0):.2f}" for k in PHASES.values())
             + f" | {files:,} | {r['status_rows']:,} ({r['status_mib']:.2f}) | {r['ledger'][0]} ({r['ledger'][1] / 2**20:.2f}) "
-            f"| {r['rerun']['wall_s']:.1f} | {r['rerun']['rss_peak_mib']:.0f} | {len(r['rerun_added'])} |")
+            f"| {r['rerun']['wall_s']:.1f} | {r['rerun']['rss_peak_mib']:.0f} | {len(r['rerun_added'])} |"
+        )
     lines += ["", "| goal | met | measured |", "|---|---|---|"]
     lines += [f"| {g} | {'yes' if ok else '**no**'} | {m} |" for g, ok, m in goals]
-    rerun_phases = "; ".join(f"{r['slides']:,}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["rerun"]["phases_s"].items())
-                             for r in rows)
-    lines += ["", f"Re-run phases (s): {rerun_phases}.", "",
-              "Files a re-run adds: " + ", ".join(sorted({Path(a).name for r in rows for a in r["rerun_added"]})) + ".",
-              extra]
+    rerun_phases = "; ".join(
+        f"{r['slides']:,}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["rerun"]["phases_s"].items()) for r in rows
+    )
+    lines += [
+        "",
+        f"Re-run phases (s): {rerun_phases}.",
+        "",
+        "Files a re-run adds: " + ", ".join(sorted({Path(a).name for r in rows for a in r["rerun_added"]})) + ".",
+        extra,
+    ]
     return "\n".join(lines) + "\n"
 
 
 def render_s3(rows: list[dict]) -> str:
     """The S3 runs: wall time and requests by kind of the first run and both re-runs."""
-    lines = ["", "## Store on SeaweedFS S3 (slides on local disk)", "",
-             "Requests counted by kind at a proxy in front of SeaweedFS (`weed mini`, 127.0.0.1). "
-             "\"Re-run without index\" is the re-run with the commit index deleted: what every re-run did "
-             "before the index (one GET per commit record).", "",
-             "| slides | run | wall s | committed slides/s | driver RSS MiB | GET | LIST | HEAD | PUT | POST | DELETE |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "## Store on SeaweedFS S3 (slides on local disk)",
+        "",
+        "Requests counted by kind at a proxy in front of SeaweedFS (`weed mini`, 127.0.0.1). "
+        '"Re-run without index" is the re-run with the commit index deleted: what every re-run did '
+        "before the index (one GET per commit record).",
+        "",
+        "| slides | run | wall s | committed slides/s | driver RSS MiB | GET | LIST | HEAD | PUT | POST | DELETE |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         for name in ("first", "rerun", "rerun without index"):
             f, q = r[name], r[name]["requests"]
             rate = f"{f['committed'] / f['wall_s']:.1f}" if f["committed"] else "-"
-            lines.append(f"| {r['slides']:,} | {name} | {f['wall_s']:.1f} | {rate} | {f['rss_peak_mib']:.0f} | "
-                         + " | ".join(str(q.get(k, 0)) for k in ("GET", "LIST", "HEAD", "PUT", "POST", "DELETE")) + " |")
+            lines.append(
+                f"| {r['slides']:,} | {name} | {f['wall_s']:.1f} | {rate} | {f['rss_peak_mib']:.0f} | "
+                + " | ".join(str(q.get(k, 0)) for k in ("GET", "LIST", "HEAD", "PUT", "POST", "DELETE"))
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh process: random weights of the exact architecture are
 written in the release layout and loaded through the aggregator's own builder
-(``pathray.aggregate.build_aggregator``), then one synthetic slide of N tiles (a near-square
+(``pathray.slide_level.aggregators.build_aggregator``), then one synthetic slide of N tiles (a near-square
 block of the encoder's tile lattice at 0.5 µm/px, random float32 features) is embedded.
 Peak memory: on CPU the process's peak RSS during the call (``VmHWM`` reset through
 ``/proc/self/clear_refs`` just before it) minus the RSS before it, i.e. the working memory of
@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pathray.aggregate import SlideTiles, build_aggregator, get_aggregator  # noqa: E402
+from pathray.slide_level.aggregators import SlideTiles, build_aggregator, get_aggregator  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Bench:
 
 
 ENCODERS: dict[str, Bench] = {
-    "titan": Bench("pathray.slide_encoders.titan:write_random_weights", "net.blocks.modules_list"),
+    "titan": Bench("pathray.slide_level.encoders.titan:write_random_weights", "net.blocks.modules_list"),
 }
 
 
@@ -72,7 +72,9 @@ def synthetic_slide(n_tiles: int, tile_px: int, dim: int) -> SlideTiles:
     idx = np.arange(n_tiles)
     step = tile_px * 1.0  # level-0 px of one tile at 0.5 µm/px on a 0.5 µm/px slide
     features = np.random.default_rng(0).random((n_tiles, dim), dtype=np.float32) * 2 - 1
-    return SlideTiles("bench", features, (idx % cols * step).astype(np.int64), (idx // cols * step).astype(np.int64), 0.5)
+    return SlideTiles(
+        "bench", features, (idx % cols * step).astype(np.int64), (idx // cols * step).astype(np.int64), 0.5
+    )
 
 
 def measure_one(name: str, n_tiles: int, device: str, layers: int | None) -> dict:
@@ -105,10 +107,20 @@ def measure_one(name: str, n_tiles: int, device: str, layers: int | None) -> dic
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_kib("VmHWM") * 1024
     ran = len(layer_list)
-    return {"encoder": name, "tiles": n_tiles, "device": device, "layers_run": ran, "layers": total_layers,
-            "peak_bytes": peak - before, "resident_bytes": before, "seconds": seconds * total_layers / ran,
-            "time_scaled": ran != total_layers, "out_shape": list(out.shape), "finite": bool(np.isfinite(out).all()),
-            "estimate_bytes": _estimate(name, n_tiles)}
+    return {
+        "encoder": name,
+        "tiles": n_tiles,
+        "device": device,
+        "layers_run": ran,
+        "layers": total_layers,
+        "peak_bytes": peak - before,
+        "resident_bytes": before,
+        "seconds": seconds * total_layers / ran,
+        "time_scaled": ran != total_layers,
+        "out_shape": list(out.shape),
+        "finite": bool(np.isfinite(out).all()),
+        "estimate_bytes": _estimate(name, n_tiles),
+    }
 
 
 def _estimate(name: str, n_tiles: int) -> int | None:
@@ -136,18 +148,27 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def markdown(rows: list[dict], header: bool) -> str:
     gib = 2**30
-    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, "
-             f"{os.environ.get('BENCH_THREADS', '1')} thread(s), fp32.", "",
-             "| encoder | tiles | device | layers run | peak working memory (GiB) | estimate (GiB) | s / slide |",
-             "|---|---:|---|---:|---:|---:|---:|"] if header else []
+    lines = (
+        [
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, "
+            f"{os.environ.get('BENCH_THREADS', '1')} thread(s), fp32.",
+            "",
+            "| encoder | tiles | device | layers run | peak working memory (GiB) | estimate (GiB) | s / slide |",
+            "|---|---:|---|---:|---:|---:|---:|",
+        ]
+        if header
+        else []
+    )
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['encoder']} | {r['tiles']:,} | {r['device']} | | failed: {r['error'][:80]} | | |")
             continue
         est = f"{r['estimate_bytes'] / gib:.2f}" if r.get("estimate_bytes") else ""
         secs = f"{r['seconds']:.1f}" + (" (scaled)" if r["time_scaled"] else "")
-        lines.append(f"| {r['encoder']} | {r['tiles']:,} | {r['device']} | {r['layers_run']} of {r['layers']} | "
-                     f"{r['peak_bytes'] / gib:.2f} | {est} | {secs} |")
+        lines.append(
+            f"| {r['encoder']} | {r['tiles']:,} | {r['device']} | {r['layers_run']} of {r['layers']} | "
+            f"{r['peak_bytes'] / gib:.2f} | {est} | {secs} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pathray.slide_encoders import chief, feather, madeleine, prism  # noqa: E402
+from pathray.slide_level.encoders import chief, feather, madeleine, prism  # noqa: E402
 
 ENCODERS = {"chief": chief, "madeleine": madeleine, "feather": feather, "prism": prism}
 
@@ -51,7 +51,7 @@ def measure_one(name: str, weights: str, n_tiles: int, threads: int) -> dict:
     """In this process: load ``name`` from ``weights``, embed ``n_tiles`` random tiles once."""
     torch.set_num_threads(threads)
     encoder = ENCODERS[name].from_weights(weights)
-    tiles = (np.random.default_rng(0).random((n_tiles, encoder.net.in_dim), dtype=np.float32) * 2 - 1)
+    tiles = np.random.default_rng(0).random((n_tiles, encoder.net.in_dim), dtype=np.float32) * 2 - 1
     encoder(tiles[:1])  # warm-up: weights paged in (safetensors maps the file), allocator and kernels ready
     rss_before = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -60,9 +60,18 @@ def measure_one(name: str, weights: str, n_tiles: int, threads: int) -> dict:
     forward_s = time.perf_counter() - start
     peak = _status_kb("VmHWM")
     params = sum(p.numel() for p in encoder.net.parameters())
-    return {"encoder": name, "tiles": n_tiles, "in_dim": encoder.net.in_dim, "out_dim": int(out.shape[0]),
-            "params_m": params / 1e6, "tiles_mb": tiles.nbytes / 2**20, "rss_before_mb": rss_before / 1024,
-            "forward_peak_mb": peak / 1024, "forward_extra_mb": (peak - rss_before) / 1024, "forward_s": forward_s}
+    return {
+        "encoder": name,
+        "tiles": n_tiles,
+        "in_dim": encoder.net.in_dim,
+        "out_dim": int(out.shape[0]),
+        "params_m": params / 1e6,
+        "tiles_mb": tiles.nbytes / 2**20,
+        "rss_before_mb": rss_before / 1024,
+        "forward_peak_mb": peak / 1024,
+        "forward_extra_mb": (peak - rss_before) / 1024,
+        "forward_s": forward_s,
+    }
 
 
 def peak_memory_table(encoders: list[str], tile_counts: list[int], threads: int = 1) -> list[dict]:
@@ -80,16 +89,21 @@ def peak_memory_table(encoders: list[str], tile_counts: list[int], threads: int 
 
 
 def markdown(rows: list[dict], threads: int) -> str:
-    head = ("# Slide encoders (CHIEF, MADELEINE, FEATHER, PRISM): peak memory vs tiles per slide\n\n"
-            f"CPU fp32, {threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}; "
-            "random weights of the exact architectures loaded through `from_weights`. Produced by "
-            "`benchmarks/slide_encoders_abmil.py` (method in its docstring). *before*: resident memory with weights "
-            "and tiles loaded, after a 1-tile warm-up forward; *forward peak*: high-water mark during the forward; *extra*: peak - before.\n\n"
-            "| encoder | params (M) | tiles | tiles (MB) | before (MB) | forward peak (MB) | extra (MB) | forward (s) |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|\n")
-    body = "".join(f"| {r['encoder']} | {r['params_m']:.2f} | {r['tiles']:,} | {r['tiles_mb']:.0f} | "
-                   f"{r['rss_before_mb']:.0f} | {r['forward_peak_mb']:.0f} | {r['forward_extra_mb']:.0f} | "
-                   f"{r['forward_s']:.2f} |\n" for r in rows)
+    head = (
+        "# Slide encoders (CHIEF, MADELEINE, FEATHER, PRISM): peak memory vs tiles per slide\n\n"
+        f"CPU fp32, {threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}; "
+        "random weights of the exact architectures loaded through `from_weights`. Produced by "
+        "`benchmarks/slide_encoders_abmil.py` (method in its docstring). *before*: resident memory with weights "
+        "and tiles loaded, after a 1-tile warm-up forward; *forward peak*: high-water mark during the forward; *extra*: peak - before.\n\n"
+        "| encoder | params (M) | tiles | tiles (MB) | before (MB) | forward peak (MB) | extra (MB) | forward (s) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    body = "".join(
+        f"| {r['encoder']} | {r['params_m']:.2f} | {r['tiles']:,} | {r['tiles_mb']:.0f} | "
+        f"{r['rss_before_mb']:.0f} | {r['forward_peak_mb']:.0f} | {r['forward_extra_mb']:.0f} | "
+        f"{r['forward_s']:.2f} |\n"
+        for r in rows
+    )
     return head + body
 
 

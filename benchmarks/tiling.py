@@ -41,13 +41,15 @@ import tifffile
 
 from pathray.demo.cmu import fetch_cmu_small_region
 from pathray.demo.synthetic import write_svs
-from pathray.slide import Slide, open_slide
-from pathray.tiling import TilingConfig, plan_tiles, read_geometry, read_tiles, resize_tile
+from pathray.tiling.grid import TilingConfig, plan_tiles, read_geometry, read_tiles, resize_tile
+from pathray.wsi.slide import Slide, open_slide
 
 
 def naive(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     level, n = read_geometry(slide, config)
-    return np.stack([resize_tile(slide.read_region_openslide(int(a), int(b), level, n, n), config.tile_px) for a, b in zip(x, y)])
+    return np.stack(
+        [resize_tile(slide.read_region_openslide(int(a), int(b), level, n, n), config.tile_px) for a, b in zip(x, y)]
+    )
 
 
 def openslide_only(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -58,7 +60,9 @@ def openslide_only(slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndar
         slide.backend._levels = levels
 
 
-def decoder(path: str, slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray) -> tuple[int, dict[str, Callable[..., None]]]:
+def decoder(
+    path: str, slide: Slide, config: TilingConfig, x: np.ndarray, y: np.ndarray
+) -> tuple[int, dict[str, Callable[..., None]]]:
     """``(stored tiles, decoders)``: each decoder decodes once each, from memory and into one reused
     array (no allocation), every stored JPEG tile the tiles at level-0 ``(x, y)`` touch, with the
     decoder and colour spaces pathray uses (checked here: same pixels); one decoder per output
@@ -67,24 +71,32 @@ def decoder(path: str, slide: Slide, config: TilingConfig, x: np.ndarray, y: np.
     tiled = slide.backend._levels[level]
     ds = slide.level_downsamples[level]
     windows = zip(np.round(x / ds).astype(int), np.round(y / ds).astype(int))
-    indices = sorted({i for lx, ly in windows for i in tiled.tile_indices(int(lx), int(ly), n, n) if tiled.counts[i] > 0})
+    indices = sorted(
+        {i for lx, ly in windows for i in tiled.tile_indices(int(lx), int(ly), n, n) if tiled.counts[i] > 0}
+    )
     blobs = slide.backend._pread([(int(tiled.offsets[i]), int(tiled.counts[i])) for i in indices])
     with tifffile.TiffFile(path) as tif:
         page = next(p for p in tif.pages if (p.imagewidth, p.imagelength) == slide.level_dimensions[level])
-        spaces = tifffile.tifffile.jpeg_decode_colorspace(page.photometric, page.planarconfig, page.extrasamples, page.is_jfif)
+        spaces = tifffile.tifffile.jpeg_decode_colorspace(
+            page.photometric, page.planarconfig, page.extrasamples, page.is_jfif
+        )
     size = tiled.tile_height * tiled.tile_width * 3
     raw = np.empty(size + 64, np.uint8)
     base = (-raw.ctypes.data) % 32
 
     def decoder_at(offset: int) -> Callable[..., None]:
-        out = raw[base + offset:base + offset + size].reshape(tiled.tile_height, tiled.tile_width, 3)
+        out = raw[base + offset : base + offset + size].reshape(tiled.tile_height, tiled.tile_width, 3)
         for blob, index in zip(blobs, indices):
-            imagecodecs.jpeg8_decode(blob, tables=tiled.jpegtables, colorspace=spaces[0], outcolorspace=spaces[1], out=out)
+            imagecodecs.jpeg8_decode(
+                blob, tables=tiled.jpegtables, colorspace=spaces[0], outcolorspace=spaces[1], out=out
+            )
             assert np.array_equal(out, tiled.decode_tile(blob, index))
 
         def decode(*_: object) -> None:  # called like the tile readers; decodes only
             for blob in blobs:
-                imagecodecs.jpeg8_decode(blob, tables=tiled.jpegtables, colorspace=spaces[0], outcolorspace=spaces[1], out=out)
+                imagecodecs.jpeg8_decode(
+                    blob, tables=tiled.jpegtables, colorspace=spaces[0], outcolorspace=spaces[1], out=out
+                )
 
         return decode
 
@@ -95,8 +107,7 @@ def measure(path: str, config: TilingConfig, repeats: int, calls: int) -> dict[s
     with open_slide(path) as slide:
         grid = plan_tiles(slide, "bench", config)
         stored, decoders = decoder(path, slide, config, grid.x, grid.y)
-        methods = {"naive": naive, "pathray": read_tiles, "pathray_openslide_only": openslide_only,
-                   **decoders}
+        methods = {"naive": naive, "pathray": read_tiles, "pathray_openslide_only": openslide_only, **decoders}
         best = {name: float("inf") for name in methods}
         for _ in range(repeats):
             for name, fn in methods.items():
@@ -113,7 +124,8 @@ def measure(path: str, config: TilingConfig, repeats: int, calls: int) -> dict[s
             "stored": stored,
             "read": f"level {level}, {read_px} px -> {config.tile_px} px",
             **{name: len(grid) / seconds for name, seconds in best.items()},
-            "decode_limit": len(grid) / min(seconds for name, seconds in best.items() if name.startswith("decode_limit")),
+            "decode_limit": len(grid)
+            / min(seconds for name, seconds in best.items() if name.startswith("decode_limit")),
         }
 
 
@@ -133,8 +145,10 @@ def main() -> None:
     args = parser.parse_args()
     config = TilingConfig(tile_px=224, target_mpp=0.5)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [measure(path, config, args.repeats, args.calls)
-                for path in (real_tissue_025_slide(tmp), str(fetch_cmu_small_region()))]
+        rows = [
+            measure(path, config, args.repeats, args.calls)
+            for path in (real_tissue_025_slide(tmp), str(fetch_cmu_small_region()))
+        ]
     lines = [
         "| slide | µm/px | tiles | JPEG tiles touched | read | naive read_region tiles/s/core | pathray tiles/s/core | ratio "
         "| decode limit tiles/s/core | pathray / decode limit | pathray OpenSlide-only tiles/s/core | ratio |",
@@ -160,7 +174,7 @@ def main() -> None:
         )
         footer = (
             "\n\n*naive*: one OpenSlide `read_region` per tile + the same area-average resize. "
-            "*pathray*: `pathray.tiling.read_tiles` (the TIFF's own JPEG tiles decoded with "
+            "*pathray*: `pathray.tiling.grid.read_tiles` (the TIFF's own JPEG tiles decoded with "
             "imagecodecs with tifffile's colour spaces, each once per call, grouped in 2048-px blocks; 224-px "
             "tiles copied straight from the decoded JPEG tiles, 448 -> 224 px by halving each JPEG tile as it "
             "is decoded with OpenCV's integer area resize, bit-identical to PIL `reduce(2)`). *decode limit*: only decoding, once each and from memory, the JPEG tiles "

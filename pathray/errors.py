@@ -213,9 +213,19 @@ class SlideTooLargeForEncoderError(AggregatorError):
 UNEXPECTED = "unexpected_error"
 #: words in an exception (or its causes) that mean "the storage is not serving now", not
 #: "this object is bad": S3 error codes, botocore's connection errors, HTTP 5xx reasons
-_UNAVAILABLE_MARKERS = ("SlowDown", "ServiceUnavailable", "Service Unavailable", "InternalError",
-                        "EndpointConnectionError", "Could not connect to the endpoint", "ConnectionClosedError",
-                        "Connection was closed", "Connection refused", "RequestLimitExceeded", "Throttling")
+_UNAVAILABLE_MARKERS = (
+    "SlowDown",
+    "ServiceUnavailable",
+    "Service Unavailable",
+    "InternalError",
+    "EndpointConnectionError",
+    "Could not connect to the endpoint",
+    "ConnectionClosedError",
+    "Connection was closed",
+    "Connection refused",
+    "RequestLimitExceeded",
+    "Throttling",
+)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 

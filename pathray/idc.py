@@ -121,16 +121,24 @@ def read_sm_series(collections: Sequence[str], parquet: str | None = None) -> li
     source = parquet or index_path()
     con = duckdb.connect()
     try:
-        known = {r[0] for r in con.execute("SELECT DISTINCT collection_id FROM read_parquet(?) WHERE Modality = ?",
-                                           [source, SM_MODALITY]).fetchall()}
+        known = {
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT collection_id FROM read_parquet(?) WHERE Modality = ?", [source, SM_MODALITY]
+            ).fetchall()
+        }
         unknown = sorted(set(collections) - known)
         if unknown:
-            raise ValueError(f"no slide-microscopy series in IDC for collection(s) {unknown}; "
-                             f"e.g. {sorted(c for c in known if c.startswith('tcga'))[:5]}")
+            raise ValueError(
+                f"no slide-microscopy series in IDC for collection(s) {unknown}; "
+                f"e.g. {sorted(c for c in known if c.startswith('tcga'))[:5]}"
+            )
         select = ", ".join(f"{expr} AS {name}" for name, expr in INDEX_COLUMNS.items())
         cursor = con.execute(
             f"SELECT {select} FROM read_parquet(?) WHERE Modality = ? AND list_contains(?, collection_id) "
-            "ORDER BY collection_id, PatientID, SeriesInstanceUID", [source, SM_MODALITY, list(collections)])
+            "ORDER BY collection_id, PatientID, SeriesInstanceUID",
+            [source, SM_MODALITY, list(collections)],
+        )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
     finally:
@@ -156,8 +164,9 @@ def series_prefix(row: dict) -> str:
     """``s3://<bucket>/<crdc_series_uuid>/`` for one index row; checked against ``series_aws_url``."""
     prefix = f"s3://{row['aws_bucket']}/{row['crdc_series_uuid']}/"
     if row["series_aws_url"] != prefix + "*":
-        raise ValueError(f"index row {row['SeriesInstanceUID']}: series_aws_url {row['series_aws_url']!r} "
-                         f"is not {prefix + '*'!r}")
+        raise ValueError(
+            f"index row {row['SeriesInstanceUID']}: series_aws_url {row['series_aws_url']!r} is not {prefix + '*'!r}"
+        )
     return prefix
 
 
@@ -259,8 +268,9 @@ class TileEstimate:
     rows_without_geometry: tuple[str, ...]
 
 
-def grid_tiles(width_px: int, height_px: int, mpp: float, tile_px: int, target_mpp: float,
-               stride_px: int | None = None) -> int:
+def grid_tiles(
+    width_px: int, height_px: int, mpp: float, tile_px: int, target_mpp: float, stride_px: int | None = None
+) -> int:
     """Tiles in the full grid of a ``width_px`` x ``height_px`` (level-0 px) slide at ``mpp`` µm/px:
     :func:`pathray.tiling.grid.grid_shape`, the rule :func:`pathray.tiling.grid.plan_tiles` grids by
     (``stride_px`` in target px; ``None``: ``tile_px``, no overlap)."""
@@ -279,8 +289,9 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) and number > 0 else None
 
 
-def estimate_tiles(manifest_rows: Sequence[dict], tile_px: int, target_mpp: float,
-                   stride_px: int | None = None) -> TileEstimate:
+def estimate_tiles(
+    manifest_rows: Sequence[dict], tile_px: int, target_mpp: float, stride_px: int | None = None
+) -> TileEstimate:
     """Sum :func:`grid_tiles` over manifest rows carrying ``width_px``, ``height_px`` (level-0 px)
     and ``index_mpp`` (µm/px), the geometry columns IDC's SM index gives per series
     (``max_TotalPixelMatrixColumns``/``Rows``, ``min_PixelSpacing_2sf`` in mm x 1000)."""

@@ -49,8 +49,9 @@ def sleep_encoder(tiles_per_s: float, embed_dim: int = 8, output_dtype: str = "f
     )
 
 
-def stage_fake_slide(store, model: str, slide_id: str, n_tiles: int, chunk_tiles: int, embed_dim: int,
-                     seed: int = 0) -> list[str]:
+def stage_fake_slide(
+    store, model: str, slide_id: str, n_tiles: int, chunk_tiles: int, embed_dim: int, seed: int = 0
+) -> list[str]:
     """Stage ``n_tiles`` rows of random ``embed_dim``-d float32 embeddings for (slide_id, model)
     in chunks of ``chunk_tiles``, as the write stage would; returns the chunk ids, ready for
     :func:`pathray.store.finalize_slide` (commit tests and the commit benchmark)."""
@@ -63,10 +64,17 @@ def stage_fake_slide(store, model: str, slide_id: str, n_tiles: int, chunk_tiles
     for k, lo in enumerate(range(0, n_tiles, chunk_tiles)):
         index = np.arange(lo, min(lo + chunk_tiles, n_tiles), dtype=np.int64)
         n = len(index)
-        columns = [pa.array([slide_id] * n), pa.array(index), pa.array(index * 448), pa.array(np.zeros(n, np.int64)),
-                   pa.array(np.full(n, 448.0)), pa.array(np.full(n, 0.5)), pa.array(np.full(n, 224, np.int32)),
-                   pa.array(np.ones(n, np.float32)),
-                   embeddings_to_arrow(rng.normal(size=(n, embed_dim)).astype(np.float32))]
+        columns = [
+            pa.array([slide_id] * n),
+            pa.array(index),
+            pa.array(index * 448),
+            pa.array(np.zeros(n, np.int64)),
+            pa.array(np.full(n, 448.0)),
+            pa.array(np.full(n, 0.5)),
+            pa.array(np.full(n, 224, np.int32)),
+            pa.array(np.ones(n, np.float32)),
+            embeddings_to_arrow(rng.normal(size=(n, embed_dim)).astype(np.float32)),
+        ]
         chunk_ids.append(f"{slide_id}.c{k:05d}")
         store.write_chunk(model, slide_id, chunk_ids[-1], pa.Table.from_arrays(columns, schema=schema))
     return chunk_ids

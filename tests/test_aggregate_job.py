@@ -18,14 +18,14 @@ import pytest
 import torch
 from fixtures.slides import write_manifest
 
-from pathray.aggregate import AGGREGATORS, build_aggregator, get_aggregator
-from pathray.aggregate_job import AggregateConfig, _pin_aggregator, plan_aggregate_resources, run_aggregate
 from pathray.cli import main
-from pathray.config import build_job_config
 from pathray.errors import StoreConfigMismatchError, describe
-from pathray.fakes import sleep_encoder
-from pathray.pipeline import run_job
+from pathray.job.config import build_job_config
+from pathray.job.raydata import run_job
+from pathray.slide_level.aggregators import AGGREGATORS, build_aggregator, get_aggregator
+from pathray.slide_level.job import AggregateConfig, _pin_aggregator, plan_aggregate_resources, run_aggregate
 from pathray.store import FeatureStore
+from pathray.testing import sleep_encoder
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,17 +41,29 @@ def tile_store(ray_cluster, synthetic_svs_025, synthetic_svs_05, synthetic_svs_n
     manifest), and blank (no tissue), with ``case_id`` kept, for two stand-in models (8-d and
     1536-d float16 as ``prov-gigapath``). Tests copy it before changing it."""
     tmp = tmp_path_factory.mktemp("agg_store")
-    manifest = write_manifest(tmp / "m.csv", [
-        {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x", "case_id": "ca", "mpp": ""},
-        {"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "y", "case_id": "cb", "mpp": ""},
-        {"slide_id": "c", "path": os.fspath(synthetic_svs_no_mpp), "cohort": "y", "case_id": "cc", "mpp": "0.5"},
-        {"slide_id": "blank", "path": os.fspath(blank_svs), "cohort": "y", "case_id": "cz", "mpp": ""},
-    ])
-    config = build_job_config({"manifest": str(manifest), "out": str(tmp / "store"), "models": [MODEL, GIGA],
-                               "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4,
-                               "keep_columns": ["case_id"]})
-    encoders = {MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM),
-                GIGA: sleep_encoder(tiles_per_s=1e4, embed_dim=1536, output_dtype="float16")}
+    manifest = write_manifest(
+        tmp / "m.csv",
+        [
+            {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x", "case_id": "ca", "mpp": ""},
+            {"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "y", "case_id": "cb", "mpp": ""},
+            {"slide_id": "c", "path": os.fspath(synthetic_svs_no_mpp), "cohort": "y", "case_id": "cc", "mpp": "0.5"},
+            {"slide_id": "blank", "path": os.fspath(blank_svs), "cohort": "y", "case_id": "cz", "mpp": ""},
+        ],
+    )
+    config = build_job_config(
+        {
+            "manifest": str(manifest),
+            "out": str(tmp / "store"),
+            "models": [MODEL, GIGA],
+            "tiling": {"tile_px": 224, "target_mpp": 0.5},
+            "chunk_tiles": 4,
+            "keep_columns": ["case_id"],
+        }
+    )
+    encoders = {
+        MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM),
+        GIGA: sleep_encoder(tiles_per_s=1e4, embed_dim=1536, output_dtype="float16"),
+    }
     report = run_job(config, encoders, progress_bars=False)
     assert report.per_model[MODEL]["ok"] == report.per_model[GIGA]["ok"] == 3
     assert report.per_model[MODEL]["no_tissue"] == 1
@@ -78,7 +90,9 @@ def test_mean_and_max_equal_numpy_over_the_stored_tiles_and_a_rerun_does_nothing
     report = run_aggregate(AggregateConfig(str(store_copy), MODEL, "mean"), progress_bars=False)
     assert report.counts == {"ok": 3, "no_tissue": 1, "error": 0} and report.exit_code == 0
     # max through the CLI (what `ray job submit ... jobs/aggregate.py` runs)
-    assert main(["aggregate", "--store", str(store_copy), "--model", MODEL, "--aggregator", "max", "--no-progress"]) == 0
+    assert (
+        main(["aggregate", "--store", str(store_copy), "--model", MODEL, "--aggregator", "max", "--no-progress"]) == 0
+    )
     for name, reduce in (("mean", np.mean), ("max", np.max)):
         rows = slide_rows(store, name)
         assert sorted(rows) == ["a", "b", "c"]  # the tissue-free slide is committed without a row
@@ -101,8 +115,10 @@ def test_mean_and_max_equal_numpy_over_the_stored_tiles_and_a_rerun_does_nothing
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
     # plain readers: DuckDB over the partitioned folder, one row per slide and aggregator
-    got = duckdb.sql(f"SELECT aggregator, count(*) FROM read_parquet('{store_copy}/slide_features/**/*.parquet', "
-                     "hive_partitioning=true) GROUP BY 1 ORDER BY 1").fetchall()
+    got = duckdb.sql(
+        f"SELECT aggregator, count(*) FROM read_parquet('{store_copy}/slide_features/**/*.parquet', "
+        "hive_partitioning=true) GROUP BY 1 ORDER BY 1"
+    ).fetchall()
     assert got == [("max", 3), ("mean", 3)]
 
 
@@ -115,16 +131,18 @@ def test_a_corrupt_features_file_is_a_recorded_error_while_the_others_aggregate(
     assert report.counts == {"ok": 2, "no_tissue": 1, "error": 1} and report.exit_code == 1
     assert sorted(slide_rows(store, "mean")) == ["a", "b"] and "c" not in store.aggregated(MODEL, "mean")
     errors = store.errors().filter(pc.field("run_id") == "broken").to_pylist()
-    assert [(e["slide_id"], e["model"], e["stage"], e["error_type"]) for e in errors] == \
-        [("c", MODEL, "aggregate:mean/load", "features_unreadable")]
+    assert [(e["slide_id"], e["model"], e["stage"], e["error_type"]) for e in errors] == [
+        ("c", MODEL, "aggregate:mean/load", "features_unreadable")
+    ]
     assert "Parquet" in errors[0]["message"]
     assert json.loads((store_copy / "_runs" / "broken" / "report.json").read_text())["exit_code"] == 1
 
     path.write_bytes(good)  # repaired: the re-run aggregates exactly the missing slide
     again = run_aggregate(AggregateConfig(str(store_copy), MODEL, "mean"), progress_bars=False)
     assert again.slides_skipped == 3 and again.counts == {"ok": 1, "no_tissue": 0, "error": 0}
-    np.testing.assert_allclose(slide_rows(store, "mean")["c"]["embedding"], stored_tiles(store, "c").mean(axis=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        slide_rows(store, "mean")["c"]["embedding"], stored_tiles(store, "c").mean(axis=0), rtol=1e-6
+    )
     # the README's slide-level query runs on this store as written
     block = README.read_text().split("### Querying slide-level rows")[1].split("```python\n")[1].split("```")[0]
     line = 'root, model, aggregator = "demo-out/store", "kaiko-vits16", "mean"'
@@ -138,7 +156,9 @@ def test_a_corrupt_features_file_is_a_recorded_error_while_the_others_aggregate(
 def test_export_round_trips_as_trident_h5_and_clam_pt(store_copy, tmp_path):
     store = FeatureStore(str(store_copy))
     out = tmp_path / "export"
-    assert main(["export", "--store", str(store_copy), "--model", MODEL, "--format", "trident-h5", "--out", str(out)]) == 0
+    assert (
+        main(["export", "--store", str(store_copy), "--model", MODEL, "--format", "trident-h5", "--out", str(out)]) == 0
+    )
     assert main(["export", "--store", str(store_copy), "--model", MODEL, "--format", "pt", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "h5_files").glob("*.h5")) == ["a.h5", "b.h5", "c.h5"]
     for slide_id in ("a", "b", "c"):
@@ -155,8 +175,9 @@ def test_export_round_trips_as_trident_h5_and_clam_pt(store_copy, tmp_path):
         assert attrs["patch_size"] == 224 and attrs["patch_size_level0"] == round(size_level0)
         assert attrs["target_magnification"] == pytest.approx(20.0)  # 0.5 µm/px
         # TRIDENT's patcher: level-0 patch side = patch_size * level0_magnification / target_magnification
-        assert attrs["patch_size"] * attrs["level0_magnification"] / attrs["target_magnification"] == \
-            pytest.approx(size_level0)
+        assert attrs["patch_size"] * attrs["level0_magnification"] / attrs["target_magnification"] == pytest.approx(
+            size_level0
+        )
         assert attrs["overlap"] == 0 and attrs["name"] == slide_id and attrs["level0_width"] > 0
         # CLAM pt_files/<slide_id>.pt: a float32 tensor, loadable with weights_only
         pt = torch.load(out / "pt_files" / f"{slide_id}.pt", weights_only=True)
@@ -168,7 +189,9 @@ def test_export_round_trips_as_trident_h5_and_clam_pt(store_copy, tmp_path):
     shutil.rmtree(out / "h5_files")
     path = store_copy / store.commit_record(MODEL, "b").features_path
     path.write_bytes(path.read_bytes()[:100])
-    assert main(["export", "--store", str(store_copy), "--model", MODEL, "--format", "trident-h5", "--out", str(out)]) == 1
+    assert (
+        main(["export", "--store", str(store_copy), "--model", MODEL, "--format", "trident-h5", "--out", str(out)]) == 1
+    )
     assert sorted(p.name for p in (out / "h5_files").iterdir()) == ["_last_export.json", "a.h5", "c.h5"]
     report = json.loads((out / "h5_files" / "_last_export.json").read_text())
     assert report["errors"]["b"].startswith("features_unreadable") and report["skipped"] == ["blank"]
@@ -221,31 +244,38 @@ def test_an_aggregator_that_cannot_be_built_fails_every_slide_and_commits_nothin
     with pytest.raises(Exception) as raised:  # what building it raises here (module or weights missing)
         build_aggregator(spec, weights)
     want_type, want_message = describe(raised.value)
-    report = run_aggregate(AggregateConfig(str(store_copy), GIGA, spec.name, weights=weights, run_id="nobuild"),
-                           progress_bars=False)
+    report = run_aggregate(
+        AggregateConfig(str(store_copy), GIGA, spec.name, weights=weights, run_id="nobuild"), progress_bars=False
+    )
     assert report.counts == {"ok": 0, "no_tissue": 0, "error": 4} and report.exit_code == 1
     store = FeatureStore(str(store_copy))
     assert store.aggregated(GIGA, spec.name) == set() and not (store_copy / "slide_features").exists()
     errors = store.errors().filter(pc.field("run_id") == "nobuild").to_pylist()
     assert sorted(e["slide_id"] for e in errors) == ["a", "b", "blank", "c"]
-    assert {(e["model"], e["stage"], e["error_type"]) for e in errors} == \
-        {(GIGA, "aggregate:gigapath-slide/aggregate", want_type)}
+    assert {(e["model"], e["stage"], e["error_type"]) for e in errors} == {
+        (GIGA, "aggregate:gigapath-slide/aggregate", want_type)
+    }
     assert errors[0]["message"] == f"gigapath-slide could not be built: {want_message}"[:2000]
 
 
 def test_gigapath_slide_aggregator_matches_the_encoder_called_directly(store_copy, request):
-    gigapath = pytest.importorskip("pathray.slide_encoders.gigapath")
+    gigapath = pytest.importorskip("pathray.slide_level.encoders.gigapath")
     weights = request.getfixturevalue("gigapath_slide_weights")  # random slide_encoder.pth, from that branch
-    report = run_aggregate(AggregateConfig(str(store_copy), GIGA, "gigapath-slide", weights=str(weights)),
-                           progress_bars=False)
+    report = run_aggregate(
+        AggregateConfig(str(store_copy), GIGA, "gigapath-slide", weights=str(weights)), progress_bars=False
+    )
     store = FeatureStore(str(store_copy))
     assert report.counts == {"ok": 3, "no_tissue": 1, "error": 0}, store.errors().column("message").to_pylist()
     encoder = gigapath.GigaPathSlideEncoder.from_weights(str(weights))
     rows = {r["slide_id"]: r for r in store.slide_features(GIGA, "gigapath-slide").to_table().to_pylist()}
     for slide_id, slide_mpp in (("a", 0.25), ("b", 0.5), ("c", 0.5)):
         tiles = store.dataset(GIGA).to_table(filter=pc.field("slide_id") == slide_id).sort_by("tile_index")
-        want = encoder(np.stack(tiles.column("embedding").to_numpy(zero_copy_only=False)),
-                       tiles.column("x").to_numpy(), tiles.column("y").to_numpy(), slide_mpp)
+        want = encoder(
+            np.stack(tiles.column("embedding").to_numpy(zero_copy_only=False)),
+            tiles.column("x").to_numpy(),
+            tiles.column("y").to_numpy(),
+            slide_mpp,
+        )
         assert len(rows[slide_id]["embedding"]) == 768
         np.testing.assert_allclose(rows[slide_id]["embedding"], want, atol=1e-5)
 
@@ -281,8 +311,9 @@ def test_aggregate_on_s3(tile_store, s3_server, s3_bucket):
     root = f"s3://{s3_bucket}/store"
     store = FeatureStore(root, s3_server.storage_options)
     assert store.aggregated(MODEL, "mean") == set()  # listed before the run: must not be served stale after it
-    report = run_aggregate(AggregateConfig(root, MODEL, "mean", storage_options=s3_server.storage_options),
-                           progress_bars=False)
+    report = run_aggregate(
+        AggregateConfig(root, MODEL, "mean", storage_options=s3_server.storage_options), progress_bars=False
+    )
     assert report.counts == {"ok": 3, "no_tissue": 1, "error": 0}
     assert store.aggregated(MODEL, "mean") == {"a", "b", "c", "blank"}
     rows = {r["slide_id"]: r for r in store.slide_features(MODEL, "mean").to_table().to_pylist()}
@@ -291,8 +322,9 @@ def test_aggregate_on_s3(tile_store, s3_server, s3_bucket):
     # plain pyarrow over s3fs: the partitioned folder holds exactly the committed rows
     plain = pads.dataset(f"{s3_bucket}/store/slide_features", filesystem=fs, partitioning="hive").to_table()
     assert sorted(plain.column("slide_id").to_pylist()) == ["a", "b", "c"]
-    again = run_aggregate(AggregateConfig(root, MODEL, "mean", storage_options=s3_server.storage_options),
-                          progress_bars=False)
+    again = run_aggregate(
+        AggregateConfig(root, MODEL, "mean", storage_options=s3_server.storage_options), progress_bars=False
+    )
     assert again.slides_skipped == 4
 
 
@@ -310,23 +342,42 @@ def test_local_runner_aggregates_in_process_as_the_ray_plan_does(store_copy):
 
 def test_status_reports_models_errors_runs_and_aggregations_without_writing(store_copy, tmp_path, capsys):
     run_aggregate(AggregateConfig(str(store_copy), MODEL, "mean", runner="local"), progress_bars=False)
-    manifest = write_manifest(tmp_path / "more.csv", [
-        {"slide_id": "gone", "path": str(tmp_path / "gone.svs"), "cohort": "y", "case_id": "cg", "mpp": ""},
-    ])
-    config = build_job_config({"manifest": str(manifest), "out": str(store_copy), "models": [MODEL, GIGA],
-                               "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4,
-                               "keep_columns": ["case_id"], "runner": "local"})
-    encoders = {MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM),
-                GIGA: sleep_encoder(tiles_per_s=1e4, embed_dim=1536, output_dtype="float16")}
+    manifest = write_manifest(
+        tmp_path / "more.csv",
+        [
+            {"slide_id": "gone", "path": str(tmp_path / "gone.svs"), "cohort": "y", "case_id": "cg", "mpp": ""},
+        ],
+    )
+    config = build_job_config(
+        {
+            "manifest": str(manifest),
+            "out": str(store_copy),
+            "models": [MODEL, GIGA],
+            "tiling": {"tile_px": 224, "target_mpp": 0.5},
+            "chunk_tiles": 4,
+            "keep_columns": ["case_id"],
+            "runner": "local",
+        }
+    )
+    encoders = {
+        MODEL: sleep_encoder(tiles_per_s=1e4, embed_dim=DIM),
+        GIGA: sleep_encoder(tiles_per_s=1e4, embed_dim=1536, output_dtype="float16"),
+    }
     assert run_job(config, encoders, progress_bars=False).errors == 2  # "gone" fails for both models
     everything = sorted((p.relative_to(store_copy), p.stat().st_mtime_ns) for p in store_copy.rglob("*"))
-    never = write_manifest(tmp_path / "never.csv", [{"slide_id": s, "path": "x"} for s in ("a", "gone", "new1", "new2")])
+    never = write_manifest(
+        tmp_path / "never.csv", [{"slide_id": s, "path": "x"} for s in ("a", "gone", "new1", "new2")]
+    )
     assert main(["status", str(store_copy), "--json", "--manifest", str(never)]) == 0
     status = json.loads(capsys.readouterr().out)
     assert sorted((p.relative_to(store_copy), p.stat().st_mtime_ns) for p in store_copy.rglob("*")) == everything
     sleep = status["models"][MODEL]
-    assert (sleep["committed"], sleep["no_tissue"], sleep["errors"], sleep["never_tried"]) == \
-        (4, 1, {"slide_not_found": 1}, 2)
+    assert (sleep["committed"], sleep["no_tissue"], sleep["errors"], sleep["never_tried"]) == (
+        4,
+        1,
+        {"slide_not_found": 1},
+        2,
+    )
     assert sleep["tiling"] == {"tile_px": 224, "target_mpp": 0.5} and sleep["embed_dim"] == DIM
     assert [(r["kind"], r["errors"]) for r in status["runs"]] == [("embed", 0), ("aggregate", 0), ("embed", 2)]
     assert all(r["wall_s"] is not None and r["wall_s"] >= 0 for r in status["runs"])

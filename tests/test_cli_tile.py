@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pathray.cli import main
-from pathray.tiling import TILE_SCHEMA, TilingConfig
+from pathray.tiling.grid import TILE_SCHEMA, TilingConfig
 
 
 def test_tile_command_on_mixed_manifest(mixed_manifest, synthetic_svs_025, tmp_path):
@@ -40,7 +40,22 @@ def test_tile_command_on_mixed_manifest(mixed_manifest, synthetic_svs_025, tmp_p
 def test_tile_options_and_all_good_exit_code(synthetic_svs_05, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"path": str(synthetic_svs_05), "slide_id": "s"}) + "\n")
-    code = main(["tile", str(manifest), "--out", str(tmp_path / "o"), "--tile-px", "112", "--target-mpp", "1.0", "--stride-px", "56", "--min-tissue", "0.5"])
+    code = main(
+        [
+            "tile",
+            str(manifest),
+            "--out",
+            str(tmp_path / "o"),
+            "--tile-px",
+            "112",
+            "--target-mpp",
+            "1.0",
+            "--stride-px",
+            "56",
+            "--min-tissue",
+            "0.5",
+        ]
+    )
     assert code == 0
     tiles = pq.read_table(tmp_path / "o" / "tiles.parquet").to_pylist()
     assert tiles and all(t["tile_px"] == 112 and t["target_mpp"] == 1.0 and t["size_level0"] == 224.0 for t in tiles)

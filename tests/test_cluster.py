@@ -25,9 +25,9 @@ import pytest
 import yaml
 from fixtures.multinode import LocalRayCluster
 
-from pathray.config import build_job_config
 from pathray.demo.synthetic import write_synthetic_svs
-from pathray.pipeline import run_job
+from pathray.job.config import build_job_config
+from pathray.job.raydata import run_job
 from pathray.store import FeatureStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.cluster, pytest.mark.timeout(600)]
@@ -52,11 +52,23 @@ def make_slides(tmp: Path, fs, bucket: str, n: int) -> str:
 def job_config(manifest: str, out: str, weights: Path, scratch: Path) -> dict:
     """The job file a user would write for a cluster whose pools cannot be derived at start:
     pools pinned, encoders asking for a GPU each (docs/cluster.md)."""
-    return {"manifest": manifest, "out": out, "models": ["kaiko-vits16"],
-            "encoders": {"kaiko-vits16": {"weights": str(weights)}}, "tiling": {"tile_px": 224, "target_mpp": 0.5},
-            "chunk_tiles": 4, "scratch_dir": str(scratch),
-            "resources": {"readers": 2, "reader_num_cpus": 1, "encoder_actors": 1, "encoder_num_gpus": 1,
-                          "encoder_num_cpus": 1, "committers": 2}}
+    return {
+        "manifest": manifest,
+        "out": out,
+        "models": ["kaiko-vits16"],
+        "encoders": {"kaiko-vits16": {"weights": str(weights)}},
+        "tiling": {"tile_px": 224, "target_mpp": 0.5},
+        "chunk_tiles": 4,
+        "scratch_dir": str(scratch),
+        "resources": {
+            "readers": 2,
+            "reader_num_cpus": 1,
+            "encoder_actors": 1,
+            "encoder_num_gpus": 1,
+            "encoder_num_cpus": 1,
+            "committers": 2,
+        },
+    }
 
 
 def working_dir(submission_id: str) -> Path:
@@ -78,11 +90,27 @@ def working_dir(submission_id: str) -> Path:
 def submit(cluster, config_uri: str, submission_id: str, wait: bool = True) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir DIR` (:func:`working_dir`); ``wait``: follow the job's
     logs until it ends (else return once it is submitted)."""
-    cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
-           "--working-dir", str(working_dir(submission_id)), *([] if wait else ["--no-wait"]),
-           "--", "python", "jobs/embed.py", "--config", config_uri, "--no-progress"]
-    return subprocess.run(cmd, cwd=ROOT, env=cluster.client_env, capture_output=True, text=True,
-                          timeout=JOB_TIMEOUT_S, check=False)
+    cmd = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(working_dir(submission_id)),
+        *([] if wait else ["--no-wait"]),
+        "--",
+        "python",
+        "jobs/embed.py",
+        "--config",
+        config_uri,
+        "--no-progress",
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=cluster.client_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, check=False
+    )
 
 
 def wait_for_job(cluster, submission_id: str, timeout: float = JOB_TIMEOUT_S) -> dict:
@@ -96,8 +124,9 @@ def wait_for_job(cluster, submission_id: str, timeout: float = JOB_TIMEOUT_S) ->
 
 
 def job_info(cluster, submission_id: str) -> dict:
-    request = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/{submission_id}",
-                                     headers={"Authorization": f"Bearer {cluster.token}"})
+    request = urllib.request.Request(
+        f"{cluster.dashboard_url}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {cluster.token}"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -138,8 +167,12 @@ def slides_on_s3(s3_server, tmp_path_factory) -> dict[str, str]:
 def reference(ray_cluster, s3_server, slides_on_s3, kaiko_vits16_weights, tmp_path_factory) -> dict:
     """Features of the 8 slides from a local run (the test session's 2-CPU Ray, no GPU) of the
     same manifest and job config as the cluster runs."""
-    raw = job_config(slides_on_s3["all"], f"s3://{slides_on_s3['bucket']}/local-store", kaiko_vits16_weights,
-                     tmp_path_factory.mktemp("reference_scratch"))
+    raw = job_config(
+        slides_on_s3["all"],
+        f"s3://{slides_on_s3['bucket']}/local-store",
+        kaiko_vits16_weights,
+        tmp_path_factory.mktemp("reference_scratch"),
+    )
     resources = {k: v for k, v in raw["resources"].items() if k != "encoder_num_gpus"}
     config = build_job_config({**raw, "resources": resources, "storage_options": s3_server.storage_options})
     assert run_job(config, progress_bars=False).exit_code == 0
@@ -165,8 +198,9 @@ def put_config(fs, bucket: str, raw: dict, name: str) -> str:
     return f"s3://{bucket}/{name}"
 
 
-def test_job_submit_on_multinode_cluster(static_cluster, s3_server, slides_on_s3, kaiko_vits16_weights, reference,
-                                         tmp_path):
+def test_job_submit_on_multinode_cluster(
+    static_cluster, s3_server, slides_on_s3, kaiko_vits16_weights, reference, tmp_path
+):
     cluster, fs, bucket = static_cluster, s3_server.fs, slides_on_s3["bucket"]
     raw = job_config(slides_on_s3["three"], f"s3://{bucket}/store-submit", kaiko_vits16_weights, tmp_path / "scratch")
     done = submit(cluster, put_config(fs, bucket, raw, "submit.yaml"), "submit-1")
@@ -200,8 +234,9 @@ def test_job_submit_on_multinode_cluster(static_cluster, s3_server, slides_on_s3
             assert s3_server.secret_key not in fs.cat_file(path).decode()
 
 
-def test_node_lost_mid_run_then_rerun_commits_every_slide_once(static_cluster, s3_server, slides_on_s3,
-                                                                kaiko_vits16_weights, reference, tmp_path):
+def test_node_lost_mid_run_then_rerun_commits_every_slide_once(
+    static_cluster, s3_server, slides_on_s3, kaiko_vits16_weights, reference, tmp_path
+):
     cluster, fs, bucket = static_cluster, s3_server.fs, slides_on_s3["bucket"]
     raw = job_config(slides_on_s3["all"], f"s3://{bucket}/store-loss", kaiko_vits16_weights, tmp_path / "scratch")
     config_uri = put_config(fs, bucket, raw, "loss.yaml")
@@ -236,14 +271,24 @@ def test_node_lost_mid_run_then_rerun_commits_every_slide_once(static_cluster, s
     assert_same_features(got, reference)
     print(f"node lost after {before} of {N_SLIDES} commits; first run {first['status']}")
 
-AUTOSCALING = {"idle_timeout_minutes": 0.1, "available_node_types": {
-    "cpu": {"resources": {"CPU": 2, "testnode_cpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
-    "gpu": {"resources": {"CPU": 1, "GPU": 1, "testnode_gpu": 1}, "node_config": {}, "min_workers": 0,
-            "max_workers": 1}}}
+
+AUTOSCALING = {
+    "idle_timeout_minutes": 0.1,
+    "available_node_types": {
+        "cpu": {"resources": {"CPU": 2, "testnode_cpu": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
+        "gpu": {
+            "resources": {"CPU": 1, "GPU": 1, "testnode_gpu": 1},
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": 1,
+        },
+    },
+}
 
 
-def test_autoscaler_adds_cpu_and_gpu_nodes_from_zero_then_removes_them(multinode_cluster, s3_server, s3_bucket,
-                                                                      kaiko_vits16_weights, tmp_path):
+def test_autoscaler_adds_cpu_and_gpu_nodes_from_zero_then_removes_them(
+    multinode_cluster, s3_server, s3_bucket, kaiko_vits16_weights, tmp_path
+):
     fs = s3_server.fs
     manifest = make_slides(tmp_path, fs, s3_bucket, 2)
     raw = job_config(manifest, f"s3://{s3_bucket}/store", kaiko_vits16_weights, tmp_path / "scratch")
@@ -256,8 +301,16 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_from_zero_then_removes_them(multinode
     assert job_info(cluster, "embed-1")["status"] == "SUCCEEDED", done.stdout[-4000:]
     assert "kaiko-vits16: ok 2, no_tissue 0, error 0" in done.stdout
     nodes = cluster.state("nodes")
-    kinds = {n["node_id"]: ("gpu" if "testnode_gpu" in n["resources_total"] else
-                            "cpu" if "testnode_cpu" in n["resources_total"] else "head") for n in nodes}
+    kinds = {
+        n["node_id"]: (
+            "gpu"
+            if "testnode_gpu" in n["resources_total"]
+            else "cpu"
+            if "testnode_cpu" in n["resources_total"]
+            else "head"
+        )
+        for n in nodes
+    }
     assert sorted(kinds.values()) == ["cpu", "gpu", "head"]  # the autoscaler added one node of each type
     actors = [a for a in cluster.state("actors") if "MapWorker" in (a.get("class_name") or "") and a["node_id"]]
     assert {kinds[a["node_id"]] for a in actors if "ChunkEncoder" in a["class_name"]} == {"gpu"}

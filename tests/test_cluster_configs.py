@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pathray.config import ResourceConfig
 from pathray.encoders import EncoderConfig
-from pathray.tiling import TilingConfig
+from pathray.job.config import ResourceConfig
+from pathray.tiling.grid import TilingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 ENTRYPOINT = "jobs/embed.py"
 
 # Job-config keys jobs/embed.py accepts for --config: the typed config's own fields, so this
-# list cannot drift from pathray.config (GPUs per encoder actor are resources.encoder_num_gpus).
+# list cannot drift from pathray.job.config (GPUs per encoder actor are resources.encoder_num_gpus).
 DOCUMENTED = {
     "manifest": None,
     "out": None,
@@ -171,8 +171,9 @@ def test_rayjob_service_account_for_s3_exists():
 def test_entrypoint_script_exists():
     if not (REPO / ENTRYPOINT).is_file():
         pytest.skip(f"{ENTRYPOINT} not written yet; configs are checked against the path string only")
-    out = subprocess.run([sys.executable, str(REPO / ENTRYPOINT), "--help"], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, str(REPO / ENTRYPOINT), "--help"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     assert "--config" in out.stdout
 
@@ -185,11 +186,11 @@ def test_job_example_keys_are_documented():
 
 
 def test_job_example_builds_a_job_config():
-    """The real parser accepts it (when pathray.config and its imports are in place)."""
+    """The real parser accepts it (when pathray.job.config and its imports are in place)."""
     try:
-        from pathray.config import build_job_config
+        from pathray.job.config import build_job_config
     except ImportError as exc:
-        pytest.skip(f"pathray.config not importable yet: {exc}")
+        pytest.skip(f"pathray.job.config not importable yet: {exc}")
     cfg = build_job_config(_load("job.example.yaml"))
     assert list(cfg.models) == ["uni2-h", "virchow2"]
 
@@ -208,6 +209,12 @@ def test_no_credentials_in_configs(name):
 
 def test_docs_cover_both_launch_paths():
     doc = (REPO / "docs" / "cluster.md").read_text()
-    for needle in ("ray up cluster/aws.yaml", "ray job submit", "--working-dir", "kubectl apply -f cluster/rayjob.yaml",
-                   "IRSA", "instance profile"):
+    for needle in (
+        "ray up cluster/aws.yaml",
+        "ray job submit",
+        "--working-dir",
+        "kubectl apply -f cluster/rayjob.yaml",
+        "IRSA",
+        "instance profile",
+    ):
         assert needle in doc, needle

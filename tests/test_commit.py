@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pathray.commit import CommitPool, committer_count, route
-from pathray.config import build_job_config
-from pathray.fakes import sleep_encoder, stage_fake_slide
-from pathray.pipeline import run_job
+from pathray.job.committers import CommitPool, committer_count, route
+from pathray.job.config import build_job_config
+from pathray.job.raydata import run_job
 from pathray.store import CommitRequest, FeatureStore
+from pathray.testing import sleep_encoder, stage_fake_slide
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,11 +27,18 @@ def test_route_is_stable_across_processes_and_uses_every_committer():
     keys = [(f"slide-{i}", m) for i in range(400) for m in ("uni", "virchow2")]
     here = [route(s, m, 4) for s, m in keys]
     # a fresh interpreter has another hash() salt; the route must not change with it
-    code = ("import json,sys; from pathray.commit import route; "
-            "print(json.dumps([route(s, m, 4) for s, m in json.loads(sys.argv[1])]))")
+    code = (
+        "import json,sys; from pathray.job.committers import route; "
+        "print(json.dumps([route(s, m, 4) for s, m in json.loads(sys.argv[1])]))"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(ROOT))
-    there = subprocess.run([sys.executable, "-c", code, __import__("json").dumps(keys)], env=env, check=True,
-                           capture_output=True, text=True).stdout
+    there = subprocess.run(
+        [sys.executable, "-c", code, __import__("json").dumps(keys)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert here == __import__("json").loads(there)
     counts = np.bincount(here, minlength=4)
     assert counts.min() > len(keys) / 4 * 0.8  # roughly even, so no committer becomes the bottleneck
@@ -50,10 +57,14 @@ def test_pool_commits_every_pair_once_across_actors(ray_cluster, tmp_path):
 
     store = FeatureStore(str(tmp_path / "store"))
     pairs = [(f"s{i}", m) for i in range(6) for m in ("a", "b")]
-    staged = {p: stage_fake_slide(store, p[1], p[0], n_tiles=10, chunk_tiles=4, embed_dim=16, seed=i)
-              for i, p in enumerate(pairs)}
-    expected = {p: pa.concat_tables([pq.read_table(store.staging_path(p[1], p[0], c)) for c in ids])
-                for p, ids in staged.items()}
+    staged = {
+        p: stage_fake_slide(store, p[1], p[0], n_tiles=10, chunk_tiles=4, embed_dim=16, seed=i)
+        for i, p in enumerate(pairs)
+    }
+    expected = {
+        p: pa.concat_tables([pq.read_table(store.staging_path(p[1], p[0], c)) for c in ids])
+        for p, ids in staged.items()
+    }
     pool = CommitPool(ray, store, 3, max_concurrency=4)
     pids = ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in pool.actors])
     assert len(set(pids)) == 3  # three processes share the commits
@@ -86,9 +97,16 @@ def test_pool_commits_every_pair_once_across_actors(ray_cluster, tmp_path):
 def test_job_commits_through_several_committers(ray_cluster, synthetic_svs_025, synthetic_svs_05, tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"slide_id,path\na,{synthetic_svs_025}\nb,{synthetic_svs_05}\n")
-    config = build_job_config(dict(manifest=str(manifest), out=str(tmp_path / "store"), models=["sleep"],
-                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4,
-                                   resources={"committers": 3}))
+    config = build_job_config(
+        dict(
+            manifest=str(manifest),
+            out=str(tmp_path / "store"),
+            models=["sleep"],
+            tiling={"tile_px": 224, "target_mpp": 0.5},
+            chunk_tiles=4,
+            resources={"committers": 3},
+        )
+    )
     report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1e4)}, progress_bars=False)
     assert report.resources["committers"] == 3
     assert report.per_model["sleep"]["ok"] == 2 and report.exit_code == 0
@@ -100,10 +118,13 @@ def test_commits_survive_their_committer_being_killed_mid_flight(ray_cluster, tm
     import ray
 
     store = FeatureStore(str(tmp_path / "store"))
-    staged = {f"s{i}": stage_fake_slide(store, "m", f"s{i}", n_tiles=2048, chunk_tiles=256, embed_dim=256, seed=i)
-              for i in range(8)}
-    expected = {s: pa.concat_tables([pq.read_table(store.staging_path("m", s, c)) for c in ids])
-                for s, ids in staged.items()}
+    staged = {
+        f"s{i}": stage_fake_slide(store, "m", f"s{i}", n_tiles=2048, chunk_tiles=256, embed_dim=256, seed=i)
+        for i in range(8)
+    }
+    expected = {
+        s: pa.concat_tables([pq.read_table(store.staging_path("m", s, c)) for c in ids]) for s, ids in staged.items()
+    }
     pool = CommitPool(ray, store, 1, max_concurrency=2)
     ray.get(pool.actors[0].__ray_ready__.remote())
     refs = [pool.submit(CommitRequest("m", s, "c", ids, 2048, {}, {}, "h", "r1")) for s, ids in staged.items()]

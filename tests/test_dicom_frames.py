@@ -15,12 +15,12 @@ import pyarrow as pa
 import pydicom
 import pytest
 
-from pathray import dicom_wsi
 from pathray.demo.dicomize import write_dicom_series
-from pathray.dicom_wsi import HEAD_BYTES, open_dicom_series
 from pathray.errors import MppMissingError
-from pathray.slide import open_slide
-from pathray.tiling import TilingConfig, plan_tiles, read_tiles
+from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles
+from pathray.wsi import dicom as dicom_wsi
+from pathray.wsi.dicom import HEAD_BYTES, open_dicom_series
+from pathray.wsi.slide import open_slide
 
 
 def _source_rgb(path, level: int) -> np.ndarray:
@@ -54,27 +54,29 @@ def test_a_frame_split_in_the_middle_of_a_window_is_read_from_its_own_bytes(synt
     inst = backend._levels[0]
     lx, ly = 2 * inst.tile_w, inst.tile_h  # tile (2, 1)
     got = backend.read_level(0, lx, ly, inst.tile_w, inst.tile_h)
-    np.testing.assert_array_equal(got, _source_rgb(synthetic_svs_05, 0)[ly:ly + inst.tile_h, lx:lx + inst.tile_w])
+    np.testing.assert_array_equal(got, _source_rgb(synthetic_svs_05, 0)[ly : ly + inst.tile_h, lx : lx + inst.tile_w])
     assert inst.frame_index(2, 1) < inst.located < inst.frame_count
 
 
 def _all_tissue_chunks(uri: str, options: dict, chunk_tiles: int) -> tuple[pa.Table, TilingConfig]:
-    from pathray.stages import SLIDE_SCHEMA, SlidePlanner
+    from pathray.job.stages import SLIDE_SCHEMA, SlidePlanner
 
     config = TilingConfig(min_tissue_fraction=0.0)  # every grid tile: an all-tissue series' worth of reads
-    slides = pa.Table.from_pylist([{"slide_id": "a", "path": uri, "cohort": "", "mpp_override": None,
-                                    "models": ["m"]}], schema=SLIDE_SCHEMA)
+    slides = pa.Table.from_pylist(
+        [{"slide_id": "a", "path": uri, "cohort": "", "mpp_override": None, "models": ["m"]}], schema=SLIDE_SCHEMA
+    )
     return SlidePlanner(config, chunk_tiles, options)(slides), config
 
 
 @pytest.mark.s3
 @pytest.mark.parametrize("table", ["basic", "none"])
-def test_the_job_reads_each_frame_once_and_pulls_at_most_the_series(synthetic_svs_025, tmp_path, s3_server, s3_bucket,
-                                                                     monkeypatch, table):
+def test_the_job_reads_each_frame_once_and_pulls_at_most_the_series(
+    synthetic_svs_025, tmp_path, s3_server, s3_bucket, monkeypatch, table
+):
     """ChunkReader (the job's reader) over chunks of 4 tiles of one series: bytes pulled from
     S3 ≤ the series' bytes, one decode per frame the tiles touch, and tiles equal to those
     read from the source SVS."""
-    from pathray.stages import ChunkReader
+    from pathray.job.stages import ChunkReader
 
     series_uuid = str(uuid.uuid4())
     written = write_dicom_series(synthetic_svs_025, tmp_path / series_uuid, "jpeg", table, fragments_per_frame=2)
@@ -84,8 +86,11 @@ def test_the_job_reads_each_frame_once_and_pulls_at_most_the_series(synthetic_sv
     chunks, config = _all_tissue_chunks(uri, s3_server.storage_options, 4)
     decoded: list[int] = []  # stored tile (frame) indices decoded by the current chunk
     real_decode = dicom_wsi.DicomLevel.decode_tile
-    monkeypatch.setattr(dicom_wsi.DicomLevel, "decode_tile",
-                        lambda self, data, index, out=None: decoded.append(index) or real_decode(self, data, index, out))
+    monkeypatch.setattr(
+        dicom_wsi.DicomLevel,
+        "decode_tile",
+        lambda self, data, index, out=None: decoded.append(index) or real_decode(self, data, index, out),
+    )
     pulled = dicom_wsi.FetchStats()
     monkeypatch.setattr(dicom_wsi, "FetchStats", lambda: pulled)
     reader = ChunkReader(config, s3_server.storage_options)
@@ -104,7 +109,9 @@ def test_the_job_reads_each_frame_once_and_pulls_at_most_the_series(synthetic_sv
     for chunk, got in zip((chunks.slice(i, 1) for i in range(chunks.num_rows)), out):
         x, y = (np.frombuffer(chunk.column(c)[0].as_py(), "<i8") for c in "xy")
         want = read_tiles(source, config, x, y)
-        np.testing.assert_array_equal(np.frombuffer(got.column("pixels")[0].as_py(), np.uint8).reshape(want.shape), want)
+        np.testing.assert_array_equal(
+            np.frombuffer(got.column("pixels")[0].as_py(), np.uint8).reshape(want.shape), want
+        )
 
 
 def test_read_tiles_on_a_series_equals_the_source(synthetic_svs_025, tmp_path):
@@ -113,7 +120,9 @@ def test_read_tiles_on_a_series_equals_the_source(synthetic_svs_025, tmp_path):
     assert series.has_direct_reads(0)
     grid = plan_tiles(source, "a", TilingConfig(min_tissue_fraction=0.0))
     config = TilingConfig(min_tissue_fraction=0.0)
-    np.testing.assert_array_equal(read_tiles(series, config, grid.x, grid.y), read_tiles(source, config, grid.x, grid.y))
+    np.testing.assert_array_equal(
+        read_tiles(series, config, grid.x, grid.y), read_tiles(source, config, grid.x, grid.y)
+    )
 
 
 def _big_non_image_instance(written, directory: Path) -> Path:
@@ -139,7 +148,7 @@ def _broken_label(written, directory: Path) -> Path:
     old, new = b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.1.99"
     at = data.index(old)
     assert struct.unpack_from("<H", data, at - 2)[0] == len(old)
-    data[at - 2:at + len(old)] = struct.pack("<H", len(new)) + new
+    data[at - 2 : at + len(old)] = struct.pack("<H", len(new)) + new
     group_length = data.index(b"\x02\x00\x00\x00UL\x04\x00") + 8
     struct.pack_into("<I", data, group_length, struct.unpack_from("<I", data, group_length)[0] + len(new) - len(old))
     path = directory / "broken-label.dcm"
@@ -206,6 +215,6 @@ def test_dual_personality_tiff_offsets_are_the_frame_index(synthetic_svs_05, tmp
     last = backend.read_level(0, w - inst.tile_w, h - inst.tile_h, inst.tile_w, inst.tile_h)
     start, end = inst.frame_ranges[-1]
     assert backend.stats.bytes_fetched - before == end - start
-    np.testing.assert_array_equal(last, _source_rgb(synthetic_svs_05, 0)[h - inst.tile_h:, w - inst.tile_w:])
+    np.testing.assert_array_equal(last, _source_rgb(synthetic_svs_05, 0)[h - inst.tile_h :, w - inst.tile_w :])
     for level, (w, h) in enumerate(backend.level_dimensions):
         np.testing.assert_array_equal(backend.read_level(level, 0, 0, w, h), _source_rgb(synthetic_svs_05, level))

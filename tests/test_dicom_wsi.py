@@ -20,7 +20,7 @@ import openslide
 import pytest
 
 from pathray.demo.dicomize import write_dicom_series
-from pathray.dicom_wsi import WALK_WINDOW_BYTES, DicomWsiError, open_dicom_series
+from pathray.wsi.dicom import WALK_WINDOW_BYTES, DicomWsiError, open_dicom_series
 
 pytestmark = pytest.mark.s3
 
@@ -50,17 +50,28 @@ def dicom_bucket(s3_server) -> str:
     """A bucket readable without credentials (bucket policy), like IDC's idc-open-data."""
     name = f"pathray-idc-{uuid.uuid4().hex[:12]}"
     s3_server.fs.mkdir(name)
-    policy = {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
-        "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"]}]}
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": ["s3:GetObject", "s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"],
+            }
+        ],
+    }
     s3_server.fs.call_s3("put_bucket_policy", Bucket=name, Policy=json.dumps(policy))
     return name
 
 
 def anonymous(s3_server) -> dict:
     """s3fs options with no credentials at all: unsigned requests, as for the public IDC bucket."""
-    return {"anon": True, "client_kwargs": {"endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region},
-            "use_listings_cache": False}
+    return {
+        "anon": True,
+        "client_kwargs": {"endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region},
+        "use_listings_cache": False,
+    }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -69,8 +80,13 @@ def series(request, tmp_path_factory, s3_server, dicom_bucket) -> UploadedSeries
     source = Path(os.fspath(request.getfixturevalue(slide_fixture)))
     series_uuid = str(uuid.uuid4())
     sparse = codec.endswith("-sparse")
-    written = write_dicom_series(source, tmp_path_factory.mktemp(request.param) / series_uuid,
-                                 codec.removesuffix("-sparse"), table, sparse=sparse)
+    written = write_dicom_series(
+        source,
+        tmp_path_factory.mktemp(request.param) / series_uuid,
+        codec.removesuffix("-sparse"),
+        table,
+        sparse=sparse,
+    )
     for path in written.files:
         s3_server.fs.put_file(str(path), f"{dicom_bucket}/{series_uuid}/{path.name}")
     return UploadedSeries(written.directory, f"s3://{dicom_bucket}/{series_uuid}/", source, photometric, lossless)
@@ -193,15 +209,15 @@ def test_prefix_without_instances_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_the_job_embeds_dicom_series_read_in_place_equal_to_the_source_svs(
-        synthetic_svs_025, synthetic_svs_05, tmp_path, s3_server, dicom_bucket, s3_bucket, ray_cluster,
-        random_weights):
+    synthetic_svs_025, synthetic_svs_05, tmp_path, s3_server, dicom_bucket, s3_bucket, ray_cluster, random_weights
+):
     """IDC's layout end to end: series prefixes in a public-read bucket, read anonymously and in
     place by the job (no staging: the node cache stays empty) while the store goes to a private
     bucket with credentials; tiles and embeddings equal those of the source SVS read locally
     (the JPEG tiles were transferred losslessly), and a missing series is a recorded
     slide_not_found."""
-    from pathray.config import build_job_config
-    from pathray.pipeline import run_job
+    from pathray.job.config import build_job_config
+    from pathray.job.raydata import run_job
     from pathray.store import FeatureStore
 
     uris = {}
@@ -218,11 +234,18 @@ def test_the_job_embeds_dicom_series_read_in_place_equal_to_the_source_svs(
         manifest = tmp_path / f"{kind}.csv"
         manifest.write_text("slide_id,path\n" + "".join(f"{k},{v}\n" for k, v in paths.items()))
         remote = kind == "dicom"
-        config = build_job_config(dict(
-            manifest=str(manifest), out=f"s3://{s3_bucket}/store" if remote else str(tmp_path / kind),
-            models=["kaiko-vits16"], encoders={"kaiko-vits16": {"weights": weights}}, chunk_tiles=8,
-            scratch_dir=str(tmp_path / "scratch"), storage_options=s3_server.storage_options if remote else None,
-            slide_storage_options=anonymous(s3_server) if remote else None))
+        config = build_job_config(
+            dict(
+                manifest=str(manifest),
+                out=f"s3://{s3_bucket}/store" if remote else str(tmp_path / kind),
+                models=["kaiko-vits16"],
+                encoders={"kaiko-vits16": {"weights": weights}},
+                chunk_tiles=8,
+                scratch_dir=str(tmp_path / "scratch"),
+                storage_options=s3_server.storage_options if remote else None,
+                slide_storage_options=anonymous(s3_server) if remote else None,
+            )
+        )
         stores[kind] = (run_job(config, progress_bars=False), FeatureStore(config.out, config.storage_options))
     (report, dicom), (_, svs) = stores["dicom"], stores["svs"]
     assert dicom.committed("kaiko-vits16") == {"a", "b"}

@@ -52,17 +52,20 @@ def test_bad_input(vits16):
 def test_output_float16_and_bf16_autocast(kaiko_vits16_weights, he_tiles):
     tiles = np.ascontiguousarray(he_tiles[:3, :224, :224])
     ref = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu"))(tiles)
-    half = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu",
-                                      output_dtype="float16"))(tiles)
+    half = load_encoder(
+        EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu", output_dtype="float16")
+    )(tiles)
     assert half.dtype == np.float16
     np.testing.assert_allclose(half.astype(np.float32), ref, atol=2e-2, rtol=2e-2)
-    bf16 = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu",
-                                      dtype="bf16"))(tiles)
+    bf16 = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu", dtype="bf16"))(
+        tiles
+    )
     assert bf16.dtype == np.float32
     cos = (bf16 * ref).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.99
-    fp16 = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu",
-                                      dtype="fp16"))(tiles)
+    fp16 = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu", dtype="fp16"))(
+        tiles
+    )
     assert fp16.dtype == np.float32
     np.testing.assert_allclose(fp16, ref, atol=5e-2)
 
@@ -110,18 +113,26 @@ def test_generic_timm_entry(tmp_path, he_tiles):
     assert get_spec("timm:resnet18").embed_dim == 512
 
 
-@pytest.mark.parametrize("prep", [
-    Preprocess(resize_px=256, crop_px=224, interpolation="bicubic"),
-    Preprocess(resize_px=224, crop_px=224, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3),
-    Preprocess(resize_px=224, crop_px=200, interpolation="bicubic"),
-])
+@pytest.mark.parametrize(
+    "prep",
+    [
+        Preprocess(resize_px=256, crop_px=224, interpolation="bicubic"),
+        Preprocess(resize_px=224, crop_px=224, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3),
+        Preprocess(resize_px=224, crop_px=200, interpolation="bicubic"),
+    ],
+)
 @pytest.mark.parametrize("tile_px", [224, 256, 180])
 def test_preprocess_bit_identical_to_torchvision_on_pil(prep, tile_px, he_tiles):
     tiles = np.ascontiguousarray(he_tiles[:3, :tile_px, :tile_px])
     mode = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": transforms.InterpolationMode.BILINEAR}
-    tf = transforms.Compose([transforms.Resize(prep.resize_px, interpolation=mode[prep.interpolation]),
-                             transforms.CenterCrop(prep.crop_px), transforms.ToTensor(),
-                             transforms.Normalize(prep.mean, prep.std)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize(prep.resize_px, interpolation=mode[prep.interpolation]),
+            transforms.CenterCrop(prep.crop_px),
+            transforms.ToTensor(),
+            transforms.Normalize(prep.mean, prep.std),
+        ]
+    )
     ref = torch.stack([tf(Image.fromarray(t)) for t in tiles])
     got = preprocess_batch(torch.from_numpy(tiles), prep)
     assert torch.equal(got, ref)
@@ -155,8 +166,9 @@ def test_compile_matches_eager(kaiko_vits16_weights, he_tiles):
     tiles = np.ascontiguousarray(he_tiles[:3, :224, :224])  # 2 + a padded partial micro-batch
     eager = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu"))
     try:
-        compiled = load_encoder(EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu",
-                                              compile=True, batch_size=2))
+        compiled = load_encoder(
+            EncoderConfig("kaiko-vits16", weights=str(kaiko_vits16_weights), device="cpu", compile=True, batch_size=2)
+        )
         got = compiled(tiles)
     except Exception as exc:  # noqa: BLE001 - no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {str(exc)[:200]}")

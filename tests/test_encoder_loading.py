@@ -82,8 +82,12 @@ def test_file_in_hub_dir_uses_its_config(kaiko_vits16_weights):
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module_prefix"])
 def test_weights_only_pickle_checkpoints(full_tiny, tmp_path, wrap):
     sd = load_file(str(full_tiny / "model.safetensors"))
-    obj = {"plain": sd, "state_dict": {"state_dict": sd, "epoch": 3}, "model": {"model": sd},
-           "module_prefix": {"module." + k: v for k, v in sd.items()}}[wrap]
+    obj = {
+        "plain": sd,
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "model": {"model": sd},
+        "module_prefix": {"module." + k: v for k, v in sd.items()},
+    }[wrap]
     path = tmp_path / "checkpoint.pth"
     torch.save(obj, path)
     _assert_same_weights(_load(full_tiny), _load(path))
@@ -193,8 +197,9 @@ def test_card_prescribed_pos_embed_resampling_is_applied_and_named(tmp_path):
     sd["pos_embed"] = resample_abs_pos_embed(at_224, (37, 37), num_prefix_tokens=0)
     save_file(sd, str(src / "model.safetensors"))
     enc = load_encoder(EncoderConfig("kaiko-vitl14", weights=str(src), device="cpu"))
-    expected = resample_abs_pos_embed(sd["pos_embed"], (16, 16), num_prefix_tokens=0, interpolation="bicubic",
-                                      antialias=True)
+    expected = resample_abs_pos_embed(
+        sd["pos_embed"], (16, 16), num_prefix_tokens=0, interpolation="bicubic", antialias=True
+    )
     assert torch.equal(enc.model.state_dict()["pos_embed"], expected)
     assert "pos_embed resampled from a 37x37 to a 16x16 grid" in enc.provenance()["weights_adaptations"]
 
@@ -232,9 +237,13 @@ def test_no_registered_model_loads_another_ones_weights(tmp_path):
             except WeightsMismatchError:
                 pass
     # two embeddings of one release (musk / musk-cls: same network and hub repo) share its weights
-    same_release = {(a, b) for a in names for b in names
-                    if (get_spec(a).architecture, get_spec(a).hf_hub_id) == (get_spec(b).architecture, get_spec(b).hf_hub_id)
-                    and get_spec(a).hf_hub_id}
+    same_release = {
+        (a, b)
+        for a in names
+        for b in names
+        if (get_spec(a).architecture, get_spec(a).hf_hub_id) == (get_spec(b).architecture, get_spec(b).hf_hub_id)
+        and get_spec(a).hf_hub_id
+    }
     assert loaded == {(n, n) for n in names} | same_release
 
 
@@ -341,6 +350,8 @@ def test_random_weights_files_are_byte_identical_for_the_same_seed(tmp_path):
     the same bytes (safetensors writes a metadata map of several entries in hash order)."""
     from pathray.encoders import file_sha256, write_random_weights
 
-    digests = {file_sha256(write_random_weights("kaiko-vits16", tmp_path / f"w{i}", seed=3, depth=1)
-                           / "model.safetensors") for i in range(3)}
+    digests = {
+        file_sha256(write_random_weights("kaiko-vits16", tmp_path / f"w{i}", seed=3, depth=1) / "model.safetensors")
+        for i in range(3)
+    }
     assert len(digests) == 1

@@ -29,10 +29,28 @@ from pathray.encoders.build import count_params, create_model
 TOL = 1e-4
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 #: depth used for the CPU comparison (full widths); giant models get 1 block
-DEPTH = {"uni": 1, "uni2-h": 1, "prov-gigapath": 1, "virchow": 1, "virchow2": 1, "h-optimus-0": 1,
-         "kaiko-vits16": 2, "kaiko-vits8": 1, "kaiko-vitb16": 1, "kaiko-vitb8": 1, "kaiko-vitl14": 1}
-N_TILES = {"uni2-h": 2, "prov-gigapath": 2, "virchow": 2, "virchow2": 2, "h-optimus-0": 2, "kaiko-vitb8": 2,
-           "kaiko-vits8": 3}
+DEPTH = {
+    "uni": 1,
+    "uni2-h": 1,
+    "prov-gigapath": 1,
+    "virchow": 1,
+    "virchow2": 1,
+    "h-optimus-0": 1,
+    "kaiko-vits16": 2,
+    "kaiko-vits8": 1,
+    "kaiko-vitb16": 1,
+    "kaiko-vitb8": 1,
+    "kaiko-vitl14": 1,
+}
+N_TILES = {
+    "uni2-h": 2,
+    "prov-gigapath": 2,
+    "virchow": 2,
+    "virchow2": 2,
+    "h-optimus-0": 2,
+    "kaiko-vitb8": 2,
+    "kaiko-vits8": 3,
+}
 
 
 def _pickle_copy(weights_dir: Path, filename: str) -> Path:
@@ -53,26 +71,51 @@ def _identity_pool(out):
 
 def recipe_uni(wdir: Path, depth: int):
     # UNI README (local checkpoint): vit_large_patch16_224 + Resize(224)/CenterCrop(224)/ImageNet norm
-    model = timm.create_model("vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5,
-                              num_classes=0, dynamic_img_size=True, depth=depth)
+    model = timm.create_model(
+        "vit_large_patch16_224",
+        img_size=224,
+        patch_size=16,
+        init_values=1e-5,
+        num_classes=0,
+        dynamic_img_size=True,
+        depth=depth,
+    )
     model.load_state_dict(torch.load(_pickle_copy(wdir, "pytorch_model.bin"), map_location="cpu"), strict=True)
-    transform = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
-                                    transforms.Normalize(**IMAGENET)])
+    transform = transforms.Compose(
+        [transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(**IMAGENET)]
+    )
     return model, transform, _identity_pool
 
 
 def recipe_uni2_h(wdir: Path, depth: int):
     # UNI2-h card, local-checkpoint recipe (timm_kwargs verbatim, depth reduced)
     timm_kwargs = {
-        'model_name': 'vit_giant_patch14_224', 'img_size': 224, 'patch_size': 14, 'depth': 24, 'num_heads': 24,
-        'init_values': 1e-5, 'embed_dim': 1536, 'mlp_ratio': 2.66667 * 2, 'num_classes': 0, 'no_embed_class': True,
-        'mlp_layer': timm.layers.SwiGLUPacked, 'act_layer': torch.nn.SiLU, 'reg_tokens': 8, 'dynamic_img_size': True,
+        "model_name": "vit_giant_patch14_224",
+        "img_size": 224,
+        "patch_size": 14,
+        "depth": 24,
+        "num_heads": 24,
+        "init_values": 1e-5,
+        "embed_dim": 1536,
+        "mlp_ratio": 2.66667 * 2,
+        "num_classes": 0,
+        "no_embed_class": True,
+        "mlp_layer": timm.layers.SwiGLUPacked,
+        "act_layer": torch.nn.SiLU,
+        "reg_tokens": 8,
+        "dynamic_img_size": True,
     }
     timm_kwargs["depth"] = depth
     model = timm.create_model(**timm_kwargs)
     model.load_state_dict(torch.load(_pickle_copy(wdir, "pytorch_model.bin"), map_location="cpu"), strict=True)
-    transform = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
-                                    transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(224),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
     return model, transform, _identity_pool
 
 
@@ -81,17 +124,25 @@ def recipe_prov_gigapath(wdir: Path, depth: int):
     # the hub is replaced by the local hub-layout dir (its config.json carries depth)
     model = timm.create_model(f"local-dir:{wdir}", pretrained=True)
     assert len(model.blocks) == depth
-    transform = transforms.Compose([
-        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
     return model, transform, _identity_pool
 
 
-VIRCHOW_HUB_PRETRAINED_CFG = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 1.0,
-                              "crop_mode": "center", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+VIRCHOW_HUB_PRETRAINED_CFG = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
 
 
 def _virchow_recipe(wdir: Path, depth: int, n_skip: int):
@@ -117,21 +168,30 @@ def _virchow_recipe(wdir: Path, depth: int, n_skip: int):
 
 
 def recipe_virchow(wdir: Path, depth: int):
-    return _virchow_recipe(wdir, depth, 1)     # output[:, 1:] are the 256 patch tokens
+    return _virchow_recipe(wdir, depth, 1)  # output[:, 1:] are the 256 patch tokens
 
 
 def recipe_virchow2(wdir: Path, depth: int):
-    return _virchow_recipe(wdir, depth, 5)     # output[:, 5:]: 4 register tokens skipped
+    return _virchow_recipe(wdir, depth, 5)  # output[:, 5:]: 4 register tokens skipped
 
 
 def recipe_h_optimus_0(wdir: Path, depth: int, tile_px: int = 224):
     params = {
-        'patch_size': 14, 'embed_dim': 1536, 'depth': 40, 'num_heads': 24, 'init_values': 1e-05,
-        'mlp_ratio': 5.33334,
-        'mlp_layer': functools.partial(timm.layers.mlp.GluMlp, act_layer=torch.nn.modules.activation.SiLU,
-                                       gate_last=False),
-        'act_layer': torch.nn.modules.activation.SiLU, 'reg_tokens': 4, 'no_embed_class': True, 'img_size': 224,
-        'num_classes': 0, 'in_chans': 3,
+        "patch_size": 14,
+        "embed_dim": 1536,
+        "depth": 40,
+        "num_heads": 24,
+        "init_values": 1e-05,
+        "mlp_ratio": 5.33334,
+        "mlp_layer": functools.partial(
+            timm.layers.mlp.GluMlp, act_layer=torch.nn.modules.activation.SiLU, gate_last=False
+        ),
+        "act_layer": torch.nn.modules.activation.SiLU,
+        "reg_tokens": 4,
+        "no_embed_class": True,
+        "img_size": 224,
+        "num_classes": 0,
+        "in_chans": 3,
     }
     params["depth"] = depth
     model = timm.models.VisionTransformer(**params)
@@ -140,13 +200,24 @@ def recipe_h_optimus_0(wdir: Path, depth: int, tile_px: int = 224):
     if tile_px == 224:  # the card: 224 px tiles at 0.5 µm/px, no resize
         transform = transforms.Compose([transforms.ToTensor(), norm])
     else:  # other sizes: the hub config's eval transform (bicubic, crop_pct 1.0)
-        transform = transforms.Compose([transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
-                                        transforms.CenterCrop(224), transforms.ToTensor(), norm])
+        transform = transforms.Compose(
+            [
+                transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(224),
+                transforms.ToTensor(),
+                norm,
+            ]
+        )
     return model, transform, _identity_pool
 
 
-_KAIKO_ARCH = {"vits16": "vit_small_patch16_224", "vits8": "vit_small_patch8_224", "vitb16": "vit_base_patch16_224",
-               "vitb8": "vit_base_patch8_224", "vitl14": "vit_large_patch14_reg4_dinov2"}
+_KAIKO_ARCH = {
+    "vits16": "vit_small_patch16_224",
+    "vits8": "vit_small_patch8_224",
+    "vitb16": "vit_base_patch16_224",
+    "vitb8": "vit_base_patch8_224",
+    "vitl14": "vit_large_patch14_reg4_dinov2",
+}
 
 
 def recipe_kaiko(short: str, wdir: Path, depth: int):
@@ -163,19 +234,25 @@ def recipe_kaiko(short: str, wdir: Path, depth: int):
         features_only=out_indices is not None,
         depth=depth,
     )
-    preprocessing = v2.Compose([
-        v2.ToImage(),
-        v2.Resize(size=224),
-        v2.CenterCrop(size=224),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    ])
+    preprocessing = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size=224),
+            v2.CenterCrop(size=224),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        ]
+    )
     return model, preprocessing, _identity_pool
 
 
 RECIPES = {
-    "uni": recipe_uni, "uni2-h": recipe_uni2_h, "prov-gigapath": recipe_prov_gigapath,
-    "virchow": recipe_virchow, "virchow2": recipe_virchow2, "h-optimus-0": recipe_h_optimus_0,
+    "uni": recipe_uni,
+    "uni2-h": recipe_uni2_h,
+    "prov-gigapath": recipe_prov_gigapath,
+    "virchow": recipe_virchow,
+    "virchow2": recipe_virchow2,
+    "h-optimus-0": recipe_h_optimus_0,
     **{f"kaiko-{k}": functools.partial(recipe_kaiko, k) for k in _KAIKO_ARCH},
 }
 
@@ -227,10 +304,17 @@ def test_matches_card_recipe(name, random_weights, he_tiles, _torch_threads):
 # --------------------------------------------------------------------------------------
 #: (depth, embed width, heads, patch, prefix tokens incl. registers) from the cards / hub configs
 FULL_ARCH = {
-    "uni": (24, 1024, 16, 16, 1), "uni2-h": (24, 1536, 24, 14, 9), "prov-gigapath": (40, 1536, 24, 16, 1),
-    "virchow": (32, 1280, 16, 14, 1), "virchow2": (32, 1280, 16, 14, 5), "h-optimus-0": (40, 1536, 24, 14, 5),
-    "kaiko-vits16": (12, 384, 6, 16, 1), "kaiko-vits8": (12, 384, 6, 8, 1), "kaiko-vitb16": (12, 768, 12, 16, 1),
-    "kaiko-vitb8": (12, 768, 12, 8, 1), "kaiko-vitl14": (24, 1024, 16, 14, 5),
+    "uni": (24, 1024, 16, 16, 1),
+    "uni2-h": (24, 1536, 24, 14, 9),
+    "prov-gigapath": (40, 1536, 24, 16, 1),
+    "virchow": (32, 1280, 16, 14, 1),
+    "virchow2": (32, 1280, 16, 14, 5),
+    "h-optimus-0": (40, 1536, 24, 14, 5),
+    "kaiko-vits16": (12, 384, 6, 16, 1),
+    "kaiko-vits8": (12, 384, 6, 8, 1),
+    "kaiko-vitb16": (12, 768, 12, 16, 1),
+    "kaiko-vitb8": (12, 768, 12, 8, 1),
+    "kaiko-vitl14": (24, 1024, 16, 14, 5),
 }
 
 
@@ -258,9 +342,17 @@ def test_full_architecture_on_meta(name):
 def test_known_parameter_counts_on_meta():
     """Exact counts of the full models (regression guard; cards round them: Virchow "632M",
     UNI2-h "681M", GigaPath/H-optimus-0 "1.1B", ViT-L 0.3B, ViT-B 86M, ViT-S 22M)."""
-    expected = {"uni": 303_350_784, "uni2-h": 681_394_176, "prov-gigapath": 1_134_953_984,
-                "virchow": 631_229_184, "virchow2": 631_239_424, "h-optimus-0": 1_134_774_272,
-                "kaiko-vits16": 21_665_664, "kaiko-vitb8": 85_807_872, "kaiko-vitl14": 303_230_976}
+    expected = {
+        "uni": 303_350_784,
+        "uni2-h": 681_394_176,
+        "prov-gigapath": 1_134_953_984,
+        "virchow": 631_229_184,
+        "virchow2": 631_239_424,
+        "h-optimus-0": 1_134_774_272,
+        "kaiko-vits16": 21_665_664,
+        "kaiko-vitb8": 85_807_872,
+        "kaiko-vitl14": 303_230_976,
+    }
     for name, count in expected.items():
         spec = get_spec(name)
         assert count_params(create_model(spec.architecture, spec.model_kwargs, meta=True)) == count, name

@@ -23,20 +23,28 @@ def test_a_ray_task_error_is_described_by_its_real_cause_without_terminal_codes(
     assert describe(other.value) == ("unexpected_error", "ValueError: bad value")
 
 
-@pytest.mark.parametrize(("code", "status", "expected"), [
-    ("SlowDown", 503, "storage_unavailable"), ("ServiceUnavailable", 503, "storage_unavailable"),
-    ("InternalError", 500, "storage_unavailable"), ("AccessDenied", 403, "slide_access_denied"),
-    ("NoSuchKey", 404, "slide_not_found"), ("InvalidRange", 416, "slide_unreadable")])
+@pytest.mark.parametrize(
+    ("code", "status", "expected"),
+    [
+        ("SlowDown", 503, "storage_unavailable"),
+        ("ServiceUnavailable", 503, "storage_unavailable"),
+        ("InternalError", 500, "storage_unavailable"),
+        ("AccessDenied", 403, "slide_access_denied"),
+        ("NoSuchKey", 404, "slide_not_found"),
+        ("InvalidRange", 416, "slide_unreadable"),
+    ],
+)
 def test_s3_errors_as_s3fs_raises_them_are_classified_by_cause(code, status, expected):
     """Throttling and server errors are ``storage_unavailable`` (retried later), never a
     corrupt slide; s3fs's own translation of botocore's errors is what pathray sees."""
     import botocore.exceptions
     import s3fs.errors
 
-    from pathray.rangeio import storage_error
+    from pathray.wsi.rangeio import storage_error
 
     error = botocore.exceptions.ClientError(
-        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
     try:
         try:
             raise error
@@ -49,7 +57,7 @@ def test_s3_errors_as_s3fs_raises_them_are_classified_by_cause(code, status, exp
 def test_an_unreachable_endpoint_is_storage_unavailable_not_unreadable():
     import botocore.exceptions
 
-    from pathray.rangeio import storage_error
+    from pathray.wsi.rangeio import storage_error
 
     exc = botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k")
     assert describe(storage_error("s3://b/k.svs", exc))[0] == "storage_unavailable"

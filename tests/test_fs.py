@@ -13,8 +13,15 @@ def test_retry_and_timeout_defaults_merge_under_the_callers_config():
 
 
 def test_s3_filesystems_get_the_defaults():
-    fs, path = split_uri("s3://bucket/key.svs", {"key": "k", "secret": "s", "skip_instance_cache": True,
-                                                 "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}})
+    fs, path = split_uri(
+        "s3://bucket/key.svs",
+        {
+            "key": "k",
+            "secret": "s",
+            "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        },
+    )
     assert path == "bucket/key.svs" and fs.retries == S3FS_RETRIES
     assert fs.config_kwargs["retries"] == S3_CLIENT_DEFAULTS["retries"]
     assert fs.config_kwargs["read_timeout"] == S3_CLIENT_DEFAULTS["read_timeout"]

@@ -15,11 +15,11 @@ from PIL import Image
 
 from pathray import mil
 from pathray.cli import main
-from pathray.heatmap import colormap, render_heatmap, scores_geojson, tile_scores, write_heatmap
+from pathray.mil.heatmap import colormap, render_heatmap, scores_geojson, tile_scores, write_heatmap
 from pathray.mil.train import torch_threads
-from pathray.slide import open_slide
 from pathray.store import FeatureStore
-from pathray.tiling import TilingConfig, plan_tiles
+from pathray.tiling.grid import TilingConfig, plan_tiles
+from pathray.wsi.slide import open_slide
 
 PLANTED_XY = (2688, 1792)  # top-left of the second tissue rectangle of synthetic_svs_025, level-0 px
 ALPHA = 0.6
@@ -36,13 +36,21 @@ def svs_attention(tmp_path_factory, synthetic_svs_025):
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(len(grid), planted.dim))
     emb[hot] += 4.0 * planted.direction  # the cohort's planted signal, on one tile
-    tiles = {"x": grid.x, "y": grid.y, "size_level0": grid.size_level0, "target_mpp": 0.5, "tile_px": 224,
-             "tissue_fraction": grid.tissue_fraction}
+    tiles = {
+        "x": grid.x,
+        "y": grid.y,
+        "size_level0": grid.size_level0,
+        "target_mpp": 0.5,
+        "tile_px": 224,
+        "tissue_fraction": grid.tissue_fraction,
+    }
     commit_slide(FeatureStore(str(root)), "m", "svs-025", tiles, emb, "case-svs", slide_path=str(synthetic_svs_025))
-    labels = pa.concat_tables([planted.labels, pa.table({"slide_id": ["svs-025"], "case_id": ["case-svs"],
-                                                         "label": [1]})])
-    config = mil.TrainConfig(n_folds=3, max_epochs=20, patience=5, lr=3e-3, hidden_dim=16, attention_dim=8,
-                             dropout=0.0, cpu_threads=1)
+    labels = pa.concat_tables(
+        [planted.labels, pa.table({"slide_id": ["svs-025"], "case_id": ["case-svs"], "label": [1]})]
+    )
+    config = mil.TrainConfig(
+        n_folds=3, max_epochs=20, patience=5, lr=3e-3, hidden_dim=16, attention_dim=8, dropout=0.0, cpu_threads=1
+    )
     result = mil.train(str(root), "m", labels, config=config, out=root.parent / "run")
     with torch_threads(1):
         scores = mil.attention(result, str(root), "m", "svs-025")
@@ -90,14 +98,46 @@ def test_any_tile_column_can_be_drawn(svs_attention, synthetic_svs_025):
 def test_cli_heatmap_from_a_run_and_from_a_column(svs_attention, tmp_path):
     root, hot, _, grid = svs_attention
     run = root.parent / "run"
-    assert main(["mil", "heatmap", "--store", str(root), "--slide", "svs-025", "--run", str(run),
-                 "--out", str(tmp_path / "att")]) == 0  # the slide file is found through its commit record
+    assert (
+        main(
+            [
+                "mil",
+                "heatmap",
+                "--store",
+                str(root),
+                "--slide",
+                "svs-025",
+                "--run",
+                str(run),
+                "--out",
+                str(tmp_path / "att"),
+            ]
+        )
+        == 0
+    )  # the slide file is found through its commit record
     features = json.loads((tmp_path / "att.geojson").read_text())["features"]
     assert max(features, key=lambda f: f["properties"]["attention"])["properties"]["tile_index"] == hot
     assert Image.open(tmp_path / "att.png").size[0] > 1024
-    assert main(["mil", "heatmap", "--store", str(root), "--slide", "svs-025", "--column", "tissue_fraction",
-                 "--out", str(tmp_path / "tissue")]) == 0
+    assert (
+        main(
+            [
+                "mil",
+                "heatmap",
+                "--store",
+                str(root),
+                "--slide",
+                "svs-025",
+                "--column",
+                "tissue_fraction",
+                "--out",
+                str(tmp_path / "tissue"),
+            ]
+        )
+        == 0
+    )
     features = json.loads((tmp_path / "tissue.geojson").read_text())["features"]
     assert [f["properties"]["tissue_fraction"] for f in features] == pytest.approx(grid.tissue_fraction.tolist())
-    assert main(["mil", "heatmap", "--store", str(root), "--slide", "nope", "--column", "x",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["mil", "heatmap", "--store", str(root), "--slide", "nope", "--column", "x", "--out", str(tmp_path / "x")])
+        == 2
+    )

@@ -39,12 +39,18 @@ def _counts(table) -> dict[str, int]:
 
 def test_counts_per_collection_equal_the_index_sql():
     table, counts = idc_manifest(IdcSelection(COLLECTIONS))
-    expected = dict(_sql("SELECT collection_id, count(*) FROM IDX WHERE Modality = 'SM' "
-                         "AND list_contains(?, collection_id) GROUP BY collection_id", list(COLLECTIONS)))
+    expected = dict(
+        _sql(
+            "SELECT collection_id, count(*) FROM IDX WHERE Modality = 'SM' "
+            "AND list_contains(?, collection_id) GROUP BY collection_id",
+            list(COLLECTIONS),
+        )
+    )
     assert _counts(table) == expected
     assert {c: s["series"] for c, s in counts.items()} == expected
-    sizes = dict(_sql("SELECT SeriesInstanceUID, series_size_MB FROM IDX WHERE Modality = 'SM' "
-                      "AND collection_id = 'tcga_luad'"))
+    sizes = dict(
+        _sql("SELECT SeriesInstanceUID, series_size_MB FROM IDX WHERE Modality = 'SM' AND collection_id = 'tcga_luad'")
+    )
     luad = [r for r in table.to_pylist() if r["cohort"] == "tcga_luad"]
     assert {r["series_instance_uid"]: r["series_size_mb"] for r in luad} == sizes
 
@@ -52,12 +58,21 @@ def test_counts_per_collection_equal_the_index_sql():
 def test_diagnostic_and_frozen_filters_equal_the_index_sql():
     diagnostic, _ = idc_manifest(IdcSelection(COLLECTIONS, diagnostic_only=True))
     frozen, counts = idc_manifest(IdcSelection(COLLECTIONS, preparation="frozen"))
-    expect_dx = dict(_sql("SELECT collection_id, count(*) FROM IDX WHERE Modality = 'SM' AND list_contains(?, collection_id) "
-                          "AND regexp_matches(SeriesDescription, '^FFPE\\s.*\\sDX[0-9A-Z]*\\s*$', 'i') GROUP BY 1",
-                          list(COLLECTIONS)))
-    expect_frozen = dict(_sql("SELECT collection_id, count(*) FROM IDX WHERE Modality = 'SM' "
-                              "AND list_contains(?, collection_id) AND regexp_matches(SeriesDescription, "
-                              "'^Frozen\\s.*\\s[A-Z]{2}[0-9A-Z]*\\s*$', 'i') GROUP BY 1", list(COLLECTIONS)))
+    expect_dx = dict(
+        _sql(
+            "SELECT collection_id, count(*) FROM IDX WHERE Modality = 'SM' AND list_contains(?, collection_id) "
+            "AND regexp_matches(SeriesDescription, '^FFPE\\s.*\\sDX[0-9A-Z]*\\s*$', 'i') GROUP BY 1",
+            list(COLLECTIONS),
+        )
+    )
+    expect_frozen = dict(
+        _sql(
+            "SELECT collection_id, count(*) FROM IDX WHERE Modality = 'SM' "
+            "AND list_contains(?, collection_id) AND regexp_matches(SeriesDescription, "
+            "'^Frozen\\s.*\\s[A-Z]{2}[0-9A-Z]*\\s*$', 'i') GROUP BY 1",
+            list(COLLECTIONS),
+        )
+    )
     assert _counts(diagnostic) == expect_dx and "cptac_luad" not in expect_dx
     assert _counts(frozen) == expect_frozen
     assert set(diagnostic.column("series_description").to_pylist()) >= {"FFPE HE TP DX1"}
@@ -87,8 +102,10 @@ def test_cli_writes_a_manifest_pathray_reads(tmp_path, capsys):
     out = tmp_path / "luad.parquet"
     assert cli.main(["manifest", "idc", "--collection", "tcga_luad", "--diagnostic-only", "--out", str(out)]) == 0
     entries = read_manifest(str(out))
-    expected = _sql("SELECT count(*) FROM IDX WHERE Modality = 'SM' AND collection_id = 'tcga_luad' "
-                    "AND regexp_matches(SeriesDescription, '^FFPE\\s.*\\sDX[0-9A-Z]*\\s*$', 'i')")[0][0]
+    expected = _sql(
+        "SELECT count(*) FROM IDX WHERE Modality = 'SM' AND collection_id = 'tcga_luad' "
+        "AND regexp_matches(SeriesDescription, '^FFPE\\s.*\\sDX[0-9A-Z]*\\s*$', 'i')"
+    )[0][0]
     assert len(entries) == expected > 0
     assert {e.cohort for e in entries} == {"tcga_luad"}
     assert all(e.extra["case_id"].startswith("TCGA-") and e.extra["license"].startswith("CC BY") for e in entries)
@@ -104,14 +121,21 @@ def test_cli_unknown_collection_exits_2(tmp_path, capsys):
 def test_estimate_tiles_matches_the_planned_grid(synthetic_svs_025, tmp_path):
     """Grid size from a DICOM series' own header geometry equals what plan_tiles grids on the slide."""
     from pathray.demo.dicomize import write_dicom_series
-    from pathray.dicom_wsi import open_dicom_series
-    from pathray.slide import open_slide
-    from pathray.tiling import TilingConfig, plan_tiles
+    from pathray.tiling.grid import TilingConfig, plan_tiles
+    from pathray.wsi.dicom import open_dicom_series
+    from pathray.wsi.slide import open_slide
 
     backend = open_dicom_series(str(write_dicom_series(synthetic_svs_025, tmp_path / "s", "jpeg").directory))
     width, height = backend.level_dimensions[0]
-    rows = [{"slide_id": "a", "width_px": width, "height_px": height, "index_mpp": float(backend.properties["openslide.mpp-x"])},
-            {"slide_id": "no-geometry"}]
+    rows = [
+        {
+            "slide_id": "a",
+            "width_px": width,
+            "height_px": height,
+            "index_mpp": float(backend.properties["openslide.mpp-x"]),
+        },
+        {"slide_id": "no-geometry"},
+    ]
     with open_slide(str(synthetic_svs_025)) as slide:
         for tile_px, target_mpp, stride in ((224, 0.5, None), (256, 1.0, None), (224, 0.25, None), (224, 0.5, 112)):
             config = TilingConfig(tile_px=tile_px, target_mpp=target_mpp, stride_px=stride)
@@ -124,17 +148,31 @@ def test_estimate_tiles_matches_the_planned_grid(synthetic_svs_025, tmp_path):
 def test_embed_s3_anonymous_flag_sets_unsigned_slide_storage_options_only():
     import argparse
 
-    from pathray import cli_embed
+    from pathray.cli import embed as cli_embed
 
     parser = argparse.ArgumentParser()
     cli_embed.configure(parser)
-    raw = cli_embed.raw_config(parser.parse_args(["--manifest", "m.parquet", "--models", "uni2-h", "--out", "o",
-                                                  "--s3-endpoint-url", "http://s3.local", "--s3-anonymous"]))
+    raw = cli_embed.raw_config(
+        parser.parse_args(
+            [
+                "--manifest",
+                "m.parquet",
+                "--models",
+                "uni2-h",
+                "--out",
+                "o",
+                "--s3-endpoint-url",
+                "http://s3.local",
+                "--s3-anonymous",
+            ]
+        )
+    )
     assert raw["slide_storage_options"] == {"anon": True}  # slides unsigned, from AWS: not the store's endpoint
     assert raw["storage_options"]["client_kwargs"]["endpoint_url"] == "http://s3.local"
     assert "anon" not in raw["storage_options"]  # manifest and store keep their credentials
-    assert "slide_storage_options" not in cli_embed.raw_config(parser.parse_args(["--manifest", "m.parquet",
-                                                                                  "--models", "x"]))
+    assert "slide_storage_options" not in cli_embed.raw_config(
+        parser.parse_args(["--manifest", "m.parquet", "--models", "x"])
+    )
 
 
 def test_sm_index_geometry_joins_onto_the_manifest_and_feeds_the_estimate(tmp_path):
@@ -147,16 +185,27 @@ def test_sm_index_geometry_joins_onto_the_manifest_and_feeds_the_estimate(tmp_pa
 
     from pathray.idc import SM_INDEX_GEOMETRY, attach_geometry
 
-    schema_names = {c["name"] for c in json.loads(
-        (Path(idc_index_data.__file__).parent / "sm_index_schema.json").read_text())["columns"]}
+    schema_names = {
+        c["name"]
+        for c in json.loads((Path(idc_index_data.__file__).parent / "sm_index_schema.json").read_text())["columns"]
+    }
     needed = {"SeriesInstanceUID", "max_TotalPixelMatrixColumns", "max_TotalPixelMatrixRows", "min_PixelSpacing_2sf"}
     assert needed <= schema_names
     assert all(expr.split()[0] in schema_names for expr in SM_INDEX_GEOMETRY.values())
     table, _ = idc_manifest(IdcSelection(("tcga_luad",), diagnostic_only=True))
     first, second = table.column("series_instance_uid").to_pylist()[:2]
     sm_index = tmp_path / "sm_index.parquet"
-    pq.write_table(pa.table({"SeriesInstanceUID": [first, "1.2.unrelated"], "max_TotalPixelMatrixColumns": [4096, 10],
-                             "max_TotalPixelMatrixRows": [3072, 10], "min_PixelSpacing_2sf": [0.00025, 0.001]}), sm_index)
+    pq.write_table(
+        pa.table(
+            {
+                "SeriesInstanceUID": [first, "1.2.unrelated"],
+                "max_TotalPixelMatrixColumns": [4096, 10],
+                "max_TotalPixelMatrixRows": [3072, 10],
+                "min_PixelSpacing_2sf": [0.00025, 0.001],
+            }
+        ),
+        sm_index,
+    )
     rows = attach_geometry(table, str(sm_index)).to_pylist()
     by_uid = {r["series_instance_uid"]: r for r in rows}
     assert (by_uid[first]["width_px"], by_uid[first]["height_px"]) == (4096, 3072)

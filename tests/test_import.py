@@ -19,12 +19,12 @@ import torch
 from fixtures.slides import write_manifest
 
 from pathray.cli import main
-from pathray.cli_demo import SYNTHETIC
-from pathray.config import build_job_config
-from pathray.fakes import sleep_encoder
-from pathray.pipeline import run_job
-from pathray.status import store_status
+from pathray.cli.demo import SYNTHETIC
+from pathray.job.config import build_job_config
+from pathray.job.raydata import run_job
 from pathray.store import PROVENANCE_KEY, FeatureStore
+from pathray.store.status import store_status
+from pathray.testing import sleep_encoder
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,13 +38,24 @@ def job_store(synthetic_svs_025, synthetic_svs_05, tmp_path_factory) -> tuple[Pa
     """``(store, manifest)``: the real job (in-process runner) on slides a (0.25 um/px) and b
     (0.5) in two cohorts, ``case_id`` kept, with a 768-d stand-in encoder named conch-v1.5."""
     tmp = tmp_path_factory.mktemp("import_job")
-    manifest = write_manifest(tmp / "m.csv", [
-        {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x", "case_id": "ca"},
-        {"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "y", "case_id": "cb"},
-    ])
-    config = build_job_config({"manifest": str(manifest), "out": str(tmp / "store"), "models": [MODEL],
-                               "tiling": {"tile_px": 512, "target_mpp": 0.5}, "chunk_tiles": 4,
-                               "keep_columns": ["case_id"], "runner": "local"})
+    manifest = write_manifest(
+        tmp / "m.csv",
+        [
+            {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x", "case_id": "ca"},
+            {"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "y", "case_id": "cb"},
+        ],
+    )
+    config = build_job_config(
+        {
+            "manifest": str(manifest),
+            "out": str(tmp / "store"),
+            "models": [MODEL],
+            "tiling": {"tile_px": 512, "target_mpp": 0.5},
+            "chunk_tiles": 4,
+            "keep_columns": ["case_id"],
+            "runner": "local",
+        }
+    )
     report = run_job(config, {MODEL: sleep_encoder(tiles_per_s=1e5, embed_dim=DIM)}, progress_bars=False)
     assert report.per_model[MODEL]["ok"] == 2 and report.exit_code == 0
     return tmp / "store", manifest
@@ -60,14 +71,26 @@ def provenance_of(store: FeatureStore, slide_id: str) -> dict:
 
 
 def import_args(store: Path | str, fmt: str, features_dir: Path, *extra: str) -> list[str]:
-    return ["import", "--store", str(store), "--model", MODEL, "--format", fmt, "--features-dir", str(features_dir),
-            *extra]
+    return [
+        "import",
+        "--store",
+        str(store),
+        "--model",
+        MODEL,
+        "--format",
+        fmt,
+        "--features-dir",
+        str(features_dir),
+        *extra,
+    ]
 
 
 def test_export_then_import_is_lossless_and_a_rerun_does_nothing(job_store, tmp_path, capsys):
     src_root, manifest = job_store
     src, out, dst = FeatureStore(str(src_root)), tmp_path / "export", tmp_path / "imported"
-    assert main(["export", "--store", str(src_root), "--model", MODEL, "--format", "trident-h5", "--out", str(out)]) == 0
+    assert (
+        main(["export", "--store", str(src_root), "--model", MODEL, "--format", "trident-h5", "--out", str(out)]) == 0
+    )
     args = import_args(dst, "trident-h5", out / "h5_files", "--manifest", str(manifest), "--keep-columns", "case_id")
     assert main(args) == 0
     store = FeatureStore(str(dst))
@@ -88,8 +111,11 @@ def test_export_then_import_is_lossless_and_a_rerun_does_nothing(job_store, tmp_
         assert new.slide["mpp"] == pytest.approx(old.slide["mpp"]) and new.slide["path"] == old.slide["path"]
     config = store.read_config()
     assert config["models"][MODEL]["imported"]["format"] == "trident-h5"
-    assert {k: store.tiling_of(MODEL)[k] for k in ("tile_px", "target_mpp", "stride_px")} == \
-        {"tile_px": 512, "target_mpp": 0.5, "stride_px": 512}
+    assert {k: store.tiling_of(MODEL)[k] for k in ("tile_px", "target_mpp", "stride_px")} == {
+        "tile_px": 512,
+        "target_mpp": 0.5,
+        "stride_px": 512,
+    }
     assert store.tiling_of(MODEL)["imported"]["target_mpp_from"] == "target_mpp attribute"
     statuses = {r["slide_id"]: r["status"] for r in store.slides().to_pylist()}
     assert statuses == {"a": "ok", "b": "ok"} and not os.path.exists(store.lease_path())
@@ -106,7 +132,9 @@ def test_export_then_import_is_lossless_and_a_rerun_does_nothing(job_store, tmp_
 def test_a_store_holding_the_model_with_another_config_refuses(job_store, tmp_path, capsys):
     src_root, _ = job_store
     out = tmp_path / "export"
-    assert main(["export", "--store", str(src_root), "--model", MODEL, "--format", "trident-h5", "--out", str(out)]) == 0
+    assert (
+        main(["export", "--store", str(src_root), "--model", MODEL, "--format", "trident-h5", "--out", str(out)]) == 0
+    )
     committed = FeatureStore(str(src_root)).committed(MODEL)
     # the job's own conch-v1.5 (embedded) is another config than an import
     assert main(import_args(src_root, "trident-h5", out / "h5_files")) == 2
@@ -114,8 +142,14 @@ def test_a_store_holding_the_model_with_another_config_refuses(job_store, tmp_pa
     assert FeatureStore(str(src_root)).committed(MODEL) == committed
     # an import at another tiling into a store already holding an import of the model
     other = tmp_path / "other"
-    write_trident_h5(other / "s.h5", np.zeros((2, 2), np.int64), np.ones((2, DIM), np.float32), mpp=0.25,
-                     tile_px=256, target_magnification=20.0)
+    write_trident_h5(
+        other / "s.h5",
+        np.zeros((2, 2), np.int64),
+        np.ones((2, DIM), np.float32),
+        mpp=0.25,
+        tile_px=256,
+        target_magnification=20.0,
+    )
     assert main(import_args(tmp_path / "store", "trident-h5", out / "h5_files")) == 0
     assert main(import_args(tmp_path / "store", "trident-h5", other)) == 2
     err = capsys.readouterr().err
@@ -141,19 +175,35 @@ def test_pt_files_take_coords_from_matching_h5_and_refuse_without(job_store, tmp
         assert after.column("embedding").to_pylist() == before.column("embedding").to_pylist()
 
 
-def write_trident_h5(path: Path, coords: np.ndarray, features: np.ndarray, mpp: float, tile_px: int = 512,
-                     target_magnification: float = 20.0) -> None:
+def write_trident_h5(
+    path: Path,
+    coords: np.ndarray,
+    features: np.ndarray,
+    mpp: float,
+    tile_px: int = 512,
+    target_magnification: float = 20.0,
+) -> None:
     """``path`` as TRIDENT's ``extract_features`` writes it (trident/IO.py ``coords_to_h5``
     attributes; TRIDENT rounds magnifications to integers and the level-0 side down)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     level0_mag = round(10 / mpp)
     with h5py.File(path, "w") as f:
         f.create_dataset("features", data=features).attrs.update(
-            {"name": path.stem, "savetodir": str(path.parent), "encoder": "conch_v15"})
+            {"name": path.stem, "savetodir": str(path.parent), "encoder": "conch_v15"}
+        )
         f.create_dataset("coords", data=coords).attrs.update(
-            {"patch_size": tile_px, "patch_size_level0": tile_px * level0_mag // int(target_magnification),
-             "level0_magnification": level0_mag, "target_magnification": target_magnification, "overlap": 0,
-             "name": path.stem, "savetodir": str(path.parent), "level0_width": 4096, "level0_height": 3072})
+            {
+                "patch_size": tile_px,
+                "patch_size_level0": tile_px * level0_mag // int(target_magnification),
+                "level0_magnification": level0_mag,
+                "target_magnification": target_magnification,
+                "overlap": 0,
+                "name": path.stem,
+                "savetodir": str(path.parent),
+                "level0_width": 4096,
+                "level0_height": 3072,
+            }
+        )
 
 
 def test_per_slide_problems_are_error_rows_and_a_rerun_imports_the_fixed_slide(tmp_path):
@@ -167,19 +217,31 @@ def test_per_slide_problems_are_error_rows_and_a_rerun_imports_the_fixed_slide(t
     with h5py.File(tmp_path / "h5" / "no_coords.h5", "w") as f:
         f.create_dataset("features", data=feats)
     (tmp_path / "h5" / "corrupt.h5").write_bytes(b"not an hdf5 file")
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"slide_id": s, "path": f"/slides/{s}.svs", "cohort": "c1"}
-        for s in ("good", "narrow", "other_tile", "empty", "no_coords", "corrupt", "missing")])
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [
+            {"slide_id": s, "path": f"/slides/{s}.svs", "cohort": "c1"}
+            for s in ("good", "narrow", "other_tile", "empty", "no_coords", "corrupt", "missing")
+        ],
+    )
     args = import_args(tmp_path / "store", "trident-h5", tmp_path / "h5", "--manifest", str(manifest))
     assert main(args) == 1
     store = FeatureStore(str(tmp_path / "store"))
     assert store.committed(MODEL) == {"good", "empty"}
     errors = {r["slide_id"]: r["error_type"] for r in store.errors().to_pylist()}
-    assert errors == {"narrow": "import_mismatch", "other_tile": "import_mismatch", "no_coords": "coords_missing",
-                      "corrupt": "features_unreadable", "missing": "features_unreadable"}
+    assert errors == {
+        "narrow": "import_mismatch",
+        "other_tile": "import_mismatch",
+        "no_coords": "coords_missing",
+        "corrupt": "features_unreadable",
+        "missing": "features_unreadable",
+    }
     status = {r["slide_id"]: r for r in store.slides().to_pylist()}
-    assert {s: r["status"] for s, r in status.items()} == {**{s: "error" for s in errors}, "good": "ok",
-                                                           "empty": "no_tissue"}
+    assert {s: r["status"] for s, r in status.items()} == {
+        **{s: "error" for s in errors},
+        "good": "ok",
+        "empty": "no_tissue",
+    }
     assert status["good"]["cohort"] == "c1" and status["good"]["path"] == "/slides/good.svs"
     good = tiles_of(store, "good")
     # 40x -> 20x TRIDENT attributes: 0.5 um/px by 10 / magnification, level-0 side 1024 px
@@ -213,8 +275,16 @@ def test_clam_h5_reads_its_patch_file_attributes_and_the_manifest_mpp(tmp_path):
         f.create_dataset("coords", data=coords.astype(np.int32))
     with h5py.File(tmp_path / "patches" / "s.h5", "w") as f:
         f.create_dataset("coords", data=coords).attrs.update(
-            {"patch_size": 512, "patch_level": 1, "downsample": [2.0, 2.0], "downsampled_level_dim": [2048, 1536],
-             "level_dim": [2048, 1536], "name": "s", "save_path": str(tmp_path / "patches")})
+            {
+                "patch_size": 512,
+                "patch_level": 1,
+                "downsample": [2.0, 2.0],
+                "downsampled_level_dim": [2048, 1536],
+                "level_dim": [2048, 1536],
+                "name": "s",
+                "save_path": str(tmp_path / "patches"),
+            }
+        )
     manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "s", "path": "/s.svs", "mpp": "0.25"}])
     base = import_args(tmp_path / "store", "clam-h5", tmp_path / "h5_files", "--coords-dir", str(tmp_path / "patches"))
     assert main(base) == 2  # no mpp anywhere: no slide can be read
@@ -234,22 +304,44 @@ def test_trident_h5_of_the_demo_slides_import_and_aggregate(aggregator, tmp_path
     features = {}
     for name, _, (width, height), mpp, rects in SYNTHETIC:
         side = round(512 * 0.5 / mpp)
-        coords = np.array([(x, y) for x in range(0, width - side + 1, side) for y in range(0, height - side + 1, side)
-                           if any(rx <= x + side / 2 < rx + rw and ry <= y + side / 2 < ry + rh
-                                  for rx, ry, rw, rh in rects)], np.int64)
+        coords = np.array(
+            [
+                (x, y)
+                for x in range(0, width - side + 1, side)
+                for y in range(0, height - side + 1, side)
+                if any(rx <= x + side / 2 < rx + rw and ry <= y + side / 2 < ry + rh for rx, ry, rw, rh in rects)
+            ],
+            np.int64,
+        )
         features[name] = rng.normal(size=(len(coords), DIM)).astype(np.float32)
         write_trident_h5(tmp_path / "h5" / f"{name}.h5", coords, features[name], mpp=mpp)
-    manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": n, "path": f"/demo/{n}.svs", "cohort": c}
-                                                   for n, c, *_ in SYNTHETIC])
+    manifest = write_manifest(
+        tmp_path / "m.csv", [{"slide_id": n, "path": f"/demo/{n}.svs", "cohort": c} for n, c, *_ in SYNTHETIC]
+    )
     root = tmp_path / "store"
     assert main(import_args(root, "trident-h5", tmp_path / "h5", "--manifest", str(manifest))) == 0
     weights = []
     if aggregator == "titan":  # TITAN's exact architecture, random weights in the release's layout
-        from pathray.slide_encoders.titan import write_random_weights
+        from pathray.slide_level.encoders.titan import write_random_weights
 
         weights = ["--weights", str(write_random_weights(tmp_path / "titan"))]
-    assert main(["aggregate", "--store", str(root), "--model", MODEL, "--aggregator", aggregator,
-                 "--runner", "local", *weights]) == 0
+    assert (
+        main(
+            [
+                "aggregate",
+                "--store",
+                str(root),
+                "--model",
+                MODEL,
+                "--aggregator",
+                aggregator,
+                "--runner",
+                "local",
+                *weights,
+            ]
+        )
+        == 0
+    )
     rows = {r["slide_id"]: r for r in FeatureStore(str(root)).slide_features(MODEL, aggregator).to_table().to_pylist()}
     assert sorted(rows) == sorted(features) and all(len(f) > 0 for f in features.values())
     for name, feats in features.items():
@@ -257,7 +349,7 @@ def test_trident_h5_of_the_demo_slides_import_and_aggregate(aggregator, tmp_path
         if aggregator == "mean":
             np.testing.assert_allclose(rows[name]["embedding"], feats.mean(axis=0), rtol=1e-5, atol=1e-6)
     if aggregator == "titan":  # the store's rows equal TITAN called on the TRIDENT files' own features and coords
-        from pathray.slide_encoders.titan import TitanSlideEncoder
+        from pathray.slide_level.encoders.titan import TitanSlideEncoder
 
         encoder = TitanSlideEncoder.from_weights(weights[1])
         for name, _, _, mpp, _ in SYNTHETIC:
@@ -274,7 +366,9 @@ def test_a_pt_file_that_is_not_a_tensor_is_an_error_row(tmp_path):
     write_trident_h5(tmp_path / "h5" / "s.h5", np.zeros((1, 2), np.int64), np.ones((1, DIM), np.float32), mpp=0.5)
     assert main(import_args(tmp_path / "store", "pt", tmp_path / "pt", "--coords-dir", str(tmp_path / "h5"))) == 1
     store = FeatureStore(str(tmp_path / "store"))
-    assert [r["error_type"] for r in store.errors().to_pylist()] == ["features_unreadable"] and not store.committed(MODEL)
+    assert [r["error_type"] for r in store.errors().to_pylist()] == ["features_unreadable"] and not store.committed(
+        MODEL
+    )
 
 
 def test_mil_trains_on_imported_features(tmp_path, capsys):
@@ -287,9 +381,31 @@ def test_mil_trains_on_imported_features(tmp_path, capsys):
         write_trident_h5(tmp_path / "h5" / f"{slide_id}.h5", coords, feats, mpp=0.25)
     (tmp_path / "labels.csv").write_text("slide_id,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(slides)))
     assert main(import_args(tmp_path / "store", "trident-h5", tmp_path / "h5")) == 0
-    assert main(["mil", "train", "--store", str(tmp_path / "store"), "--labels", str(tmp_path / "labels.csv"),
-                 "--out", str(tmp_path / "run"), "--folds", "2", "--epochs", "2", "--hidden-dim", "8",
-                 "--attention-dim", "4", "--cpu-threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "mil",
+                "train",
+                "--store",
+                str(tmp_path / "store"),
+                "--labels",
+                str(tmp_path / "labels.csv"),
+                "--out",
+                str(tmp_path / "run"),
+                "--folds",
+                "2",
+                "--epochs",
+                "2",
+                "--hidden-dim",
+                "8",
+                "--attention-dim",
+                "4",
+                "--cpu-threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert len(record["folds"]) == 2 and record["tiling"]["imported"]["format"] == "trident-h5"
 
@@ -310,7 +426,8 @@ def test_import_into_a_store_on_s3(tmp_path, s3_server, s3_bucket, monkeypatch):
     store = FeatureStore(root, s3_server.storage_options)
     assert store.committed(MODEL) == {"s1", "s2"} and not store.fs.exists(store.lease_path())
     for slide_id, f in feats.items():
-        np.testing.assert_array_equal(np.stack(tiles_of(store, slide_id).column("embedding").to_numpy(
-            zero_copy_only=False)), f)
+        np.testing.assert_array_equal(
+            np.stack(tiles_of(store, slide_id).column("embedding").to_numpy(zero_copy_only=False)), f
+        )
     assert main(args) == 0 and store.commit_record(MODEL, "s1").run_id == store.commit_record(MODEL, "s2").run_id
     assert {r["status"] for r in store.slides().to_pylist()} == {"ok"}

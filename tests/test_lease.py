@@ -12,8 +12,8 @@ import time
 import pytest
 
 from pathray.errors import LeaseLostError, StoreBusyError, describe
-from pathray.lease import LeaseRecord, StoreLease
 from pathray.store import FeatureStore
+from pathray.store.lease import LeaseRecord, StoreLease
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -106,12 +106,27 @@ def test_two_real_drivers_on_one_store(ray_cluster, synthetic_svs_05, random_wei
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"slide_id,path\na,{synthetic_svs_05}\nb,{synthetic_svs_05}\n")
     weights = random_weights("kaiko-vits16", depth=2)
-    cmd = [sys.executable, "-m", "pathray.cli", "embed", "--manifest", str(manifest), "--models", "kaiko-vits16",
-           "--weights", f"kaiko-vits16={weights}", "--out", str(tmp_path / "store"), "--no-progress",
-           "--ray-address", ray_cluster]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pathray.cli",
+        "embed",
+        "--manifest",
+        str(manifest),
+        "--models",
+        "kaiko-vits16",
+        "--weights",
+        f"kaiko-vits16={weights}",
+        "--out",
+        str(tmp_path / "store"),
+        "--no-progress",
+        "--ray-address",
+        ray_cluster,
+    ]
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=400) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outs
@@ -175,7 +190,7 @@ def test_a_lease_taken_over_during_an_outage_is_lost_and_left_alone(s3_server, s
 def test_conditional_create_lets_exactly_one_of_two_writers_in(store):
     """Both writers saw the lease absent; the store's conditional create (O_EXCL, If-None-Match)
     refuses the second, however late the first write landed."""
-    from pathray.leaseio import lease_io
+    from pathray.store.leaseio import lease_io
 
     io = lease_io(store.fs, store.lease_path(), settle_s=0.1)
     assert type(io).__name__ in ("LocalLeaseIO", "S3LeaseIO")  # SeaweedFS enforces If-None-Match
@@ -189,21 +204,22 @@ def test_conditional_create_lets_exactly_one_of_two_writers_in(store):
 
 
 @pytest.mark.slow
-def test_a_driver_whose_lease_was_taken_over_commits_nothing(s3_server, s3_bucket, s3_proxy, synthetic_svs_05,
-                                                             monkeypatch, tmp_path):
+def test_a_driver_whose_lease_was_taken_over_commits_nothing(
+    s3_server, s3_bucket, s3_proxy, synthetic_svs_05, monkeypatch, tmp_path
+):
     """A real run (in-process runner) whose lease heartbeats meet 503s while its encoder works;
     a second driver takes the store over; the first then stops before its first commit, and a
     later run commits every slide once."""
     import threading
 
-    import pathray.lease
-    from pathray.config import build_job_config
+    import pathray.store.lease
     from pathray.encoders.custom import CustomEncoder
-    from pathray.fakes import SleepEncoder, sleep_encoder
-    from pathray.pipeline import run_job
+    from pathray.job.config import build_job_config
+    from pathray.job.raydata import run_job
+    from pathray.testing import SleepEncoder, sleep_encoder
 
-    monkeypatch.setattr(pathray.lease, "TIMEOUT_S", 3.0)
-    monkeypatch.setattr(pathray.lease, "HEARTBEAT_S", 0.3)
+    monkeypatch.setattr(pathray.store.lease, "TIMEOUT_S", 3.0)
+    monkeypatch.setattr(pathray.store.lease, "HEARTBEAT_S", 0.3)
     uris = []
     for name in ("a", "b"):
         uris.append(f"s3://{s3_bucket}/slides/{name}.svs")
@@ -235,18 +251,33 @@ def test_a_driver_whose_lease_was_taken_over_commits_nothing(s3_server, s3_bucke
 
     thread = threading.Thread(target=take_over, daemon=True)
     thread.start()
-    config = {"manifest": str(manifest), "models": ["sleep"], "tiling": {"tile_px": 224, "target_mpp": 0.5},
-              "runner": "local", "slide_storage_options": s3_server.storage_options}
+    config = {
+        "manifest": str(manifest),
+        "models": ["sleep"],
+        "tiling": {"tile_px": 224, "target_mpp": 0.5},
+        "runner": "local",
+        "slide_storage_options": s3_server.storage_options,
+    }
     stalling = CustomEncoder(factory=lambda: StallingEncoder(1e4, 6), record=sleep_encoder(1e4, 6).record)
     with pytest.raises(LeaseLostError, match="lost the lease"):
-        run_job(build_job_config({**config, "out": proxied.root, "storage_options": proxied.storage_options,
-                                  "run_id": "driver-a"}), {"sleep": stalling}, progress_bars=False)
+        run_job(
+            build_job_config(
+                {**config, "out": proxied.root, "storage_options": proxied.storage_options, "run_id": "driver-a"}
+            ),
+            {"sleep": stalling},
+            progress_bars=False,
+        )
     thread.join()
     assert taker["lease"].took_over.run_id == "driver-a"
     assert direct.committed("sleep") == set()  # driver A committed nothing once its lease was gone
     taker["lease"].release()
-    report = run_job(build_job_config({**config, "out": direct.root, "storage_options": s3_server.storage_options,
-                                       "run_id": "driver-c"}), {"sleep": sleep_encoder(1e4, 6)}, progress_bars=False)
+    report = run_job(
+        build_job_config(
+            {**config, "out": direct.root, "storage_options": s3_server.storage_options, "run_id": "driver-c"}
+        ),
+        {"sleep": sleep_encoder(1e4, 6)},
+        progress_bars=False,
+    )
     assert report.per_model["sleep"]["ok"] == 2 and direct.committed("sleep") == {"a", "b"}
     assert {direct.commit_record("sleep", s).run_id for s in "ab"} == {"driver-c"}
 
@@ -256,7 +287,7 @@ def test_aggregate_takes_the_same_lease(tmp_path):
     aggregate) holds it, before any work starts."""
     from fixtures.feature_stores import write_planted_store
 
-    from pathray.aggregate_job import AggregateConfig, run_aggregate
+    from pathray.slide_level.job import AggregateConfig, run_aggregate
 
     planted = write_planted_store(tmp_path / "store", n_patients=2, slides_per_patient=1)
     store = FeatureStore(str(planted.root))
@@ -273,7 +304,7 @@ def test_the_settle_fallback_lets_one_racer_in_and_withdraws_a_slow_write(s3_ser
     land after a rival's read-back, so it is withdrawn and the acquisition refused."""
     import threading
 
-    from pathray.leaseio import SettledLeaseIO
+    from pathray.store.leaseio import SettledLeaseIO
 
     def settled(lease: StoreLease) -> StoreLease:
         lease._io = SettledLeaseIO(lease.store.fs, lease.store.lease_path(), lease.settle_s)

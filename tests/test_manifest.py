@@ -10,7 +10,9 @@ from pathray.manifest import SlideEntry, check_safe_name, read_manifest
 
 def test_csv_defaults_overrides_and_extra_columns(tmp_path):
     path = tmp_path / "m.csv"
-    path.write_text("path,slide_id,mpp,cohort,case_id,label\n/data/a.svs,,0.25,tcga,C1,tumor\ns3://b/x/b.ndpi,B,,,C2,normal\n")
+    path.write_text(
+        "path,slide_id,mpp,cohort,case_id,label\n/data/a.svs,,0.25,tcga,C1,tumor\ns3://b/x/b.ndpi,B,,,C2,normal\n"
+    )
     a, b = read_manifest(str(path))
     assert a == SlideEntry("a", "/data/a.svs", 0.25, "tcga", {"case_id": "C1", "label": "tumor"}, 1)
     assert (b.slide_id, b.path, b.mpp, b.cohort, b.row) == ("B", "s3://b/x/b.ndpi", None, None, 2)
@@ -18,7 +20,10 @@ def test_csv_defaults_overrides_and_extra_columns(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["tsv", "parquet", "jsonl"])
 def test_other_formats(tmp_path, fmt):
-    rows = [{"path": "/d/s1.svs", "slide_id": None, "mpp": 0.5, "grade": 3}, {"path": "file:///d/s2.tiff", "slide_id": "two", "mpp": None, "grade": 1}]
+    rows = [
+        {"path": "/d/s1.svs", "slide_id": None, "mpp": 0.5, "grade": 3},
+        {"path": "file:///d/s2.tiff", "slide_id": "two", "mpp": None, "grade": 1},
+    ]
     path = tmp_path / f"m.{fmt}"
     if fmt == "tsv":
         path.write_text("path\tslide_id\tmpp\tgrade\n/d/s1.svs\t\t0.5\t3\nfile:///d/s2.tiff\ttwo\t\t1\n")
@@ -49,7 +54,15 @@ def test_all_problems_reported_with_row_numbers(tmp_path):
         read_manifest(str(path))
     problems = info.value.problems
     assert len(problems) == 7, problems
-    for row, word in [(2, "duplicate"), (3, ".."), (4, "empty path"), (5, "starts with '.'"), (6, "cohort"), (7, "mpp"), (8, "200")]:
+    for row, word in [
+        (2, "duplicate"),
+        (3, ".."),
+        (4, "empty path"),
+        (5, "starts with '.'"),
+        (6, "cohort"),
+        (7, "mpp"),
+        (8, "200"),
+    ]:
         assert any(p.startswith(f"row {row}:") and word in p for p in problems), (row, problems)
     assert info.value.error_type == "manifest_invalid"
 

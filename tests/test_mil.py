@@ -23,8 +23,9 @@ from pathray.mil.splits import Fold, Splits, check_splits, make_splits
 from pathray.mil.train import torch_threads
 from pathray.store import FeatureStore
 
-FAST = mil.TrainConfig(n_folds=5, max_epochs=20, patience=5, lr=3e-3, hidden_dim=16, attention_dim=8, dropout=0.0,
-                      cpu_threads=1)
+FAST = mil.TrainConfig(
+    n_folds=5, max_epochs=20, patience=5, lr=3e-3, hidden_dim=16, attention_dim=8, dropout=0.0, cpu_threads=1
+)
 
 
 @pytest.fixture(autouse=True)
@@ -142,8 +143,9 @@ def test_shuffled_labels_stay_near_chance(tmp_path):
 
 def test_same_seed_same_run_and_splits_reused_from_file(tmp_path):
     planted = write_planted_store(tmp_path / "store", n_patients=8)
-    quick = mil.TrainConfig(n_folds=2, max_epochs=3, patience=3, lr=1e-3, hidden_dim=8, attention_dim=4, seed=5,
-                            cpu_threads=1)
+    quick = mil.TrainConfig(
+        n_folds=2, max_epochs=3, patience=3, lr=1e-3, hidden_dim=8, attention_dim=4, seed=5, cpu_threads=1
+    )
     first = mil.train(str(planted.root), "m", planted.labels, out=tmp_path / "a", config=quick)
     again = mil.train(str(planted.root), "m", planted.labels, config=quick, splits=tmp_path / "a" / "splits.json")
     assert first.predictions.equals(again.predictions)
@@ -154,21 +156,66 @@ def test_same_seed_same_run_and_splits_reused_from_file(tmp_path):
 def test_cli_train_and_eval(tmp_path, capsys):
     planted = write_planted_store(tmp_path / "store", n_patients=8)
     pacsv.write_csv(planted.labels, tmp_path / "labels.csv")
-    args = ["mil", "train", "--store", str(planted.root), "--labels", str(tmp_path / "labels.csv"), "--out",
-            str(tmp_path / "run"), "--folds", "2", "--epochs", "3", "--hidden-dim", "8", "--attention-dim", "4",
-            "--cpu-threads", "1"]
+    args = [
+        "mil",
+        "train",
+        "--store",
+        str(planted.root),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--out",
+        str(tmp_path / "run"),
+        "--folds",
+        "2",
+        "--epochs",
+        "3",
+        "--hidden-dim",
+        "8",
+        "--attention-dim",
+        "4",
+        "--cpu-threads",
+        "1",
+    ]
     assert main(args) == 0
     assert "auroc:" in capsys.readouterr().out
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["hyperparameters"]["max_epochs"] == 3 and len(record["folds"]) == 2
-    assert main(["mil", "eval", "--run", str(tmp_path / "run"), "--store", str(planted.root), "--labels",
-                 str(tmp_path / "labels.csv"), "--out", str(tmp_path / "pred.parquet")]) == 0
+    assert (
+        main(
+            [
+                "mil",
+                "eval",
+                "--run",
+                str(tmp_path / "run"),
+                "--store",
+                str(planted.root),
+                "--labels",
+                str(tmp_path / "labels.csv"),
+                "--out",
+                str(tmp_path / "pred.parquet"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["n_slides"] == 16
     assert (tmp_path / "pred.parquet").exists()
     bad = pa.table({"slide_id": ["nope"], "label": [1]})
     pacsv.write_csv(bad, tmp_path / "bad.csv")
-    assert main(["mil", "train", "--store", str(planted.root), "--labels", str(tmp_path / "bad.csv"), "--out",
-                 str(tmp_path / "run2")]) == 2
+    assert (
+        main(
+            [
+                "mil",
+                "train",
+                "--store",
+                str(planted.root),
+                "--labels",
+                str(tmp_path / "bad.csv"),
+                "--out",
+                str(tmp_path / "run2"),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.s3

@@ -16,13 +16,13 @@ import pyarrow.compute as pc
 import pytest
 from fixtures.slides import write_manifest
 
-from pathray.config import build_job_config
 from pathray.encoders import EncoderConfig, load_encoder
-from pathray.pipeline import run_job
-from pathray.slide import open_slide
-from pathray.stages import SlidePlanner
+from pathray.job.config import build_job_config
+from pathray.job.raydata import run_job
+from pathray.job.stages import SlidePlanner
 from pathray.store import FeatureStore
-from pathray.tiling import plan_tiles, read_tiles
+from pathray.tiling.grid import plan_tiles, read_tiles
+from pathray.wsi.slide import open_slide
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -32,13 +32,26 @@ MODELS = ("kaiko-vits16", "prov-gigapath")
 @pytest.fixture(scope="module")
 def two_tiling_run(tmp_path_factory, synthetic_svs_05, synthetic_svs_025, cmu_slide, random_weights):
     tmp = tmp_path_factory.mktemp("native_tiles")
-    manifest = write_manifest(tmp / "m.csv", [{"slide_id": "s05", "path": str(synthetic_svs_05.path)},
-                                              {"slide_id": "s025", "path": str(synthetic_svs_025.path)},
-                                              {"slide_id": "cmu", "path": os.fspath(cmu_slide)}])
-    weights = {"kaiko-vits16": random_weights("kaiko-vits16", depth=1), "prov-gigapath": random_weights(
-        "prov-gigapath", depth=1)}
-    raw = dict(manifest=str(manifest), out=str(tmp / "store"), models=list(MODELS), chunk_tiles=16, runner="local",
-               weights={m: str(w) for m, w in weights.items()})
+    manifest = write_manifest(
+        tmp / "m.csv",
+        [
+            {"slide_id": "s05", "path": str(synthetic_svs_05.path)},
+            {"slide_id": "s025", "path": str(synthetic_svs_025.path)},
+            {"slide_id": "cmu", "path": os.fspath(cmu_slide)},
+        ],
+    )
+    weights = {
+        "kaiko-vits16": random_weights("kaiko-vits16", depth=1),
+        "prov-gigapath": random_weights("prov-gigapath", depth=1),
+    }
+    raw = dict(
+        manifest=str(manifest),
+        out=str(tmp / "store"),
+        models=list(MODELS),
+        chunk_tiles=16,
+        runner="local",
+        weights={m: str(w) for m, w in weights.items()},
+    )
     planned: list[str] = []
     original = SlidePlanner.plan_one
 
@@ -88,7 +101,8 @@ def test_store_records_each_models_tiling_and_both_are_queryable(two_tiling_run)
     assert store.tiling_of("kaiko-vits16")["tile_px"] == 224 and store.tiling_of("prov-gigapath")["tile_px"] == 256
     rows = duckdb.sql(
         f"SELECT model, min(tile_px), max(tile_px), count(DISTINCT slide_id) FROM read_parquet("
-        f"'{raw['out']}/features/*/*/*.parquet', hive_partitioning=true) GROUP BY model ORDER BY model").fetchall()
+        f"'{raw['out']}/features/*/*/*.parquet', hive_partitioning=true) GROUP BY model ORDER BY model"
+    ).fetchall()
     assert rows == [("kaiko-vits16", 224, 224, 3), ("prov-gigapath", 256, 256, 3)]
     status = store.slides().to_pylist()
     assert sorted((r["model"], r["status"]) for r in status) == sorted((m, "ok") for m in MODELS for _ in range(3))
@@ -97,6 +111,8 @@ def test_store_records_each_models_tiling_and_both_are_queryable(two_tiling_run)
 @pytest.mark.parametrize("models", [MODELS, ("prov-gigapath",), ("kaiko-vits16",)])
 def test_reruns_of_any_subset_find_nothing_to_do(two_tiling_run, models):
     raw, _, _, _, _ = two_tiling_run
-    report = run_job(build_job_config(dict(raw, models=list(models),
-                                           weights={m: raw["weights"][m] for m in models})), progress_bars=False)
+    report = run_job(
+        build_job_config(dict(raw, models=list(models), weights={m: raw["weights"][m] for m in models})),
+        progress_bars=False,
+    )
     assert report.exit_code == 0 and report.slides_skipped == 3 and report.pairs_to_do == 0

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathray.config import build_job_config, model_record
 from pathray.encoders import EncoderConfig, load_encoder
 from pathray.errors import WeightsUnavailableError
+from pathray.job.config import build_job_config, model_record
 
 BASE = {"manifest": "m.csv", "out": "store"}
 
@@ -30,8 +30,14 @@ def test_yaml_weights_map_wins_over_the_folder_and_is_checked(tmp_path, monkeypa
     monkeypatch.setenv("PATHRAY_WEIGHTS_DIR", str(tmp_path))
     cfg = build_job_config({**BASE, "models": ["kaiko-vits16"], "weights": {"kaiko-vits16": "/mnt/w/k"}})
     assert cfg.encoders["kaiko-vits16"].weights == "/mnt/w/k"
-    explicit = build_job_config({**BASE, "models": ["kaiko-vits16"], "weights": {"kaiko-vits16": "/mnt/w/k"},
-                                 "encoders": {"kaiko-vits16": {"weights": "/x"}}})
+    explicit = build_job_config(
+        {
+            **BASE,
+            "models": ["kaiko-vits16"],
+            "weights": {"kaiko-vits16": "/mnt/w/k"},
+            "encoders": {"kaiko-vits16": {"weights": "/x"}},
+        }
+    )
     assert explicit.encoders["kaiko-vits16"].weights == "/x"
     with pytest.raises(ValueError, match="not among the run's models"):
         build_job_config({**BASE, "models": ["kaiko-vits16"], "weights": {"uni": "/mnt/w/uni"}})
@@ -50,8 +56,7 @@ def test_missing_gated_model_says_how_to_get_it_and_how_to_run_offline(monkeypat
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_s3_weights_are_copied_once_and_identified_by_etag(s3_server, s3_bucket, tmp_path, monkeypatch,
-                                                          random_weights):
+def test_s3_weights_are_copied_once_and_identified_by_etag(s3_server, s3_bucket, tmp_path, monkeypatch, random_weights):
     src = random_weights("kaiko-vits16", depth=1)
     for f in ("config.json", "model.safetensors"):
         s3_server.fs.put(str(src / f), f"{s3_bucket}/weights/kaiko-vits16/{f}")

@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures.slides import write_manifest
 
-from pathray.config import build_job_config
 from pathray.encoders import EncoderConfig, load_encoder
 from pathray.errors import StoreConfigMismatchError
-from pathray.fakes import sleep_encoder
-from pathray.pipeline import run_job
-from pathray.slide import open_slide
+from pathray.job.config import build_job_config
+from pathray.job.raydata import run_job
 from pathray.store import FeatureStore
-from pathray.tiling import plan_tiles, read_tiles
+from pathray.testing import sleep_encoder
+from pathray.tiling.grid import plan_tiles, read_tiles
+from pathray.wsi.slide import open_slide
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -47,11 +47,18 @@ def mixed_run(request, ray_cluster, mixed_manifest, cmu_slide, kaiko_vits16_weig
         rows = list(csv.DictReader(f))
     rows.append({"slide_id": "cmu", "path": os.fspath(cmu_slide), "mpp": "", "cohort": "real", "case_id": "cmu-1"})
     manifest = write_manifest(tmp / "manifest.csv", rows)
-    config = build_job_config(dict(
-        manifest=str(manifest), out=str(tmp / "store"), models=["kaiko-vits16", "uni", "no-such-model"],
-        encoders={"kaiko-vits16": {"weights": str(kaiko_vits16_weights)}, "uni": {"weights": str(tmp / "absent")}},
-        tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=8, keep_columns=["case_id"], runner=request.param,
-    ))
+    config = build_job_config(
+        dict(
+            manifest=str(manifest),
+            out=str(tmp / "store"),
+            models=["kaiko-vits16", "uni", "no-such-model"],
+            encoders={"kaiko-vits16": {"weights": str(kaiko_vits16_weights)}, "uni": {"weights": str(tmp / "absent")}},
+            tiling={"tile_px": 224, "target_mpp": 0.5},
+            chunk_tiles=8,
+            keep_columns=["case_id"],
+            runner=request.param,
+        )
+    )
     report = run_job(config, progress_bars=False)
     assert report.runner == request.param
     expected = dict(mixed_manifest.expected, cmu="ok")
@@ -95,8 +102,11 @@ def test_every_bad_input_is_a_recorded_error_and_the_rest_completes(mixed_run):
     uni = {r["slide_id"]: r for r in slides if r["model"] == "uni"}
     for slide_id, want in expected.items():
         if want == "ok":
-            assert (uni[slide_id]["status"], uni[slide_id]["error_type"], uni[slide_id]["stage"]) == \
-                ("error", "weights_unavailable", "encode")
+            assert (uni[slide_id]["status"], uni[slide_id]["error_type"], uni[slide_id]["stage"]) == (
+                "error",
+                "weights_unavailable",
+                "encode",
+            )
     unknown = [r for r in slides if r["model"] == "no-such-model"]
     assert len(unknown) == len(expected) and {r["error_type"] for r in unknown} == {"unknown_model"}
     assert "kaiko-vits16" in unknown[0]["error_message"]  # the message lists the known models
@@ -140,24 +150,41 @@ def test_rerun_skips_committed_and_refuses_other_config(mixed_run, ray_cluster):
     # the summary counts (slide, model) pairs: kaiko's committed slides are not "0 already committed"
     assert again.committed_before["kaiko-vits16"] == n_done
     assert f"kaiko-vits16: ok 0, no_tissue 0, error {n_broken}, tiles 0, already committed {n_done}" in again.summary()
-    other = build_job_config(dict(manifest=config.manifest, out=config.out, models=["kaiko-vits16"],
-                                  encoders={"kaiko-vits16": {"weights": config.encoders["kaiko-vits16"].weights}},
-                                  tiling={"tile_px": 256, "target_mpp": 0.5}))
+    other = build_job_config(
+        dict(
+            manifest=config.manifest,
+            out=config.out,
+            models=["kaiko-vits16"],
+            encoders={"kaiko-vits16": {"weights": config.encoders["kaiko-vits16"].weights}},
+            tiling={"tile_px": 256, "target_mpp": 0.5},
+        )
+    )
     with pytest.raises(StoreConfigMismatchError, match="tiling"):
         run_job(other, progress_bars=False)
 
 
 def test_two_models_read_pixels_once(ray_cluster, synthetic_svs_025, synthetic_svs_05, random_weights, tmp_path):
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x"},
-        {"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "y"},
-    ])
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [
+            {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "x"},
+            {"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "y"},
+        ],
+    )
     vits = random_weights("kaiko-vits16", depth=1)
     vitb = random_weights("kaiko-vitb16", depth=1)
-    config = build_job_config(dict(manifest=str(manifest), out=str(tmp_path / "store"),
-                                   models=["kaiko-vits16", "kaiko-vitb16"], chunk_tiles=4,
-                                   encoders={"kaiko-vits16": {"weights": str(vits)},
-                                             "kaiko-vitb16": {"weights": str(vitb), "output_dtype": "float16"}}))
+    config = build_job_config(
+        dict(
+            manifest=str(manifest),
+            out=str(tmp_path / "store"),
+            models=["kaiko-vits16", "kaiko-vitb16"],
+            chunk_tiles=4,
+            encoders={
+                "kaiko-vits16": {"weights": str(vits)},
+                "kaiko-vitb16": {"weights": str(vitb), "output_dtype": "float16"},
+            },
+        )
+    )
     report = run_job(config, progress_bars=False)
     store = FeatureStore(config.out)
     s = store.dataset("kaiko-vits16").to_table()
@@ -173,12 +200,17 @@ def test_two_models_read_pixels_once(ray_cluster, synthetic_svs_025, synthetic_s
 def test_new_version_writes_a_complete_separate_store(ray_cluster, synthetic_svs_05, random_weights, tmp_path):
     """--new-version on a tiling mismatch: every slide committed under versions/<hash>/, the
     original store untouched (no orphan staged chunks), and the dry run names that version."""
-    from pathray.pipeline import dry_run_plan
+    from pathray.job.raydata import dry_run_plan
 
     manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "path": os.fspath(synthetic_svs_05)}])
     weights = str(random_weights("kaiko-vits16", depth=1))
-    base = dict(manifest=str(manifest), out=str(tmp_path / "store"), models=["kaiko-vits16"], chunk_tiles=4,
-                encoders={"kaiko-vits16": {"weights": weights}})
+    base = dict(
+        manifest=str(manifest),
+        out=str(tmp_path / "store"),
+        models=["kaiko-vits16"],
+        chunk_tiles=4,
+        encoders={"kaiko-vits16": {"weights": weights}},
+    )
     first = run_job(build_job_config(dict(base, tiling={"tile_px": 224, "target_mpp": 0.5})), progress_bars=False)
     other = build_job_config(dict(base, tiling={"tile_px": 112, "target_mpp": 1.0}, new_version=True))
     planned = dry_run_plan(other)
@@ -189,16 +221,18 @@ def test_new_version_writes_a_complete_separate_store(ray_cluster, synthetic_svs
     assert version.committed("kaiko-vits16") == {"a"}
     tiles = version.dataset("kaiko-vits16").to_table()
     assert len(tiles) == report.tiles_planned > 0 and set(tiles.column("tile_px").to_pylist()) == {112}
-    staged = [p for root in (tmp_path / "store", Path(report.store)) for p in (root / "_staging").rglob("*") if p.is_file()]
+    staged = [
+        p for root in (tmp_path / "store", Path(report.store)) for p in (root / "_staging").rglob("*") if p.is_file()
+    ]
     assert staged == []  # no orphan chunks: writers staged where the committer looked
     assert FeatureStore(str(tmp_path / "store")).dataset("kaiko-vits16").to_table().num_rows == first.tiles_planned
 
 
 DRIVER = textwrap.dedent("""
     import sys
-    from pathray.config import build_job_config
-    from pathray.fakes import sleep_encoder
-    from pathray.pipeline import run_job
+    from pathray.job.config import build_job_config
+    from pathray.testing import sleep_encoder
+    from pathray.job.raydata import run_job
     if sys.argv[5] == "ray":
         import ray
         ray.init(address=sys.argv[1], log_to_driver=False)
@@ -215,14 +249,20 @@ def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(runner, ray_cl
 
     rows = []
     for i in range(6):
-        path = write_synthetic_svs(tmp_path / f"s{i}.svs", 1792, 1344, mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i)
+        path = write_synthetic_svs(
+            tmp_path / f"s{i}.svs", 1792, 1344, mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i
+        )
         rows.append({"slide_id": f"s{i}", "path": str(path), "cohort": "c"})
     manifest = write_manifest(tmp_path / "m.csv", rows)
     out = tmp_path / "store"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script), ray_cluster, str(manifest), str(out), "20", runner],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), ray_cluster, str(manifest), str(out), "20", runner],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     commits = out / "_commits" / "model=sleep"
 
     def records() -> set[str]:  # commit records, not a record's temporary file (.<name>.tmp-<hex>)
@@ -236,8 +276,16 @@ def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(runner, ray_cl
     before = records()
     assert 0 < len(before) < len(rows), f"kill landed after {len(before)} commits"
 
-    config = build_job_config(dict(manifest=str(manifest), out=str(out), models=["sleep"], runner=runner,
-                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=2))
+    config = build_job_config(
+        dict(
+            manifest=str(manifest),
+            out=str(out),
+            models=["sleep"],
+            runner=runner,
+            tiling={"tile_px": 224, "target_mpp": 0.5},
+            chunk_tiles=2,
+        )
+    )
     report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1000)}, progress_bars=False)
     assert report.slides_skipped == len(before) and report.runner == runner
     store = FeatureStore(str(out))
@@ -259,9 +307,19 @@ def test_aborted_run_keeps_its_record_and_a_rerun_finishes(ray_cluster, syntheti
 
     from ray.data import DataContext
 
-    manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "c"}])
-    config = build_job_config(dict(manifest=str(manifest), out=str(tmp_path / "store"), models=["sleep"],
-                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=2, run_id="stalled"))
+    manifest = write_manifest(
+        tmp_path / "m.csv", [{"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "c"}]
+    )
+    config = build_job_config(
+        dict(
+            manifest=str(manifest),
+            out=str(tmp_path / "store"),
+            models=["sleep"],
+            tiling={"tile_px": 224, "target_mpp": 0.5},
+            chunk_tiles=2,
+            run_id="stalled",
+        )
+    )
     ctx = DataContext.get_current()
     saved, ctx.execution_no_progress_timeout_s = ctx.execution_no_progress_timeout_s, 5
     try:
@@ -277,6 +335,7 @@ def test_aborted_run_keeps_its_record_and_a_rerun_finishes(ray_cluster, syntheti
 
     # the stalled encoder actor was killed with the aborted run (Ray Data only releases it): the
     # re-run in this same Ray session gets the CPUs it plans for
-    done = run_job(dataclasses.replace(config, run_id="again"), {"sleep": sleep_encoder(tiles_per_s=1e4)},
-                   progress_bars=False)
+    done = run_job(
+        dataclasses.replace(config, run_id="again"), {"sleep": sleep_encoder(tiles_per_s=1e4)}, progress_bars=False
+    )
     assert done.aborted is None and done.per_model["sleep"]["ok"] == 1 and done.exit_code == 0

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 
-from pathray.qc import CONTOUR_RGB, TILE_RGB, qc_image, qc_label, tiles_geojson, write_qc
-from pathray.slide import open_slide
-from pathray.tiling import TilingConfig, plan_tiles
+from pathray.tiling.grid import TilingConfig, plan_tiles
+from pathray.tiling.qc import CONTOUR_RGB, TILE_RGB, qc_image, qc_label, tiles_geojson, write_qc
+from pathray.wsi.slide import open_slide
 
 
 def _grid(slide_path):
@@ -60,7 +60,7 @@ def test_qc_label_font_draws_micro_not_a_missing_glyph_box():
     """Pillow's default font has no "µ" (the label read "□m/px"); the label font draws it."""
     from PIL import ImageFont
 
-    from pathray.qc import draws_glyph, label_font
+    from pathray.tiling.qc import draws_glyph, label_font
 
     assert not draws_glyph(ImageFont.load_default(size=18), "µ")  # the check sees the box
     font, has_micro = label_font(18)
@@ -70,7 +70,7 @@ def test_qc_label_font_draws_micro_not_a_missing_glyph_box():
 def test_qc_label_renders_micro_in_the_image(synthetic_svs_05):
     from PIL import Image, ImageDraw
 
-    from pathray.qc import label_font
+    from pathray.tiling.qc import label_font
 
     grid = _grid(synthetic_svs_05)
     image = np.asarray(qc_image(grid))

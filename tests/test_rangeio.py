@@ -10,9 +10,9 @@ import openslide
 import pytest
 
 from pathray.errors import SlideUnreadableError
-from pathray.rangeio import FetchStats, coalesce, fetch_ranges
-from pathray.slide import open_slide
-from pathray.tiffrange import TiffRangeBackend
+from pathray.wsi.rangeio import FetchStats, coalesce, fetch_ranges
+from pathray.wsi.slide import open_slide
+from pathray.wsi.tiffrange import TiffRangeBackend
 
 
 def test_coalesce_merges_small_holes_only():
@@ -29,7 +29,7 @@ def test_fetch_ranges_returns_each_range_in_input_order(tmp_path):
     ranges = [(250_000, 1000), (5, 10), (20, 30), (0, 0), (100_000, 70_000), (7, 3)]
     stats = FetchStats()
     out = fetch_ranges(fsspec.filesystem("file"), str(path), ranges, gap_bytes=64, stats=stats)
-    assert out == [data[o:o + n] for o, n in ranges]
+    assert out == [data[o : o + n] for o, n in ranges]
     assert stats.requests == 3 and stats.bytes_fetched == 45 + 70_000 + 1000  # (5..50), one big range, the tail
     with pytest.raises(SlideUnreadableError, match="truncated"):
         fetch_ranges(fsspec.filesystem("file"), str(path), [(299_990, 100)])

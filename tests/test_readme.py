@@ -29,14 +29,27 @@ def make_store(root: Path, model: str = "kaiko-vits16", dim: int = 384) -> None:
     for k, (slide_id, cohort, n) in enumerate((("s1", "A", 3), ("s2", "B", 2))):
         emb = np.random.default_rng(k).normal(size=(n, dim)).astype(np.float32)
         schema = feature_schema(dim, pa.float32())
-        table = pa.Table.from_arrays([
-            pa.array([slide_id] * n), pa.array(range(n), pa.int64()), pa.array([224 * i for i in range(n)], pa.int64()),
-            pa.array([0] * n, pa.int64()), pa.array([224.0] * n), pa.array([0.5] * n), pa.array([224] * n, pa.int32()),
-            pa.array([1.0] * n, pa.float32()), embeddings_to_arrow(emb)], schema=schema)
+        table = pa.Table.from_arrays(
+            [
+                pa.array([slide_id] * n),
+                pa.array(range(n), pa.int64()),
+                pa.array([224 * i for i in range(n)], pa.int64()),
+                pa.array([0] * n, pa.int64()),
+                pa.array([224.0] * n),
+                pa.array([0.5] * n),
+                pa.array([224] * n, pa.int32()),
+                pa.array([1.0] * n, pa.float32()),
+                embeddings_to_arrow(emb),
+            ],
+            schema=schema,
+        )
         store.write_chunk(model, slide_id, "c0", table)
-        finalize_slide(store, CommitRequest(model, slide_id, cohort, ["c0"], n, {"path": f"/{slide_id}.svs"}, {}, "h", "r"))
-        rows.append(status_row(slide_id=slide_id, model=model, cohort=cohort, status="ok", n_tiles=n, mpp=0.5,
-                               vendor="aperio"))
+        finalize_slide(
+            store, CommitRequest(model, slide_id, cohort, ["c0"], n, {"path": f"/{slide_id}.svs"}, {}, "h", "r")
+        )
+        rows.append(
+            status_row(slide_id=slide_id, model=model, cohort=cohort, status="ok", n_tiles=n, mpp=0.5, vendor="aperio")
+        )
     store.write_table("_runs/r/slides-00001.parquet", pa.Table.from_pylist(rows, schema=SLIDE_STATUS_SCHEMA))
     consolidate_slide_table(store, {model: store.committed(model)})
 
@@ -63,7 +76,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_the_query_pathray_embed_prints_runs_on_a_two_model_store(tmp_path, capsys):
-    from pathray.cli_embed import SAMPLE_QUERY
+    from pathray.cli.embed import SAMPLE_QUERY
 
     make_store(tmp_path / "store")
     make_store(tmp_path / "store", model="uni", dim=1024)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pathray.config import build_job_config
-from pathray.resources import plan_resources
+from pathray.job.config import build_job_config
+from pathray.job.resources import plan_resources
 
 
 def job(models, **resources):
@@ -17,8 +17,12 @@ def job(models, **resources):
 @pytest.mark.parametrize("models", [["kaiko-vits16"], ["kaiko-vits16", "uni"], ["uni", "virchow2", "h-optimus-0"]])
 def test_cpu_only_plan_fits_the_cluster(cpus, models):
     r = plan_resources(job(models), {"CPU": cpus}, len(models))
-    claimed = r.plan_num_cpus * r.planners + r.write_num_cpus * r.writers \
-        + r.encoder_num_cpus * r.encoder_actors * len(models) + r.reader_num_cpus * r.readers
+    claimed = (
+        r.plan_num_cpus * r.planners
+        + r.write_num_cpus * r.writers
+        + r.encoder_num_cpus * r.encoder_actors * len(models)
+        + r.reader_num_cpus * r.readers
+    )
     assert claimed <= cpus + 1e-9
     assert r.readers >= 1 and r.encoder_actors >= 1 and r.encoder_num_gpus == 0
 
@@ -33,15 +37,19 @@ def test_gpu_cluster_shares_gpus_between_models_and_gives_readers_the_rest():
 
 
 def test_explicit_resources_win():
-    r = plan_resources(job(["uni"], readers=3, encoder_actors=2, encoder_num_gpus=0.25, reader_num_cpus=2),
-                       {"CPU": 64, "GPU": 8}, 1)
+    r = plan_resources(
+        job(["uni"], readers=3, encoder_actors=2, encoder_num_gpus=0.25, reader_num_cpus=2), {"CPU": 64, "GPU": 8}, 1
+    )
     assert (r.readers, r.encoder_actors, r.encoder_num_gpus, r.reader_num_cpus) == (3, 2, 0.25, 2)
 
 
 def test_gpu_intent_holds_on_an_autoscaling_cluster_that_starts_without_gpus():
     # a fresh cluster: CPU-less head, no worker nodes yet
-    r = plan_resources(job(["uni2-h", "virchow2"], encoder_num_gpus=0.5, encoder_actors=8, encoder_actors_min=1,
-                           readers=64), {"CPU": 0}, 2)
+    r = plan_resources(
+        job(["uni2-h", "virchow2"], encoder_num_gpus=0.5, encoder_actors=8, encoder_actors_min=1, readers=64),
+        {"CPU": 0},
+        2,
+    )
     assert (r.encoder_num_gpus, r.encoder_actors, r.encoder_actors_min, r.readers) == (0.5, 8, 1, 64)
     assert r.encoder_num_cpus > 0
 
@@ -58,8 +66,8 @@ def test_cpu_only_encoders_get_the_cores_and_threads_to_use_them():
 def test_a_fractional_encoder_actor_runs_the_planned_torch_threads(ray_cluster):
     import ray
 
-    from pathray.fakes import sleep_encoder
-    from pathray.stages import ChunkEncoder
+    from pathray.job.stages import ChunkEncoder
+    from pathray.testing import sleep_encoder
 
     @ray.remote(num_cpus=0.5)
     class Probe:

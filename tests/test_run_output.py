@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pathray.cli_demo import DEMO_MODEL, build_demo
-from pathray.runhtml import RunPage, render
+from pathray.cli.demo import DEMO_MODEL, build_demo
+from pathray.monitor.html import RunPage, render
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,8 +29,9 @@ MAX_LINES = 40
 def _pathray(*args: str, cwd: Path, timeout: int = 420) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "pathray.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pathray.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _assert_clean_and_short(out: subprocess.CompletedProcess) -> None:
@@ -46,8 +47,20 @@ def demo_embed(tmp_path_factory):
     """`pathray embed --runner local` on the demo's three synthetic slides: (process, store)."""
     directory = tmp_path_factory.mktemp("demo")
     manifest, weights = build_demo(directory, with_cmu=False)
-    out = _pathray("embed", "--manifest", str(manifest), "--models", DEMO_MODEL, "--weights",
-                   f"{DEMO_MODEL}={weights}", "--out", str(directory / "store"), "--runner", "local", cwd=directory)
+    out = _pathray(
+        "embed",
+        "--manifest",
+        str(manifest),
+        "--models",
+        DEMO_MODEL,
+        "--weights",
+        f"{DEMO_MODEL}={weights}",
+        "--out",
+        str(directory / "store"),
+        "--runner",
+        "local",
+        cwd=directory,
+    )
     assert out.returncode == 0, out.stderr
     return out, directory / "store"
 
@@ -71,8 +84,20 @@ def _chromium() -> str:
 
 def _browser(url: str, tmp_path: Path, *args: str) -> str:
     """Run headless Chromium on ``url`` with ``args``; returns its stdout."""
-    out = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-                          *args, url], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            *args,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -136,8 +161,10 @@ def test_report_page_in_a_real_browser(demo_embed, tmp_path):
 
 
 def test_errors_are_grouped_by_type_with_their_slides(tmp_path):
-    rows = [dict(slide_id=s, model="m", status="error", n_tiles=0, error_type=t, error_message=f"{s} broke")
-            for s, t in (("b", "SlideOpenError"), ("a", "SlideOpenError"), ("c", "TileReadError"))]
+    rows = [
+        dict(slide_id=s, model="m", status="error", n_tiles=0, error_type=t, error_message=f"{s} broke")
+        for s, t in (("b", "SlideOpenError"), ("a", "SlideOpenError"), ("c", "TileReadError"))
+    ]
     rows.append(dict(slide_id="d", model="m", status="ok", n_tiles=12, error_type="", error_message=""))
     path = tmp_path / "page.html"
     path.write_text(render(RunPage("run", [("Run", "r")], slides=rows, slides_total=4)))
@@ -155,8 +182,18 @@ def test_errors_are_grouped_by_type_with_their_slides(tmp_path):
 
 def test_aggregate_run_is_as_quiet_and_has_its_page(demo_embed, tmp_path):
     _, store = demo_embed
-    out = _pathray("aggregate", "--store", str(store), "--model", DEMO_MODEL, "--aggregator", "mean",
-                   "--runner", "local", cwd=tmp_path)
+    out = _pathray(
+        "aggregate",
+        "--store",
+        str(store),
+        "--model",
+        DEMO_MODEL,
+        "--aggregator",
+        "mean",
+        "--runner",
+        "local",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     _assert_clean_and_short(out)
     page = Path(out.stdout.splitlines()[-1].removeprefix("Run report: "))

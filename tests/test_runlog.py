@@ -1,4 +1,4 @@
-"""Where a command-line run's output goes (pathray.runlog): the person's terminal gets the
+"""Where a command-line run's output goes (pathray.monitor.runlog): the person's terminal gets the
 progress stream only; Python loggers (pathray's, Ray's) and native writes to fd 2 land in
 the run's log, which an s3:// store gets uploaded at the end."""
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from pathray.runlog import run_terminal
+from pathray.monitor.runlog import run_terminal
 
 
 def test_everything_but_the_progress_goes_to_the_run_log(tmp_path, capfd):

@@ -22,7 +22,9 @@ def test_server_is_local_and_authenticated(s3_server, s3_bucket):
     assert opts["client_kwargs"]["endpoint_url"] == s3_server.endpoint_url
     assert s3_server.env["AWS_ENDPOINT_URL"] == s3_server.endpoint_url
     bad = s3fs.S3FileSystem(
-        key=s3_server.access_key, secret="wrong-secret", skip_instance_cache=True,
+        key=s3_server.access_key,
+        secret="wrong-secret",
+        skip_instance_cache=True,
         client_kwargs=opts["client_kwargs"],
     )
     with pytest.raises(PermissionError):
@@ -62,7 +64,8 @@ def test_listing_prefixes(s3_server, s3_bucket):
         fs.pipe(f"{s3_bucket}/{k}", b"x")
     assert sorted(fs.ls(s3_bucket)) == [f"{s3_bucket}/manifest.csv", f"{s3_bucket}/store"]
     assert sorted(fs.ls(f"{s3_bucket}/store")) == [
-        f"{s3_bucket}/store/model=uni2-h", f"{s3_bucket}/store/model=virchow2",
+        f"{s3_bucket}/store/model=uni2-h",
+        f"{s3_bucket}/store/model=virchow2",
     ]
     assert len(fs.find(f"{s3_bucket}/store")) == 2
     assert fs.glob(f"{s3_bucket}/store/*/*.parquet") == sorted(fs.find(f"{s3_bucket}/store"))

@@ -10,10 +10,10 @@ import openslide
 import pytest
 
 from pathray.errors import PathrayError, StagingError
-from pathray.slide import OpenSlideBackend, open_slide
-from pathray.staging import Scratch
-from pathray.tiffrange import HEADER_WINDOW_BYTES, TiffRangeBackend
-from pathray.tiling import TilingConfig, plan_tiles, read_tiles
+from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles
+from pathray.wsi.scratch import Scratch
+from pathray.wsi.slide import OpenSlideBackend, open_slide
+from pathray.wsi.tiffrange import HEADER_WINDOW_BYTES, TiffRangeBackend
 
 pytestmark = pytest.mark.s3
 NOT_COMPUTED = {"openslide.quickhash-1"}  # the range reader does not hash the file
@@ -31,7 +31,10 @@ def test_range_reads_equal_local_reads(request, fixture, s3_server, s3_bucket, t
     uri = _upload(s3_server, s3_bucket, local, os.path.basename(os.fspath(local)))
     config = TilingConfig(min_tissue_fraction=0.0 if fixture == "cmu_slide" else 0.25)
     scratch = Scratch(str(tmp_path / "scratch"))
-    with open_slide(os.fspath(local)) as ref, open_slide(uri, scratch=scratch, storage_options=s3_server.storage_options) as remote:
+    with (
+        open_slide(os.fspath(local)) as ref,
+        open_slide(uri, scratch=scratch, storage_options=s3_server.storage_options) as remote,
+    ):
         assert isinstance(remote.backend, TiffRangeBackend) and remote.local_path is None
         with openslide.OpenSlide(os.fspath(local)) as reference:
             reference_props = dict(reference.properties)
@@ -74,8 +77,11 @@ def test_planning_fetches_only_the_header_and_the_tissue_level(s3_server, s3_buc
 def test_formats_the_range_reader_does_not_cover_are_staged(s3_server, s3_bucket, generic_tiff_deflate, tmp_path):
     uri = _upload(s3_server, s3_bucket, generic_tiff_deflate, "deflate.tif")
     config = TilingConfig()
-    with Scratch(str(tmp_path / "scratch")) as scratch, open_slide(os.fspath(generic_tiff_deflate)) as ref, \
-                open_slide(uri, scratch=scratch, storage_options=s3_server.storage_options) as remote:
+    with (
+        Scratch(str(tmp_path / "scratch")) as scratch,
+        open_slide(os.fspath(generic_tiff_deflate)) as ref,
+        open_slide(uri, scratch=scratch, storage_options=s3_server.storage_options) as remote,
+    ):
         assert isinstance(remote.backend, OpenSlideBackend) and remote.local_path.startswith(scratch.root)
         assert scratch.used_bytes == remote.size_bytes == os.path.getsize(generic_tiff_deflate)
         assert (remote.vendor, remote.mpp) == ("generic-tiff", 0.5)
@@ -93,8 +99,9 @@ def _read_staged(args: tuple) -> tuple[bool, int]:
         return slide._staged.downloaded, int(tiles.astype(np.int64).sum())
 
 
-def test_staged_slide_is_fetched_once_per_node_by_several_processes(s3_server, s3_bucket, s3_proxy, generic_tiff_deflate,
-                                                                     tmp_path):
+def test_staged_slide_is_fetched_once_per_node_by_several_processes(
+    s3_server, s3_bucket, s3_proxy, generic_tiff_deflate, tmp_path
+):
     uri = _upload(s3_server, s3_bucket, generic_tiff_deflate, "shared.tif")
     options = s3_proxy.storage_options(s3_server.storage_options)
     with open_slide(os.fspath(generic_tiff_deflate)) as ref:
@@ -172,21 +179,29 @@ def test_range_reads_survive_throttling(s3_server, s3_bucket, s3_proxy, syntheti
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_job_through_a_throttling_proxy_writes_a_complete_correct_store(ray_cluster, s3_server, s3_bucket, s3_proxy,
-                                                                        synthetic_svs_025):
+def test_job_through_a_throttling_proxy_writes_a_complete_correct_store(
+    ray_cluster, s3_server, s3_bucket, s3_proxy, synthetic_svs_025
+):
     import pyarrow.dataset as pads
 
-    from pathray.config import build_job_config
-    from pathray.fakes import pixel_statistics, sleep_encoder
-    from pathray.pipeline import run_job
+    from pathray.job.config import build_job_config
+    from pathray.job.raydata import run_job
+    from pathray.testing import pixel_statistics, sleep_encoder
 
     uri = _upload(s3_server, s3_bucket, synthetic_svs_025, "a.svs")
     s3_server.fs.pipe(f"{s3_bucket}/manifest.csv", f"slide_id,path\na,{uri}\n".encode())
     s3_proxy.throttle_every = 4  # a quarter of all requests (reads, listings, writes) get 503 SlowDown
     options = s3_proxy.storage_options(s3_server.storage_options)
-    config = build_job_config({"manifest": f"s3://{s3_bucket}/manifest.csv", "out": f"s3://{s3_bucket}/store",
-                               "models": ["sleep"], "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4,
-                               "storage_options": options})
+    config = build_job_config(
+        {
+            "manifest": f"s3://{s3_bucket}/manifest.csv",
+            "out": f"s3://{s3_bucket}/store",
+            "models": ["sleep"],
+            "tiling": {"tile_px": 224, "target_mpp": 0.5},
+            "chunk_tiles": 4,
+            "storage_options": options,
+        }
+    )
     report = run_job(config, {"sleep": sleep_encoder(tiles_per_s=1e4, embed_dim=6)}, progress_bars=False)
     assert report.per_model["sleep"]["ok"] == 1 and s3_proxy.throttled > 0
     table = pads.dataset(f"{s3_bucket}/store/features", filesystem=s3_server.fs, partitioning="hive").to_table()
@@ -194,8 +209,9 @@ def test_job_through_a_throttling_proxy_writes_a_complete_correct_store(ray_clus
     assert table.num_rows == report.tiles_planned == 10
     with open_slide(os.fspath(synthetic_svs_025)) as slide:
         tiles = read_tiles(slide, config.tiling, table.column("x").to_numpy(), table.column("y").to_numpy())
-    np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
-                               pixel_statistics(tiles, 6), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), pixel_statistics(tiles, 6), rtol=1e-5
+    )
 
 
 def test_a_storage_timeout_is_a_per_slide_error_not_a_hang(s3_server, s3_bucket, s3_proxy, synthetic_svs_05):
@@ -208,18 +224,21 @@ def test_a_storage_timeout_is_a_per_slide_error_not_a_hang(s3_server, s3_bucket,
     assert info.value.error_type == "storage_timeout"
 
 
-def test_reader_lets_go_of_its_open_slides_when_the_node_cache_is_full(s3_server, s3_bucket, generic_tiff_deflate,
-                                                                        tmp_path):
+def test_reader_lets_go_of_its_open_slides_when_the_node_cache_is_full(
+    s3_server, s3_bucket, generic_tiff_deflate, tmp_path
+):
 
     import pyarrow as pa
 
-    from pathray.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+    from pathray.job.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
 
     uris = [_upload(s3_server, s3_bucket, generic_tiff_deflate, f"{name}.tif") for name in "ab"]
     budget = int(1.5 * os.path.getsize(generic_tiff_deflate))  # one staged copy fits, two do not
     args = (TilingConfig(), 64, s3_server.storage_options, str(tmp_path / "node"), budget)
-    slides = pa.Table.from_pylist([{"slide_id": n, "path": u, "cohort": "", "mpp_override": None, "models": ["m"]}
-                                   for n, u in zip("ab", uris)], schema=SLIDE_SCHEMA)
+    slides = pa.Table.from_pylist(
+        [{"slide_id": n, "path": u, "cohort": "", "mpp_override": None, "models": ["m"]} for n, u in zip("ab", uris)],
+        schema=SLIDE_SCHEMA,
+    )
     chunks = SlidePlanner(*args)(slides)
     assert chunks.column("status").to_pylist() == ["ok", "ok"]
     reader = ChunkReader(args[0], *args[2:])
@@ -236,14 +255,15 @@ def test_a_reader_fetches_the_tiles_neighbouring_chunks_share_once(s3_server, s3
     that each see one chunk fetch the stored tiles on every chunk boundary again."""
     import pyarrow as pa
 
-    from pathray.rangeio import STATS
-    from pathray.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+    from pathray.job.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+    from pathray.wsi.rangeio import STATS
 
     uri = _upload(s3_server, s3_bucket, synthetic_svs_025, "chunks.svs")
     size = s3_server.fs.size(uri)
     config = TilingConfig(min_tissue_fraction=0.0)  # every grid tile: an all-tissue slide's worth of reads
-    slides = pa.Table.from_pylist([{"slide_id": "a", "path": uri, "cohort": "", "mpp_override": None, "models": ["m"]}],
-                                  schema=SLIDE_SCHEMA)
+    slides = pa.Table.from_pylist(
+        [{"slide_id": "a", "path": uri, "cohort": "", "mpp_override": None, "models": ["m"]}], schema=SLIDE_SCHEMA
+    )
     chunks = SlidePlanner(config, 4, s3_server.storage_options)(slides)
     assert chunks.num_rows > 10
 

@@ -12,10 +12,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pathray.config import build_job_config
 from pathray.demo.synthetic import write_synthetic_svs
-from pathray.fakes import sleep_encoder
-from pathray.pipeline import run_job
+from pathray.job.config import build_job_config
+from pathray.job.raydata import run_job
+from pathray.testing import sleep_encoder
 
 SLIDES = 1000
 MODELS = ("sleep_a", "sleep_b")
@@ -25,8 +25,9 @@ TILES_PER_SLIDE = 4  # 1024 x 1024 px at 0.25 µm/px, tiles of 224 px at 0.5 µm
 
 def tcga_cohort(directory: Path, n: int) -> Path:
     """``n`` hard links of one 4-tile slide under TCGA-style ids, and their manifest."""
-    source = write_synthetic_svs(directory / "source.svs", 1024, 1024, mpp=0.25, tissue_rects=[(0, 0, 1024, 1024)],
-                                 downsamples=(1, 4))
+    source = write_synthetic_svs(
+        directory / "source.svs", 1024, 1024, mpp=0.25, tissue_rects=[(0, 0, 1024, 1024)], downsamples=(1, 4)
+    )
     lines = ["slide_id,path,cohort,case_id"]
     for i in range(n):
         sid = f"TCGA-{i % 90 + 10:02d}-{i:04d}-01Z-00-DX1"
@@ -44,8 +45,16 @@ def files_under(root: Path) -> set[str]:
 def test_thousand_slides_commit_once_and_the_rerun_writes_nothing(tmp_path):
     (tmp_path / "slides").mkdir()
     manifest, out = tcga_cohort(tmp_path / "slides", SLIDES), tmp_path / "store"
-    config = build_job_config(dict(manifest=str(manifest), out=str(out), models=list(MODELS), runner="local",
-                                   keep_columns=["case_id"], tiling={"tile_px": 224, "target_mpp": 0.5}))
+    config = build_job_config(
+        dict(
+            manifest=str(manifest),
+            out=str(out),
+            models=list(MODELS),
+            runner="local",
+            keep_columns=["case_id"],
+            tiling={"tile_px": 224, "target_mpp": 0.5},
+        )
+    )
     encoders = {m: sleep_encoder(4000.0) for m in MODELS}
     first = run_job(config, encoders, progress_bars=False)
     assert first.exit_code == 0 and first.errors == 0
@@ -56,7 +65,8 @@ def test_thousand_slides_commit_once_and_the_rerun_writes_nothing(tmp_path):
         assert len(list((out / "features" / f"model={model}").glob("cohort=*/*.parquet"))) == SLIDES
         assert len(list((out / "_commits" / f"model={model}").glob("*.json"))) == SLIDES
         tiles = pads.dataset(out / "features" / f"model={model}", partitioning="hive").to_table(
-            columns=["slide_id", "cohort"])
+            columns=["slide_id", "cohort"]
+        )
         per_slide = Counter(zip(tiles.column("slide_id").to_pylist(), tiles.column("cohort").to_pylist()))
         assert set(per_slide) == expected and set(per_slide.values()) == {TILES_PER_SLIDE}
     status = pq.read_table(out / "slides.parquet")

@@ -3,7 +3,7 @@ import pytest
 
 from pathray.demo.synthetic import synthetic_image
 from pathray.errors import MppImplausibleError, MppMissingError, PathrayError
-from pathray.slide import open_slide, resolve_mpp
+from pathray.wsi.slide import open_slide, resolve_mpp
 
 
 def test_synthetic_slide_metadata_and_pixels(synthetic_svs_025):
@@ -20,7 +20,10 @@ def test_synthetic_slide_metadata_and_pixels(synthetic_svs_025):
         assert np.abs(region.astype(int) - truth).mean() < 2.0  # JPEG q95
 
 
-@pytest.mark.parametrize("level, window", [(0, (440, 440, 600, 300)), (1, (1024, 2048, 300, 200)), (2, (0, 0, 256, 192)), (0, (3900, 2900, 400, 400))])
+@pytest.mark.parametrize(
+    "level, window",
+    [(0, (440, 440, 600, 300)), (1, (1024, 2048, 300, 200)), (2, (0, 0, 256, 192)), (0, (3900, 2900, 400, 400))],
+)
 def test_direct_tiff_reads_equal_openslide(synthetic_svs_025, level, window):
     """The fast path decodes the TIFF's JPEG tiles itself; it must give OpenSlide's pixels."""
     with open_slide(str(synthetic_svs_025)) as slide:
@@ -55,8 +58,17 @@ def test_mpp_override_wins_and_fixes_missing(synthetic_svs_no_mpp, synthetic_svs
 
 
 def test_mpp_resolution_order():
-    assert resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "20000"}) == (0.25, "openslide")
-    assert resolve_mpp({"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "20000", "tiff.YResolution": "20000"}) == (0.5, "tiff_resolution")
+    assert resolve_mpp(
+        {
+            "openslide.mpp-x": "0.25",
+            "openslide.mpp-y": "0.25",
+            "tiff.ResolutionUnit": "centimeter",
+            "tiff.XResolution": "20000",
+        }
+    ) == (0.25, "openslide")
+    assert resolve_mpp(
+        {"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "20000", "tiff.YResolution": "20000"}
+    ) == (0.5, "tiff_resolution")
     assert resolve_mpp({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "101600"}) == (0.25, "tiff_resolution")
     with pytest.raises(MppMissingError):  # unitless resolution, objective power: never used
         resolve_mpp({"tiff.ResolutionUnit": "none", "tiff.XResolution": "1", "openslide.objective-power": "40"})

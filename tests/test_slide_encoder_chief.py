@@ -1,4 +1,4 @@
-"""CHIEF slide encoder (pathray.slide_encoders.chief) against the official code's frozen outputs.
+"""CHIEF slide encoder (pathray.slide_level.encoders.chief) against the official code's frozen outputs.
 
 ``tests/data/chief_golden.npz`` was written by ``tests/reference/chief_golden.py``: the official
 ``models/CHIEF.py`` of github.com/hms-dbmi/CHIEF (commit in the file), built and loaded as
@@ -15,10 +15,10 @@ import pytest
 import torch
 from fixtures.slide_goldens import DATA, assert_store_check, golden_case
 
-from pathray.aggregate import SlideTiles, build_aggregator, get_aggregator
 from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUnavailableError
-from pathray.slide_encoders import chief
-from pathray.slide_encoders.release import random_net, state_sha256
+from pathray.slide_level.aggregators import SlideTiles, build_aggregator, get_aggregator
+from pathray.slide_level.encoders import chief
+from pathray.slide_level.encoders.release import random_net, state_sha256
 
 GOLDEN = DATA / "chief_golden.npz"
 TOL = 1e-5

@@ -1,4 +1,4 @@
-"""FEATHER slide encoder (pathray.slide_encoders.feather) against the official code's frozen outputs.
+"""FEATHER slide encoder (pathray.slide_level.encoders.feather) against the official code's frozen outputs.
 
 ``tests/data/feather_golden.npz`` was written by ``tests/reference/feather_golden.py``: the
 official ``src/models/abmil.py`` of github.com/mahmoodlab/MIL-Lab (commit in the file),
@@ -18,10 +18,10 @@ import torch
 from fixtures.slide_goldens import DATA, assert_store_check, golden_case
 from safetensors.torch import load_file, save_file
 
-from pathray.aggregate import SlideTiles, build_aggregator, get_aggregator
 from pathray.errors import WeightsMismatchError, WeightsUnavailableError
-from pathray.slide_encoders import feather
-from pathray.slide_encoders.release import state_sha256
+from pathray.slide_level.aggregators import SlideTiles, build_aggregator, get_aggregator
+from pathray.slide_level.encoders import feather
+from pathray.slide_level.encoders.release import state_sha256
 
 GOLDEN = DATA / "feather_golden.npz"
 TOL = 1e-5
@@ -64,15 +64,19 @@ def test_aggregator_through_the_spec(weights_file, golden, encoder):
 
 def test_release_layout_is_loaded_strictly(weights_file, tmp_path):
     state = load_file(str(weights_file))
-    assert sorted(state) == sorted(f"model.{k}.{w}" for k in ("patch_embed.0", "global_attn.attention_a.0",
-                                                              "global_attn.attention_b.0", "global_attn.attention_c")
-                                   for w in ("weight", "bias"))
+    assert sorted(state) == sorted(
+        f"model.{k}.{w}"
+        for k in ("patch_embed.0", "global_attn.attention_a.0", "global_attn.attention_b.0", "global_attn.attention_c")
+        for w in ("weight", "bias")
+    )
     x = np.ones((3, 768), np.float32)
     # the PC-108 head is dropped, as the official loader does (keep_classifier=False)
-    save_file({**state, "model.classifier.weight": torch.zeros(108, 512), "model.classifier.bias": torch.zeros(108)},
-              str(tmp_path / "model.safetensors"))
+    save_file(
+        {**state, "model.classifier.weight": torch.zeros(108, 512), "model.classifier.bias": torch.zeros(108)},
+        str(tmp_path / "model.safetensors"),
+    )
     np.testing.assert_array_equal(feather.from_weights(tmp_path)(x), feather.from_weights(weights_file)(x))
-    save_file({k[len("model."):]: v for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    save_file({k[len("model.") :]: v for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightsMismatchError, match="unexpected keys: global_attn.attention_a.0.bias"):
         feather.from_weights(tmp_path)  # not the HF layout
     save_file({**state, "model.patch_embed.0.weight": torch.zeros(512, 1536)}, str(tmp_path / "model.safetensors"))

@@ -1,4 +1,4 @@
-"""Prov-GigaPath slide encoder (pathray.slide_encoders.gigapath) against two independent references.
+"""Prov-GigaPath slide encoder (pathray.slide_level.encoders.gigapath) against two independent references.
 
 1. **Frozen official outputs** (``tests/data/gigapath_slide_golden.npz``). Produced once, outside
    this repository, by running the official code — ``gigapath/slide_encoder.py`` and
@@ -39,15 +39,14 @@ from pathray.errors import (
     WeightsMismatchError,
     WeightsUnavailableError,
 )
-from pathray.slide import open_slide
-from pathray.slide_encoders import GigaPathSlideEncoder, gigapath_coords
-from pathray.slide_encoders.gigapath import (
+from pathray.slide_level.encoders import GigaPathSlideEncoder, gigapath_coords
+from pathray.slide_level.encoders.gigapath import (
     GigaPathSlideNet,
     SlideEncoderConfig,
     random_slide_net,
     write_random_weights,
 )
-from pathray.slide_encoders.longnet import LongNetConfig, segment_lengths
+from pathray.slide_level.encoders.longnet import LongNetConfig, segment_lengths
 from pathray.store import (
     CommitRequest,
     FeatureStore,
@@ -55,7 +54,8 @@ from pathray.store import (
     feature_schema,
     finalize_slide,
 )
-from pathray.tiling import TilingConfig, plan_tiles
+from pathray.tiling.grid import TilingConfig, plan_tiles
+from pathray.wsi.slide import open_slide
 
 GOLDEN = Path(__file__).parent / "data" / "gigapath_slide_golden.npz"
 TOL = 1e-4
@@ -65,10 +65,12 @@ TOL = 1e-4
 def reference_pos_embed(cells: np.ndarray, dim: int = 768) -> torch.Tensor:
     """gigapath/pos_embed.py L30-77: table row ``x * 1000 + y`` of ``get_2d_sincos_pos_embed``
     (meshgrid(w, h): the first half encodes the column index = y, the second the row = x)."""
+
     def one_d(embed_dim, pos):
         omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=float) / (embed_dim / 2.0))
         out = np.einsum("m,d->md", pos.astype(np.float64), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
     emb = np.concatenate([one_d(dim // 2, cells[:, 1]), one_d(dim // 2, cells[:, 0])], axis=1)
     return torch.from_numpy(emb).float()
 
@@ -80,25 +82,25 @@ def reference_dilated_attention(q, k, v, segs, ratios, heads):
     length, _, d = q.shape
     outs, lses = [], []
     for sl, dr in zip(segs, ratios):
-        seg = min(sl, length)                                   # L84
+        seg = min(sl, length)  # L84
         n = math.ceil(length / seg)
-        g = math.ceil(seg / dr) * dr                            # dense_to_sparse padding, L18-22
+        g = math.ceil(seg / dr) * dr  # dense_to_sparse padding, L18-22
         pad = [F.pad(t, (0, 0, 0, 0, 0, n * seg - length)) for t in (q, k, v)]  # L85-88: zeros, unmasked
         out = torch.zeros(n * g, heads, d)
-        lse = torch.zeros(n * g, heads)                         # sparse_to_dense: zeros -> -1e8, L44-46
+        lse = torch.zeros(n * g, heads)  # sparse_to_dense: zeros -> -1e8, L44-46
         for s in range(n):
-            qs, ks, vs = (F.pad(t[s * seg:(s + 1) * seg], (0, 0, 0, 0, 0, g - seg)) for t in pad)
-            for group in range(dr):                             # head group r2 takes offset r1 == r2, L24-26
+            qs, ks, vs = (F.pad(t[s * seg : (s + 1) * seg], (0, 0, 0, 0, 0, g - seg)) for t in pad)
+            for group in range(dr):  # head group r2 takes offset r1 == r2, L24-26
                 rows = torch.arange(group, g, dr)
                 hs = slice(group * heads // dr, (group + 1) * heads // dr)
                 qg, kg, vg = (t[rows, hs].transpose(0, 1) for t in (qs, ks, vs))  # (heads of group, rows, d)
-                scores = qg @ kg.transpose(1, 2) * d ** -0.5
+                scores = qg @ kg.transpose(1, 2) * d**-0.5
                 out[s * g + rows, hs] = (torch.softmax(scores, dim=-1) @ vg).transpose(0, 1)
                 lse[s * g + rows, hs] = torch.logsumexp(scores, dim=-1).T
         lse = lse.masked_fill(lse == 0, -1e8)
-        outs.append(out[:length])                               # L111-114: flatten (n g), cut to L
+        outs.append(out[:length])  # L111-114: flatten (n g), cut to L
         lses.append(lse[:length])
-    max_lse = torch.stack(lses).max(0)[0]                       # L119-129
+    max_lse = torch.stack(lses).max(0)[0]  # L119-129
     weights = [torch.exp(s - max_lse) for s in lses]
     total = torch.stack(weights).sum(0)
     merged = 0
@@ -112,6 +114,7 @@ def reference_forward(sd, tiles, coords, segs, ratios=(1, 2, 4, 8, 16), heads=16
     torchscale/architecture/encoder.py L116-162 (pre-norm EncoderLayer) and L327-399 (Encoder),
     component/feedforward_network.py L131-142 (fc1, gelu, sub-LN, fc2); dropout/drop-path off.
     Returns ``(pooled (768,), all-layer pooled (13, 768))``."""
+
     def ln(x, prefix, eps=1e-5):
         return F.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps)
 
@@ -120,7 +123,7 @@ def reference_forward(sd, tiles, coords, segs, ratios=(1, 2, 4, 8, 16), heads=16
 
     cells = np.floor(coords / 256.0)
     x = lin(torch.from_numpy(tiles), "patch_embed.proj") + reference_pos_embed(cells)
-    x = torch.cat([sd["cls_token"][0], x])                      # pos row 0 of the table is zeros
+    x = torch.cat([sd["cls_token"][0], x])  # pos row 0 of the table is zeros
     states = [x]
     for i in range(len([k for k in sd if k.endswith("self_attn.q_proj.weight")])):
         p = f"encoder.layers.{i}"
@@ -134,6 +137,7 @@ def reference_forward(sd, tiles, coords, segs, ratios=(1, 2, 4, 8, 16), heads=16
 
     def pool(state):
         return ln(state[1:].mean(0), "norm", 1e-6) if global_pool else ln(state, "norm", 1e-6)[0]
+
     return pool(ln(x, "encoder.layer_norm")), torch.stack([pool(s) for s in states])
 
 
@@ -223,8 +227,9 @@ def test_encoder_on_a_stored_slide_sees_the_official_coordinates(tmp_path, encod
     """A real slide at 0.2631 µm/px tiled by pathray and stored: the encoder called with the
     store's level-0 coordinates equals the reference fed the official coordinates (256 x grid index)."""
     mpp = 0.2631
-    path = write_synthetic_svs(tmp_path / "s.svs", 2900, 2400, mpp=mpp, tissue_rects=((300, 200, 2200, 1900),),
-                               downsamples=(1, 4))
+    path = write_synthetic_svs(
+        tmp_path / "s.svs", 2900, 2400, mpp=mpp, tissue_rects=((300, 200, 2200, 1900),), downsamples=(1, 4)
+    )
     with open_slide(str(path)) as slide:
         grid = plan_tiles(slide, "s", TilingConfig(tile_px=256, target_mpp=0.5, min_tissue_fraction=0.25))
     tiles = (np.random.default_rng(9).random((len(grid), 1536)) * 2 - 1).astype(np.float16)  # stored as float16
@@ -235,8 +240,9 @@ def test_encoder_on_a_stored_slide_sees_the_official_coordinates(tmp_path, encod
     np.testing.assert_array_equal(got, encoder(stored["embedding"], stored["x"], stored["y"], mpp))
     sd = {k: v.detach() for k, v in encoder.net.state_dict().items()}
     with torch.inference_mode():
-        ref_cls, ref_layers = reference_forward(sd, tiles.astype(np.float32), official.astype(np.float32),
-                                                segment_lengths())
+        ref_cls, ref_layers = reference_forward(
+            sd, tiles.astype(np.float32), official.astype(np.float32), segment_lengths()
+        )
     assert got.shape == (768,) and got.dtype == np.float32 and len(grid) >= 12
     assert np.abs(got - ref_cls.numpy()).max() <= TOL
     assert np.abs(got_layers - ref_layers.numpy()).max() <= TOL
@@ -256,15 +262,25 @@ def test_parameter_count_and_state_dict_on_meta():
     assert tuple(sd["patch_embed.proj.weight"].shape) == (768, 1536)
     assert tuple(sd["cls_token"].shape) == (1, 1, 768)
     layer = {k.split(".", 3)[3]: tuple(v.shape) for k, v in sd.items() if k.startswith("encoder.layers.11.")}
-    projections = {f"self_attn.{n}_proj.{w}": shape for n in ("q", "k", "v", "out")
-                   for w, shape in (("weight", (768, 768)), ("bias", (768,)))}
+    projections = {
+        f"self_attn.{n}_proj.{w}": shape
+        for n in ("q", "k", "v", "out")
+        for w, shape in (("weight", (768, 768)), ("bias", (768,)))
+    }
     assert layer == {
         **projections,
-        "self_attn.inner_attn_ln.weight": (768,), "self_attn.inner_attn_ln.bias": (768,),
-        "self_attn_layer_norm.weight": (768,), "self_attn_layer_norm.bias": (768,),
-        "ffn.fc1.weight": (3072, 768), "ffn.fc1.bias": (3072,), "ffn.fc2.weight": (768, 3072), "ffn.fc2.bias": (768,),
-        "ffn.ffn_layernorm.weight": (3072,), "ffn.ffn_layernorm.bias": (3072,),
-        "final_layer_norm.weight": (768,), "final_layer_norm.bias": (768,),
+        "self_attn.inner_attn_ln.weight": (768,),
+        "self_attn.inner_attn_ln.bias": (768,),
+        "self_attn_layer_norm.weight": (768,),
+        "self_attn_layer_norm.bias": (768,),
+        "ffn.fc1.weight": (3072, 768),
+        "ffn.fc1.bias": (3072,),
+        "ffn.fc2.weight": (768, 3072),
+        "ffn.fc2.bias": (768,),
+        "ffn.ffn_layernorm.weight": (3072,),
+        "ffn.ffn_layernorm.bias": (3072,),
+        "final_layer_norm.weight": (768,),
+        "final_layer_norm.bias": (768,),
     }
     assert "encoder.layers.12.ffn.fc1.weight" not in sd and "encoder.layer_norm.weight" in sd and "norm.bias" in sd
     config = net.config.longnet

@@ -1,4 +1,4 @@
-"""MADELEINE slide encoder (pathray.slide_encoders.madeleine) against the official code's frozen outputs.
+"""MADELEINE slide encoder (pathray.slide_level.encoders.madeleine) against the official code's frozen outputs.
 
 ``tests/data/madeleine_golden.npz`` was written by ``tests/reference/madeleine_golden.py``: the
 official ``madeleine/models/Model.py`` of github.com/mahmoodlab/MADELEINE (commit in the file),
@@ -17,10 +17,10 @@ import pytest
 import torch
 from fixtures.slide_goldens import DATA, assert_store_check, golden_case
 
-from pathray.aggregate import SlideTiles, build_aggregator, get_aggregator
 from pathray.errors import WeightsMismatchError, WeightsUnavailableError
-from pathray.slide_encoders import madeleine
-from pathray.slide_encoders.release import random_net, state_sha256
+from pathray.slide_level.aggregators import SlideTiles, build_aggregator, get_aggregator
+from pathray.slide_level.encoders import madeleine
+from pathray.slide_level.encoders.release import random_net, state_sha256
 
 GOLDEN = DATA / "madeleine_golden.npz"
 TOL = 1e-5
@@ -76,14 +76,18 @@ def test_aggregator_through_the_spec(weights_file, golden, encoder):
 
 def test_release_layout_is_loaded_strictly(weights_file, tmp_path):
     state = torch.load(weights_file, weights_only=True)
-    assert all(k.startswith("module.wsi_embedders.") or k.startswith(("module.projector.", "module.token_projector."))
-               for k in state)  # DDP-saved, as the official create_model expects
+    assert all(
+        k.startswith("module.wsi_embedders.") or k.startswith(("module.projector.", "module.token_projector."))
+        for k in state
+    )  # DDP-saved, as the official create_model expects
     expected = random_net(madeleine.MadeleineNet, 12).state_dict()
     assert len(state) == len(expected) == 40  # pre_attn 12, 4 heads x 6, projector 2, token_projector 2
-    bare = {k[len("module."):]: v for k, v in state.items()}
+    bare = {k[len("module.") :]: v for k, v in state.items()}
     torch.save(bare, tmp_path / "model.pt")  # without the DDP prefix: the official loader takes it too
-    np.testing.assert_array_equal(madeleine.from_weights(tmp_path)(np.ones((3, 512), np.float32)),
-                                  madeleine.from_weights(weights_file)(np.ones((3, 512), np.float32)))
+    np.testing.assert_array_equal(
+        madeleine.from_weights(tmp_path)(np.ones((3, 512), np.float32)),
+        madeleine.from_weights(weights_file)(np.ones((3, 512), np.float32)),
+    )
     torch.save({**bare, "embedding.weight": torch.zeros(2, 32)}, tmp_path / "model.pt")  # a stain-encoding model
     with pytest.raises(WeightsMismatchError, match="unexpected keys: embedding.weight"):
         madeleine.from_weights(tmp_path)

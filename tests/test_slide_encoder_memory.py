@@ -13,21 +13,26 @@ import importlib
 import numpy as np
 import pytest
 
-from pathray.aggregate import SlideTiles, build_aggregator, get_aggregator
 from pathray.errors import SlideTooLargeForEncoderError, describe
+from pathray.slide_level.aggregators import SlideTiles, build_aggregator, get_aggregator
 
 ENCODERS = {"chief": 768, "madeleine": 512, "feather": 768, "prism": 2560}
 
 
 def _tiles(n: int, dim: int) -> SlideTiles:
     rng = np.random.default_rng(n)
-    return SlideTiles("s", rng.normal(size=(n, dim)).astype(np.float32), np.arange(n, dtype=np.int64) * 512,
-                      np.zeros(n, np.int64), 0.5)
+    return SlideTiles(
+        "s",
+        rng.normal(size=(n, dim)).astype(np.float32),
+        np.arange(n, dtype=np.int64) * 512,
+        np.zeros(n, np.int64),
+        0.5,
+    )
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_a_slide_over_the_memory_limit_is_refused_and_the_next_one_runs(name, tmp_path, monkeypatch):
-    module = importlib.import_module(f"pathray.slide_encoders.{name}")
+    module = importlib.import_module(f"pathray.slide_level.encoders.{name}")
     weights = module.write_random_weights(tmp_path / name)
     aggregator = build_aggregator(get_aggregator(name), str(weights), "cpu")
     limit = 50

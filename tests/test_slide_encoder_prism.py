@@ -1,4 +1,4 @@
-"""PRISM slide encoder (pathray.slide_encoders.prism) against the official code's frozen outputs.
+"""PRISM slide encoder (pathray.slide_level.encoders.prism) against the official code's frozen outputs.
 
 ``tests/data/prism_golden.npz`` was written by ``tests/reference/prism_golden.py``: the official
 ``PerceiverResampler`` (``perceiver.py`` of github.com/clemsgrs/prism-embedder, Paige's PRISM
@@ -18,15 +18,16 @@ import torch
 from fixtures.slide_goldens import DATA, assert_store_check, golden_case
 from safetensors.torch import load_file, save_file
 
-from pathray.aggregate import get_aggregator
 from pathray.errors import WeightsMismatchError, WeightsUnavailableError
-from pathray.slide_encoders import prism
-from pathray.slide_encoders.release import load_release, random_net, shared_names, state_sha256
+from pathray.slide_level.aggregators import get_aggregator
+from pathray.slide_level.encoders import prism
+from pathray.slide_level.encoders.release import load_release, random_net, shared_names, state_sha256
 
 GOLDEN = DATA / "prism_golden.npz"
 TOL = 1e-5
-SMALL = prism.PerceiverConfig(latent_seq=6, latent_dim=16, context_dim=24, mhsa_heads=2, perceiver_depth=4,
-                              transformer_depth=2)
+SMALL = prism.PerceiverConfig(
+    latent_seq=6, latent_dim=16, context_dim=24, mhsa_heads=2, perceiver_depth=4, transformer_depth=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +60,14 @@ def test_released_architecture_and_sharing():
     assert tuple(sd["perceiver.latents"].shape) == (513, 1280)
     assert tuple(sd["perceiver.layers.0.xattn.xattn.to_kv.weight"].shape) == (2560, 2560)
     assert tuple(sd["perceiver.layers.7.tf.5.mhsa.mha.in_proj_weight"].shape) == (3840, 1280)
-    assert "perceiver.layers.0.xattn.xattn.c_norm.weight" not in sd and "perceiver.layers.0.tf.0.mhsa.mha.in_proj_bias" \
-        not in sd
+    assert (
+        "perceiver.layers.0.xattn.xattn.c_norm.weight" not in sd
+        and "perceiver.layers.0.tf.0.mhsa.mha.in_proj_bias" not in sd
+    )
     groups = {names[0]: names for names in shared_names(net)}
     assert groups["perceiver.layers.1.xattn.xattn.to_q.weight"] == [
-        f"perceiver.layers.{i}.xattn.xattn.to_q.weight" for i in range(1, 8)]  # layers 2-7 reuse layer 1
+        f"perceiver.layers.{i}.xattn.xattn.to_q.weight" for i in range(1, 8)
+    ]  # layers 2-7 reuse layer 1
     assert len(groups["perceiver.layers.0.tf.3.ff.net.0.bias"]) == 8  # one self-attention stack for all layers
     assert "perceiver.layers.0.xattn.xattn.to_q.weight" not in groups  # layer 0's cross-attention is its own
 
@@ -77,8 +81,11 @@ def test_shared_tensors_under_any_name_and_ignored_parts(tmp_path):
     with torch.inference_mode():
         want = net(x)
     last = {n: v for n, v in full.items() if "layers.3." in n or "layers.0.xattn" in n or "layers." not in n}
-    extras = {"text_decoder.model.biogpt.embed_tokens.weight": torch.zeros(4, 2), "temperature": torch.tensor(1.0),
-              "img_to_latents.to_latents.weight": torch.zeros(3, 16)}
+    extras = {
+        "text_decoder.model.biogpt.embed_tokens.weight": torch.zeros(4, 2),
+        "temperature": torch.tensor(1.0),
+        "img_to_latents.to_latents.weight": torch.zeros(3, 16),
+    }
     torch.save(full, tmp_path / "full.bin")  # a pickle keeps every name of a shared tensor
     save_file({k: v.clone() for k, v in {**last, **extras}.items()}, str(tmp_path / "last.safetensors"))
     for name in ("full.bin", "last.safetensors"):

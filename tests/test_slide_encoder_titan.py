@@ -1,4 +1,4 @@
-"""TITAN slide encoder (pathray.slide_encoders.titan) and the `titan` aggregator.
+"""TITAN slide encoder (pathray.slide_level.encoders.titan) and the `titan` aggregator.
 
 **Frozen official outputs** (``tests/data/titan_golden.npz``), written by
 ``tests/reference/titan_golden.py``: the official TITAN code (``modeling_titan.py`` +
@@ -23,9 +23,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pathray.aggregate import AGGREGATORS, get_aggregator
-from pathray.aggregate_job import AggregateConfig, SlideAggregatorStage, run_aggregate
-from pathray.config import tiling_record
 from pathray.demo.synthetic import write_synthetic_svs
 from pathray.errors import (
     SlideTooLargeForEncoderError,
@@ -34,8 +31,9 @@ from pathray.errors import (
     WeightsUnavailableError,
     describe,
 )
-from pathray.slide import open_slide
-from pathray.slide_encoders.titan import (
+from pathray.job.config import tiling_record
+from pathray.slide_level.aggregators import AGGREGATORS, get_aggregator
+from pathray.slide_level.encoders.titan import (
     TEXT_PART_STANDIN,
     TitanSlideEncoder,
     TitanSlideNet,
@@ -47,8 +45,10 @@ from pathray.slide_encoders.titan import (
     titan_cells,
     write_random_weights,
 )
+from pathray.slide_level.job import AggregateConfig, SlideAggregatorStage, run_aggregate
 from pathray.store import FeatureStore
-from pathray.tiling import TilingConfig, plan_tiles
+from pathray.tiling.grid import TilingConfig, plan_tiles
+from pathray.wsi.slide import open_slide
 
 GOLDEN = Path(__file__).parent / "data" / "titan_golden.npz"
 TOL = 1e-5
@@ -96,8 +96,9 @@ def test_matches_the_official_outputs_from_pathray_coordinates(golden, encoder, 
 @pytest.mark.parametrize("tag", [*SLIDES, "shared_cells"])
 def test_official_entry_point_semantics(golden, encoder, tag):
     """TRIDENT coordinates + patch_size_level0, including tiles summed into shared cells."""
-    got = encoder.encode_slide_from_patch_features(golden_tiles(golden, tag), golden[f"{tag}_official_coords"],
-                                                   int(golden[f"{tag}_patch_size_lv0"]))
+    got = encoder.encode_slide_from_patch_features(
+        golden_tiles(golden, tag), golden[f"{tag}_official_coords"], int(golden[f"{tag}_patch_size_lv0"])
+    )
     assert np.abs(got - golden[f"{tag}_embedding"]).max() <= TOL
 
 
@@ -116,8 +117,9 @@ def test_background_and_positions_matter(golden, encoder):
 # --- coordinate rule ----------------------------------------------------------------------
 @pytest.mark.parametrize("mpp", [0.25, 0.2631, 0.5])
 def test_cells_of_a_slide_tiled_by_pathray_are_its_grid_columns_and_rows(tmp_path, mpp):
-    path = write_synthetic_svs(tmp_path / "s.svs", 5200, 4300, mpp=mpp, tissue_rects=((0, 0, 5200, 4300),),
-                               downsamples=(1, 4))
+    path = write_synthetic_svs(
+        tmp_path / "s.svs", 5200, 4300, mpp=mpp, tissue_rects=((0, 0, 5200, 4300),), downsamples=(1, 4)
+    )
     with open_slide(str(path)) as slide:
         grid = plan_tiles(slide, "s", TilingConfig(tile_px=512, target_mpp=0.5, min_tissue_fraction=0.0))
     keep = (grid.x >= grid.x[5]) & (grid.y > 0)  # an offset: not starting at the first column / row
@@ -138,7 +140,11 @@ def test_plain_floor_would_misplace_tiles_and_off_lattice_coordinates_are_refuse
         titan_cells(x + 200, y, mpp)  # e.g. tiles cut with another stride or origin
     with pytest.raises(ValueError, match="slide_mpp"):
         titan_cells(x, y, float("nan"))
-    assert official_cells(np.array([[1024, 2048], [3072, 2048], [3100, 5000]]), 1024).tolist() == [[0, 0], [2, 0], [2, 2]]
+    assert official_cells(np.array([[1024, 2048], [3072, 2048], [3100, 5000]]), 1024).tolist() == [
+        [0, 0],
+        [2, 0],
+        [2, 2],
+    ]
 
 
 def test_alibi_slopes_for_twelve_heads():
@@ -163,8 +169,10 @@ def test_loads_the_vision_part_strictly_and_ignores_the_text_part(weights_file, 
     for k, v in random_titan_net(int(golden["weights_seed"])).state_dict().items():
         assert torch.equal(encoder.net.state_dict()[k], v), k
     release = load_file(str(weights_file))
-    save_file({**release, "text_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3, 3)},
-              str(tmp_path / "model.safetensors"))  # any text-tower key, any shape: never read
+    save_file(
+        {**release, "text_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3, 3)},
+        str(tmp_path / "model.safetensors"),
+    )  # any text-tower key, any shape: never read
     again = TitanSlideEncoder.from_weights(tmp_path)  # a directory holding model.safetensors
     tiles, xy = np.random.default_rng(1).random((20, 768)).astype(np.float32), np.arange(40).reshape(2, 20) * 512
     np.testing.assert_allclose(again(tiles, *xy, 0.5), encoder(tiles, *xy, 0.5), rtol=0, atol=1e-5)  # BLAS paths
@@ -179,8 +187,10 @@ def test_wrong_files_are_refused(weights_file, tmp_path):
         "missing": ({k: v for k, v in release.items() if k != "vision_encoder.norm.bias"}, r"missing keys: norm\.bias"),
         "extra": ({**release, "logit_scale": torch.ones(())}, "unexpected keys: logit_scale"),
         "shape": ({**release, "vision_encoder.proj": torch.zeros(768, 512)}, r"proj: checkpoint \(768, 512\)"),
-        "gigapath": ({"cls_token": torch.zeros(1, 1, 768), "patch_embed.proj.weight": torch.zeros(768, 1536)},
-                     "unexpected keys: patch_embed.proj.weight"),
+        "gigapath": (
+            {"cls_token": torch.zeros(1, 1, 768), "patch_embed.proj.weight": torch.zeros(768, 1536)},
+            "unexpected keys: patch_embed.proj.weight",
+        ),
     }
     for name, (state, message) in cases.items():
         save_file(state, str(tmp_path / f"{name}.safetensors"))
@@ -212,8 +222,7 @@ def test_bad_inputs(encoder):
 
 
 # --- memory limit -------------------------------------------------------------------------
-def test_a_slide_over_the_memory_limit_is_a_per_slide_error_and_the_stage_goes_on(weights_file, tmp_path,
-                                                                                   monkeypatch):
+def test_a_slide_over_the_memory_limit_is_a_per_slide_error_and_the_stage_goes_on(weights_file, tmp_path, monkeypatch):
     monkeypatch.setenv("PATHRAY_SLIDE_ENCODER_MEMORY_BYTES", str(2**30 + 60 * 32 * 1024))  # fixed part + 60 tiles
     spec = get_aggregator("titan")
     config = AggregateConfig(str(tmp_path / "store"), "conch-v1.5", "titan", weights=str(weights_file))
@@ -231,16 +240,33 @@ def test_a_slide_over_the_memory_limit_is_a_per_slide_error_and_the_stage_goes_o
 
 
 def tiles_of(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (np.random.default_rng(n).random((n, 768)).astype(np.float32), np.arange(n, dtype=np.int64) * 512,
-            np.zeros(n, np.int64))
+    return (
+        np.random.default_rng(n).random((n, 768)).astype(np.float32),
+        np.arange(n, dtype=np.int64) * 512,
+        np.zeros(n, np.int64),
+    )
 
 
 def loaded_row(slide_id: str, n: int) -> dict:
     tiles, x, y = tiles_of(n)
-    return {"slide_id": slide_id, "cohort": "c", "status": "ok", "stage": None, "error_type": None,
-            "error_message": None, "n_tiles": n, "dim": 768, "embeddings": tiles.tobytes(), "x": x.tobytes(),
-            "y": y.tobytes(), "slide_mpp": 0.5, "kept": b"", "tile_provenance": "{}", "features_path": "f",
-            "load_s": 0.0}
+    return {
+        "slide_id": slide_id,
+        "cohort": "c",
+        "status": "ok",
+        "stage": None,
+        "error_type": None,
+        "error_message": None,
+        "n_tiles": n,
+        "dim": 768,
+        "embeddings": tiles.tobytes(),
+        "x": x.tobytes(),
+        "y": y.tobytes(),
+        "slide_mpp": 0.5,
+        "kept": b"",
+        "tile_provenance": "{}",
+        "features_path": "f",
+        "load_s": 0.0,
+    }
 
 
 # --- what `pathray aggregate --aggregator titan` needs from a store ----------------------------
@@ -258,22 +284,31 @@ def test_titan_spec_states_what_it_needs():
     assert "tiles" not in get_aggregator("gigapath-slide").record("w")  # older records (fingerprints) unchanged
 
 
-@pytest.mark.parametrize(("models", "tiling", "message", "out"), [
-    (["uni"], TilingConfig(tile_px=224, target_mpp=0.5), "takes embeddings of conch-v1.5, not 'uni'", "NEW_STORE"),
-    (["conch-v1.5"], TilingConfig(tile_px=224, target_mpp=0.5),
-     "needs 512-px tiles at 0.5 µm/px without overlap; .* holds 224-px tiles at 0.5 µm/px", "NEW_STORE"),
-    (["conch-v1.5"], TilingConfig(tile_px=512, target_mpp=0.25), "holds 512-px tiles at 0.25 µm/px", "NEW_STORE"),
-    (["conch-v1.5"], TilingConfig(tile_px=512, target_mpp=0.5, stride_px=256), "with a 256-px stride", "NEW_STORE"),
-    (["uni"], TilingConfig(tile_px=512, target_mpp=0.5), "not in the store", "STORE"),
-])
+@pytest.mark.parametrize(
+    ("models", "tiling", "message", "out"),
+    [
+        (["uni"], TilingConfig(tile_px=224, target_mpp=0.5), "takes embeddings of conch-v1.5, not 'uni'", "NEW_STORE"),
+        (
+            ["conch-v1.5"],
+            TilingConfig(tile_px=224, target_mpp=0.5),
+            "needs 512-px tiles at 0.5 µm/px without overlap; .* holds 224-px tiles at 0.5 µm/px",
+            "NEW_STORE",
+        ),
+        (["conch-v1.5"], TilingConfig(tile_px=512, target_mpp=0.25), "holds 512-px tiles at 0.25 µm/px", "NEW_STORE"),
+        (["conch-v1.5"], TilingConfig(tile_px=512, target_mpp=0.5, stride_px=256), "with a 256-px stride", "NEW_STORE"),
+        (["uni"], TilingConfig(tile_px=512, target_mpp=0.5), "not in the store", "STORE"),
+    ],
+)
 def test_aggregate_refuses_a_store_without_what_titan_needs(tmp_path, models, tiling, message, out):
     make_store(tmp_path / "s", models, tiling)
     model = "uni" if models == ["uni"] and "takes" in message else "conch-v1.5"
     with pytest.raises(ValueError, match=message) as exc:
         run_aggregate(AggregateConfig(str(tmp_path / "s"), model, "titan"))
     target = str(tmp_path / "s") if out == "STORE" else "NEW_STORE"
-    assert str(exc.value).endswith(f"make them with: pathray embed --manifest MANIFEST --models conch-v1.5 "
-                                   f"--tile-px 512 --target-mpp 0.5 --out {target}")
+    assert str(exc.value).endswith(
+        f"make them with: pathray embed --manifest MANIFEST --models conch-v1.5 "
+        f"--tile-px 512 --target-mpp 0.5 --out {target}"
+    )
     assert not (tmp_path / "s" / "_commits").exists()  # refused before any work
 
 
@@ -283,7 +318,10 @@ def test_cli_exits_2_with_the_embed_command(tmp_path, capsys):
     make_store(tmp_path / "s", ["conch-v1.5"], TilingConfig(tile_px=448, target_mpp=0.5))
     code = main(["aggregate", "--store", str(tmp_path / "s"), "--model", "conch-v1.5", "--aggregator", "titan"])
     assert code == 2
-    assert "pathray embed --manifest MANIFEST --models conch-v1.5 --tile-px 512 --target-mpp 0.5" in capsys.readouterr().err
+    assert (
+        "pathray embed --manifest MANIFEST --models conch-v1.5 --tile-px 512 --target-mpp 0.5"
+        in capsys.readouterr().err
+    )
 
 
 # --- end to end: `pathray aggregate --aggregator titan` over a store --------------------------
@@ -305,11 +343,19 @@ def test_aggregate_job_runs_titan_as_the_encoder_called_directly(ray_cluster, we
     store = make_store(tmp_path / "store", ["conch-v1.5"], TilingConfig(tile_px=512, target_mpp=0.5))
     mpps = {"a": 0.25, "b": 0.2631}
     for i, (slide_id, mpp) in enumerate(mpps.items()):
-        path = write_synthetic_svs(tmp_path / f"{slide_id}.svs", 6000, 5000, mpp=mpp, seed=i,
-                                   tissue_rects=((500, 400, 5200, 3900),), downsamples=(1, 4))
+        path = write_synthetic_svs(
+            tmp_path / f"{slide_id}.svs",
+            6000,
+            5000,
+            mpp=mpp,
+            seed=i,
+            tissue_rects=((500, 400, 5200, 3900),),
+            downsamples=(1, 4),
+        )
         store_slide(store, path, slide_id, seed=i)
-    report = run_aggregate(AggregateConfig(str(store.root), "conch-v1.5", "titan", weights=str(weights_file)),
-                           progress_bars=False)
+    report = run_aggregate(
+        AggregateConfig(str(store.root), "conch-v1.5", "titan", weights=str(weights_file)), progress_bars=False
+    )
     assert report.counts == {"ok": 2, "no_tissue": 0, "error": 0}
     rows = {r["slide_id"]: r for r in store.slide_features("conch-v1.5", "titan").to_table().to_pylist()}
     for slide_id, mpp in mpps.items():

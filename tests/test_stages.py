@@ -10,11 +10,19 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
-from pathray.fakes import SleepEncoder, pixel_statistics
-from pathray.slide import open_slide
-from pathray.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner, chunk_id, tile_batches
+from pathray.job.stages import (
+    SLIDE_SCHEMA,
+    ChunkEncoder,
+    ChunkReader,
+    ChunkWriter,
+    SlidePlanner,
+    chunk_id,
+    tile_batches,
+)
 from pathray.store import FeatureStore
-from pathray.tiling import TilingConfig, plan_tiles, read_tiles
+from pathray.testing import SleepEncoder, pixel_statistics
+from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles
+from pathray.wsi.slide import open_slide
 
 TILING = TilingConfig(tile_px=224, target_mpp=0.5)
 
@@ -30,12 +38,25 @@ def test_tile_batches_are_zero_copy_views_of_each_row():
 
 
 def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_path):
-    slides = pa.Table.from_pylist([
-        {"slide_id": "a", "path": os.fspath(synthetic_svs_025), "cohort": "c", "mpp_override": None,
-         "models": ["m1", "m2"]},
-        {"slide_id": "gone", "path": str(tmp_path / "gone.svs"), "cohort": "c", "mpp_override": None,
-         "models": ["m1", "m2"]},
-    ], schema=SLIDE_SCHEMA)
+    slides = pa.Table.from_pylist(
+        [
+            {
+                "slide_id": "a",
+                "path": os.fspath(synthetic_svs_025),
+                "cohort": "c",
+                "mpp_override": None,
+                "models": ["m1", "m2"],
+            },
+            {
+                "slide_id": "gone",
+                "path": str(tmp_path / "gone.svs"),
+                "cohort": "c",
+                "mpp_override": None,
+                "models": ["m1", "m2"],
+            },
+        ],
+        schema=SLIDE_SCHEMA,
+    )
     chunks = SlidePlanner(TILING, chunk_tiles=4)(slides)
     ok = chunks.filter(pa.compute.equal(chunks.column("status"), "ok"))
     assert ok.column("chunk_id").to_pylist() == [chunk_id("a", TILING.fingerprint(), i) for i in range(3)]  # 10 tiles
@@ -61,8 +82,9 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
     staged = [pa.parquet.read_table(store.staging_path("m1", "a", cid)) for cid in ok.column("chunk_id").to_pylist()]
     table = pa.concat_tables(staged)
     np.testing.assert_array_equal(table.column("x").to_numpy(), grid.x)
-    np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
-                               pixel_statistics(tiles, 6), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), pixel_statistics(tiles, 6), rtol=1e-6
+    )
     m2 = pa.parquet.read_table(store.staging_path("m2", "a", ok.column("chunk_id")[0].as_py()))
     assert m2.schema.field("embedding").type == pa.list_(pa.float16(), 3)  # not 6 half-floats read from 3 floats
     meta = json.loads(ok.column("slide_meta")[0].as_py())
@@ -70,8 +92,10 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
 
 
 def test_encoder_that_cannot_load_fails_its_model_only(synthetic_svs_05):
-    slides = pa.Table.from_pylist([{"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "",
-                                    "mpp_override": None, "models": ["bad"]}], schema=SLIDE_SCHEMA)
+    slides = pa.Table.from_pylist(
+        [{"slide_id": "b", "path": os.fspath(synthetic_svs_05), "cohort": "", "mpp_override": None, "models": ["bad"]}],
+        schema=SLIDE_SCHEMA,
+    )
     read = pa.concat_tables(list(ChunkReader(TILING)(SlidePlanner(TILING, chunk_tiles=8)(slides))))
 
     def broken():

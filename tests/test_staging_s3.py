@@ -5,12 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from pathray.cli_tile import TileOutput, tile_slide
+from pathray.cli.tile import TileOutput, tile_slide
 from pathray.errors import PathrayError, SlideNotFoundError, StagingError
 from pathray.manifest import SlideEntry, read_manifest
-from pathray.slide import open_slide
-from pathray.staging import Scratch
-from pathray.tiling import TilingConfig, plan_tiles, read_tiles
+from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles
+from pathray.wsi.scratch import Scratch
+from pathray.wsi.slide import open_slide
 
 pytestmark = pytest.mark.s3
 
@@ -75,7 +75,13 @@ def test_missing_object_is_a_per_slide_error(s3_server, s3_bucket, s3_slide, tmp
         open_slide(f"s3://{s3_bucket}/nope.svs", storage_options=s3_server.storage_options)
     with Scratch(str(tmp_path / "scratch")) as scratch:
         results = [
-            tile_slide(SlideEntry(sid, uri, None, None, {}, i), config, TileOutput(str(tmp_path / "out")), scratch, storage_options=s3_server.storage_options)
+            tile_slide(
+                SlideEntry(sid, uri, None, None, {}, i),
+                config,
+                TileOutput(str(tmp_path / "out")),
+                scratch,
+                storage_options=s3_server.storage_options,
+            )
             for i, (sid, uri) in enumerate([("gone", f"s3://{s3_bucket}/gone.svs"), ("here", s3_slide)], start=1)
         ]
     (gone_tiles, gone), (here_tiles, here) = results
@@ -99,7 +105,10 @@ def test_multi_file_formats_are_staged_whole(s3_server, s3_bucket, tmp_path):
         mrxs = scratch.stage(f"s3://{s3_bucket}/m/case.mrxs", s3_server.storage_options)
         base = os.path.dirname(mrxs.local_path)
         assert sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs_ in os.walk(base) for f in fs_) == [
-            "case.mrxs", "case/Data0000.dat", "case/Slidedat.ini"]
+            "case.mrxs",
+            "case/Data0000.dat",
+            "case/Slidedat.ini",
+        ]
         assert mrxs.size_bytes == len(b"index") + len(b"ini") + len(b"data")
         dcm = scratch.stage(f"s3://{s3_bucket}/dicom/series/1.dcm", s3_server.storage_options)
         assert sorted(os.listdir(os.path.dirname(dcm.local_path))) == ["1.dcm", "2.dcm"]

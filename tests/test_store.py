@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pathray.aggregate import slide_embeddings
 from pathray.errors import CommitMismatchError, StoreConfigMismatchError
+from pathray.slide_level.aggregators import slide_embeddings
 from pathray.store import (
     SLIDE_STATUS_SCHEMA,
     CommitRequest,
@@ -33,10 +33,20 @@ def chunk_table(slide_id: str, indices: list[int], seed: int = 0) -> pa.Table:
     n = len(indices)
     emb = rng.normal(size=(n, DIM)).astype(np.float32)
     schema = feature_schema(DIM, pa.float32())
-    return pa.Table.from_arrays([
-        pa.array([slide_id] * n), pa.array(indices, pa.int64()), pa.array([i * 448 for i in indices], pa.int64()),
-        pa.array([0] * n, pa.int64()), pa.array([448.0] * n), pa.array([0.5] * n), pa.array([224] * n, pa.int32()),
-        pa.array([1.0] * n, pa.float32()), embeddings_to_arrow(emb)], schema=schema)
+    return pa.Table.from_arrays(
+        [
+            pa.array([slide_id] * n),
+            pa.array(indices, pa.int64()),
+            pa.array([i * 448 for i in indices], pa.int64()),
+            pa.array([0] * n, pa.int64()),
+            pa.array([448.0] * n),
+            pa.array([0.5] * n),
+            pa.array([224] * n, pa.int32()),
+            pa.array([1.0] * n, pa.float32()),
+            embeddings_to_arrow(emb),
+        ],
+        schema=schema,
+    )
 
 
 def stage_and_commit(store: FeatureStore, slide_id: str, cohort: str, sizes=(3, 2), **kw):
@@ -46,8 +56,21 @@ def stage_and_commit(store: FeatureStore, slide_id: str, cohort: str, sizes=(3, 
         store.write_chunk("m", slide_id, chunk, chunk_table(slide_id, list(range(start, start + size)), seed=k))
         ids.append(chunk)
         start += size
-    return finalize_slide(store, CommitRequest("m", slide_id, cohort, ids, kw.pop("n_tiles", start), {"path": f"/{slide_id}.svs"},
-                          {"model": {"name": "m"}}, "hash", "run1", **kw))
+    return finalize_slide(
+        store,
+        CommitRequest(
+            "m",
+            slide_id,
+            cohort,
+            ids,
+            kw.pop("n_tiles", start),
+            {"path": f"/{slide_id}.svs"},
+            {"model": {"name": "m"}},
+            "hash",
+            "run1",
+            **kw,
+        ),
+    )
 
 
 def test_commit_merges_chunks_in_tile_order_and_cleans_staging(tmp_path):
@@ -55,8 +78,22 @@ def test_commit_merges_chunks_in_tile_order_and_cleans_staging(tmp_path):
     # chunks staged out of order must come out sorted by tile_index
     store.write_chunk("m", "s1", "b", chunk_table("s1", [3, 4], seed=1))
     store.write_chunk("m", "s1", "a", chunk_table("s1", [0, 1, 2], seed=0))
-    record = finalize_slide(store, CommitRequest("m", "s1", "C", ["b", "a"], 5, {"path": "/s1.svs"}, {"x": 1}, "hash", "run1",
-                            {"label": 7}, pa.schema([("label", pa.int64())])))
+    record = finalize_slide(
+        store,
+        CommitRequest(
+            "m",
+            "s1",
+            "C",
+            ["b", "a"],
+            5,
+            {"path": "/s1.svs"},
+            {"x": 1},
+            "hash",
+            "run1",
+            {"label": 7},
+            pa.schema([("label", pa.int64())]),
+        ),
+    )
     table = pads.dataset(str(tmp_path / record.features_path)).to_table()
     assert table.column("tile_index").to_pylist() == [0, 1, 2, 3, 4]
     assert table.column("label").to_pylist() == [7] * 5
@@ -103,8 +140,10 @@ def test_readers_see_whole_committed_slides_only(tmp_path):
     # plain readers never see staging (underscore folders are ignored)
     plain = pads.dataset(str(tmp_path / "features"), partitioning="hive").to_table()
     assert "s4" not in plain.column("slide_id").to_pylist()
-    counts = duckdb.sql(f"SELECT slide_id, count(*) FROM read_parquet('{tmp_path}/features/**/*.parquet', "
-                        "hive_partitioning=true) GROUP BY 1 ORDER BY 1").fetchall()
+    counts = duckdb.sql(
+        f"SELECT slide_id, count(*) FROM read_parquet('{tmp_path}/features/**/*.parquet', "
+        "hive_partitioning=true) GROUP BY 1 ORDER BY 1"
+    ).fetchall()
     assert counts == [("s1", 5), ("s2", 4), ("s3", 5)]
     lazy = pl.scan_parquet(f"{tmp_path}/features/**/*.parquet", hive_partitioning=True)
     assert lazy.select(pl.col("cohort").unique().sort()).collect()["cohort"].to_list() == ["A", "B"]
@@ -116,12 +155,15 @@ def test_store_config_guard(tmp_path):
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}})
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}, "kaiko": {"fingerprint": "k1"}})
     assert sorted(store.read_config()["models"]) == ["kaiko", "uni"]  # adding a model is fine
-    with pytest.raises(StoreConfigMismatchError, match="holds 'uni' at another tiling: tile_px: store has 224, this run asks "
-                       "for 256"):
+    with pytest.raises(
+        StoreConfigMismatchError, match="holds 'uni' at another tiling: tile_px: store has 224, this run asks for 256"
+    ):
         store.ensure_config({"tile_px": 256, "fingerprint": "t2"}, {"uni": {"weights": "a", "fingerprint": "u1"}})
     with pytest.raises(StoreConfigMismatchError, match="holds 'kaiko' at another tiling"):
         store.ensure_config(tiling, {"kaiko": {"fingerprint": "k1"}}, {"kaiko": {"tile_px": 448, "fingerprint": "t4"}})
-    with pytest.raises(StoreConfigMismatchError, match="model 'uni' .*weights: store has 'a', this run asks for 'b'[.] Use"):
+    with pytest.raises(
+        StoreConfigMismatchError, match="model 'uni' .*weights: store has 'a', this run asks for 'b'[.] Use"
+    ):
         store.ensure_config(tiling, {"uni": {"weights": "b", "fingerprint": "u2"}})
 
 
@@ -189,8 +231,10 @@ def test_a_writer_killed_mid_write_leaves_nothing_readers_see(tmp_path):
 
 def test_slide_table_latest_wins_and_backfills_unflushed_commits(tmp_path):
     store = FeatureStore(str(tmp_path))
-    first = [status_row(slide_id="s1", model="m", status="error", error_type="slide_unreadable", updated_at=1.0),
-             status_row(slide_id="s2", model="m", status="error", error_type="staging_failed", updated_at=1.0)]
+    first = [
+        status_row(slide_id="s1", model="m", status="error", error_type="slide_unreadable", updated_at=1.0),
+        status_row(slide_id="s2", model="m", status="error", error_type="staging_failed", updated_at=1.0),
+    ]
     store.write_table("_runs/r1/slides-00001.parquet", pa.Table.from_pylist(first, schema=SLIDE_STATUS_SCHEMA))
     second = [status_row(slide_id="s1", model="m", status="ok", n_tiles=5, updated_at=2.0)]
     store.write_table("_runs/r2/slides-00001.parquet", pa.Table.from_pylist(second, schema=SLIDE_STATUS_SCHEMA))
@@ -253,5 +297,6 @@ def test_a_commit_given_the_listed_copies_removes_the_other_cohorts_copy_without
     store.fs.exists = lambda path: pytest.fail(f"probed {path}")  # the listing is all a commit needs
     stage_and_commit(store, "s1", "B", copies=copies["s1"])
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("features/model=m/*/s1.parquet")) == [
-        "features/model=m/cohort=B/s1.parquet"]
+        "features/model=m/cohort=B/s1.parquet"
+    ]
     assert store.commit_records("m")["s1"].cohort == "B"

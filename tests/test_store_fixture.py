@@ -54,8 +54,8 @@ def test_old_store_reads_tiles_slides_errors_and_slide_features(old_store):
 def test_old_store_exports_and_reports_status(old_store, tmp_path):
     import h5py
 
-    from pathray.export import export_store
-    from pathray.status import store_status
+    from pathray.exchange.export import export_store
+    from pathray.store.status import store_status
 
     report = export_store(_open(old_store), "sleep16", "trident-h5", str(tmp_path / "h5"))
     assert sorted(report.written) == ["slide0", "slide1"] and not report.errors
@@ -63,26 +63,52 @@ def test_old_store_exports_and_reports_status(old_store, tmp_path):
         assert f["features"].shape[1] == 16
     status = store_status(_open(old_store))
     assert {m: (s["committed"], s["errors"]) for m, s in status["models"].items()} == {
-        "sleep8": (2, {"slide_unreadable": 1}), "sleep16": (2, {"slide_unreadable": 1})}
+        "sleep8": (2, {"slide_unreadable": 1}),
+        "sleep16": (2, {"slide_unreadable": 1}),
+    }
     assert status["aggregations"] == [{"model": "sleep8", "aggregator": "mean", "slides": 2}]
 
 
 def test_old_store_takes_new_slides_and_refuses_a_different_slide_under_a_committed_id(old_store, tmp_path):
-    from pathray.config import build_job_config
-    from pathray.fakes import sleep_encoder
-    from pathray.pipeline import run_job
+    from pathray.job.config import build_job_config
+    from pathray.job.raydata import run_job
+    from pathray.testing import sleep_encoder
 
-    paths = [write_synthetic_svs(tmp_path / f"new{i}.svs", 2016, 1344, mpp=0.5, tissue_rects=((0, 0, 672, 448),),
-                                 seed=7 + i, downsamples=(1, 4)) for i in range(2)]
-    manifest = write_manifest(tmp_path / "manifest.csv", [
-        {"slide_id": "slide0", "path": str(paths[0]), "cohort": "brca", "case_id": "case0"},
-        {"slide_id": "slide2", "path": str(paths[1]), "cohort": "luad", "case_id": "case2"},
-    ])
-    config = build_job_config(dict(manifest=str(manifest), out=str(old_store), models=["sleep8", "sleep16"],
-                                   tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4,
-                                   keep_columns=["case_id"], runner="local"))
-    run_job(config, {"sleep8": sleep_encoder(1e6, embed_dim=8), "sleep16": sleep_encoder(1e6, embed_dim=16)},
-            progress_bars=False)
+    paths = [
+        write_synthetic_svs(
+            tmp_path / f"new{i}.svs",
+            2016,
+            1344,
+            mpp=0.5,
+            tissue_rects=((0, 0, 672, 448),),
+            seed=7 + i,
+            downsamples=(1, 4),
+        )
+        for i in range(2)
+    ]
+    manifest = write_manifest(
+        tmp_path / "manifest.csv",
+        [
+            {"slide_id": "slide0", "path": str(paths[0]), "cohort": "brca", "case_id": "case0"},
+            {"slide_id": "slide2", "path": str(paths[1]), "cohort": "luad", "case_id": "case2"},
+        ],
+    )
+    config = build_job_config(
+        dict(
+            manifest=str(manifest),
+            out=str(old_store),
+            models=["sleep8", "sleep16"],
+            tiling={"tile_px": 224, "target_mpp": 0.5},
+            chunk_tiles=4,
+            keep_columns=["case_id"],
+            runner="local",
+        )
+    )
+    run_job(
+        config,
+        {"sleep8": sleep_encoder(1e6, embed_dim=8), "sleep16": sleep_encoder(1e6, embed_dim=16)},
+        progress_bars=False,
+    )
     store = _open(old_store)
     assert sorted(store.commit_records("sleep8")) == ["slide0", "slide1", "slide2"]
     errors = [(r["slide_id"], r["error_type"]) for r in store.errors().to_pylist() if r["model"] == "sleep8"]

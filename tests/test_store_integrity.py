@@ -22,17 +22,17 @@ import pytest
 from fixtures.feature_stores import commit_slide, ensure_store, grid, write_planted_store
 from fixtures.slides import write_manifest
 
-from pathray.aggregate import slide_embeddings
-from pathray.config import build_job_config
 from pathray.encoders.custom import CustomEncoder
-from pathray.export import ExportConflictError, export_store
-from pathray.fakes import SleepEncoder, sleep_encoder
+from pathray.exchange.export import ExportConflictError, export_store
+from pathray.job.config import build_job_config
+from pathray.job.raydata import dry_run_plan, run_job
 from pathray.mil import TrainConfig, train
 from pathray.mil.bags import index_bags
 from pathray.mil.labels import PatientFallbackWarning, join_labels
 from pathray.mil.splits import Fold, Splits
-from pathray.pipeline import dry_run_plan, run_job
+from pathray.slide_level.aggregators import slide_embeddings
 from pathray.store import FeatureStore
+from pathray.testing import SleepEncoder, sleep_encoder
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,8 +42,17 @@ MODEL = "sleep"
 
 def embed(tmp_path: Path, manifest: Path, encoder: CustomEncoder | None = None, **raw):
     """One `pathray embed` run of the stand-in encoder on the in-process runner."""
-    config = build_job_config({"manifest": str(manifest), "out": str(tmp_path / "store"), "models": [MODEL],
-                               "tiling": {"tile_px": 224, "target_mpp": 0.5}, "chunk_tiles": 4, "runner": "local", **raw})
+    config = build_job_config(
+        {
+            "manifest": str(manifest),
+            "out": str(tmp_path / "store"),
+            "models": [MODEL],
+            "tiling": {"tile_px": 224, "target_mpp": 0.5},
+            "chunk_tiles": 4,
+            "runner": "local",
+            **raw,
+        }
+    )
     return config, run_job(config, {MODEL: encoder or sleep_encoder(tiles_per_s=1e5)}, progress_bars=False)
 
 
@@ -119,8 +128,11 @@ class OverflowingEncoder(SleepEncoder):
 
 
 def test_non_finite_embeddings_are_an_error_row_and_never_stored(synthetic_svs_05, tmp_path):
-    encoder = CustomEncoder(factory=lambda: OverflowingEncoder(1e5, 8, "float32"),
-                            record={"model": "overflow", "embed_dim": 8}, output_dtype="float16")
+    encoder = CustomEncoder(
+        factory=lambda: OverflowingEncoder(1e5, 8, "float32"),
+        record={"model": "overflow", "embed_dim": 8},
+        output_dtype="float16",
+    )
     manifest = write_manifest(tmp_path / "m.csv", [{"path": str(synthetic_svs_05)}])
     _, report = embed(tmp_path, manifest, encoder)
     store = FeatureStore(str(tmp_path / "store"))
@@ -146,10 +158,31 @@ def test_mil_refuses_a_store_with_nan_embeddings_naming_the_slides(tmp_path):
     model, slide_id = nan_store(tmp_path / "store")
     labels = tmp_path / "labels.csv"
     labels.write_text("case_id,label\n" + "".join(f"case-{p:02d},{p % 2}\n" for p in range(8)))
-    out = subprocess.run([sys.executable, "-m", "pathray.cli", "mil", "train", "--store", str(tmp_path / "store"),
-                          "--model", model, "--labels", str(labels), "--out", str(tmp_path / "run"), "--folds", "2",
-                          "--epochs", "1"], capture_output=True, text=True, timeout=240,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pathray.cli",
+            "mil",
+            "train",
+            "--store",
+            str(tmp_path / "store"),
+            "--model",
+            model,
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "run"),
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert out.returncode == 2, out.stderr
     assert slide_id in out.stderr and "NaN/inf" in out.stderr
     assert "Traceback" not in out.stderr
@@ -161,8 +194,14 @@ def test_run_json_holds_no_nan_when_a_fold_has_no_validation_slides(tmp_path):
     # two folds, each testing one slide of each class, training on the rest, no validation part
     tests = [[slides[0], slides[1]], [slides[2], slides[3]]]
     splits = Splits(0, 2, 0.2, [Fold(k, [s for s in slides if s not in t], [], t) for k, t in enumerate(tests)])
-    train(str(tmp_path / "store"), planted.model, planted.labels, out=tmp_path / "run", splits=splits,
-          config=TrainConfig(n_folds=2, max_epochs=2, cpu_threads=1))
+    train(
+        str(tmp_path / "store"),
+        planted.model,
+        planted.labels,
+        out=tmp_path / "run",
+        splits=splits,
+        config=TrainConfig(n_folds=2, max_epochs=2, cpu_threads=1),
+    )
 
     def refuse(constant):
         raise AssertionError(f"run.json holds {constant}")
@@ -173,11 +212,14 @@ def test_run_json_holds_no_nan_when_a_fold_has_no_validation_slides(tmp_path):
 
 
 # --- 5. kept manifest columns -----------------------------------------------------------------
-def test_a_column_kept_by_a_later_run_is_read_and_patient_fallback_warns(synthetic_svs_05, synthetic_svs_025,
-                                                                          tmp_path):
-    manifest = write_manifest(tmp_path / "m.csv", [
-        {"slide_id": "a", "path": str(synthetic_svs_05), "case_id": "P1"},
-        {"slide_id": "b", "path": str(synthetic_svs_025), "case_id": "P1"}])
+def test_a_column_kept_by_a_later_run_is_read_and_patient_fallback_warns(synthetic_svs_05, synthetic_svs_025, tmp_path):
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        [
+            {"slide_id": "a", "path": str(synthetic_svs_05), "case_id": "P1"},
+            {"slide_id": "b", "path": str(synthetic_svs_025), "case_id": "P1"},
+        ],
+    )
     store = FeatureStore(str(tmp_path / "store"))
     embed(tmp_path, write_manifest(tmp_path / "a.csv", [{"slide_id": "a", "path": str(synthetic_svs_05)}]))
     _, report = embed(tmp_path, manifest, keep_columns=["case_id"])  # slide a is skipped: committed
@@ -207,9 +249,23 @@ def test_export_refuses_another_models_files_unless_overwrite(fmt, tmp_path):
     out = tmp_path / "feats"
     assert sorted(export_store(store, "model-a", fmt, str(out)).written) == ["s1", "s2"]
     assert export_store(store, "model-a", fmt, str(out)).skipped == ["s1", "s2"]  # a re-run skips its own files
-    cli = [sys.executable, "-m", "pathray.cli", "export", "--store", str(tmp_path / "store"), "--model", "model-b",
-           "--format", fmt, "--out", str(out)]
-    refused = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    cli = [
+        sys.executable,
+        "-m",
+        "pathray.cli",
+        "export",
+        "--store",
+        str(tmp_path / "store"),
+        "--model",
+        "model-b",
+        "--format",
+        fmt,
+        "--out",
+        str(out),
+    ]
+    refused = subprocess.run(
+        cli, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
     assert refused.returncode == 2 and "model-a" in refused.stderr and "--overwrite" in refused.stderr
     with pytest.raises(ExportConflictError):
         export_store(store, "model-b", fmt, str(out))
@@ -249,19 +305,34 @@ COMMIT_SCRIPT = textwrap.dedent("""
 """)
 
 
-
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
 def test_commit_fsyncs_file_then_renames_then_fsyncs_directory_before_the_record(tmp_path):
     """A real system-call trace of one commit: features file fsync -> rename -> directory
     fsync, and only then the commit record, the same way."""
     root = tmp_path.resolve() / "store"
-    trace = subprocess.run(["strace", "-f", "-y", "-qq", "--seccomp-bpf", "-e", "trace=fsync,rename,renameat,renameat2",
-                            sys.executable, "-c", COMMIT_SCRIPT, str(root)],
-                           capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    trace = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-y",
+            "-qq",
+            "--seccomp-bpf",
+            "-e",
+            "trace=fsync,rename,renameat,renameat2",
+            sys.executable,
+            "-c",
+            COMMIT_SCRIPT,
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     if trace.returncode != 0 and "ptrace" in trace.stderr:
         pytest.skip(f"strace cannot trace here: {trace.stderr[-200:]}")
     assert trace.returncode == 0, trace.stderr[-2000:]
-    calls = trace.stderr[trace.stderr.index("-commit-starts>"):]
+    calls = trace.stderr[trace.stderr.index("-commit-starts>") :]
     events = []
     for call, args in re.findall(r"\b(fsync|rename|renameat2?)\((.*?)\)\s+= 0", calls):
         paths = re.findall(r"<([^>]+)>|\"([^\"]+)\"", args)
@@ -269,8 +340,14 @@ def test_commit_fsyncs_file_then_renames_then_fsyncs_directory_before_the_record
         events.append(("fsync", named[0]) if call == "fsync" else ("rename", named[-1]))
     features = str(root / "features/model=m/cohort=C/s1.parquet")
     record = str(root / "_commits/model=m/s1.json")
-    want = [("fsync-tmp", features), ("rename", features), ("fsync", os.path.dirname(features)),
-            ("fsync-tmp", record), ("rename", record), ("fsync", os.path.dirname(record))]
+    want = [
+        ("fsync-tmp", features),
+        ("rename", features),
+        ("fsync", os.path.dirname(features)),
+        ("fsync-tmp", record),
+        ("rename", record),
+        ("fsync", os.path.dirname(record)),
+    ]
     positions = []
     for kind, path in want:
         if kind == "fsync-tmp":
@@ -282,7 +359,7 @@ def test_commit_fsyncs_file_then_renames_then_fsyncs_directory_before_the_record
         positions.append(match[0])
     assert positions == sorted(positions), events
     # the directories a commit created are on disk too: their parents were fsync-ed before the record
-    assert ("fsync", str(root / "_commits")) in events[:positions[4]]
+    assert ("fsync", str(root / "_commits")) in events[: positions[4]]
 
 
 @pytest.mark.s3

@@ -9,9 +9,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pathray.slide import open_slide
-from pathray.tifftiles import DECODE_OFFSET, BlockLoader, TiledLevel
-from pathray.tiling import TilingConfig, plan_tiles, read_tiles, resize_tile
+from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles, resize_tile
+from pathray.wsi.slide import open_slide
+from pathray.wsi.tifftiles import DECODE_OFFSET, BlockLoader, TiledLevel
 
 
 def _pil_halve(region: np.ndarray) -> np.ndarray:
@@ -28,9 +28,11 @@ def test_block_loader_decodes_each_stored_tile_once_and_matches_window_reads(cmu
             fetched.extend(ranges)
             return slide.backend._pread(ranges)
 
-        groups = [[(0, 0, 224, 224), (224, 0, 224, 224)],
-                  [(224, 224, 224, 224), (100, 300, 224, 224)],  # shares stored tiles with group 0
-                  [(2100, 2800, 224, 224)]]  # sticks out of the 2220 x 2967 level: white there
+        groups = [
+            [(0, 0, 224, 224), (224, 0, 224, 224)],
+            [(224, 224, 224, 224), (100, 300, 224, 224)],  # shares stored tiles with group 0
+            [(2100, 2800, 224, 224)],
+        ]  # sticks out of the 2220 x 2967 level: white there
         loader = BlockLoader(tiled, groups, fetch)
         for k, group in enumerate(groups):
             if into:
@@ -51,7 +53,7 @@ def test_halving_is_bit_identical_to_pil_reduce(cmu_slide):
     image = rng.integers(0, 256, (1001, 1001, 3), dtype=np.uint8)
     image[:40], image[40:80] = 255, 0
     for x, y, n in [(0, 0, 448), (1, 3, 448), (7, 2, 128), (5, 5, 2)]:  # views at odd offsets too
-        view = image[y:y + n, x:x + n]
+        view = image[y : y + n, x : x + n]
         assert np.array_equal(resize_tile(view, n // 2), _pil_halve(view))
     with open_slide(str(cmu_slide)) as slide:
         region = slide.read_region(600, 900, 0, 448, 448)
@@ -92,6 +94,8 @@ def test_tiles_decode_as_tifffile_decodes_them(request, fixture):
         for index in range(0, len(page.dataoffsets), 7):
             fh.seek(page.dataoffsets[index])
             data = fh.read(page.databytecounts[index])
-            expected = page.decode(data, index, jpegtables=page.jpegtables)[0].reshape(level.tile_height, level.tile_width, 3)
+            expected = page.decode(data, index, jpegtables=page.jpegtables)[0].reshape(
+                level.tile_height, level.tile_width, 3
+            )
             tile = level.decode_tile(data, index)
             assert np.array_equal(tile, expected) and tile.ctypes.data % 32 == DECODE_OFFSET

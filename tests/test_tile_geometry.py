@@ -14,9 +14,9 @@ import pytest
 
 from pathray.demo.synthetic import write_synthetic_svs
 from pathray.encoders import REGISTRY, get_spec
-from pathray.slide import open_slide
-from pathray.slide_encoders import gigapath_coords
-from pathray.tiling import TilingConfig, plan_tiles
+from pathray.slide_level.encoders import gigapath_coords
+from pathray.tiling.grid import TilingConfig, plan_tiles
+from pathray.wsi.slide import open_slide
 
 GIGAPATH_TILING = TilingConfig(tile_px=256, target_mpp=0.5, min_tissue_fraction=0.0)
 
@@ -61,8 +61,9 @@ def official_positions(coords: np.ndarray) -> np.ndarray:
 # level-0 sizes whose 0.5 µm/px image, floor(size * mpp / 0.5), is 1024 x 768: no official padding
 @pytest.mark.parametrize("mpp, width, height", [(0.25, 2048, 1536), (0.2631, 1947, 1460), (0.5, 1024, 768)])
 def test_gigapath_coords_equal_the_official_preprocessing(tmp_path, mpp, width, height):
-    path = write_synthetic_svs(tmp_path / "s.svs", width, height, mpp=mpp, tissue_rects=((0, 0, width, height),),
-                               downsamples=(1, 4))
+    path = write_synthetic_svs(
+        tmp_path / "s.svs", width, height, mpp=mpp, tissue_rects=((0, 0, width, height),), downsamples=(1, 4)
+    )
     with open_slide(str(path)) as slide:
         grid = plan_tiles(slide, "s", GIGAPATH_TILING)
     official = official_tile_coords(int(width * mpp / 0.5), int(height * mpp / 0.5))

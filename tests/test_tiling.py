@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from pathray.demo.synthetic import synthetic_image
-from pathray.slide import open_slide
-from pathray.tiling import TILE_SCHEMA, TilingConfig, plan_tiles, read_geometry, read_tiles, resize_tile
+from pathray.tiling.grid import TILE_SCHEMA, TilingConfig, plan_tiles, read_geometry, read_tiles, resize_tile
+from pathray.wsi.slide import open_slide
 
 
 def _reference(slide, grid, i):
@@ -128,7 +128,16 @@ def test_table_schema_and_units(synthetic_svs_05):
         table = plan_tiles(slide, "s05", TilingConfig()).to_table()
     assert table.schema == TILE_SCHEMA
     row = table.to_pylist()[0]
-    assert row == {"slide_id": "s05", "tile_index": 0, "x": 224, "y": 224, "size_level0": 224.0, "target_mpp": 0.5, "tile_px": 224, "tissue_fraction": pytest.approx(row["tissue_fraction"])}
+    assert row == {
+        "slide_id": "s05",
+        "tile_index": 0,
+        "x": 224,
+        "y": 224,
+        "size_level0": 224.0,
+        "target_mpp": 0.5,
+        "tile_px": 224,
+        "tissue_fraction": pytest.approx(row["tissue_fraction"]),
+    }
 
 
 def test_fingerprint_is_stable_and_sensitive():
@@ -136,8 +145,10 @@ def test_fingerprint_is_stable_and_sensitive():
     assert a.fingerprint() == TilingConfig().fingerprint()
     assert a.fingerprint() != TilingConfig(target_mpp=0.25).fingerprint()
     assert a.fingerprint() != TilingConfig(stride_px=112).fingerprint()
-    code = "from pathray.tiling import TilingConfig; print(TilingConfig().fingerprint())"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": "123"}, check=True)
+    code = "from pathray.tiling.grid import TilingConfig; print(TilingConfig().fingerprint())"
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": "123"}, check=True
+    )
     assert other.stdout.strip() == a.fingerprint()
     with pytest.raises(ValueError):
         TilingConfig(min_tissue_fraction=1.5)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pathray.slide import open_slide
-from pathray.tissue import TissueConfig, detect_tissue, otsu_threshold, tissue_mask_from_rgb
+from pathray.tiling.tissue import TissueConfig, detect_tissue, otsu_threshold, tissue_mask_from_rgb
+from pathray.wsi.slide import open_slide
 
 PINK = (205, 120, 170)
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from pathray.tracker import Complete, CompletionTracker, Failed
+from pathray.job.tracker import Complete, CompletionTracker, Failed
 
 
 def row(slide="s", model="m", index=0, n=2, status="ok", **extra):
-    return {"slide_id": slide, "model": model, "chunk_index": index, "n_chunks": n, "status": status,
-            "chunk_id": f"{slide}.c{index}" if status == "ok" and n else "", **extra}
+    return {
+        "slide_id": slide,
+        "model": model,
+        "chunk_index": index,
+        "n_chunks": n,
+        "status": status,
+        "chunk_id": f"{slide}.c{index}" if status == "ok" and n else "",
+        **extra,
+    }
 
 
 def test_complete_after_every_chunk_in_chunk_order_whatever_the_arrival_order():

@@ -1,4 +1,4 @@
-"""The live progress display (pathray.watch.RunWatch): its figures on a fake clock, the
+"""The live progress display (pathray.monitor.watch.RunWatch): its figures on a fake clock, the
 concise line a non-terminal stream gets, and the tqdm bars a terminal gets."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import io
 
 import pytest
 
-from pathray import watch as watch_module
-from pathray.watch import RunWatch
+from pathray.monitor import watch as watch_module
+from pathray.monitor.watch import RunWatch
 
 
 class Clock:
@@ -68,8 +68,12 @@ def test_series_stays_bounded_on_a_long_run(clock):
         w.tick()
     assert len(w.series) <= watch_module.MAX_SAMPLES
     w.close()  # the last sample is the run's end
-    assert w.series[0]["t_s"] == 0.0 and w.series[-1] == {"t_s": 5000.0, "read": 0, "written": {"m": 5000},
-                                                          "done": {"m": 0}}
+    assert w.series[0]["t_s"] == 0.0 and w.series[-1] == {
+        "t_s": 5000.0,
+        "read": 0,
+        "written": {"m": 5000},
+        "done": {"m": 0},
+    }
 
 
 class Terminal(io.StringIO):

@@ -50,8 +50,9 @@ def golden_tiles(slide: Path, rows: np.ndarray) -> list[np.ndarray]:
     import openslide
 
     with openslide.OpenSlide(str(slide)) as s:
-        return [np.asarray(s.read_region((int(x), int(y)), 0, (int(side), int(side))).convert("RGB"))
-                for x, y, side in rows]
+        return [
+            np.asarray(s.read_region((int(x), int(y)), 0, (int(side), int(side))).convert("RGB")) for x, y, side in rows
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +103,10 @@ def test_conch_v1_release_layout_loads_vision_part_only(random_weights, cmu_slid
     key is refused."""
     golden, wdir = _golden_weights("conch-v1", random_weights)
     release_extra = {
-        "text.token_embedding.weight": torch.zeros(32007, 8), "text.positional_embedding": torch.zeros(128, 8),
-        "logit_scale": torch.tensor(2.0), "visual.proj_contrast": torch.zeros(512, 512),
+        "text.token_embedding.weight": torch.zeros(32007, 8),
+        "text.positional_embedding": torch.zeros(128, 8),
+        "logit_scale": torch.tensor(2.0),
+        "visual.proj_contrast": torch.zeros(512, 512),
         "visual.attn_pool_caption.query": torch.zeros(256, 768),
         "visual.ln_caption.weight": torch.ones(768),
     }
@@ -146,8 +149,9 @@ def test_conch_v15_from_hub_cache(random_weights, cmu_slide, tmp_path, monkeypat
     np.testing.assert_allclose(encoder(np.stack(tile)), golden["conch_v1_5"][:1], atol=TOL)
 
 
-@pytest.mark.parametrize("name, other", [("conch-v1.5", "conch-v1"), ("conch-v1", "conch-v1.5"),
-                                         ("conch-v1", "kaiko-vits16")])
+@pytest.mark.parametrize(
+    "name, other", [("conch-v1.5", "conch-v1"), ("conch-v1", "conch-v1.5"), ("conch-v1", "kaiko-vits16")]
+)
 def test_other_architecture_refused(name, other, random_weights, tmp_path):
     wdir = random_weights(other, depth=1)
     with pytest.raises(WeightsMismatchError, match="config.json says architecture"):

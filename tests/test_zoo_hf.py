@@ -49,33 +49,85 @@ IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225
 #: 224 inferred (the files could not be read here; see the specs' notes).
 HUB_CONFIGS = {
     "phikon": {
-        "_name_or_path": "owkin/ibot-vit-base-patch16-224-pancancer", "architectures": ["ViTModel"],
-        "attention_probs_dropout_prob": 0.0, "encoder_stride": 16, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-        "hidden_size": 768, "image_size": 224, "initializer_range": 0.02, "intermediate_size": 3072,
-        "layer_norm_eps": 1e-12, "model_type": "vit", "num_attention_heads": 12, "num_channels": 3,
-        "num_hidden_layers": 12, "patch_size": 16, "qkv_bias": True, "torch_dtype": "float32",
+        "_name_or_path": "owkin/ibot-vit-base-patch16-224-pancancer",
+        "architectures": ["ViTModel"],
+        "attention_probs_dropout_prob": 0.0,
+        "encoder_stride": 16,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "hidden_size": 768,
+        "image_size": 224,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "layer_norm_eps": 1e-12,
+        "model_type": "vit",
+        "num_attention_heads": 12,
+        "num_channels": 3,
+        "num_hidden_layers": 12,
+        "patch_size": 16,
+        "qkv_bias": True,
+        "torch_dtype": "float32",
         "transformers_version": "4.34.0",
     },
     "hibou-b": {
-        "_name_or_path": "/home/ubuntu/hibou-local-weight", "apply_layernorm": True,
-        "architectures": ["Dinov2ModelWithRegisters"], "attention_probs_dropout_prob": 0.0,
-        "auto_map": {"AutoConfig": "configuration_dinov2.Dinov2Config",
-                     "AutoModel": "modeling_dinov2.Dinov2ModelWithRegisters"},
-        "drop_path_rate": 0.0, "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "hidden_size": 768, "image_size": 224,
-        "initializer_range": 0.02, "layer_norm_eps": 1e-06, "layerscale_value": 1.0, "mlp_ratio": 4,
-        "model_type": "dinov2", "num_attention_heads": 12, "num_channels": 3, "num_hidden_layers": 12,
-        "num_register_tokens": 4, "patch_size": 14, "qkv_bias": True, "reshape_hidden_states": True,
-        "torch_dtype": "float32", "transformers_version": "4.41.2", "use_swiglu_ffn": True,
+        "_name_or_path": "/home/ubuntu/hibou-local-weight",
+        "apply_layernorm": True,
+        "architectures": ["Dinov2ModelWithRegisters"],
+        "attention_probs_dropout_prob": 0.0,
+        "auto_map": {
+            "AutoConfig": "configuration_dinov2.Dinov2Config",
+            "AutoModel": "modeling_dinov2.Dinov2ModelWithRegisters",
+        },
+        "drop_path_rate": 0.0,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "hidden_size": 768,
+        "image_size": 224,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-06,
+        "layerscale_value": 1.0,
+        "mlp_ratio": 4,
+        "model_type": "dinov2",
+        "num_attention_heads": 12,
+        "num_channels": 3,
+        "num_hidden_layers": 12,
+        "num_register_tokens": 4,
+        "patch_size": 14,
+        "qkv_bias": True,
+        "reshape_hidden_states": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.41.2",
+        "use_swiglu_ffn": True,
     },
     "phikon-v2": {
-        "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 1024, "num_hidden_layers": 24,
-        "num_attention_heads": 16, "mlp_ratio": 4, "patch_size": 16, "image_size": 224, "use_swiglu_ffn": False,
-        "layer_norm_eps": 1e-06, "layerscale_value": 1.0, "qkv_bias": True, "hidden_act": "gelu",
+        "architectures": ["Dinov2Model"],
+        "model_type": "dinov2",
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "mlp_ratio": 4,
+        "patch_size": 16,
+        "image_size": 224,
+        "use_swiglu_ffn": False,
+        "layer_norm_eps": 1e-06,
+        "layerscale_value": 1.0,
+        "qkv_bias": True,
+        "hidden_act": "gelu",
     },
     "midnight-12k": {
-        "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 1536, "num_hidden_layers": 40,
-        "num_attention_heads": 24, "mlp_ratio": 4, "patch_size": 14, "image_size": 224, "use_swiglu_ffn": True,
-        "layer_norm_eps": 1e-06, "layerscale_value": 1.0, "qkv_bias": True, "hidden_act": "gelu",
+        "architectures": ["Dinov2Model"],
+        "model_type": "dinov2",
+        "hidden_size": 1536,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 24,
+        "mlp_ratio": 4,
+        "patch_size": 14,
+        "image_size": 224,
+        "use_swiglu_ffn": True,
+        "layer_norm_eps": 1e-06,
+        "layerscale_value": 1.0,
+        "qkv_bias": True,
+        "hidden_act": "gelu",
     },
 }
 #: preprocessor_config.json. phikon: owkin/phikon@e9ad8d1 verbatim (no processor type: the config's
@@ -83,9 +135,19 @@ HUB_CONFIGS = {
 #: resample 3 = bicubic, center crop 224, ImageNet mean/std).
 HUB_PREPROCESSORS = {
     "phikon": {"do_normalize": True, "do_resize": True, "size": 224, **IMAGENET},
-    "phikon-v2": {"image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
-                  "resample": 3, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "do_rescale": True,
-                  "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, **IMAGENET},
+    "phikon-v2": {
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": 224},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        **IMAGENET,
+    },
 }
 
 
@@ -137,16 +199,20 @@ def recipe_midnight(hdir: Path, backend: str = "pil"):
     from torchvision.transforms import v2
     from transformers import AutoModel
 
-    transform = v2.Compose([v2.Resize(224), v2.CenterCrop(224), v2.ToTensor(),
-                            v2.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))])
+    transform = v2.Compose(
+        [v2.Resize(224), v2.CenterCrop(224), v2.ToTensor(), v2.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
+    )
 
     def extract_classification_embedding(tensor):
         cls_embedding, patch_embeddings = tensor[:, 0, :], tensor[:, 1:, :]
         return torch.cat([cls_embedding, patch_embeddings.mean(1)], dim=-1)
 
     model = AutoModel.from_pretrained(hdir)
-    return (model, lambda images: torch.stack([transform(im) for im in images]),
-            lambda out: extract_classification_embedding(out.last_hidden_state))
+    return (
+        model,
+        lambda images: torch.stack([transform(im) for im in images]),
+        lambda out: extract_classification_embedding(out.last_hidden_state),
+    )
 
 
 RECIPES = {"phikon": recipe_phikon, "phikon-v2": recipe_phikon_v2, "midnight-12k": recipe_midnight}
@@ -202,7 +268,8 @@ def test_matches_official_hibou_golden(name, random_weights, he_tiles):
     assert depth == DEPTH[name]
     wdir = random_weights(name, seed=int(golden["seed"]), num_hidden_layers=depth)
     assert tensors_sha256(wdir / "model.safetensors") == str(golden["weights_sha256"]), (
-        f"random weights changed: regenerate the golden with {GOLDEN_SCRIPT} <HistAI/hibou checkout>")
+        f"random weights changed: regenerate the golden with {GOLDEN_SCRIPT} <HistAI/hibou checkout>"
+    )
     encoder = _encoder(name, wdir)
     for px in (224, 256):
         ref = golden[f"embeddings_{px}"]
@@ -227,8 +294,9 @@ def tensors_sha256(path: Path) -> str:
 def test_spec_configs_are_the_hub_configs():
     """Every config value a spec builds from is the hub config.json's (transformers defaults for the rest)."""
     for name in COVERED_MODELS:
-        hub = HUB_CONFIGS.get(name) or dict(HUB_CONFIGS["hibou-b"], hidden_size=1024, num_hidden_layers=24,
-                                             num_attention_heads=16)
+        hub = HUB_CONFIGS.get(name) or dict(
+            HUB_CONFIGS["hibou-b"], hidden_size=1024, num_hidden_layers=24, num_attention_heads=16
+        )
         for key, value in get_spec(name).model_kwargs["config"].items():
             expected = hub.get(key, None)
             if expected is None:  # not in the hub file: transformers' default is what the card gets
@@ -253,8 +321,11 @@ def test_builder_release_layout_round_trip():
     builder = get_builder("transformers")
     for name in COVERED_MODELS:
         spec = get_spec(name)
-        net = create_model(spec.architecture, {**spec.model_kwargs, "config": {
-            **spec.model_kwargs["config"], "num_hidden_layers": 1}}, builder="transformers")
+        net = create_model(
+            spec.architecture,
+            {**spec.model_kwargs, "config": {**spec.model_kwargs["config"], "num_hidden_layers": 1}},
+            builder="transformers",
+        )
         own = net.state_dict()
         back = builder.from_release(net, builder.to_release(net, dict(own)))
         assert set(back) == set(own) and all(torch.equal(back[k], own[k]) for k in own), name
@@ -289,9 +360,16 @@ def test_hibou_hub_config_names_its_remote_code_class(random_weights, tmp_path):
         _encoder("hibou-b", hdir)
 
 
-@pytest.mark.parametrize("name,other", [("phikon", "hibou-b"), ("phikon-v2", "midnight-12k"),
-                                        ("hibou-l", "hibou-b"), ("midnight-12k", "phikon-v2"),
-                                        ("hibou-b", "kaiko-vits16")])
+@pytest.mark.parametrize(
+    "name,other",
+    [
+        ("phikon", "hibou-b"),
+        ("phikon-v2", "midnight-12k"),
+        ("hibou-l", "hibou-b"),
+        ("midnight-12k", "phikon-v2"),
+        ("hibou-b", "kaiko-vits16"),
+    ],
+)
 def test_other_checkpoint_is_refused(name, other, random_weights, tmp_path):
     """Another model's weights file (its config.json removed, so only the keys and shapes speak)."""
     overrides = {"depth": 1} if other.startswith("kaiko") else {"num_hidden_layers": 1}
@@ -307,14 +385,23 @@ def test_other_checkpoint_is_refused(name, other, random_weights, tmp_path):
 # --------------------------------------------------------------------------------------
 #: exact parameter counts of the full models (cards: Hibou-B "85.7M", Hibou-L "304M params";
 #: Phikon ViT-B, Phikon-v2 ViT-L, Midnight ViT-g "1.1B")
-FULL_PARAMS = {"phikon": 85_798_656, "phikon-v2": 303_351_808, "midnight-12k": 1_134_771_200,
-               "hibou-b": 85_741_056, "hibou-l": 303_659_264}
+FULL_PARAMS = {
+    "phikon": 85_798_656,
+    "phikon-v2": 303_351_808,
+    "midnight-12k": 1_134_771_200,
+    "hibou-b": 85_741_056,
+    "hibou-l": 303_659_264,
+}
 #: (blocks, width, heads, patch, prefix tokens incl. registers, tensors in the hub file). Tensors:
 #: ViT 4 embedding + 16 per block + 2 final norm; DINOv2 5 (+1 registers) + 18 per block + 2 (the
 #: Phikon-v2 439 and Midnight 727 counts are those reported for the published files)
-FULL_ARCH = {"phikon": (12, 768, 12, 16, 1, 198), "phikon-v2": (24, 1024, 16, 16, 1, 439),
-             "midnight-12k": (40, 1536, 24, 14, 1, 727), "hibou-b": (12, 768, 12, 14, 5, 224),
-             "hibou-l": (24, 1024, 16, 14, 5, 440)}
+FULL_ARCH = {
+    "phikon": (12, 768, 12, 16, 1, 198),
+    "phikon-v2": (24, 1024, 16, 16, 1, 439),
+    "midnight-12k": (40, 1536, 24, 14, 1, 727),
+    "hibou-b": (12, 768, 12, 14, 5, 224),
+    "hibou-l": (24, 1024, 16, 14, 5, 440),
+}
 
 
 @pytest.mark.parametrize("name", COVERED_MODELS)
@@ -324,7 +411,11 @@ def test_full_architecture_on_meta(name):
     blocks, width, heads, patch, prefix, tensors = FULL_ARCH[name]
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.patch_size) == (
-        blocks, width, heads, patch)
+        blocks,
+        width,
+        heads,
+        patch,
+    )
     layers = model.layers if hasattr(model, "layers") else model.encoder.layer
     assert len(layers) == blocks
     assert 1 + int(getattr(cfg, "num_register_tokens", 0) or 0) == prefix

@@ -53,8 +53,9 @@ def he_tiles_by_px(cmu_slide):
 
     def read(px: int, n: int) -> np.ndarray:
         with openslide.OpenSlide(str(cmu_slide)) as slide:
-            return np.stack([np.asarray(slide.read_region(xy, 0, (px, px)).convert("RGB"))
-                             for xy in HE_TILE_ORIGINS[:n]]).astype(np.uint8)
+            return np.stack(
+                [np.asarray(slide.read_region(xy, 0, (px, px)).convert("RGB")) for xy in HE_TILE_ORIGINS[:n]]
+            ).astype(np.uint8)
 
     return read
 
@@ -67,8 +68,10 @@ def _golden(model: str) -> dict[str, np.ndarray]:
 def _golden_weights(model: str, golden: dict, tmp_path: Path) -> Path:
     wdir = write_random_weights(model, tmp_path / model, seed=int(golden["seed"]), **GOLDENS[model][1])
     if tensors_sha256(wdir / "model.safetensors") != str(golden["weights_sha256"]):
-        pytest.fail(f"the random weights of {model} changed: regenerate the golden with "
-                    f"tests/reference/{GOLDENS[model][0]}_golden.py")
+        pytest.fail(
+            f"the random weights of {model} changed: regenerate the golden with "
+            f"tests/reference/{GOLDENS[model][0]}_golden.py"
+        )
     return wdir
 
 
@@ -98,8 +101,9 @@ def test_ctranspath_release_checkpoint_layout(he_tiles, tmp_path):
     pth = tmp_path / "ctranspath.pth"
     torch.save({"model": sd}, pth)
     encoder = load_encoder(EncoderConfig("ctranspath", weights=str(pth), device="cpu", batch_size=4))
-    np.testing.assert_allclose(encoder(np.ascontiguousarray(he_tiles[:4, :224, :224])), golden["ctranspath_emb_224"],
-                               rtol=0, atol=TOL)
+    np.testing.assert_allclose(
+        encoder(np.ascontiguousarray(he_tiles[:4, :224, :224])), golden["ctranspath_emb_224"], rtol=0, atol=TOL
+    )
 
 
 def test_musk_release_layout_ignores_text_parts(tmp_path):
@@ -110,11 +114,16 @@ def test_musk_release_layout_ignores_text_parts(tmp_path):
     wdir = _golden_weights("musk", golden, tmp_path)
     sd = load_file(str(wdir / "model.safetensors"))
     assert all(k.startswith("beit3.") for k in sd)
-    extra = {"beit3.text_embed.weight": torch.zeros(8, 1024), "beit3.vision_embed.mask_token": torch.zeros(1, 1, 1024),
-             "beit3.encoder.embed_positions.B.weight": torch.zeros(4, 1024),
-             "beit3.encoder.layers.1.ffn.B.fc1.weight": torch.zeros(4096, 1024),
-             "beit3.encoder.layer_norm.B.bias": torch.zeros(1024), "language_head.weight": torch.zeros(1024, 1024),
-             "vision_head.weight": torch.zeros(1024, 1024), "logit_scale": torch.zeros(())}
+    extra = {
+        "beit3.text_embed.weight": torch.zeros(8, 1024),
+        "beit3.vision_embed.mask_token": torch.zeros(1, 1, 1024),
+        "beit3.encoder.embed_positions.B.weight": torch.zeros(4, 1024),
+        "beit3.encoder.layers.1.ffn.B.fc1.weight": torch.zeros(4096, 1024),
+        "beit3.encoder.layer_norm.B.bias": torch.zeros(1024),
+        "language_head.weight": torch.zeros(1024, 1024),
+        "vision_head.weight": torch.zeros(1024, 1024),
+        "logit_scale": torch.zeros(()),
+    }
     full = tmp_path / "full"
     full.mkdir()
     save_file({**sd, **extra}, str(full / "model.safetensors"))
@@ -167,9 +176,15 @@ def test_genbio_hub_weights_are_model_pth(tmp_path, monkeypatch, he_tiles_by_px)
     np.testing.assert_allclose(encoder(he_tiles_by_px(224, len(ref))), ref, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize(("model", "shrink"), [
-    ("ctranspath", {"depth": 1, "embed_dim": 48}), ("musk", {"depth": 1, "embed_dim": 64, "num_heads": 4}),
-    ("keep", {"depth": 1, "embed_dim": 64}), ("genbio-pathfm", {"depth": 1, "embed_dim": 96})])
+@pytest.mark.parametrize(
+    ("model", "shrink"),
+    [
+        ("ctranspath", {"depth": 1, "embed_dim": 48}),
+        ("musk", {"depth": 1, "embed_dim": 64, "num_heads": 4}),
+        ("keep", {"depth": 1, "embed_dim": 64}),
+        ("genbio-pathfm", {"depth": 1, "embed_dim": 96}),
+    ],
+)
 def test_nets_accept_channels_last_input(model, shrink):
     """On CUDA the encoder feeds channels-last batches: same embedding as a contiguous batch."""
     spec = get_spec(model)
@@ -188,9 +203,17 @@ def test_checkpoint_ignore_globs():
     assert out == {"a.A.w": 1, "other.x": 5}
 
 
-@pytest.mark.parametrize(("model", "other", "overrides"), [
-    ("ctranspath", "kaiko-vits16", {"depth": 1}), ("musk", "ctranspath", {}), ("musk-cls", "kaiko-vits16", {"depth": 1}),
-    ("keep", "uni", {"depth": 1}), ("keep", "musk", {"depth": 1}), ("genbio-pathfm", "h-optimus-0", {"depth": 1})])
+@pytest.mark.parametrize(
+    ("model", "other", "overrides"),
+    [
+        ("ctranspath", "kaiko-vits16", {"depth": 1}),
+        ("musk", "ctranspath", {}),
+        ("musk-cls", "kaiko-vits16", {"depth": 1}),
+        ("keep", "uni", {"depth": 1}),
+        ("keep", "musk", {"depth": 1}),
+        ("genbio-pathfm", "h-optimus-0", {"depth": 1}),
+    ],
+)
 def test_other_architecture_refused(model, other, overrides, random_weights):
     with pytest.raises(WeightsMismatchError, match="missing keys|unexpected keys|architecture"):
         load_encoder(EncoderConfig(model, weights=str(random_weights(other, **overrides)), device="cpu"))
@@ -208,8 +231,13 @@ def test_ctranspath_refuses_other_input_size():
 #: parameters in all) less its text embedding, text experts, heads, logit scale and mask token); KEEP:
 #: quick_start KEEPModel less its text tower and logit scale
 #: GenBio-PathFM: GenBio_PathFM_Inference's VisionTransformer (README: "a 1.1B-parameter FM")
-FULL_PARAMS = {"ctranspath": 27_520_038, "musk": 303_938_560, "musk-cls": 303_938_560, "keep": 304_728_576,
-               "genbio-pathfm": 1_133_686_784}
+FULL_PARAMS = {
+    "ctranspath": 27_520_038,
+    "musk": 303_938_560,
+    "musk-cls": 303_938_560,
+    "keep": 304_728_576,
+    "genbio-pathfm": 1_133_686_784,
+}
 
 
 @pytest.mark.parametrize("model", list(FULL_PARAMS))

@@ -84,8 +84,14 @@ def _assert_close(got: np.ndarray, ref: np.ndarray, what: str) -> None:
 
 def _resized(norm: dict) -> transforms.Compose:
     """Tiles other than 224 px: Resize(224, bicubic) + CenterCrop(224), then the card's ToTensor/Normalize."""
-    return transforms.Compose([transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
-                               transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(**norm)])
+    return transforms.Compose(
+        [
+            transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(**norm),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -95,9 +101,18 @@ def _resized(norm: dict) -> transforms.Compose:
 #: global_pool, input size, normalisation); its shapes are fixed by TRIDENT's strict load of the
 #: H-optimus-1 checkpoint into vit_giant_patch14_reg4_dinov2 at img_size=224
 HOPTIMUS1_HUB_CONFIG = {
-    "architecture": "vit_giant_patch14_reg4_dinov2", "num_classes": 0, "num_features": 1536, "global_pool": "token",
-    "pretrained_cfg": {"custom_load": False, "input_size": [3, 224, 224], "fixed_input_size": True,
-                       "mean": list(HOPTIMUS["mean"]), "std": list(HOPTIMUS["std"]), "num_classes": 0},
+    "architecture": "vit_giant_patch14_reg4_dinov2",
+    "num_classes": 0,
+    "num_features": 1536,
+    "global_pool": "token",
+    "pretrained_cfg": {
+        "custom_load": False,
+        "input_size": [3, 224, 224],
+        "fixed_input_size": True,
+        "mean": list(HOPTIMUS["mean"]),
+        "std": list(HOPTIMUS["std"]),
+        "num_classes": 0,
+    },
 }
 
 
@@ -190,8 +205,14 @@ def test_openmidnight_matches_official_golden(random_weights, he_tiles, _one_thr
     # an 18x18 grid (252 px): the official antialiased, offset-free interpolate_pos_encoding
     encoder = load_encoder(EncoderConfig("openmidnight", weights=str(wdir), device="cpu"))
     batch, _ = _by_side(tiles, golden["tiles"], 256)
-    x = torch.stack([transforms.Compose([transforms.CenterCrop(252), transforms.ToTensor(),
-                                         transforms.Normalize(**IMAGENET)])(Image.fromarray(t)) for t in batch])
+    x = torch.stack(
+        [
+            transforms.Compose([transforms.CenterCrop(252), transforms.ToTensor(), transforms.Normalize(**IMAGENET)])(
+                Image.fromarray(t)
+            )
+            for t in batch
+        ]
+    )
     with torch.inference_mode():
         got = encoder.model(x).numpy()
     _assert_close(got, golden["interp_252"], "openmidnight at 252 px (pos-embed interpolation)")
@@ -209,15 +230,21 @@ def test_resnet50_trunc_matches_official_golden(random_weights, he_tiles, tmp_pa
     batch, keep = _by_side(tiles, golden["tiles"], 256)
     for label, sd in (("full", full), ("legacy", no_counters)):
         save_file(sd, str(tmp_path / f"{label}.safetensors"))
-        _assert_close(_encode("resnet50-trunc", tmp_path / f"{label}.safetensors", batch),
-                      golden["resnet50_trunc"][keep], f"resnet50-trunc from a {label} ResNet-50 release")
+        _assert_close(
+            _encode("resnet50-trunc", tmp_path / f"{label}.safetensors", batch),
+            golden["resnet50_trunc"][keep],
+            f"resnet50-trunc from a {label} ResNet-50 release",
+        )
     # the default hub snapshot (timm/resnet50.tv_in1k): its config.json names timm's full resnet50
     snapshot = tmp_path / "tv_in1k"
     snapshot.mkdir()
     save_file(full, str(snapshot / "model.safetensors"))
     (snapshot / "config.json").write_text(json.dumps({"architecture": "resnet50", "num_classes": 1000}))
-    _assert_close(_encode("resnet50-trunc", snapshot, batch), golden["resnet50_trunc"][keep],
-                  "resnet50-trunc from a timm resnet50 hub snapshot")
+    _assert_close(
+        _encode("resnet50-trunc", snapshot, batch),
+        golden["resnet50_trunc"][keep],
+        "resnet50-trunc from a timm resnet50 hub snapshot",
+    )
     (snapshot / "config.json").write_text(json.dumps({"architecture": "resnet101"}))
     with pytest.raises(WeightsMismatchError, match="architecture 'resnet101'"):
         _encode("resnet50-trunc", snapshot, batch)
@@ -226,9 +253,17 @@ def test_resnet50_trunc_matches_official_golden(random_weights, he_tiles, tmp_pa
 # --------------------------------------------------------------------------------------
 # wrong checkpoints, full-size architectures
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, other", [("openmidnight", "h-optimus-1"), ("gpfm", "lunit-vits8"),
-                                         ("resnet50-trunc", "lunit-vits8"), ("h-optimus-1", "openmidnight"),
-                                         ("lunit-vits8", "gpfm"), ("lunit-vits16", "lunit-vits8")])
+@pytest.mark.parametrize(
+    "name, other",
+    [
+        ("openmidnight", "h-optimus-1"),
+        ("gpfm", "lunit-vits8"),
+        ("resnet50-trunc", "lunit-vits8"),
+        ("h-optimus-1", "openmidnight"),
+        ("lunit-vits8", "gpfm"),
+        ("lunit-vits16", "lunit-vits8"),
+    ],
+)
 def test_checkpoint_of_another_model_is_refused(name, other, random_weights, he_tiles, tmp_path, _one_thread):
     wdir = random_weights(other, depth=1)
     tiles = _tiles(he_tiles, 224, n=1)

@@ -17,7 +17,10 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("pathray.cli.tile", "tile slides into tile records, QC images and a status table"),
     "embed": ("pathray.cli.embed", "run the Ray Data job: slides -> tile embeddings -> Parquet store"),
-    "aggregate": ("pathray.cli.aggregate", "slide-level embeddings (mean, max, a slide encoder) from a store, as a Ray job"),
+    "aggregate": (
+        "pathray.cli.aggregate",
+        "slide-level embeddings (mean, max, a slide encoder) from a store, as a Ray job",
+    ),
     "status": ("pathray.cli.status", "what is in a store: models, tilings, slides committed / failed / to do, runs"),
     "export": ("pathray.cli.export", "write a store's tile features as TRIDENT/CLAM h5 or pt files, one per slide"),
     "import": ("pathray.cli.importing", "write existing TRIDENT/CLAM h5 or pt tile features into a store as a model"),
@@ -65,7 +68,3 @@ def entry() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-if __name__ == "__main__":
-    entry()

@@ -34,30 +34,52 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_s3_options(parser, slides=False)
     add("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
     add("--run-id", help="name of this run (default: agg-<timestamp>)")
-    add("--runner", choices=["auto", "ray", "local"], default="auto",
-        help="auto (default): in this process when there is no Ray cluster to join and no GPU, else Ray")
+    add(
+        "--runner",
+        choices=["auto", "ray", "local"],
+        default="auto",
+        help="auto (default): in this process when there is no Ray cluster to join and no GPU, else Ray",
+    )
     add("--no-progress", action="store_true", help="no live progress display")
-    add("--verbose", action="store_true", help="show every log line and Ray's own progress and logs on the terminal "
-        "(otherwise they go to the run's log, _runs/RUN_ID/run.log in the store)")
+    add(
+        "--verbose",
+        action="store_true",
+        help="show every log line and Ray's own progress and logs on the terminal "
+        "(otherwise they go to the run's log, _runs/RUN_ID/run.log in the store)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathray.slide_level.job import AggregateConfig, run_aggregate
     from pathray.monitor.runlog import new_run_id, run_terminal
+    from pathray.slide_level.job import AggregateConfig, run_aggregate
 
     storage, _ = s3_options_from_args(args)
-    config = AggregateConfig(store=args.store, model=args.model, aggregator=args.aggregator, weights=args.weights,
-                             storage_options=storage, ray_address=args.ray_address, run_id=args.run_id or new_run_id("agg-"),
-                             num_gpus=args.num_gpus, actors=args.actors, runner=args.runner)
+    config = AggregateConfig(
+        store=args.store,
+        model=args.model,
+        aggregator=args.aggregator,
+        weights=args.weights,
+        storage_options=storage,
+        ray_address=args.ray_address,
+        run_id=args.run_id or new_run_id("agg-"),
+        num_gpus=args.num_gpus,
+        actors=args.actors,
+        runner=args.runner,
+    )
     try:
         with run_terminal(config.store, config.run_id, args.verbose) as terminal:
-            report = run_aggregate(config, progress_bars=args.verbose and not args.no_progress,
-                                   display=None if args.no_progress else terminal.stream)
+            report = run_aggregate(
+                config,
+                progress_bars=args.verbose and not args.no_progress,
+                display=None if args.no_progress else terminal.stream,
+            )
             log_uri = terminal.finish(config.store, config.run_id, config.storage_options)
     except (PathrayError, ValueError) as exc:
         print(f"pathray aggregate: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
     print("Query it:\n" + SAMPLE_QUERY.format(root=report.store, model=args.model, agg=args.aggregator))
-    print(f"\nRun log: {log_uri}\nRun report: {report.html or report.store + '/_runs/' + report.run_id + '/report.json'}")
+    print(
+        f"\nRun log: {log_uri}\nRun report: {report.html or report.store + '/_runs/' + report.run_id + '/report.json'}"
+    )
     return report.exit_code

@@ -32,8 +32,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default="demo-out", help="where the demo slides, weights and store go")
     parser.add_argument("--no-cmu", action="store_true", help="skip the real CMU-1-Small-Region slide")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--verbose", action="store_true", help="show every log line and Ray's own output "
-                        "(otherwise they go to the run's log, _runs/RUN_ID/run.log in the store)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every log line and Ray's own output "
+        "(otherwise they go to the run's log, _runs/RUN_ID/run.log in the store)",
+    )
 
 
 def build_demo(directory: Path, with_cmu: bool = True) -> tuple[Path, Path]:
@@ -52,8 +56,14 @@ def build_demo(directory: Path, with_cmu: bool = True) -> tuple[Path, Path]:
         rows.append({"slide_id": name, "path": str(path), "cohort": cohort, "case_id": f"case-{len(rows)}"})
     if with_cmu:
         try:
-            rows.append({"slide_id": "CMU-1-Small-Region", "path": str(fetch_cmu_small_region()), "cohort": "demo-real",
-                         "case_id": "CMU-1"})
+            rows.append(
+                {
+                    "slide_id": "CMU-1-Small-Region",
+                    "path": str(fetch_cmu_small_region()),
+                    "cohort": "demo-real",
+                    "case_id": "CMU-1",
+                }
+            )
         except RuntimeError as exc:
             logging.warning("demo: skipping the real CMU slide (%s)", exc)
     manifest = directory / "manifest.csv"
@@ -76,10 +86,16 @@ def run(args: argparse.Namespace) -> int:
     from pathray.store import FeatureStore
 
     directory = Path(args.dir).resolve()
-    config = build_job_config(dict(manifest=str(directory / "manifest.csv"), out=str(directory / "store"),
-                                   models=[DEMO_MODEL], encoders={DEMO_MODEL: {"weights": str(directory / "weights" /
-                                                                                                DEMO_MODEL)}},
-                                   keep_columns=["case_id"], run_id=new_run_id()))
+    config = build_job_config(
+        dict(
+            manifest=str(directory / "manifest.csv"),
+            out=str(directory / "store"),
+            models=[DEMO_MODEL],
+            encoders={DEMO_MODEL: {"weights": str(directory / "weights" / DEMO_MODEL)}},
+            keep_columns=["case_id"],
+            run_id=new_run_id(),
+        )
+    )
     with run_terminal(config.out, config.run_id, args.verbose) as terminal:
         build_demo(directory, with_cmu=not args.no_cmu)
         quiet_local_ray_env()
@@ -93,10 +109,14 @@ def run(args: argparse.Namespace) -> int:
     store = FeatureStore(report.store)
     table = store.dataset(DEMO_MODEL).to_table(columns=["slide_id", "cohort", "tile_index", "x", "y", "embedding"])
     per_slide = table.group_by(["cohort", "slide_id"]).aggregate([("tile_index", "count")])
-    print(f"\nStore: {report.store}\nTiles per slide (pyarrow, committed slides only):\n{per_slide.to_pandas().to_string(index=False)}")
-    print("\nTry it yourself:\n"
-          "  import duckdb\n"
-          f"  duckdb.sql(\"SELECT cohort, slide_id, count(*) FROM read_parquet('{report.store}/features/**/*.parquet', "
-          "hive_partitioning=true) GROUP BY ALL\")")
+    print(
+        f"\nStore: {report.store}\nTiles per slide (pyarrow, committed slides only):\n{per_slide.to_pandas().to_string(index=False)}"
+    )
+    print(
+        "\nTry it yourself:\n"
+        "  import duckdb\n"
+        f"  duckdb.sql(\"SELECT cohort, slide_id, count(*) FROM read_parquet('{report.store}/features/**/*.parquet', "
+        'hive_partitioning=true) GROUP BY ALL")'
+    )
     print(f"\nRun log: {log_uri}\nRun report: {report.html}")
     return report.exit_code

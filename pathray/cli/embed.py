@@ -31,14 +31,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--manifest", help="slide manifest: CSV/TSV/Parquet/JSONL, local or s3://")
     add("--models", help="comma-separated model names (see `pathray models`)")
     add("--out", help="feature store root: local dir or s3://bucket/prefix")
-    add("--tile-px", type=int, help="tile side in pixels (default: the first model's native tile, see `pathray models`)")
+    add(
+        "--tile-px", type=int, help="tile side in pixels (default: the first model's native tile, see `pathray models`)"
+    )
     add("--target-mpp", type=float, help="tile resolution in µm/px (default: the first model's native µm/px)")
     add("--stride-px", type=int, help="grid stride in target pixels (default: tile px, no overlap)")
     add("--min-tissue", type=float, dest="min_tissue_fraction", help="drop tiles with less tissue than this fraction")
     add("--chunk-tiles", type=int, help="tiles per work unit (default 256)")
-    add("--weights", action="append", default=[], metavar="MODEL=SOURCE",
+    add(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="MODEL=SOURCE",
         help="weights for a model: local or s3:// hub-layout dir, .safetensors/.pth file, or hf-hub:org/name "
-             "(repeatable); default: $PATHRAY_WEIGHTS_DIR/MODEL if present, else the hub")
+        "(repeatable); default: $PATHRAY_WEIGHTS_DIR/MODEL if present, else the hub",
+    )
     add("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision for every model")
     add("--output-dtype", choices=["float32", "float16"], help="stored embedding precision for every model")
     add("--batch-size", type=int, help="encoder micro-batch for every model")
@@ -47,16 +54,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--num-gpus", type=float, dest="encoder_num_gpus", help="GPUs per encoder actor (fractional allowed)")
     add("--keep-columns", help="comma-separated manifest columns to copy onto every tile row")
     add_s3_options(parser)
-    add("--new-version", action="store_true", help="on a config mismatch, write a new store version under OUT/versions/")
+    add(
+        "--new-version", action="store_true", help="on a config mismatch, write a new store version under OUT/versions/"
+    )
     add("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
-    add("--runner", choices=["auto", "ray", "local"],
+    add(
+        "--runner",
+        choices=["auto", "ray", "local"],
         help="ray: the Ray Data plan; local: the same stages in this process, no Ray; auto (default): local only "
-             "when there is no Ray cluster to join (no --ray-address / RAY_ADDRESS) and no GPU here")
+        "when there is no Ray cluster to join (no --ray-address / RAY_ADDRESS) and no GPU here",
+    )
     add("--run-id", help="name of this run (default: timestamp)")
     add("--dry-run", action="store_true", help="print the plan (slides, estimated tiles, resources) and exit")
     add("--no-progress", action="store_true", help="no live progress display")
-    add("--verbose", action="store_true", help="show every log line and Ray's own progress and logs on the terminal "
-        "(otherwise they go to the run's log, _runs/RUN_ID/run.log in the store)")
+    add(
+        "--verbose",
+        action="store_true",
+        help="show every log line and Ray's own progress and logs on the terminal "
+        "(otherwise they go to the run's log, _runs/RUN_ID/run.log in the store)",
+    )
 
 
 def raw_config(args: argparse.Namespace) -> dict:
@@ -110,13 +126,18 @@ def run(args: argparse.Namespace) -> int:
             return 0
         config = build_job_config({**raw, "run_id": raw.get("run_id") or new_run_id()})
         with run_terminal(config.out, config.run_id, args.verbose) as terminal:
-            report = run_job(config, progress_bars=args.verbose and not args.no_progress,
-                             display=None if args.no_progress else terminal.stream)
+            report = run_job(
+                config,
+                progress_bars=args.verbose and not args.no_progress,
+                display=None if args.no_progress else terminal.stream,
+            )
             log_uri = terminal.finish(report.store, config.run_id, config.storage_options)
     except (PathrayError, ValueError) as exc:
         print(f"pathray embed: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
     print(f"\nStore: {report.store}\nQuery it:\n" + SAMPLE_QUERY.format(root=report.store, model=config.models[0]))
-    print(f"\nRun log: {log_uri}\nRun report: {report.html or report.store + '/_runs/' + report.run_id + '/report.json'}")
+    print(
+        f"\nRun log: {log_uri}\nRun report: {report.html or report.store + '/_runs/' + report.run_id + '/report.json'}"
+    )
     return report.exit_code

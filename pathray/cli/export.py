@@ -23,8 +23,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--model", required=True, help="tile model to export")
     add("--format", required=True, choices=sorted(FORMATS), dest="fmt", help="file layout")
     add("--out", required=True, help="local output directory (CLAM data_root_dir)")
-    add("--overwrite", action="store_true",
-        help="rewrite existing files (default: skip this model's, refuse another model's)")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="rewrite existing files (default: skip this model's, refuse another model's)",
+    )
     add_s3_options(parser, slides=False)
 
 
@@ -42,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     except ExportConflictError as exc:
         print(f"pathray export: {exc}", file=sys.stderr)
         return 2
-    print(f"pathray export: {len(report.written)} written, {len(report.skipped)} skipped, "
-          f"{len(report.errors)} failed -> {args.out}")
+    print(
+        f"pathray export: {len(report.written)} written, {len(report.skipped)} skipped, "
+        f"{len(report.errors)} failed -> {args.out}"
+    )
     for slide_id, error in sorted(report.errors.items()):
         print(f"  {slide_id}: {error}", file=sys.stderr)
     return report.exit_code

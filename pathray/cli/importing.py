@@ -26,8 +26,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--format", required=True, choices=sorted(FORMATS), dest="fmt", help="file layout")
     add("--features-dir", required=True, help="local folder of <slide_id>.h5 / .pt files")
     add("--coords-dir", help="folder of <slide_id>.h5 files with coords (required for pt; CLAM's patches/)")
-    add("--manifest", help="slides to import with cohort (and mpp for CLAM files); default: every file, cohort "
-                           "'unassigned'")
+    add(
+        "--manifest",
+        help="slides to import with cohort (and mpp for CLAM files); default: every file, cohort 'unassigned'",
+    )
     add("--keep-columns", nargs="*", default=[], help="manifest columns carried into every tile row")
     add_s3_options(parser, slides=False)
     add("--run-id", help="name of this run (default: import-<timestamp>)")
@@ -37,9 +39,17 @@ def run(args: argparse.Namespace) -> int:
     from pathray.exchange.importing import ImportConfig, import_features
 
     storage, _ = s3_options_from_args(args)
-    config = ImportConfig(store=args.store, model=args.model, fmt=args.fmt, features_dir=args.features_dir,
-                          coords_dir=args.coords_dir, manifest=args.manifest, keep_columns=tuple(args.keep_columns),
-                          storage_options=storage, run_id=args.run_id)
+    config = ImportConfig(
+        store=args.store,
+        model=args.model,
+        fmt=args.fmt,
+        features_dir=args.features_dir,
+        coords_dir=args.coords_dir,
+        manifest=args.manifest,
+        keep_columns=tuple(args.keep_columns),
+        storage_options=storage,
+        run_id=args.run_id,
+    )
     try:
         report = import_features(config)
     except (PathrayError, ValueError) as exc:

@@ -13,16 +13,27 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", choices=["idc"], help="where the series list comes from (idc: NCI Imaging Data Commons)")
-    parser.add_argument("--collection", action="append", required=True,
-                        help="IDC collection_id, e.g. tcga_luad (repeatable)")
-    parser.add_argument("--diagnostic-only", action="store_true",
-                        help="keep diagnostic FFPE slides only (TCGA SeriesDescription 'FFPE ... DX<n>')")
+    parser.add_argument(
+        "source", choices=["idc"], help="where the series list comes from (idc: NCI Imaging Data Commons)"
+    )
+    parser.add_argument(
+        "--collection", action="append", required=True, help="IDC collection_id, e.g. tcga_luad (repeatable)"
+    )
+    parser.add_argument(
+        "--diagnostic-only",
+        action="store_true",
+        help="keep diagnostic FFPE slides only (TCGA SeriesDescription 'FFPE ... DX<n>')",
+    )
     parser.add_argument("--preparation", choices=["ffpe", "frozen"], help="keep FFPE or frozen-section slides only")
-    parser.add_argument("--sm-index", metavar="PARQUET",
-                        help="IDC sm_index.parquet (from the idc-index package): add width_px/height_px/index_mpp "
-                             "so tiles can be estimated without touching the bucket")
-    parser.add_argument("--out", default="manifest.parquet", help="output manifest: .parquet (default) or .csv, local or s3://")
+    parser.add_argument(
+        "--sm-index",
+        metavar="PARQUET",
+        help="IDC sm_index.parquet (from the idc-index package): add width_px/height_px/index_mpp "
+        "so tiles can be estimated without touching the bucket",
+    )
+    parser.add_argument(
+        "--out", default="manifest.parquet", help="output manifest: .parquet (default) or .csv, local or s3://"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"IDC index (idc-index-data {index_version()}):")
     for collection, stats in counts.items():
-        print(f"  {collection}: {stats['kept']} of {stats['series']} SM series kept"
-              + (f" ({stats['unclassified']} without an FFPE/frozen SeriesDescription)" if stats["unclassified"] else ""))
+        print(
+            f"  {collection}: {stats['kept']} of {stats['series']} SM series kept"
+            + (f" ({stats['unclassified']} without an FFPE/frozen SeriesDescription)" if stats["unclassified"] else "")
+        )
     if table.num_rows == 0:
         print("pathray manifest: no series left after filtering", file=sys.stderr)
         return 2

@@ -21,10 +21,20 @@ from pathray.cli.s3 import add_s3_options, s3_options_from_args
 from pathray.mil.train import TrainConfig
 
 #: command-line flag -> TrainConfig field
-TRAIN_FLAGS = {"folds": "n_folds", "val_fraction": "val_fraction", "epochs": "max_epochs", "patience": "patience",
-               "lr": "lr", "weight_decay": "weight_decay", "hidden_dim": "hidden_dim",
-               "attention_dim": "attention_dim", "dropout": "dropout", "seed": "seed", "device": "device",
-               "cpu_threads": "cpu_threads"}
+TRAIN_FLAGS = {
+    "folds": "n_folds",
+    "val_fraction": "val_fraction",
+    "epochs": "max_epochs",
+    "patience": "patience",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "hidden_dim": "hidden_dim",
+    "attention_dim": "attention_dim",
+    "dropout": "dropout",
+    "seed": "seed",
+    "device": "device",
+    "cpu_threads": "cpu_threads",
+}
 #: type of the flags whose default is None
 OPTIONAL_TYPES = {"device": str, "cpu_threads": int}
 
@@ -40,8 +50,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for flag, name in TRAIN_FLAGS.items():
         default = getattr(defaults, name)
         kind = OPTIONAL_TYPES.get(flag, type(default))
-        train.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=default, type=kind,
-                           help=f"default {default}")
+        train.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, default=default, type=kind, help=f"default {default}"
+        )
     evaluate = sub.add_parser("eval", help="apply a trained run to store slides; score it with --labels")
     evaluate.add_argument("--run", required=True, help="run directory written by `pathray mil train`")
     _store_args(evaluate)
@@ -92,8 +103,16 @@ def _train(args: argparse.Namespace) -> int:
     from pathray.mil import train
 
     config = TrainConfig(**{name: getattr(args, flag) for flag, name in TRAIN_FLAGS.items()})
-    result = train(args.store, _model(args), args.labels, label_column=args.label_column, out=args.out,
-                   config=config, splits=args.splits, key=args.key)
+    result = train(
+        args.store,
+        _model(args),
+        args.labels,
+        label_column=args.label_column,
+        out=args.out,
+        config=config,
+        splits=args.splits,
+        key=args.key,
+    )
     print(result.summary())
     print(f"run record: {Path(args.out) / 'run.json'}")
     return 0
@@ -118,10 +137,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _heatmap(args: argparse.Namespace) -> int:
-    from pathray.mil.heatmap import tile_scores, write_heatmap
     from pathray.mil import attention
-    from pathray.wsi.slide import open_slide
+    from pathray.mil.heatmap import tile_scores, write_heatmap
     from pathray.store import FeatureStore
+    from pathray.wsi.slide import open_slide
 
     store_options, slide_options = s3_options_from_args(args)
     store, model = FeatureStore(args.store, store_options), _model(args, store_options)
@@ -133,9 +152,11 @@ def _heatmap(args: argparse.Namespace) -> int:
         scores = attention(args.run, store, model, args.slide)
     else:
         scores = tile_scores(store, model, args.slide, column)
-    with open_slide(args.slide_path or record.slide["path"], mpp_override=record.slide.get("mpp"),
-                    storage_options=slide_options) as slide:
-        write_heatmap(slide, scores, f"{args.out}.png", f"{args.out}.geojson", column=column,
-                      storage_options=store_options)
+    with open_slide(
+        args.slide_path or record.slide["path"], mpp_override=record.slide.get("mpp"), storage_options=slide_options
+    ) as slide:
+        write_heatmap(
+            slide, scores, f"{args.out}.png", f"{args.out}.geojson", column=column, storage_options=store_options
+        )
     print(f"wrote {args.out}.png and {args.out}.geojson ({len(scores)} tiles)")
     return 0

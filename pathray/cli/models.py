@@ -1,8 +1,8 @@
 """`pathray models`: list the supported encoders, or write random weights for one.
 
-    pathray models                                  # the table
-    pathray models --json                           # the same, machine-readable
-    pathray models write-random NAME DIR [--depth N] [--seed S]
+pathray models                                  # the table
+pathray models --json                           # the same, machine-readable
+pathray models write-random NAME DIR [--depth N] [--seed S]
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import json
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", nargs="?", choices=["list", "write-random"], default="list",
-                        help="list (default) or write-random")
+    parser.add_argument(
+        "action", nargs="?", choices=["list", "write-random"], default="list", help="list (default) or write-random"
+    )
     parser.add_argument("name", nargs="?", help="model name (write-random)")
     parser.add_argument("out_dir", nargs="?", help="output directory (write-random)")
     parser.add_argument("--depth", type=int, default=None, help="shrink the network to N blocks (CPU tests/demo)")
@@ -28,28 +29,48 @@ def _rows() -> list[dict[str, str]]:
     rows = []
     for name in list_models():
         s = get_spec(name)
-        rows.append({
-            "name": name, "architecture": s.family, "builder": s.builder, s.builder: s.architecture,
-            "dim": str(s.embed_dim), "mpp": f"{s.native_mpp:g}", "tile_px": str(s.tile_px),
-            "tile_source": s.tile_source, "preprocess": s.preprocess.describe(), "pooling": s.pooling,
-            "weights": s.hf_hub_id or s.weights_url or "-", "gated": "gated" if s.gated else "open",
-            "license": s.license, "licence": s.license.split(" (")[0].split(":")[0], "source": s.source,
-        })
+        rows.append(
+            {
+                "name": name,
+                "architecture": s.family,
+                "builder": s.builder,
+                s.builder: s.architecture,
+                "dim": str(s.embed_dim),
+                "mpp": f"{s.native_mpp:g}",
+                "tile_px": str(s.tile_px),
+                "tile_source": s.tile_source,
+                "preprocess": s.preprocess.describe(),
+                "pooling": s.pooling,
+                "weights": s.hf_hub_id or s.weights_url or "-",
+                "gated": "gated" if s.gated else "open",
+                "license": s.license,
+                "licence": s.license.split(" (")[0].split(":")[0],
+                "source": s.source,
+            }
+        )
     return rows
 
 
-_POOLING_TEXT = {"cls": "CLS", "cls+mean_patch": "CLS ⊕ mean(patch)", "pooler": "pooler output",
-                 "model": "the net's own head"}
+_POOLING_TEXT = {
+    "cls": "CLS",
+    "cls+mean_patch": "CLS ⊕ mean(patch)",
+    "pooler": "pooler output",
+    "model": "the net's own head",
+}
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
     """The models table of README.md and docs/models.md, from the registry."""
-    lines = ["| name | architecture | builder | dim | native tile | embedding | weights | access, licence |",
-             "|---|---|---|---:|---|---|---|---|"]
+    lines = [
+        "| name | architecture | builder | dim | native tile | embedding | weights | access, licence |",
+        "|---|---|---|---:|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| `{r['name']}` | {r['architecture']} | {r['builder']} | {r['dim']} | {r['tile_px']} px @ "
-                     f"{r['mpp']} µm/px | {_POOLING_TEXT.get(r['pooling'], r['pooling'])} | `{r['weights']}` | "
-                     f"{r['gated']}, {r['licence']} |")
+        lines.append(
+            f"| `{r['name']}` | {r['architecture']} | {r['builder']} | {r['dim']} | {r['tile_px']} px @ "
+            f"{r['mpp']} µm/px | {_POOLING_TEXT.get(r['pooling'], r['pooling'])} | `{r['weights']}` | "
+            f"{r['gated']}, {r['licence']} |"
+        )
     return "\n".join(lines)
 
 

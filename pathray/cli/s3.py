@@ -18,16 +18,23 @@ from pathray.fs import slide_storage_options
 
 def add_s3_options(parser: argparse.ArgumentParser, slides: bool = True) -> None:
     """``--s3-endpoint-url``; with ``slides``, also ``--slide-s3-endpoint-url`` and ``--s3-anonymous``."""
-    parser.add_argument("--s3-endpoint-url",
-                        help="S3-compatible endpoint of the manifest, the store and outputs (else AWS_ENDPOINT_URL / AWS)")
+    parser.add_argument(
+        "--s3-endpoint-url",
+        help="S3-compatible endpoint of the manifest, the store and outputs (else AWS_ENDPOINT_URL / AWS)",
+    )
     if slides:
-        parser.add_argument("--slide-s3-endpoint-url",
-                            help="S3-compatible endpoint of s3:// slides, when they live elsewhere than the store "
-                                 "(default: the store's endpoint, or AWS with --s3-anonymous)")
-        parser.add_argument("--s3-anonymous", action="store_true",
-                            help="read slides with unsigned S3 requests (public buckets such as IDC's idc-open-data), "
-                                 "from AWS unless --slide-s3-endpoint-url; the manifest and the store keep the usual "
-                                 "credentials and endpoint")
+        parser.add_argument(
+            "--slide-s3-endpoint-url",
+            help="S3-compatible endpoint of s3:// slides, when they live elsewhere than the store "
+            "(default: the store's endpoint, or AWS with --s3-anonymous)",
+        )
+        parser.add_argument(
+            "--s3-anonymous",
+            action="store_true",
+            help="read slides with unsigned S3 requests (public buckets such as IDC's idc-open-data), "
+            "from AWS unless --slide-s3-endpoint-url; the manifest and the store keep the usual "
+            "credentials and endpoint",
+        )
 
 
 def apply_s3_args(args: argparse.Namespace, raw: dict[str, Any]) -> None:

@@ -24,8 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pathray.manifest import read_manifest
-    from pathray.store.status import format_status, store_status
     from pathray.store import FeatureStore
+    from pathray.store.status import format_status, store_status
 
     storage, _ = s3_options_from_args(args)
     ids = [e.slide_id for e in read_manifest(args.manifest, storage)] if args.manifest else None

@@ -29,11 +29,11 @@ from pathray.cli.s3 import add_s3_options, s3_options_from_args
 from pathray.errors import ManifestError, PathrayError, describe
 from pathray.fs import join, split_uri
 from pathray.manifest import SlideEntry, read_manifest
-from pathray.tiling.qc import write_qc
-from pathray.wsi.slide import open_slide
-from pathray.wsi.scratch import DEFAULT_MAX_BYTES, Scratch
 from pathray.tiling.grid import TILE_SCHEMA, TilingConfig, plan_tiles
+from pathray.tiling.qc import write_qc
 from pathray.tiling.tissue import TissueConfig
+from pathray.wsi.scratch import DEFAULT_MAX_BYTES, Scratch
+from pathray.wsi.slide import open_slide
 
 TILE_STATUS_SCHEMA = pa.schema(
     [
@@ -70,14 +70,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
     defaults = TilingConfig()
     parser.add_argument("manifest", help="CSV/TSV/Parquet/JSONL manifest, local or s3://")
     parser.add_argument("--out", required=True, help="output directory, local or s3://")
-    parser.add_argument("--tile-px", type=int, default=defaults.tile_px, help="tile side in pixels (default %(default)s)")
-    parser.add_argument("--target-mpp", type=float, default=defaults.target_mpp, help="tile resolution, µm/px (default %(default)s)")
-    parser.add_argument("--stride-px", type=int, default=None, help="grid step in target pixels (default: tile-px, no overlap)")
-    parser.add_argument("--min-tissue", type=float, default=defaults.min_tissue_fraction, help="minimum tissue fraction of a kept tile, 0-1 (default %(default)s)")
-    parser.add_argument("--thumbnail-mpp", type=float, default=defaults.tissue.thumbnail_mpp, help="µm/px of the tissue-detection thumbnail (default %(default)s)")
+    parser.add_argument(
+        "--tile-px", type=int, default=defaults.tile_px, help="tile side in pixels (default %(default)s)"
+    )
+    parser.add_argument(
+        "--target-mpp", type=float, default=defaults.target_mpp, help="tile resolution, µm/px (default %(default)s)"
+    )
+    parser.add_argument(
+        "--stride-px", type=int, default=None, help="grid step in target pixels (default: tile-px, no overlap)"
+    )
+    parser.add_argument(
+        "--min-tissue",
+        type=float,
+        default=defaults.min_tissue_fraction,
+        help="minimum tissue fraction of a kept tile, 0-1 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--thumbnail-mpp",
+        type=float,
+        default=defaults.tissue.thumbnail_mpp,
+        help="µm/px of the tissue-detection thumbnail (default %(default)s)",
+    )
     parser.add_argument("--geojson", action="store_true", help="also write QuPath-importable GeoJSON of the kept tiles")
-    parser.add_argument("--scratch-dir", default=None, help="local directory for staging s3:// slides (default: a temporary one)")
-    parser.add_argument("--scratch-gb", type=float, default=DEFAULT_MAX_BYTES / 1024**3, help="most GB of staged slides at once (default %(default)s)")
+    parser.add_argument(
+        "--scratch-dir", default=None, help="local directory for staging s3:// slides (default: a temporary one)"
+    )
+    parser.add_argument(
+        "--scratch-gb",
+        type=float,
+        default=DEFAULT_MAX_BYTES / 1024**3,
+        help="most GB of staged slides at once (default %(default)s)",
+    )
     add_s3_options(parser)
 
 
@@ -102,19 +125,30 @@ def run(args: argparse.Namespace) -> int:
             table, status = tile_slide(entry, config, out, scratch, slide_options)
             tiles.append(table)
             statuses.append(status)
-            print(f"{entry.slide_id}: {status['status']} {status['error_type'] or ''} {status['n_tiles']} tiles", file=sys.stderr)
-    metadata = {b"pathray.tiling_config": json.dumps(config.to_dict(), sort_keys=True).encode(), b"pathray.tiling_fingerprint": config.fingerprint().encode()}
+            print(
+                f"{entry.slide_id}: {status['status']} {status['error_type'] or ''} {status['n_tiles']} tiles",
+                file=sys.stderr,
+            )
+    metadata = {
+        b"pathray.tiling_config": json.dumps(config.to_dict(), sort_keys=True).encode(),
+        b"pathray.tiling_fingerprint": config.fingerprint().encode(),
+    }
     tiles_table = pa.concat_tables(tiles or [TILE_SCHEMA.empty_table()]).replace_schema_metadata(metadata)
     _write_parquet(tiles_table, join(args.out, "tiles.parquet"), store_options)
-    _write_parquet(pa.Table.from_pylist(statuses, schema=TILE_STATUS_SCHEMA), join(args.out, "slides.parquet"),
-                   store_options)
+    _write_parquet(
+        pa.Table.from_pylist(statuses, schema=TILE_STATUS_SCHEMA), join(args.out, "slides.parquet"), store_options
+    )
     failed = sum(s["status"] == "error" for s in statuses)
-    print(f"{len(entries) - failed}/{len(entries)} slides tiled, {tiles_table.num_rows} tiles -> {args.out}", file=sys.stderr)
+    print(
+        f"{len(entries) - failed}/{len(entries)} slides tiled, {tiles_table.num_rows} tiles -> {args.out}",
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 
-def _read_reachable(manifest: str, out: str, store_options: dict[str, Any] | None,
-                    slide_options: dict[str, Any] | None) -> list[SlideEntry]:
+def _read_reachable(
+    manifest: str, out: str, store_options: dict[str, Any] | None, slide_options: dict[str, Any] | None
+) -> list[SlideEntry]:
     """The manifest's entries once the manifest, the output and the slides' storage answer
     (:mod:`pathray.job.outage`): an outage stops the command at once."""
     from pathray.job.outage import check_reachable, check_slide_sources
@@ -126,8 +160,13 @@ def _read_reachable(manifest: str, out: str, store_options: dict[str, Any] | Non
     return entries
 
 
-def tile_slide(entry: SlideEntry, config: TilingConfig, out: TileOutput, scratch: Scratch,
-               storage_options: dict[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+def tile_slide(
+    entry: SlideEntry,
+    config: TilingConfig,
+    out: TileOutput,
+    scratch: Scratch,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[pa.Table, dict[str, Any]]:
     """Plan one slide's tiles and write its QC files under ``out``; never raises for a bad
     slide. ``storage_options``: the slide's s3fs options.
 
@@ -140,13 +179,25 @@ def tile_slide(entry: SlideEntry, config: TilingConfig, out: TileOutput, scratch
     table = TILE_SCHEMA.empty_table()
     try:
         with open_slide(entry.path, entry.mpp, scratch, storage_options) as slide:
-            status.update(mpp=slide.mpp, mpp_source=slide.mpp_source, width=slide.dimensions[0], height=slide.dimensions[1],
-                          etag=slide.etag, size_bytes=slide.size_bytes)
+            status.update(
+                mpp=slide.mpp,
+                mpp_source=slide.mpp_source,
+                width=slide.dimensions[0],
+                height=slide.dimensions[1],
+                etag=slide.etag,
+                size_bytes=slide.size_bytes,
+            )
             grid = plan_tiles(slide, entry.slide_id, config)
         qc_dir = join(out.root, "qc")
-        write_qc(grid, join(qc_dir, f"{entry.slide_id}.png"),
-                 join(qc_dir, f"{entry.slide_id}.geojson") if out.geojson else None, out.storage_options)
-        status.update(level=grid.level, read_px=grid.read_px, n_tiles=len(grid), status="no_tissue" if grid.no_tissue else "ok")
+        write_qc(
+            grid,
+            join(qc_dir, f"{entry.slide_id}.png"),
+            join(qc_dir, f"{entry.slide_id}.geojson") if out.geojson else None,
+            out.storage_options,
+        )
+        status.update(
+            level=grid.level, read_px=grid.read_px, n_tiles=len(grid), status="no_tissue" if grid.no_tissue else "ok"
+        )
         table = grid.to_table()
     except Exception as exc:  # every failure is recorded, never fatal for the other slides
         error_type, message = describe(exc)

@@ -47,8 +47,12 @@ import numpy as np
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-SYNTAX = {"jpeg": "1.2.840.10008.1.2.4.50", "jpeg2000": "1.2.840.10008.1.2.4.90", "jpeg2000-ict": "1.2.840.10008.1.2.4.91",
-          "raw": EXPLICIT_LE}
+SYNTAX = {
+    "jpeg": "1.2.840.10008.1.2.4.50",
+    "jpeg2000": "1.2.840.10008.1.2.4.90",
+    "jpeg2000-ict": "1.2.840.10008.1.2.4.91",
+    "raw": EXPLICIT_LE,
+}
 PHOTOMETRIC = {"jpeg2000": "RGB", "jpeg2000-ict": "YBR_ICT", "raw": "RGB"}
 OFFSET_TABLES = ("basic", "extended", "none")
 _PHOTOMETRIC_FROM_TIFF = {6: "YBR_FULL_422", 2: "RGB"}
@@ -82,12 +86,18 @@ def _frames(page, codec: str) -> list[bytes]:
     if codec == "jpeg":
         return [tables[:-2] + tile[2:] if tables else tile for tile in raw]
     colorspace = "RGB" if page.photometric == 2 else "YCbCr"
-    decoded = [imagecodecs.jpeg8_decode(tile, tables=tables, colorspace=colorspace, outcolorspace="RGB") for tile in raw]
+    decoded = [
+        imagecodecs.jpeg8_decode(tile, tables=tables, colorspace=colorspace, outcolorspace="RGB") for tile in raw
+    ]
     if codec == "raw":
         return [tile.tobytes() for tile in decoded]
     if codec == "jpeg2000":
-        return [imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K", reversible=True, mct=False) for tile in decoded]
-    return [imagecodecs.jpeg2k_encode(tile, level=45, codecformat="J2K", reversible=False, mct=True) for tile in decoded]
+        return [
+            imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K", reversible=True, mct=False) for tile in decoded
+        ]
+    return [
+        imagecodecs.jpeg2k_encode(tile, level=45, codecformat="J2K", reversible=False, mct=True) for tile in decoded
+    ]
 
 
 def _level_dataset(common, page, frames: list[bytes], level: int, mpp: float, ratio: float):
@@ -95,7 +105,9 @@ def _level_dataset(common, page, frames: list[bytes], level: int, mpp: float, ra
 
     ds = Dataset()
     ds.update(common)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if level == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+    ds.ImageType = (
+        ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if level == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+    )
     ds.InstanceNumber = level + 1
     height, width = page.shape[:2]
     ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = height, width
@@ -188,10 +200,19 @@ def _add_tiff_personality(path: Path, compression: int, photometric: int) -> Non
     ds = pydicom.dcmread(buf, stop_before_pixels=True)
     values = _fragment_values(bytes(data), buf.tell())
     ifd_at = len(data) + 12  # after the padding element's tag, VR, reserved bytes and length
-    entries = [(256, 4, (int(ds.TotalPixelMatrixColumns),)), (257, 4, (int(ds.TotalPixelMatrixRows),)),
-               (258, 3, (8, 8, 8)), (259, 3, (compression,)), (262, 3, (photometric,)), (277, 3, (3,)),
-               (284, 3, (1,)), (322, 4, (int(ds.Columns),)), (323, 4, (int(ds.Rows),)),
-               (324, 4, tuple(o for o, _ in values)), (325, 4, tuple(ln for _, ln in values))]
+    entries = [
+        (256, 4, (int(ds.TotalPixelMatrixColumns),)),
+        (257, 4, (int(ds.TotalPixelMatrixRows),)),
+        (258, 3, (8, 8, 8)),
+        (259, 3, (compression,)),
+        (262, 3, (photometric,)),
+        (277, 3, (3,)),
+        (284, 3, (1,)),
+        (322, 4, (int(ds.Columns),)),
+        (323, 4, (int(ds.Rows),)),
+        (324, 4, tuple(o for o, _ in values)),
+        (325, 4, tuple(ln for _, ln in values)),
+    ]
     extra_at = ifd_at + 2 + 12 * len(entries) + 4  # values over 4 bytes follow the IFD
     ifd, tail = struct.pack("<H", len(entries)), b""
     for tag, kind, items in entries:  # kind 3: SHORT, 4: LONG
@@ -248,9 +269,16 @@ def _sparsify(ds, frames: list[bytes]) -> list[bytes]:
     return kept
 
 
-def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str = "jpeg",
-                       offset_table: str = "basic", mpp: float | None = None, sparse: bool = False,
-                       fragments_per_frame: int = 1, tiff_personality: bool = False) -> DicomSeries:
+def write_dicom_series(
+    slide_path: str | Path,
+    directory: str | Path,
+    codec: str = "jpeg",
+    offset_table: str = "basic",
+    mpp: float | None = None,
+    sparse: bool = False,
+    fragments_per_frame: int = 1,
+    tiff_personality: bool = False,
+) -> DicomSeries:
     """Write ``slide_path`` (tiled JPEG TIFF/SVS) as a DICOM WSI series into ``directory``
     (created; files named ``<SOPInstanceUID>.dcm`` as in IDC). ``mpp`` (µm/px) defaults to
     the slide's ``openslide.mpp-x``. ``sparse``: TILED_SPARSE, all-white frames left out.
@@ -284,7 +312,9 @@ def write_dicom_series(slide_path: str | Path, directory: str | Path, codec: str
             files.append(directory / f"{ds.SOPInstanceUID}.dcm")
             _save(ds, files[-1], SYNTAX[codec])
             if tiff_personality:
-                _add_tiff_personality(files[-1], 7 if jpeg else 34712, 2 if ds.PhotometricInterpretation == "RGB" else 6)
+                _add_tiff_personality(
+                    files[-1], 7 if jpeg else 34712, 2 if ds.PhotometricInterpretation == "RGB" else 6
+                )
             dims.append((page.shape[1], page.shape[0]))
     files.append(_label(common, directory, len(files) + 1))
     return DicomSeries(directory, series_uid, tuple(files), mpp, tuple(dims))

@@ -72,7 +72,9 @@ def write_svs(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = level0.shape[:2]
-    fields = [f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"]
+    fields = [
+        f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+    ]
     fields.append("AppMag = 40")
     if mpp is not None:
         fields.append(f"MPP = {mpp:g}")

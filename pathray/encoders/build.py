@@ -32,14 +32,20 @@ def resolve_architecture(spec: EncoderSpec, config: dict[str, Any] | None) -> tu
     config = config or {}
     release_arch = spec.extra.get("release_architecture")
     if not (release_arch and config.get("architecture") == release_arch):
-        check_config_architecture(spec.name, spec.builder, arch, config,
-                                  tuple(spec.extra.get("config_architectures", ())))
+        check_config_architecture(
+            spec.name, spec.builder, arch, config, tuple(spec.extra.get("config_architectures", ()))
+        )
     written_for = (config.get("pathray") or {}).get("model")
-    if written_for and written_for != spec.name and not spec.name.startswith("timm:") \
-            and not _same_release(spec, written_for):
+    if (
+        written_for
+        and written_for != spec.name
+        and not spec.name.startswith("timm:")
+        and not _same_release(spec, written_for)
+    ):
         # models of one architecture (H-optimus-0 and -1) are told apart by pathray's own record
-        raise WeightsMismatchError(f"{spec.name}: these weights were written for {written_for!r} "
-                                   "(config.json pathray.model)")
+        raise WeightsMismatchError(
+            f"{spec.name}: these weights were written for {written_for!r} (config.json pathray.model)"
+        )
     if spec.name.startswith("timm:"):
         overrides = config.get("model_args")
     else:
@@ -85,5 +91,4 @@ def _same_release(spec: EncoderSpec, other: str) -> bool:
     from .registry import REGISTRY
 
     twin = REGISTRY.get(other)
-    return bool(twin and spec.hf_hub_id and twin.hf_hub_id == spec.hf_hub_id
-                and twin.architecture == spec.architecture)
+    return bool(twin and spec.hf_hub_id and twin.hf_hub_id == spec.hf_hub_id and twin.architecture == spec.architecture)

@@ -58,7 +58,7 @@ class TimmBuilder:
         if pooling in ("cls", "model"):
             return model(x)
         tokens = model.forward_features(x)
-        patches = tokens[:, getattr(model, "num_prefix_tokens", 1):]
+        patches = tokens[:, getattr(model, "num_prefix_tokens", 1) :]
         return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
 
     def config_architecture(self, config: dict[str, Any]) -> str | None:
@@ -143,7 +143,9 @@ class TransformersBuilder:
             if pattern is None:
                 out[renamed] = tensor
             else:
-                pending.setdefault(renamed, copy.deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, tensor)
+                pending.setdefault(renamed, copy.deepcopy(by_pattern[pattern])).add_tensor(
+                    renamed, key, pattern, tensor
+                )
         for first, converter in pending.items():
             for name, value in converter.convert(first, model=model, config=model.config).items():
                 out[name] = value[0] if isinstance(value, list) else value
@@ -200,8 +202,9 @@ def get_builder(name: str) -> TimmBuilder | TransformersBuilder | ModuleBuilder:
     return BUILDERS[name]
 
 
-def check_config_architecture(spec_name: str, builder: str, arch: str, config: dict[str, Any],
-                              aliases: tuple[str, ...] = ()) -> None:
+def check_config_architecture(
+    spec_name: str, builder: str, arch: str, config: dict[str, Any], aliases: tuple[str, ...] = ()
+) -> None:
     """Raise :class:`WeightsMismatchError` when a ``config.json`` names another architecture
     than ``arch`` (timm's pretrained tag ignored: ``vit_small_patch16_224.augreg`` is
     ``vit_small_patch16_224``) or one of its ``aliases`` (the name a hub config gives the same
@@ -210,7 +213,8 @@ def check_config_architecture(spec_name: str, builder: str, arch: str, config: d
     if named and named.split(".")[0] not in {arch.split(".")[0], *aliases}:
         hint = f"; use timm:{named}" if spec_name.startswith("timm:") else ""
         raise WeightsMismatchError(
-            f"{spec_name} is a {arch}, but the weights' config.json says architecture {named!r}{hint}")
+            f"{spec_name} is a {arch}, but the weights' config.json says architecture {named!r}{hint}"
+        )
 
 
 def to_release_layout(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -218,8 +222,9 @@ def to_release_layout(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[
     return {prefix + k: v for k, v in state_dict.items()}
 
 
-def from_release_layout(state_dict: dict[str, torch.Tensor], prefix: str,
-                        ignore: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def from_release_layout(
+    state_dict: dict[str, torch.Tensor], prefix: str, ignore: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
     """The published checkpoint's keys for the network: keys under an ``ignore`` prefix (parts
     of the release that are not the tile encoder, e.g. a CLIP text tower) are dropped, ``prefix``
     is stripped. An ``ignore`` entry containing ``*`` is a glob over the whole key instead (e.g.
@@ -233,5 +238,5 @@ def from_release_layout(state_dict: dict[str, torch.Tensor], prefix: str,
     for key, value in state_dict.items():
         if (prefixes and key.startswith(prefixes)) or any(fnmatch.fnmatchcase(key, g) for g in globs):
             continue
-        out[key[len(prefix):] if prefix and key.startswith(prefix) else key] = value
+        out[key[len(prefix) :] if prefix and key.startswith(prefix) else key] = value
     return out

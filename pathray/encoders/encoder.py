@@ -24,14 +24,14 @@ OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    model: str                  # registry name ("uni2-h") or "timm:<architecture>"
+    model: str  # registry name ("uni2-h") or "timm:<architecture>"
     weights: str | None = None  # None: the spec's HF hub repo; else a local hub-layout dir,
-                                # a .safetensors / .pth / .bin file, or "hf-hub:org/name"
-    device: str = "auto"        # "auto" = cuda if available else cpu
-    dtype: str = "fp32"         # fp32 | bf16 | fp16 (autocast on the device)
+    # a .safetensors / .pth / .bin file, or "hf-hub:org/name"
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast on the device)
     compile: bool = False
     output_dtype: str = "float32"  # float32 | float16
-    batch_size: int = 64        # micro-batch inside one call
+    batch_size: int = 64  # micro-batch inside one call
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -55,9 +55,18 @@ class Encoder:
     """One model on one device. Call it with ``(N, H, W, 3)`` uint8 tiles (numpy, may be
     read-only; never written to) to get ``(N, embed_dim)`` embeddings as numpy."""
 
-    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, config: EncoderConfig, *,
-                 weights_source: str, weights_fingerprint: str, architecture: str,
-                 model_kwargs: dict[str, Any], adaptations: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        model: torch.nn.Module,
+        config: EncoderConfig,
+        *,
+        weights_source: str,
+        weights_fingerprint: str,
+        architecture: str,
+        model_kwargs: dict[str, Any],
+        adaptations: tuple[str, ...] = (),
+    ):
         self.spec = spec
         self.config = config
         self.device = resolve_device(config.device)
@@ -128,7 +137,7 @@ class Encoder:
         bs = int(self.config.batch_size)
         with torch.inference_mode():
             for start in range(0, n, bs):
-                chunk = tiles[start:start + bs]
+                chunk = tiles[start : start + bs]
                 m = len(chunk)
                 if self.config.compile and m < bs and n > bs:
                     # keep one static shape for the compiled graph: pad the last micro-batch
@@ -136,7 +145,7 @@ class Encoder:
                 if not chunk.flags.c_contiguous:
                     chunk = np.ascontiguousarray(chunk)
                 emb = self.encode_tensor(self._to_device(chunk))[:m]
-                result[start:start + m] = emb.cpu().numpy().astype(out_dtype, copy=False)
+                result[start : start + m] = emb.cpu().numpy().astype(out_dtype, copy=False)
         return result
 
     # -- provenance ----------------------------------------------------------------------
@@ -167,8 +176,10 @@ class Encoder:
         }
 
     def __repr__(self) -> str:
-        return (f"Encoder({self.spec.name!r}, dim={self.embed_dim}, device={self.device}, dtype={self.config.dtype}, "
-                f"weights={self.weights_fingerprint})")
+        return (
+            f"Encoder({self.spec.name!r}, dim={self.embed_dim}, device={self.device}, dtype={self.config.dtype}, "
+            f"weights={self.weights_fingerprint})"
+        )
 
 
 def load_encoder(config: EncoderConfig) -> Encoder:
@@ -177,8 +188,16 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     loaded: LoadedWeights = load_weights(spec, config.weights)
     spec = spec_for_config(spec, loaded.config)
     arch, kwargs, model, adaptations = build_model(spec, loaded)
-    return Encoder(spec, model.float(), config, weights_source=loaded.source, weights_fingerprint=loaded.fingerprint,
-                   architecture=arch, model_kwargs=kwargs, adaptations=tuple(adaptations))
+    return Encoder(
+        spec,
+        model.float(),
+        config,
+        weights_source=loaded.source,
+        weights_fingerprint=loaded.fingerprint,
+        architecture=arch,
+        model_kwargs=kwargs,
+        adaptations=tuple(adaptations),
+    )
 
 
 def build_model(spec: EncoderSpec, loaded: LoadedWeights) -> tuple[str, dict[str, Any], torch.nn.Module, list[str]]:

@@ -41,9 +41,9 @@ DEFAULT_HUB_TIMEOUT_S = 5.0
 @dataclass
 class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
-    config: dict[str, Any]          # parsed config.json, {} when none
-    source: str                     # "hf-hub:org/name" | local path (no credentials)
-    fingerprint: str                # "hf:org/name@sha" | "sha256:..."
+    config: dict[str, Any]  # parsed config.json, {} when none
+    source: str  # "hf-hub:org/name" | local path (no credentials)
+    fingerprint: str  # "hf:org/name@sha" | "sha256:..."
 
 
 # --------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 break
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
-            return {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
+            return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in tensors.items()}
     raise WeightsCorruptError(f"{path} does not hold a state dict (got {type(obj).__name__})")
 
 
@@ -150,7 +150,7 @@ def load_weights(spec: EncoderSpec, weights: str | os.PathLike | None) -> Loaded
     text = os.fspath(weights)
     for prefix in HUB_PREFIXES:
         if text.startswith(prefix):
-            return load_from_hub(spec, text[len(prefix):])
+            return load_from_hub(spec, text[len(prefix) :])
     if is_remote_source(text):
         try:
             local = local_copy(text)
@@ -196,7 +196,11 @@ def hub_reachable(repo_id: str = "", revision: str | None = None, timeout: float
     from huggingface_hub import constants
 
     timeout = _hub_timeout() if timeout is None else timeout
-    if getattr(constants, "HF_HUB_OFFLINE", False) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if getattr(constants, "HF_HUB_OFFLINE", False) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
+        "1",
+        "true",
+        "yes",
+    ):
         return False
     url = f"{constants.ENDPOINT.rstrip('/')}/{repo_id}/resolve/{revision or 'main'}/config.json"
     result: list[bool] = []
@@ -243,10 +247,12 @@ def load_from_hub(spec: EncoderSpec, repo: str) -> LoadedWeights:
                     raise
                 last_exc = exc
         if wfile is None:
-            raise WeightsUnavailableError(f"{spec.name}: hub repo {repo_id} has no "
-                                          f"{' or '.join(hub_weight_filenames(spec))} ({last_exc})")
-    return LoadedWeights(read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}",
-                         _hub_fingerprint(repo_id, wfile))
+            raise WeightsUnavailableError(
+                f"{spec.name}: hub repo {repo_id} has no {' or '.join(hub_weight_filenames(spec))} ({last_exc})"
+            )
+    return LoadedWeights(
+        read_state_dict(wfile), cfg if isinstance(cfg, dict) else {}, f"hf-hub:{repo}", _hub_fingerprint(repo_id, wfile)
+    )
 
 
 def hub_weight_filenames(spec: EncoderSpec) -> tuple[str, ...]:
@@ -272,8 +278,14 @@ def download_hub_file(what: str, repo: str, filename: str, *, gated: bool) -> tu
 def _hub_get(repo_id: str, revision: str | None, filename: str, online: bool) -> str:
     from huggingface_hub import constants, hf_hub_download
 
-    return hf_hub_download(repo_id, filename, revision=revision, local_files_only=not online,
-                           etag_timeout=_hub_timeout(), endpoint=constants.ENDPOINT)
+    return hf_hub_download(
+        repo_id,
+        filename,
+        revision=revision,
+        local_files_only=not online,
+        etag_timeout=_hub_timeout(),
+        endpoint=constants.ENDPOINT,
+    )
 
 
 def _hub_fingerprint(repo_id: str, path: str) -> str:
@@ -287,8 +299,9 @@ def _hub_errors(what: str, repo_id: str, gated: bool, online: bool) -> Iterator[
     from huggingface_hub import errors as hf_errors
 
     how_to = (
-        f"{repo_id} is gated: request access at https://huggingface.co/{repo_id}, then `hf auth login` or set "
-        "HF_TOKEN" if gated else f"check the repo id https://huggingface.co/{repo_id}"
+        f"{repo_id} is gated: request access at https://huggingface.co/{repo_id}, then `hf auth login` or set HF_TOKEN"
+        if gated
+        else f"check the repo id https://huggingface.co/{repo_id}"
     )
     offline_hint = (
         f"or run offline: download it where the hub is reachable (huggingface_hub.snapshot_download('{repo_id}', "
@@ -301,7 +314,8 @@ def _hub_errors(what: str, repo_id: str, gated: bool, online: bool) -> Iterator[
         raise WeightsUnavailableError(f"{what}: {repo_id} is gated and this account has no access: {how_to}") from exc
     except hf_errors.RepositoryNotFoundError as exc:
         raise WeightsUnavailableError(
-            f"{what}: {repo_id} not found or not accessible without a token ({how_to})") from exc
+            f"{what}: {repo_id} not found or not accessible without a token ({how_to})"
+        ) from exc
     except hf_errors.LocalEntryNotFoundError as exc:
         state = "the HF hub is unreachable (no network, or HF_HUB_OFFLINE=1)" if not online else "download failed"
         raise WeightsUnavailableError(
@@ -333,7 +347,8 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> lis
     unexpected = sorted((k for k in sd if k not in expected), key=_natural)
     shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
-        for k in sorted(expected, key=_natural) if k in sd and tuple(sd[k].shape) != expected[k]
+        for k in sorted(expected, key=_natural)
+        if k in sd and tuple(sd[k].shape) != expected[k]
     ]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
@@ -356,8 +371,9 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, what: str)
     return model
 
 
-def card_adaptations(spec: EncoderSpec, model: torch.nn.Module,
-                     sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def card_adaptations(
+    spec: EncoderSpec, model: torch.nn.Module, sd: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Apply the weight adaptation a model card prescribes, and only that one.
 
     Today the only one is a position-embedding grid trained at another image size (e.g.
@@ -376,8 +392,9 @@ def card_adaptations(spec: EncoderSpec, model: torch.nn.Module,
     grid = tuple(model.patch_embed.grid_size)
     old = int(round((pos.shape[1] - prefix) ** 0.5))
     out = dict(sd)
-    out["pos_embed"] = resample_abs_pos_embed(pos, new_size=grid, num_prefix_tokens=prefix,
-                                              interpolation="bicubic", antialias=True, verbose=False)
+    out["pos_embed"] = resample_abs_pos_embed(
+        pos, new_size=grid, num_prefix_tokens=prefix, interpolation="bicubic", antialias=True, verbose=False
+    )
     return out, [f"pos_embed resampled from a {old}x{old} to a {grid[0]}x{grid[1]} grid ({spec.pos_embed_resample})"]
 
 
@@ -394,7 +411,7 @@ def weights_identity(spec: EncoderSpec, weights: str | os.PathLike | None) -> st
     text = os.fspath(weights) if weights is not None else None
     if text and is_remote_source(text):
         return remote_identity(text)
-    hub = next((text[len(p):] for p in HUB_PREFIXES if text and text.startswith(p)), None)
+    hub = next((text[len(p) :] for p in HUB_PREFIXES if text and text.startswith(p)), None)
     if text is None or hub is not None:
         repo = hub or spec.hf_hub_id or ""
         repo_id, _, revision = repo.partition("@")

@@ -33,9 +33,11 @@ _PRECISION_BITS = 32 - 8 - 2  # Pillow's Resample.c
 
 def _pil_filter(mode: str):
     if mode == "bilinear":
+
         def f(x: float) -> float:
             x = abs(x)
             return 1.0 - x if x < 1.0 else 0.0
+
         return f, 1.0
     if mode == "bicubic":
         a = -0.5
@@ -47,6 +49,7 @@ def _pil_filter(mode: str):
             if x < 2.0:
                 return (((x - 5) * x + 8) * x - 4) * a
             return 0.0
+
         return f, 2.0
     raise ValueError(f"unsupported interpolation {mode!r} (bilinear or bicubic)")
 
@@ -138,7 +141,7 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     top = int(round((h - size) / 2.0))
     left = int(round((w - size) / 2.0))
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 def preprocess_batch(tiles_nhwc_u8: torch.Tensor, prep: Preprocess) -> torch.Tensor:

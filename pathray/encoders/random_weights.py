@@ -33,12 +33,20 @@ def _perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
             elif "norm" in name and leaf == "weight":
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
-            elif leaf in ("cls_token", "reg_token", "pos_embed", "register_tokens", "position_embeddings",
-                          "mask_token"):
+            elif leaf in (
+                "cls_token",
+                "reg_token",
+                "pos_embed",
+                "register_tokens",
+                "position_embeddings",
+                "mask_token",
+            ):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def random_model(model: str | EncoderSpec, *, seed: int = 0, **arch_overrides: Any) -> tuple[str, dict, torch.nn.Module]:
+def random_model(
+    model: str | EncoderSpec, *, seed: int = 0, **arch_overrides: Any
+) -> tuple[str, dict, torch.nn.Module]:
     """(architecture, kwargs, module) of a random init; deterministic for a given seed."""
     spec = get_spec(model) if isinstance(model, str) else model
     kwargs = apply_overrides(spec, dict(spec.model_kwargs), arch_overrides)
@@ -104,7 +112,13 @@ def write_random_weights(model: str, out_dir: str | os.PathLike, *, seed: int = 
     # sha256, the weights fingerprint) would differ between two writes of the same tensors
     save_file(sd, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
-    cfg = hub_config(spec, kwargs, net, seed=seed, random_init=True,
-                     arch_overrides={k: v for k, v in arch_overrides.items() if not callable(v)})
+    cfg = hub_config(
+        spec,
+        kwargs,
+        net,
+        seed=seed,
+        random_init=True,
+        arch_overrides={k: v for k, v in arch_overrides.items() if not callable(v)},
+    )
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out

@@ -37,10 +37,12 @@ def native_tile_mismatch(models: list[str] | tuple[str, ...], tile_px: int, targ
         return None
     expects = ", ".join(f"{s.name}: {s.tile_px} px at {s.native_mpp:g} µm/px" for s in specs)
     others = [s.name for s in specs if (s.tile_px, s.native_mpp) != (tile_px, target_mpp)]
-    return (f"models expect different native tiles ({expects}); this run cuts one tiling, {tile_px} px at "
-            f"{target_mpp:g} µm/px, for every model, and each model's own Resize/CenterCrop is applied to those "
-            f"tiles, so {', '.join(others)} see(s) a field of view other than the card's. Leave tile_px and "
-            "target_mpp unset (no --tile-px/--target-mpp) to embed each model at its own native tile.")
+    return (
+        f"models expect different native tiles ({expects}); this run cuts one tiling, {tile_px} px at "
+        f"{target_mpp:g} µm/px, for every model, and each model's own Resize/CenterCrop is applied to those "
+        f"tiles, so {', '.join(others)} see(s) a field of view other than the card's. Leave tile_px and "
+        "target_mpp unset (no --tile-px/--target-mpp) to embed each model at its own native tile."
+    )
 
 
 def list_models() -> list[str]:
@@ -53,7 +55,7 @@ def get_spec(name: str) -> EncoderSpec:
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith(TIMM_PREFIX):
-        return _timm_spec(name[len(TIMM_PREFIX):])
+        return _timm_spec(name[len(TIMM_PREFIX) :])
     known = ", ".join(list_models())
     raise UnknownModelError(f"unknown model {name!r}; known models: {known}, or timm:<architecture>")
 
@@ -65,8 +67,7 @@ def _timm_spec(architecture: str) -> EncoderSpec:
     if not architecture or not timm.is_model(architecture):
         known = ", ".join(list_models())
         raise UnknownModelError(
-            f"unknown timm architecture {architecture!r} (see timm.list_models()); "
-            f"registered models: {known}"
+            f"unknown timm architecture {architecture!r} (see timm.list_models()); registered models: {known}"
         )
     cfg = timm.get_pretrained_cfg(architecture) or None
     cfg = cfg.to_dict() if cfg is not None else {}
@@ -87,8 +88,9 @@ def _meta_output_dim(architecture: str, input_px: int) -> int:
         return 0
 
 
-def spec_from_pretrained_cfg(name: str, architecture: str, model_kwargs: dict[str, Any],
-                             cfg: dict[str, Any], embed_dim: int = 0) -> EncoderSpec:
+def spec_from_pretrained_cfg(
+    name: str, architecture: str, model_kwargs: dict[str, Any], cfg: dict[str, Any], embed_dim: int = 0
+) -> EncoderSpec:
     """A generic spec following timm's eval transform for ``cfg`` (a pretrained_cfg dict)."""
     input_size = tuple(cfg.get("input_size") or (3, 224, 224))
     crop = int(input_size[-1])
@@ -105,8 +107,11 @@ def spec_from_pretrained_cfg(name: str, architecture: str, model_kwargs: dict[st
         input_px=crop,
         native_mpp=0.5,
         preprocess=Preprocess(
-            resize_px=int(crop / crop_pct), crop_px=crop, interpolation=interp,
-            mean=tuple(cfg.get("mean") or IMAGENET_MEAN), std=tuple(cfg.get("std") or IMAGENET_STD),
+            resize_px=int(crop / crop_pct),
+            crop_px=crop,
+            interpolation=interp,
+            mean=tuple(cfg.get("mean") or IMAGENET_MEAN),
+            std=tuple(cfg.get("std") or IMAGENET_STD),
         ),
         pooling="cls",  # the model's own head (num_classes=0 -> pooled features)
         hf_hub_id=cfg.get("hf_hub_id") or None,

@@ -43,19 +43,19 @@ class EncoderSpec:
     """Everything pathray needs to know about one encoder (pure data)."""
 
     name: str
-    architecture: str                      # timm architecture / transformers class / pathray net name
-    model_kwargs: dict[str, Any]           # exact constructor kwargs of the card (see ``builder``)
-    embed_dim: int                         # dimension of the pooled embedding
-    input_px: int                          # side of the image fed to the network
-    native_mpp: float                      # µm/px the model was trained at (default tiling)
+    architecture: str  # timm architecture / transformers class / pathray net name
+    model_kwargs: dict[str, Any]  # exact constructor kwargs of the card (see ``builder``)
+    embed_dim: int  # dimension of the pooled embedding
+    input_px: int  # side of the image fed to the network
+    native_mpp: float  # µm/px the model was trained at (default tiling)
     preprocess: Preprocess
-    pooling: str = "cls"                   # see pathray.encoders.builders (register tokens never pooled)
-    hf_hub_id: str | None = None           # default weight source ("org/name" on the HF hub)
-    gated: bool = False                    # hub repo needs an access request + token
-    weights_url: str | None = None         # alternative direct download (e.g. GitHub release)
+    pooling: str = "cls"  # see pathray.encoders.builders (register tokens never pooled)
+    hf_hub_id: str | None = None  # default weight source ("org/name" on the HF hub)
+    gated: bool = False  # hub repo needs an access request + token
+    weights_url: str | None = None  # alternative direct download (e.g. GitHub release)
     license: str = ""
-    family: str = ""                       # human-readable architecture label (ViT-L/16, ...)
-    card_params_m: float | None = None     # parameter count in millions stated by the card
+    family: str = ""  # human-readable architecture label (ViT-L/16, ...)
+    card_params_m: float | None = None  # parameter count in millions stated by the card
     notes: str = ""
     #: the card's reason when its checkpoint's position-embedding grid is for another image
     #: size and must be resampled on load (empty: weights must fit exactly)
@@ -64,7 +64,7 @@ class EncoderSpec:
     #: side in pixels, at ``native_mpp``, of the tile the card's preprocessing expects (the size
     #: its Resize leaves unchanged); ``None``: ``input_px`` (generic timm backbones, no card)
     native_tile_px: int | None = None
-    tile_source: str = ""                  # where the native tile fact comes from (docs/models.md)
+    tile_source: str = ""  # where the native tile fact comes from (docs/models.md)
     #: "timm" | "transformers" | "module" (pathray.encoders.builders)
     builder: str = "timm"
     #: key prefix of the network's weights in the published checkpoint (e.g. "visual.")
@@ -80,8 +80,9 @@ class EncoderSpec:
         if poolings is None:
             raise ValueError(f"{self.name}: builder must be one of {sorted(POOLINGS_BY_BUILDER)}, got {self.builder!r}")
         if self.pooling not in poolings:
-            raise ValueError(f"{self.name}: pooling for builder {self.builder} must be one of {poolings}, "
-                             f"got {self.pooling!r}")
+            raise ValueError(
+                f"{self.name}: pooling for builder {self.builder} must be one of {poolings}, got {self.pooling!r}"
+            )
 
     @property
     def tile_px(self) -> int:

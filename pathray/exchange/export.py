@@ -88,27 +88,40 @@ def read_slide_features(store: FeatureStore, record: CommitRecord) -> SlideFeatu
     except Exception as exc:  # any read failure of a committed file is one error type
         raise FeaturesUnreadableError(f"{record.features_path}: {type(exc).__name__}: {exc}") from exc
     if table.num_rows != record.n_tiles:
-        raise FeaturesUnreadableError(f"{record.features_path}: {table.num_rows} rows, commit record says {record.n_tiles}")
+        raise FeaturesUnreadableError(
+            f"{record.features_path}: {table.num_rows} rows, commit record says {record.n_tiles}"
+        )
     emb = table.column("embedding").combine_chunks()
     features = emb.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, emb.type.list_size)
     first = table.slice(0, 1).to_pylist()[0]
     return SlideFeatures(
-        slide_id=record.slide_id, features=features.astype(np.float32, copy=False),
+        slide_id=record.slide_id,
+        features=features.astype(np.float32, copy=False),
         coords=np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64),
         tissue_fraction=table.column("tissue_fraction").to_numpy().astype(np.float32),
-        tile_px=int(first["tile_px"]), target_mpp=float(first["target_mpp"]), size_level0=float(first["size_level0"]),
-        provenance=(table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}").decode())
+        tile_px=int(first["tile_px"]),
+        target_mpp=float(first["target_mpp"]),
+        size_level0=float(first["size_level0"]),
+        provenance=(table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}").decode(),
+    )
 
 
 def trident_coords_attrs(slide: SlideFeatures, record: CommitRecord, stride_px: int, out_dir: str) -> dict:
     """The ``coords`` attributes TRIDENT writes (trident/IO.py ``coords_to_h5``), in pathray's units."""
     level0_mpp = slide.tile_px * slide.target_mpp / slide.size_level0
     return {
-        "patch_size": slide.tile_px, "patch_size_level0": round(slide.size_level0),
-        "level0_magnification": 10.0 / level0_mpp, "target_magnification": 10.0 / slide.target_mpp,
-        "overlap": max(0, slide.tile_px - stride_px), "name": record.slide_id, "savetodir": out_dir,
-        "level0_width": int(record.slide.get("width") or -1), "level0_height": int(record.slide.get("height") or -1),
-        "target_mpp": slide.target_mpp, "level0_mpp": level0_mpp, "size_level0": slide.size_level0,
+        "patch_size": slide.tile_px,
+        "patch_size_level0": round(slide.size_level0),
+        "level0_magnification": 10.0 / level0_mpp,
+        "target_magnification": 10.0 / slide.target_mpp,
+        "overlap": max(0, slide.tile_px - stride_px),
+        "name": record.slide_id,
+        "savetodir": out_dir,
+        "level0_width": int(record.slide.get("width") or -1),
+        "level0_height": int(record.slide.get("height") or -1),
+        "target_mpp": slide.target_mpp,
+        "level0_mpp": level0_mpp,
+        "size_level0": slide.size_level0,
     }
 
 
@@ -207,11 +220,21 @@ def _refuse_foreign_files(target: str, fmt: str, model: str, paths: list[str]) -
         names = ", ".join(f"{name} ({owner or 'unknown model'})" for name, owner in sorted(foreign.items())[:5])
         raise ExportConflictError(
             f"{target} already holds {len(foreign)} file(s) of these slides written for another model than {model!r}: "
-            f"{names}{' ...' if len(foreign) > 5 else ''}. Export to another --out, or pass --overwrite to replace them.")
+            f"{names}{' ...' if len(foreign) > 5 else ''}. Export to another --out, or pass --overwrite to replace them."
+        )
 
 
 def _write_manifest(target: str, model: str, fmt: str, report: ExportReport) -> None:
     """``_last_export.json`` next to the files: what the last export wrote, skipped and failed on."""
     with open(os.path.join(target, LAST_EXPORT), "w") as f:
-        json.dump({"model": model, "format": fmt, "written": report.written, "skipped": report.skipped,
-                   "errors": report.errors}, f, indent=2)
+        json.dump(
+            {
+                "model": model,
+                "format": fmt,
+                "written": report.written,
+                "skipped": report.skipped,
+                "errors": report.errors,
+            },
+            f,
+            indent=2,
+        )

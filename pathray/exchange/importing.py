@@ -49,7 +49,6 @@ import numpy as np
 import pyarrow as pa
 
 from pathray import __version__
-from pathray.job.config import fingerprint
 from pathray.errors import (
     CoordsMissingError,
     FeaturesUnreadableError,
@@ -59,11 +58,10 @@ from pathray.errors import (
     SlideIdConflictError,
     describe,
 )
-from pathray.store.lease import StoreLease
-from pathray.store.ledger import StatusLedger
-from pathray.manifest import SlideEntry, check_safe_name, read_manifest
+from pathray.job.config import fingerprint
 from pathray.job.raydata import slide_id_conflict
 from pathray.job.report import RunReport
+from pathray.manifest import SlideEntry, check_safe_name, read_manifest
 from pathray.store import (
     CommitRequest,
     FeatureStore,
@@ -73,6 +71,8 @@ from pathray.store import (
     finalize_slide,
     status_row,
 )
+from pathray.store.lease import StoreLease
+from pathray.store.ledger import StatusLedger
 
 #: format -> extension of its files in ``features_dir``
 FORMATS: dict[str, str] = {"trident-h5": "h5", "clam-h5": "h5", "pt": "pt"}
@@ -135,8 +135,11 @@ def source_files(config: ImportConfig, entries: dict[str, SlideEntry] | None) ->
     """The slides to import: every ``<slide_id>.<ext>`` of ``features_dir`` (only those of the
     manifest when one is given; a manifest slide without a file is still listed, to fail)."""
     ext = FORMATS[config.fmt]
-    found = {name[: -len(ext) - 1] for name in os.listdir(config.features_dir)
-             if name.endswith(f".{ext}") and not name.startswith(("_", "."))}
+    found = {
+        name[: -len(ext) - 1]
+        for name in os.listdir(config.features_dir)
+        if name.endswith(f".{ext}") and not name.startswith(("_", "."))
+    }
     slide_ids = sorted(entries) if entries is not None else sorted(found)
     sources = []
     for slide_id in slide_ids:
@@ -159,8 +162,10 @@ def _coords_h5(source: SourceFile, fmt: str):
             return f
         f.close()
     if source.coords_path is None or not os.path.exists(source.coords_path):
-        raise CoordsMissingError(f"{source.slide_id}: the {fmt} file has no coords attributes and there is no "
-                                 f"{source.slide_id}.h5 in --coords-dir ({source.coords_path or 'not given'})")
+        raise CoordsMissingError(
+            f"{source.slide_id}: the {fmt} file has no coords attributes and there is no "
+            f"{source.slide_id}.h5 in --coords-dir ({source.coords_path or 'not given'})"
+        )
     return h5py.File(source.coords_path, "r")
 
 
@@ -225,10 +230,18 @@ def geometry_of(attrs: dict[str, Any], source: SourceFile, fmt: str) -> Geometry
     elif manifest_mpp and "downsample" in attrs:
         target_mpp, mpp_from = manifest_mpp * downsample, "manifest level-0 mpp x the patch level's downsample"
     else:
-        raise MppMissingError(f"{source.slide_id}: the coords attributes give no target_mpp or target_magnification; "
-                              "for CLAM files give each slide's level-0 mpp in --manifest")
-    return Geometry(tile_px, target_mpp, tile_px - int(attrs.get("overlap", 0)),
-                    _size_level0(attrs, tile_px, downsample), mpp_from, _slide_facts(attrs, source, fmt, manifest_mpp))
+        raise MppMissingError(
+            f"{source.slide_id}: the coords attributes give no target_mpp or target_magnification; "
+            "for CLAM files give each slide's level-0 mpp in --manifest"
+        )
+    return Geometry(
+        tile_px,
+        target_mpp,
+        tile_px - int(attrs.get("overlap", 0)),
+        _size_level0(attrs, tile_px, downsample),
+        mpp_from,
+        _slide_facts(attrs, source, fmt, manifest_mpp),
+    )
 
 
 def _size_level0(attrs: dict[str, Any], tile_px: int, downsample: float) -> float:
@@ -253,9 +266,14 @@ def _slide_facts(attrs: dict[str, Any], source: SourceFile, fmt: str, manifest_m
         mpp, mpp_source = 10.0 / float(attrs["level0_magnification"]), f"imported:{fmt}:10/level0_magnification"
     else:
         mpp, mpp_source = manifest_mpp, "manifest" if manifest_mpp else None
-    return {"path": source.entry.path,
-            "width": width if width > 0 else None, "height": height if height > 0 else None,
-            "mpp": mpp, "mpp_source": mpp_source, "vendor": None}
+    return {
+        "path": source.entry.path,
+        "width": width if width > 0 else None,
+        "height": height if height > 0 else None,
+        "mpp": mpp,
+        "mpp_source": mpp_source,
+        "vendor": None,
+    }
 
 
 def probe(sources: list[SourceFile], fmt: str, skip: set[str]) -> Probe:
@@ -278,8 +296,11 @@ def probe(sources: list[SourceFile], fmt: str, skip: set[str]) -> Probe:
                 with h5py.File(source.features_path, "r") as f:
                     out.widths[source.slide_id] = _width(f["features"].shape)
         except Exception as exc:  # noqa: BLE001 - one slide's problem is its error row
-            out.failed[source.slide_id] = exc if isinstance(exc, PathrayError) else \
-                FeaturesUnreadableError(f"{source.features_path}: {type(exc).__name__}: {exc}")
+            out.failed[source.slide_id] = (
+                exc
+                if isinstance(exc, PathrayError)
+                else FeaturesUnreadableError(f"{source.features_path}: {type(exc).__name__}: {exc}")
+            )
     return out
 
 
@@ -291,9 +312,15 @@ def _width(shape: tuple[int, ...]) -> int:
 # --- the store's records ---------------------------------------------------------------------
 def model_record(config: ImportConfig, embed_dim: int) -> dict[str, Any]:
     """What the store config says about an imported model; its ``fingerprint`` covers all of it."""
-    record = {"model": config.model, "embed_dim": embed_dim,
-              "imported": {"format": config.fmt, "features_dir": os.path.abspath(config.features_dir),
-                           "coords_dir": os.path.abspath(config.coords_dir) if config.coords_dir else None}}
+    record = {
+        "model": config.model,
+        "embed_dim": embed_dim,
+        "imported": {
+            "format": config.fmt,
+            "features_dir": os.path.abspath(config.features_dir),
+            "coords_dir": os.path.abspath(config.coords_dir) if config.coords_dir else None,
+        },
+    }
     return {**record, "fingerprint": fingerprint(record)}
 
 
@@ -302,10 +329,18 @@ def tiling_record(geometry: Geometry, fmt: str) -> dict[str, Any]:
     (how the µm/px was found is stated, not identifying)."""
     tile_px, target_mpp, stride_px = geometry.key
     identity = {"tile_px": tile_px, "target_mpp": target_mpp, "stride_px": stride_px, "imported": True}
-    return {"tile_px": tile_px, "target_mpp": target_mpp, "stride_px": stride_px, "min_tissue_fraction": None,
-            "imported": {"format": fmt, "target_mpp_from": geometry.mpp_from,
-                         "tissue_fraction": "the file's tissue_fraction dataset where present, else 1.0"},
-            "fingerprint": fingerprint(identity)}
+    return {
+        "tile_px": tile_px,
+        "target_mpp": target_mpp,
+        "stride_px": stride_px,
+        "min_tissue_fraction": None,
+        "imported": {
+            "format": fmt,
+            "target_mpp_from": geometry.mpp_from,
+            "tissue_fraction": "the file's tissue_fraction dataset where present, else 1.0",
+        },
+        "fingerprint": fingerprint(identity),
+    }
 
 
 def decide_records(store: FeatureStore, config: ImportConfig, found: Probe) -> tuple[dict, dict]:
@@ -318,8 +353,10 @@ def decide_records(store: FeatureStore, config: ImportConfig, found: Probe) -> t
     if not found.geometry:
         if stored:
             return model_record(config, stored["embed_dim"]), store.tiling_of(config.model)
-        raise ValueError(f"no slide of {config.features_dir} could be read as {config.fmt}: "
-                         + "; ".join(f"{s}: {describe(e)[1]}" for s, e in sorted(found.failed.items())[:5]))
+        raise ValueError(
+            f"no slide of {config.features_dir} could be read as {config.fmt}: "
+            + "; ".join(f"{s}: {describe(e)[1]}" for s, e in sorted(found.failed.items())[:5])
+        )
     common = Counter(g.key for g in found.geometry.values()).most_common(1)[0][0]
     representative = next(g for _, g in sorted(found.geometry.items()) if g.key == common)
     embed_dim = stored["embed_dim"] if stored else _embed_dim(config.model, found.widths)
@@ -352,16 +389,22 @@ class ImportRun:
     passthrough_schema: pa.Schema
 
 
-def tile_table(slide_id: str, geometry: Geometry, coords: np.ndarray, features: np.ndarray,
-               tissue: np.ndarray | None) -> pa.Table:
+def tile_table(
+    slide_id: str, geometry: Geometry, coords: np.ndarray, features: np.ndarray, tissue: np.ndarray | None
+) -> pa.Table:
     """The slide's rows in :func:`pathray.store.feature_schema` (float32 embeddings)."""
     n, dim = features.shape
-    columns = [pa.array([slide_id] * n, pa.string()), pa.array(np.arange(n, dtype=np.int64)),
-               pa.array(coords[:, 0]), pa.array(coords[:, 1]),
-               pa.array(np.full(n, geometry.size_level0, np.float64)), pa.array(np.full(n, geometry.target_mpp)),
-               pa.array(np.full(n, geometry.tile_px, np.int32)),
-               pa.array(np.ones(n, np.float32) if tissue is None else tissue.astype(np.float32)),
-               embeddings_to_arrow(features.astype(np.float32, copy=False))]
+    columns = [
+        pa.array([slide_id] * n, pa.string()),
+        pa.array(np.arange(n, dtype=np.int64)),
+        pa.array(coords[:, 0]),
+        pa.array(coords[:, 1]),
+        pa.array(np.full(n, geometry.size_level0, np.float64)),
+        pa.array(np.full(n, geometry.target_mpp)),
+        pa.array(np.full(n, geometry.tile_px, np.int32)),
+        pa.array(np.ones(n, np.float32) if tissue is None else tissue.astype(np.float32)),
+        embeddings_to_arrow(features.astype(np.float32, copy=False)),
+    ]
     return pa.Table.from_arrays(columns, schema=feature_schema(dim, pa.float32()))
 
 
@@ -369,37 +412,69 @@ def import_slide(run: ImportRun, source: SourceFile, geometry: Geometry) -> int:
     """Read, check and commit one slide; returns its tile count. Raises the slide's error."""
     tiling = run.tiling_rec
     if geometry.key != (tiling["tile_px"], round(tiling["target_mpp"], 6), tiling["stride_px"]):
-        raise ImportMismatchError(f"{source.slide_id}: tiles of {geometry.tile_px} px at {geometry.target_mpp:g} "
-                                  f"um/px, stride {geometry.stride_px}; {run.config.model} in this store has "
-                                  f"{tiling['tile_px']} px at {tiling['target_mpp']:g} um/px, stride {tiling['stride_px']}")
+        raise ImportMismatchError(
+            f"{source.slide_id}: tiles of {geometry.tile_px} px at {geometry.target_mpp:g} "
+            f"um/px, stride {geometry.stride_px}; {run.config.model} in this store has "
+            f"{tiling['tile_px']} px at {tiling['target_mpp']:g} um/px, stride {tiling['stride_px']}"
+        )
     features, provenance = read_features(source, run.config.fmt)
     coords, _, tissue = read_coords(source, run.config.fmt)
     features = features.reshape(0, run.model_rec["embed_dim"]) if features.size == 0 else features
     if features.ndim != 2 or features.shape[1] != run.model_rec["embed_dim"]:
-        raise ImportMismatchError(f"{source.slide_id}: features of shape {features.shape}, "
-                                  f"{run.config.model} is {run.model_rec['embed_dim']}-d")
+        raise ImportMismatchError(
+            f"{source.slide_id}: features of shape {features.shape}, "
+            f"{run.config.model} is {run.model_rec['embed_dim']}-d"
+        )
     if len(coords) != len(features) or (tissue is not None and len(tissue) != len(features)):
         raise ImportMismatchError(f"{source.slide_id}: {len(features)} feature rows but {len(coords)} coords")
     chunk_ids: tuple[str, ...] = ()
     if len(features):
-        run.store.write_chunk(run.config.model, source.slide_id, CHUNK_ID,
-                              tile_table(source.slide_id, geometry, coords, features, tissue))
+        run.store.write_chunk(
+            run.config.model, source.slide_id, CHUNK_ID, tile_table(source.slide_id, geometry, coords, features, tissue)
+        )
         chunk_ids = (CHUNK_ID,)
     finalize_slide(run.store, _commit_request(run, source, geometry, chunk_ids, len(features), provenance))
     return len(features)
 
 
-def _commit_request(run: ImportRun, source: SourceFile, geometry: Geometry, chunk_ids: tuple[str, ...],
-                    n_tiles: int, source_provenance: dict) -> CommitRequest:
+def _commit_request(
+    run: ImportRun,
+    source: SourceFile,
+    geometry: Geometry,
+    chunk_ids: tuple[str, ...],
+    n_tiles: int,
+    source_provenance: dict,
+) -> CommitRequest:
     entry = source.entry
-    imported = {"format": run.config.fmt, "file": os.path.abspath(source.features_path),
-                "coords_file": source.coords_path, "target_mpp_from": geometry.mpp_from,
-                "source_provenance": source_provenance}
-    provenance = {"model": run.model_rec, "tiling": run.tiling_rec, "run_id": run.run_id,
-                  "pathray_version": __version__, "store_config_hash": run.store_hash, "imported": imported}
+    imported = {
+        "format": run.config.fmt,
+        "file": os.path.abspath(source.features_path),
+        "coords_file": source.coords_path,
+        "target_mpp_from": geometry.mpp_from,
+        "source_provenance": source_provenance,
+    }
+    provenance = {
+        "model": run.model_rec,
+        "tiling": run.tiling_rec,
+        "run_id": run.run_id,
+        "pathray_version": __version__,
+        "store_config_hash": run.store_hash,
+        "imported": imported,
+    }
     passthrough = {c: entry.extra.get(c) for c in run.config.keep_columns}
-    return CommitRequest(run.config.model, source.slide_id, entry.cohort, chunk_ids, n_tiles,
-                         geometry.slide, provenance, run.store_hash, run.run_id, passthrough, run.passthrough_schema)
+    return CommitRequest(
+        run.config.model,
+        source.slide_id,
+        entry.cohort,
+        chunk_ids,
+        n_tiles,
+        geometry.slide,
+        provenance,
+        run.store_hash,
+        run.run_id,
+        passthrough,
+        run.passthrough_schema,
+    )
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -412,8 +487,13 @@ def import_features(config: ImportConfig) -> RunReport:
     (:class:`StoreConfigMismatchError`), another live driver (:class:`StoreBusyError`)."""
     _check_config(config)
     run_id = config.run_id or "import-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    report = RunReport(run_id=run_id, store=config.store, started_at=time.time(), runner="import",
-                       config={k: v for k, v in config.__dict__.items() if k != "storage_options"})
+    report = RunReport(
+        run_id=run_id,
+        store=config.store,
+        started_at=time.time(),
+        runner="import",
+        config={k: v for k, v in config.__dict__.items() if k != "storage_options"},
+    )
     entries = None
     if config.manifest:
         entries = {e.slide_id: e for e in read_manifest(config.manifest, config.storage_options)}
@@ -426,8 +506,15 @@ def import_features(config: ImportConfig) -> RunReport:
     with StoreLease(store, run_id):
         store_hash = fingerprint(store.ensure_config(tiling_rec, {config.model: model_rec}, {config.model: tiling_rec}))
         store.remove_temporaries()
-        run = ImportRun(config, store, model_rec, store.tiling_of(config.model), store_hash, run_id,
-                        _passthrough_schema(list((entries or {}).values()), config.keep_columns))
+        run = ImportRun(
+            config,
+            store,
+            model_rec,
+            store.tiling_of(config.model),
+            store_hash,
+            run_id,
+            _passthrough_schema(list((entries or {}).values()), config.keep_columns),
+        )
         _import_all(run, sources, found, committed, report)
         consolidate_slide_table(store, {config.model: store.committed(config.model)})
         report.ended_at = time.time()
@@ -455,16 +542,19 @@ def _check_config(config: ImportConfig) -> None:
     if config.fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {config.fmt!r}")
     if config.fmt == "pt" and not config.coords_dir:
-        raise ValueError("pt files hold features only: give --coords-dir, the folder of the matching h5 files "
-                         "(TRIDENT coords or CLAM patches) with each slide's coords")
+        raise ValueError(
+            "pt files hold features only: give --coords-dir, the folder of the matching h5 files "
+            "(TRIDENT coords or CLAM patches) with each slide's coords"
+        )
     if config.keep_columns and not config.manifest:
         raise ValueError("--keep-columns names manifest columns: give --manifest too")
     if not os.path.isdir(config.features_dir):
         raise ValueError(f"--features-dir {config.features_dir!r} is not a directory")
 
 
-def _import_all(run: ImportRun, sources: list[SourceFile], found: Probe, committed: set[str],
-                report: RunReport) -> None:
+def _import_all(
+    run: ImportRun, sources: list[SourceFile], found: Probe, committed: set[str], report: RunReport
+) -> None:
     """Pass two: commit every slide not yet committed; record one status row per slide tried."""
     ledger, model = StatusLedger(run.store, run.run_id), run.config.model
     counts = report.per_model.setdefault(model, {"ok": 0, "no_tissue": 0, "error": 0, "tiles": 0})
@@ -473,8 +563,13 @@ def _import_all(run: ImportRun, sources: list[SourceFile], found: Probe, committ
     report.slides_skipped, report.pairs_to_do = len(sources) - len(todo), len(todo)
     for source in todo:
         geometry = found.geometry.get(source.slide_id)
-        base = dict(slide_id=source.slide_id, model=model, cohort=source.entry.cohort, run_id=run.run_id,
-                    **(geometry.slide if geometry else {"path": source.entry.path}))
+        base = dict(
+            slide_id=source.slide_id,
+            model=model,
+            cohort=source.entry.cohort,
+            run_id=run.run_id,
+            **(geometry.slide if geometry else {"path": source.entry.path}),
+        )
         try:
             if source.slide_id in found.failed:
                 raise found.failed[source.slide_id]

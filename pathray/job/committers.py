@@ -71,8 +71,13 @@ class CommitPool:
     commit to its actor and returns the Ray object ref of its :class:`CommitRecord`."""
 
     def __init__(self, ray, store: FeatureStore, n: int, max_concurrency: int):
-        remote = ray.remote(num_cpus=0, max_concurrency=max_concurrency, max_restarts=ACTOR_RESTARTS,
-                            max_task_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(Committer)
+        remote = ray.remote(
+            num_cpus=0,
+            max_concurrency=max_concurrency,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=TASK_RETRIES,
+            scheduling_strategy="SPREAD",
+        )(Committer)
         self.ray = ray
         self.actors = [remote.remote(store) for _ in range(n)]
 

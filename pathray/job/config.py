@@ -32,9 +32,9 @@ from pathray.encoders.loading import weights_identity
 from pathray.encoders.offline import weights_dir_source
 from pathray.encoders.registry import native_tile_mismatch
 from pathray.errors import UnknownModelError
-from pathray.wsi.scratch import DEFAULT_MAX_BYTES
 from pathray.tiling.grid import TilingConfig, TilingGroup
 from pathray.tiling.tissue import TissueConfig
+from pathray.wsi.scratch import DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,9 @@ def build_job_config(raw: dict[str, Any]) -> JobConfig:
     return JobConfig(**raw)
 
 
-def _encoder_configs(models: tuple[str, ...], encoder_raw: dict[str, Any],
-                     weights_map: dict[str, str]) -> dict[str, EncoderConfig]:
+def _encoder_configs(
+    models: tuple[str, ...], encoder_raw: dict[str, Any], weights_map: dict[str, str]
+) -> dict[str, EncoderConfig]:
     """Each model's :class:`EncoderConfig`. Its weights come from, in order: ``encoders.<m>.weights``,
     the YAML ``weights: {model: source}`` map, ``$PATHRAY_WEIGHTS_DIR/<m>`` when that folder
     exists (resolved here, on the driver), else the spec's hub repo."""
@@ -239,8 +240,11 @@ def _tilings(raw: dict[str, Any], models: tuple[str, ...]) -> tuple[TilingConfig
         if mismatch:
             logging.getLogger(__name__).warning(mismatch)
         return tiling, {}
-    own = {m: dataclasses.replace(tiling, tile_px=px, target_mpp=mpp, stride_px=None)
-           for m, (px, mpp) in natives.items() if (px, mpp) != (tiling.tile_px, tiling.target_mpp)}
+    own = {
+        m: dataclasses.replace(tiling, tile_px=px, target_mpp=mpp, stride_px=None)
+        for m, (px, mpp) in natives.items()
+        if (px, mpp) != (tiling.tile_px, tiling.target_mpp)
+    }
     return tiling, own
 
 

@@ -60,27 +60,33 @@ def prepare_encoders(config: JobConfig, models: list[ModelPlan]) -> Future:
     models load while the driver reads the manifest, takes the store's lease (its settle
     time is a sleep) and plans the first slide, instead of after. Nothing is written."""
     executor = ThreadPoolExecutor(1, thread_name_prefix="pathray-model-load")
-    future = executor.submit(lambda: [
-        ChunkEncoder(m.name, m.factory, drop_pixels=i == len(models) - 1,
-                     output_dtype=m.output_dtype) for i, m in enumerate(models)])
+    future = executor.submit(
+        lambda: [
+            ChunkEncoder(m.name, m.factory, drop_pixels=i == len(models) - 1, output_dtype=m.output_dtype)
+            for i, m in enumerate(models)
+        ]
+    )
     executor.shutdown(wait=False)
     return future
 
 
-def local_results(config: JobConfig, store_root: str, models: list[ModelPlan], todo: list[dict],
-                  encoders: Future) -> Iterator[pa.Table]:
+def local_results(
+    config: JobConfig, store_root: str, models: list[ModelPlan], todo: list[dict], encoders: Future
+) -> Iterator[pa.Table]:
     """Result tables (:data:`pathray.job.stages.RESULT_SCHEMA`) of ``todo``'s slides, computed in
     this process by the Ray plan's own stages, in manifest order; ``encoders`` is
     :func:`prepare_encoders`' future. Closing the generator stops the read-ahead thread."""
-    staging = dict(storage_options=config.slide_options, scratch_dir=config.scratch_dir,
-                   scratch_max_bytes=config.scratch_max_bytes)
+    staging = dict(
+        storage_options=config.slide_options, scratch_dir=config.scratch_dir, scratch_max_bytes=config.scratch_max_bytes
+    )
     groups = config.tiling_groups([m.name for m in models])
     planner = SlidePlanner(groups, config.chunk_tiles, **staging)
     reader = ChunkReader(groups, **staging)
     ahead = _ReadAhead(planner, reader, todo)
     try:
-        writer = ChunkWriter(store_root, config.storage_options, [m.name for m in models],
-                             {m.name: m.output_dtype for m in models})
+        writer = ChunkWriter(
+            store_root, config.storage_options, [m.name for m in models], {m.name: m.output_dtype for m in models}
+        )
         stages = encoders.result()
         for chunk in ahead:
             for encoder in stages:

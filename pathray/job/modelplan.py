@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pathray.job.config import JobConfig, fingerprint, model_record
 from pathray.encoders import get_spec, load_encoder
 from pathray.encoders.custom import CustomEncoder
 from pathray.errors import UnknownModelError
+from pathray.job.config import JobConfig, fingerprint, model_record
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,9 @@ class ModelPlan:
     output_dtype: str  # float32 | float16, as stored
 
 
-def plan_models(config: JobConfig,
-                custom: dict[str, CustomEncoder] | None = None) -> tuple[list[ModelPlan], list[tuple[str, str]]]:
+def plan_models(
+    config: JobConfig, custom: dict[str, CustomEncoder] | None = None
+) -> tuple[list[ModelPlan], list[tuple[str, str]]]:
     """``(plans, unknown)``: a plan per usable requested model (in request order) and
     ``(name, message)`` per name neither registered nor supplied in ``custom``."""
     custom = custom or {}
@@ -34,8 +35,9 @@ def plan_models(config: JobConfig,
     for name in config.models:
         if name in custom:
             enc = custom[name]
-            plans.append(ModelPlan(name, enc.factory, {**enc.record, "fingerprint": fingerprint(enc.record)},
-                                   enc.output_dtype))
+            plans.append(
+                ModelPlan(name, enc.factory, {**enc.record, "fingerprint": fingerprint(enc.record)}, enc.output_dtype)
+            )
             continue
         try:
             get_spec(name)

@@ -34,8 +34,11 @@ log = logging.getLogger("pathray")
 T = TypeVar("T")
 
 #: botocore settings of the reachability probe: fail within about 20 s on a dead endpoint
-PROBE_CLIENT: dict[str, Any] = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5,
-                                "read_timeout": 10}
+PROBE_CLIENT: dict[str, Any] = {
+    "retries": {"max_attempts": 2, "mode": "standard"},
+    "connect_timeout": 5,
+    "read_timeout": 10,
+}
 SLIDE_RETRIES = 3  # attempts per slide (open/read) when the storage answered "unavailable"
 RETRY_BASE_S = 2.0  # pause before the 2nd attempt; doubles for each further one (with jitter)
 BREAKER_SLIDES = 5  # slides in a row failing for want of storage that stop the run
@@ -46,8 +49,12 @@ def endpoint_of(fs: Any, storage_options: dict[str, Any] | None) -> str:
     """The endpoint an s3fs filesystem talks to, for messages."""
     client = getattr(fs, "_s3", None)
     url = getattr(getattr(client, "meta", None), "endpoint_url", None)
-    return url or ((storage_options or {}).get("client_kwargs") or {}).get("endpoint_url") \
-        or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default S3 endpoint"
+    return (
+        url
+        or ((storage_options or {}).get("client_kwargs") or {}).get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "the AWS default S3 endpoint"
+    )
 
 
 def check_reachable(uri: str, storage_options: dict[str, Any] | None, role: str) -> None:
@@ -111,8 +118,7 @@ def with_storage_retries(fn: Callable[[], T], attempts: int | None = None, base_
             if attempt == attempts - 1:
                 raise
             pause = base_s * 2**attempt * random.uniform(0.75, 1.25)
-            log.warning("storage unavailable, attempt %d/%d; retrying in %.1f s: %s", attempt + 1, attempts,
-                        pause, exc)
+            log.warning("storage unavailable, attempt %d/%d; retrying in %.1f s: %s", attempt + 1, attempts, pause, exc)
             time.sleep(pause)
     raise AssertionError("unreachable")  # attempts >= 1
 
@@ -135,4 +141,5 @@ class OutageBreaker:
             raise StorageUnreachableError(
                 f"stopping the run: the last {len(self._failed)} slides ({', '.join(self._failed)}) all failed for "
                 f"want of storage ({error_type}); the last error: {message[:500]}. Nothing more was committed; "
-                "re-run once the storage serves again (committed slides are skipped).")
+                "re-run once the storage serves again (committed slides are skipped)."
+            )

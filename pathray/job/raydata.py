@@ -32,25 +32,25 @@ import numpy as np
 import pyarrow as pa
 
 from pathray import __version__
-from pathray.job.committers import CommitPool, LocalCommitPool, committer_count
-from pathray.job.config import JobConfig, fingerprint, model_tiling_records, tiling_record
 from pathray.encoders.custom import CustomEncoder
 from pathray.errors import LeaseLostError, SlideIdConflictError, StoreConfigMismatchError, UnknownModelError, describe
-from pathray.store.lease import StoreLease
-from pathray.store.ledger import StatusLedger
+from pathray.job.committers import CommitPool, LocalCommitPool, committer_count
+from pathray.job.config import JobConfig, fingerprint, model_tiling_records, tiling_record
 from pathray.job.localrun import READ_AHEAD_CHUNKS, choose_runner, local_results, prepare_encoders
-from pathray.manifest import SlideEntry, read_manifest
 from pathray.job.modelplan import ModelPlan, plan_models
 from pathray.job.outage import OutageBreaker, check_reachable, check_slide_sources
 from pathray.job.report import RunReport
 from pathray.job.resources import PLACEMENT, Resources, local_gpus, plan_resources
-from pathray.monitor.runlog import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
-from pathray.wsi.facts import SlideFacts
 from pathray.job.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
-from pathray.store import NO_COHORT, CommitRecord, CommitRequest, FeatureStore, consolidate_slide_table, status_row
-from pathray.tiling.grid import TilingConfig, TilingGroup
 from pathray.job.tracker import Complete, CompletionTracker, Failed
+from pathray.manifest import SlideEntry, read_manifest
+from pathray.monitor.runlog import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
 from pathray.monitor.watch import RunWatch
+from pathray.store import NO_COHORT, CommitRecord, CommitRequest, FeatureStore, consolidate_slide_table, status_row
+from pathray.store.lease import StoreLease
+from pathray.store.ledger import StatusLedger
+from pathray.tiling.grid import TilingConfig, TilingGroup
+from pathray.wsi.facts import SlideFacts
 
 log = logging.getLogger("pathray")
 
@@ -96,8 +96,9 @@ class RunContext:
         return self.model_tiling_recs.get(model, self.tiling_rec)
 
 
-def _choose_store(config: JobConfig, tiling_rec: dict, model_recs: dict[str, dict],
-                  model_tilings: dict[str, dict]) -> FeatureStore:
+def _choose_store(
+    config: JobConfig, tiling_rec: dict, model_recs: dict[str, dict], model_tilings: dict[str, dict]
+) -> FeatureStore:
     """The store this run writes: ``out``, or with ``new_version`` and a config mismatch,
     ``out/versions/<hash>``. Only reads; raises :class:`StoreConfigMismatchError` otherwise."""
     store = FeatureStore(config.out, config.storage_options)
@@ -122,8 +123,12 @@ def _passthrough_schema(entries, keep: tuple[str, ...]) -> pa.Schema:
     return pa.schema([pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type) for f in schema])
 
 
-def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None = None,
-            progress_bars: bool = True, display: TextIO | None = None) -> RunReport:
+def run_job(
+    config: JobConfig,
+    custom_encoders: dict[str, CustomEncoder] | None = None,
+    progress_bars: bool = True,
+    display: TextIO | None = None,
+) -> RunReport:
     """Run one embedding job end to end and return its report (also saved in the store, with
     ``report.html``). ``progress_bars``: Ray's own output (Ray Data's bars, a local Ray's worker
     logs); ``display``: the stream of the live progress (:class:`~pathray.monitor.watch.RunWatch`).
@@ -158,9 +163,22 @@ def run_job(config: JobConfig, custom_encoders: dict[str, CustomEncoder] | None 
         store.remove_temporaries()
         for model in models:
             store.remove_committed_staging(model.name)
-        run = RunContext(config, store, store_hash, tiling_rec, model_tilings, models, {e.slide_id: e for e in entries},
-                         _passthrough_schema(entries, config.keep_columns), StatusLedger(store, run_id), report,
-                         runner, encoders, lease, display=display)
+        run = RunContext(
+            config,
+            store,
+            store_hash,
+            tiling_rec,
+            model_tilings,
+            models,
+            {e.slide_id: e for e in entries},
+            _passthrough_schema(entries, config.keep_columns),
+            StatusLedger(store, run_id),
+            report,
+            runner,
+            encoders,
+            lease,
+            display=display,
+        )
         report.per_model = {m.name: {"ok": 0, "no_tissue": 0, "error": 0, "tiles": 0} for m in models}
         _record_unknown(run, unknown)
         return _run_locked(run, progress_bars)
@@ -184,9 +202,19 @@ def _record_unknown(run: RunContext, unknown: list[tuple[str, str]]) -> None:
     """An unknown model name fails every slide (recorded like any other per-slide failure)."""
     for name, message in unknown:
         for e in run.entries.values():
-            run.ledger.record(status_row(slide_id=e.slide_id, model=name, path=e.path, cohort=e.cohort,
-                                         status="error", stage="config", error_type=UnknownModelError.error_type,
-                                         error_message=message, run_id=run.run_id))
+            run.ledger.record(
+                status_row(
+                    slide_id=e.slide_id,
+                    model=name,
+                    path=e.path,
+                    cohort=e.cohort,
+                    status="error",
+                    stage="config",
+                    error_type=UnknownModelError.error_type,
+                    error_message=message,
+                    run_id=run.run_id,
+                )
+            )
         run.report.per_model[name] = {"ok": 0, "no_tissue": 0, "error": len(run.entries), "tiles": 0}
         run.report.errors += len(run.entries)
 
@@ -198,11 +226,24 @@ def _todo(run: RunContext) -> list[dict]:
     state = resume_state(run.store, run.model_names, run.entries.values())
     run.report.committed_before = {m: len(state.committed[m]) for m in run.model_names}
     for e, model, message in state.conflicts:
-        _record(run, status_row(slide_id=e.slide_id, model=model, path=e.path, cohort=e.cohort, status="error",
-                                stage="plan", error_type=SlideIdConflictError.error_type, error_message=message,
-                                run_id=run.run_id))
-    todo = [{"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "mpp_override": e.mpp, "models": need}
-            for e, need in state.todo]
+        _record(
+            run,
+            status_row(
+                slide_id=e.slide_id,
+                model=model,
+                path=e.path,
+                cohort=e.cohort,
+                status="error",
+                stage="plan",
+                error_type=SlideIdConflictError.error_type,
+                error_message=message,
+                run_id=run.run_id,
+            ),
+        )
+    todo = [
+        {"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "mpp_override": e.mpp, "models": need}
+        for e, need in state.todo
+    ]
     run.report.slides_skipped = state.fully_committed(run.entries.values())
     run.report.pairs_to_do = sum(len(t["models"]) for t in todo)
     return todo
@@ -252,10 +293,12 @@ def slide_id_conflict(record: CommitRecord, entry: SlideEntry) -> str | None:
     path = record.slide.get("path")
     if record.cohort == cohort and (path is None or path == entry.path):
         return None
-    return (f"slide_id {entry.slide_id!r} is already committed for model {record.model!r} from {path} (cohort "
-            f"{record.cohort!r}), but the manifest (row {entry.row}) lists {entry.path} (cohort {cohort!r}) under it; "
-            "give the manifest a slide_id column with ids unique across the store (e.g. prefixed by cohort), "
-            "or write to another --out")
+    return (
+        f"slide_id {entry.slide_id!r} is already committed for model {record.model!r} from {path} (cohort "
+        f"{record.cohort!r}), but the manifest (row {entry.row}) lists {entry.path} (cohort {cohort!r}) under it; "
+        "give the manifest a slide_id column with ids unique across the store (e.g. prefixed by cohort), "
+        "or write to another --out"
+    )
 
 
 def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
@@ -288,8 +331,11 @@ def _run_ray(run: RunContext, todo: list[dict], progress_bars: bool) -> None:
         local = not (run.config.ray_address or os.environ.get("RAY_ADDRESS"))
         if local:
             quiet_local_ray_env()
-        ray.init(address=run.config.ray_address, log_to_driver=progress_bars,
-                 **({"include_dashboard": False} if local else {}))
+        ray.init(
+            address=run.config.ray_address,
+            log_to_driver=progress_bars,
+            **({"include_dashboard": False} if local else {}),
+        )
     res = plan_resources(run.config, ray.cluster_resources(), len(run.models))
     run.report.resources = dataclasses.asdict(res)
     log.info("resources: %s", run.report.resources)
@@ -298,8 +344,12 @@ def _run_ray(run: RunContext, todo: list[dict], progress_bars: bool) -> None:
         warnings.simplefilter("always")
         ds = _build_dataset(run.config, run.store.root, run.models, res, todo)
     log_ray_plan_warnings(caught)
-    pool = CommitPool(ray, run.store, committer_count(run.config.resources.committers, ray.cluster_resources()),
-                      max_concurrency=run.config.resources.max_inflight_finalize)
+    pool = CommitPool(
+        ray,
+        run.store,
+        committer_count(run.config.resources.committers, ray.cluster_resources()),
+        max_concurrency=run.config.resources.max_inflight_finalize,
+    )
     run.report.resources["committers"] = len(pool)
     try:
         _drive(ds.iter_batches(batch_size=None, batch_format="pyarrow"), pool, run)
@@ -312,10 +362,12 @@ def _run_local(run: RunContext, todo: list[dict]) -> None:
     """The same stages in this process (:mod:`pathray.job.localrun`): no Ray at all."""
     import torch
 
-    run.report.resources = {"encoder_threads": torch.get_num_threads(), "read_ahead_chunks": READ_AHEAD_CHUNKS,
-                            "committers": 1}
-    log.info("runner: local (the stages in this process, no Ray), %d torch threads",
-             torch.get_num_threads())
+    run.report.resources = {
+        "encoder_threads": torch.get_num_threads(),
+        "read_ahead_chunks": READ_AHEAD_CHUNKS,
+        "committers": 1,
+    }
+    log.info("runner: local (the stages in this process, no Ray), %d torch threads", torch.get_num_threads())
     pool = LocalCommitPool(run.store)
     results = local_results(run.config, run.store.root, run.models, todo, run.encoders)
     try:
@@ -339,8 +391,12 @@ def _kill_stage_actors(ray, since: float) -> None:
         job = ray.get_runtime_context().get_job_id()
         core = ray._private.worker.global_worker.core_worker
         for actor_id, info in actors().items():
-            if (info.get("State") == "ALIVE" and info.get("JobID") == job and info.get("StartTime", 0) >= since * 1000
-                    and str(info.get("ActorClassName", "")).startswith("MapWorker(")):
+            if (
+                info.get("State") == "ALIVE"
+                and info.get("JobID") == job
+                and info.get("StartTime", 0) >= since * 1000
+                and str(info.get("ActorClassName", "")).startswith("MapWorker(")
+            ):
                 ray.kill(core.get_actor_handle(ActorID.from_hex(actor_id)))
     except Exception as exc:  # noqa: BLE001 - clean-up must never hide the abort's own error
         log.warning("could not kill the aborted run's stage actors: %s", exc)
@@ -358,7 +414,8 @@ def _configure_ray_data(config: JobConfig, progress_bars: bool) -> None:
     ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     if config.resources.object_store_limit_gb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-            object_store_memory=int(config.resources.object_store_limit_gb * 2**30))
+            object_store_memory=int(config.resources.object_store_limit_gb * 2**30)
+        )
 
 
 def _close_run(run: RunContext) -> RunReport:
@@ -389,29 +446,61 @@ def _build_dataset(config: JobConfig, store_root: str, models: list[ModelPlan], 
     table = pa.Table.from_pylist(todo, schema=SLIDE_SCHEMA)
     per_block = max(1, min(16, len(todo) // (8 * res.readers) or 1))
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(todo), per_block)])
-    staging = dict(storage_options=config.slide_options, scratch_dir=config.scratch_dir,
-                   scratch_max_bytes=config.scratch_max_bytes)
+    staging = dict(
+        storage_options=config.slide_options, scratch_dir=config.scratch_dir, scratch_max_bytes=config.scratch_max_bytes
+    )
     groups = config.tiling_groups([m.name for m in models])
-    ds = ds.map_batches(SlidePlanner, batch_size=1, batch_format="pyarrow", num_cpus=res.plan_num_cpus, **PLACEMENT,
-                        compute=ActorPoolStrategy(min_size=1, max_size=res.planners),
-                        fn_constructor_kwargs=dict(tiling=groups, chunk_tiles=config.chunk_tiles, **staging))
+    ds = ds.map_batches(
+        SlidePlanner,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=res.plan_num_cpus,
+        **PLACEMENT,
+        compute=ActorPoolStrategy(min_size=1, max_size=res.planners),
+        fn_constructor_kwargs=dict(tiling=groups, chunk_tiles=config.chunk_tiles, **staging),
+    )
     # a reader takes a planned block whole (every chunk of its slides) and yields chunk by chunk
-    ds = ds.map_batches(ChunkReader, batch_size=None, batch_format="pyarrow", num_cpus=res.reader_num_cpus, **PLACEMENT,
-                        compute=ActorPoolStrategy(min_size=1, max_size=res.readers),
-                        fn_constructor_kwargs=dict(tiling=groups, **staging))
+    ds = ds.map_batches(
+        ChunkReader,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=res.reader_num_cpus,
+        **PLACEMENT,
+        compute=ActorPoolStrategy(min_size=1, max_size=res.readers),
+        fn_constructor_kwargs=dict(tiling=groups, **staging),
+    )
     for i, model in enumerate(models):
-        ds = ds.map_batches(ChunkEncoder, batch_size=config.resources.chunks_per_encode_call, batch_format="pyarrow",
-                            **PLACEMENT,
-                            num_cpus=res.encoder_num_cpus, num_gpus=res.encoder_num_gpus,
-                            compute=ActorPoolStrategy(min_size=res.encoder_actors_min, max_size=res.encoder_actors),
-                            fn_constructor_kwargs=dict(model=model.name, make_encoder=model.factory,
-                                                       drop_pixels=i == len(models) - 1,
-                                                       threads=res.encoder_threads, output_dtype=model.output_dtype))
+        ds = ds.map_batches(
+            ChunkEncoder,
+            batch_size=config.resources.chunks_per_encode_call,
+            batch_format="pyarrow",
+            **PLACEMENT,
+            num_cpus=res.encoder_num_cpus,
+            num_gpus=res.encoder_num_gpus,
+            compute=ActorPoolStrategy(min_size=res.encoder_actors_min, max_size=res.encoder_actors),
+            fn_constructor_kwargs=dict(
+                model=model.name,
+                make_encoder=model.factory,
+                drop_pixels=i == len(models) - 1,
+                threads=res.encoder_threads,
+                output_dtype=model.output_dtype,
+            ),
+        )
     types = {m.name: m.output_dtype for m in models}
-    return ds.map_batches(ChunkWriter, batch_size=1, batch_format="pyarrow", num_cpus=res.write_num_cpus, **PLACEMENT,
-                          compute=ActorPoolStrategy(min_size=1, max_size=res.writers),
-                          fn_constructor_kwargs=dict(root=store_root, storage_options=config.storage_options,
-                                                     models=[m.name for m in models], embedding_types=types))
+    return ds.map_batches(
+        ChunkWriter,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=res.write_num_cpus,
+        **PLACEMENT,
+        compute=ActorPoolStrategy(min_size=1, max_size=res.writers),
+        fn_constructor_kwargs=dict(
+            root=store_root,
+            storage_options=config.storage_options,
+            models=[m.name for m in models],
+            embedding_types=types,
+        ),
+    )
 
 
 class _CommitQueue:
@@ -428,12 +517,29 @@ class _CommitQueue:
         if run.lease is not None:
             run.lease.ensure_held()
         entry, facts = run.entries[done.slide_id], SlideFacts.from_json(r["slide_meta"])
-        prov = {"model": model_provenance, "tiling": run.tiling_rec_of(done.model), "run_id": run.run_id,
-                "pathray_version": __version__, "store_config_hash": run.store_hash}
-        ref = self.pool.submit(CommitRequest(
-            done.model, done.slide_id, entry.cohort, done.chunk_ids, r["n_tiles_slide"], facts.commit_fields(), prov,
-            run.store_hash, run.run_id, {c: entry.extra.get(c) for c in run.config.keep_columns},
-            run.passthrough_schema, run.copies.get(done.model, {}).get(done.slide_id, ())))
+        prov = {
+            "model": model_provenance,
+            "tiling": run.tiling_rec_of(done.model),
+            "run_id": run.run_id,
+            "pathray_version": __version__,
+            "store_config_hash": run.store_hash,
+        }
+        ref = self.pool.submit(
+            CommitRequest(
+                done.model,
+                done.slide_id,
+                entry.cohort,
+                done.chunk_ids,
+                r["n_tiles_slide"],
+                facts.commit_fields(),
+                prov,
+                run.store_hash,
+                run.run_id,
+                {c: entry.extra.get(c) for c in run.config.keep_columns},
+                run.passthrough_schema,
+                run.copies.get(done.model, {}).get(done.slide_id, ()),
+            )
+        )
         self.inflight[ref] = dict(_status_base(run, r, facts), status="ok" if r["n_tiles_slide"] else "no_tissue")
         self.settle(block=False)
 
@@ -454,8 +560,15 @@ def _status_base(run: RunContext, r: dict, facts: SlideFacts | None) -> dict:
     """The status row of a result row's (slide, model), with the slide's facts when known."""
     entry = run.entries[r["slide_id"]]
     known = {k: getattr(facts, k) for k in ("width", "height", "mpp", "mpp_source", "vendor")} if facts else {}
-    return status_row(slide_id=r["slide_id"], model=r["model"], path=entry.path, cohort=entry.cohort,
-                      run_id=run.run_id, n_tiles=r["n_tiles_slide"], **known)
+    return status_row(
+        slide_id=r["slide_id"],
+        model=r["model"],
+        path=entry.path,
+        cohort=entry.cohort,
+        run_id=run.run_id,
+        n_tiles=r["n_tiles_slide"],
+        **known,
+    )
 
 
 def _record(run: RunContext, row: dict) -> None:
@@ -469,8 +582,9 @@ def _record(run: RunContext, row: dict) -> None:
     else:
         counts["tiles"] += row["n_tiles"]
     run.ledger.record(row)
-    run.breaker.record(row["slide_id"], row["error_type"] if row["status"] == "error" else None,
-                       row.get("error_message") or "")
+    run.breaker.record(
+        row["slide_id"], row["error_type"] if row["status"] == "error" else None, row.get("error_message") or ""
+    )
 
 
 def _account(r: dict, report: RunReport, busy: dict[str, float], provenance: dict[str, dict]) -> None:
@@ -506,8 +620,16 @@ def _drive(results: Iterable[pa.Table], pool: CommitPool | LocalCommitPool, run:
                 run.watch.add_tiles(r["model"], r["n_tiles"] or 0, (r["tiles_read"] or 0) if r["first"] else 0)
             decision = tracker.add(r)
             if isinstance(decision, Failed):  # staged chunks stay; a re-run overwrites them
-                _record(run, dict(_status_base(run, r, SlideFacts.from_json(r["slide_meta"])), status="error",
-                                  stage=r["stage"], error_type=r["error_type"], error_message=r["error_message"]))
+                _record(
+                    run,
+                    dict(
+                        _status_base(run, r, SlideFacts.from_json(r["slide_meta"])),
+                        status="error",
+                        stage=r["stage"],
+                        error_type=r["error_type"],
+                        error_message=r["error_message"],
+                    ),
+                )
             elif decision is not None:
                 commits.submit(decision, provenance.get(decision.model, {}))
         if run.watch is not None:
@@ -521,12 +643,19 @@ def _drive(results: Iterable[pa.Table], pool: CommitPool | LocalCommitPool, run:
 
 def _log_progress(report: RunReport, in_flight: int) -> None:
     done = {m: c["ok"] + c["no_tissue"] + c["error"] for m, c in report.per_model.items()}
-    log.info("progress: %d (chunk, model) results, %d tiles read; (slide, model) pairs done %s of %d, %d in flight",
-             report.chunks_done, report.tiles_read, done, report.pairs_to_do, in_flight)
+    log.info(
+        "progress: %d (chunk, model) results, %d tiles read; (slide, model) pairs done %s of %d, %d in flight",
+        report.chunks_done,
+        report.tiles_read,
+        done,
+        report.pairs_to_do,
+        in_flight,
+    )
 
 
-def dry_run_plan(config: JobConfig, sample: int = 8,
-                 custom_encoders: dict[str, CustomEncoder] | None = None) -> dict[str, Any]:
+def dry_run_plan(
+    config: JobConfig, sample: int = 8, custom_encoders: dict[str, CustomEncoder] | None = None
+) -> dict[str, Any]:
     """What a run would do, without starting Ray: slides to do / already committed, the tiles
     to embed and GPU-hours per model, and the resource plan for the local machine (or the
     cluster at ``RAY_ADDRESS`` once the job runs there). Checks the store's config as the run
@@ -542,13 +671,21 @@ def dry_run_plan(config: JobConfig, sample: int = 8,
     models = [m.name for m in plans]
     entries = _read_reachable(config)
     log.info("checking the store's config and listing its committed slides")
-    store = _choose_store(config, tiling_record(config.tiling), {m.name: m.record for m in plans},
-                          model_tiling_records(config, models))
+    store = _choose_store(
+        config, tiling_record(config.tiling), {m.name: m.record for m in plans}, model_tiling_records(config, models)
+    )
     state = resume_state(store, models, entries)
     todo = [e for e, _ in state.todo]
     groups = config.tiling_groups(models) if models else (TilingGroup(config.tiling),)
-    per_group = [dict(tile_px=g.tiling.tile_px, target_mpp=g.tiling.target_mpp, models=list(g.models or models),
-                      **_estimate_tiles(config, g.tiling, todo, sample)) for g in groups]
+    per_group = [
+        dict(
+            tile_px=g.tiling.tile_px,
+            target_mpp=g.tiling.target_mpp,
+            models=list(g.models or models),
+            **_estimate_tiles(config, g.tiling, todo, sample),
+        )
+        for g in groups
+    ]
     tiles = sum(g["estimated_tiles"] for g in per_group)
     cluster = {"CPU": float(os.cpu_count() or 1), "GPU": float(local_gpus())}
     return {
@@ -561,8 +698,10 @@ def dry_run_plan(config: JobConfig, sample: int = 8,
         "slides_in_manifest": len(entries),
         "slides_already_committed": state.fully_committed(entries),
         "slides_to_do": len(todo),
-        "slide_id_conflicts": [{"slide_id": e.slide_id, "model": m, "error_type": SlideIdConflictError.error_type,
-                                "message": message} for e, m, message in state.conflicts],
+        "slide_id_conflicts": [
+            {"slide_id": e.slide_id, "model": m, "error_type": SlideIdConflictError.error_type, "message": message}
+            for e, m, message in state.conflicts
+        ],
         "tile_estimate": per_group[0]["tile_estimate"],
         "estimated_tiles": tiles,
         "sampled_slides": per_group[0]["sampled_slides"],
@@ -595,25 +734,36 @@ def _estimate_tiles(config: JobConfig, tiling: TilingConfig, todo: list[SlideEnt
     rows = [{"slide_id": e.slide_id, **e.extra} for e in todo]
     if rows and all(r.get("width_px") and r.get("index_mpp") for r in rows):
         estimate = estimate_tiles(rows, tiling.tile_px, tiling.target_mpp, tiling.stride_px)
-        return {"tile_estimate": "index geometry (full grid, no tissue filter: an upper bound)",
-                "estimated_tiles": estimate.grid_tiles, "sampled_slides": 0, "sample_errors": []}
-    planner = SlidePlanner(tiling, config.chunk_tiles, config.slide_options, config.scratch_dir,
-                           config.scratch_max_bytes)
+        return {
+            "tile_estimate": "index geometry (full grid, no tissue filter: an upper bound)",
+            "estimated_tiles": estimate.grid_tiles,
+            "sampled_slides": 0,
+            "sample_errors": [],
+        }
+    planner = SlidePlanner(
+        tiling, config.chunk_tiles, config.slide_options, config.scratch_dir, config.scratch_max_bytes
+    )
     counts, errors = [], []
     try:
         for i, e in enumerate(todo[:sample]):
             log.info("planning sample slide %d/%d: %s (%s)", i + 1, min(sample, len(todo)), e.slide_id, e.path)
-            rows = planner.plan_one({"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "models": [],
-                                     "mpp_override": e.mpp})
+            rows = planner.plan_one(
+                {"slide_id": e.slide_id, "path": e.path, "cohort": e.cohort or "", "models": [], "mpp_override": e.mpp}
+            )
             if rows[0]["status"] == "error":
-                errors.append({"slide_id": e.slide_id, "error_type": rows[0]["error_type"],
-                               "message": rows[0]["error_message"]})
+                errors.append(
+                    {"slide_id": e.slide_id, "error_type": rows[0]["error_type"], "message": rows[0]["error_message"]}
+                )
             counts.append(rows[0]["n_tiles_slide"])
     finally:
         planner.scratch.close()
     mean_tiles = float(np.mean(counts)) if counts else 0.0
-    return {"tile_estimate": f"mean of {len(counts)} planned slides x slides to do",
-            "estimated_tiles": round(mean_tiles * len(todo)), "sampled_slides": len(counts), "sample_errors": errors}
+    return {
+        "tile_estimate": f"mean of {len(counts)} planned slides x slides to do",
+        "estimated_tiles": round(mean_tiles * len(todo)),
+        "sampled_slides": len(counts),
+        "sample_errors": errors,
+    }
 
 
 def _gpu_hours(tiles: dict[str, int]) -> dict[str, Any]:

@@ -63,13 +63,18 @@ class RunReport:
 
     def summary(self) -> str:
         before = sum(self.committed_before.values())
-        lines = [f"pathray run {self.run_id}: {self.wall_s:.1f} s, store {self.store}",
-                 f"  slides: {self.slides_in_manifest} in manifest, {self.slides_skipped} with every model already "
-                 f"committed; (slide, model) pairs: {self.pairs_to_do} to do, {before} already committed",
-                 f"  tiles: {self.tiles_planned} planned, {self.tiles_read} read"
-                 + (f" ({self.tiles_read / self.wall_s:.1f} tiles/s)" if self.wall_s > 0 else "")]
+        lines = [
+            f"pathray run {self.run_id}: {self.wall_s:.1f} s, store {self.store}",
+            f"  slides: {self.slides_in_manifest} in manifest, {self.slides_skipped} with every model already "
+            f"committed; (slide, model) pairs: {self.pairs_to_do} to do, {before} already committed",
+            f"  tiles: {self.tiles_planned} planned, {self.tiles_read} read"
+            + (f" ({self.tiles_read / self.wall_s:.1f} tiles/s)" if self.wall_s > 0 else ""),
+        ]
         for model, counts in self.per_model.items():
-            lines.append(f"  {model}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-                         + f", already committed {self.committed_before.get(model, 0)}")
+            lines.append(
+                f"  {model}: "
+                + ", ".join(f"{k} {v}" for k, v in counts.items())
+                + f", already committed {self.committed_before.get(model, 0)}"
+            )
         lines.append(f"  errors recorded: {self.errors}")
         return "\n".join(lines)

@@ -61,7 +61,11 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
     if gpus > 0 or (r.encoder_num_gpus or 0) > 0:
         enc_gpus = r.encoder_num_gpus if r.encoder_num_gpus is not None else 1.0 / n_models
         enc_actors = r.encoder_actors or max(1, int(gpus / enc_gpus / n_models))
-        enc_cpus = r.encoder_num_cpus if r.encoder_num_cpus is not None else min(1.0, max(cpus - task_reserve, 0.5) / (enc_actors * n_models * 2))
+        enc_cpus = (
+            r.encoder_num_cpus
+            if r.encoder_num_cpus is not None
+            else min(1.0, max(cpus - task_reserve, 0.5) / (enc_actors * n_models * 2))
+        )
         reader_cpus = r.reader_num_cpus or 1.0
     else:
         enc_gpus = r.encoder_num_gpus or 0.0
@@ -70,15 +74,26 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
         # on CPUs the model is the slow stage by ~50x (decode: ~500-2,000 tiles/s/core; ViT-S:
         # ~8 tiles/s/core): readers get an eighth of the budget (0.25-1 CPU each), encoders the rest
         reader_cpus = r.reader_num_cpus or min(1.0, max(0.25, budget / 8))
-        enc_cpus = (r.encoder_num_cpus if r.encoder_num_cpus is not None
-                    else max(budget - reader_cpus, 0.25) / (enc_actors * n_models))
+        enc_cpus = (
+            r.encoder_num_cpus
+            if r.encoder_num_cpus is not None
+            else max(budget - reader_cpus, 0.25) / (enc_actors * n_models)
+        )
     left = cpus - task_reserve - enc_cpus * enc_actors * n_models
     readers = r.readers or max(1, int(left / reader_cpus + 1e-9))
-    return Resources(readers=readers, reader_num_cpus=reader_cpus, encoder_actors=enc_actors,
-                     encoder_actors_min=min(r.encoder_actors_min or enc_actors, enc_actors), encoder_num_gpus=enc_gpus,
-                     encoder_num_cpus=enc_cpus, encoder_threads=max(1, math.ceil(enc_cpus - 1e-9)),
-                     planners=planners, plan_num_cpus=r.plan_num_cpus, writers=writers,
-                     write_num_cpus=r.write_num_cpus)
+    return Resources(
+        readers=readers,
+        reader_num_cpus=reader_cpus,
+        encoder_actors=enc_actors,
+        encoder_actors_min=min(r.encoder_actors_min or enc_actors, enc_actors),
+        encoder_num_gpus=enc_gpus,
+        encoder_num_cpus=enc_cpus,
+        encoder_threads=max(1, math.ceil(enc_cpus - 1e-9)),
+        planners=planners,
+        plan_num_cpus=r.plan_num_cpus,
+        writers=writers,
+        write_num_cpus=r.write_num_cpus,
+    )
 
 
 def local_gpus() -> int:

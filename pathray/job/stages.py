@@ -32,12 +32,12 @@ import pyarrow as pa
 
 from pathray.errors import NonFiniteEmbeddingError, StagingError, StorageUnavailableError, describe
 from pathray.job.outage import with_storage_retries
-from pathray.wsi.slide import open_slide
-from pathray.wsi.facts import SlideFacts
-from pathray.wsi.scratch import DEFAULT_MAX_BYTES, Scratch, node_scratch_dir
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
 from pathray.tiling.grid import TilingConfig, TilingGroup, as_groups, plan_tiles, read_tiles
 from pathray.tiling.tissue import detect_tissue
+from pathray.wsi.facts import SlideFacts
+from pathray.wsi.scratch import DEFAULT_MAX_BYTES, Scratch, node_scratch_dir
+from pathray.wsi.slide import open_slide
 
 SLIDE_SCHEMA = pa.schema(
     [
@@ -117,9 +117,14 @@ class SlidePlanner:
     has several), and cut each grid into chunks of at most ``chunk_tiles`` tiles (in
     ``tile_index`` order). A chunk row's ``models`` are the slide's models of its tiling."""
 
-    def __init__(self, tiling: TilingConfig | tuple[TilingGroup, ...], chunk_tiles: int,
-                 storage_options: dict | None = None, scratch_dir: str | None = None,
-                 scratch_max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(
+        self,
+        tiling: TilingConfig | tuple[TilingGroup, ...],
+        chunk_tiles: int,
+        storage_options: dict | None = None,
+        scratch_dir: str | None = None,
+        scratch_max_bytes: int = DEFAULT_MAX_BYTES,
+    ):
         self.groups = as_groups(tiling)
         self.chunk_tiles = int(chunk_tiles)
         self.storage_options = storage_options
@@ -137,9 +142,25 @@ class SlidePlanner:
     def plan_one(self, slide: dict[str, Any]) -> list[dict[str, Any]]:
         start = time.perf_counter()
         base = {k: slide[k] for k in ("slide_id", "path", "cohort", "mpp_override", "models")}
-        empty = dict(base, tiling="", tile_px=0, target_mpp=0.0, chunk_id="", chunk_index=0, n_chunks=0,
-                     n_tiles_slide=0, tile_index=b"", x=b"", y=b"", tissue_fraction=b"", size_level0=0.0, stage="plan",
-                     error_type="", error_message="", slide_meta="{}")
+        empty = dict(
+            base,
+            tiling="",
+            tile_px=0,
+            target_mpp=0.0,
+            chunk_id="",
+            chunk_index=0,
+            n_chunks=0,
+            n_tiles_slide=0,
+            tile_index=b"",
+            x=b"",
+            y=b"",
+            tissue_fraction=b"",
+            size_level0=0.0,
+            stage="plan",
+            error_type="",
+            error_message="",
+            slide_meta="{}",
+        )
         try:
             rows = with_storage_retries(lambda: self._plan(slide, empty))
         except Exception as exc:  # every failure becomes a recorded per-slide error
@@ -147,8 +168,9 @@ class SlidePlanner:
         elapsed = time.perf_counter() - start
         return [dict(r, plan_s=elapsed / len(rows)) for r in rows]
 
-    def _plan_group(self, handle: Any, slide_id: str, tiling: TilingConfig, empty: dict[str, Any],
-                    masks: dict[Any, Any]) -> list[dict[str, Any]]:
+    def _plan_group(
+        self, handle: Any, slide_id: str, tiling: TilingConfig, empty: dict[str, Any], masks: dict[Any, Any]
+    ) -> list[dict[str, Any]]:
         """The chunk rows of one tiling of an open slide (``masks``: tissue masks by setting)."""
         fingerprint = tiling.fingerprint()
         empty = dict(empty, tiling=fingerprint, tile_px=tiling.tile_px, target_mpp=tiling.target_mpp)
@@ -161,29 +183,39 @@ class SlidePlanner:
         bounds = list(range(0, n, self.chunk_tiles))
         return [
             dict(
-                empty, chunk_id=chunk_id(slide_id, fingerprint, i), chunk_index=i, n_chunks=len(bounds), n_tiles_slide=n,
-                tile_index=np.asarray(grid.tile_index[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
-                x=np.asarray(grid.x[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
-                y=np.asarray(grid.y[lo:lo + self.chunk_tiles], dtype="<i8").tobytes(),
-                tissue_fraction=np.asarray(grid.tissue_fraction[lo:lo + self.chunk_tiles], dtype="<f4").tobytes(),
-                size_level0=float(grid.size_level0), status="ok", stage="",
+                empty,
+                chunk_id=chunk_id(slide_id, fingerprint, i),
+                chunk_index=i,
+                n_chunks=len(bounds),
+                n_tiles_slide=n,
+                tile_index=np.asarray(grid.tile_index[lo : lo + self.chunk_tiles], dtype="<i8").tobytes(),
+                x=np.asarray(grid.x[lo : lo + self.chunk_tiles], dtype="<i8").tobytes(),
+                y=np.asarray(grid.y[lo : lo + self.chunk_tiles], dtype="<i8").tobytes(),
+                tissue_fraction=np.asarray(grid.tissue_fraction[lo : lo + self.chunk_tiles], dtype="<f4").tobytes(),
+                size_level0=float(grid.size_level0),
+                status="ok",
+                stage="",
             )
             for i, lo in enumerate(bounds)
         ]
 
-
     def _plan(self, slide: dict[str, Any], empty: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunk rows of one slide row, every tiling group from one opening."""
         rows: list[dict[str, Any]] = []
-        with open_slide(slide["path"], mpp_override=slide["mpp_override"], scratch=self.scratch,
-                        storage_options=self.storage_options) as handle:
+        with open_slide(
+            slide["path"],
+            mpp_override=slide["mpp_override"],
+            scratch=self.scratch,
+            storage_options=self.storage_options,
+        ) as handle:
             empty = dict(empty, slide_meta=SlideFacts.of(handle).to_json())
             masks: dict[Any, Any] = {}
             for group in self.groups:
                 models = [m for m in slide["models"] if group.takes(m)]
                 if models or not slide["models"]:
-                    rows.extend(self._plan_group(handle, slide["slide_id"], group.tiling, dict(empty, models=models),
-                                                 masks))
+                    rows.extend(
+                        self._plan_group(handle, slide["slide_id"], group.tiling, dict(empty, models=models), masks)
+                    )
         return rows
 
 
@@ -197,8 +229,14 @@ class ChunkReader:
     truncated file whose damage shows only past the header) turn the chunk into an error row.
     """
 
-    def __init__(self, tiling: TilingConfig | tuple[TilingGroup, ...], storage_options: dict | None = None,
-                 scratch_dir: str | None = None, scratch_max_bytes: int = DEFAULT_MAX_BYTES, max_open: int = 4):
+    def __init__(
+        self,
+        tiling: TilingConfig | tuple[TilingGroup, ...],
+        storage_options: dict | None = None,
+        scratch_dir: str | None = None,
+        scratch_max_bytes: int = DEFAULT_MAX_BYTES,
+        max_open: int = 4,
+    ):
         self.tilings = {g.tiling.fingerprint(): g.tiling for g in as_groups(tiling)}
         self.storage_options = storage_options
         self.scratch = Scratch(scratch_dir or node_scratch_dir(), scratch_max_bytes)  # shared by the node's actors
@@ -209,12 +247,16 @@ class ChunkReader:
         handle = self._open.pop(path, None)
         if handle is None:
             try:
-                handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
+                handle = open_slide(
+                    path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options
+                )
             except StagingError:  # the node cache may be full of slides this actor keeps open: let them go, retry once
                 if not self._open:
                     raise
                 self.close_open()
-                handle = open_slide(path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options)
+                handle = open_slide(
+                    path, mpp_override=mpp_override, scratch=self.scratch, storage_options=self.storage_options
+                )
         self._open[path] = handle
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
@@ -247,8 +289,12 @@ class ChunkReader:
         """The tiles of one chunk row; a slide whose storage failed is closed (reopened on retry)."""
         try:
             handle = self._slide(row["path"], row["mpp_override"])
-            return read_tiles(handle, self.tilings[row["tiling"]], np.frombuffer(row["x"], dtype="<i8"),
-                              np.frombuffer(row["y"], dtype="<i8"))
+            return read_tiles(
+                handle,
+                self.tilings[row["tiling"]],
+                np.frombuffer(row["x"], dtype="<i8"),
+                np.frombuffer(row["y"], dtype="<i8"),
+            )
         except StorageUnavailableError:
             stale = self._open.pop(row["path"], None)
             if stale is not None:
@@ -285,7 +331,7 @@ def tile_batches(pixels: pa.ChunkedArray, tile_px: list[int]) -> list[np.ndarray
     row without pixels gives an empty ``(0, 1, 1, 3)`` view when its ``tile_px`` is 0."""
     views, sides = [], iter(tile_px)
     for chunk in pixels.chunks:
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
         data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8) if len(chunk) else np.empty(0, np.uint8)
         data.flags.writeable = False  # the buffer may live in the shared object store
         for lo, hi in zip(offsets[:-1], offsets[1:]):
@@ -306,8 +352,14 @@ class ChunkEncoder:
     already failed, pass through with empty embeddings.
     """
 
-    def __init__(self, model: str, make_encoder: Callable[[], Any], drop_pixels: bool,
-                 threads: int | None = None, output_dtype: str = "float32"):
+    def __init__(
+        self,
+        model: str,
+        make_encoder: Callable[[], Any],
+        drop_pixels: bool,
+        threads: int | None = None,
+        output_dtype: str = "float32",
+    ):
         if threads:  # the actor's CPU share, not Ray's OMP_NUM_THREADS=1 default for fractional actors
             import torch
 
@@ -325,8 +377,11 @@ class ChunkEncoder:
 
     def __call__(self, chunks: pa.Table) -> pa.Table:
         embeddings, seconds, finished, errors = [], [], [], []
-        rows = zip(chunks.column("status").to_pylist(), chunks.column("models").to_pylist(),
-                   tile_batches(chunks.column("pixels"), chunks.column("tile_px").to_pylist()))
+        rows = zip(
+            chunks.column("status").to_pylist(),
+            chunks.column("models").to_pylist(),
+            tile_batches(chunks.column("pixels"), chunks.column("tile_px").to_pylist()),
+        )
         for status, models, tiles in rows:
             start, data, error = time.perf_counter(), b"", ""
             if status == "ok" and self.model in models:
@@ -349,7 +404,6 @@ class ChunkEncoder:
         chunks = chunks.append_column(f"encoded_at:{self.model}", pa.array(finished, type=pa.float64()))
         return chunks.append_column(f"encode_s:{self.model}", pa.array(seconds, type=pa.float64()))
 
-
     def _embed(self, tiles: np.ndarray) -> np.ndarray:
         """The chunk's embeddings as ``output_dtype``; raises :class:`NonFiniteEmbeddingError`
         if any value is NaN or infinite (after the cast: a float16 overflow shows here)."""
@@ -360,7 +414,8 @@ class ChunkEncoder:
             raise NonFiniteEmbeddingError(
                 f"{self.model} returned NaN/inf embeddings ({self.output_dtype}) for {len(bad)} of {len(embeddings)} "
                 f"tiles of the chunk (positions {bad[:5].tolist()}); a float16 overflow shows as inf: try --dtype "
-                "bf16/fp32 or --output-dtype float32")
+                "bf16/fp32 or --output-dtype float32"
+            )
         return embeddings
 
 
@@ -387,12 +442,34 @@ class ChunkWriter:
     def _write_one(self, row: dict[str, Any], model: str, first: bool) -> dict[str, Any]:
         start = time.perf_counter()
         n = len(row["x"]) // 8
-        result = {k: row[k] for k in ("slide_id", "cohort", "chunk_id", "chunk_index", "n_chunks", "n_tiles_slide",
-                                      "status", "stage", "error_type", "error_message", "slide_meta", "plan_s")}
-        result.update(model=model, first=first, n_tiles=0, tiles_read=row.get("tiles_read") or 0,
-                      provenance=row.get(f"prov:{model}") or "{}", read_s=row.get("read_s") or 0.0,
-                      encode_s=row.get(f"encode_s:{model}") or 0.0,
-                      encoded_at=row.get(f"encoded_at:{model}") or 0.0, write_s=0.0)
+        result = {
+            k: row[k]
+            for k in (
+                "slide_id",
+                "cohort",
+                "chunk_id",
+                "chunk_index",
+                "n_chunks",
+                "n_tiles_slide",
+                "status",
+                "stage",
+                "error_type",
+                "error_message",
+                "slide_meta",
+                "plan_s",
+            )
+        }
+        result.update(
+            model=model,
+            first=first,
+            n_tiles=0,
+            tiles_read=row.get("tiles_read") or 0,
+            provenance=row.get(f"prov:{model}") or "{}",
+            read_s=row.get("read_s") or 0.0,
+            encode_s=row.get(f"encode_s:{model}") or 0.0,
+            encoded_at=row.get(f"encoded_at:{model}") or 0.0,
+            write_s=0.0,
+        )
         error = row.get(f"err:{model}")
         if result["status"] == "ok" and error:
             result.update(json.loads(error))

@@ -11,6 +11,16 @@ from pathray.mil.classifier import SlideClassifier
 from pathray.mil.splits import Splits, make_splits
 from pathray.mil.train import TrainConfig
 
-__all__ = ["MilResult", "SlideClassifier", "Splits", "TrainConfig", "attention", "evaluate", "fit_all",
-           "load_classifiers",
-           "make_splits", "predict", "train"]
+__all__ = [
+    "MilResult",
+    "SlideClassifier",
+    "Splits",
+    "TrainConfig",
+    "attention",
+    "evaluate",
+    "fit_all",
+    "load_classifiers",
+    "make_splits",
+    "predict",
+    "train",
+]

@@ -48,15 +48,27 @@ class MilResult:
     out: str | None
 
     def summary(self) -> str:
-        lines = [f"fold {f.fold}: " + ", ".join(f"{k} {v:.3f}" for k, v in f.metrics.items()) +
-                 f" (train {f.n_train}, val {f.n_val}, test {f.n_test}; best epoch {f.best_epoch})" for f in self.folds]
+        lines = [
+            f"fold {f.fold}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in f.metrics.items())
+            + f" (train {f.n_train}, val {f.n_val}, test {f.n_test}; best epoch {f.best_epoch})"
+            for f in self.folds
+        ]
         lines += [f"{name}: {m['mean']:.3f} ± {m['std']:.3f} over {m['n']} folds" for name, m in self.metrics.items()]
         return "\n".join(lines)
 
 
-def train(store: FeatureStore | str, model: str, labels: str | Path | pa.Table, *, label_column: str = "label",
-          out: str | Path | None = None, config: TrainConfig | None = None, splits: str | Path | Splits | None = None,
-          key: str | None = None) -> MilResult:
+def train(
+    store: FeatureStore | str,
+    model: str,
+    labels: str | Path | pa.Table,
+    *,
+    label_column: str = "label",
+    out: str | Path | None = None,
+    config: TrainConfig | None = None,
+    splits: str | Path | Splits | None = None,
+    key: str | None = None,
+) -> MilResult:
     """Cross-validate ABMIL on the committed slides of ``model`` labelled by ``labels``
     (see :func:`pathray.mil.labels.join_labels` for ``key``). ``splits``: a saved
     ``splits.json`` (or :class:`Splits`) to reuse instead of making new ones; it must
@@ -83,8 +95,9 @@ def train(store: FeatureStore | str, model: str, labels: str | Path | pa.Table, 
         tested = [s for s in fold.test if s in joined.labels]
         rows += [(s, fold.fold, joined.labels[s], p) for s, p in zip(tested, probs)]
     metrics = fold_summary(folds)
-    record = run_record(index, joined, config, {"splits": asdict(splits), "folds": [asdict(f) for f in folds],
-                                                "metrics": metrics})
+    record = run_record(
+        index, joined, config, {"splits": asdict(splits), "folds": [asdict(f) for f in folds], "metrics": metrics}
+    )
     predictions = predictions_table(joined.classes, rows)
     if out_dir is not None:
         (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str, allow_nan=False))
@@ -106,8 +119,7 @@ def load_classifiers(run: Run, device: str | None = None) -> list[SlideClassifie
     return [SlideClassifier.load(Path(run) / f["checkpoint"], device) for f in record["folds"]]
 
 
-def predict(run: Run, store: FeatureStore | str, model: str,
-            slide_ids: list[str] | None = None) -> pa.Table:
+def predict(run: Run, store: FeatureStore | str, model: str, slide_ids: list[str] | None = None) -> pa.Table:
     """Class probabilities (mean over the run's fold models) for ``slide_ids`` (default:
     every committed slide of ``model``): slide_id, ``prob_<class>``…, ``predicted``."""
     classifiers = load_classifiers(run)
@@ -116,13 +128,23 @@ def predict(run: Run, store: FeatureStore | str, model: str,
     check_finite(index, slide_ids)
     probs = predict_probs(classifiers, index, slide_ids)
     classes = classifiers[0].classes
-    columns = {"slide_id": slide_ids, **{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)},
-               "predicted": [str(classes[i]) for i in probs.argmax(axis=1)]}
+    columns = {
+        "slide_id": slide_ids,
+        **{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)},
+        "predicted": [str(classes[i]) for i in probs.argmax(axis=1)],
+    }
     return pa.table(columns)
 
 
-def evaluate(run: Run, store: FeatureStore | str, model: str, labels: str | Path | pa.Table, *,
-             label_column: str = "label", key: str | None = None) -> dict[str, Any]:
+def evaluate(
+    run: Run,
+    store: FeatureStore | str,
+    model: str,
+    labels: str | Path | pa.Table,
+    *,
+    label_column: str = "label",
+    key: str | None = None,
+) -> dict[str, Any]:
     """Score the run's fold ensemble on labelled slides of ``store`` (e.g. an external
     cohort): ``{"n_slides", <metric>: value, "predictions": table}``. The labels must use
     the run's classes."""
@@ -151,8 +173,15 @@ def attention(run: Run, store: FeatureStore | str | BagIndex, model: str, slide_
     return attention_table(classifiers, index, slide_id)
 
 
-def fit_all(store: FeatureStore | str, model: str, labels: str | Path | pa.Table, *, label_column: str = "label",
-            config: TrainConfig | None = None, key: str | None = None) -> SlideClassifier:
+def fit_all(
+    store: FeatureStore | str,
+    model: str,
+    labels: str | Path | pa.Table,
+    *,
+    label_column: str = "label",
+    config: TrainConfig | None = None,
+    key: str | None = None,
+) -> SlideClassifier:
     """One network fitted on every labelled slide for ``config.max_epochs`` epochs, with no
     held-out slides: nothing it returns measures how well it generalises (use :func:`train`)."""
     config = config or TrainConfig()

@@ -44,10 +44,11 @@ class BagIndex:
         """sha256 (16 hex) of the store's tiling and model fingerprints and every slide's
         (slide_id, n_tiles): changes when the features a model would see change."""
         config = self.store.read_config() or {}
-        payload = {"tiling": model_tiling(config, self.model).get("fingerprint"),
-                   "model": config.get("models", {}).get(self.model, {}).get("fingerprint"),
-                   "slides": list(zip(self.slides.column("slide_id").to_pylist(),
-                                      self.slides.column("n_tiles").to_pylist()))}
+        payload = {
+            "tiling": model_tiling(config, self.model).get("fingerprint"),
+            "model": config.get("models", {}).get(self.model, {}).get("fingerprint"),
+            "slides": list(zip(self.slides.column("slide_id").to_pylist(), self.slides.column("n_tiles").to_pylist())),
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -67,8 +68,14 @@ def index_bags(store: FeatureStore | str, model: str) -> BagIndex:
         cohort = pads.get_partition_keys(fragment.partition_expression).get("cohort")
         rows.append({"slide_id": slide_id, "cohort": cohort, "n_tiles": fragment.count_rows(), **first[0]})
         fragments[slide_id] = fragment
-    schema = pa.schema([("slide_id", pa.string()), ("cohort", pa.string()), ("n_tiles", pa.int64()),
-                        *(dataset.schema.field(n) for n in kept)])
+    schema = pa.schema(
+        [
+            ("slide_id", pa.string()),
+            ("cohort", pa.string()),
+            ("n_tiles", pa.int64()),
+            *(dataset.schema.field(n) for n in kept),
+        ]
+    )
     slides = pa.Table.from_pylist(rows, schema=schema).sort_by("slide_id")
     return BagIndex(store, model, emb_type.list_size, slides, fragments)
 
@@ -95,6 +102,8 @@ def check_finite(index: BagIndex, slide_ids: list[str]) -> None:
     infinite embedding (stores written before the job refused them); one read of each bag."""
     bad = [s for s in slide_ids if not np.isfinite(load_bag(index, s)).all()]
     if bad:
-        raise ValueError(f"{len(bad)} slide(s) of model {index.model!r} have NaN/inf tile embeddings: "
-                         f"{', '.join(bad[:20])}{' ...' if len(bad) > 20 else ''}. Re-embed them (delete their "
-                         f"commit records under _commits/model={index.model}/ and re-run) or leave them out of the labels.")
+        raise ValueError(
+            f"{len(bad)} slide(s) of model {index.model!r} have NaN/inf tile embeddings: "
+            f"{', '.join(bad[:20])}{' ...' if len(bad) > 20 else ''}. Re-embed them (delete their "
+            f"commit records under _commits/model={index.model}/ and re-run) or leave them out of the labels."
+        )

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pathray.fs import split_uri
-from pathray.wsi.slide import Slide
 from pathray.store import FeatureStore
+from pathray.wsi.slide import Slide
 
 #: viridis at 0, 1/4, 1/2, 3/4, 1 (matplotlib's values), linearly interpolated in between.
 VIRIDIS_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
@@ -62,8 +62,14 @@ def tile_scores(store: FeatureStore | str, model: str, slide_id: str, column: st
         return pq.read_table(f, columns=[*TILE_COLUMNS, column])
 
 
-def render_heatmap(slide: Slide, scores: pa.Table, column: str = "attention", max_side_px: int = 1024,
-                   alpha: float = 0.6, value_range: tuple[float, float] | None = None) -> Heatmap:
+def render_heatmap(
+    slide: Slide,
+    scores: pa.Table,
+    column: str = "attention",
+    max_side_px: int = 1024,
+    alpha: float = 0.6,
+    value_range: tuple[float, float] | None = None,
+) -> Heatmap:
     """Draw ``scores[column]`` of each tile (``x``, ``y``, ``size_level0``: level-0 px) over a
     thumbnail of ``slide`` whose long side is about ``max_side_px``. ``value_range`` (default:
     the scores' min and max) maps onto the colour map."""
@@ -106,15 +112,30 @@ def scores_geojson(scores: pa.Table, column: str = "attention", slide_id: str = 
         x, y, s = row["x"], row["y"], row["size_level0"]
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
         score = float(row[column])
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                         "properties": {"objectType": "tile", "name": f"{slide_id} tile {row['tile_index']}".strip(),
-                                        "tile_index": row["tile_index"], column: score,
-                                        "measurements": {column: score}}})
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "tile",
+                    "name": f"{slide_id} tile {row['tile_index']}".strip(),
+                    "tile_index": row["tile_index"],
+                    column: score,
+                    "measurements": {column: score},
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_heatmap(slide: Slide, scores: pa.Table, png_uri: str, geojson_uri: str | None = None,
-                  column: str = "attention", storage_options: dict[str, Any] | None = None) -> Heatmap:
+def write_heatmap(
+    slide: Slide,
+    scores: pa.Table,
+    png_uri: str,
+    geojson_uri: str | None = None,
+    column: str = "attention",
+    storage_options: dict[str, Any] | None = None,
+) -> Heatmap:
     """Render and write the PNG (and the GeoJSON when ``geojson_uri`` is given), local or ``s3://``."""
     heatmap = render_heatmap(slide, scores, column)
     buffer = io.BytesIO()

@@ -57,14 +57,19 @@ def join_labels(index: BagIndex, table: pa.Table, label_column: str = "label", k
         if name not in where:
             raise ValueError(f"labels table has no column {name!r} (columns: {table.column_names})")
     if key != "slide_id" and key not in index.slides.column_names:
-        raise ValueError(f"the store's features files have no kept column {key!r} to join labels on; "
-                         f"kept columns: {index.slides.column_names[3:]}")
+        raise ValueError(
+            f"the store's features files have no kept column {key!r} to join labels on; "
+            f"kept columns: {index.slides.column_names[3:]}"
+        )
     keys, values = table.column(key).to_pylist(), table.column(label_column).to_pylist()
     by_key = {str(k): v for k, v in zip(keys, values) if k is not None and v is not None}
     if len(by_key) != sum(k is not None and v is not None for k, v in zip(keys, values)):
         raise ValueError(f"labels table lists some {key} more than once")
-    slide_key = {s: str(v) for s, v in index.column(key).items()} if key != "slide_id" else {
-        s: s for s in index.column("slide_id")}
+    slide_key = (
+        {s: str(v) for s, v in index.column(key).items()}
+        if key != "slide_id"
+        else {s: s for s in index.column("slide_id")}
+    )
     matched = {s: by_key[k] for s, k in slide_key.items() if k in by_key}
     if not matched:
         raise ValueError(f"no committed slide of {index.model!r} matches a labelled {key}")
@@ -72,8 +77,9 @@ def join_labels(index: BagIndex, table: pa.Table, label_column: str = "label", k
     position = {c: i for i, c in enumerate(classes)}
     patients, patient_key = _patients(index, table, matched)
     unmatched = len(set(by_key) - {slide_key[s] for s in matched})
-    return SlideLabels(classes, {s: position[c] for s, c in sorted(matched.items())}, patients, key, patient_key,
-                       unmatched)
+    return SlideLabels(
+        classes, {s: position[c] for s, c in sorted(matched.items())}, patients, key, patient_key, unmatched
+    )
 
 
 def _patients(index: BagIndex, table: pa.Table, slides: dict[str, Any]) -> tuple[dict[str, str], str]:
@@ -92,11 +98,14 @@ def _patients(index: BagIndex, table: pa.Table, slides: dict[str, Any]) -> tuple
         if case is None:
             alone.append(s)
     if alone:
-        warnings.warn(f"{len(alone)} of {len(slides)} labelled slides have no {PATIENT_COLUMN} (neither a kept column "
-                      f"of their features files nor in the labels table), so each is taken as its own patient and "
-                      f"slides of one patient can land in different splits: {', '.join(sorted(alone)[:10])}"
-                      f"{' ...' if len(alone) > 10 else ''}. Add {PATIENT_COLUMN} to the labels table.",
-                      PatientFallbackWarning, stacklevel=3)
+        warnings.warn(
+            f"{len(alone)} of {len(slides)} labelled slides have no {PATIENT_COLUMN} (neither a kept column "
+            f"of their features files nor in the labels table), so each is taken as its own patient and "
+            f"slides of one patient can land in different splits: {', '.join(sorted(alone)[:10])}"
+            f"{' ...' if len(alone) > 10 else ''}. Add {PATIENT_COLUMN} to the labels table.",
+            PatientFallbackWarning,
+            stacklevel=3,
+        )
     return patients, PATIENT_COLUMN if len(alone) < len(slides) else "slide_id"
 
 

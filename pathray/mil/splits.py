@@ -68,8 +68,9 @@ def assign_groups(labels: dict[str, int], patients: dict[str, str], n_parts: int
     return {s: part_of[patients[s]] for s in labels}
 
 
-def make_splits(labels: dict[str, int], patients: dict[str, str], n_folds: int = 5, val_fraction: float = 0.2,
-                seed: int = 0) -> Splits:
+def make_splits(
+    labels: dict[str, int], patients: dict[str, str], n_folds: int = 5, val_fraction: float = 0.2, seed: int = 0
+) -> Splits:
     """Outer ``n_folds`` folds over ``labels`` (slide id -> class index) grouped by
     ``patients`` (slide id -> patient id); inside each fold's training slides, about
     ``val_fraction`` of the patients go to ``val`` (same grouping and stratification)."""
@@ -83,8 +84,14 @@ def make_splits(labels: dict[str, int], patients: dict[str, str], n_folds: int =
     for k in range(n_folds):
         rest = {s: c for s, c in labels.items() if outer[s] != k}
         inner = assign_groups(rest, patients, max(2, round(1 / val_fraction)), seed + 1 + k)
-        folds.append(Fold(k, sorted(s for s in rest if inner[s] != 0), sorted(s for s in rest if inner[s] == 0),
-                          sorted(s for s in labels if outer[s] == k)))
+        folds.append(
+            Fold(
+                k,
+                sorted(s for s in rest if inner[s] != 0),
+                sorted(s for s in rest if inner[s] == 0),
+                sorted(s for s in labels if outer[s] == k),
+            )
+        )
     return Splits(seed, n_folds, val_fraction, folds)
 
 
@@ -94,8 +101,10 @@ def check_splits(splits: Splits, labels: dict[str, int], patients: dict[str, str
     tested = [s for f in splits.folds for s in f.test]
     missing = sorted(set(labels) - set(tested))
     if missing or len(tested) != len(set(tested)):
-        raise ValueError(f"splits must test every labelled slide exactly once; missing {missing[:5]} "
-                         f"({len(missing)}), tested twice: {len(tested) - len(set(tested))}")
+        raise ValueError(
+            f"splits must test every labelled slide exactly once; missing {missing[:5]} "
+            f"({len(missing)}), tested twice: {len(tested) - len(set(tested))}"
+        )
     for f in splits.folds:
         parts = [{patients[s] for s in part if s in patients} for part in (f.train, f.val, f.test)]
         leaked = (parts[0] & parts[1]) | (parts[0] & parts[2]) | (parts[1] & parts[2])

@@ -88,8 +88,9 @@ class FitOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def fit(index: BagIndex, labels: SlideLabels, train_ids: list[str], val_ids: list[str], config: TrainConfig,
-        seed: int) -> FitOutcome:
+def fit(
+    index: BagIndex, labels: SlideLabels, train_ids: list[str], val_ids: list[str], config: TrainConfig, seed: int
+) -> FitOutcome:
     """Fit one network on ``train_ids``; keep the epoch with the lowest loss on ``val_ids``
     (stop after ``patience`` epochs without improvement). Without ``val_ids`` it trains
     ``max_epochs`` epochs and keeps the last."""
@@ -107,8 +108,10 @@ def fit(index: BagIndex, labels: SlideLabels, train_ids: list[str], val_ids: lis
         train_loss = _train_epoch(network, optimizer, loss_fn, index, labels, order)
         val_loss = _mean_loss(network, index, labels, val_ids) if val_ids else float("nan")
         if not np.isfinite(train_loss) or (val_ids and not np.isfinite(val_loss)):
-            raise ValueError(f"fitting diverged at epoch {epoch}: train loss {train_loss}, validation loss {val_loss} "
-                             f"(try a lower --lr)")
+            raise ValueError(
+                f"fitting diverged at epoch {epoch}: train loss {train_loss}, validation loss {val_loss} "
+                f"(try a lower --lr)"
+            )
         best.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         if not val_ids or val_loss < best.best_val_loss - 1e-6:
             best.best_epoch, best.best_val_loss, since_best = epoch, val_loss, 0
@@ -163,8 +166,9 @@ def _mean_loss(network, index: BagIndex, labels: SlideLabels, slide_ids: list[st
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
 
 
-def run_fold(index: BagIndex, labels: SlideLabels, fold: Fold, config: TrainConfig,
-             out: Path | None) -> tuple[FoldResult, SlideClassifier, np.ndarray]:
+def run_fold(
+    index: BagIndex, labels: SlideLabels, fold: Fold, config: TrainConfig, out: Path | None
+) -> tuple[FoldResult, SlideClassifier, np.ndarray]:
     """Fit on ``fold.train``/``fold.val``, score ``fold.test``; returns the fold's result,
     its classifier and the test probabilities."""
     keep = labels.labels.keys()
@@ -177,15 +181,27 @@ def run_fold(index: BagIndex, labels: SlideLabels, fold: Fold, config: TrainConf
         checkpoint = f"fold-{fold.fold}.pt"
         outcome.classifier.save(out / checkpoint)
     metrics = {name: fn(y, probs) for name, fn in METRICS.items()}
-    result = FoldResult(fold.fold, len(train_ids), len(val_ids), len(test_ids), outcome.best_epoch,
-                        outcome.best_val_loss, metrics, checkpoint, outcome.history)
+    result = FoldResult(
+        fold.fold,
+        len(train_ids),
+        len(val_ids),
+        len(test_ids),
+        outcome.best_epoch,
+        outcome.best_val_loss,
+        metrics,
+        checkpoint,
+        outcome.history,
+    )
     return result, outcome.classifier, probs
 
 
 def predictions_table(classes: list[Any], rows: list[tuple[str, int, int, np.ndarray]]) -> pa.Table:
     """Out-of-fold predictions: slide_id, fold, label (class name), then ``prob_<class>``."""
-    columns = {"slide_id": [r[0] for r in rows], "fold": [r[1] for r in rows],
-               "label": [str(classes[r[2]]) for r in rows]}
+    columns = {
+        "slide_id": [r[0] for r in rows],
+        "fold": [r[1] for r in rows],
+        "label": [str(classes[r[2]]) for r in rows],
+    }
     for c, name in enumerate(classes):
         columns[f"prob_{name}"] = [float(r[3][c]) for r in rows]
     return pa.table(columns)
@@ -196,12 +212,29 @@ def run_record(index: BagIndex, labels: SlideLabels, config: TrainConfig, extra:
     from pathray import __version__
 
     store_config = index.store.read_config() or {}
-    return finite_json({"pathray_version": __version__, "torch_version": torch.__version__, "created_at": time.time(),
-            "store": index.store.root, "store_fingerprint": index.fingerprint(), "model": index.model,
-            "model_config": store_config.get("models", {}).get(index.model), "tiling": model_tiling(store_config, index.model) or None,
-            "in_dim": index.in_dim, "device": str(pick_device(config.device)), "hyperparameters": asdict(config),
-            "labels": {"classes": labels.classes, "key": labels.key, "patient_key": labels.patient_key,
-                       "n_slides": len(labels.labels), "unmatched_label_rows": labels.unmatched}, **extra})
+    return finite_json(
+        {
+            "pathray_version": __version__,
+            "torch_version": torch.__version__,
+            "created_at": time.time(),
+            "store": index.store.root,
+            "store_fingerprint": index.fingerprint(),
+            "model": index.model,
+            "model_config": store_config.get("models", {}).get(index.model),
+            "tiling": model_tiling(store_config, index.model) or None,
+            "in_dim": index.in_dim,
+            "device": str(pick_device(config.device)),
+            "hyperparameters": asdict(config),
+            "labels": {
+                "classes": labels.classes,
+                "key": labels.key,
+                "patient_key": labels.patient_key,
+                "n_slides": len(labels.labels),
+                "unmatched_label_rows": labels.unmatched,
+            },
+            **extra,
+        }
+    )
 
 
 def finite_json(value: Any) -> Any:

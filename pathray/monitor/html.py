@@ -77,14 +77,16 @@ def render(page: RunPage) -> str:
     """The whole page as one HTML string."""
     e = html.escape
     summary = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in page.summary)
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(page.title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{e(page.title)}</h1>"
-            f"<section id=summary><h2>Summary</h2><table class=kv>{summary}</table></section>"
-            f"<section id=throughput><h2>Throughput over time</h2>{throughput_svg(page.series, page.stages)}</section>"
-            f"<section id=errors><h2>Errors by type</h2>{_errors_html(page.slides)}</section>"
-            f"<section id=slides><h2>Slides</h2>{_slides_html(page)}</section>"
-            f"<section id=qc><h2>QC gallery</h2>{_gallery_html(page.gallery)}</section>"
-            f"<script>{JS}</script></body></html>")
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(page.title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{e(page.title)}</h1>"
+        f"<section id=summary><h2>Summary</h2><table class=kv>{summary}</table></section>"
+        f"<section id=throughput><h2>Throughput over time</h2>{throughput_svg(page.series, page.stages)}</section>"
+        f"<section id=errors><h2>Errors by type</h2>{_errors_html(page.slides)}</section>"
+        f"<section id=slides><h2>Slides</h2>{_slides_html(page)}</section>"
+        f"<section id=qc><h2>QC gallery</h2>{_gallery_html(page.gallery)}</section>"
+        f"<script>{JS}</script></body></html>"
+    )
 
 
 def throughput_svg(series: list[dict[str, Any]], stages: dict[str, Any]) -> str:
@@ -107,17 +109,23 @@ def throughput_svg(series: list[dict[str, Any]], stages: dict[str, Any]) -> str:
         color = COLORS[i % len(COLORS)]
         points = " ".join(xy((edges[k] + edges[k + 1]) / 2, v) for k, v in enumerate(rate))
         dash = " stroke-dasharray='5 3'" if i == 0 else ""  # the read stage, under the first model's when equal
-        lines.append(f'<polyline class=stage data-stage="{html.escape(name)}" fill=none stroke="{color}"{dash} '
-                     f'stroke-width=1.5 points="{points}"/>')
+        lines.append(
+            f'<polyline class=stage data-stage="{html.escape(name)}" fill=none stroke="{color}"{dash} '
+            f'stroke-width=1.5 points="{points}"/>'
+        )
         legend.append(f'<span style="color:{color}">&#9632; {html.escape(name)}</span>')
-    axes = (f'<line x1={pad} y1={10 + h} x2={pad + w} y2={10 + h} stroke=#888 />'
-            f'<line x1={pad} y1=10 x2={pad} y2={10 + h} stroke=#888 />'
-            f'<text x={pad - 4} y=16 text-anchor=end>{top:.0f}</text><text x={pad - 4} y={10 + h} text-anchor=end>0</text>'
-            f'<text x={pad} y={PLOT_H - 6}>0</text>'
-            f'<text x={pad + w} y={PLOT_H - 6} text-anchor=end>{end / 60:.1f} min</text>'
-            f'<text x={pad + w / 2} y={PLOT_H - 6} text-anchor=middle>tiles/s over time</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width={PLOT_W} height={PLOT_H} '
-            f'viewBox="0 0 {PLOT_W} {PLOT_H}">{axes}{"".join(lines)}</svg><p class=legend>{" ".join(legend)}</p>')
+    axes = (
+        f"<line x1={pad} y1={10 + h} x2={pad + w} y2={10 + h} stroke=#888 />"
+        f"<line x1={pad} y1=10 x2={pad} y2={10 + h} stroke=#888 />"
+        f"<text x={pad - 4} y=16 text-anchor=end>{top:.0f}</text><text x={pad - 4} y={10 + h} text-anchor=end>0</text>"
+        f"<text x={pad} y={PLOT_H - 6}>0</text>"
+        f"<text x={pad + w} y={PLOT_H - 6} text-anchor=end>{end / 60:.1f} min</text>"
+        f"<text x={pad + w / 2} y={PLOT_H - 6} text-anchor=middle>tiles/s over time</text>"
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width={PLOT_W} height={PLOT_H} '
+        f'viewBox="0 0 {PLOT_W} {PLOT_H}">{axes}{"".join(lines)}</svg><p class=legend>{" ".join(legend)}</p>'
+    )
 
 
 def _binned_rates(series: list[dict[str, Any]], get: Any, edges: list[float]) -> list[float]:
@@ -128,7 +136,9 @@ def _binned_rates(series: list[dict[str, Any]], get: Any, edges: list[float]) ->
         for k in range(1, len(times)):
             if times[k] >= t:
                 span = times[k] - times[k - 1]
-                return values[k] if span <= 0 else values[k - 1] + (values[k] - values[k - 1]) * (t - times[k - 1]) / span
+                return (
+                    values[k] if span <= 0 else values[k - 1] + (values[k] - values[k - 1]) * (t - times[k - 1]) / span
+                )
         return values[-1]
 
     cumulative = [at(t) for t in edges]
@@ -141,11 +151,18 @@ def _slides_html(page: RunPage) -> str:
     body = "".join(
         f"<tr class={e(r['status'])}><td>{e(r['slide_id'])}</td><td>{e(r['model'])}</td><td>{e(r['status'])}</td>"
         f"<td>{r['n_tiles'] or 0}</td><td>{e(r['error_type'] or '')}</td><td>{e((r['error_message'] or '')[:500])}</td></tr>"
-        for r in page.slides)
-    note = (f"<p class=note>First {len(page.slides)} of {page.slides_total} rows; all of them: the run's "
-            "slides-*.parquet.</p>" if page.slides_total > len(page.slides) else "")
-    return (f"<input id=filter placeholder='filter rows (any text)'>{note}"
-            f"<table id=slide-table class=grid><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        for r in page.slides
+    )
+    note = (
+        f"<p class=note>First {len(page.slides)} of {page.slides_total} rows; all of them: the run's "
+        "slides-*.parquet.</p>"
+        if page.slides_total > len(page.slides)
+        else ""
+    )
+    return (
+        f"<input id=filter placeholder='filter rows (any text)'>{note}"
+        f"<table id=slide-table class=grid><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 def _errors_html(slides: list[dict[str, Any]]) -> str:
@@ -159,7 +176,8 @@ def _errors_html(slides: list[dict[str, Any]]) -> str:
     items = "".join(
         f"<li><b>{e(kind)}</b> ({len(rows)}): {e(', '.join(sorted({r['slide_id'] for r in rows})))}"
         f"<br><span class=msg>{e((rows[0]['error_message'] or '')[:300])}</span></li>"
-        for kind, rows in sorted(groups.items(), key=lambda kv: -len(kv[1])))
+        for kind, rows in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    )
     return f"<ul class=errors>{items}</ul>"
 
 
@@ -167,10 +185,15 @@ def _gallery_html(gallery: list[tuple[str, bytes, str]]) -> str:
     if not gallery:
         return "<p class=note>No QC images for this run.</p>"
     e = html.escape
-    return "<div class=gallery>" + "".join(
-        f"<figure><a href='{e(qc_link(slide_id))}'><img alt='{e(slide_id)}' src='data:image/png;base64,"
-        f"{base64.b64encode(thumb).decode()}'></a><figcaption>{e(slide_id)}</figcaption></figure>"
-        for slide_id, thumb, _ in gallery) + "</div>"
+    return (
+        "<div class=gallery>"
+        + "".join(
+            f"<figure><a href='{e(qc_link(slide_id))}'><img alt='{e(slide_id)}' src='data:image/png;base64,"
+            f"{base64.b64encode(thumb).decode()}'></a><figcaption>{e(slide_id)}</figcaption></figure>"
+            for slide_id, thumb, _ in gallery
+        )
+        + "</div>"
+    )
 
 
 def png_bytes(image: Any, long_side_px: int | None = None) -> bytes:

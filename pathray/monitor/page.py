@@ -31,15 +31,27 @@ def write_embed_page(run: RunContext) -> str:
     report = run.report
     rows, total = run_status_rows(run.store, run.run_id)
     tiles_written = sum(c["tiles"] for c in report.per_model.values())
-    summary = [("Run", report.run_id), ("Store", report.store), ("Runner", report.runner or "nothing to do"),
-               ("Models", ", ".join(run.model_names)),
-               ("Slides", f"{report.slides_in_manifest} in manifest, {report.slides_skipped} already done, "
-                          f"{report.pairs_to_do} (slide, model) pairs to do"),
-               ("Tiles", f"{report.tiles_planned} planned, {report.tiles_read} read, {tiles_written} written"),
-               ("Wall time", f"{report.wall_s:.1f} s"),
-               ("Throughput", f"{report.tiles_read / report.wall_s:.1f} tiles/s overall, "
-                              f"{report.steady_tiles_per_s:.1f} tiles/s while encoding" if report.wall_s > 0 else "-"),
-               ("Errors", str(report.errors))]
+    summary = [
+        ("Run", report.run_id),
+        ("Store", report.store),
+        ("Runner", report.runner or "nothing to do"),
+        ("Models", ", ".join(run.model_names)),
+        (
+            "Slides",
+            f"{report.slides_in_manifest} in manifest, {report.slides_skipped} already done, "
+            f"{report.pairs_to_do} (slide, model) pairs to do",
+        ),
+        ("Tiles", f"{report.tiles_planned} planned, {report.tiles_read} read, {tiles_written} written"),
+        ("Wall time", f"{report.wall_s:.1f} s"),
+        (
+            "Throughput",
+            f"{report.tiles_read / report.wall_s:.1f} tiles/s overall, "
+            f"{report.steady_tiles_per_s:.1f} tiles/s while encoding"
+            if report.wall_s > 0
+            else "-",
+        ),
+        ("Errors", str(report.errors)),
+    ]
     summary += [(f"Model {m}", ", ".join(f"{k} {v}" for k, v in c.items())) for m, c in report.per_model.items()]
     if report.aborted:
         summary.append(("Aborted", report.aborted))
@@ -54,9 +66,9 @@ def write_embed_page(run: RunContext) -> str:
 
 def qc_gallery(run: RunContext, rows: list[dict[str, Any]]) -> list[tuple[str, bytes, bytes]]:
     """(slide id, thumbnail PNG, full QC PNG) for up to :data:`QC_GALLERY_SLIDES` ok slides."""
+    from pathray.tiling.grid import plan_tiles
     from pathray.tiling.qc import qc_image
     from pathray.wsi.slide import open_slide
-    from pathray.tiling.grid import plan_tiles
 
     groups = run.config.tiling_groups(run.model_names)
     seen: set[str] = set()
@@ -80,12 +92,21 @@ def qc_gallery(run: RunContext, rows: list[dict[str, Any]]) -> list[tuple[str, b
 def write_aggregate_page(store: Any, report: Any, rows: list[dict[str, Any]], series: list[dict[str, Any]]) -> str:
     """The aggregate run's page (no QC gallery: it tiles nothing); returns its URI."""
     wall_s = report.ended_at - report.started_at
-    summary = [("Run", report.run_id), ("Store", report.store), ("Runner", report.runner or "nothing to do"),
-               ("Tile model", report.model), ("Aggregator", report.aggregator),
-               ("Slides", f"{report.slides_committed} committed, {report.slides_skipped} already aggregated; "
-                          + ", ".join(f"{k} {v}" for k, v in report.counts.items())),
-               ("Tiles", str(report.tiles)), ("Wall time", f"{wall_s:.1f} s"),
-               ("Throughput", f"{report.tiles / wall_s:.1f} tiles/s" if wall_s > 0 else "-")]
+    summary = [
+        ("Run", report.run_id),
+        ("Store", report.store),
+        ("Runner", report.runner or "nothing to do"),
+        ("Tile model", report.model),
+        ("Aggregator", report.aggregator),
+        (
+            "Slides",
+            f"{report.slides_committed} committed, {report.slides_skipped} already aggregated; "
+            + ", ".join(f"{k} {v}" for k, v in report.counts.items()),
+        ),
+        ("Tiles", str(report.tiles)),
+        ("Wall time", f"{wall_s:.1f} s"),
+        ("Throughput", f"{report.tiles / wall_s:.1f} tiles/s" if wall_s > 0 else "-"),
+    ]
     if report.aborted:
         summary.append(("Aborted", report.aborted))
     model = report.aggregator

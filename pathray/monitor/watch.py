@@ -100,17 +100,23 @@ class RunWatch:
         parts = []
         for model in self.totals:
             eta = self.eta_s(model)
-            parts.append(f"{model} {self.done[model]}/{self.totals[model]} slides, "
-                         f"{self.tiles_per_s(model):.1f} tiles/s (last min), ETA "
-                         f"{'?' if eta is None else _duration(eta)}{_errors_text(self.errors[model])}")
+            parts.append(
+                f"{model} {self.done[model]}/{self.totals[model]} slides, "
+                f"{self.tiles_per_s(model):.1f} tiles/s (last min), ETA "
+                f"{'?' if eta is None else _duration(eta)}{_errors_text(self.errors[model])}"
+            )
         return f"[{_duration(time.time() - self.started)}] " + "; ".join(parts)
 
     def _postfix(self, model: str) -> str:
         return f"{self.tiles_per_s(model):.1f} tiles/s{_errors_text(self.errors[model])}"
 
     def _sample(self, t_s: float) -> dict[str, Any]:
-        return {"t_s": round(t_s, 2), self.read_stage: self.tiles_read, "written": dict(self.tiles),
-                "done": dict(self.done)}
+        return {
+            "t_s": round(t_s, 2),
+            self.read_stage: self.tiles_read,
+            "written": dict(self.tiles),
+            "done": dict(self.done),
+        }
 
 
 def _errors_text(errors: Counter) -> str:
@@ -135,6 +141,16 @@ def _bars(totals: dict[str, int], stream: TextIO) -> dict[str, Any]:
 
     fmt = "{desc} {bar:24} {n_fmt}/{total_fmt} slides [{elapsed}<{remaining}{postfix}]"
     width = max(len(m) for m in totals) if totals else 0
-    return {m: tqdm(total=n, desc=m.ljust(width), file=stream, position=i, leave=True, dynamic_ncols=True, bar_format=fmt,
-                    mininterval=0.5)
-            for i, (m, n) in enumerate(totals.items())}
+    return {
+        m: tqdm(
+            total=n,
+            desc=m.ljust(width),
+            file=stream,
+            position=i,
+            leave=True,
+            dynamic_ncols=True,
+            bar_format=fmt,
+            mininterval=0.5,
+        )
+        for i, (m, n) in enumerate(totals.items())
+    }

@@ -55,8 +55,11 @@ class TileGeometry:
 
     def matches(self, tiling: dict[str, Any]) -> bool:
         """Whether a store's tiling record (``pathray.job.config.tiling_record``) cuts these tiles."""
-        return (tiling.get("tile_px") == self.tile_px and tiling.get("stride_px") in (None, self.tile_px)
-                and abs(float(tiling.get("target_mpp") or 0) - self.target_mpp) <= 1e-9 * self.target_mpp)
+        return (
+            tiling.get("tile_px") == self.tile_px
+            and tiling.get("stride_px") in (None, self.tile_px)
+            and abs(float(tiling.get("target_mpp") or 0) - self.target_mpp) <= 1e-9 * self.target_mpp
+        )
 
     def describe(self) -> str:
         return f"{self.tile_px}-px tiles at {self.target_mpp:g} µm/px without overlap"
@@ -88,9 +91,15 @@ class AggregatorSpec:
 
     def record(self, weights: str | None) -> dict[str, Any]:
         """JSON-able identity of this aggregator with these weights (provenance, store guard)."""
-        return {"aggregator": self.name, "builder": self.builder, "weights": weights if self.needs_weights else None,
-                "input_dim": self.input_dim, "output_dim": self.output_dim, "tile_models": list(self.tile_models),
-                **({"tiles": self.tiles.describe()} if self.tiles else {})}
+        return {
+            "aggregator": self.name,
+            "builder": self.builder,
+            "weights": weights if self.needs_weights else None,
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "tile_models": list(self.tile_models),
+            **({"tiles": self.tiles.describe()} if self.tiles else {}),
+        }
 
     def embed_command(self, out: str) -> str:
         """The ``pathray embed`` command line that writes the tile features this aggregator needs to ``out``."""
@@ -102,35 +111,83 @@ class AggregatorSpec:
         return self.output_dim or tile_dim
 
 
-AGGREGATORS: dict[str, AggregatorSpec] = {s.name: s for s in (
-    AggregatorSpec("mean", "mean of the slide's tile embeddings", "pathray.slide_level.aggregators:Pooling.build_mean"),
-    AggregatorSpec("max", "element-wise max of the slide's tile embeddings", "pathray.slide_level.aggregators:Pooling.build_max"),
-    AggregatorSpec(
-        "gigapath-slide", "Prov-GigaPath slide encoder (LongNet, gigapath_slide_enc12l768d) over tile embeddings "
-        "and level-0 coordinates", "pathray.slide_level.aggregators:build_gigapath_slide", input_dim=1536, output_dim=768,
-        tile_models=("prov-gigapath",), needs_weights=True, accelerated=True),
-    AggregatorSpec(
-        "chief", "CHIEF WSI_feature: gated attention-MIL pooling of CTransPath-CHIEF tile embeddings (tiles: 256 px "
-        "at 10x, ~1 µm/px); --weights CHIEF_pretraining.pth", "pathray.slide_level.encoders.chief:aggregator",
-        input_dim=768, output_dim=768, tile_models=("ctranspath",), needs_weights=True),
-    AggregatorSpec(
-        "madeleine", "MADELEINE encode_he: 4-head gated attention-MIL over CONCH v1 tile embeddings (tiles: 256 px "
-        "at 10x, ~1 µm/px); weights MahmoodLab/madeleine model.pt", "pathray.slide_level.encoders.madeleine:aggregator",
-        input_dim=512, output_dim=512, tile_models=("conch-v1",), needs_weights=True),
-    AggregatorSpec(
-        "feather", "FEATHER-24K (MIL-Lab abmil.base.conch_v15.pc108-24k) forward_features: gated ABMIL over CONCH "
-        "v1.5 tile embeddings (tiles: 512 px at 20x, ~0.5 µm/px)", "pathray.slide_level.encoders.feather:aggregator",
-        input_dim=768, output_dim=512, tile_models=("conch-v1.5",), needs_weights=True),
-    AggregatorSpec(
-        "prism", "PRISM (paige-ai/Prism) image_embedding: Perceiver resampler over Virchow v1 tile embeddings "
-        "(class token ++ mean patch token; tiles: 224 px at 20x, 0.5 µm/px)", "pathray.slide_level.encoders.prism:aggregator",
-        input_dim=2560, output_dim=1280, tile_models=("virchow",), needs_weights=True, accelerated=True),
-    AggregatorSpec(
-        "titan", "TITAN slide encoder (MahmoodLab/TITAN vision part: 6-layer ViT with 2-D ALiBi over the tile grid, "
-        "attentional pooling) over conch-v1.5 features of 512-px tiles at 0.5 µm/px", "pathray.slide_level.aggregators:build_titan",
-        input_dim=768, output_dim=768, tile_models=("conch-v1.5",), needs_weights=True, accelerated=True,
-        tiles=TileGeometry(tile_px=512, target_mpp=0.5)),
-)}
+AGGREGATORS: dict[str, AggregatorSpec] = {
+    s.name: s
+    for s in (
+        AggregatorSpec(
+            "mean", "mean of the slide's tile embeddings", "pathray.slide_level.aggregators:Pooling.build_mean"
+        ),
+        AggregatorSpec(
+            "max",
+            "element-wise max of the slide's tile embeddings",
+            "pathray.slide_level.aggregators:Pooling.build_max",
+        ),
+        AggregatorSpec(
+            "gigapath-slide",
+            "Prov-GigaPath slide encoder (LongNet, gigapath_slide_enc12l768d) over tile embeddings "
+            "and level-0 coordinates",
+            "pathray.slide_level.aggregators:build_gigapath_slide",
+            input_dim=1536,
+            output_dim=768,
+            tile_models=("prov-gigapath",),
+            needs_weights=True,
+            accelerated=True,
+        ),
+        AggregatorSpec(
+            "chief",
+            "CHIEF WSI_feature: gated attention-MIL pooling of CTransPath-CHIEF tile embeddings (tiles: 256 px "
+            "at 10x, ~1 µm/px); --weights CHIEF_pretraining.pth",
+            "pathray.slide_level.encoders.chief:aggregator",
+            input_dim=768,
+            output_dim=768,
+            tile_models=("ctranspath",),
+            needs_weights=True,
+        ),
+        AggregatorSpec(
+            "madeleine",
+            "MADELEINE encode_he: 4-head gated attention-MIL over CONCH v1 tile embeddings (tiles: 256 px "
+            "at 10x, ~1 µm/px); weights MahmoodLab/madeleine model.pt",
+            "pathray.slide_level.encoders.madeleine:aggregator",
+            input_dim=512,
+            output_dim=512,
+            tile_models=("conch-v1",),
+            needs_weights=True,
+        ),
+        AggregatorSpec(
+            "feather",
+            "FEATHER-24K (MIL-Lab abmil.base.conch_v15.pc108-24k) forward_features: gated ABMIL over CONCH "
+            "v1.5 tile embeddings (tiles: 512 px at 20x, ~0.5 µm/px)",
+            "pathray.slide_level.encoders.feather:aggregator",
+            input_dim=768,
+            output_dim=512,
+            tile_models=("conch-v1.5",),
+            needs_weights=True,
+        ),
+        AggregatorSpec(
+            "prism",
+            "PRISM (paige-ai/Prism) image_embedding: Perceiver resampler over Virchow v1 tile embeddings "
+            "(class token ++ mean patch token; tiles: 224 px at 20x, 0.5 µm/px)",
+            "pathray.slide_level.encoders.prism:aggregator",
+            input_dim=2560,
+            output_dim=1280,
+            tile_models=("virchow",),
+            needs_weights=True,
+            accelerated=True,
+        ),
+        AggregatorSpec(
+            "titan",
+            "TITAN slide encoder (MahmoodLab/TITAN vision part: 6-layer ViT with 2-D ALiBi over the tile grid, "
+            "attentional pooling) over conch-v1.5 features of 512-px tiles at 0.5 µm/px",
+            "pathray.slide_level.aggregators:build_titan",
+            input_dim=768,
+            output_dim=768,
+            tile_models=("conch-v1.5",),
+            needs_weights=True,
+            accelerated=True,
+            tiles=TileGeometry(tile_px=512, target_mpp=0.5),
+        ),
+    )
+}
 
 
 def get_aggregator(name: str) -> AggregatorSpec:
@@ -221,9 +278,21 @@ def slide_embeddings(dataset: pads.Dataset, pooling: str = "mean", min_tissue_fr
         flat = emb.values.to_numpy().reshape(len(table), emb.type.list_size)[keep]
         keys = pads.get_partition_keys(fragment.partition_expression)
         slide_id = table.column("slide_id")[0].as_py()
-        rows.append({"slide_id": slide_id, "cohort": keys.get("cohort"), "n_tiles": int(keep.sum()),
-                     "embedding": pool(SlideTiles(slide_id, flat, np.empty(0), np.empty(0), float("nan")))})
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "cohort": keys.get("cohort"),
+                "n_tiles": int(keep.sum()),
+                "embedding": pool(SlideTiles(slide_id, flat, np.empty(0), np.empty(0), float("nan"))),
+            }
+        )
     dim = len(rows[0]["embedding"]) if rows else 0
-    schema = pa.schema([("slide_id", pa.string()), ("cohort", pa.string()), ("n_tiles", pa.int64()),
-                        ("embedding", pa.list_(pa.float32(), dim))])
+    schema = pa.schema(
+        [
+            ("slide_id", pa.string()),
+            ("cohort", pa.string()),
+            ("n_tiles", pa.int64()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+        ]
+    )
     return pa.Table.from_pylist(rows, schema=schema)

@@ -38,14 +38,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pathray import __version__
-from pathray.slide_level.aggregators import AggregatorSpec, SlideTiles, build_aggregator, describe_tiling, get_aggregator
-from pathray.job.config import fingerprint
 from pathray.errors import AggregatorError, FeaturesUnreadableError, StoreConfigMismatchError, describe
-from pathray.store.lease import StoreLease
+from pathray.job.config import fingerprint
 from pathray.job.localrun import choose_runner
 from pathray.job.resources import PLACEMENT
 from pathray.monitor.html import MAX_TABLE_ROWS
 from pathray.monitor.runlog import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
+from pathray.monitor.watch import RunWatch
+from pathray.slide_level.aggregators import (
+    AggregatorSpec,
+    SlideTiles,
+    build_aggregator,
+    describe_tiling,
+    get_aggregator,
+)
 from pathray.store import (
     ERROR_SCHEMA,
     PROVENANCE_KEY,
@@ -56,25 +62,45 @@ from pathray.store import (
     embeddings_to_arrow,
     model_tiling,
 )
-from pathray.monitor.watch import RunWatch
+from pathray.store.lease import StoreLease
 
 log = logging.getLogger("pathray")
 
 TILE_COLUMNS = frozenset(f.name for f in TILE_FIELDS) | {"embedding"}
 
-LOADED_SCHEMA = pa.schema([
-    ("slide_id", pa.string()), ("cohort", pa.string()), ("status", pa.string()), ("stage", pa.string()),
-    ("error_type", pa.string()), ("error_message", pa.string()), ("n_tiles", pa.int64()), ("dim", pa.int64()),
-    ("embeddings", pa.large_binary()),  # (n_tiles, dim) float32, little-endian
-    ("x", pa.large_binary()), ("y", pa.large_binary()),  # (n_tiles,) int64 level-0 px
-    ("slide_mpp", pa.float64()), ("kept", pa.large_binary()),  # kept manifest columns: 1-row Arrow IPC stream
-    ("tile_provenance", pa.string()), ("features_path", pa.string()), ("load_s", pa.float64()),
-])
+LOADED_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("cohort", pa.string()),
+        ("status", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("n_tiles", pa.int64()),
+        ("dim", pa.int64()),
+        ("embeddings", pa.large_binary()),  # (n_tiles, dim) float32, little-endian
+        ("x", pa.large_binary()),
+        ("y", pa.large_binary()),  # (n_tiles,) int64 level-0 px
+        ("slide_mpp", pa.float64()),
+        ("kept", pa.large_binary()),  # kept manifest columns: 1-row Arrow IPC stream
+        ("tile_provenance", pa.string()),
+        ("features_path", pa.string()),
+        ("load_s", pa.float64()),
+    ]
+)
 
-RESULT_SCHEMA = pa.schema([
-    ("slide_id", pa.string()), ("status", pa.string()), ("stage", pa.string()), ("error_type", pa.string()),
-    ("error_message", pa.string()), ("n_tiles", pa.int64()), ("load_s", pa.float64()), ("aggregate_s", pa.float64()),
-])
+RESULT_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("status", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("n_tiles", pa.int64()),
+        ("load_s", pa.float64()),
+        ("aggregate_s", pa.float64()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +128,9 @@ class AggregateResources:
     actor_num_gpus: float
 
 
-def plan_aggregate_resources(spec: AggregatorSpec, cluster: dict[str, float], config: AggregateConfig) -> AggregateResources:
+def plan_aggregate_resources(
+    spec: AggregatorSpec, cluster: dict[str, float], config: AggregateConfig
+) -> AggregateResources:
     """Aggregator actors on GPUs (one GPU each, one actor per GPU) when the spec is
     ``accelerated`` and the cluster has GPUs or ``num_gpus`` is set; else on CPUs, sharing
     them half and half with the loaders, fractional so nothing deadlocks on 2 CPUs."""
@@ -110,11 +138,13 @@ def plan_aggregate_resources(spec: AggregatorSpec, cluster: dict[str, float], co
     if spec.accelerated and (gpus > 0 or config.num_gpus):
         per_actor = config.num_gpus or 1.0
         actors = config.actors or max(1, int(gpus / per_actor))
-        return AggregateResources(loader_num_cpus=1.0, actors=actors, actor_num_cpus=min(1.0, cpus / (2 * actors)),
-                                  actor_num_gpus=per_actor)
+        return AggregateResources(
+            loader_num_cpus=1.0, actors=actors, actor_num_cpus=min(1.0, cpus / (2 * actors)), actor_num_gpus=per_actor
+        )
     actors = config.actors or 1
-    return AggregateResources(loader_num_cpus=min(1.0, cpus / 2), actors=actors, actor_num_cpus=cpus / 2 / actors,
-                              actor_num_gpus=0.0)
+    return AggregateResources(
+        loader_num_cpus=min(1.0, cpus / 2), actors=actors, actor_num_cpus=cpus / 2 / actors, actor_num_gpus=0.0
+    )
 
 
 @dataclass
@@ -146,18 +176,22 @@ class AggregateReport:
         return {**dataclasses.asdict(self), "wall_s": self.ended_at - self.started_at, "exit_code": self.exit_code}
 
     def summary(self) -> str:
-        return (f"pathray aggregate {self.run_id}: {self.model} -> {self.aggregator}, "
-                f"{self.ended_at - self.started_at:.1f} s, store {self.store}\n"
-                f"  slides: {self.slides_committed} committed, {self.slides_skipped} already aggregated; "
-                + ", ".join(f"{k} {v}" for k, v in self.counts.items()) + f"; {self.tiles} tiles read")
+        return (
+            f"pathray aggregate {self.run_id}: {self.model} -> {self.aggregator}, "
+            f"{self.ended_at - self.started_at:.1f} s, store {self.store}\n"
+            f"  slides: {self.slides_committed} committed, {self.slides_skipped} already aggregated; "
+            + ", ".join(f"{k} {v}" for k, v in self.counts.items())
+            + f"; {self.tiles} tiles read"
+        )
 
 
 # --- stage 1: load ----------------------------------------------------------------------------
 def load_slides(batch: pa.Table, root: str, storage_options: dict | None, model: str) -> pa.Table:
     """Slide ids -> :data:`LOADED_SCHEMA` rows; a slide that cannot be read is an error row."""
     store = FeatureStore(root, storage_options)
-    return pa.Table.from_pylist([_load_one(store, model, s) for s in batch.column("slide_id").to_pylist()],
-                                schema=LOADED_SCHEMA)
+    return pa.Table.from_pylist(
+        [_load_one(store, model, s) for s in batch.column("slide_id").to_pylist()], schema=LOADED_SCHEMA
+    )
 
 
 def _load_one(store: FeatureStore, model: str, slide_id: str) -> dict[str, Any]:
@@ -201,11 +235,16 @@ def _read_tiles(store: FeatureStore, relpath: str, n_tiles: int, slide_mpp: floa
         first = table.slice(0, 1).to_pylist()[0]
         slide_mpp = first["tile_px"] * first["target_mpp"] / first["size_level0"]
     meta = table.schema.metadata or {}
-    return {"n_tiles": n_tiles, "dim": dim, "embeddings": embeddings.tobytes(),
-            "x": table.column("x").to_numpy().astype("<i8").tobytes(),
-            "y": table.column("y").to_numpy().astype("<i8").tobytes(), "slide_mpp": float(slide_mpp),
-            "kept": _ipc_bytes(kept) if kept.num_columns else b"",
-            "tile_provenance": meta.get(PROVENANCE_KEY, b"{}").decode()}
+    return {
+        "n_tiles": n_tiles,
+        "dim": dim,
+        "embeddings": embeddings.tobytes(),
+        "x": table.column("x").to_numpy().astype("<i8").tobytes(),
+        "y": table.column("y").to_numpy().astype("<i8").tobytes(),
+        "slide_mpp": float(slide_mpp),
+        "kept": _ipc_bytes(kept) if kept.num_columns else b"",
+        "tile_provenance": meta.get(PROVENANCE_KEY, b"{}").decode(),
+    }
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:
@@ -237,15 +276,20 @@ class SlideAggregatorStage:
         return pa.Table.from_pylist([self._one(row) for row in batch.to_pylist()], schema=RESULT_SCHEMA)
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        result = {k: row[k] for k in ("slide_id", "status", "stage", "error_type", "error_message", "n_tiles",
-                                      "load_s")}
+        result = {
+            k: row[k] for k in ("slide_id", "status", "stage", "error_type", "error_message", "n_tiles", "load_s")
+        }
         result["aggregate_s"] = 0.0
         if row["status"] == "error":
             return result
         if self.build_error:
             error_type, message = self.build_error
-            result.update(status="error", stage="aggregate", error_type=error_type,
-                          error_message=f"{self.spec.name} could not be built: {message}"[:2000])
+            result.update(
+                status="error",
+                stage="aggregate",
+                error_type=error_type,
+                error_message=f"{self.spec.name} could not be built: {message}"[:2000],
+            )
             return result
         start, stage = time.perf_counter(), "aggregate"
         try:
@@ -260,21 +304,37 @@ class SlideAggregatorStage:
 
     def _slide_row(self, row: dict[str, Any]) -> pa.Table:
         n, dim = row["n_tiles"], row["dim"]
-        tiles = SlideTiles(row["slide_id"], np.frombuffer(row["embeddings"], "<f4").reshape(n, dim),
-                           np.frombuffer(row["x"], "<i8"), np.frombuffer(row["y"], "<i8"), row["slide_mpp"])
+        tiles = SlideTiles(
+            row["slide_id"],
+            np.frombuffer(row["embeddings"], "<f4").reshape(n, dim),
+            np.frombuffer(row["x"], "<i8"),
+            np.frombuffer(row["y"], "<i8"),
+            row["slide_mpp"],
+        )
         vector = self.aggregator(tiles)
         want = self.spec.out_dim(dim)
         if vector.shape != (want,) or not np.all(np.isfinite(vector)):
-            raise AggregatorError(f"{self.spec.name} returned shape {vector.shape} (finite: "
-                                  f"{bool(np.all(np.isfinite(vector)))}), expected ({want},) finite")
-        table = pa.table({"slide_id": pa.array([row["slide_id"]]), "cohort": pa.array([row["cohort"]]),
-                          "n_tiles": pa.array([n], pa.int64()), "embedding": embeddings_to_arrow(vector[None, :])})
+            raise AggregatorError(
+                f"{self.spec.name} returned shape {vector.shape} (finite: "
+                f"{bool(np.all(np.isfinite(vector)))}), expected ({want},) finite"
+            )
+        table = pa.table(
+            {
+                "slide_id": pa.array([row["slide_id"]]),
+                "cohort": pa.array([row["cohort"]]),
+                "n_tiles": pa.array([n], pa.int64()),
+                "embedding": embeddings_to_arrow(vector[None, :]),
+            }
+        )
         if row["kept"]:
             kept = pa.ipc.open_stream(row["kept"]).read_all()
             for name in kept.column_names:
                 table = table.append_column(kept.schema.field(name), kept.column(name))
-        provenance = {**self.provenance, "source": {"features_path": row["features_path"], "n_tiles": n},
-                      "tile_provenance": json.loads(row["tile_provenance"] or "{}")}
+        provenance = {
+            **self.provenance,
+            "source": {"features_path": row["features_path"], "n_tiles": n},
+            "tile_provenance": json.loads(row["tile_provenance"] or "{}"),
+        }
         return table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True, default=str)})
 
     def _commit(self, row: dict[str, Any], table: pa.Table | None) -> None:
@@ -283,16 +343,26 @@ class SlideAggregatorStage:
         if table is not None:
             relpath = self.store.slide_features_relpath(self.model, self.spec.name, row["slide_id"])
             self.store.write_table(relpath, table)
-        self.store.write_json(self.store.slide_commit_relpath(self.model, self.spec.name, row["slide_id"]), {
-            "slide_id": row["slide_id"], "model": self.model, "aggregator": self.spec.name, "cohort": row["cohort"],
-            "n_tiles": row["n_tiles"], "slide_features_path": relpath, "features_path": row["features_path"],
-            "aggregator_fingerprint": self.provenance["aggregator"]["fingerprint"], "run_id": self.provenance["run_id"],
-        })
+        self.store.write_json(
+            self.store.slide_commit_relpath(self.model, self.spec.name, row["slide_id"]),
+            {
+                "slide_id": row["slide_id"],
+                "model": self.model,
+                "aggregator": self.spec.name,
+                "cohort": row["cohort"],
+                "n_tiles": row["n_tiles"],
+                "slide_features_path": relpath,
+                "features_path": row["features_path"],
+                "aggregator_fingerprint": self.provenance["aggregator"]["fingerprint"],
+                "run_id": self.provenance["run_id"],
+            },
+        )
 
 
 # --- driver -----------------------------------------------------------------------------------
-def _pin_aggregator(store: FeatureStore, model: str, spec: AggregatorSpec, weights: str | None,
-                    done: set[str]) -> dict[str, Any]:
+def _pin_aggregator(
+    store: FeatureStore, model: str, spec: AggregatorSpec, weights: str | None, done: set[str]
+) -> dict[str, Any]:
     """Write or check the aggregator identity (spec + weights) of this output folder. Other
     weights are refused once any slide (``done``) is committed under it; until then the new
     identity replaces the old (a first run whose weights could not be loaded commits nothing)."""
@@ -306,7 +376,8 @@ def _pin_aggregator(store: FeatureStore, model: str, spec: AggregatorSpec, weigh
         raise StoreConfigMismatchError(
             f"slide_features for {model}/{spec.name} in {store.root} were made with "
             f"{json.dumps({k: existing.get(k) for k in ('weights', 'builder')})}; this run uses "
-            f"{json.dumps({k: record[k] for k in ('weights', 'builder')})}")
+            f"{json.dumps({k: record[k] for k in ('weights', 'builder')})}"
+        )
     return record
 
 
@@ -321,25 +392,40 @@ def _check_inputs(store: FeatureStore, config: AggregateConfig, spec: Aggregator
     tiling_ok = spec.tiles is None or not tiling or spec.tiles.matches(tiling)
     fix = f"; make them with: {spec.embed_command(store.root if tiling_ok or config.model not in models else 'NEW_STORE')}"
     if spec.tile_models and config.model not in spec.tile_models:
-        raise ValueError(f"aggregator {spec.name!r} takes embeddings of {', '.join(spec.tile_models)}, "
-                         f"not {config.model!r}{fix}")
+        raise ValueError(
+            f"aggregator {spec.name!r} takes embeddings of {', '.join(spec.tile_models)}, not {config.model!r}{fix}"
+        )
     if not tiling_ok:
-        raise ValueError(f"aggregator {spec.name!r} needs {spec.tiles.describe()}; {store.root} holds "
-                         f"{describe_tiling(tiling)}{fix}")
+        raise ValueError(
+            f"aggregator {spec.name!r} needs {spec.tiles.describe()}; {store.root} holds {describe_tiling(tiling)}{fix}"
+        )
     if config.model not in models:
-        raise ValueError(f"model {config.model!r} is not in the store {store.root} (has: "
-                         f"{', '.join(sorted(models)) or 'none'}){fix if spec.tile_models else ''}")
+        raise ValueError(
+            f"model {config.model!r} is not in the store {store.root} (has: "
+            f"{', '.join(sorted(models)) or 'none'}){fix if spec.tile_models else ''}"
+        )
     if spec.needs_weights and not config.weights:
         log.info("%s: no --weights given; the aggregator's default source is used", spec.name)
 
 
 def _errors_table(failed: list[dict[str, Any]], model: str, aggregator: str) -> pa.Table:
-    rows = [{"slide_id": r["slide_id"], "model": model, "stage": f"aggregate:{aggregator}/{r['stage']}",
-             "error_type": r["error_type"], "message": r["error_message"], "time": time.time()} for r in failed]
+    rows = [
+        {
+            "slide_id": r["slide_id"],
+            "model": model,
+            "stage": f"aggregate:{aggregator}/{r['stage']}",
+            "error_type": r["error_type"],
+            "message": r["error_message"],
+            "time": time.time(),
+        }
+        for r in failed
+    ]
     return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
 
 
-def run_aggregate(config: AggregateConfig, progress_bars: bool = True, display: TextIO | None = None) -> AggregateReport:
+def run_aggregate(
+    config: AggregateConfig, progress_bars: bool = True, display: TextIO | None = None
+) -> AggregateReport:
     """Aggregate every committed, not yet aggregated slide of ``config.model``; return the
     report (also saved in the store, with ``report.html``; ``progress_bars``: Ray's output,
     ``display``: the live progress's stream). Per-slide failures never raise: error rows
@@ -353,14 +439,21 @@ def run_aggregate(config: AggregateConfig, progress_bars: bool = True, display: 
     store = FeatureStore(config.store, config.storage_options)
     _check_inputs(store, config, spec)
     run_id = config.run_id or new_run_id("agg-")
-    report = AggregateReport(run_id=run_id, store=store.root, model=config.model, aggregator=spec.name,
-                             started_at=time.time())
+    report = AggregateReport(
+        run_id=run_id, store=store.root, model=config.model, aggregator=spec.name, started_at=time.time()
+    )
     with StoreLease(store, run_id) as lease:
         return _aggregate_locked(config, spec, store, report, lease, (progress_bars, display))
 
 
-def _aggregate_locked(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, report: AggregateReport,
-                      lease: StoreLease, output: tuple[bool, TextIO | None]) -> AggregateReport:
+def _aggregate_locked(
+    config: AggregateConfig,
+    spec: AggregatorSpec,
+    store: FeatureStore,
+    report: AggregateReport,
+    lease: StoreLease,
+    output: tuple[bool, TextIO | None],
+) -> AggregateReport:
     """The body of :func:`run_aggregate` once the store's lease is held; the lease is checked
     for every result (commits happen in the actors: a lost lease stops the run at once).
     ``output``: (Ray's progress bars, the live display's stream)."""
@@ -373,11 +466,19 @@ def _aggregate_locked(config: AggregateConfig, spec: AggregatorSpec, store: Feat
     watch = RunWatch({spec.name: len(todo)}, display, read_stage="load")
     try:
         if todo:
-            provenance = {"aggregator": record, "tile_model": config.model, "run_id": report.run_id,
-                          "pathray_version": __version__, "store_config_hash": fingerprint(store.read_config())}
+            provenance = {
+                "aggregator": record,
+                "tile_model": config.model,
+                "run_id": report.run_id,
+                "pathray_version": __version__,
+                "store_config_hash": fingerprint(store.read_config()),
+            }
             report.runner = choose_runner(config)
-            rows = (_run_local(config, spec, store, todo, provenance) if report.runner == "local"
-                    else _run_dataset(config, spec, store, todo, provenance, report, progress_bars))
+            rows = (
+                _run_local(config, spec, store, todo, provenance)
+                if report.runner == "local"
+                else _run_dataset(config, spec, store, todo, provenance, report, progress_bars)
+            )
             for r in rows:
                 lease.ensure_held()
                 failed += [r] if r["status"] == "error" else []
@@ -419,8 +520,9 @@ def _write_page(store: FeatureStore, report: AggregateReport, rows: list[dict[st
         log.exception("could not write the run's report.html")
 
 
-def _run_local(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, todo: list[str],
-               provenance: dict[str, Any]):
+def _run_local(
+    config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, todo: list[str], provenance: dict[str, Any]
+):
     """The Ray plan's two stages in this process, slide by slide (no Ray to start: a CPU box
     mean-pools a cohort in seconds); yields one result row per slide of ``todo``."""
     stage = SlideAggregatorStage(config, spec, "cpu", provenance)
@@ -429,8 +531,15 @@ def _run_local(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStor
         yield from stage(loaded).to_pylist()
 
 
-def _run_dataset(config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, todo: list[str],
-                 provenance: dict[str, Any], report: AggregateReport, progress_bars: bool):
+def _run_dataset(
+    config: AggregateConfig,
+    spec: AggregatorSpec,
+    store: FeatureStore,
+    todo: list[str],
+    provenance: dict[str, Any],
+    report: AggregateReport,
+    progress_bars: bool,
+):
     """Build and consume the Ray Data plan; yields one result row per slide of ``todo``."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -446,14 +555,30 @@ def _run_dataset(config: AggregateConfig, spec: AggregatorSpec, store: FeatureSt
     ctx.execution_options.preserve_order = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = ray.data.from_arrow([pa.table({"slide_id": todo[i:i + 4]}) for i in range(0, len(todo), 4)])
-        ds = ds.map_batches(load_slides, batch_size=1, batch_format="pyarrow", num_cpus=res.loader_num_cpus, **PLACEMENT,
-                            fn_kwargs={"root": store.root, "storage_options": config.storage_options, "model": config.model})
-        ds = ds.map_batches(SlideAggregatorStage, batch_size=1, batch_format="pyarrow", num_cpus=res.actor_num_cpus,
-                            **PLACEMENT,
-                            num_gpus=res.actor_num_gpus, compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
-                            fn_constructor_kwargs={"config": config, "spec": spec, "base_provenance": provenance,
-                                                   "device": "cuda" if res.actor_num_gpus else "cpu"})
+        ds = ray.data.from_arrow([pa.table({"slide_id": todo[i : i + 4]}) for i in range(0, len(todo), 4)])
+        ds = ds.map_batches(
+            load_slides,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=res.loader_num_cpus,
+            **PLACEMENT,
+            fn_kwargs={"root": store.root, "storage_options": config.storage_options, "model": config.model},
+        )
+        ds = ds.map_batches(
+            SlideAggregatorStage,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=res.actor_num_cpus,
+            **PLACEMENT,
+            num_gpus=res.actor_num_gpus,
+            compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
+            fn_constructor_kwargs={
+                "config": config,
+                "spec": spec,
+                "base_provenance": provenance,
+                "device": "cuda" if res.actor_num_gpus else "cpu",
+            },
+        )
     log_ray_plan_warnings(caught)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()  # one small row per slide

@@ -293,7 +293,7 @@ class FeatureStore:
             staged = self.fs.find(folder)
         except FileNotFoundError:
             return 0
-        slides = {f[len(folder):].lstrip("/").split("/", 1)[0] for f in staged if f.startswith(folder)}
+        slides = {f[len(folder) :].lstrip("/").split("/", 1)[0] for f in staged if f.startswith(folder)}
         stale = sorted(slides & self.committed(model))
         for slide_id in stale:
             self.fs.rm(join(folder, slide_id), recursive=True)
@@ -313,8 +313,12 @@ class FeatureStore:
     def read_config(self) -> dict | None:
         return _read_json(self.fs, self.path(STORE_META))
 
-    def ensure_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]],
-                      model_tilings: dict[str, dict[str, Any]] | None = None) -> dict:
+    def ensure_config(
+        self,
+        tiling: dict[str, Any],
+        models: dict[str, dict[str, Any]],
+        model_tilings: dict[str, dict[str, Any]] | None = None,
+    ) -> dict:
         """Create the store config, or check a run's config against the existing one and add
         new models to it. Raises :class:`StoreConfigMismatchError` as :meth:`check_config`.
         Returns the config now in force."""
@@ -323,8 +327,12 @@ class FeatureStore:
             _put_bytes(self.fs, self.path(STORE_META), json.dumps(current, indent=2, sort_keys=True).encode())
         return current
 
-    def check_config(self, tiling: dict[str, Any], models: dict[str, dict[str, Any]],
-                     model_tilings: dict[str, dict[str, Any]] | None = None) -> tuple[dict, bool]:
+    def check_config(
+        self,
+        tiling: dict[str, Any],
+        models: dict[str, dict[str, Any]],
+        model_tilings: dict[str, dict[str, Any]] | None = None,
+    ) -> tuple[dict, bool]:
         """The config a run with ``tiling`` and ``models`` would put in force, and whether it
         differs from the stored one; nothing is written (``--dry-run`` uses this).
 
@@ -344,7 +352,8 @@ class FeatureStore:
             fresh = False
             if current.get("format") != STORE_FORMAT:
                 raise StoreConfigMismatchError(
-                    f"{self.root} has store format {current.get('format')}, expected {STORE_FORMAT}")
+                    f"{self.root} has store format {current.get('format')}, expected {STORE_FORMAT}"
+                )
         merged = dict(current, models=dict(current["models"]), model_tilings=dict(current.get("model_tilings", {})))
         for name, cfg in models.items():
             want = model_tilings.get(name, tiling)
@@ -364,12 +373,14 @@ class FeatureStore:
             raise StoreConfigMismatchError(
                 f"{self.root} holds {name!r} at another tiling: {config_diff(have, tiling)}. Write to a new --out "
                 f"root, or pass --new-version to store this configuration as a separate version under "
-                f"{self.root}/versions/.")
+                f"{self.root}/versions/."
+            )
         old = config["models"][name]
         if _identity(old) != _identity(record):
             raise StoreConfigMismatchError(
                 f"model {name!r} in {self.root} was written with another config: {config_diff(old, record)}. "
-                "Use a new --out root, or --new-version.")
+                "Use a new --out root, or --new-version."
+            )
 
     def tiling_of(self, model: str) -> dict[str, Any]:
         """The tiling record ``model`` was embedded at in this store ({} when unknown)."""
@@ -421,7 +432,7 @@ class FeatureStore:
         for name in found:
             slide_id = os.path.basename(name)[: -len(".parquet")]
             if name.endswith(".parquet") and slide_id in slide_ids:
-                copies.setdefault(slide_id, []).append(name[len(self._root_path) + 1:])
+                copies.setdefault(slide_id, []).append(name[len(self._root_path) + 1 :])
         return {k: tuple(v) for k, v in copies.items()}
 
     def commit_record(self, model: str, slide_id: str) -> CommitRecord | None:
@@ -444,9 +455,16 @@ class FeatureStore:
         records, changed = self._indexed_records(model)
         if changed:
             ids = sorted(records)
-            self.write_table(self.commit_index_relpath(model), pa.table({
-                "slide_id": pa.array(ids, pa.string()), "version": pa.array([records[i][1] for i in ids], pa.string()),
-                "record": pa.array([json.dumps(records[i][0], sort_keys=True) for i in ids], pa.string())}))
+            self.write_table(
+                self.commit_index_relpath(model),
+                pa.table(
+                    {
+                        "slide_id": pa.array(ids, pa.string()),
+                        "version": pa.array([records[i][1] for i in ids], pa.string()),
+                        "record": pa.array([json.dumps(records[i][0], sort_keys=True) for i in ids], pa.string()),
+                    }
+                ),
+            )
         return len(records)
 
     @staticmethod
@@ -470,8 +488,11 @@ class FeatureStore:
             infos = self.fs.ls(prefix, detail=True, refresh=True)
         except FileNotFoundError:
             return {}
-        return {os.path.basename(i["name"])[: -len(".json")]: (i["name"], _version(i))
-                for i in infos if i["name"].endswith(".json")}
+        return {
+            os.path.basename(i["name"])[: -len(".json")]: (i["name"], _version(i))
+            for i in infos
+            if i["name"].endswith(".json")
+        }
 
     def _read_commit_index(self, model: str) -> dict[str, tuple[dict, str]]:
         try:
@@ -479,8 +500,10 @@ class FeatureStore:
                 table = pq.read_table(f)
         except (FileNotFoundError, pa.ArrowInvalid):
             return {}
-        return {sid: (json.loads(raw), v) for sid, v, raw in zip(*(table.column(c).to_pylist()
-                                                                      for c in ("slide_id", "version", "record")))}
+        return {
+            sid: (json.loads(raw), v)
+            for sid, v, raw in zip(*(table.column(c).to_pylist() for c in ("slide_id", "version", "record")))
+        }
 
     def models(self) -> list[str]:
         return sorted((self.read_config() or {}).get("models", {}))
@@ -507,7 +530,9 @@ class FeatureStore:
             found = self.fs.ls(self.path(self.slide_features_relpath(model, aggregator)), detail=False)
         except FileNotFoundError:
             found = []
-        files = sorted(f for f in found if f.endswith(".parquet") and os.path.basename(f)[: -len(".parquet")] in committed)
+        files = sorted(
+            f for f in found if f.endswith(".parquet") and os.path.basename(f)[: -len(".parquet")] in committed
+        )
         partitioning = pa.schema([("model", pa.string()), ("aggregator", pa.string())])
         return _unified_dataset(self.fs, files, partitioning, self.path("slide_features"))
 
@@ -519,7 +544,9 @@ class FeatureStore:
     def errors(self) -> pa.Table:
         """Every error recorded by every run (``run_id`` from the partitioning)."""
         try:
-            return pads.dataset(self.path("errors"), filesystem=self.fs, format="parquet", partitioning="hive").to_table()
+            return pads.dataset(
+                self.path("errors"), filesystem=self.fs, format="parquet", partitioning="hive"
+            ).to_table()
         except (FileNotFoundError, pa.ArrowInvalid):
             return ERROR_SCHEMA.empty_table()
 
@@ -537,8 +564,13 @@ def _unified_dataset(fs, files: list[str], partitioning: pa.Schema, base_dir: st
     """A hive-partitioned Parquet dataset over ``files`` whose schema holds every column of
     every file (pyarrow otherwise takes the first file's schema and silently drops columns
     only later files have); a file without a column reads it as null."""
-    dataset = pads.dataset(files, filesystem=fs, format="parquet", partitioning=pads.partitioning(partitioning, flavor="hive"),
-                           partition_base_dir=base_dir)
+    dataset = pads.dataset(
+        files,
+        filesystem=fs,
+        format="parquet",
+        partitioning=pads.partitioning(partitioning, flavor="hive"),
+        partition_base_dir=base_dir,
+    )
     fragments = list(dataset.get_fragments())
     if len(fragments) < 2:
         return dataset
@@ -607,8 +639,14 @@ def finalize_slide(store: FeatureStore, request: CommitRequest) -> CommitRecord:
             except FileNotFoundError:
                 pass
     record = CommitRecord(
-        slide_id=r.slide_id, model=r.model, cohort=r.cohort or NO_COHORT, n_tiles=r.n_tiles,
-        features_path=features_relpath, store_config_hash=r.store_config_hash, run_id=r.run_id, slide=r.slide,
+        slide_id=r.slide_id,
+        model=r.model,
+        cohort=r.cohort or NO_COHORT,
+        n_tiles=r.n_tiles,
+        features_path=features_relpath,
+        store_config_hash=r.store_config_hash,
+        run_id=r.run_id,
+        slide=r.slide,
     )
     store.write_json(store.commit_relpath(r.model, r.slide_id), record.__dict__)
     for chunk_id in r.chunk_ids:
@@ -649,8 +687,10 @@ def _merged_chunks(store: FeatureStore, r: CommitRequest) -> pa.Table:
     table = pa.concat_tables(parts).sort_by("tile_index")
     tile_index = table.column("tile_index").to_numpy()
     if len(table) != r.n_tiles or len(np.unique(tile_index)) != len(tile_index):
-        raise CommitMismatchError(f"staged chunks of {r.slide_id}/{r.model} hold {len(table)} rows "
-                                  f"({len(np.unique(tile_index))} unique tiles), expected {r.n_tiles}")
+        raise CommitMismatchError(
+            f"staged chunks of {r.slide_id}/{r.model} hold {len(table)} rows "
+            f"({len(np.unique(tile_index))} unique tiles), expected {r.n_tiles}"
+        )
     for column in r.passthrough_schema or []:
         value = r.passthrough.get(column.name)
         table = table.append_column(column, pa.array([value] * len(table), type=column.type))
@@ -671,14 +711,23 @@ def consolidate_slide_table(store: FeatureStore, committed: dict[str, set[str]])
             tables.append(pq.read_table(f).cast(SLIDE_STATUS_SCHEMA))
     table = pa.concat_tables(tables) if tables else SLIDE_STATUS_SCHEMA.empty_table()
     if len(table):
-        order = pc.sort_indices(table, [("slide_id", "ascending"), ("model", "ascending"), ("updated_at", "descending")])
+        order = pc.sort_indices(
+            table, [("slide_id", "ascending"), ("model", "ascending"), ("updated_at", "descending")]
+        )
         table = table.take(order)
-        keys = np.array([f"{s}\x00{m}" for s, m in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist())])
+        keys = np.array(
+            [f"{s}\x00{m}" for s, m in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist())]
+        )
         first = np.ones(len(keys), dtype=bool)
         first[1:] = keys[1:] != keys[:-1]
         table = table.filter(pa.array(first))
-    have_ok = {(s, m) for s, m, st in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist(),
-                                          table.column("status").to_pylist()) if st in ("ok", "no_tissue")}
+    have_ok = {
+        (s, m)
+        for s, m, st in zip(
+            table.column("slide_id").to_pylist(), table.column("model").to_pylist(), table.column("status").to_pylist()
+        )
+        if st in ("ok", "no_tissue")
+    }
     backfill = []
     for model, slide_ids in committed.items():
         for slide_id in sorted(slide_ids):
@@ -689,9 +738,12 @@ def consolidate_slide_table(store: FeatureStore, committed: dict[str, set[str]])
                 backfill.append(status_row_from_commit(record))
     if backfill:
         done = {(r["slide_id"], r["model"]) for r in backfill}
-        keep = [(s, m) not in done for s, m in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist())]
-        table = pa.concat_tables([table.filter(pa.array(keep, type=pa.bool_())),
-                                  pa.Table.from_pylist(backfill, schema=SLIDE_STATUS_SCHEMA)])
+        keep = [
+            (s, m) not in done for s, m in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist())
+        ]
+        table = pa.concat_tables(
+            [table.filter(pa.array(keep, type=pa.bool_())), pa.Table.from_pylist(backfill, schema=SLIDE_STATUS_SCHEMA)]
+        )
     table = table.sort_by([("slide_id", "ascending"), ("model", "ascending")])
     store.write_table("slides.parquet", table)
     return table
@@ -701,10 +753,18 @@ def status_row_from_commit(record: CommitRecord) -> dict[str, Any]:
     """The status row a commit record implies (``ok``, or ``no_tissue`` for zero tiles)."""
     slide = record.slide
     return status_row(
-        slide_id=record.slide_id, model=record.model, path=slide.get("path"), cohort=record.cohort,
-        status="ok" if record.n_tiles else "no_tissue", width=slide.get("width"), height=slide.get("height"),
-        mpp=slide.get("mpp"), mpp_source=slide.get("mpp_source"), vendor=slide.get("vendor"),
-        n_tiles=record.n_tiles, run_id=record.run_id,
+        slide_id=record.slide_id,
+        model=record.model,
+        path=slide.get("path"),
+        cohort=record.cohort,
+        status="ok" if record.n_tiles else "no_tissue",
+        width=slide.get("width"),
+        height=slide.get("height"),
+        mpp=slide.get("mpp"),
+        mpp_source=slide.get("mpp_source"),
+        vendor=slide.get("vendor"),
+        n_tiles=record.n_tiles,
+        run_id=record.run_id,
     )
 
 

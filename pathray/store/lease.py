@@ -33,8 +33,8 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 
 from pathray.errors import LeaseLostError, StoreBusyError
-from pathray.store.leaseio import LeaseIO, lease_io
 from pathray.store import LEASE
+from pathray.store.leaseio import LeaseIO, lease_io
 
 log = logging.getLogger("pathray")
 
@@ -65,8 +65,14 @@ class StoreLease:
     thread renews the heartbeat every ``heartbeat_s``; check :meth:`ensure_held` before
     changing the store."""
 
-    def __init__(self, store, run_id: str, timeout_s: float | None = None, heartbeat_s: float | None = None,
-                 settle_s: float | None = None):
+    def __init__(
+        self,
+        store,
+        run_id: str,
+        timeout_s: float | None = None,
+        heartbeat_s: float | None = None,
+        settle_s: float | None = None,
+    ):
         self.store, self.run_id = store, run_id  # timings default to the module's constants, read now
         self.timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
         self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
@@ -123,7 +129,8 @@ class StoreLease:
         if self.lost is not None:
             raise LeaseLostError(
                 f"run {self.run_id} lost the lease of {self.store.root}: {self.lost}. Another driver may be writing "
-                "the store, so this run stops without committing more; re-run to finish (committed slides are kept).")
+                "the store, so this run stops without committing more; re-run to finish (committed slides are kept)."
+            )
 
     def release(self) -> None:
         """Stop heart-beating and delete the lease if this run still holds it."""
@@ -135,8 +142,12 @@ class StoreLease:
             try:
                 self.io.delete(self._version)
             except Exception as exc:  # noqa: BLE001 - never mask the run's own outcome: the lease then expires
-                log.warning("could not delete the lease of %s (it expires %.0f s after its last heartbeat): %s",
-                            self.store.root, self.timeout_s, exc)
+                log.warning(
+                    "could not delete the lease of %s (it expires %.0f s after its last heartbeat): %s",
+                    self.store.root,
+                    self.timeout_s,
+                    exc,
+                )
 
     def _beat(self) -> None:
         """Renew every ``heartbeat_s``; after a failure retry sooner, backing off up to it."""
@@ -154,7 +165,7 @@ class StoreLease:
                     log.error("%s", lost)
 
     def _pause(self, failures: int) -> float:
-        return self.heartbeat_s if not failures else min(self.heartbeat_s, self.heartbeat_s / 8 * 2 ** failures)
+        return self.heartbeat_s if not failures else min(self.heartbeat_s, self.heartbeat_s / 8 * 2**failures)
 
     def _renew(self) -> None:
         """One heartbeat: a conditional replace of this run's own record."""
@@ -187,7 +198,8 @@ class StoreLease:
         return StoreBusyError(
             f"{self.store.root} is being written by {who}. Two drivers on one store would redo each other's "
             f"work; wait for it to finish (a dead holder's lease expires {self.timeout_s:.0f} s after its last "
-            "heartbeat), or write to another --out.")
+            "heartbeat), or write to another --out."
+        )
 
     def __enter__(self) -> StoreLease:
         return self.acquire()

@@ -185,8 +185,10 @@ class S3LeaseIO:
         finally:
             probe.fs.call_s3("delete_object", Bucket=probe.bucket, Key=probe.key)
         if not enforced:
-            log.warning("%s ignores conditional writes: the lease falls back to write, settle, read back",
-                        self.path.split("/")[0])
+            log.warning(
+                "%s ignores conditional writes: the lease falls back to write, settle, read back",
+                self.path.split("/")[0],
+            )
         return enforced
 
 

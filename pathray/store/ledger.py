@@ -26,8 +26,16 @@ class StatusLedger:
         """Keep ``row`` (a :func:`~pathray.store.status_row`); an error row also goes to the error ledger."""
         self.status.append(row)
         if row["status"] == "error":
-            self.errors.append({"slide_id": row["slide_id"], "model": row["model"], "stage": row["stage"],
-                                "error_type": row["error_type"], "message": row["error_message"], "time": time.time()})
+            self.errors.append(
+                {
+                    "slide_id": row["slide_id"],
+                    "model": row["model"],
+                    "stage": row["stage"],
+                    "error_type": row["error_type"],
+                    "message": row["error_message"],
+                    "time": time.time(),
+                }
+            )
         if len(self.status) >= FLUSH_ROWS:
             self.flush()
 
@@ -36,9 +44,13 @@ class StatusLedger:
             return
         self.parts += 1
         if self.status:
-            self.store.write_table(self.store.run_status_relpath(self.run_id, self.parts),
-                                   pa.Table.from_pylist(self.status, schema=SLIDE_STATUS_SCHEMA))
+            self.store.write_table(
+                self.store.run_status_relpath(self.run_id, self.parts),
+                pa.Table.from_pylist(self.status, schema=SLIDE_STATUS_SCHEMA),
+            )
         if self.errors:
-            self.store.write_table(self.store.errors_relpath(self.run_id, self.parts),
-                                   pa.Table.from_pylist(self.errors, schema=ERROR_SCHEMA))
+            self.store.write_table(
+                self.store.errors_relpath(self.run_id, self.parts),
+                pa.Table.from_pylist(self.errors, schema=ERROR_SCHEMA),
+            )
         self.status, self.errors = [], []

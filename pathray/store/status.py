@@ -27,20 +27,30 @@ def store_status(store: FeatureStore, manifest_ids: list[str] | None = None) -> 
     models = {}
     for name, record in sorted(config.get("models", {}).items()):
         models[name] = _model_status(store, config, name, record, latest.get(name, {}), manifest_ids)
-    return {"store": store.root, "format": config.get("format"), "created_by": config.get("created_by"),
-            "models": models, "runs": _runs(store), "aggregations": _aggregations(store)}
+    return {
+        "store": store.root,
+        "format": config.get("format"),
+        "created_by": config.get("created_by"),
+        "models": models,
+        "runs": _runs(store),
+        "aggregations": _aggregations(store),
+    }
 
 
-def _model_status(store: FeatureStore, config: dict, name: str, record: dict, latest: dict[str, dict],
-                  manifest_ids: list[str] | None) -> dict[str, Any]:
+def _model_status(
+    store: FeatureStore, config: dict, name: str, record: dict, latest: dict[str, dict], manifest_ids: list[str] | None
+) -> dict[str, Any]:
     committed = store.committed(name)
     errors = Counter(r["error_type"] for sid, r in latest.items() if r["status"] == "error" and sid not in committed)
     tiling = model_tiling(config, name)
-    out = {"embed_dim": record.get("embed_dim"), "weights": record.get("weights"),
-           "tiling": {"tile_px": tiling.get("tile_px"), "target_mpp": tiling.get("target_mpp")},
-           "committed": len(committed),
-           "no_tissue": sum(1 for sid, r in latest.items() if r["status"] == "no_tissue" and sid in committed),
-           "errors": dict(sorted(errors.items()))}
+    out = {
+        "embed_dim": record.get("embed_dim"),
+        "weights": record.get("weights"),
+        "tiling": {"tile_px": tiling.get("tile_px"), "target_mpp": tiling.get("target_mpp")},
+        "committed": len(committed),
+        "no_tissue": sum(1 for sid, r in latest.items() if r["status"] == "no_tissue" and sid in committed),
+        "errors": dict(sorted(errors.items())),
+    }
     if manifest_ids is not None:
         tried = committed | set(latest)
         out["never_tried"] = sum(1 for sid in manifest_ids if sid not in tried)
@@ -73,11 +83,16 @@ def _runs(store: FeatureStore) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         started, ended = report.get("started_at") or 0.0, report.get("ended_at") or 0.0
-        runs.append({"run_id": report.get("run_id") or os.path.basename(os.path.dirname(path)),
-                     "kind": _run_kind(report), "started_at": started,
-                     "wall_s": round(ended - started, 1) if ended and started else None,
-                     "errors": report.get("errors", (report.get("counts") or {}).get("error")),
-                     "aborted": report.get("aborted") or ""})
+        runs.append(
+            {
+                "run_id": report.get("run_id") or os.path.basename(os.path.dirname(path)),
+                "kind": _run_kind(report),
+                "started_at": started,
+                "wall_s": round(ended - started, 1) if ended and started else None,
+                "errors": report.get("errors", (report.get("counts") or {}).get("error")),
+                "aborted": report.get("aborted") or "",
+            }
+        )
     return sorted(runs, key=lambda r: r["started_at"])
 
 
@@ -96,8 +111,8 @@ def _aggregations(store: FeatureStore) -> list[dict[str, Any]]:
         return []
     out = []
     for folder in sorted(f for f in folders if not f.endswith(".json")):  # <aggregator>.json: its pinned identity
-        model = os.path.basename(os.path.dirname(folder))[len("model="):]
-        aggregator = os.path.basename(folder)[len("aggregator="):]
+        model = os.path.basename(os.path.dirname(folder))[len("model=") :]
+        aggregator = os.path.basename(folder)[len("aggregator=") :]
         out.append({"model": model, "aggregator": aggregator, "slides": len(store.aggregated(model, aggregator))})
     return out
 
@@ -110,9 +125,11 @@ def format_status(status: dict[str, Any]) -> str:
     for name, m in status["models"].items():
         errors = ", ".join(f"{k} {v}" for k, v in m["errors"].items()) or "none"
         never = f", never tried {m['never_tried']}" if "never_tried" in m else ""
-        lines.append(f"  {name}: {m['committed']} slides committed ({m['no_tissue']} without tissue), "
-                     f"errors: {errors}{never}; {m['embed_dim']}-d, tiles {m['tiling']['tile_px']} px at "
-                     f"{m['tiling']['target_mpp']} µm/px")
+        lines.append(
+            f"  {name}: {m['committed']} slides committed ({m['no_tissue']} without tissue), "
+            f"errors: {errors}{never}; {m['embed_dim']}-d, tiles {m['tiling']['tile_px']} px at "
+            f"{m['tiling']['target_mpp']} µm/px"
+        )
     lines += ["", f"runs ({len(status['runs'])}):"]
     for r in status["runs"]:
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["started_at"])) if r["started_at"] else "?"

@@ -47,9 +47,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from pathray.tiling.tissue import TissueConfig, TissueMask, detect_tissue
 from pathray.wsi.slide import Slide
 from pathray.wsi.tifftiles import BlockLoader
-from pathray.tiling.tissue import TissueConfig, TissueMask, detect_tissue
 
 # a reader is one core's worth of work in the resource plan (pathray.job.resources); OpenCV's own
 # thread pool would oversubscribe it, and the encoder sharing a process with the in-process runner

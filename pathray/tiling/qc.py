@@ -52,8 +52,10 @@ def qc_image(grid: TileGrid) -> Image.Image:
 def qc_label(grid: TileGrid) -> str:
     """``<slide id> | slide <µm/px> µm/px | <n> tiles of <px> px at <µm/px> µm/px``."""
     slide_mpp = grid.target_mpp * grid.tile_px / grid.size_level0 if grid.size_level0 else float("nan")
-    return (f"{grid.slide_id} | slide {slide_mpp:.4g} µm/px | {len(grid)} tiles of {grid.tile_px} px "
-            f"at {grid.target_mpp:g} µm/px")
+    return (
+        f"{grid.slide_id} | slide {slide_mpp:.4g} µm/px | {len(grid)} tiles of {grid.tile_px} px "
+        f"at {grid.target_mpp:g} µm/px"
+    )
 
 
 #: fonts with a "µ" glyph, tried in order (Pillow's built-in font has none: it drew "□m/px")
@@ -83,6 +85,7 @@ def label_font(size: int = 18) -> tuple[ImageFont.ImageFont | ImageFont.FreeType
 def draws_glyph(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, char: str) -> bool:
     """True when ``font`` draws ``char`` as something other than its missing-glyph box (the
     glyph an unassigned code point, U+0378, gets)."""
+
     def pixels(c: str) -> bytes:
         return bytes(font.getmask(c))
 
@@ -102,7 +105,9 @@ def tiles_geojson(grid: TileGrid) -> dict[str, Any]:
     """Kept tiles as a GeoJSON FeatureCollection of level-0 pixel polygons (QuPath tiles)."""
     s = grid.size_level0
     features = []
-    for index, x, y, fraction in zip(grid.tile_index.tolist(), grid.x.tolist(), grid.y.tolist(), grid.tissue_fraction.tolist()):
+    for index, x, y, fraction in zip(
+        grid.tile_index.tolist(), grid.x.tolist(), grid.y.tolist(), grid.tissue_fraction.tolist()
+    ):
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
         features.append(
             {
@@ -119,7 +124,9 @@ def tiles_geojson(grid: TileGrid) -> dict[str, Any]:
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_qc(grid: TileGrid, png_uri: str, geojson_uri: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
+def write_qc(
+    grid: TileGrid, png_uri: str, geojson_uri: str | None = None, storage_options: dict[str, Any] | None = None
+) -> None:
     """Write the QC PNG (and the GeoJSON when ``geojson_uri`` is given), local or ``s3://``."""
     buffer = io.BytesIO()
     qc_image(grid).save(buffer, format="PNG")

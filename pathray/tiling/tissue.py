@@ -65,7 +65,12 @@ class TissueMask:
         s = 1.0 / self.level0_per_px
         x0, y0 = np.asarray(x, dtype=np.float64) * s, np.asarray(y, dtype=np.float64) * s
         x1, y1 = x0 + size_level0 * s, y0 + size_level0 * s
-        area = _sample(integral, x1, y1) - _sample(integral, x0, y1) - _sample(integral, x1, y0) + _sample(integral, x0, y0)
+        area = (
+            _sample(integral, x1, y1)
+            - _sample(integral, x0, y1)
+            - _sample(integral, x1, y0)
+            + _sample(integral, x0, y0)
+        )
         return np.clip(area / (size_level0 * s) ** 2, 0.0, 1.0).astype(np.float32)
 
 
@@ -77,7 +82,9 @@ def detect_tissue(slide, config: TissueConfig = TissueConfig()) -> TissueMask:
     return TissueMask(mask, thumb_mpp, level0_per_px, thumbnail, threshold)
 
 
-def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()) -> tuple[np.ndarray, float]:
+def tissue_mask_from_rgb(
+    rgb: np.ndarray, mpp: float, config: TissueConfig = TissueConfig()
+) -> tuple[np.ndarray, float]:
     """Tissue mask of an RGB uint8 image at ``mpp`` µm/px; returns ``(mask, saturation_threshold)``."""
     hsv = np.asarray(Image.fromarray(rgb).convert("HSV"), dtype=np.float32) / 255.0
     hue, sat, val = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]

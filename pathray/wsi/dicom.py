@@ -54,9 +54,9 @@ from typing import Any
 
 import numpy as np
 
-from pathray.wsi import rangeio
 from pathray.errors import SlideUnreadableError
 from pathray.fs import split_uri
+from pathray.wsi import rangeio
 from pathray.wsi.rangeio import FetchStats, RecentRanges
 from pathray.wsi.tifftiles import BlockLoader, TiledLevel, Window, read_window
 
@@ -73,8 +73,15 @@ COALESCE_GAP_BYTES = 64  # ranges of one file at most this many bytes apart are 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 UNCOMPRESSED = ("1.2.840.10008.1.2.1",)  # Explicit VR Little Endian
-_PROPERTY_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesDescription", "Manufacturer",
-                  "ManufacturerModelName", "ContainerIdentifier")
+_PROPERTY_TAGS = (
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesDescription",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "ContainerIdentifier",
+)
 
 
 class DicomWsiError(SlideUnreadableError):
@@ -116,8 +123,9 @@ class DicomLevel(TiledLevel):
         except Exception as exc:  # corrupt data, truncated or mis-split frames
             raise SlideUnreadableError(f"frame of tile {index} cannot be decoded: {type(exc).__name__}: {exc}") from exc
         if tile.shape != (self.tile_height, self.tile_width, 3):
-            raise SlideUnreadableError(f"frame of tile {index} decodes to {tile.shape}, not one "
-                                       f"{self.tile_width}x{self.tile_height} RGB frame")
+            raise SlideUnreadableError(
+                f"frame of tile {index} decodes to {tile.shape}, not one {self.tile_width}x{self.tile_height} RGB frame"
+            )
         if out is None:
             return tile
         out[...] = tile
@@ -162,8 +170,12 @@ class Instance:
         """The level with every frame the ``windows`` touch located (walking items if needed)."""
         level = self._level or self._build()
         if self.walk_from is not None and not self.walk_done:
-            frames = [f for w in windows for t in level.tile_indices(*w)
-                      if (f := self.frame_index(t % self.tiles_across, t // self.tiles_across)) is not None]
+            frames = [
+                f
+                for w in windows
+                for t in level.tile_indices(*w)
+                if (f := self.frame_index(t % self.tiles_across, t // self.tiles_across)) is not None
+            ]
             if frames and max(frames) >= self.located:
                 self.walk(max(frames))
                 level = self._build()
@@ -183,8 +195,19 @@ class Instance:
             if frame is not None and frame < self.located:
                 start, end = self.frame_ranges[frame]
                 offsets[t], counts[t] = start, end - start
-        self._level = DicomLevel(self.width, self.height, self.tile_w, self.tile_h, offsets, counts, None, (None, None),
-                                 self.syntax, self.photometric, self.items and self.syntax not in UNCOMPRESSED)
+        self._level = DicomLevel(
+            self.width,
+            self.height,
+            self.tile_w,
+            self.tile_h,
+            offsets,
+            counts,
+            None,
+            (None, None),
+            self.syntax,
+            self.photometric,
+            self.items and self.syntax not in UNCOMPRESSED,
+        )
         return self._level
 
     def walk(self, upto: int) -> None:
@@ -208,8 +231,10 @@ class Instance:
             if self.walk_from >= self.size:
                 self.walk_done = True
         if self.walk_done and len(self.frame_ranges) != self.frame_count:
-            raise DicomWsiError(f"{self.path}: {len(self.frame_ranges)} frames found in the fragments, "
-                                f"NumberOfFrames is {self.frame_count}")
+            raise DicomWsiError(
+                f"{self.path}: {len(self.frame_ranges)} frames found in the fragments, "
+                f"NumberOfFrames is {self.frame_count}"
+            )
 
     def _item(self, at: int) -> tuple[int, int, bytes]:
         """``(tag, length, first 2 bytes of the value)`` of the item at file byte ``at``."""
@@ -311,14 +336,22 @@ def _tiff_frame_ranges(inst: Instance, head: bytes, first_value: int) -> list[tu
 
     try:
         with tifffile.TiffFile(HeaderReader(None, inst.path, inst.size, inst.recent)) as tif:
-            pages = [(np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64))
-                     for p in tif.pages if p.is_tiled and (p.imagewidth, p.imagelength, p.tilewidth, p.tilelength)
-                     == (inst.width, inst.height, inst.tile_w, inst.tile_h)]
+            pages = [
+                (np.asarray(p.dataoffsets, np.int64), np.asarray(p.databytecounts, np.int64))
+                for p in tif.pages
+                if p.is_tiled
+                and (p.imagewidth, p.imagelength, p.tilewidth, p.tilelength)
+                == (inst.width, inst.height, inst.tile_w, inst.tile_h)
+            ]
     except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the fragments are walked instead
         return None
     for offsets, counts in pages:
-        if (len(offsets) == inst.frame_count and inst.sparse_frames is None and offsets[0] == first_value
-                and int((offsets + counts).max()) <= inst.size):
+        if (
+            len(offsets) == inst.frame_count
+            and inst.sparse_frames is None
+            and offsets[0] == first_value
+            and int((offsets + counts).max()) <= inst.size
+        ):
             return list(zip(offsets.tolist(), (offsets + counts).tolist()))
     return None
 
@@ -344,17 +377,28 @@ def _instance(fs: Any, path: str, size: int, head: bytes, stats: FetchStats) -> 
         return None
     ds, head, pos = _read_header(fs, path, size, head, stats)
     _check_layout(path, ds)
-    inst = Instance(path, int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows), int(ds.Columns), int(ds.Rows),
-                    str(ds.file_meta.TransferSyntaxUID), str(ds.PhotometricInterpretation), _spacing_mm(ds),
-                    dataset=ds, size=size, frame_count=int(ds.get("NumberOfFrames", 1)),
-                    recent=RecentRanges(fs, path, stats=stats, gap_bytes=COALESCE_GAP_BYTES))
+    inst = Instance(
+        path,
+        int(ds.TotalPixelMatrixColumns),
+        int(ds.TotalPixelMatrixRows),
+        int(ds.Columns),
+        int(ds.Rows),
+        str(ds.file_meta.TransferSyntaxUID),
+        str(ds.PhotometricInterpretation),
+        _spacing_mm(ds),
+        dataset=ds,
+        size=size,
+        frame_count=int(ds.get("NumberOfFrames", 1)),
+        recent=RecentRanges(fs, path, stats=stats, gap_bytes=COALESCE_GAP_BYTES),
+    )
     inst.recent.add(0, head)  # the first frames may lie inside the header read
     if str(ds.get("DimensionOrganizationType", "TILED_FULL")) == "TILED_SPARSE":
         inst.sparse_frames = _sparse_positions(ds)
     if inst.syntax in UNCOMPRESSED:
         frame_bytes = inst.tile_w * inst.tile_h * 3
-        inst.frame_ranges = [(pos + 12 + i * frame_bytes, pos + 12 + (i + 1) * frame_bytes)
-                             for i in range(inst.frame_count)]
+        inst.frame_ranges = [
+            (pos + 12 + i * frame_bytes, pos + 12 + (i + 1) * frame_bytes) for i in range(inst.frame_count)
+        ]
     else:
         inst.frame_ranges = _frame_ranges(inst, head, pos)
     return inst
@@ -426,7 +470,9 @@ class DicomWsiBackend:
         self.level_downsamples = tuple((base.width / i.width + base.height / i.height) / 2 for i in levels)
         self.properties = _properties(base)
 
-    def read_level(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
+    def read_level(
+        self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None
+    ) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` of ``level`` pixels from ``(lx, ly)``; pixels outside the
         level are white. The frames are fetched in one batch of ranges; ``cache`` (any dict, shared
         across calls) keeps decoded frames."""
@@ -451,8 +497,11 @@ class DicomWsiBackend:
 def _properties(base: Instance) -> dict[str, str]:
     """OpenSlide-style properties of a series from its level-0 instance."""
     ds = base.dataset
-    props = {"openslide.vendor": "dicom", "dicom.TransferSyntaxUID": base.syntax,
-             "dicom.PhotometricInterpretation": base.photometric}
+    props = {
+        "openslide.vendor": "dicom",
+        "dicom.TransferSyntaxUID": base.syntax,
+        "dicom.PhotometricInterpretation": base.photometric,
+    }
     if base.spacing_mm is not None:  # else µm/px only from the manifest (mpp_missing without it)
         props["openslide.mpp-x"] = repr(base.spacing_mm[1] * 1000.0)
         props["openslide.mpp-y"] = repr(base.spacing_mm[0] * 1000.0)
@@ -475,8 +524,11 @@ def open_dicom_series(uri: str, storage_options: dict | None = None) -> DicomWsi
         raise DicomWsiError(f"{uri}: no DICOM instances under this prefix")
     stats = FetchStats()
     heads = fetch_ranges(fs, [(e["name"], 0, min(HEAD_BYTES, e["size"])) for e in entries], stats)
-    levels = [inst for e, head in zip(entries, heads)
-              if head[128:132] == b"DICM" and (inst := _instance(fs, e["name"], e["size"], head, stats)) is not None]
+    levels = [
+        inst
+        for e, head in zip(entries, heads)
+        if head[128:132] == b"DICM" and (inst := _instance(fs, e["name"], e["size"], head, stats)) is not None
+    ]
     if not levels:
         raise DicomWsiError(f"{uri}: no VOLUME (pyramid level) instance of a whole-slide image")
     series = {str(i.dataset.SeriesInstanceUID) for i in levels}

@@ -32,8 +32,17 @@ class SlideFacts:
     def of(cls, slide: Any) -> SlideFacts:
         """The facts of an open :class:`pathray.wsi.slide.Slide`."""
         width, height = slide.dimensions
-        return cls(slide.uri, int(width), int(height), float(slide.mpp), slide.mpp_source, slide.vendor, slide.etag,
-                   slide.size_bytes, len(slide.level_dimensions))
+        return cls(
+            slide.uri,
+            int(width),
+            int(height),
+            float(slide.mpp),
+            slide.mpp_source,
+            slide.vendor,
+            slide.etag,
+            slide.size_bytes,
+            len(slide.level_dimensions),
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -59,8 +59,9 @@ class FetchStats:
 STATS = FetchStats()
 
 
-def coalesce(ranges: Sequence[tuple[int, int]], gap_bytes: int = DEFAULT_GAP_BYTES,
-             max_span_bytes: int = MAX_SPAN_BYTES) -> list[tuple[int, int]]:
+def coalesce(
+    ranges: Sequence[tuple[int, int]], gap_bytes: int = DEFAULT_GAP_BYTES, max_span_bytes: int = MAX_SPAN_BYTES
+) -> list[tuple[int, int]]:
     """Merge ``(offset, length)`` ranges into sorted ``(start, end)`` spans (end exclusive).
 
     Two ranges share a span when the hole between them is at most ``gap_bytes`` and the
@@ -76,8 +77,13 @@ def coalesce(ranges: Sequence[tuple[int, int]], gap_bytes: int = DEFAULT_GAP_BYT
     return [(s, e) for s, e in spans]
 
 
-def fetch_ranges(fs: Any, path: str, ranges: Sequence[tuple[int, int]], gap_bytes: int = DEFAULT_GAP_BYTES,
-                 stats: FetchStats | None = None) -> list[bytes]:
+def fetch_ranges(
+    fs: Any,
+    path: str,
+    ranges: Sequence[tuple[int, int]],
+    gap_bytes: int = DEFAULT_GAP_BYTES,
+    stats: FetchStats | None = None,
+) -> list[bytes]:
     """Bytes of each ``(offset, length)`` range of the object at ``path``, in input order.
 
     ``fs`` is an fsspec filesystem (s3fs fetches the merged spans concurrently). Zero-length
@@ -90,8 +96,13 @@ def fetch_ranges(fs: Any, path: str, ranges: Sequence[tuple[int, int]], gap_byte
     return _cut(path, ranges, spans, blobs)
 
 
-def fetch_spans(fs: Any, path: str, ranges: Sequence[tuple[int, int]], gap_bytes: int = DEFAULT_GAP_BYTES,
-                stats: FetchStats | None = None) -> tuple[list[tuple[int, int]], list[bytes]]:
+def fetch_spans(
+    fs: Any,
+    path: str,
+    ranges: Sequence[tuple[int, int]],
+    gap_bytes: int = DEFAULT_GAP_BYTES,
+    stats: FetchStats | None = None,
+) -> tuple[list[tuple[int, int]], list[bytes]]:
     """The coalesced ``(start, end)`` spans covering ``ranges`` and their bytes (a span may be
     shorter than asked at the object's end)."""
     spans = coalesce(ranges, gap_bytes)
@@ -120,9 +131,11 @@ def _cut(path: str, ranges: Sequence[tuple[int, int]], spans: list[tuple[int, in
             continue
         i = bisect.bisect_right(starts, offset) - 1
         lo = offset - spans[i][0]
-        piece = bytes(blobs[i][lo:lo + length])
+        piece = bytes(blobs[i][lo : lo + length])
         if len(piece) != length:
-            raise SlideUnreadableError(f"{path}: object is truncated: bytes {offset}..{offset + length} lie past its end")
+            raise SlideUnreadableError(
+                f"{path}: object is truncated: bytes {offset}..{offset + length} lie past its end"
+            )
         out.append(piece)
     return out
 
@@ -141,8 +154,9 @@ def storage_error(path: str, exc: BaseException) -> Exception:
     if "timeout" in detail.lower() or "timed out" in detail.lower():
         return StorageTimeoutError(f"{path}: storage request timed out after retries: {detail}")
     if is_unavailable(exc):
-        return StorageUnavailableError(f"{path}: storage unavailable (throttled, server error or unreachable) "
-                                       f"after retries: {detail}")
+        return StorageUnavailableError(
+            f"{path}: storage unavailable (throttled, server error or unreachable) after retries: {detail}"
+        )
     return SlideUnreadableError(f"{path}: read failed: {detail}")
 
 
@@ -161,8 +175,14 @@ class RecentRanges:
     thread); the network fetch runs outside the lock. Missing ranges are coalesced with
     ``gap_bytes`` and credited to ``stats`` (default :data:`STATS`)."""
 
-    def __init__(self, fs: Any, path: str, max_bytes: int = RECENT_RANGE_BYTES, stats: FetchStats | None = None,
-                 gap_bytes: int = DEFAULT_GAP_BYTES):
+    def __init__(
+        self,
+        fs: Any,
+        path: str,
+        max_bytes: int = RECENT_RANGE_BYTES,
+        stats: FetchStats | None = None,
+        gap_bytes: int = DEFAULT_GAP_BYTES,
+    ):
         from collections import OrderedDict
 
         self.fs, self.path, self.max_bytes, self.stats, self.gap_bytes = fs, path, max_bytes, stats, gap_bytes
@@ -193,7 +213,7 @@ class RecentRanges:
         for (start, end), blob in self._spans.items():
             if start <= offset and offset + length <= start + len(blob):
                 self._spans.move_to_end((start, end))
-                return bytes(blob[offset - start:offset - start + length])
+                return bytes(blob[offset - start : offset - start + length])
         return None
 
     def _remember(self, span: tuple[int, int], blob: bytes) -> None:

@@ -154,8 +154,10 @@ class Scratch:
             if os.path.isdir(os.path.join(self.root, other)) and self._evict(other):
                 free += other_size
         if free < size:
-            raise StagingError(f"staging {uri} needs {size} bytes; the node cache {self.root} has {max(free, 0)} "
-                               f"of {self.max_bytes} bytes free (the rest is held by slides in use)")
+            raise StagingError(
+                f"staging {uri} needs {size} bytes; the node cache {self.root} has {max(free, 0)} "
+                f"of {self.max_bytes} bytes free (the rest is held by slides in use)"
+            )
         with open(self._path(key, ".json"), "w") as fh:
             json.dump({"uri": uri, "size": size}, fh)
 
@@ -261,6 +263,7 @@ def _remove(path: str) -> None:
     except FileNotFoundError:
         pass
 
+
 def _plan(fs: Any, path: str, uri: str) -> tuple[list[tuple[str, str, int]], str, str | None]:
     """Return ``([(remote_path, relative_local_path, size)], main_relative_path, etag)``."""
     path = path.rstrip("/") if uri.endswith("/") else path
@@ -281,9 +284,16 @@ def _plan(fs: Any, path: str, uri: str) -> tuple[list[tuple[str, str, int]], str
     lower = name.lower()
     if lower.endswith(".mrxs"):
         data_dir = f"{parent}/{name[: -len('.mrxs')]}"
-        files += [(p, os.path.join(name[: -len(".mrxs")], os.path.relpath(p, data_dir)), s) for p, s in _list_prefix(fs, data_dir)]
+        files += [
+            (p, os.path.join(name[: -len(".mrxs")], os.path.relpath(p, data_dir)), s)
+            for p, s in _list_prefix(fs, data_dir)
+        ]
     elif lower.endswith(".dcm"):
-        files += [(p, os.path.relpath(p, parent), s) for p, s in _list_prefix(fs, parent) if p != path and "/" not in os.path.relpath(p, parent)]
+        files += [
+            (p, os.path.relpath(p, parent), s)
+            for p, s in _list_prefix(fs, parent)
+            if p != path and "/" not in os.path.relpath(p, parent)
+        ]
     return files, name, etag
 
 

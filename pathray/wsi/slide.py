@@ -61,7 +61,9 @@ class SlideBackend(Protocol):
     level_downsamples: tuple[float, ...]
     properties: dict[str, str]  # OpenSlide-style names where they exist
 
-    def read_level(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
+    def read_level(
+        self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None
+    ) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` of ``level`` at level px ``(lx, ly)``; outside = white."""
         ...
 
@@ -102,7 +104,9 @@ class OpenSlideBackend:
     def caches_tiles(self, level: int) -> bool:
         return self._levels[level] is not None
 
-    def read_level(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
+    def read_level(
+        self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None
+    ) -> np.ndarray:
         """Direct TIFF tile decoding where available, else OpenSlide at level-0 ``round(l * downsample)``."""
         tiled = self._levels[level]
         if tiled is not None:
@@ -141,9 +145,18 @@ class Slide:
     OpenSlide opened, or ``None`` when the slide is read remotely by range.
     """
 
-    def __init__(self, uri: str, backend: SlideBackend, mpp: float, mpp_source: str, etag: str | None,
-                 size_bytes: int | None, local_path: str | None = None, staged: StagedSlide | None = None,
-                 own_scratch: Scratch | None = None):
+    def __init__(
+        self,
+        uri: str,
+        backend: SlideBackend,
+        mpp: float,
+        mpp_source: str,
+        etag: str | None,
+        size_bytes: int | None,
+        local_path: str | None = None,
+        staged: StagedSlide | None = None,
+        own_scratch: Scratch | None = None,
+    ):
         self.uri = uri
         self.backend = backend
         self.mpp = mpp
@@ -261,8 +274,14 @@ def open_slide(
     """
     if _is_series_prefix(uri):
         backend = _open_dicom(uri, storage_options)
-        return _finish(uri, lambda: backend, mpp_override, backend.properties.get("dicom.SeriesInstanceUID"),
-                       backend.series_bytes, None)
+        return _finish(
+            uri,
+            lambda: backend,
+            mpp_override,
+            backend.properties.get("dicom.SeriesInstanceUID"),
+            backend.series_bytes,
+            None,
+        )
     if not is_remote(uri):
         _, local_path = split_uri(uri)
         if not os.path.exists(local_path):
@@ -280,8 +299,16 @@ def open_slide(
         if own_scratch is not None:
             own_scratch.close()
         raise
-    return _finish(uri, lambda: OpenSlideBackend(uri, staged.local_path), mpp_override, staged.etag,
-                   staged.size_bytes, staged.local_path, staged, own_scratch)
+    return _finish(
+        uri,
+        lambda: OpenSlideBackend(uri, staged.local_path),
+        mpp_override,
+        staged.etag,
+        staged.size_bytes,
+        staged.local_path,
+        staged,
+        own_scratch,
+    )
 
 
 def _is_series_prefix(uri: str) -> bool:
@@ -324,8 +351,16 @@ def _open_range(uri: str, storage_options: dict[str, Any] | None) -> tuple[Slide
     return None if backend is None else (backend, etag.strip('"') if isinstance(etag, str) else None, size)
 
 
-def _finish(uri: str, make_backend: Any, mpp_override: float | None, etag: str | None, size: int | None,
-            local_path: str | None, staged: StagedSlide | None = None, own_scratch: Scratch | None = None) -> Slide:
+def _finish(
+    uri: str,
+    make_backend: Any,
+    mpp_override: float | None,
+    etag: str | None,
+    size: int | None,
+    local_path: str | None,
+    staged: StagedSlide | None = None,
+    own_scratch: Scratch | None = None,
+) -> Slide:
     """Build the backend, resolve µm/px, probe; on any failure release what was taken."""
     backend = None
     try:
@@ -362,7 +397,9 @@ def resolve_mpp(properties: dict[str, str], override: float | None = None) -> tu
         )
     (mpp_x, mpp_y), source = found
     if abs(mpp_x - mpp_y) > 0.01 * max(mpp_x, mpp_y):
-        raise MppImplausibleError(f"non-square pixels ({mpp_x:g} x {mpp_y:g} µm/px from {source}); set the manifest's 'mpp' column")
+        raise MppImplausibleError(
+            f"non-square pixels ({mpp_x:g} x {mpp_y:g} µm/px from {source}); set the manifest's 'mpp' column"
+        )
     _check_plausible(mpp_x, source)
     return mpp_x, source
 
@@ -451,7 +488,9 @@ def _direct_levels(path: str, level_dimensions: Sequence[tuple[int, int]]) -> li
     try:
         with tifffile.TiffFile(path) as tif:
             pages = [p for p in tif.pages if usable(p)]
-            return [next((TiledLevel.from_page(p) for p in pages if (p.imagewidth, p.imagelength) == tuple(dims)), None)
-                    for dims in level_dimensions]
+            return [
+                next((TiledLevel.from_page(p) for p in pages if (p.imagewidth, p.imagelength) == tuple(dims)), None)
+                for dims in level_dimensions
+            ]
     except Exception:  # noqa: BLE001  (no fast path: OpenSlide reads every level)
         return [None] * len(level_dimensions)

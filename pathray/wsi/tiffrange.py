@@ -27,8 +27,17 @@ from pathray.wsi.rangeio import RecentRanges, fetch_ranges, storage_error
 from pathray.wsi.tifftiles import BlockLoader, TiledLevel, Window, read_window, usable
 
 HEADER_WINDOW_BYTES = 16 * 1024  # least bytes fetched per header read that misses the cached windows
-_STRING_TAGS = {270: "ImageDescription", 271: "Make", 272: "Model", 305: "Software", 306: "DateTime",
-                315: "Artist", 316: "HostComputer", 33432: "Copyright", 269: "DocumentName"}
+_STRING_TAGS = {
+    270: "ImageDescription",
+    271: "Make",
+    272: "Model",
+    305: "Software",
+    306: "DateTime",
+    315: "Artist",
+    316: "HostComputer",
+    33432: "Copyright",
+    269: "DocumentName",
+}
 _FLOAT_TAGS = {282: "XResolution", 283: "YResolution", 286: "XPosition", 287: "YPosition"}
 _RESOLUTION_UNITS = {1: "none", 2: "inch", 3: "centimeter"}
 _OTHER_VENDOR_TAGS = (65420, 700)  # Hamamatsu NDPI marker, XMP (Ventana)
@@ -72,7 +81,9 @@ class TiffRangeBackend:
             raise SlideUnreadableError(f"{path}: object is truncated: tiles reach byte {end}, object has {size_bytes}")
         return cls(fs, path, vendor, levels, properties)
 
-    def read_level(self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None) -> np.ndarray:
+    def read_level(
+        self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None
+    ) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` of ``level`` at level px ``(lx, ly)``; outside = white."""
         return read_window(self.levels[level], level, (lx, ly, width, height), cache, self._fetch)
 
@@ -130,7 +141,7 @@ class HeaderReader(io.RawIOBase):
             window = (self.pos, self.fetch([(self.pos, length)])[0])
             self.windows.append(window)
         start, data = window
-        buffer[:n] = data[self.pos - start:self.pos - start + n]
+        buffer[:n] = data[self.pos - start : self.pos - start + n]
         self.pos += n
         return n
 

@@ -61,9 +61,16 @@ class TiledLevel:
         from tifffile.tifffile import jpeg_decode_colorspace
 
         spaces = jpeg_decode_colorspace(page.photometric, page.planarconfig, page.extrasamples, page.is_jfif)
-        return cls(int(page.imagewidth), int(page.imagelength), int(page.tilewidth), int(page.tilelength),
-                   np.asarray(page.dataoffsets, dtype=np.int64), np.asarray(page.databytecounts, dtype=np.int64),
-                   page.jpegtables, spaces)
+        return cls(
+            int(page.imagewidth),
+            int(page.imagelength),
+            int(page.tilewidth),
+            int(page.tilelength),
+            np.asarray(page.dataoffsets, dtype=np.int64),
+            np.asarray(page.databytecounts, dtype=np.int64),
+            page.jpegtables,
+            spaces,
+        )
 
     @property
     def columns(self) -> int:
@@ -84,8 +91,11 @@ class TiledLevel:
         if x1 <= x0 or y1 <= y0:
             return []
         tw, th = self.tile_width, self.tile_height
-        return [ty * self.columns + tx for ty in range(y0 // th, (y1 - 1) // th + 1)
-                for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
+        return [
+            ty * self.columns + tx
+            for ty in range(y0 // th, (y1 - 1) // th + 1)
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1)
+        ]
 
     def decode_tile(self, data: bytes, index: int, out: np.ndarray | None = None) -> np.ndarray:
         """``(tile_height, tile_width, 3)`` uint8 of tile ``index`` (imagecodecs' libjpeg-turbo, as
@@ -95,8 +105,9 @@ class TiledLevel:
 
         out = decode_buffer((self.tile_height, self.tile_width, 3)) if out is None else out
         try:
-            return imagecodecs.jpeg_decode(data, tables=self.jpegtables, colorspace=self.colorspaces[0],
-                                           outcolorspace=self.colorspaces[1], out=out)
+            return imagecodecs.jpeg_decode(
+                data, tables=self.jpegtables, colorspace=self.colorspaces[0], outcolorspace=self.colorspaces[1], out=out
+            )
         except Exception as exc:  # corrupt data, or a tile of another size or colour layout
             raise SlideUnreadableError(f"tile {index} cannot be decoded: {type(exc).__name__}: {exc}") from exc
 
@@ -112,7 +123,7 @@ def decode_buffer(shape: tuple[int, ...]) -> np.ndarray:
     size = int(np.prod(shape))
     raw = np.empty(size + 32, np.uint8)
     start = (DECODE_OFFSET - raw.ctypes.data) % 32
-    return raw[start:start + size].reshape(shape)
+    return raw[start : start + size].reshape(shape)
 
 
 def load_tiles(level: TiledLevel, key: int, indices: Iterable[int], cache: dict, fetch: Fetch) -> None:
@@ -143,7 +154,7 @@ class Block:
         """A view of the window at level px ``(lx, ly)`` (``width // scale`` pixels wide); it must be
         one of the group's windows."""
         s, x, y = self.scale, (lx - self.x0) // self.scale, (ly - self.y0) // self.scale
-        return self.pixels[y:y + height // s, x:x + width // s]
+        return self.pixels[y : y + height // s, x : x + width // s]
 
 
 class BlockLoader:
@@ -181,8 +192,9 @@ class BlockLoader:
         level, indices = self.level, self.first[k]
         return dict(zip(indices, self._fetch([(int(level.offsets[i]), int(level.counts[i])) for i in indices])))
 
-    def load(self, k: int, blobs: dict[int, bytes] | None = None,
-             halve: Callable[[np.ndarray], np.ndarray] | None = None) -> Block:
+    def load(
+        self, k: int, blobs: dict[int, bytes] | None = None, halve: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> Block:
         """Group ``k`` as one :class:`Block`; ``blobs`` = ``fetch(k)`` if fetched ahead.
 
         Each stored tile is copied (the part the group's windows use) right after it is decoded.
@@ -208,8 +220,13 @@ class BlockLoader:
         """True when group ``k``'s windows all lie inside the level at even positions with even
         sizes and the stored tiles have even sizes (so :meth:`load` may halve tile by tile)."""
         level = self.level
-        return level.tile_width % 2 == 0 and level.tile_height % 2 == 0 and all(
-            (lx | ly | w | h) % 2 == 0 and not _sticks_out(level, lx, ly, w, h) for lx, ly, w, h in self.groups[k])
+        return (
+            level.tile_width % 2 == 0
+            and level.tile_height % 2 == 0
+            and all(
+                (lx | ly | w | h) % 2 == 0 and not _sticks_out(level, lx, ly, w, h) for lx, ly, w, h in self.groups[k]
+            )
+        )
 
     def load_into(self, k: int, outs: Sequence[np.ndarray], blobs: dict[int, bytes] | None = None) -> None:
         """Write group ``k``'s windows into ``outs`` (one ``(height, width, 3)`` array per window,
@@ -230,8 +247,16 @@ class BlockLoader:
         blobs = self.fetch(k) if blobs is None else blobs
         for index in self.extents[k]:
             keep = index not in self.release[k]
-            tile = self.decoded.pop(index) if index in self.decoded else (  # a tile not kept reuses self.scratch
-                self.level.decode_tile(blobs[index], index, None if keep else self.scratch) if index in blobs else None)
+            tile = (
+                self.decoded.pop(index)
+                if index in self.decoded
+                # a tile not kept reuses self.scratch
+                else (
+                    self.level.decode_tile(blobs[index], index, None if keep else self.scratch)
+                    if index in blobs
+                    else None
+                )
+            )
             yield index, tile  # used before the next one is decoded
             if tile is not None and keep:
                 self.decoded[index] = tile
@@ -252,28 +277,41 @@ def _sticks_out(level: TiledLevel, lx: int, ly: int, width: int, height: int) ->
     return level.clip(lx, ly, width, height) != (lx, ly, lx + width, ly + height)
 
 
-def _paste(level: TiledLevel, index: int, tile: np.ndarray | None, target: np.ndarray, origin: tuple[int, int],
-           area: Sequence[int]) -> None:
+def _paste(
+    level: TiledLevel,
+    index: int,
+    tile: np.ndarray | None,
+    target: np.ndarray,
+    origin: tuple[int, int],
+    area: Sequence[int],
+) -> None:
     """Copy stored tile ``index`` (``None``: sparse, white) into ``target`` (whose pixel (0, 0) is level
     px ``origin``) where it overlaps ``area`` = ``(x0, y0, x1, y1)`` level px (within the level)."""
     tw, th = level.tile_width, level.tile_height
     ty, tx = divmod(index, level.columns)
     ax0, ay0, ax1, ay1 = level.clip(tx * tw, ty * th, tw, th)  # the stored tile inside the level
     ax0, ay0, ax1, ay1 = max(ax0, area[0]), max(ay0, area[1]), min(ax1, area[2]), min(ay1, area[3])
-    part = target[ay0 - origin[1]:ay1 - origin[1], ax0 - origin[0]:ax1 - origin[0]]
-    part[...] = 255 if tile is None else tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
+    part = target[ay0 - origin[1] : ay1 - origin[1], ax0 - origin[0] : ax1 - origin[0]]
+    part[...] = 255 if tile is None else tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
 
 
-def _paste_halved(level: TiledLevel, index: int, tile: np.ndarray | None, target: np.ndarray,
-                  origin: tuple[int, int], area: Sequence[int], halve: Callable[[np.ndarray], np.ndarray]) -> None:
+def _paste_halved(
+    level: TiledLevel,
+    index: int,
+    tile: np.ndarray | None,
+    target: np.ndarray,
+    origin: tuple[int, int],
+    area: Sequence[int],
+    halve: Callable[[np.ndarray], np.ndarray],
+) -> None:
     """:func:`_paste` at half resolution: the part of stored tile ``index`` inside ``area`` (even
     level px bounds, inside the level), halved, into ``target`` (pixel (0, 0) = level px ``origin``)."""
     tw, th = level.tile_width, level.tile_height
     ty, tx = divmod(index, level.columns)
     ax0, ay0 = max(tx * tw, area[0]), max(ty * th, area[1])
     ax1, ay1 = min((tx + 1) * tw, area[2]), min((ty + 1) * th, area[3])
-    part = target[(ay0 - origin[1]) // 2:(ay1 - origin[1]) // 2, (ax0 - origin[0]) // 2:(ax1 - origin[0]) // 2]
-    part[...] = 255 if tile is None else halve(tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw])
+    part = target[(ay0 - origin[1]) // 2 : (ay1 - origin[1]) // 2, (ax0 - origin[0]) // 2 : (ax1 - origin[0]) // 2]
+    part[...] = 255 if tile is None else halve(tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw])
 
 
 def _extents(level: TiledLevel, windows: Sequence[Window]) -> dict[int, list[int]]:
@@ -312,10 +350,10 @@ def read_window(level: TiledLevel, key: int, window: Window, cache: dict | None,
         ty, tx = divmod(index, level.columns)
         ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)  # this tile's part of the window, level px
         ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
-        target = out[ay0 - ly:ay1 - ly, ax0 - lx:ax1 - lx]
+        target = out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx]
         tile = cache.get((key, index))
         if tile is None:  # sparse tile: transparent in OpenSlide, white here
             target[...] = 255
         else:
-            target[...] = tile[ay0 - ty * th:ay1 - ty * th, ax0 - tx * tw:ax1 - tx * tw, :3]
+            target[...] = tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
     return out

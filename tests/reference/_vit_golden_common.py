@@ -21,10 +21,12 @@ TILE_SOURCE = "CMU-1-Small-Region.svs level 0 read_region((x, y), 0, (side, side
 
 def export_mirror(mirror: Path, paths: list[str], dest: Path) -> str:
     """``git archive`` ``paths`` of the bare mirror's HEAD into ``dest``; returns the commit."""
-    commit = subprocess.run(["git", "--git-dir", str(mirror), "rev-parse", "HEAD"], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    archive = subprocess.run(["git", "--git-dir", str(mirror), "archive", "HEAD", *paths], check=True,
-                             capture_output=True).stdout
+    commit = subprocess.run(
+        ["git", "--git-dir", str(mirror), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "--git-dir", str(mirror), "archive", "HEAD", *paths], check=True, capture_output=True
+    ).stdout
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return commit

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official import DATA, extract, stub_module, tile_embeddings  # noqa: E402
 
-from pathray.slide_encoders.chief import write_random_weights  # noqa: E402
-from pathray.slide_encoders.release import state_sha256  # noqa: E402
+from pathray.slide_level.encoders.chief import write_random_weights  # noqa: E402
+from pathray.slide_level.encoders.release import state_sha256  # noqa: E402
 
 COMMIT = "1abed334e674ad2b6ee0430d1ce7d0b566420bb4"
 WEIGHTS_SEED = 11

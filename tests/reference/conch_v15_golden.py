@@ -77,7 +77,12 @@ def main() -> None:
         with torch.inference_mode():
             emb = model(torch.stack([transform(im) for im in images]))
     np.savez_compressed(
-        OUT, conch_v1_5=emb.numpy(), tiles=rows, weights_sha256=weights_digest(sd), seed=SEED, depth=DEPTH,
+        OUT,
+        conch_v1_5=emb.numpy(),
+        tiles=rows,
+        weights_sha256=weights_digest(sd),
+        seed=SEED,
+        depth=DEPTH,
         official=f"github:clemsgrs/unicorn_baseline@{commit}:{TITAN_DIR}/conch_v1_5.py",
         tile_source="CMU-1-Small-Region.svs level 0 read_region((x, y), 0, (side, side)), RGB",
         tile_pixels_sha256=hashlib.sha256(b"".join(np.asarray(im).tobytes() for im in images)).hexdigest(),

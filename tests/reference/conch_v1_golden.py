@@ -36,8 +36,14 @@ TILE_ORIGINS = ((1024, 768), (896, 1536))
 TILE_SIDES = (448, 512)
 OUT = Path(__file__).resolve().parents[1] / "data" / "conch_v1_golden.npz"
 #: parts of the official CoCa model that the vision embedding does not use / the release lacks
-NOT_VISION = ("text.", "text_decoder.", "logit_scale", "visual.proj_contrast", "visual.attn_pool_caption.",
-              "visual.ln_caption.")
+NOT_VISION = (
+    "text.",
+    "text_decoder.",
+    "logit_scale",
+    "visual.proj_contrast",
+    "visual.attn_pool_caption.",
+    "visual.ln_caption.",
+)
 
 
 def weights_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -53,10 +59,12 @@ def weights_digest(sd: dict[str, torch.Tensor]) -> str:
 
 def export_mirror(mirror: Path, path: str, dest: Path) -> str:
     """``git archive`` ``path`` of the mirror's HEAD into ``dest``; returns the commit."""
-    commit = subprocess.run(["git", "--git-dir", str(mirror), "rev-parse", "HEAD"], check=True, capture_output=True,
-                            text=True).stdout.strip()
-    archive = subprocess.run(["git", "--git-dir", str(mirror), "archive", "HEAD", path], check=True,
-                             capture_output=True).stdout
+    commit = subprocess.run(
+        ["git", "--git-dir", str(mirror), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "--git-dir", str(mirror), "archive", "HEAD", path], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return commit
 
@@ -110,8 +118,13 @@ def main() -> None:
         with torch.inference_mode():
             emb = model.encode_image(batch, proj_contrast=False, normalize=False)
     np.savez_compressed(
-        OUT, conch_v1=emb.numpy(), tiles=rows, weights_sha256=sha,
-        seed=SEED, depth=DEPTH, official=f"github:mahmoodlab/CONCH@{commit}",
+        OUT,
+        conch_v1=emb.numpy(),
+        tiles=rows,
+        weights_sha256=sha,
+        seed=SEED,
+        depth=DEPTH,
+        official=f"github:mahmoodlab/CONCH@{commit}",
         tile_source="CMU-1-Small-Region.svs level 0 read_region((x, y), 0, (side, side)), RGB",
         tile_pixels_sha256=hashlib.sha256(b"".join(np.asarray(im).tobytes() for im in images)).hexdigest(),
     )

@@ -49,10 +49,13 @@ def child(work: Path) -> None:
     td = torch.load(work / "ctranspath.pth", weights_only=True)
     model.load_state_dict(td["model"], strict=True)
     model.eval()
-    trnsfrms_val = transforms.Compose([
-        transforms.Resize(224), transforms.ToTensor(),
-        transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    ])
+    trnsfrms_val = transforms.Compose(
+        [
+            transforms.Resize(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
     tiles = np.load(work / "tiles.npy")
     for px in (224, 256):
         batch = torch.stack([trnsfrms_val(Image.fromarray(np.ascontiguousarray(t[:px, :px]))) for t in tiles])
@@ -76,11 +79,15 @@ def parent(official: str, timm_ctp: str) -> None:
         commit = extract_from_mirror(official, ["ctran.py"], work / "official")
         run_child(__file__, work, [timm_ctp])
         out = save_golden(
-            MODEL, ctranspath_emb_224=np.load(work / "emb_224.npy"), ctranspath_emb_256=np.load(work / "emb_256.npy"),
+            MODEL,
+            ctranspath_emb_224=np.load(work / "emb_224.npy"),
+            ctranspath_emb_256=np.load(work / "emb_256.npy"),
             seed=SEED,
-            weights_sha256=tensors_sha256(wdir / "model.safetensors"), tile_origins_level0=np.array(origins),
+            weights_sha256=tensors_sha256(wdir / "model.safetensors"),
+            tile_origins_level0=np.array(origins),
             tile_source="CMU-1-Small-Region.svs level 0, tests/fixtures/weights.py HE_TILE_ORIGINS[:4]",
-            official=f"github.com/Xiyue-Wang/TransPath@{commit} ctran.py + timm-ctp 0.5.4")
+            official=f"github.com/Xiyue-Wang/TransPath@{commit} ctran.py + timm-ctp 0.5.4",
+        )
     print(f"wrote {out}")
 
 

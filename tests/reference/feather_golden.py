@@ -25,14 +25,19 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official import DATA, extract, tile_embeddings  # noqa: E402
 
-from pathray.slide_encoders.feather import write_random_weights  # noqa: E402
-from pathray.slide_encoders.release import state_sha256  # noqa: E402
+from pathray.slide_level.encoders.feather import write_random_weights  # noqa: E402
+from pathray.slide_level.encoders.release import state_sha256  # noqa: E402
 
 COMMIT = "dfc3c17ca6876a8f9bd33a9162c40f2c22631d9d"
 WEIGHTS_SEED = 13
 CASES = {"one": (301, 1), "few": (302, 5), "mid": (303, 257), "long": (304, 20_000)}
-FILES = ["src/__init__.py", "src/models/__init__.py", "src/models/abmil.py", "src/models/mil_template.py",
-         "src/models/layers.py"]
+FILES = [
+    "src/__init__.py",
+    "src/models/__init__.py",
+    "src/models/abmil.py",
+    "src/models/mil_template.py",
+    "src/models/layers.py",
+]
 
 
 def main() -> None:

@@ -60,11 +60,15 @@ def parent(official: str) -> None:
         commit = extract_from_mirror(official, ["genbio_pathfm/model.py"], work / "official")
         run_child(__file__, work, [])
         out = save_golden(
-            "genbio_pathfm", **{f"genbio-pathfm_emb_{px}": np.load(work / f"emb_{px}.npy") for px in (224, 256)},
-            seed=SEED, depth=DEPTH, weights_sha256=tensors_sha256(wdir / "model.safetensors"),
+            "genbio_pathfm",
+            **{f"genbio-pathfm_emb_{px}": np.load(work / f"emb_{px}.npy") for px in (224, 256)},
+            seed=SEED,
+            depth=DEPTH,
+            weights_sha256=tensors_sha256(wdir / "model.safetensors"),
             tile_origins_level0=np.array(origins),
             tile_source=f"CMU-1-Small-Region.svs level 0, tests/fixtures/weights.py HE_TILE_ORIGINS[:{N_TILES}]",
-            official=f"github.com/genbio-ai/genbio-pathfm@{commit} genbio_pathfm/model.py")
+            official=f"github.com/genbio-ai/genbio-pathfm@{commit} genbio_pathfm/model.py",
+        )
     print(f"wrote {out}")
 
 

@@ -50,8 +50,12 @@ def extract_from_mirror(git_dir: str, paths: list[str], out: Path) -> str:
 def run_child(script: str, workdir: Path, pythonpath: list[str]) -> None:
     """Run ``script --child workdir`` with only ``pythonpath`` (plus the venv's site-packages) importable."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-W", "ignore", script, "--child", str(workdir)], env=env, check=True,
-                   cwd=tempfile.gettempdir())
+    subprocess.run(
+        [sys.executable, "-W", "ignore", script, "--child", str(workdir)],
+        env=env,
+        check=True,
+        cwd=tempfile.gettempdir(),
+    )
 
 
 def tensors_sha256(weights_file: str | os.PathLike) -> str:

@@ -67,9 +67,15 @@ def main() -> None:
         from models.dinov2.layers import NestedTensorBlock as Block
 
         def vit_large_reduced(patch_size=16, **kwargs):  # official vit_large with depth=DEPTH
-            return vits.DinoVisionTransformer(patch_size=patch_size, embed_dim=1024, depth=DEPTH, num_heads=16,
-                                              mlp_ratio=4, block_fn=partial(Block, attn_class=MemEffAttention),
-                                              **kwargs)
+            return vits.DinoVisionTransformer(
+                patch_size=patch_size,
+                embed_dim=1024,
+                depth=DEPTH,
+                num_heads=16,
+                mlp_ratio=4,
+                block_fn=partial(Block, attn_class=MemEffAttention),
+                **kwargs,
+            )
 
         vits.vit_large = vit_large_reduced
         wdir = write_random_weights("gpfm", tmp / "weights", seed=SEED, depth=DEPTH)
@@ -80,8 +86,16 @@ def main() -> None:
         images, rows = read_tiles()
         with torch.inference_mode():
             emb = model(torch.stack([transform(im) for im in images]))
-    out = save_golden("gpfm", images, rows, gpfm=emb.numpy(), weights_sha256=weights_sha256(sd), seed=SEED,
-                      depth=DEPTH, official=f"github:birkhoffkiki/GPFM@{commit}")
+    out = save_golden(
+        "gpfm",
+        images,
+        rows,
+        gpfm=emb.numpy(),
+        weights_sha256=weights_sha256(sd),
+        seed=SEED,
+        depth=DEPTH,
+        official=f"github:birkhoffkiki/GPFM@{commit}",
+    )
     print(f"wrote {out}: {tuple(emb.shape)}, GPFM@{commit[:12]}")
 
 

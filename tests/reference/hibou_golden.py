@@ -44,8 +44,9 @@ def official_package(repo: Path, work: Path) -> Path:
     """The ``hibou`` package of the official repository, as files under ``work``."""
     if (repo / "hibou").is_dir():
         return repo
-    archive = subprocess.run(["git", "-C", str(repo), "archive", "HEAD", "hibou"], check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", "HEAD", "hibou"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     return work
 
@@ -67,28 +68,53 @@ def official_model(vt, arch: str, depth: int) -> torch.nn.Module:
     from hibou.models.layers import MemEffAttention, NestedTensorBlock
 
     return vt.DinoVisionTransformer(
-        img_size=224, patch_size=14, init_values=1e-5, ffn_layer="swiglufused", block_chunks=0, qkv_bias=True,
-        proj_bias=True, ffn_bias=True, dropout_rate=0.0, attention_dropout_rate=0.0, num_register_tokens=4,
-        interpolate_offset=0, interpolate_antialias=True, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4,
+        img_size=224,
+        patch_size=14,
+        init_values=1e-5,
+        ffn_layer="swiglufused",
+        block_chunks=0,
+        qkv_bias=True,
+        proj_bias=True,
+        ffn_bias=True,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        num_register_tokens=4,
+        interpolate_offset=0,
+        interpolate_antialias=True,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4,
         block_fn=functools.partial(NestedTensorBlock, attn_class=MemEffAttention),
     ).eval()
 
 
 def to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The hub (transformers Dinov2-with-registers) layout in the official DINOv2 names."""
-    out = {"cls_token": sd.pop("embeddings.cls_token"), "register_tokens": sd.pop("embeddings.register_tokens"),
-           "pos_embed": sd.pop("embeddings.position_embeddings"), "mask_token": sd.pop("embeddings.mask_token"),
-           "patch_embed.proj.weight": sd.pop("embeddings.patch_embeddings.projection.weight"),
-           "patch_embed.proj.bias": sd.pop("embeddings.patch_embeddings.projection.bias"),
-           "norm.weight": sd.pop("layernorm.weight"), "norm.bias": sd.pop("layernorm.bias")}
+    out = {
+        "cls_token": sd.pop("embeddings.cls_token"),
+        "register_tokens": sd.pop("embeddings.register_tokens"),
+        "pos_embed": sd.pop("embeddings.position_embeddings"),
+        "mask_token": sd.pop("embeddings.mask_token"),
+        "patch_embed.proj.weight": sd.pop("embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": sd.pop("embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": sd.pop("layernorm.weight"),
+        "norm.bias": sd.pop("layernorm.bias"),
+    }
     depth = 1 + max(int(k.split(".")[2]) for k in sd)
     for i in range(depth):
         src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
         for p in ("weight", "bias"):
             out[dst + "attn.qkv." + p] = torch.cat(
-                [sd.pop(f"{src}attention.attention.{n}.{p}") for n in ("query", "key", "value")])
-            for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("attention.output.dense", "attn.proj"),
-                         ("mlp.weights_in", "mlp.w12"), ("mlp.weights_out", "mlp.w3")):
+                [sd.pop(f"{src}attention.attention.{n}.{p}") for n in ("query", "key", "value")]
+            )
+            for a, b in (
+                ("norm1", "norm1"),
+                ("norm2", "norm2"),
+                ("attention.output.dense", "attn.proj"),
+                ("mlp.weights_in", "mlp.w12"),
+                ("mlp.weights_out", "mlp.w3"),
+            ):
                 out[f"{dst}{b}.{p}"] = sd.pop(f"{src}{a}.{p}")
         out[dst + "ls1.gamma"] = sd.pop(src + "layer_scale1.lambda1")
         out[dst + "ls2.gamma"] = sd.pop(src + "layer_scale2.lambda1")
@@ -130,17 +156,23 @@ def golden(model: str, vt, work: Path) -> dict[str, np.ndarray]:
     wfile = wdir / "model.safetensors"
     net = official_model(vt, arch, depth)
     net.load_state_dict(to_official(load_file(str(wfile))), strict=True)
-    tf = transforms.Compose([  # HistAI/hibou example.ipynb
-        transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop((224, 224)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[0.7068, 0.5755, 0.7220], std=[0.1950, 0.2316, 0.1816]),
-    ])
+    tf = transforms.Compose(
+        [  # HistAI/hibou example.ipynb
+            transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop((224, 224)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.7068, 0.5755, 0.7220], std=[0.1950, 0.2316, 0.1816]),
+        ]
+    )
     tiles = he_tiles(n)
-    out = {"weights_sha256": np.array(tensors_sha256(wfile)),
-           "depth": np.array(depth), "seed": np.array(SEED),
-           "tile_source": np.array("CMU-1-Small-Region level 0, tests/fixtures/weights.py HE_TILE_ORIGINS[:n], "
-                                   "top-left crop of tile_px")}
+    out = {
+        "weights_sha256": np.array(tensors_sha256(wfile)),
+        "depth": np.array(depth),
+        "seed": np.array(SEED),
+        "tile_source": np.array(
+            "CMU-1-Small-Region level 0, tests/fixtures/weights.py HE_TILE_ORIGINS[:n], top-left crop of tile_px"
+        ),
+    }
     with torch.inference_mode():
         for px in TILE_PX:
             batch = torch.stack([tf(Image.fromarray(np.ascontiguousarray(t[:px, :px]))) for t in tiles])

@@ -47,12 +47,14 @@ def child(work: Path) -> None:
     assert missing and all(k.startswith("text.") or k == "logit_scale" for k in missing), missing
     assert len(model.visual.blocks) == DEPTH
     model.eval()
-    transform = transforms.Compose([
-        transforms.Resize(size=224, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size=(224, 224)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(size=224, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size=(224, 224)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
     tiles = np.load(work / "tiles.npy")
     for px in (224, 256):
         img_input = torch.stack([transform(Image.fromarray(np.ascontiguousarray(t[:px, :px]))) for t in tiles])
@@ -73,11 +75,16 @@ def parent(official: str) -> None:
         commit = extract_from_mirror(official, ["quick_start/keep_inference.py"], work / "official")
         run_child(__file__, work, [])
         out = save_golden(
-            "keep", keep_emb_224=np.load(work / "emb_224.npy"), keep_emb_256=np.load(work / "emb_256.npy"),
-            seed=SEED, depth=DEPTH, weights_sha256=tensors_sha256(wdir / "model.safetensors"),
+            "keep",
+            keep_emb_224=np.load(work / "emb_224.npy"),
+            keep_emb_256=np.load(work / "emb_256.npy"),
+            seed=SEED,
+            depth=DEPTH,
+            weights_sha256=tensors_sha256(wdir / "model.safetensors"),
             tile_origins_level0=np.array(origins),
             tile_source="CMU-1-Small-Region.svs level 0, tests/fixtures/weights.py HE_TILE_ORIGINS[:4]",
-            official=f"github.com/MAGIC-AI4Med/KEEP@{commit} quick_start/keep_inference.py (KEEPModel)")
+            official=f"github.com/MAGIC-AI4Med/KEEP@{commit} quick_start/keep_inference.py (KEEPModel)",
+        )
     print(f"wrote {out}")
 
 

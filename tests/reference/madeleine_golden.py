@@ -24,14 +24,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official import DATA, extract, tile_embeddings  # noqa: E402
 
-from pathray.slide_encoders.madeleine import write_random_weights  # noqa: E402
-from pathray.slide_encoders.release import state_sha256  # noqa: E402
+from pathray.slide_level.encoders.madeleine import write_random_weights  # noqa: E402
+from pathray.slide_level.encoders.release import state_sha256  # noqa: E402
 
 COMMIT = "419287dc60a57296d959840b893481019c4f0d21"
 WEIGHTS_SEED = 12
 CASES = {"one": (201, 1), "few": (202, 5), "mid": (203, 257), "long": (204, 20_000)}
-FILES = ["madeleine/__init__.py", "madeleine/models/__init__.py", "madeleine/models/Model.py",
-         "madeleine/models/abmil.py"]
+FILES = [
+    "madeleine/__init__.py",
+    "madeleine/models/__init__.py",
+    "madeleine/models/Model.py",
+    "madeleine/models/abmil.py",
+]
 
 
 def main() -> None:

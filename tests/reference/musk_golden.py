@@ -31,8 +31,11 @@ SEED, DEPTH, N_TILES, SIZES = 0, 2, 2, (256, 384)
 
 
 def _missing_ok(key: str) -> bool:
-    return (".B." in key or key.startswith(("beit3.text_embed.", "language_head.", "vision_head."))
-            or key in ("logit_scale", "beit3.vision_embed.mask_token"))
+    return (
+        ".B." in key
+        or key.startswith(("beit3.text_embed.", "language_head.", "vision_head."))
+        or key in ("logit_scale", "beit3.vision_embed.mask_token")
+    )
 
 
 def child(work: Path) -> None:
@@ -54,12 +57,14 @@ def child(work: Path) -> None:
     assert missing and all(_missing_ok(k) for k in missing), [k for k in missing if not _missing_ok(k)]
     utils.load_model_and_may_interpolate(str(work / "weights" / "model.safetensors"), model, "model|module", "")
     model.eval()
-    transform = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(384, interpolation=3, antialias=True),
-        torchvision.transforms.CenterCrop((384, 384)),
-        torchvision.transforms.ToTensor(),
-        torchvision.transforms.Normalize(mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD),
-    ])
+    transform = torchvision.transforms.Compose(
+        [
+            torchvision.transforms.Resize(384, interpolation=3, antialias=True),
+            torchvision.transforms.CenterCrop((384, 384)),
+            torchvision.transforms.ToTensor(),
+            torchvision.transforms.Normalize(mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD),
+        ]
+    )
     for px in SIZES:
         tiles = np.load(work / f"tiles_{px}.npy")
         img_tensor = torch.stack([transform(Image.fromarray(t)) for t in tiles])
@@ -84,10 +89,15 @@ def parent(official: str, deps: str) -> None:
         run_child(__file__, work, [deps])
         embs = {f"{m}_emb_{px}": np.load(work / f"{m}_emb_{px}.npy") for m in ("musk", "musk-cls") for px in SIZES}
         out = save_golden(
-            "musk", **embs, seed=SEED, depth=DEPTH, weights_sha256=tensors_sha256(wdir / "model.safetensors"),
+            "musk",
+            **embs,
+            seed=SEED,
+            depth=DEPTH,
+            weights_sha256=tensors_sha256(wdir / "model.safetensors"),
             tile_origins_level0=np.array(origins),
             tile_source=f"CMU-1-Small-Region.svs level 0, tests/fixtures/weights.py HE_TILE_ORIGINS[:{N_TILES}]",
-            official=f"github.com/lilab-stanford/MUSK@{commit} musk/ + timm 0.9.8 + fairscale 0.4.13")
+            official=f"github.com/lilab-stanford/MUSK@{commit} musk/ + timm 0.9.8 + fairscale 0.4.13",
+        )
     print(f"wrote {out}")
 
 

@@ -25,8 +25,9 @@ def extract(repo: str, commit: str, paths: list[str], dest: Path) -> Path:
     """Write ``paths`` of mirror ``repo`` (``owner+name``) at ``commit`` under ``dest``; return ``dest``."""
     git_dir = MIRRORS / repo / "repo"
     for rel in paths:
-        text = subprocess.run(["git", "-C", str(git_dir), "show", f"{commit}:{rel}"], check=True,
-                              capture_output=True).stdout
+        text = subprocess.run(
+            ["git", "-C", str(git_dir), "show", f"{commit}:{rel}"], check=True, capture_output=True
+        ).stdout
         out = dest / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(text)

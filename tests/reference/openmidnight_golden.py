@@ -58,9 +58,15 @@ def main() -> None:
 
         def vit_giant2_reduced(patch_size=16, num_register_tokens=0, **kwargs):  # official vit_giant2, depth=DEPTH
             return vits.DinoVisionTransformer(
-                patch_size=patch_size, embed_dim=1536, depth=DEPTH, num_heads=24, mlp_ratio=4,
+                patch_size=patch_size,
+                embed_dim=1536,
+                depth=DEPTH,
+                num_heads=24,
+                mlp_ratio=4,
                 block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention),
-                num_register_tokens=num_register_tokens, **kwargs)
+                num_register_tokens=num_register_tokens,
+                **kwargs,
+            )
 
         vits.vit_giant2 = vit_giant2_reduced
         wdir = write_random_weights("openmidnight", tmp / "weights", seed=SEED, depth=DEPTH)
@@ -72,16 +78,27 @@ def main() -> None:
         model.pos_embed = torch.nn.parameter.Parameter(checkpoint["pos_embed"])
         model.load_state_dict(checkpoint, strict=True)
         model.eval()
-        card = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(),
-                                   transforms.Normalize(**IMAGENET)])
-        plain = transforms.Compose([transforms.CenterCrop(252), transforms.ToTensor(), transforms.Normalize(**IMAGENET)])
+        card = transforms.Compose(
+            [transforms.Resize((224, 224)), transforms.ToTensor(), transforms.Normalize(**IMAGENET)]
+        )
+        plain = transforms.Compose(
+            [transforms.CenterCrop(252), transforms.ToTensor(), transforms.Normalize(**IMAGENET)]
+        )
         images, rows = read_tiles()
         with torch.inference_mode():
             emb = model(torch.stack([card(im) for im in images]))
             interp = model(torch.stack([plain(im) for im, row in zip(images, rows) if row[2] == 256]))
-    out = save_golden("openmidnight", images, rows, openmidnight=emb.numpy(), interp_252=interp.numpy(),
-                      weights_sha256=weights_sha256(sd), seed=SEED, depth=DEPTH,
-                      official=f"github:facebookresearch/dinov2@{commit}")
+    out = save_golden(
+        "openmidnight",
+        images,
+        rows,
+        openmidnight=emb.numpy(),
+        interp_252=interp.numpy(),
+        weights_sha256=weights_sha256(sd),
+        seed=SEED,
+        depth=DEPTH,
+        official=f"github:facebookresearch/dinov2@{commit}",
+    )
     print(f"wrote {out}: {tuple(emb.shape)} + {tuple(interp.shape)}, dinov2@{commit[:12]}")
 
 

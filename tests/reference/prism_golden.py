@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official import DATA, extract, stub_module, tile_embeddings  # noqa: E402
 
-from pathray.slide_encoders.prism import write_random_weights  # noqa: E402
-from pathray.slide_encoders.release import state_sha256  # noqa: E402
+from pathray.slide_level.encoders.prism import write_random_weights  # noqa: E402
+from pathray.slide_level.encoders.release import state_sha256  # noqa: E402
 
 COMMIT = "7022cf08845f92e90f2e2e78d55db4344f6793ba"
 WEIGHTS_SEED = 14
@@ -47,8 +47,9 @@ def official_resampler(root: Path, weights: Path):
     from prism_embedder.models.prism.perceiver import PerceiverResampler
 
     model = PerceiverResampler(PerceiverConfig())
-    state = {k[len("image_resampler."):]: v for k, v in load_file(str(weights)).items()
-             if k.startswith("image_resampler.")}
+    state = {
+        k[len("image_resampler.") :]: v for k, v in load_file(str(weights)).items() if k.startswith("image_resampler.")
+    }
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     by_id = {}

@@ -63,16 +63,29 @@ def main() -> None:
         wdir = write_random_weights("resnet50-trunc", tmp / "weights", seed=SEED)
         trunc = load_file(str(wdir / "model.safetensors"))
         save_file(full_release(trunc), str(tmp / "resnet50_full.safetensors"))
-        kwargs = {"features_only": True, "out_indices": (3,), "pretrained": True, "num_classes": 0,
-                  "pretrained_cfg_overlay": {"file": str(tmp / "resnet50_full.safetensors")}}
+        kwargs = {
+            "features_only": True,
+            "out_indices": (3,),
+            "pretrained": True,
+            "num_classes": 0,
+            "pretrained_cfg_overlay": {"file": str(tmp / "resnet50_full.safetensors")},
+        }
         model = TimmCNNEncoder(kwargs=kwargs).eval()
         constants = MODEL2CONSTANTS["resnet50_trunc"]
         transform = get_eval_transforms(mean=constants["mean"], std=constants["std"], target_img_size=224)
         images, rows = read_tiles()
         with torch.inference_mode():
             emb = model(torch.stack([transform(im) for im in images]))
-    out = save_golden("resnet50_trunc", images, rows, resnet50_trunc=emb.numpy(), weights_sha256=weights_sha256(trunc),
-                      seed=SEED, full_seed=FULL_SEED, official=f"github:mahmoodlab/CLAM@{commit}")
+    out = save_golden(
+        "resnet50_trunc",
+        images,
+        rows,
+        resnet50_trunc=emb.numpy(),
+        weights_sha256=weights_sha256(trunc),
+        seed=SEED,
+        full_seed=FULL_SEED,
+        official=f"github:mahmoodlab/CLAM@{commit}",
+    )
     print(f"wrote {out}: {tuple(emb.shape)}, CLAM@{commit[:12]}")
 
 

@@ -24,8 +24,9 @@ def write_slides(tmp: Path) -> Path:
 
     rows = []
     for i, (cohort, rects) in enumerate([("brca", ((224, 224, 672, 448),)), ("luad", ((0, 0, 448, 448),))]):
-        path = write_synthetic_svs(tmp / f"slide{i}.svs", 2016, 1344, mpp=0.5, tissue_rects=rects, seed=i,
-                                   downsamples=(1, 4))
+        path = write_synthetic_svs(
+            tmp / f"slide{i}.svs", 2016, 1344, mpp=0.5, tissue_rects=rects, seed=i, downsamples=(1, 4)
+        )
         rows.append({"slide_id": f"slide{i}", "path": str(path), "cohort": cohort, "case_id": f"case{i}"})
     (tmp / "broken.svs").write_bytes(b"")
     rows.append({"slide_id": "broken", "path": str(tmp / "broken.svs"), "cohort": "brca", "case_id": "case9"})
@@ -38,21 +39,33 @@ def write_slides(tmp: Path) -> Path:
 
 
 def main() -> int:
-    from pathray.aggregate_job import AggregateConfig, run_aggregate
-    from pathray.config import build_job_config
-    from pathray.fakes import sleep_encoder
-    from pathray.pipeline import run_job
+    from pathray.job.config import build_job_config
+    from pathray.job.raydata import run_job
+    from pathray.slide_level.job import AggregateConfig, run_aggregate
+    from pathray.testing import sleep_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_slides(Path(tmp))
         store = Path(tmp) / "store"
-        config = build_job_config(dict(manifest=str(manifest), out=str(store), models=["sleep8", "sleep16"],
-                                       tiling={"tile_px": 224, "target_mpp": 0.5}, chunk_tiles=4,
-                                       keep_columns=["case_id"], runner="local", run_id="fixture-embed"))
+        config = build_job_config(
+            dict(
+                manifest=str(manifest),
+                out=str(store),
+                models=["sleep8", "sleep16"],
+                tiling={"tile_px": 224, "target_mpp": 0.5},
+                chunk_tiles=4,
+                keep_columns=["case_id"],
+                runner="local",
+                run_id="fixture-embed",
+            )
+        )
         custom = {"sleep8": sleep_encoder(1e6, embed_dim=8), "sleep16": sleep_encoder(1e6, embed_dim=16)}
         run_job(config, custom, progress_bars=False)
-        run_aggregate(AggregateConfig(store=str(store), model="sleep8", aggregator="mean", runner="local",
-                                      run_id="fixture-aggregate"))
+        run_aggregate(
+            AggregateConfig(
+                store=str(store), model="sleep8", aggregator="mean", runner="local", run_id="fixture-aggregate"
+            )
+        )
         shutil.rmtree(OUT, ignore_errors=True)
         shutil.copytree(store, OUT)
     print(f"wrote {OUT}")

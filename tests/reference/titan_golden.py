@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathray.slide_encoders.titan import (
+from pathray.slide_level.encoders.titan import (
     CHECKPOINT_PREFIX,
     TitanSlideNet,
     file_sha256,
@@ -43,19 +43,26 @@ OUT = Path(__file__).resolve().parents[1] / "data" / "titan_golden.npz"
 WEIGHTS_SEED = 11
 #: slide cases: name -> the slide's µm/px (their lattices: make_cases)
 CASES = {
-    "mpp025": 0.25, "mpp02631": 0.2631, "mpp05_long": 0.5,
+    "mpp025": 0.25,
+    "mpp02631": 0.2631,
+    "mpp05_long": 0.5,
 }
 
 
 def import_official(mirror: Path):
     """The official package, written from the mirror's HEAD into a temp dir and imported."""
-    commit = subprocess.run(["git", "-C", str(mirror), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(mirror), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     pkg = Path(tempfile.mkdtemp()) / "titan_official"
     pkg.mkdir()
     for name in ("modeling_titan.py", "vision_transformer.py", "configuration_titan.py", "config.json"):
-        text = subprocess.run(["git", "-C", str(mirror), "show", f"HEAD:{OFFICIAL_DIR}/{name}"], capture_output=True,
-                              text=True, check=True).stdout
+        text = subprocess.run(
+            ["git", "-C", str(mirror), "show", f"HEAD:{OFFICIAL_DIR}/{name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         (pkg / name).write_text(text)
     (pkg / "__init__.py").write_text("")
     sys.path.insert(0, str(pkg.parent))
@@ -77,19 +84,35 @@ def lattice(rng: np.random.Generator, cols: range, rows: range, keep: float) -> 
 
 def make_cases(rng: np.random.Generator) -> dict[str, dict]:
     cases = {}
-    shapes = {"mpp025": (range(37, 61), range(12, 30), 0.7), "mpp02631": (range(5, 35), range(40, 62), 0.6),
-              "mpp05_long": (range(3, 703), range(100, 102), 0.9)}
+    shapes = {
+        "mpp025": (range(37, 61), range(12, 30), 0.7),
+        "mpp02631": (range(5, 35), range(40, 62), 0.6),
+        "mpp05_long": (range(3, 703), range(100, 102), 0.9),
+    }
     for tag, mpp in CASES.items():
         cols, rows, keep = shapes[tag]
         ij = lattice(rng, cols, rows, keep)
         step = 512 * 0.5 / mpp
-        cases[tag] = {"ij": ij, "mpp": mpp, "x": np.round(ij[:, 0] * step).astype(np.int64),
-                      "y": np.round(ij[:, 1] * step).astype(np.int64), "patch_size_lv0": int(round(step)),
-                      "tiles_seed": 100 + len(cases), "zero_rows": np.array([3] if tag == "mpp05_long" else [], np.int64)}
+        cases[tag] = {
+            "ij": ij,
+            "mpp": mpp,
+            "x": np.round(ij[:, 0] * step).astype(np.int64),
+            "y": np.round(ij[:, 1] * step).astype(np.int64),
+            "patch_size_lv0": int(round(step)),
+            "tiles_seed": 100 + len(cases),
+            "zero_rows": np.array([3] if tag == "mpp05_long" else [], np.int64),
+        }
     # tiles sharing cells: coordinates with a 256-px stride and 512-px patch_size_lv0 (summed per cell)
     ij = lattice(rng, range(0, 12), range(0, 9), 0.8)
-    cases["shared_cells"] = {"ij": ij, "mpp": 0.5, "x": ij[:, 0] * 256 + 7, "y": ij[:, 1] * 256 + 3,
-                             "patch_size_lv0": 512, "tiles_seed": 199, "zero_rows": np.array([], np.int64)}
+    cases["shared_cells"] = {
+        "ij": ij,
+        "mpp": 0.5,
+        "x": ij[:, 0] * 256 + 7,
+        "y": ij[:, 1] * 256 + 3,
+        "patch_size_lv0": 512,
+        "tiles_seed": 199,
+        "zero_rows": np.array([], np.int64),
+    }
     return cases
 
 
@@ -114,20 +137,27 @@ def main(mirror: str) -> None:
         missing, unexpected = model.load_state_dict(vision, strict=True)
         assert not missing and not unexpected
         ours = TitanSlideNet().state_dict()
-        official_shapes = {k[len(CHECKPOINT_PREFIX):]: tuple(v.shape) for k, v in model.state_dict().items()}
+        official_shapes = {k[len(CHECKPOINT_PREFIX) :]: tuple(v.shape) for k, v in model.state_dict().items()}
         assert official_shapes == {k: tuple(v.shape) for k, v in ours.items()}, "state-dict layouts differ"
-        out = {"weights_seed": WEIGHTS_SEED, "official_commit": commit, "weights_file_sha256": file_sha256(weights),
-               "weights_digest": state_digest(random_titan_net(WEIGHTS_SEED).state_dict()),
-               "official_n_params": sum(p.numel() for p in model.vision_encoder.parameters())}
+        out = {
+            "weights_seed": WEIGHTS_SEED,
+            "official_commit": commit,
+            "weights_file_sha256": file_sha256(weights),
+            "weights_digest": state_digest(random_titan_net(WEIGHTS_SEED).state_dict()),
+            "official_n_params": sum(p.numel() for p in model.vision_encoder.parameters()),
+        }
     for tag, case in make_cases(np.random.default_rng(2026)).items():
         tiles = tiles_for(case)
         coords = case["ij"] * case["patch_size_lv0"] if tag != "shared_cells" else np.stack([case["x"], case["y"]], 1)
         with torch.inference_mode():
-            emb = model.encode_slide_from_patch_features(torch.from_numpy(tiles)[None],
-                                                         torch.from_numpy(coords)[None], case["patch_size_lv0"])
+            emb = model.encode_slide_from_patch_features(
+                torch.from_numpy(tiles)[None], torch.from_numpy(coords)[None], case["patch_size_lv0"]
+            )
         assert tuple(emb.shape) == (1, 768), emb.shape
         out.update({f"{tag}_{k}": v for k, v in case.items() if k != "ij"})
-        out.update({f"{tag}_official_coords": coords, f"{tag}_tiles_head": tiles[0, :8], f"{tag}_embedding": emb[0].numpy()})
+        out.update(
+            {f"{tag}_official_coords": coords, f"{tag}_tiles_head": tiles[0, :8], f"{tag}_embedding": emb[0].numpy()}
+        )
         print(tag, len(tiles), "tiles", emb[0, :4].tolist())
     OUT.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(OUT, **out)

@@ -100,8 +100,9 @@ def dino_interpolate_pos_embed(pos_embed: torch.Tensor, image_hw: tuple[int, int
     side = int(math.sqrt(n))
     dim = pos_embed.shape[-1]
     patch_pos = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / math.sqrt(n), (grid_w + 0.1) / math.sqrt(n)),
-                              mode="bicubic")
+    patch_pos = F.interpolate(
+        patch_pos, scale_factor=((grid_h + 0.1) / math.sqrt(n), (grid_w + 0.1) / math.sqrt(n)), mode="bicubic"
+    )
     if tuple(patch_pos.shape[-2:]) != (grid_h, grid_w):
         raise ValueError(f"position-embedding grid {tuple(patch_pos.shape[-2:])} != patch grid {(grid_h, grid_w)}")
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
@@ -113,8 +114,16 @@ class ConchV1Visual(nn.Module):
 
     def __init__(self, *, depth: int = 12, embed_dim: int = 768, num_heads: int = 12, img_size: int = 448) -> None:
         super().__init__()
-        self.trunk = VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
-                                       img_size=img_size, patch_size=16, num_classes=0, dynamic_img_size=True)
+        self.trunk = VisionTransformer(
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=4,
+            img_size=img_size,
+            patch_size=16,
+            num_classes=0,
+            dynamic_img_size=True,
+        )
         self.attn_pool_contrast = MhaAttentionalPooler(d_model=512, context_dim=embed_dim, n_head=8, n_queries=1)
         self.ln_contrast = nn.LayerNorm(512)
 
@@ -126,12 +135,28 @@ class ConchV1Visual(nn.Module):
 class ConchV15Visual(nn.Module):
     """TITAN's CONCH v1.5 tile encoder (see the module docstring)."""
 
-    def __init__(self, *, depth: int = 24, embed_dim: int = 1024, num_heads: int = 16, img_size: int = 224,
-                 init_values: float = 1e-6) -> None:
+    def __init__(
+        self,
+        *,
+        depth: int = 24,
+        embed_dim: int = 1024,
+        num_heads: int = 16,
+        img_size: int = 224,
+        init_values: float = 1e-6,
+    ) -> None:
         super().__init__()
-        self.trunk = VisionTransformer(img_size=img_size, patch_size=16, embed_dim=embed_dim, depth=depth,
-                                       num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=init_values,
-                                       num_classes=0, dynamic_img_size=True)
+        self.trunk = VisionTransformer(
+            img_size=img_size,
+            patch_size=16,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            init_values=init_values,
+            num_classes=0,
+            dynamic_img_size=True,
+        )
         self.attn_pool_contrast = LinearAttentionalPooler(d_model=768, context_dim=embed_dim, n_head=8, n_queries=1)
         self.ln_contrast = nn.LayerNorm(768)
 

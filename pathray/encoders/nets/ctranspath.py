@@ -28,9 +28,13 @@ class ConvStem(nn.Module):
         super().__init__()
         mid = embed_dim // 8
         self.proj = nn.Sequential(
-            nn.Conv2d(3, mid, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-            nn.Conv2d(mid, 2 * mid, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * mid),
-            nn.ReLU(), nn.Conv2d(2 * mid, embed_dim, kernel_size=1),
+            nn.Conv2d(3, mid, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
+            nn.Conv2d(mid, 2 * mid, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(2 * mid),
+            nn.ReLU(),
+            nn.Conv2d(2 * mid, embed_dim, kernel_size=1),
         )
         self.norm = nn.LayerNorm(embed_dim)
 
@@ -89,7 +93,9 @@ class WindowAttention(nn.Module):
         attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
-            attn = (attn.view(b // nw, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, self.heads, n, n)
+            attn = (attn.view(b // nw, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(
+                -1, self.heads, n, n
+            )
         return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c))
 
 
@@ -145,11 +151,13 @@ class PatchMerging(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, dim: int, res: int, depth: int, heads: int, win: int, mlp_ratio: float,
-                 downsample: bool) -> None:
+    def __init__(
+        self, dim: int, res: int, depth: int, heads: int, win: int, mlp_ratio: float, downsample: bool
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, res, heads, win, 0 if i % 2 == 0 else win // 2, mlp_ratio) for i in range(depth))
+            SwinBlock(dim, res, heads, win, 0 if i % 2 == 0 else win // 2, mlp_ratio) for i in range(depth)
+        )
         self.downsample = PatchMerging(dim, res) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,9 +169,16 @@ class Stage(nn.Module):
 class CTransPath(nn.Module):
     """Swin-T with a conv stem; ``forward`` returns the mean of the final normalised tokens."""
 
-    def __init__(self, img_size: int = 224, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
-                 num_heads: tuple[int, ...] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
-                 depth: int | None = None) -> None:
+    def __init__(
+        self,
+        img_size: int = 224,
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        depth: int | None = None,
+    ) -> None:
         """``depth`` (shrunk test models, ``write_random_weights(..., depth=1)``): at most that many
         blocks per stage."""
         super().__init__()
@@ -173,10 +188,13 @@ class CTransPath(nn.Module):
         self.patch_embed = ConvStem(embed_dim)
         grid = img_size // 4
         last = len(depths) - 1
-        self.layers = nn.Sequential(*(
-            Stage(embed_dim * 2 ** i, grid // 2 ** i, d, h, window_size, mlp_ratio, downsample=i < last)
-            for i, (d, h) in enumerate(zip(depths, num_heads))))
-        self.num_features = embed_dim * 2 ** last
+        self.layers = nn.Sequential(
+            *(
+                Stage(embed_dim * 2**i, grid // 2**i, d, h, window_size, mlp_ratio, downsample=i < last)
+                for i, (d, h) in enumerate(zip(depths, num_heads))
+            )
+        )
+        self.num_features = embed_dim * 2**last
         self.norm = nn.LayerNorm(self.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

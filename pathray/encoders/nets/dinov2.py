@@ -106,10 +106,21 @@ class DinoV2ViT(nn.Module):
     the official constructor; other input sizes are resampled on the fly like the official code.
     """
 
-    def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, ffn_layer: str = "mlp", num_register_tokens: int = 0,
-                 init_values: float = 1.0, interpolate_antialias: bool = False,
-                 interpolate_offset: float = 0.1) -> None:
+    def __init__(
+        self,
+        *,
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        ffn_layer: str = "mlp",
+        num_register_tokens: int = 0,
+        init_values: float = 1.0,
+        interpolate_antialias: bool = False,
+        interpolate_offset: float = 0.1,
+    ) -> None:
         super().__init__()
         if ffn_layer not in ("mlp", "swiglufused"):
             raise ValueError(f"ffn_layer must be 'mlp' or 'swiglufused', got {ffn_layer!r}")
@@ -121,10 +132,12 @@ class DinoV2ViT(nn.Module):
         self.patch_embed = _PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
-        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
-                                if num_register_tokens else None)
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
         self.blocks = nn.ModuleList(
-            [_Block(embed_dim, num_heads, mlp_ratio, ffn_layer, init_values) for _ in range(depth)])
+            [_Block(embed_dim, num_heads, mlp_ratio, ffn_layer, init_values) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=_LN_EPS)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # training only; part of the checkpoint
         if not self.pos_embed.is_meta:
@@ -143,12 +156,17 @@ class DinoV2ViT(nn.Module):
         rows, cols = height // self.patch_size, width // self.patch_size
         m = int(math.sqrt(n_grid))
         if self.interpolate_offset:
-            size_kw = {"scale_factor": (float(rows + self.interpolate_offset) / m,
-                                        float(cols + self.interpolate_offset) / m)}
+            size_kw = {
+                "scale_factor": (float(rows + self.interpolate_offset) / m, float(cols + self.interpolate_offset) / m)
+            }
         else:
             size_kw = {"size": (rows, cols)}
-        patch_pos = F.interpolate(pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic",
-                                  antialias=self.interpolate_antialias, **size_kw)
+        patch_pos = F.interpolate(
+            pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2),
+            mode="bicubic",
+            antialias=self.interpolate_antialias,
+            **size_kw,
+        )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((pos[:, :1], patch_pos), dim=1).to(tokens.dtype)
 

@@ -29,7 +29,7 @@ class Rope(nn.Module):
     def __init__(self, head_dim: int, base: float) -> None:
         super().__init__()
         exponents = 2 * torch.arange(head_dim // 4, dtype=_ROPE_DTYPE) / (head_dim // 2)
-        self.register_buffer("periods", base ** exponents)
+        self.register_buffer("periods", base**exponents)
 
     def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         dd = {"device": self.periods.device, "dtype": _ROPE_DTYPE}
@@ -59,8 +59,10 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).unbind(2))
         sin, cos = rope
         prefix = n - sin.shape[-2]
-        q, k = (torch.cat((t16[:, :, :prefix], _rotate(t16[:, :, prefix:], sin, cos)), dim=-2).to(t.dtype)
-                for t, t16 in ((q, q.to(sin.dtype)), (k, k.to(sin.dtype))))
+        q, k = (
+            torch.cat((t16[:, :, :prefix], _rotate(t16[:, :, prefix:], sin, cos)), dim=-2).to(t.dtype)
+            for t, t16 in ((q, q.to(sin.dtype)), (k, k.to(sin.dtype)))
+        )
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
@@ -109,8 +111,16 @@ class PatchEmbed(nn.Module):
 class GenBioPathFM(nn.Module):
     """``forward(x)``: (N, 3, H, W) -> (N, 3 * embed_dim), the per-channel [CLS] tokens in R, G, B order."""
 
-    def __init__(self, patch_size: int = 16, embed_dim: int = 1536, depth: int = 40, num_heads: int = 24,
-                 ffn_ratio: float = 4.0, n_storage_tokens: int = 4, rope_base: float = 100.0) -> None:
+    def __init__(
+        self,
+        patch_size: int = 16,
+        embed_dim: int = 1536,
+        depth: int = 40,
+        num_heads: int = 24,
+        ffn_ratio: float = 4.0,
+        n_storage_tokens: int = 4,
+        rope_base: float = 100.0,
+    ) -> None:
         super().__init__()
         d = int(embed_dim * ffn_ratio * 2 / 3)
         hidden = d + (-d % 64)  # official SwiGLUFFN "swiglu64"

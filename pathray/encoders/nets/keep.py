@@ -24,11 +24,20 @@ class KeepVision(nn.Module):
 
     def __init__(self, projection_dim: int = 768, depth: int = 24, embed_dim: int = 1024) -> None:
         super().__init__()
-        self.visual = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16,
-                                        init_values=1e-5, num_classes=0, dynamic_img_size=True, depth=depth,
-                                        embed_dim=embed_dim)
-        self.visual_head = nn.Sequential(nn.Linear(self.visual.num_features, projection_dim), nn.GELU(),
-                                         nn.Linear(projection_dim, projection_dim))
+        self.visual = timm.create_model(
+            "vit_large_patch16_224",
+            pretrained=False,
+            img_size=224,
+            patch_size=16,
+            init_values=1e-5,
+            num_classes=0,
+            dynamic_img_size=True,
+            depth=depth,
+            embed_dim=embed_dim,
+        )
+        self.visual_head = nn.Sequential(
+            nn.Linear(self.visual.num_features, projection_dim), nn.GELU(), nn.Linear(projection_dim, projection_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.visual_head(self.visual(x)), dim=-1)

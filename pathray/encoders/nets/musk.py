@@ -101,7 +101,7 @@ class Encoder(nn.Module):
         self.layer_norm = VisionA(nn.LayerNorm(dim, eps=eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.embed_positions.A.weight[2:2 + x.shape[1]].unsqueeze(0)  # Fairseq: positions start at 2
+        x = x + self.embed_positions.A.weight[2 : 2 + x.shape[1]].unsqueeze(0)  # Fairseq: positions start at 2
         for layer in self.layers:
             x = layer(x)
         return self.layer_norm(x)
@@ -110,8 +110,16 @@ class Encoder(nn.Module):
 class MuskVision(nn.Module):
     """MUSK's vision path; ``forward`` returns the [CLS] embedding (``multiscale``: + the 2x scale's)."""
 
-    def __init__(self, img_size: int = 384, patch_size: int = 16, embed_dim: int = 1024, depth: int = 24,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, multiscale: bool = False) -> None:
+    def __init__(
+        self,
+        img_size: int = 384,
+        patch_size: int = 16,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        multiscale: bool = False,
+    ) -> None:
         super().__init__()
         eps = 1e-5  # torchscale EncoderConfig layernorm_eps
         self.multiscale = multiscale

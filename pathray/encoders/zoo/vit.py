@@ -29,17 +29,16 @@ def _lunit(patch: int) -> EncoderSpec:
         native_mpp=0.5,
         native_tile_px=224,
         tile_source="TRIDENT: --patch_encoder lunit-vits8 --patch_size 224 --mag 20 (ViT-S/16: same release, "
-                    "same statistics in kaiko-ai/eva); slide2vec: 0.5 µm/px",
-        preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic",
-                              mean=_LUNIT_MEAN, std=_LUNIT_STD),
+        "same statistics in kaiko-ai/eva); slide2vec: 0.5 µm/px",
+        preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic", mean=_LUNIT_MEAN, std=_LUNIT_STD),
         pooling="cls",
         hf_hub_id=f"1aurent/vit_small_patch{patch}_224.lunit_dino",
         weights_url=_LUNIT_RELEASE.format(f"dino_vit_small_patch{patch}_ep200.torch"),
         license="Lunit non-commercial public licence (research use only)",
         source="github:lunit-io/benchmark-ssl-pathology README (timm VisionTransformer); normalisation: "
-               "kaiko-ai/eva lunit.py (Lunit's ViT-S training statistics)",
+        "kaiko-ai/eva lunit.py (Lunit's ViT-S training statistics)",
         notes="the 1aurent hub mirror's config.json carries timm's stock DINO transform (ImageNet mean/std, "
-              "crop 0.9); pathray uses Lunit's own statistics and feeds 224 px tiles unresized",
+        "crop 0.9); pathray uses Lunit's own statistics and feeds 224 px tiles unresized",
     )
 
 
@@ -56,14 +55,15 @@ SPECS: list[EncoderSpec] = [
         native_mpp=0.5,
         native_tile_px=224,
         tile_source="card: 224x224 tiles at 0.5 µm/px, fed without resizing (ToTensor -> Normalize)",
-        preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic",
-                              mean=_HOPTIMUS_MEAN, std=_HOPTIMUS_STD),
+        preprocess=Preprocess(
+            resize_px=224, crop_px=224, interpolation="bicubic", mean=_HOPTIMUS_MEAN, std=_HOPTIMUS_STD
+        ),
         pooling="cls",
         hf_hub_id="bioptimus/H-optimus-1",
         gated=True,
         license="CC-BY-NC-ND-4.0 (TRIDENT model table; non-commercial, no redistribution)",
         source="card (timm hub id + kwargs); TRIDENT load.py loads pytorch_model.bin strictly into timm "
-               "vit_giant_patch14_reg4_dinov2 at img_size=224",
+        "vit_giant_patch14_reg4_dinov2 at img_size=224",
         notes="same architecture and normalisation as H-optimus-0; other tile sizes are resized (bicubic) to 224",
     ),
     _lunit(8),
@@ -77,18 +77,18 @@ SPECS: list[EncoderSpec] = [
         input_px=224,
         native_mpp=0.5,
         native_tile_px=256,
-        tile_source="github:birkhoffkiki/GPFM README: \"we prefer image with size of 512*512 (extracted from 40X)\""
-                    " (= 256 px at 0.5 µm/px), transforms.Resize((224, 224), bicubic)",
+        tile_source='github:birkhoffkiki/GPFM README: "we prefer image with size of 512*512 (extracted from 40X)"'
+        " (= 256 px at 0.5 µm/px), transforms.Resize((224, 224), bicubic)",
         preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bicubic"),
         pooling="cls",
         hf_hub_id="majiabo/GPFM",
         extra={"hub_weights_file": "GPFM.pth"},
         license="MIT (TRIDENT model table)",
         source="github:birkhoffkiki/GPFM models/dinov2 (vit_large, patch 14, img 224, ffn mlp, LayerScale 1e-5); "
-               "the hub's GPFM.pth is a flat timm-layout state dict (TRIDENT, slide2vec load it strictly into "
-               "timm vit_large_patch14_dinov2 at img_size=224)",
+        "the hub's GPFM.pth is a flat timm-layout state dict (TRIDENT, slide2vec load it strictly into "
+        "timm vit_large_patch14_dinov2 at img_size=224)",
         notes="output: the final-norm CLS token (official forward with head=Identity); the GitHub release "
-              "GPFM.pth is the training layout (teacher/backbone, chunked blocks) and is not read",
+        "GPFM.pth is the training layout (teacher/backbone, chunked blocks) and is not read",
     ),
     EncoderSpec(
         name="resnet50-trunc",
@@ -101,7 +101,7 @@ SPECS: list[EncoderSpec] = [
         native_mpp=0.5,
         native_tile_px=256,
         tile_source="CLAM README: create_patches_fp.py --patch_size 256 at level 0 (20x); extract_features_fp.py "
-                    "--target_patch_size 224 (Resize(224))",
+        "--target_patch_size 224 (Resize(224))",
         preprocess=Preprocess(resize_px=224, crop_px=224, interpolation="bilinear"),
         pooling="model",
         hf_hub_id="timm/resnet50.tv_in1k",
@@ -110,7 +110,7 @@ SPECS: list[EncoderSpec] = [
         extra={"release_architecture": "resnet50"},  # timm/resnet50.tv_in1k config.json
         license="BSD-3-Clause (torchvision ImageNet weights)",
         source="github:mahmoodlab/CLAM models/timm_wrapper.py TimmCNNEncoder (resnet50.tv_in1k, features_only, "
-               "out_indices=(3,), AdaptiveAvgPool2d(1)); utils/transform_utils.py Resize(224) + ImageNet norm",
+        "out_indices=(3,), AdaptiveAvgPool2d(1)); utils/transform_utils.py Resize(224) + ImageNet norm",
         notes="the full ResNet-50 release is read; layer4 and fc are set aside as CLAM's non-strict load does",
     ),
     EncoderSpec(
@@ -121,9 +121,19 @@ SPECS: list[EncoderSpec] = [
         # torch.hub dinov2_vitg14_reg (vit_giant2, ffn swiglufused, 4 registers, antialiased offset-free
         # pos-embed interpolation, LayerScale); pos_embed from the checkpoint, trained at 224 px
         # (MedARC-AI/OpenMidnight dinov2/models: img_size = crops.global_crops_size = 224)
-        model_kwargs=dict(img_size=224, patch_size=14, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4.0,
-                          ffn_layer="swiglufused", num_register_tokens=4, init_values=1.0,
-                          interpolate_antialias=True, interpolate_offset=0.0),
+        model_kwargs=dict(
+            img_size=224,
+            patch_size=14,
+            embed_dim=1536,
+            depth=40,
+            num_heads=24,
+            mlp_ratio=4.0,
+            ffn_layer="swiglufused",
+            num_register_tokens=4,
+            init_values=1.0,
+            interpolate_antialias=True,
+            interpolate_offset=0.0,
+        ),
         embed_dim=1536,
         input_px=224,
         native_mpp=0.5,
@@ -136,8 +146,7 @@ SPECS: list[EncoderSpec] = [
         gated=True,
         license="Apache-2.0 (TRIDENT model table; access request on the hub)",
         source="github:facebookresearch/dinov2 hub/backbones.py dinov2_vitg14_reg + models/vision_transformer.py; "
-               "TRIDENT load.py: checkpoint pos_embed replaces the model's, strict load, model(x)",
+        "TRIDENT load.py: checkpoint pos_embed replaces the model's, strict load, model(x)",
         notes="output: the final-norm CLS token; ImageNet normalisation",
     ),
 ]
-

@@ -41,7 +41,7 @@ RELEASE = Release(
     filename="CHIEF_pretraining.pth",
     hub_repo=None,
     obtain="download CHIEF_pretraining.pth from the CHIEF model_weight folder linked in github.com/hms-dbmi/CHIEF "
-           "(Google Drive)",
+    "(Google Drive)",
     gated=False,
 )
 #: (input, hidden, attention) widths of the official ``size_arg="small"``
@@ -65,8 +65,9 @@ class ChiefNet(nn.Module):
         in_dim, hidden, attn = SIZES
         self.in_dim = in_dim
         # official: [Linear, ReLU, Dropout, Attn_Net_Gated] -> indices 0 and 3 hold parameters
-        self.attention_net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Identity(),
-                                           GatedAttention(hidden, attn))
+        self.attention_net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Identity(), GatedAttention(hidden, attn)
+        )
         self.classifiers = nn.Linear(hidden, 2)
         self.instance_classifiers = nn.ModuleList([nn.Linear(hidden, 2) for _ in range(2)])
         self.att_head = nn.Module()

@@ -42,7 +42,7 @@ RELEASE = Release(
     filename="model.safetensors",
     hub_repo="MahmoodLab/abmil.base.conch_v15.pc108-24k",
     obtain="request access at https://huggingface.co/MahmoodLab/abmil.base.conch_v15.pc108-24k and download "
-           "model.safetensors (+ config.json)",
+    "model.safetensors (+ config.json)",
     key_prefix="model.",
     ignored_prefixes=("model.classifier.",),
 )
@@ -86,8 +86,9 @@ def write_random_weights(directory: str | os.PathLike, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {f"model.{k}": v.contiguous() for k, v in random_net(FeatherNet, seed).state_dict().items()}
     save_file(state, str(directory / RELEASE.filename))
-    (directory / "config.json").write_text(json.dumps({**CONFIG, "dropout": 0.25, "num_classes": 0,
-                                                       "model_type": "abmil"}))
+    (directory / "config.json").write_text(
+        json.dumps({**CONFIG, "dropout": 0.25, "num_classes": 0, "model_type": "abmil"})
+    )
     return directory / RELEASE.filename
 
 

@@ -39,8 +39,12 @@ ARCHITECTURE = "gigapath_slide_enc12l768d"
 HUB_REPO = "prov-gigapath/prov-gigapath"
 HUB_FILENAME = "slide_encoder.pth"
 #: the released file, for :func:`pathray.slide_level.encoders.release.resolve_weights`
-RELEASE = Release(architecture=ARCHITECTURE, filename=HUB_FILENAME, hub_repo=HUB_REPO,
-                  obtain="request access at https://huggingface.co/prov-gigapath/prov-gigapath, then `hf auth login` or HF_TOKEN")
+RELEASE = Release(
+    architecture=ARCHITECTURE,
+    filename=HUB_FILENAME,
+    hub_repo=HUB_REPO,
+    obtain="request access at https://huggingface.co/prov-gigapath/prov-gigapath, then `hf auth login` or HF_TOKEN",
+)
 #: µm/px of the image whose pixels the official coordinates count
 GIGAPATH_MPP = 0.5
 #: tile side (px at GIGAPATH_MPP) of the official grid: coordinates are divided by this
@@ -120,8 +124,10 @@ class GigaPathSlideNet(nn.Module):
         cells = torch.floor(coords.double() / self.config.tile_size).long()
         n = self.config.slide_ngrids
         if cells.numel() and (int(cells.min()) < 0 or int(cells.max()) >= n):
-            raise ValueError(f"tile coordinates fall outside the {n} x {n} grid of {self.config.tile_size}-px cells "
-                             f"(cells {int(cells.min())}..{int(cells.max())})")
+            raise ValueError(
+                f"tile coordinates fall outside the {n} x {n} grid of {self.config.tile_size}-px cells "
+                f"(cells {int(cells.min())}..{int(cells.max())})"
+            )
         return cells
 
     def forward(self, tiles: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +158,9 @@ class GigaPathSlideEncoder:
         self.fingerprint = fingerprint
 
     @classmethod
-    def from_weights(cls, source: str | os.PathLike | None, device: str = "cpu", *,
-                     global_pool: bool = False) -> GigaPathSlideEncoder:
+    def from_weights(
+        cls, source: str | os.PathLike | None, device: str = "cpu", *, global_pool: bool = False
+    ) -> GigaPathSlideEncoder:
         """``source``: ``None`` (``slide_encoder.pth`` of the hub repo), ``hf-hub:org/name[@rev]``,
         a ``slide_encoder.pth``-shaped file (``{"model": state_dict}``, read with
         ``weights_only=True``) or a directory holding one. Raises ``WeightsUnavailableError``,
@@ -164,21 +171,24 @@ class GigaPathSlideEncoder:
         load_into(net, read_state_dict(path), what=f"{ARCHITECTURE} weights {label}")
         return cls(net, device, label, fingerprint)
 
-    def __call__(self, tile_embeddings: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray,
-                 slide_mpp: float) -> np.ndarray:
+    def __call__(
+        self, tile_embeddings: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray, slide_mpp: float
+    ) -> np.ndarray:
         """``(N, 1536)`` tile embeddings (any float dtype) + level-0 tile top-lefts + the slide's
         µm/px -> ``(768,)`` float32 slide embedding (the card's ``slide_encoder(tiles, coords)``)."""
         return self.embed(tile_embeddings, x_level0, y_level0, slide_mpp)[0]
 
-    def all_layers(self, tile_embeddings: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray,
-                   slide_mpp: float) -> np.ndarray:
+    def all_layers(
+        self, tile_embeddings: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray, slide_mpp: float
+    ) -> np.ndarray:
         """``(depth + 1, 768)`` float32: the pooled embedding of every hidden state (official
         ``all_layer_embed=True``; its last row is the official pipeline's ``last_layer_embed``)."""
         return self.embed(tile_embeddings, x_level0, y_level0, slide_mpp)[1]
 
     @torch.inference_mode()
-    def embed(self, tiles: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray,
-              slide_mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    def embed(
+        self, tiles: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray, slide_mpp: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Both outputs from one pass: ``((768,), (depth + 1, 768))`` float32."""
         tiles = np.asarray(tiles)
         if tiles.ndim != 2 or tiles.shape[1] != self.net.config.in_dim or tiles.shape[0] == 0:

@@ -94,7 +94,7 @@ def _segments(x: torch.Tensor, seg: int, ratio: int) -> torch.Tensor:
     x = F.pad(x, (0, 0, 0, 0, 0, -seg % ratio))
     m = x.shape[1] // ratio
     x = x.reshape(x.shape[0], m, ratio, ratio, h // ratio, d)  # (., l, position offset, head group, h', d)
-    x = torch.diagonal(x, dim1=2, dim2=3)                       # (., l, h', d, group)
+    x = torch.diagonal(x, dim1=2, dim2=3)  # (., l, h', d, group)
     return x.permute(0, 1, 4, 2, 3).reshape(x.shape[0], m, h, d)
 
 
@@ -106,7 +106,7 @@ def _unsegment(out: torch.Tensor, lse: torch.Tensor, ratio: int, batch: int, len
     h, d = out.shape[2:]
     group_of_head = torch.arange(h, device=out.device) // (h // ratio)
     covers = group_of_head[None, :] == torch.arange(ratio, device=out.device)[:, None]  # (offset, head)
-    dense = out[:, :, None] * covers[None, None, :, :, None]                              # (bn, m, offset, h, d)
+    dense = out[:, :, None] * covers[None, None, :, :, None]  # (bn, m, offset, h, d)
     dense_lse = torch.where(covers[None, None], lse[:, :, None], torch.full_like(lse[:, :, None], NO_LSE))
     dense_lse = dense_lse.masked_fill(dense_lse == 0, NO_LSE)
     dense = dense.reshape(batch, -1, h, d)[:, :length]

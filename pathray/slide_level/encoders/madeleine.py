@@ -56,11 +56,16 @@ IN_DIM = 512  # CONCH v1 embedding width (config patch_embedding_dim)
 HIDDEN_DIM = 512  # config wsi_encoder_hidden_dim; also BatchedABMIL's hidden_dim
 N_HEADS = 4
 #: model_config.json fields that fix the architecture, with the released values
-CONFIG = {"wsi_encoder": "abmil", "patch_embedding_dim": IN_DIM, "wsi_encoder_hidden_dim": HIDDEN_DIM,
-          "n_heads": N_HEADS, "activation": "softmax"}
+CONFIG = {
+    "wsi_encoder": "abmil",
+    "patch_embedding_dim": IN_DIM,
+    "wsi_encoder_hidden_dim": HIDDEN_DIM,
+    "n_heads": N_HEADS,
+    "activation": "softmax",
+}
 PROVENANCE: dict[str, Any] = {
     "implementation": "pathray.slide_level.encoders.madeleine (plain PyTorch, fp32; the official run autocasts to "
-                      "model_config.json's precision on CUDA)",
+    "model_config.json's precision on CUDA)",
     "output": "official encode_he: projector(4 gated-attention heads over pre_attn features) (512-d)",
     "tile_model": "conch-v1 (512-d), 256-px tiles at 10x (~1 µm/px)",
 }
@@ -79,8 +84,9 @@ class MadeleineNet(nn.Module):
         super().__init__()
         self.in_dim = IN_DIM
         self.wsi_embedders = nn.Module()
-        self.wsi_embedders.pre_attn = nn.Sequential(*_block(IN_DIM, HIDDEN_DIM), *_block(HIDDEN_DIM, HIDDEN_DIM),
-                                                    *_block(HIDDEN_DIM, HIDDEN_DIM * N_HEADS))
+        self.wsi_embedders.pre_attn = nn.Sequential(
+            *_block(IN_DIM, HIDDEN_DIM), *_block(HIDDEN_DIM, HIDDEN_DIM), *_block(HIDDEN_DIM, HIDDEN_DIM * N_HEADS)
+        )
         self.wsi_embedders.attn = nn.ModuleList([GatedAttention(HIDDEN_DIM, 512) for _ in range(N_HEADS)])
         self.projector = nn.Linear(HIDDEN_DIM * N_HEADS, HIDDEN_DIM)
         self.token_projector = nn.Linear(HIDDEN_DIM * N_HEADS, 128)
@@ -88,8 +94,9 @@ class MadeleineNet(nn.Module):
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """``(N, 512)`` -> ``(512,)``: the official ``encode_he`` of one slide."""
         h = rearrange(self.wsi_embedders.pre_attn(tiles), "t (e c) -> t e c", c=N_HEADS)
-        pooled = torch.stack([attention_pool(attn(h[:, :, c]), h[:, :, c])
-                              for c, attn in enumerate(self.wsi_embedders.attn)], dim=-1)  # (512, heads)
+        pooled = torch.stack(
+            [attention_pool(attn(h[:, :, c]), h[:, :, c]) for c, attn in enumerate(self.wsi_embedders.attn)], dim=-1
+        )  # (512, heads)
         return self.projector(pooled.reshape(-1))
 
 

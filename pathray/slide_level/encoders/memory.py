@@ -49,4 +49,7 @@ def admit(name: str, n_tiles: int, bytes_per_tile: int, fixed_bytes: int, device
     if n_tiles > limit:
         raise SlideTooLargeForEncoderError(
             f"{n_tiles} tiles exceed {name}'s limit of {limit} tiles on {device} ({free / 2**30:.1f} GiB free, "
-            f"~{bytes_per_tile // 1024} KiB per tile)", n_tiles=n_tiles, limit_tiles=limit)
+            f"~{bytes_per_tile // 1024} KiB per tile)",
+            n_tiles=n_tiles,
+            limit_tiles=limit,
+        )

@@ -60,7 +60,7 @@ RELEASE = Release(
 )
 PROVENANCE: dict[str, Any] = {
     "implementation": "pathray.slide_level.encoders.prism (plain PyTorch, fp32; TRIDENT runs fp16, prism-embedder "
-                      "fp16 autocast)",
+    "fp16 autocast)",
     "output": "official slide_representations()['image_embedding']: cls_norm(latent 0) (1280-d)",
     "tile_model": "virchow (v1, class token ++ mean patch token, 2560-d), 224-px tiles at 20x (0.5 µm/px)",
 }
@@ -135,12 +135,23 @@ def _layers(cfg: PerceiverConfig) -> nn.ModuleList:
     """The 8 layers, later ones holding the very modules of earlier ones (official sharing)."""
     layers: list[nn.ModuleDict] = []
     for i in range(cfg.perceiver_depth):
-        xattn = nn.ModuleDict({"xattn": CrossAttention(cfg.latent_dim, cfg.context_dim),
-                               "ff": FeedForward(cfg.latent_dim)}) if i <= cfg.share_xattn_start_layer \
+        xattn = (
+            nn.ModuleDict({"xattn": CrossAttention(cfg.latent_dim, cfg.context_dim), "ff": FeedForward(cfg.latent_dim)})
+            if i <= cfg.share_xattn_start_layer
             else layers[-1]["xattn"]
-        tf = nn.ModuleList([nn.ModuleDict({"mhsa": SelfAttention(cfg.latent_dim, cfg.mhsa_heads),
-                                           "ff": FeedForward(cfg.latent_dim)}) for _ in range(cfg.transformer_depth)]) \
-            if i <= cfg.share_tf_start_layer else layers[-1]["tf"]
+        )
+        tf = (
+            nn.ModuleList(
+                [
+                    nn.ModuleDict(
+                        {"mhsa": SelfAttention(cfg.latent_dim, cfg.mhsa_heads), "ff": FeedForward(cfg.latent_dim)}
+                    )
+                    for _ in range(cfg.transformer_depth)
+                ]
+            )
+            if i <= cfg.share_tf_start_layer
+            else layers[-1]["tf"]
+        )
         layers.append(nn.ModuleDict({"xattn": xattn, "tf": tf}))
     return nn.ModuleList(layers)
 
@@ -182,8 +193,9 @@ def from_weights(source: str | os.PathLike | None, device: str = "cpu") -> TileS
     return TileSetEncoder.load(PrismNet, RELEASE, resolve_weights(RELEASE, source), device, PROVENANCE)
 
 
-def write_random_weights(directory: str | os.PathLike, seed: int = 0,
-                         config: PerceiverConfig = PerceiverConfig()) -> Path:
+def write_random_weights(
+    directory: str | os.PathLike, seed: int = 0, config: PerceiverConfig = PerceiverConfig()
+) -> Path:
     """Random weights of the resampler in the release layout: ``model.safetensors`` with
     ``image_resampler.``-prefixed keys, each shared tensor once (under its first name), plus a
     ``temperature`` entry as the full release has (set aside on loading)."""

@@ -50,20 +50,24 @@ def resolve_weights(release: Release, source: str | os.PathLike | None) -> tuple
     """``(local file, source label, fingerprint)`` for ``source``: ``None`` (the release's hub
     repo), ``hf-hub:org/name[@rev]``, the released file itself or a directory holding it."""
     if source is None and release.hub_repo is None:
-        raise WeightsUnavailableError(f"{release.architecture}: no default download; {release.obtain}, then pass "
-                                      f"--weights PATH (the {release.filename} file or its directory)")
+        raise WeightsUnavailableError(
+            f"{release.architecture}: no default download; {release.obtain}, then pass "
+            f"--weights PATH (the {release.filename} file or its directory)"
+        )
     text = HUB_PREFIXES[0] + str(release.hub_repo) if source is None else os.fspath(source)
     for prefix in HUB_PREFIXES:
         if text.startswith(prefix):
-            repo = text[len(prefix):]
+            repo = text[len(prefix) :]
             path, fingerprint = download_hub_file(release.architecture, repo, release.filename, gated=release.gated)
             return path, f"hf-hub:{repo}", fingerprint
     path = Path(text).expanduser()
     if path.is_dir():
         path = path / release.filename
     if not path.is_file():
-        raise WeightsUnavailableError(f"{release.architecture}: weights {text!r} not found: expected the released "
-                                      f"{release.filename} (or a directory holding it); {release.obtain}")
+        raise WeightsUnavailableError(
+            f"{release.architecture}: weights {text!r} not found: expected the released "
+            f"{release.filename} (or a directory holding it); {release.obtain}"
+        )
     return str(path), str(path), "sha256:" + file_sha256(path)
 
 
@@ -91,7 +95,7 @@ def load_release(net: nn.Module, release: Release, path: str) -> nn.Module:
     if foreign:
         shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 8 else "")
         raise WeightsMismatchError(f"{what} does not fit {type(net).__name__}: unexpected keys: {shown}")
-    state = {k[len(release.key_prefix):]: v for k, v in state.items()}
+    state = {k[len(release.key_prefix) :]: v for k, v in state.items()}
     return load_into(net, fill_shared(net, state, what), what=what)
 
 
@@ -114,8 +118,10 @@ def fill_shared(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> di
         first = state[present[0]]
         for other in present[1:]:
             if state[other].shape != first.shape or not torch.equal(state[other], first):
-                raise WeightsMismatchError(f"{what}: {present[0]} and {other} name one shared tensor of "
-                                           f"{type(net).__name__} but hold different values")
+                raise WeightsMismatchError(
+                    f"{what}: {present[0]} and {other} name one shared tensor of "
+                    f"{type(net).__name__} but hold different values"
+                )
         out.update({n: first for n in names})
     return out
 
@@ -172,8 +178,9 @@ def unique_state(net: nn.Module) -> dict[str, torch.Tensor]:
 class TileSetEncoder:
     """One slide's tile embeddings -> its slide embedding, with a net loaded from a release."""
 
-    def __init__(self, net: nn.Module, device: str, release: Release, source: str, fingerprint: str,
-                 facts: dict[str, Any]):
+    def __init__(
+        self, net: nn.Module, device: str, release: Release, source: str, fingerprint: str, facts: dict[str, Any]
+    ):
         self.net = net.to(device).eval()
         self.device = device
         self.release = release
@@ -182,16 +189,27 @@ class TileSetEncoder:
         self.facts = facts
 
     @classmethod
-    def load(cls, make_net: Callable[[], nn.Module], release: Release, resolved: tuple[str, str, str],
-             device: str, facts: dict[str, Any]) -> TileSetEncoder:
+    def load(
+        cls,
+        make_net: Callable[[], nn.Module],
+        release: Release,
+        resolved: tuple[str, str, str],
+        device: str,
+        facts: dict[str, Any],
+    ) -> TileSetEncoder:
         """Build ``make_net()`` and load the weights :func:`resolve_weights` found into it strictly."""
         path, label, fingerprint = resolved
         with torch.device("meta"):
             net = make_net()
         return cls(load_release(net, release, path), device, release, label, fingerprint, facts)
 
-    def __call__(self, tile_embeddings: np.ndarray, x_level0: np.ndarray | None = None,
-                 y_level0: np.ndarray | None = None, slide_mpp: float | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        tile_embeddings: np.ndarray,
+        x_level0: np.ndarray | None = None,
+        y_level0: np.ndarray | None = None,
+        slide_mpp: float | None = None,
+    ) -> np.ndarray:
         """``(N >= 1, in_dim)`` tile embeddings (any float dtype) -> ``(out_dim,)`` float32. The
         coordinates and µm/px are accepted for the aggregator interface and not used."""
         tiles = np.asarray(tile_embeddings)
@@ -203,5 +221,9 @@ class TileSetEncoder:
 
     def provenance(self) -> dict[str, Any]:
         """What defines this encoder's outputs (written next to slide embeddings)."""
-        return {"architecture": self.release.architecture, **self.facts, "weights": self.source,
-                "weights_fingerprint": self.fingerprint}
+        return {
+            "architecture": self.release.architecture,
+            **self.facts,
+            "weights": self.source,
+            "weights_fingerprint": self.fingerprint,
+        }

@@ -64,8 +64,12 @@ ARCHITECTURE = "titan_vision_encoder"
 HUB_REPO = "MahmoodLab/TITAN"
 HUB_FILENAME = "model.safetensors"
 #: the released file, for :func:`pathray.slide_level.encoders.release.resolve_weights`
-RELEASE = Release(architecture=ARCHITECTURE, filename=HUB_FILENAME, hub_repo=HUB_REPO,
-                  obtain="request access at https://huggingface.co/MahmoodLab/TITAN, then `hf auth login` or HF_TOKEN")
+RELEASE = Release(
+    architecture=ARCHITECTURE,
+    filename=HUB_FILENAME,
+    hub_repo=HUB_REPO,
+    obtain="request access at https://huggingface.co/MahmoodLab/TITAN, then `hf auth login` or HF_TOKEN",
+)
 #: key prefix of the slide encoder in the released checkpoint, and the declared other parts
 CHECKPOINT_PREFIX = "vision_encoder."
 CHECKPOINT_IGNORE = ("text_encoder.",)
@@ -119,8 +123,10 @@ def titan_cells(x_level0: np.ndarray, y_level0: np.ndarray, slide_mpp: float) ->
     index = np.round(xy / step)
     off = np.abs(xy - index * step)
     if off.size and off.max() > 0.5 + 1e-6:
-        raise ValueError(f"tile coordinates are not on TITAN's lattice of {TITAN_TILE_PX}-px tiles at {TITAN_MPP} "
-                         f"µm/px ({step:.3f} level-0 px at {slide_mpp} µm/px): off by up to {off.max():.1f} px")
+        raise ValueError(
+            f"tile coordinates are not on TITAN's lattice of {TITAN_TILE_PX}-px tiles at {TITAN_MPP} "
+            f"µm/px ({step:.3f} level-0 px at {slide_mpp} µm/px): off by up to {off.max():.1f} px"
+        )
     cells = index.astype(np.int64)
     return cells - cells.min(axis=0) if len(cells) else cells
 
@@ -162,8 +168,8 @@ def alibi_bias(points: torch.Tensor, start: int, stop: int, slopes: torch.Tensor
     bias = torch.zeros(len(slopes), stop - start, length, dtype=torch.float32, device=points.device)
     first = max(start, 1)
     if first < stop:
-        dists = (points[first - 1:stop - 1, None, :] - points[None, :, :]).square_().sum(-1).sqrt_().float()
-        rows = bias[:, first - start:, 1:]
+        dists = (points[first - 1 : stop - 1, None, :] - points[None, :, :]).square_().sum(-1).sqrt_().float()
+        rows = bias[:, first - start :, 1:]
         torch.mul(dists[None], slopes[:, None, None], out=rows)
         rows.neg_()  # the official "* -1"
     return bias
@@ -192,7 +198,7 @@ class _Block(nn.Module):
         x = x + self.attn(self.norm1(x), points, slopes, chunk_bytes)
         rows = max(1, chunk_bytes // (4 * self.mlp.fc1.out_features * 2))
         for start in range(0, x.shape[0], rows):  # in place, row chunks: rows are independent
-            part = x[start:start + rows]
+            part = x[start : start + rows]
             part += self.mlp(self.norm2(part))
         return x
 
@@ -285,14 +291,16 @@ class TitanSlideEncoder:
         load_into(net, read_vision_part(path), what=f"{ARCHITECTURE} weights {label}")
         return cls(net, device, label, fingerprint)
 
-    def __call__(self, tile_embeddings: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray,
-                 slide_mpp: float) -> np.ndarray:
+    def __call__(
+        self, tile_embeddings: np.ndarray, x_level0: np.ndarray, y_level0: np.ndarray, slide_mpp: float
+    ) -> np.ndarray:
         """``(N, 768)`` CONCH v1.5 features of pathray's 512-px tiles at 0.5 µm/px + their level-0
         top-lefts + the slide's µm/px -> ``(768,)`` float32 slide embedding."""
         return self.embed_cells(tile_embeddings, titan_cells(x_level0, y_level0, slide_mpp))
 
-    def encode_slide_from_patch_features(self, tile_embeddings: np.ndarray, coords: np.ndarray,
-                                         patch_size_lv0: int | float) -> np.ndarray:
+    def encode_slide_from_patch_features(
+        self, tile_embeddings: np.ndarray, coords: np.ndarray, patch_size_lv0: int | float
+    ) -> np.ndarray:
         """The official entry point's semantics, for TRIDENT/CLAM coordinates and ``patch_size_level0``."""
         return self.embed_cells(tile_embeddings, official_cells(coords, patch_size_lv0))
 
@@ -373,8 +381,11 @@ def random_titan_net(seed: int = 0, config: TitanConfig = TitanConfig()) -> Tita
 
 
 #: stand-ins for the release's text tower (real key names, shapes irrelevant: they are never read)
-TEXT_PART_STANDIN = ("text_encoder.token_embedding.weight", "text_encoder.positional_embedding",
-                     "text_encoder.ln_final.weight")
+TEXT_PART_STANDIN = (
+    "text_encoder.token_embedding.weight",
+    "text_encoder.positional_embedding",
+    "text_encoder.ln_final.weight",
+)
 
 
 def write_random_weights(directory: str | os.PathLike, seed: int = 0, config: TitanConfig = TitanConfig()) -> Path:
@@ -385,7 +396,9 @@ def write_random_weights(directory: str | os.PathLike, seed: int = 0, config: Ti
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {CHECKPOINT_PREFIX + k: v.detach().contiguous() for k, v in random_titan_net(seed, config).state_dict().items()}
+    state = {
+        CHECKPOINT_PREFIX + k: v.detach().contiguous() for k, v in random_titan_net(seed, config).state_dict().items()
+    }
     state.update({k: torch.zeros(4, 8) for k in TEXT_PART_STANDIN})
     save_file(state, str(directory / HUB_FILENAME), metadata={"format": "pt"})
     return directory / HUB_FILENAME
