@@ -154,7 +154,7 @@ def test_store_config_guard(tmp_path):
     tiling = {"tile_px": 224, "fingerprint": "t1"}
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}})
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}, "kaiko": {"fingerprint": "k1"}})
-    assert sorted(store.read_config()["models"]) == ["kaiko", "uni"]  # adding a model is fine
+    assert sorted(store.read_config().models) == ["kaiko", "uni"]  # adding a model is fine
     with pytest.raises(
         StoreConfigMismatchError, match="holds 'uni' at another tiling: tile_px: store has 224, this run asks for 256"
     ):
@@ -174,7 +174,7 @@ def test_store_config_keeps_each_models_own_tiling(tmp_path):
     tiling, conch = {"tile_px": 224, "fingerprint": "t1"}, {"tile_px": 512, "fingerprint": "t5"}
     store.ensure_config(tiling, {"uni": {"fingerprint": "u1"}, "conch": {"fingerprint": "c1"}}, {"conch": conch})
     config = store.read_config()
-    assert config["tiling"] == tiling and config["model_tilings"] == {"conch": conch}
+    assert config.tiling == tiling and config.model_tilings == {"conch": conch}
     assert store.tiling_of("conch") == conch and store.tiling_of("uni") == tiling
     # a run of conch alone (its tiling first) finds it where it was: nothing changes
     assert store.check_config(conch, {"conch": {"fingerprint": "c1"}})[1] is False
@@ -185,7 +185,7 @@ def test_store_config_keeps_each_models_own_tiling(tmp_path):
 def test_check_config_writes_nothing(tmp_path):
     store = FeatureStore(str(tmp_path))
     config, changed = store.check_config({"tile_px": 224, "fingerprint": "t1"}, {"uni": {"fingerprint": "u1"}})
-    assert changed and sorted(config["models"]) == ["uni"] and store.read_config() is None
+    assert changed and sorted(config.models) == ["uni"] and store.read_config() is None
 
 
 _SLOW_WRITER = """

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pathray.fs import split_uri
 from pathray.store import FeatureStore
+from pathray.store.read import read_features_file
 from pathray.wsi.slide import Slide
 
 #: viridis at 0, 1/4, 1/2, 3/4, 1 (matplotlib's values), linearly interpolated in between.
@@ -58,8 +58,7 @@ def tile_scores(store: FeatureStore | str, model: str, slide_id: str, column: st
     record = store.commit_record(model, slide_id)
     if record is None or record.features_path is None:
         raise ValueError(f"{slide_id!r} has no committed tiles for model {model!r} in {store.root}")
-    with store.fs.open(store.path(record.features_path), "rb") as f:
-        return pq.read_table(f, columns=[*TILE_COLUMNS, column])
+    return read_features_file(store, record, [*TILE_COLUMNS, column])
 
 
 def render_heatmap(
