@@ -300,3 +300,28 @@ def test_a_commit_given_the_listed_copies_removes_the_other_cohorts_copy_without
         "features/model=m/cohort=B/s1.parquet"
     ]
     assert store.commit_records("m")["s1"].cohort == "B"
+
+
+def test_layout_paths_are_the_documented_layout(tmp_path):
+    """Every path derived from the declared partitions is the store's on-disk layout (the module
+    doc of pathray.store.layout); a glob over a family finds each of its files."""
+    from pathray.store.layout import AGGREGATOR_PIN, COMMIT_INDEX, FEATURES, RUN_STATUS, hive_value
+
+    store = FeatureStore(str(tmp_path))
+    assert store.features_relpath("m", None, "s") == "features/model=m/cohort=unassigned/s.parquet"
+    assert store.staging_path("m", "s", "c0") == str(tmp_path / "_staging/model=m/s/c0.parquet")
+    assert store.commit_path("m", "s") == str(tmp_path / "_commits/model=m/s.json")
+    assert COMMIT_INDEX.file(model="m") == "_commits/index/model=m.parquet"
+    assert store.slide_features_relpath("m", "mean") == "slide_features/model=m/aggregator=mean"
+    assert store.slide_commit_relpath("m", "mean", "s") == "_commits/slide_features/model=m/aggregator=mean/s.json"
+    assert AGGREGATOR_PIN.file(model="m", aggregator="mean") == "_commits/slide_features/model=m/aggregator=mean.json"
+    assert store.errors_relpath("r", 2) == "errors/run_id=r/part-00002.parquet"
+    assert (
+        store.run_status_relpath("r", 2) == "_runs/r/slides-00002.parquet"
+        and RUN_STATUS.glob() == "_runs/*/slides-*.parquet"
+    )
+    assert store.report_relpath("r") == "_runs/r/report.json"
+    assert FEATURES.prefix() == "features" and FEATURES.prefix(model="m") == "features/model=m"
+    assert (
+        FEATURES.hive_keys == ("model", "cohort") and hive_value("features/model=m/cohort=c/s.parquet", "cohort") == "c"
+    )
