@@ -66,7 +66,7 @@ class StoreConfig:
         return self.models.get(model, {}).get("fingerprint")
 
 
-def identity(record: dict[str, Any]) -> str:
+def _identity(record: dict[str, Any]) -> str:
     """A config record's identity: its ``fingerprint``, else its whole content."""
     return str(record.get("fingerprint") or json.dumps(record, sort_keys=True, default=str))
 
@@ -118,7 +118,7 @@ def check_config(
             _check_model(store.root, merged, name, record, want)
             continue
         merged.models[name] = record
-        if identity(want) != identity(merged.tiling):
+        if _identity(want) != _identity(merged.tiling):
             merged.model_tilings[name] = want
     return merged, current is None or merged != current
 
@@ -126,14 +126,14 @@ def check_config(
 def _check_model(root: str, config: StoreConfig, name: str, record: dict[str, Any], tiling: dict[str, Any]) -> None:
     """Raise :class:`StoreConfigMismatchError` unless ``name`` is in ``config`` at ``tiling`` with ``record``."""
     have = config.tiling_of(name)
-    if identity(have) != identity(tiling):
+    if _identity(have) != _identity(tiling):
         raise StoreConfigMismatchError(
             f"{root} holds {name!r} at another tiling: {config_diff(have, tiling)}. Write to a new --out "
             f"root, or pass --new-version to store this configuration as a separate version under "
             f"{root}/versions/."
         )
     old = config.models[name]
-    if identity(old) != identity(record):
+    if _identity(old) != _identity(record):
         raise StoreConfigMismatchError(
             f"model {name!r} in {root} was written with another config: {config_diff(old, record)}. "
             "Use a new --out root, or --new-version."
