@@ -23,7 +23,7 @@ from pathray.errors import StoreConfigMismatchError, describe
 from pathray.job.config import build_job_config
 from pathray.job.raydata import run_job
 from pathray.slide_level.aggregators import AGGREGATORS, build_aggregator, get_aggregator
-from pathray.slide_level.job import AggregateConfig, _pin_aggregator, plan_aggregate_resources, run_aggregate
+from pathray.slide_level.job import AggregateConfig, pin_aggregator, plan_aggregate_resources, run_aggregate
 from pathray.store import FeatureStore
 from pathray.testing import sleep_encoder
 
@@ -218,11 +218,11 @@ def test_refusals_before_any_work(tile_store, tmp_path):
         run_aggregate(AggregateConfig(str(tile_store), "uni", "mean"))
     store = FeatureStore(str(tmp_path))
     giga = get_aggregator("gigapath-slide")
-    _pin_aggregator(store, "prov-gigapath", giga, "/w/a.pth", done=set())
-    _pin_aggregator(store, "prov-gigapath", giga, "/w/b.pth", done=set())  # nothing committed yet: b replaces a
-    _pin_aggregator(store, "prov-gigapath", giga, "/w/b.pth", done={"s1"})  # same weights: fine
+    pin_aggregator(store, "prov-gigapath", giga, "/w/a.pth", done=set())
+    pin_aggregator(store, "prov-gigapath", giga, "/w/b.pth", done=set())  # nothing committed yet: b replaces a
+    pin_aggregator(store, "prov-gigapath", giga, "/w/b.pth", done={"s1"})  # same weights: fine
     with pytest.raises(StoreConfigMismatchError, match="b.pth"):
-        _pin_aggregator(store, "prov-gigapath", giga, "/w/c.pth", done={"s1"})
+        pin_aggregator(store, "prov-gigapath", giga, "/w/c.pth", done={"s1"})
 
 
 def test_float16_tiles_are_pooled_in_float32(store_copy):

@@ -110,7 +110,7 @@ def test_export_then_import_is_lossless_and_a_rerun_does_nothing(job_store, tmp_
         assert (new.slide["width"], new.slide["height"]) == (old.slide["width"], old.slide["height"])
         assert new.slide["mpp"] == pytest.approx(old.slide["mpp"]) and new.slide["path"] == old.slide["path"]
     config = store.read_config()
-    assert config["models"][MODEL]["imported"]["format"] == "trident-h5"
+    assert config.models[MODEL]["imported"]["format"] == "trident-h5"
     assert {k: store.tiling_of(MODEL)[k] for k in ("tile_px", "target_mpp", "stride_px")} == {
         "tile_px": 512,
         "target_mpp": 0.5,

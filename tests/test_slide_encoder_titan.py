@@ -45,7 +45,8 @@ from pathray.slide_level.encoders.titan import (
     titan_cells,
     write_random_weights,
 )
-from pathray.slide_level.job import AggregateConfig, SlideAggregatorStage, run_aggregate
+from pathray.slide_level.job import AggregateConfig, run_aggregate
+from pathray.slide_level.stages import SlideAggregatorStage
 from pathray.store import FeatureStore
 from pathray.tiling.grid import TilingConfig, plan_tiles
 from pathray.wsi.slide import open_slide

@@ -154,7 +154,7 @@ def test_store_config_guard(tmp_path):
     tiling = {"tile_px": 224, "fingerprint": "t1"}
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}})
     store.ensure_config(tiling, {"uni": {"weights": "a", "fingerprint": "u1"}, "kaiko": {"fingerprint": "k1"}})
-    assert sorted(store.read_config()["models"]) == ["kaiko", "uni"]  # adding a model is fine
+    assert sorted(store.read_config().models) == ["kaiko", "uni"]  # adding a model is fine
     with pytest.raises(
         StoreConfigMismatchError, match="holds 'uni' at another tiling: tile_px: store has 224, this run asks for 256"
     ):
@@ -174,7 +174,7 @@ def test_store_config_keeps_each_models_own_tiling(tmp_path):
     tiling, conch = {"tile_px": 224, "fingerprint": "t1"}, {"tile_px": 512, "fingerprint": "t5"}
     store.ensure_config(tiling, {"uni": {"fingerprint": "u1"}, "conch": {"fingerprint": "c1"}}, {"conch": conch})
     config = store.read_config()
-    assert config["tiling"] == tiling and config["model_tilings"] == {"conch": conch}
+    assert config.tiling == tiling and config.model_tilings == {"conch": conch}
     assert store.tiling_of("conch") == conch and store.tiling_of("uni") == tiling
     # a run of conch alone (its tiling first) finds it where it was: nothing changes
     assert store.check_config(conch, {"conch": {"fingerprint": "c1"}})[1] is False
@@ -185,7 +185,7 @@ def test_store_config_keeps_each_models_own_tiling(tmp_path):
 def test_check_config_writes_nothing(tmp_path):
     store = FeatureStore(str(tmp_path))
     config, changed = store.check_config({"tile_px": 224, "fingerprint": "t1"}, {"uni": {"fingerprint": "u1"}})
-    assert changed and sorted(config["models"]) == ["uni"] and store.read_config() is None
+    assert changed and sorted(config.models) == ["uni"] and store.read_config() is None
 
 
 _SLOW_WRITER = """
@@ -300,3 +300,28 @@ def test_a_commit_given_the_listed_copies_removes_the_other_cohorts_copy_without
         "features/model=m/cohort=B/s1.parquet"
     ]
     assert store.commit_records("m")["s1"].cohort == "B"
+
+
+def test_layout_paths_are_the_documented_layout(tmp_path):
+    """Every path derived from the declared partitions is the store's on-disk layout (the module
+    doc of pathray.store.layout); a glob over a family finds each of its files."""
+    from pathray.store.layout import AGGREGATOR_PIN, COMMIT_INDEX, FEATURES, RUN_STATUS, hive_value
+
+    store = FeatureStore(str(tmp_path))
+    assert store.features_relpath("m", None, "s") == "features/model=m/cohort=unassigned/s.parquet"
+    assert store.staging_path("m", "s", "c0") == str(tmp_path / "_staging/model=m/s/c0.parquet")
+    assert store.commit_path("m", "s") == str(tmp_path / "_commits/model=m/s.json")
+    assert COMMIT_INDEX.file(model="m") == "_commits/index/model=m.parquet"
+    assert store.slide_features_relpath("m", "mean") == "slide_features/model=m/aggregator=mean"
+    assert store.slide_commit_relpath("m", "mean", "s") == "_commits/slide_features/model=m/aggregator=mean/s.json"
+    assert AGGREGATOR_PIN.file(model="m", aggregator="mean") == "_commits/slide_features/model=m/aggregator=mean.json"
+    assert store.errors_relpath("r", 2) == "errors/run_id=r/part-00002.parquet"
+    assert (
+        store.run_status_relpath("r", 2) == "_runs/r/slides-00002.parquet"
+        and RUN_STATUS.glob() == "_runs/*/slides-*.parquet"
+    )
+    assert store.report_relpath("r") == "_runs/r/report.json"
+    assert FEATURES.prefix() == "features" and FEATURES.prefix(model="m") == "features/model=m"
+    assert (
+        FEATURES.hive_keys == ("model", "cohort") and hive_value("features/model=m/cohort=c/s.parquet", "cohort") == "c"
+    )

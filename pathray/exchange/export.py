@@ -43,30 +43,13 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow.parquet as pq
-
-from pathray.errors import FeaturesUnreadableError, describe
-from pathray.store import PROVENANCE_KEY, CommitRecord, FeatureStore
+from pathray.errors import describe
+from pathray.store import CommitRecord, FeatureStore, TileFeatures, read_slide
 
 #: what the last export into a folder wrote (model, format, slides)
 LAST_EXPORT = "_last_export.json"
 #: format name -> (sub-folder of OUT, file extension)
 FORMATS: dict[str, tuple[str, str]] = {"trident-h5": ("h5_files", "h5"), "pt": ("pt_files", "pt")}
-
-
-@dataclass(frozen=True)
-class SlideFeatures:
-    """One slide's tiles read back from the store, in ``tile_index`` order."""
-
-    slide_id: str
-    features: np.ndarray  # (N, D) float32
-    coords: np.ndarray  # (N, 2) int64, level-0 px
-    tissue_fraction: np.ndarray  # (N,) float32
-    tile_px: int
-    target_mpp: float
-    size_level0: float
-    provenance: str  # JSON
 
 
 @dataclass
@@ -80,35 +63,9 @@ class ExportReport:
         return 1 if self.errors else 0
 
 
-def read_slide_features(store: FeatureStore, record: CommitRecord) -> SlideFeatures:
-    """The slide's committed features file as arrays (raises :class:`FeaturesUnreadableError`)."""
-    try:
-        with store.fs.open(store.path(record.features_path), "rb") as f:
-            table = pq.read_table(f)
-    except Exception as exc:  # any read failure of a committed file is one error type
-        raise FeaturesUnreadableError(f"{record.features_path}: {type(exc).__name__}: {exc}") from exc
-    if table.num_rows != record.n_tiles:
-        raise FeaturesUnreadableError(
-            f"{record.features_path}: {table.num_rows} rows, commit record says {record.n_tiles}"
-        )
-    emb = table.column("embedding").combine_chunks()
-    features = emb.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, emb.type.list_size)
-    first = table.slice(0, 1).to_pylist()[0]
-    return SlideFeatures(
-        slide_id=record.slide_id,
-        features=features.astype(np.float32, copy=False),
-        coords=np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64),
-        tissue_fraction=table.column("tissue_fraction").to_numpy().astype(np.float32),
-        tile_px=int(first["tile_px"]),
-        target_mpp=float(first["target_mpp"]),
-        size_level0=float(first["size_level0"]),
-        provenance=(table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}").decode(),
-    )
-
-
-def trident_coords_attrs(slide: SlideFeatures, record: CommitRecord, stride_px: int, out_dir: str) -> dict:
+def trident_coords_attrs(slide: TileFeatures, record: CommitRecord, stride_px: int, out_dir: str) -> dict:
     """The ``coords`` attributes TRIDENT writes (trident/IO.py ``coords_to_h5``), in pathray's units."""
-    level0_mpp = slide.tile_px * slide.target_mpp / slide.size_level0
+    level0_mpp = slide.level0_mpp
     return {
         "patch_size": slide.tile_px,
         "patch_size_level0": round(slide.size_level0),
@@ -125,11 +82,11 @@ def trident_coords_attrs(slide: SlideFeatures, record: CommitRecord, stride_px: 
     }
 
 
-def write_trident_h5(path: str, slide: SlideFeatures, coords_attrs: dict, encoder: str) -> None:
+def write_trident_h5(path: str, slide: TileFeatures, coords_attrs: dict, encoder: str) -> None:
     import h5py
 
     with h5py.File(path, "w") as f:
-        features = f.create_dataset("features", data=slide.features)
+        features = f.create_dataset("features", data=slide.embeddings)
         features.attrs.update({"name": slide.slide_id, "savetodir": os.path.dirname(path), "encoder": encoder})
         coords = f.create_dataset("coords", data=slide.coords)
         coords.attrs.update(coords_attrs)
@@ -137,10 +94,10 @@ def write_trident_h5(path: str, slide: SlideFeatures, coords_attrs: dict, encode
         f.attrs["pathray_provenance"] = slide.provenance
 
 
-def write_pt(path: str, slide: SlideFeatures) -> None:
+def write_pt(path: str, slide: TileFeatures) -> None:
     import torch
 
-    torch.save(torch.tensor(slide.features, dtype=torch.float32), path)
+    torch.save(torch.tensor(slide.embeddings, dtype=torch.float32), path)
 
 
 class ExportConflictError(ValueError):
@@ -172,7 +129,7 @@ def export_store(store: FeatureStore, model: str, fmt: str, out_dir: str, overwr
             continue
         tmp = os.path.join(target, f"_{slide_id}.{ext}.tmp-{uuid.uuid4().hex}")
         try:
-            slide = read_slide_features(store, record)
+            slide = read_slide(store, model, record)
             if fmt == "pt":
                 write_pt(tmp, slide)
             else:

@@ -349,10 +349,11 @@ def decide_records(store: FeatureStore, config: ImportConfig, found: Probe) -> t
     the files' most common one (so another tiling or source of a model already in the store is
     refused by :meth:`FeatureStore.ensure_config`, as ``pathray embed`` is). Raises
     ``ValueError`` when no slide's attributes could be read and the store lacks the model."""
-    stored = (store.read_config() or {}).get("models", {}).get(config.model)
+    store_config = store.read_config()
+    stored = store_config.models.get(config.model) if store_config else None
     if not found.geometry:
         if stored:
-            return model_record(config, stored["embed_dim"]), store.tiling_of(config.model)
+            return model_record(config, stored["embed_dim"]), store_config.tiling_of(config.model)
         raise ValueError(
             f"no slide of {config.features_dir} could be read as {config.fmt}: "
             + "; ".join(f"{s}: {describe(e)[1]}" for s, e in sorted(found.failed.items())[:5])
@@ -504,7 +505,9 @@ def import_features(config: ImportConfig) -> RunReport:
     found.failed.update({s: SlideIdConflictError(message) for s, message in conflicts.items()})
     model_rec, tiling_rec = decide_records(store, config, found)
     with StoreLease(store, run_id):
-        store_hash = fingerprint(store.ensure_config(tiling_rec, {config.model: model_rec}, {config.model: tiling_rec}))
+        store_hash = fingerprint(
+            store.ensure_config(tiling_rec, {config.model: model_rec}, {config.model: tiling_rec}).to_json()
+        )
         store.remove_temporaries()
         run = ImportRun(
             config,

@@ -159,7 +159,7 @@ def run_job(
     with StoreLease(store, run_id) as lease:
         if lease.took_over is not None:
             log.warning("took over the lease of %s: its holder stopped heart-beating", lease.took_over.describe())
-        store_hash = fingerprint(store.ensure_config(tiling_rec, model_recs, model_tilings))
+        store_hash = fingerprint(store.ensure_config(tiling_rec, model_recs, model_tilings).to_json())
         store.remove_temporaries()
         for model in models:
             store.remove_committed_staging(model.name)

@@ -18,19 +18,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pathray.store import FeatureStore, model_tiling
-from pathray.tiling.grid import TILE_SCHEMA
-
-#: Columns of a features file that are per tile, not per slide.
-TILE_COLUMNS = frozenset(TILE_SCHEMA.names) | {"embedding"}
+from pathray.store import TILE_COLUMNS, FeatureStore, StoreConfig, embedding_matrix
 
 
 @dataclass(frozen=True)
 class BagIndex:
     """Committed slides of one model. ``slides``: slide_id, cohort, n_tiles and every kept
-    manifest column (one row per slide, sorted by slide_id)."""
+    manifest column (one row per slide, sorted by slide_id); ``config``: the store's config,
+    read once when indexing."""
 
     store: FeatureStore
+    config: StoreConfig | None
     model: str
     in_dim: int
     slides: pa.Table
@@ -43,10 +41,9 @@ class BagIndex:
     def fingerprint(self) -> str:
         """sha256 (16 hex) of the store's tiling and model fingerprints and every slide's
         (slide_id, n_tiles): changes when the features a model would see change."""
-        config = self.store.read_config() or {}
         payload = {
-            "tiling": model_tiling(config, self.model).get("fingerprint"),
-            "model": config.get("models", {}).get(self.model, {}).get("fingerprint"),
+            "tiling": self.config.tiling_of(self.model).get("fingerprint") if self.config else None,
+            "model": self.config.model_fingerprint(self.model) if self.config else None,
             "slides": list(zip(self.slides.column("slide_id").to_pylist(), self.slides.column("n_tiles").to_pylist())),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -77,7 +74,7 @@ def index_bags(store: FeatureStore | str, model: str) -> BagIndex:
         ]
     )
     slides = pa.Table.from_pylist(rows, schema=schema).sort_by("slide_id")
-    return BagIndex(store, model, emb_type.list_size, slides, fragments)
+    return BagIndex(store, store.read_config(), model, emb_type.list_size, slides, fragments)
 
 
 def load_tiles(index: BagIndex, slide_id: str, columns: list[str]) -> pa.Table:
@@ -88,13 +85,6 @@ def load_tiles(index: BagIndex, slide_id: str, columns: list[str]) -> pa.Table:
 def load_bag(index: BagIndex, slide_id: str) -> np.ndarray:
     """One slide's embeddings as float32 ``(n_tiles, in_dim)``."""
     return embedding_matrix(load_tiles(index, slide_id, ["embedding"]))
-
-
-def embedding_matrix(tiles: pa.Table) -> np.ndarray:
-    """The ``embedding`` column of ``tiles`` as float32 ``(n_tiles, dim)``."""
-    column = tiles.column("embedding").combine_chunks()
-    flat = column.values.to_numpy(zero_copy_only=False)
-    return flat.reshape(len(column), column.type.list_size).astype(np.float32)  # a writable copy (torch needs one)
 
 
 def check_finite(index: BagIndex, slide_ids: list[str]) -> None:

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pathray.mil.bags import BagIndex, embedding_matrix, load_bag, load_tiles
+from pathray.mil.bags import BagIndex, load_bag, load_tiles
 from pathray.mil.model import AbmilSpec, GatedAbmil
+from pathray.store import embedding_matrix
 
 
 def pick_device(device: str | None = None) -> torch.device:

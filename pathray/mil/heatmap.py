@@ -19,17 +19,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pathray.fs import split_uri
 from pathray.store import FeatureStore
+from pathray.store.read import read_features_file
 from pathray.wsi.slide import Slide
 
 #: viridis at 0, 1/4, 1/2, 3/4, 1 (matplotlib's values), linearly interpolated in between.
 VIRIDIS_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
 COLORBAR_PX = (24, 96)  # colour strip width, whole panel width
-TILE_COLUMNS = ["tile_index", "x", "y", "size_level0"]
+#: where a tile is (level-0 px), the columns a score is drawn with
+POSITION_COLUMNS = ["tile_index", "x", "y", "size_level0"]
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -58,8 +59,7 @@ def tile_scores(store: FeatureStore | str, model: str, slide_id: str, column: st
     record = store.commit_record(model, slide_id)
     if record is None or record.features_path is None:
         raise ValueError(f"{slide_id!r} has no committed tiles for model {model!r} in {store.root}")
-    with store.fs.open(store.path(record.features_path), "rb") as f:
-        return pq.read_table(f, columns=[*TILE_COLUMNS, column])
+    return read_features_file(store, record, [*POSITION_COLUMNS, column])
 
 
 def render_heatmap(
@@ -108,7 +108,7 @@ def scores_geojson(scores: pa.Table, column: str = "attention", slide_id: str = 
     """Tiles as a GeoJSON FeatureCollection of level-0 px squares; properties carry
     ``tile_index``, the score under ``column`` and ``measurements: {column: score}`` (QuPath)."""
     features = []
-    for row in scores.select([*TILE_COLUMNS, column]).to_pylist():
+    for row in scores.select([*POSITION_COLUMNS, column]).to_pylist():
         x, y, s = row["x"], row["y"], row["size_level0"]
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
         score = float(row[column])

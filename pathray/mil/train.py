@@ -31,7 +31,6 @@ from pathray.mil.labels import SlideLabels
 from pathray.mil.metrics import auroc, balanced_accuracy, summarize
 from pathray.mil.model import AbmilSpec, GatedAbmil
 from pathray.mil.splits import Fold
-from pathray.store import model_tiling
 
 METRICS = {"balanced_accuracy": balanced_accuracy, "auroc": auroc}
 
@@ -211,7 +210,7 @@ def run_record(index: BagIndex, labels: SlideLabels, config: TrainConfig, extra:
     """What a run was made from: store, fingerprint, model config, labels, hyper-parameters."""
     from pathray import __version__
 
-    store_config = index.store.read_config() or {}
+    store_config = index.config
     return finite_json(
         {
             "pathray_version": __version__,
@@ -220,8 +219,8 @@ def run_record(index: BagIndex, labels: SlideLabels, config: TrainConfig, extra:
             "store": index.store.root,
             "store_fingerprint": index.fingerprint(),
             "model": index.model,
-            "model_config": store_config.get("models", {}).get(index.model),
-            "tiling": model_tiling(store_config, index.model) or None,
+            "model_config": store_config.models.get(index.model) if store_config else None,
+            "tiling": (store_config.tiling_of(index.model) if store_config else None) or None,
             "in_dim": index.in_dim,
             "device": str(pick_device(config.device)),
             "hyperparameters": asdict(config),

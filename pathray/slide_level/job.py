@@ -1,15 +1,16 @@
 """`pathray aggregate` as a Ray Data job: committed tile features -> one slide-level row per slide.
 
 Plan: the driver lists the tile model's commit records and the aggregator's, and sends
-only slides committed for the tile model and not yet aggregated. Ray Data then runs
+only slides committed for the tile model and not yet aggregated. Ray Data then runs the two
+stages of :mod:`pathray.slide_level.stages`:
 
-1. :func:`load_slides` (CPU tasks): per slide, its tile commit record and its features
-   file, read once, checked against the record (row count, order) -> tiles as bytes;
-2. :class:`SlideAggregatorStage` (actor pool; one GPU per actor when the aggregator is
-   ``accelerated`` and the cluster has GPUs): builds the aggregator once per actor, computes
-   each slide's embedding and commits it: the one-row Parquet file
-   ``slide_features/model=<m>/aggregator=<a>/<slide_id>.parquet`` (one PUT; locally a
-   ``.``-prefixed temp file + ``os.replace``), then its commit record under ``_commits/``.
+1. :func:`~pathray.slide_level.stages.load_slides` (CPU tasks): per slide, its features file,
+   read once and checked against its commit record -> tiles as bytes;
+2. :class:`~pathray.slide_level.stages.SlideAggregatorStage` (actor pool; one GPU per actor
+   when the aggregator is ``accelerated`` and the cluster has GPUs): builds the aggregator once
+   per actor, computes each slide's embedding and commits it (:func:`pathray.store.commit_file`):
+   the one-row Parquet file ``slide_features/model=<m>/aggregator=<a>/<slide_id>.parquet``,
+   then its commit record under ``_commits/``.
 
 A slide is aggregated iff its commit record exists; a re-run skips those and redoes the
 rest, overwriting any file a crash left without a record. Slides committed without tissue
@@ -24,7 +25,6 @@ with other weights under the same name is refused.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -33,74 +33,23 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pathray import __version__
-from pathray.errors import AggregatorError, FeaturesUnreadableError, StoreConfigMismatchError, describe
+from pathray.errors import StoreConfigMismatchError
 from pathray.job.config import fingerprint
 from pathray.job.localrun import choose_runner
 from pathray.job.resources import PLACEMENT
 from pathray.monitor.html import MAX_TABLE_ROWS
 from pathray.monitor.runlog import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
 from pathray.monitor.watch import RunWatch
-from pathray.slide_level.aggregators import (
-    AggregatorSpec,
-    SlideTiles,
-    build_aggregator,
-    describe_tiling,
-    get_aggregator,
-)
-from pathray.store import (
-    ERROR_SCHEMA,
-    PROVENANCE_KEY,
-    TILE_FIELDS,
-    FeatureStore,
-    _put_bytes,
-    _read_json,
-    embeddings_to_arrow,
-    model_tiling,
-)
+from pathray.slide_level.aggregators import AggregatorSpec, describe_tiling, get_aggregator
+from pathray.slide_level.stages import SlideAggregatorStage, load_slides
+from pathray.store import ERROR_SCHEMA, FeatureStore, StoreConfig
+from pathray.store.layout import AGGREGATOR_PIN
 from pathray.store.lease import StoreLease
 
 log = logging.getLogger("pathray")
-
-TILE_COLUMNS = frozenset(f.name for f in TILE_FIELDS) | {"embedding"}
-
-LOADED_SCHEMA = pa.schema(
-    [
-        ("slide_id", pa.string()),
-        ("cohort", pa.string()),
-        ("status", pa.string()),
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("n_tiles", pa.int64()),
-        ("dim", pa.int64()),
-        ("embeddings", pa.large_binary()),  # (n_tiles, dim) float32, little-endian
-        ("x", pa.large_binary()),
-        ("y", pa.large_binary()),  # (n_tiles,) int64 level-0 px
-        ("slide_mpp", pa.float64()),
-        ("kept", pa.large_binary()),  # kept manifest columns: 1-row Arrow IPC stream
-        ("tile_provenance", pa.string()),
-        ("features_path", pa.string()),
-        ("load_s", pa.float64()),
-    ]
-)
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("slide_id", pa.string()),
-        ("status", pa.string()),
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("n_tiles", pa.int64()),
-        ("load_s", pa.float64()),
-        ("aggregate_s", pa.float64()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -185,182 +134,20 @@ class AggregateReport:
         )
 
 
-# --- stage 1: load ----------------------------------------------------------------------------
-def load_slides(batch: pa.Table, root: str, storage_options: dict | None, model: str) -> pa.Table:
-    """Slide ids -> :data:`LOADED_SCHEMA` rows; a slide that cannot be read is an error row."""
-    store = FeatureStore(root, storage_options)
-    return pa.Table.from_pylist(
-        [_load_one(store, model, s) for s in batch.column("slide_id").to_pylist()], schema=LOADED_SCHEMA
-    )
+@dataclass
+class AggregateRun:
+    """One run once the store's lease is held: its inputs, and the report it fills."""
 
-
-def _load_one(store: FeatureStore, model: str, slide_id: str) -> dict[str, Any]:
-    start = time.perf_counter()
-    row = {name: None for name in LOADED_SCHEMA.names}
-    row.update(slide_id=slide_id, status="ok", n_tiles=0, dim=0)
-    try:
-        record = store.commit_record(model, slide_id)
-        if record is None:
-            raise FeaturesUnreadableError(f"{slide_id}: the commit record of model {model!r} disappeared")
-        row.update(cohort=record.cohort, features_path=record.features_path)
-        if record.features_path is None:
-            row["status"] = "no_tissue"
-        else:
-            row.update(_read_tiles(store, record.features_path, record.n_tiles, record.slide.get("mpp")))
-    except Exception as exc:  # noqa: BLE001 - one slide's failure is recorded, never fatal
-        error_type, message = describe(exc)
-        row.update(status="error", stage="load", error_type=error_type, error_message=message[:2000])
-    row["load_s"] = time.perf_counter() - start
-    return row
-
-
-def _read_tiles(store: FeatureStore, relpath: str, n_tiles: int, slide_mpp: float | None) -> dict[str, Any]:
-    """The one read of a slide's features file, checked against its commit record."""
-    try:
-        with store.fs.open(store.path(relpath), "rb") as f:
-            table = pq.read_table(f)
-    except FileNotFoundError as exc:
-        raise FeaturesUnreadableError(f"{relpath}: committed but missing ({exc})") from exc
-    except (pa.ArrowException, OSError) as exc:
-        raise FeaturesUnreadableError(f"{relpath}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
-    if table.num_rows != n_tiles or "embedding" not in table.column_names:
-        raise FeaturesUnreadableError(f"{relpath}: {table.num_rows} rows, its commit record says {n_tiles}")
-    if not np.all(np.diff(table.column("tile_index").to_numpy()) > 0):
-        raise FeaturesUnreadableError(f"{relpath}: tile_index is not strictly increasing")
-    emb = table.column("embedding").combine_chunks()
-    dim = emb.type.list_size
-    embeddings = emb.flatten().to_numpy(zero_copy_only=False).reshape(n_tiles, dim).astype("<f4", copy=False)
-    kept = table.select([c for c in table.column_names if c not in TILE_COLUMNS]).slice(0, 1)
-    if slide_mpp is None:  # size_level0 = tile_px * target_mpp / slide_mpp
-        first = table.slice(0, 1).to_pylist()[0]
-        slide_mpp = first["tile_px"] * first["target_mpp"] / first["size_level0"]
-    meta = table.schema.metadata or {}
-    return {
-        "n_tiles": n_tiles,
-        "dim": dim,
-        "embeddings": embeddings.tobytes(),
-        "x": table.column("x").to_numpy().astype("<i8").tobytes(),
-        "y": table.column("y").to_numpy().astype("<i8").tobytes(),
-        "slide_mpp": float(slide_mpp),
-        "kept": _ipc_bytes(kept) if kept.num_columns else b"",
-        "tile_provenance": meta.get(PROVENANCE_KEY, b"{}").decode(),
-    }
-
-
-def _ipc_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
-
-
-# --- stage 2: aggregate + commit --------------------------------------------------------------
-class SlideAggregatorStage:
-    """Loaded slides -> :data:`RESULT_SCHEMA` rows, committing each slide's row.
-
-    The aggregator is built once per actor. If that fails (weights missing, module absent),
-    the actor stays up and every slide it receives becomes an error row with that cause
-    (stage ``aggregate``, the build error's ``error_type``)."""
-
-    def __init__(self, config: AggregateConfig, spec: AggregatorSpec, device: str, base_provenance: dict[str, Any]):
-        self.store = FeatureStore(config.store, config.storage_options)
-        self.model, self.spec = config.model, spec
-        self.aggregator, self.build_error = None, None
-        try:
-            self.aggregator = build_aggregator(spec, config.weights, device)
-            self.provenance = {**base_provenance, "aggregator_provenance": self.aggregator.provenance()}
-        except Exception as exc:  # noqa: BLE001 - reported on every slide this actor receives
-            self.build_error = describe(exc)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self._one(row) for row in batch.to_pylist()], schema=RESULT_SCHEMA)
-
-    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        result = {
-            k: row[k] for k in ("slide_id", "status", "stage", "error_type", "error_message", "n_tiles", "load_s")
-        }
-        result["aggregate_s"] = 0.0
-        if row["status"] == "error":
-            return result
-        if self.build_error:
-            error_type, message = self.build_error
-            result.update(
-                status="error",
-                stage="aggregate",
-                error_type=error_type,
-                error_message=f"{self.spec.name} could not be built: {message}"[:2000],
-            )
-            return result
-        start, stage = time.perf_counter(), "aggregate"
-        try:
-            table = self._slide_row(row) if row["status"] == "ok" else None
-            stage = "commit"
-            self._commit(row, table)
-        except Exception as exc:  # noqa: BLE001 - one slide's failure is recorded, never fatal
-            error_type, message = describe(exc)
-            result.update(status="error", stage=stage, error_type=error_type, error_message=message[:2000])
-        result["aggregate_s"] = time.perf_counter() - start
-        return result
-
-    def _slide_row(self, row: dict[str, Any]) -> pa.Table:
-        n, dim = row["n_tiles"], row["dim"]
-        tiles = SlideTiles(
-            row["slide_id"],
-            np.frombuffer(row["embeddings"], "<f4").reshape(n, dim),
-            np.frombuffer(row["x"], "<i8"),
-            np.frombuffer(row["y"], "<i8"),
-            row["slide_mpp"],
-        )
-        vector = self.aggregator(tiles)
-        want = self.spec.out_dim(dim)
-        if vector.shape != (want,) or not np.all(np.isfinite(vector)):
-            raise AggregatorError(
-                f"{self.spec.name} returned shape {vector.shape} (finite: "
-                f"{bool(np.all(np.isfinite(vector)))}), expected ({want},) finite"
-            )
-        table = pa.table(
-            {
-                "slide_id": pa.array([row["slide_id"]]),
-                "cohort": pa.array([row["cohort"]]),
-                "n_tiles": pa.array([n], pa.int64()),
-                "embedding": embeddings_to_arrow(vector[None, :]),
-            }
-        )
-        if row["kept"]:
-            kept = pa.ipc.open_stream(row["kept"]).read_all()
-            for name in kept.column_names:
-                table = table.append_column(kept.schema.field(name), kept.column(name))
-        provenance = {
-            **self.provenance,
-            "source": {"features_path": row["features_path"], "n_tiles": n},
-            "tile_provenance": json.loads(row["tile_provenance"] or "{}"),
-        }
-        return table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True, default=str)})
-
-    def _commit(self, row: dict[str, Any], table: pa.Table | None) -> None:
-        """The slide's file first (if it has tiles), its commit record last."""
-        relpath = None
-        if table is not None:
-            relpath = self.store.slide_features_relpath(self.model, self.spec.name, row["slide_id"])
-            self.store.write_table(relpath, table)
-        self.store.write_json(
-            self.store.slide_commit_relpath(self.model, self.spec.name, row["slide_id"]),
-            {
-                "slide_id": row["slide_id"],
-                "model": self.model,
-                "aggregator": self.spec.name,
-                "cohort": row["cohort"],
-                "n_tiles": row["n_tiles"],
-                "slide_features_path": relpath,
-                "features_path": row["features_path"],
-                "aggregator_fingerprint": self.provenance["aggregator"]["fingerprint"],
-                "run_id": self.provenance["run_id"],
-            },
-        )
+    config: AggregateConfig
+    spec: AggregatorSpec
+    store: FeatureStore
+    report: AggregateReport
+    lease: StoreLease
+    store_hash: str  # fingerprint of the store config in force (provenance: store_config_hash)
 
 
 # --- driver -----------------------------------------------------------------------------------
-def _pin_aggregator(
+def pin_aggregator(
     store: FeatureStore, model: str, spec: AggregatorSpec, weights: str | None, done: set[str]
 ) -> dict[str, Any]:
     """Write or check the aggregator identity (spec + weights) of this output folder. Other
@@ -368,10 +155,10 @@ def _pin_aggregator(
     identity replaces the old (a first run whose weights could not be loaded commits nothing)."""
     record = spec.record(weights)
     record["fingerprint"] = fingerprint(record)
-    path = store.path(store.slide_commit_relpath(model, spec.name) + ".json")  # beside the records, not among them
-    existing = _read_json(store.fs, path)
+    relpath = AGGREGATOR_PIN.file(model=model, aggregator=spec.name)
+    existing = store.read_json(relpath)
     if existing is None or (existing["fingerprint"] != record["fingerprint"] and not done):
-        _put_bytes(store.fs, path, json.dumps(record, indent=2, sort_keys=True).encode())
+        store.write_json(relpath, record)
     elif existing["fingerprint"] != record["fingerprint"]:
         raise StoreConfigMismatchError(
             f"slide_features for {model}/{spec.name} in {store.root} were made with "
@@ -381,14 +168,16 @@ def _pin_aggregator(
     return record
 
 
-def _check_inputs(store: FeatureStore, config: AggregateConfig, spec: AggregatorSpec) -> None:
+def check_inputs(
+    store: FeatureStore, store_config: StoreConfig | None, config: AggregateConfig, spec: AggregatorSpec
+) -> None:
     """Refuse a run that cannot produce meaningful rows, before any work starts: a tile model
     the aggregator was not trained on, a store tiled otherwise than it needs, a model not in
     the store. The message gives the ``pathray embed`` command that writes what it needs (into
     this store unless the model is already there at another tiling: a store holds each model at
-    one tiling)."""
-    current = store.read_config() or {}
-    models, tiling = current.get("models", {}), model_tiling(current, config.model)
+    one tiling). ``store_config``: the store's config (``None``: no store there yet)."""
+    models = store_config.models if store_config else {}
+    tiling = store_config.tiling_of(config.model) if store_config else {}
     tiling_ok = spec.tiles is None or not tiling or spec.tiles.matches(tiling)
     fix = f"; make them with: {spec.embed_command(store.root if tiling_ok or config.model not in models else 'NEW_STORE')}"
     if spec.tile_models and config.model not in spec.tile_models:
@@ -437,66 +226,68 @@ def run_aggregate(
     does), a lease lost mid-run (:class:`LeaseLostError`)."""
     spec = get_aggregator(config.aggregator)
     store = FeatureStore(config.store, config.storage_options)
-    _check_inputs(store, config, spec)
+    store_config = store.read_config()  # the run's one read of it
+    check_inputs(store, store_config, config, spec)
     run_id = config.run_id or new_run_id("agg-")
     report = AggregateReport(
         run_id=run_id, store=store.root, model=config.model, aggregator=spec.name, started_at=time.time()
     )
     with StoreLease(store, run_id) as lease:
-        return _aggregate_locked(config, spec, store, report, lease, (progress_bars, display))
+        run = AggregateRun(config, spec, store, report, lease, fingerprint(store_config.to_json()))
+        return _aggregate_locked(run, progress_bars, display)
 
 
-def _aggregate_locked(
-    config: AggregateConfig,
-    spec: AggregatorSpec,
-    store: FeatureStore,
-    report: AggregateReport,
-    lease: StoreLease,
-    output: tuple[bool, TextIO | None],
-) -> AggregateReport:
+def _aggregate_locked(run: AggregateRun, progress_bars: bool, display: TextIO | None) -> AggregateReport:
     """The body of :func:`run_aggregate` once the store's lease is held; the lease is checked
     for every result (commits happen in the actors: a lost lease stops the run at once).
-    ``output``: (Ray's progress bars, the live display's stream)."""
-    progress_bars, display = output
+    ``progress_bars``: Ray's output; ``display``: the live progress's stream."""
+    config, spec, store, report = run.config, run.spec, run.store, run.report
     committed, done = store.committed(config.model), store.aggregated(config.model, spec.name)
-    record = _pin_aggregator(store, config.model, spec, config.weights, done)
+    record = pin_aggregator(store, config.model, spec, config.weights, done)
     todo = sorted(committed - done)
     report.slides_committed, report.slides_skipped = len(committed), len(committed) - len(todo)
     failed, shown = [], []  # error rows; the page's per-slide rows
     watch = RunWatch({spec.name: len(todo)}, display, read_stage="load")
     try:
-        if todo:
-            provenance = {
-                "aggregator": record,
-                "tile_model": config.model,
-                "run_id": report.run_id,
-                "pathray_version": __version__,
-                "store_config_hash": fingerprint(store.read_config()),
-            }
-            report.runner = choose_runner(config)
-            rows = (
-                _run_local(config, spec, store, todo, provenance)
-                if report.runner == "local"
-                else _run_dataset(config, spec, store, todo, provenance, report, progress_bars)
-            )
-            for r in rows:
-                lease.ensure_held()
-                failed += [r] if r["status"] == "error" else []
-                _count(r, report, watch)
-                shown += [dict(r, model=spec.name)] if len(shown) < MAX_TABLE_ROWS else []
+        for r in _results(run, todo, record, progress_bars) if todo else ():
+            run.lease.ensure_held()
+            failed += [r] if r["status"] == "error" else []
+            _count(r, report, watch)
+            shown += [dict(r, model=spec.name)] if len(shown) < MAX_TABLE_ROWS else []
     except BaseException as exc:  # Ray failure, Ctrl-C: keep what is known (a re-run resumes), then re-raise
         report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
         raise
     finally:
         watch.close()
-        if lease.lost is None:  # a lost store may be another driver's now: leave it alone
-            errors = _errors_table(failed, config.model, spec.name)
-            if errors.num_rows:
-                store.write_table(store.errors_relpath(report.run_id, 1), errors)
-            report.ended_at = time.time()
-            store.write_json(store.report_relpath(report.run_id), report.to_dict())
-            _write_page(store, report, shown, watch)
+        if run.lease.lost is None:  # a lost store may be another driver's now: leave it alone
+            _save(run, failed, shown, watch)
     return report
+
+
+def _results(run: AggregateRun, todo: list[str], aggregator_record: dict[str, Any], progress_bars: bool):
+    """One result row per slide of ``todo``, from the stages run in this process or by Ray Data."""
+    provenance = {
+        "aggregator": aggregator_record,
+        "tile_model": run.config.model,
+        "run_id": run.report.run_id,
+        "pathray_version": __version__,
+        "store_config_hash": run.store_hash,
+    }
+    run.report.runner = choose_runner(run.config)
+    if run.report.runner == "local":
+        return _run_local(run, todo, provenance)
+    return _run_dataset(run, todo, provenance, progress_bars)
+
+
+def _save(run: AggregateRun, failed: list[dict[str, Any]], shown: list[dict[str, Any]], watch: RunWatch) -> None:
+    """The run's error rows, its report and its page, into the store."""
+    store, report = run.store, run.report
+    errors = _errors_table(failed, run.config.model, run.spec.name)
+    if errors.num_rows:
+        store.write_table(store.errors_relpath(report.run_id, 1), errors)
+    report.ended_at = time.time()
+    store.write_json(store.report_relpath(report.run_id), report.to_dict())
+    _write_page(store, report, shown, watch)
 
 
 def _count(r: dict[str, Any], report: AggregateReport, watch: RunWatch) -> None:
@@ -520,65 +311,67 @@ def _write_page(store: FeatureStore, report: AggregateReport, rows: list[dict[st
         log.exception("could not write the run's report.html")
 
 
-def _run_local(
-    config: AggregateConfig, spec: AggregatorSpec, store: FeatureStore, todo: list[str], provenance: dict[str, Any]
-):
+def _run_local(run: AggregateRun, todo: list[str], provenance: dict[str, Any]):
     """The Ray plan's two stages in this process, slide by slide (no Ray to start: a CPU box
     mean-pools a cohort in seconds); yields one result row per slide of ``todo``."""
-    stage = SlideAggregatorStage(config, spec, "cpu", provenance)
+    config = run.config
+    stage = SlideAggregatorStage(config, run.spec, "cpu", provenance)
     for slide_id in todo:
-        loaded = load_slides(pa.table({"slide_id": [slide_id]}), store.root, config.storage_options, config.model)
+        loaded = load_slides(pa.table({"slide_id": [slide_id]}), run.store.root, config.storage_options, config.model)
         yield from stage(loaded).to_pylist()
 
 
-def _run_dataset(
-    config: AggregateConfig,
-    spec: AggregatorSpec,
-    store: FeatureStore,
-    todo: list[str],
-    provenance: dict[str, Any],
-    report: AggregateReport,
-    progress_bars: bool,
-):
+def _run_dataset(run: AggregateRun, todo: list[str], provenance: dict[str, Any], progress_bars: bool):
     """Build and consume the Ray Data plan; yields one result row per slide of ``todo``."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
+    config = run.config
     if not ray.is_initialized():
         if not (config.ray_address or os.environ.get("RAY_ADDRESS")):
             quiet_local_ray_env()
         ray.init(address=config.ray_address, log_to_driver=progress_bars)
-    res = plan_aggregate_resources(spec, ray.cluster_resources(), config)
-    report.resources = dataclasses.asdict(res)
+    res = plan_aggregate_resources(run.spec, ray.cluster_resources(), config)
+    run.report.resources = dataclasses.asdict(res)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
     ctx.execution_options.preserve_order = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = ray.data.from_arrow([pa.table({"slide_id": todo[i : i + 4]}) for i in range(0, len(todo), 4)])
-        ds = ds.map_batches(
-            load_slides,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=res.loader_num_cpus,
-            **PLACEMENT,
-            fn_kwargs={"root": store.root, "storage_options": config.storage_options, "model": config.model},
-        )
-        ds = ds.map_batches(
-            SlideAggregatorStage,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=res.actor_num_cpus,
-            **PLACEMENT,
-            num_gpus=res.actor_num_gpus,
-            compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
-            fn_constructor_kwargs={
-                "config": config,
-                "spec": spec,
-                "base_provenance": provenance,
-                "device": "cuda" if res.actor_num_gpus else "cpu",
-            },
-        )
+        ds = _plan(run, todo, provenance, res)
     log_ray_plan_warnings(caught)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()  # one small row per slide
+
+
+def _plan(run: AggregateRun, todo: list[str], provenance: dict[str, Any], res: AggregateResources):
+    """The Ray Data plan: slide ids in blocks of 4 -> :func:`load_slides` tasks ->
+    :class:`SlideAggregatorStage` actors, at the resources ``res`` plans."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    config = run.config
+    ds = ray.data.from_arrow([pa.table({"slide_id": todo[i : i + 4]}) for i in range(0, len(todo), 4)])
+    ds = ds.map_batches(
+        load_slides,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=res.loader_num_cpus,
+        **PLACEMENT,
+        fn_kwargs={"root": run.store.root, "storage_options": config.storage_options, "model": config.model},
+    )
+    return ds.map_batches(
+        SlideAggregatorStage,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=res.actor_num_cpus,
+        **PLACEMENT,
+        num_gpus=res.actor_num_gpus,
+        compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
+        fn_constructor_kwargs={
+            "config": config,
+            "spec": run.spec,
+            "base_provenance": provenance,
+            "device": "cuda" if res.actor_num_gpus else "cpu",
+        },
+    )

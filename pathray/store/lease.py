@@ -33,7 +33,7 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 
 from pathray.errors import LeaseLostError, StoreBusyError
-from pathray.store import LEASE
+from pathray.store.layout import LEASE
 from pathray.store.leaseio import LeaseIO, lease_io
 
 log = logging.getLogger("pathray")

@@ -7,7 +7,8 @@ import time
 
 import pyarrow as pa
 
-from pathray.store import ERROR_SCHEMA, SLIDE_STATUS_SCHEMA, FeatureStore
+from pathray.store.feature_store import FeatureStore
+from pathray.store.schema import ERROR_SCHEMA, SLIDE_STATUS_SCHEMA
 
 FLUSH_ROWS = 1000
 
@@ -23,7 +24,7 @@ class StatusLedger:
         self.parts = 0
 
     def record(self, row: dict) -> None:
-        """Keep ``row`` (a :func:`~pathray.store.status_row`); an error row also goes to the error ledger."""
+        """Keep ``row`` (a :func:`~pathray.store.status.status_row`); an error row also goes to the error ledger."""
         self.status.append(row)
         if row["status"] == "error":
             self.errors.append(

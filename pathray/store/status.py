@@ -1,20 +1,107 @@
-"""What is in a feature store, read without writing to it: models and their tilings, slides
-committed / failed by error type / never tried (given a manifest), the runs with their dates
-and wall times, and the slide-level aggregations present.
+"""Slide status: the rows of the status table (``slides.parquet``, :func:`status_row`), its
+consolidation from every run's raw parts (:func:`consolidate_slide_table`), and what is in a
+store (:func:`store_status`, ``pathray status``).
 
-Costs a few listings and small reads: the store config, the commit-record folders, the status
-table (``slides.parquet``), the run reports and the slide-level record folders; no features
-file is opened.
+:func:`store_status` reads without writing: models and their tilings, slides committed / failed
+by error type / never tried (given a manifest), the runs with their dates and wall times, and the
+slide-level aggregations present. It costs a few listings and small reads: the store config, the
+commit-record folders, the status table, the run reports and the slide-level record folders; no
+features file is opened.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from typing import Any
 
-from pathray.store import FeatureStore, model_tiling
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pathray.store.config import StoreConfig
+from pathray.store.feature_store import FeatureStore
+from pathray.store.layout import RUN_REPORT, RUN_STATUS, SLIDE_COMMITS, SLIDES, STORE_META, CommitRecord, hive_value
+from pathray.store.schema import SLIDE_STATUS_SCHEMA
+
+
+def status_row(**fields: Any) -> dict[str, Any]:
+    """A slide-status row with every column of :data:`SLIDE_STATUS_SCHEMA` present."""
+    row = {name: None for name in SLIDE_STATUS_SCHEMA.names}
+    row.update(fields)
+    if row["updated_at"] is None:
+        row["updated_at"] = time.time()
+    return row
+
+
+def status_row_from_commit(record: CommitRecord) -> dict[str, Any]:
+    """The status row a commit record implies (``ok``, or ``no_tissue`` for zero tiles)."""
+    slide = record.slide
+    return status_row(
+        slide_id=record.slide_id,
+        model=record.model,
+        path=slide.get("path"),
+        cohort=record.cohort,
+        status="ok" if record.n_tiles else "no_tissue",
+        width=slide.get("width"),
+        height=slide.get("height"),
+        mpp=slide.get("mpp"),
+        mpp_source=slide.get("mpp_source"),
+        vendor=slide.get("vendor"),
+        n_tiles=record.n_tiles,
+        run_id=record.run_id,
+    )
+
+
+def consolidate_slide_table(store: FeatureStore, committed: dict[str, set[str]]) -> pa.Table:
+    """Rebuild ``slides.parquet`` from every run's raw status parts (``_runs/*/slides-*.parquet``):
+    the latest row per (slide_id, model) wins. ``committed`` (model -> slide ids with a commit
+    record) fills in pairs whose status row a crashed run never flushed, from their commit
+    records. Returns the table written."""
+    table = _latest_rows(_run_status_parts(store))
+    statuses = zip(*(table.column(c).to_pylist() for c in ("slide_id", "model", "status")))
+    have_ok = {(s, m) for s, m, st in statuses if st in ("ok", "no_tissue")}
+    backfill = []
+    for model, slide_ids in committed.items():
+        for slide_id in sorted(slide_ids):
+            record = None if (slide_id, model) in have_ok else store.commit_record(model, slide_id)
+            if record is not None:
+                backfill.append(status_row_from_commit(record))
+    if backfill:
+        done = {(r["slide_id"], r["model"]) for r in backfill}
+        keep = [
+            pair not in done for pair in zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist())
+        ]
+        filled = pa.Table.from_pylist(backfill, schema=SLIDE_STATUS_SCHEMA)
+        table = pa.concat_tables([table.filter(pa.array(keep, type=pa.bool_())), filled])
+    table = table.sort_by([("slide_id", "ascending"), ("model", "ascending")])
+    store.write_table(SLIDES, table)
+    return table
+
+
+def _run_status_parts(store: FeatureStore) -> pa.Table:
+    """Every run's raw status rows, concatenated."""
+    tables = []
+    for part in sorted(store.fs.glob(store.path(RUN_STATUS.glob()))):
+        with store.fs.open(part, "rb") as f:
+            tables.append(pq.read_table(f).cast(SLIDE_STATUS_SCHEMA))
+    return pa.concat_tables(tables) if tables else SLIDE_STATUS_SCHEMA.empty_table()
+
+
+def _latest_rows(table: pa.Table) -> pa.Table:
+    """The latest row (``updated_at``) of each (slide_id, model) of ``table``."""
+    if not len(table):
+        return table
+    order = pc.sort_indices(table, [("slide_id", "ascending"), ("model", "ascending"), ("updated_at", "descending")])
+    table = table.take(order)
+    pairs = zip(table.column("slide_id").to_pylist(), table.column("model").to_pylist())
+    keys = np.array([f"{s}\x00{m}" for s, m in pairs])
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return table.filter(pa.array(first))
 
 
 def store_status(store: FeatureStore, manifest_ids: list[str] | None = None) -> dict[str, Any]:
@@ -22,15 +109,15 @@ def store_status(store: FeatureStore, manifest_ids: list[str] | None = None) -> 
     of a manifest, to count the slides of it never tried per model."""
     config = store.read_config()
     if config is None:
-        raise FileNotFoundError(f"no pathray store at {store.root} (no {store.path('_pathray_store.json')})")
+        raise FileNotFoundError(f"no pathray store at {store.root} (no {store.path(STORE_META)})")
     latest = _latest_status(store)
     models = {}
-    for name, record in sorted(config.get("models", {}).items()):
-        models[name] = _model_status(store, config, name, record, latest.get(name, {}), manifest_ids)
+    for name in sorted(config.models):
+        models[name] = _model_status(store, config, name, latest.get(name, {}), manifest_ids)
     return {
         "store": store.root,
-        "format": config.get("format"),
-        "created_by": config.get("created_by"),
+        "format": config.format,
+        "created_by": config.created_by,
         "models": models,
         "runs": _runs(store),
         "aggregations": _aggregations(store),
@@ -38,11 +125,12 @@ def store_status(store: FeatureStore, manifest_ids: list[str] | None = None) -> 
 
 
 def _model_status(
-    store: FeatureStore, config: dict, name: str, record: dict, latest: dict[str, dict], manifest_ids: list[str] | None
+    store: FeatureStore, config: StoreConfig, name: str, latest: dict[str, dict], manifest_ids: list[str] | None
 ) -> dict[str, Any]:
+    record = config.models[name]
     committed = store.committed(name)
     errors = Counter(r["error_type"] for sid, r in latest.items() if r["status"] == "error" and sid not in committed)
-    tiling = model_tiling(config, name)
+    tiling = config.tiling_of(name)
     out = {
         "embed_dim": record.get("embed_dim"),
         "weights": record.get("weights"),
@@ -72,7 +160,7 @@ def _latest_status(store: FeatureStore) -> dict[str, dict[str, dict]]:
 def _runs(store: FeatureStore) -> list[dict[str, Any]]:
     """One entry per run report under ``_runs/``, oldest first."""
     try:
-        paths = store.fs.glob(store.path("_runs", "*", "report.json"))
+        paths = store.fs.glob(store.path(RUN_REPORT.glob()))
     except FileNotFoundError:
         return []
     runs = []
@@ -106,13 +194,13 @@ def _run_kind(report: dict[str, Any]) -> str:
 def _aggregations(store: FeatureStore) -> list[dict[str, Any]]:
     """(model, aggregator, committed slides) for every slide-level output folder."""
     try:
-        folders = store.fs.glob(store.path("_commits", "slide_features", "model=*", "aggregator=*"))
+        folders = store.fs.glob(store.path(SLIDE_COMMITS.dir_glob()))
     except FileNotFoundError:
         return []
     out = []
     for folder in sorted(f for f in folders if not f.endswith(".json")):  # <aggregator>.json: its pinned identity
-        model = os.path.basename(os.path.dirname(folder))[len("model=") :]
-        aggregator = os.path.basename(folder)[len("aggregator=") :]
+        relpath = store.relpath(folder)
+        model, aggregator = hive_value(relpath, "model"), hive_value(relpath, "aggregator")
         out.append({"model": model, "aggregator": aggregator, "slides": len(store.aggregated(model, aggregator))})
     return out
 
