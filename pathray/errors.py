@@ -241,6 +241,16 @@ def describe(exc: BaseException) -> tuple[str, str]:
     return UNEXPECTED, _ANSI.sub("", f"{type(exc).__name__}: {exc}")
 
 
+#: the most characters of an error message that a status/error row or a run report keeps
+MAX_MESSAGE_CHARS = 2000
+
+
+def cap_message(message: str) -> str:
+    """``message`` cut to its first :data:`MAX_MESSAGE_CHARS` characters: the form every status row,
+    error row and run report stores (a stack of chained errors can run to megabytes)."""
+    return message[:MAX_MESSAGE_CHARS]
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True when ``exc`` (or an exception it was raised from) says the storage is throttling,
     failing server-side or unreachable, i.e. a retry later may succeed: ``OSError(EBUSY)``

@@ -56,6 +56,7 @@ from pathray.errors import (
     MppMissingError,
     PathrayError,
     SlideIdConflictError,
+    cap_message,
     describe,
 )
 from pathray.job.config import fingerprint
@@ -584,7 +585,9 @@ def _import_all(
         except Exception as exc:  # noqa: BLE001 - one slide's failure is its error row, the rest go on
             status = "error"
             error_type, message = describe(exc)
-            row = status_row(**base, status=status, stage="import", error_type=error_type, error_message=message[:2000])
+            row = status_row(
+                **base, status=status, stage="import", error_type=error_type, error_message=cap_message(message)
+            )
             report.errors += 1
         counts[status] += 1
         ledger.record(row)

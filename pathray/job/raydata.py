@@ -33,7 +33,14 @@ import pyarrow as pa
 
 from pathray import __version__
 from pathray.encoders.custom import CustomEncoder
-from pathray.errors import LeaseLostError, SlideIdConflictError, StoreConfigMismatchError, UnknownModelError, describe
+from pathray.errors import (
+    LeaseLostError,
+    SlideIdConflictError,
+    StoreConfigMismatchError,
+    UnknownModelError,
+    cap_message,
+    describe,
+)
 from pathray.job.committers import CommitPool, LocalCommitPool, committer_count
 from pathray.job.config import JobConfig, fingerprint, model_tiling_records, tiling_record
 from pathray.job.localrun import READ_AHEAD_CHUNKS, choose_runner, local_results, prepare_encoders
@@ -315,7 +322,7 @@ def _run_locked(run: RunContext, progress_bars: bool) -> RunReport:
             else:
                 _run_ray(run, todo, progress_bars)
         except BaseException as exc:  # Ray failure, timeout, Ctrl-C: keep what is known, then re-raise
-            run.report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
+            run.report.aborted = cap_message(f"{type(exc).__name__}: {exc}")
             if not isinstance(exc, LeaseLostError):  # the store may be another driver's now: leave it alone
                 _close_run(run)
             raise
@@ -552,7 +559,9 @@ class _CommitQueue:
                 self.pool.result(done)
             except Exception as exc:
                 error_type, message = describe(exc)
-                row = dict(row, status="error", stage="finalize", error_type=error_type, error_message=message[:2000])
+                row = dict(
+                    row, status="error", stage="finalize", error_type=error_type, error_message=cap_message(message)
+                )
             _record(self.run, row)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import NonFiniteEmbeddingError, StagingError, StorageUnavailableError, describe
+from pathray.errors import NonFiniteEmbeddingError, StagingError, StorageUnavailableError, cap_message, describe
 from pathray.job.outage import with_storage_retries
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
 from pathray.tiling.grid import TilingConfig, TilingGroup, as_groups, plan_tiles, read_tiles
@@ -107,7 +107,7 @@ def chunk_id(slide_id: str, tiling_fingerprint: str, index: int) -> str:
 
 def _error_fields(stage: str, exc: BaseException) -> dict[str, str]:
     error_type, message = describe(exc)
-    return {"status": "error", "stage": stage, "error_type": error_type, "error_message": message[:2000]}
+    return {"status": "error", "stage": stage, "error_type": error_type, "error_message": cap_message(message)}
 
 
 # --- plan -----------------------------------------------------------------------------------
