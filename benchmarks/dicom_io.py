@@ -103,7 +103,8 @@ def unique_frames(directory: Path, chunks) -> tuple[int, int]:
 def measure(name: str, uri: str, directory: Path, proxy: S3Proxy, options: dict, decodes: DecodeCounter) -> list[dict]:
     import pyarrow as pa
 
-    from pathray.job.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+    from pathray.job.rows import SLIDE_SCHEMA
+    from pathray.job.stages import ChunkReader, SlidePlanner
 
     series_bytes = sum(p.stat().st_size for p in directory.iterdir())
     slides = pa.Table.from_pylist(

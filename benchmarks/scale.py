@@ -40,9 +40,9 @@ COHORTS = ("tcga_brca", "tcga_luad", "tcga_coad", "tcga_prad", "tcga_kirc")
 TILES_PER_S = 4000.0
 #: driver phases timed by wrapping the job's own functions (module attribute -> phase name)
 PHASES = {
-    "pathray.job.raydata._read_reachable": "manifest",
+    "pathray.job.raydata.read_reachable": "manifest",
     "pathray.job.raydata._todo": "resume",
-    "pathray.job.raydata._run_local": "embed+commit",
+    "pathray.job.raydata.run_local": "embed+commit",
     "pathray.job.raydata.consolidate_slide_table": "status table",
     "pathray.monitor.page.write_embed_page": "report page",
 }

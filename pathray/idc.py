@@ -35,7 +35,6 @@ filters; :func:`idc_manifest` reports them rather than guessing.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -253,54 +252,3 @@ def write_manifest(table: pa.Table, uri: str, storage_options: dict | None = Non
             pacsv.write_csv(table, f)
         else:
             pq.write_table(table, f)
-
-
-@dataclass(frozen=True)
-class TileEstimate:
-    """Tiles a job would grid, from image sizes alone (nothing read from the bucket).
-
-    ``grid_tiles`` counts every tile of each slide's full grid (no tissue filter: an upper
-    bound on what the job keeps); ``rows_without_geometry`` lists slide_ids lacking a size or
-    µm/px, which are not counted."""
-
-    grid_tiles: int
-    slides_counted: int
-    rows_without_geometry: tuple[str, ...]
-
-
-def grid_tiles(
-    width_px: int, height_px: int, mpp: float, tile_px: int, target_mpp: float, stride_px: int | None = None
-) -> int:
-    """Tiles in the full grid of a ``width_px`` x ``height_px`` (level-0 px) slide at ``mpp`` µm/px:
-    :func:`pathray.tiling.grid.grid_shape`, the rule :func:`pathray.tiling.grid.plan_tiles` grids by
-    (``stride_px`` in target px; ``None``: ``tile_px``, no overlap)."""
-    from pathray.tiling.grid import grid_shape
-
-    cols, rows = grid_shape(width_px, height_px, tile_px * target_mpp / mpp, (stride_px or tile_px) * target_mpp / mpp)
-    return cols * rows
-
-
-def _number(value: object) -> float | None:
-    """A finite positive number from a manifest cell (CSV cells arrive as text), else None."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
-
-
-def estimate_tiles(
-    manifest_rows: Sequence[dict], tile_px: int, target_mpp: float, stride_px: int | None = None
-) -> TileEstimate:
-    """Sum :func:`grid_tiles` over manifest rows carrying ``width_px``, ``height_px`` (level-0 px)
-    and ``index_mpp`` (µm/px), the geometry columns IDC's SM index gives per series
-    (``max_TotalPixelMatrixColumns``/``Rows``, ``min_PixelSpacing_2sf`` in mm x 1000)."""
-    total, counted, missing = 0, 0, []
-    for row in manifest_rows:
-        width, height, mpp = (_number(row.get(k)) for k in ("width_px", "height_px", "index_mpp"))
-        if not width or not height or not mpp:
-            missing.append(row["slide_id"])
-            continue
-        total += grid_tiles(int(width), int(height), mpp, tile_px, target_mpp, stride_px)
-        counted += 1
-    return TileEstimate(total, counted, tuple(missing))

@@ -221,7 +221,7 @@ def test_dry_run_on_an_index_manifest_estimates_tiles_and_gpu_hours_without_the_
     import pyarrow.parquet as pq
 
     from pathray.encoders.cost import target_tiles_per_s
-    from pathray.idc import grid_tiles
+    from pathray.job.estimate import grid_tiles
 
     rows = [
         {
@@ -259,7 +259,7 @@ def test_dry_run_on_an_index_manifest_estimates_tiles_and_gpu_hours_without_the_
 def test_dry_run_reads_index_geometry_from_a_csv_manifest_and_estimates_each_tiling(tmp_path, capsys):
     """CSV cells arrive as text; a run of models with different native tiles is estimated
     per tiling (kaiko: 224 px, Prov-GigaPath: 256 px at 0.5 µm/px)."""
-    from pathray.idc import grid_tiles
+    from pathray.job.estimate import grid_tiles
 
     (tmp_path / "m.csv").write_text(
         "slide_id,path,width_px,height_px,index_mpp\n"

@@ -59,7 +59,8 @@ def test_a_frame_split_in_the_middle_of_a_window_is_read_from_its_own_bytes(synt
 
 
 def _all_tissue_chunks(uri: str, options: dict, chunk_tiles: int) -> tuple[pa.Table, TilingConfig]:
-    from pathray.job.stages import SLIDE_SCHEMA, SlidePlanner
+    from pathray.job.rows import SLIDE_SCHEMA
+    from pathray.job.stages import SlidePlanner
 
     config = TilingConfig(min_tissue_fraction=0.0)  # every grid tile: an all-tissue series' worth of reads
     slides = pa.Table.from_pylist(

@@ -11,14 +11,13 @@ import pytest
 from pathray import cli
 from pathray.idc import (
     IdcSelection,
-    estimate_tiles,
-    grid_tiles,
     idc_manifest,
     index_path,
     manifest_row,
     read_sm_series,
     slide_id_for,
 )
+from pathray.job.estimate import estimate_tiles, grid_tiles
 from pathray.manifest import check_safe_name, read_manifest
 
 pytest.importorskip("idc_index_data")

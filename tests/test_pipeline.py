@@ -200,7 +200,7 @@ def test_two_models_read_pixels_once(ray_cluster, synthetic_svs_025, synthetic_s
 def test_new_version_writes_a_complete_separate_store(ray_cluster, synthetic_svs_05, random_weights, tmp_path):
     """--new-version on a tiling mismatch: every slide committed under versions/<hash>/, the
     original store untouched (no orphan staged chunks), and the dry run names that version."""
-    from pathray.job.raydata import dry_run_plan
+    from pathray.job.estimate import dry_run_plan
 
     manifest = write_manifest(tmp_path / "m.csv", [{"slide_id": "a", "path": os.fspath(synthetic_svs_05)}])
     weights = str(random_weights("kaiko-vits16", depth=1))

@@ -230,7 +230,8 @@ def test_reader_lets_go_of_its_open_slides_when_the_node_cache_is_full(
 
     import pyarrow as pa
 
-    from pathray.job.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+    from pathray.job.rows import SLIDE_SCHEMA
+    from pathray.job.stages import ChunkReader, SlidePlanner
 
     uris = [_upload(s3_server, s3_bucket, generic_tiff_deflate, f"{name}.tif") for name in "ab"]
     budget = int(1.5 * os.path.getsize(generic_tiff_deflate))  # one staged copy fits, two do not
@@ -255,7 +256,8 @@ def test_a_reader_fetches_the_tiles_neighbouring_chunks_share_once(s3_server, s3
     that each see one chunk fetch the stored tiles on every chunk boundary again."""
     import pyarrow as pa
 
-    from pathray.job.stages import SLIDE_SCHEMA, ChunkReader, SlidePlanner
+    from pathray.job.rows import SLIDE_SCHEMA
+    from pathray.job.stages import ChunkReader, SlidePlanner
     from pathray.wsi.rangeio import STATS
 
     uri = _upload(s3_server, s3_bucket, synthetic_svs_025, "chunks.svs")

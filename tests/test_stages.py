@@ -10,15 +10,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
-from pathray.job.stages import (
-    SLIDE_SCHEMA,
-    ChunkEncoder,
-    ChunkReader,
-    ChunkWriter,
-    SlidePlanner,
-    chunk_id,
-    tile_batches,
-)
+from pathray.job.rows import SLIDE_SCHEMA, chunk_id
+from pathray.job.stages import ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner, tile_batches
 from pathray.store import FeatureStore
 from pathray.testing import SleepEncoder, pixel_statistics
 from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles

@@ -25,7 +25,8 @@ from fixtures.slides import write_manifest
 from pathray.encoders.custom import CustomEncoder
 from pathray.exchange.export import ExportConflictError, export_store
 from pathray.job.config import build_job_config
-from pathray.job.raydata import dry_run_plan, run_job
+from pathray.job.estimate import dry_run_plan
+from pathray.job.raydata import run_job
 from pathray.mil import TrainConfig, train
 from pathray.mil.bags import index_bags
 from pathray.mil.labels import PatientFallbackWarning, join_labels

@@ -50,7 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathray.monitor.runlog import new_run_id, run_terminal
+    from pathray.job.runtime import new_run_id
+    from pathray.monitor.runlog import run_terminal
     from pathray.slide_level.job import AggregateConfig, run_aggregate
 
     storage, _ = s3_options_from_args(args)

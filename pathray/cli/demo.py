@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pathray.job.config import build_job_config
     from pathray.job.raydata import run_job
-    from pathray.monitor.runlog import new_run_id, quiet_local_ray_env, run_terminal
-    from pathray.store import FeatureStore
+    from pathray.job.runtime import new_run_id, quiet_local_ray_env
+    from pathray.monitor.runlog import run_terminal
 
     directory = Path(args.dir).resolve()
     config = build_job_config(
@@ -106,17 +106,24 @@ def run(args: argparse.Namespace) -> int:
             ray.shutdown()
             log_uri = terminal.finish(config.out, config.run_id)
     print(report.summary())
-    store = FeatureStore(report.store)
+    _print_store(report.store)
+    print(f"\nRun log: {log_uri}\nRun report: {report.html}")
+    return report.exit_code
+
+
+def _print_store(root: str) -> None:
+    """The demo store's tiles per slide, and a DuckDB query to try on it."""
+    from pathray.store import FeatureStore
+
+    store = FeatureStore(root)
     table = store.dataset(DEMO_MODEL).to_table(columns=["slide_id", "cohort", "tile_index", "x", "y", "embedding"])
     per_slide = table.group_by(["cohort", "slide_id"]).aggregate([("tile_index", "count")])
     print(
-        f"\nStore: {report.store}\nTiles per slide (pyarrow, committed slides only):\n{per_slide.to_pandas().to_string(index=False)}"
+        f"\nStore: {root}\nTiles per slide (pyarrow, committed slides only):\n{per_slide.to_pandas().to_string(index=False)}"
     )
     print(
         "\nTry it yourself:\n"
         "  import duckdb\n"
-        f"  duckdb.sql(\"SELECT cohort, slide_id, count(*) FROM read_parquet('{report.store}/features/**/*.parquet', "
+        f"  duckdb.sql(\"SELECT cohort, slide_id, count(*) FROM read_parquet('{root}/features/**/*.parquet', "
         'hive_partitioning=true) GROUP BY ALL")'
     )
-    print(f"\nRun log: {log_uri}\nRun report: {report.html}")
-    return report.exit_code

@@ -26,6 +26,7 @@ print(tiles.group_by(["cohort", "slide_id"]).aggregate([("tile_index", "count")]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """The options of `pathray embed`: what to embed and how to tile it, then the models, then the run."""
     add = parser.add_argument
     add("--config", help="YAML job file (pathray.job.config); options below override it")
     add("--manifest", help="slide manifest: CSV/TSV/Parquet/JSONL, local or s3://")
@@ -38,6 +39,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--stride-px", type=int, help="grid stride in target pixels (default: tile px, no overlap)")
     add("--min-tissue", type=float, dest="min_tissue_fraction", help="drop tiles with less tissue than this fraction")
     add("--chunk-tiles", type=int, help="tiles per work unit (default 256)")
+    _add_model_options(parser)
+    _add_run_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Per-model options (weights, precision, batch) and the encoder pools' sizes."""
+    add = parser.add_argument
     add(
         "--weights",
         action="append",
@@ -53,6 +61,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--encoder-actors", type=int, help="encoder actors per model")
     add("--num-gpus", type=float, dest="encoder_num_gpus", help="GPUs per encoder actor (fractional allowed)")
     add("--keep-columns", help="comma-separated manifest columns to copy onto every tile row")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how the run goes: storage, store versions, Ray, runner, output."""
+    add = parser.add_argument
     add_s3_options(parser)
     add(
         "--new-version", action="store_true", help="on a config mismatch, write a new store version under OUT/versions/"
@@ -84,39 +97,44 @@ def raw_config(args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value not in (None, False):
             raw[key] = value
-    tiling = dict(raw.get("tiling") or {})
-    for key in ("tile_px", "target_mpp", "stride_px", "min_tissue_fraction"):
-        if getattr(args, key) is not None:
-            tiling[key] = getattr(args, key)
-    raw["tiling"] = tiling
-    resources = dict(raw.get("resources") or {})
-    for key in ("readers", "encoder_actors", "encoder_num_gpus"):
-        if getattr(args, key) is not None:
-            resources[key] = getattr(args, key)
-    raw["resources"] = resources
+    raw["tiling"] = _given(args, raw.get("tiling"), ("tile_px", "target_mpp", "stride_px", "min_tissue_fraction"))
+    raw["resources"] = _given(args, raw.get("resources"), ("readers", "encoder_actors", "encoder_num_gpus"))
     if args.keep_columns:
         raw["keep_columns"] = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
     apply_s3_args(args, raw)
     models = raw.get("models") or []
-    models = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
-    encoders = {m: dict((raw.get("encoders") or {}).get(m) or {}) for m in models}
+    raw["models"] = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
+    raw["encoders"] = _encoders(args, raw["models"], raw.get("encoders") or {})
+    return raw
+
+
+def _given(args: argparse.Namespace, section: dict | None, keys: tuple[str, ...]) -> dict:
+    """A copy of a YAML section (``None``: empty) with the options of ``keys`` that were given."""
+    merged = dict(section or {})
+    merged.update({key: getattr(args, key) for key in keys if getattr(args, key) is not None})
+    return merged
+
+
+def _encoders(args: argparse.Namespace, models: list[str], encoders: dict) -> dict[str, dict]:
+    """Per model, its YAML ``encoders`` section with ``--weights MODEL=SOURCE`` and the options
+    given for every model (``--dtype``, ``--output-dtype``, ``--batch-size``) applied."""
+    merged = {m: dict(encoders.get(m) or {}) for m in models}
     for item in args.weights:
         model, _, source = item.partition("=")
-        if model not in encoders or not source:
+        if model not in merged or not source:
             raise ValueError(f"--weights {item!r}: expected MODEL=SOURCE with MODEL among --models")
-        encoders[model]["weights"] = source
-    for key in ("dtype", "output_dtype", "batch_size"):
-        if getattr(args, key) is not None:
-            for cfg in encoders.values():
-                cfg[key] = getattr(args, key)
-    raw["models"], raw["encoders"] = models, encoders
-    return raw
+        merged[model]["weights"] = source
+    for cfg in merged.values():
+        cfg.update(_given(args, None, ("dtype", "output_dtype", "batch_size")))
+    return merged
 
 
 def run(args: argparse.Namespace) -> int:
     from pathray.job.config import build_job_config
-    from pathray.job.raydata import dry_run_plan, run_job
-    from pathray.monitor.runlog import LOG_FORMAT, new_run_id, run_terminal
+    from pathray.job.estimate import dry_run_plan
+    from pathray.job.raydata import run_job
+    from pathray.job.runtime import new_run_id
+    from pathray.monitor.runlog import LOG_FORMAT, run_terminal
 
     try:
         raw = raw_config(args)

@@ -60,8 +60,8 @@ from pathray.errors import (
     describe,
 )
 from pathray.job.config import fingerprint
-from pathray.job.raydata import slide_id_conflict
 from pathray.job.report import RunReport
+from pathray.job.resume import slide_id_conflict
 from pathray.manifest import SlideEntry, check_safe_name, read_manifest
 from pathray.store import (
     CommitRequest,

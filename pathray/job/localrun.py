@@ -17,23 +17,29 @@ use (no address, no ``RAY_ADDRESS``, Ray not already initialised) and no GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
 
+from pathray.job.committers import LocalCommitPool
 from pathray.job.config import JobConfig
-from pathray.job.modelplan import ModelPlan
-from pathray.job.stages import SLIDE_SCHEMA, ChunkEncoder, ChunkReader, ChunkWriter, SlidePlanner
+from pathray.job.drive import RunContext, drive
+from pathray.job.rows import SLIDE_SCHEMA
+from pathray.job.stageplan import JobStages, Stage, build_stages
+from pathray.job.stages import ChunkReader, SlidePlanner
 
 #: chunks planned and read ahead of the encoder (each ~ chunk_tiles x 150 KB of pixels)
 READ_AHEAD_CHUNKS = 2
 _DONE = object()
+
+log = logging.getLogger("pathray")
 
 
 def choose_runner(config: JobConfig | Any) -> str:
@@ -55,41 +61,47 @@ def _ray_initialized() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def prepare_encoders(config: JobConfig, models: list[ModelPlan]) -> Future:
-    """Build every model's encode stage on a thread and return the future of the list: the
-    models load while the driver reads the manifest, takes the store's lease (its settle
-    time is a sleep) and plans the first slide, instead of after. Nothing is written."""
+def prepare_encoders(encode: Sequence[Stage]) -> Future:
+    """Build every model's encode stage (``encode``: :attr:`JobStages.encode`) on a thread and
+    return the future of the list: the models load while the driver takes the store's lease (its
+    settle time is a sleep) and plans the first slide, instead of after. Nothing is written."""
     executor = ThreadPoolExecutor(1, thread_name_prefix="pathray-model-load")
-    future = executor.submit(
-        lambda: [
-            ChunkEncoder(m.name, m.factory, drop_pixels=i == len(models) - 1, output_dtype=m.output_dtype)
-            for i, m in enumerate(models)
-        ]
-    )
+    future = executor.submit(lambda: [stage.build() for stage in encode])
     executor.shutdown(wait=False)
     return future
 
 
-def local_results(
-    config: JobConfig, store_root: str, models: list[ModelPlan], todo: list[dict], encoders: Future
-) -> Iterator[pa.Table]:
-    """Result tables (:data:`pathray.job.stages.RESULT_SCHEMA`) of ``todo``'s slides, computed in
+def run_local(run: RunContext, todo: list[dict]) -> None:
+    """Run the slide rows ``todo`` through the job's stages in this process and drive their
+    results (:func:`pathray.job.drive.drive`): no Ray at all."""
+    import torch
+
+    run.report.resources = {
+        "encoder_threads": torch.get_num_threads(),
+        "read_ahead_chunks": READ_AHEAD_CHUNKS,
+        "committers": 1,
+    }
+    log.info("runner: local (the stages in this process, no Ray), %d torch threads", torch.get_num_threads())
+    pool = LocalCommitPool(run.store)
+    results = local_results(build_stages(run.config, run.models, run.store.root), todo, run.encoders)
+    try:
+        drive(results, pool, run)
+    finally:
+        results.close()
+        pool.close()
+
+
+def local_results(stages: JobStages, todo: list[dict], encoders: Future) -> Iterator[pa.Table]:
+    """Result tables (:data:`pathray.job.rows.RESULT_SCHEMA`) of ``todo``'s slides, computed in
     this process by the Ray plan's own stages, in manifest order; ``encoders`` is
     :func:`prepare_encoders`' future. Closing the generator stops the read-ahead thread."""
-    staging = dict(
-        storage_options=config.slide_options, scratch_dir=config.scratch_dir, scratch_max_bytes=config.scratch_max_bytes
-    )
-    groups = config.tiling_groups([m.name for m in models])
-    planner = SlidePlanner(groups, config.chunk_tiles, **staging)
-    reader = ChunkReader(groups, **staging)
+    planner, reader = stages.plan.build(), stages.read.build()
     ahead = _ReadAhead(planner, reader, todo)
     try:
-        writer = ChunkWriter(
-            store_root, config.storage_options, [m.name for m in models], {m.name: m.output_dtype for m in models}
-        )
-        stages = encoders.result()
+        writer = stages.write.build()
+        encode = encoders.result()
         for chunk in ahead:
-            for encoder in stages:
+            for encoder in encode:
                 chunk = encoder(chunk)
             yield writer(chunk)
     finally:

@@ -4,7 +4,7 @@ throttled, stop a run whose slides all fail for want of storage.
 Three guards, from the cheapest:
 
 * :func:`check_reachable`: before a run (and a dry run) touches the manifest, the store or
-  the slides, one listing request per ``s3://`` location through a client that gives up
+  the slides (:func:`read_reachable`), one listing request per ``s3://`` location through a client that gives up
   quickly (:data:`PROBE_CLIENT`: 2 attempts, 5 s connect / 10 s read timeouts, about 20 s
   at worst). An endpoint that is closed, times out or answers only 503/5xx raises
   :class:`~pathray.errors.StorageUnreachableError` naming the endpoint and the cause, so the
@@ -25,10 +25,14 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pathray.errors import StorageTimeoutError, StorageUnavailableError, StorageUnreachableError, is_unavailable
 from pathray.fs import is_remote, split_uri
+
+if TYPE_CHECKING:
+    from pathray.job.config import JobConfig
+    from pathray.manifest import SlideEntry
 
 log = logging.getLogger("pathray")
 T = TypeVar("T")
@@ -104,6 +108,22 @@ def check_slide_sources(paths: Iterable[str], storage_options: dict[str, Any] | 
             seen[bucket] = path
     for path in seen.values():
         check_reachable(path, storage_options, "slide source")
+
+
+def read_reachable(config: JobConfig) -> list[SlideEntry]:
+    """The manifest's entries, after checking that the manifest, the store and the slides'
+    source answer (:func:`check_reachable`): an outage stops the run here, within seconds,
+    instead of turning every slide into an error row."""
+    from pathray.manifest import read_manifest
+
+    log.info("checking that the manifest %s and the store %s can be reached", config.manifest, config.out)
+    check_reachable(config.manifest, config.storage_options, "manifest")
+    check_reachable(config.out, config.storage_options, "feature store")
+    log.info("reading the manifest %s", config.manifest)
+    entries = read_manifest(config.manifest, config.storage_options)
+    log.info("%d slides in the manifest; checking that their storage can be reached", len(entries))
+    check_slide_sources((e.path for e in entries), config.slide_options)
+    return entries
 
 
 def with_storage_retries(fn: Callable[[], T], attempts: int | None = None, base_s: float | None = None) -> T:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pathray.job.config import JobConfig
+from pathray.job.config import JobConfig, ResourceConfig
 
 #: Ray remote args of every stage: Ray's default hybrid scheduling, not Ray Data's SPREAD, so
 #: CPU-only actors stay off GPU nodes while CPU nodes have room (Ray avoids GPU nodes for work
@@ -59,26 +59,9 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
     writers = r.writers or max(1, int(cpus // 32))
     task_reserve = r.plan_num_cpus * planners + r.write_num_cpus * writers
     if gpus > 0 or (r.encoder_num_gpus or 0) > 0:
-        enc_gpus = r.encoder_num_gpus if r.encoder_num_gpus is not None else 1.0 / n_models
-        enc_actors = r.encoder_actors or max(1, int(gpus / enc_gpus / n_models))
-        enc_cpus = (
-            r.encoder_num_cpus
-            if r.encoder_num_cpus is not None
-            else min(1.0, max(cpus - task_reserve, 0.5) / (enc_actors * n_models * 2))
-        )
-        reader_cpus = r.reader_num_cpus or 1.0
+        enc_gpus, enc_actors, enc_cpus, reader_cpus = _gpu_encoders(r, cpus - task_reserve, gpus, n_models)
     else:
-        enc_gpus = r.encoder_num_gpus or 0.0
-        enc_actors = r.encoder_actors or 1
-        budget = max(cpus - task_reserve, 0.5)
-        # on CPUs the model is the slow stage by ~50x (decode: ~500-2,000 tiles/s/core; ViT-S:
-        # ~8 tiles/s/core): readers get an eighth of the budget (0.25-1 CPU each), encoders the rest
-        reader_cpus = r.reader_num_cpus or min(1.0, max(0.25, budget / 8))
-        enc_cpus = (
-            r.encoder_num_cpus
-            if r.encoder_num_cpus is not None
-            else max(budget - reader_cpus, 0.25) / (enc_actors * n_models)
-        )
+        enc_gpus, enc_actors, enc_cpus, reader_cpus = _cpu_encoders(r, cpus - task_reserve, n_models)
     left = cpus - task_reserve - enc_cpus * enc_actors * n_models
     readers = r.readers or max(1, int(left / reader_cpus + 1e-9))
     return Resources(
@@ -94,6 +77,36 @@ def plan_resources(config: JobConfig, cluster: dict[str, float], n_models: int) 
         writers=writers,
         write_num_cpus=r.write_num_cpus,
     )
+
+
+def _gpu_encoders(r: ResourceConfig, cpus_free: float, gpus: float, n_models: int) -> tuple[float, int, float, float]:
+    """``(GPUs per encoder, encoders per model, CPUs per encoder, CPUs per reader)`` with GPUs:
+    one actor per GPU per model at ``1/n_models`` GPU each, one CPU per GPU feeding them
+    (``cpus_free``: the CPUs the planner and writer pools leave)."""
+    enc_gpus = r.encoder_num_gpus if r.encoder_num_gpus is not None else 1.0 / n_models
+    enc_actors = r.encoder_actors or max(1, int(gpus / enc_gpus / n_models))
+    enc_cpus = (
+        r.encoder_num_cpus
+        if r.encoder_num_cpus is not None
+        else min(1.0, max(cpus_free, 0.5) / (enc_actors * n_models * 2))
+    )
+    return enc_gpus, enc_actors, enc_cpus, r.reader_num_cpus or 1.0
+
+
+def _cpu_encoders(r: ResourceConfig, cpus_free: float, n_models: int) -> tuple[float, int, float, float]:
+    """``(GPUs per encoder, encoders per model, CPUs per encoder, CPUs per reader)`` without
+    GPUs: on CPUs the model is the slow stage by ~50x (decode: ~500-2,000 tiles/s/core; ViT-S:
+    ~8 tiles/s/core), so readers get an eighth of ``cpus_free`` (0.25-1 CPU each) and the
+    encoders the rest."""
+    enc_actors = r.encoder_actors or 1
+    budget = max(cpus_free, 0.5)
+    reader_cpus = r.reader_num_cpus or min(1.0, max(0.25, budget / 8))
+    enc_cpus = (
+        r.encoder_num_cpus
+        if r.encoder_num_cpus is not None
+        else max(budget - reader_cpus, 0.25) / (enc_actors * n_models)
+    )
+    return r.encoder_num_gpus or 0.0, enc_actors, enc_cpus, reader_cpus
 
 
 def local_gpus() -> int:

@@ -1,21 +1,9 @@
 """The job's stages as plain callables over Arrow tables; none of them imports Ray.
 
-Row kinds flowing between stages (all columns typed and non-null, so Ray Data can
-concatenate blocks produced by different tasks):
-
-* **slide rows** (driver -> plan): :data:`SLIDE_SCHEMA`, one per slide to (re)do.
-* **chunk rows** (plan -> read -> encode -> write): :data:`CHUNK_SCHEMA`, one per work
-  unit of at most ``chunk_tiles`` tiles of one slide. Coordinates travel as raw
-  little-endian bytes (``int64`` x/y/tile_index, ``float32`` tissue fraction) so that
-  empty chunks have the same type as full ones. The read stage adds ``pixels``
-  (``N*tile_px*tile_px*3`` uint8 bytes); each encode stage adds ``emb:<model>``
-  (``N*D`` float bytes), ``prov:<model>`` (provenance JSON) and ``encode_s:<model>``;
-  the last encode stage drops ``pixels``.
-* **result rows** (write -> driver): :data:`RESULT_SCHEMA`, one per (chunk, model).
-
-A slide that fails or has no tissue still yields exactly one chunk row
-(``n_chunks == 0``, ``status`` error / no_tissue) so the driver learns its fate from the
-same stream.
+plan (:class:`SlidePlanner`) -> read (:class:`ChunkReader`) -> encode (one
+:class:`ChunkEncoder` per model) -> write (:class:`ChunkWriter`); the rows they pass on are
+declared in :mod:`pathray.job.rows`, and :func:`pathray.job.stageplan.build_stages` builds
+them from a job config for either runner.
 """
 
 from __future__ import annotations
@@ -30,84 +18,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import NonFiniteEmbeddingError, StagingError, StorageUnavailableError, cap_message, describe
+from pathray.errors import NonFiniteEmbeddingError, StagingError, StorageUnavailableError
 from pathray.job.outage import with_storage_retries
+from pathray.job.rows import CHUNK_SCHEMA, RESULT_SCHEMA, chunk_id, error_fields, result_row, unplanned_chunk
 from pathray.store import FeatureStore, embeddings_to_arrow, feature_schema
 from pathray.tiling.grid import TilingConfig, TilingGroup, as_groups, plan_tiles, read_tiles
 from pathray.tiling.tissue import detect_tissue
 from pathray.wsi.facts import SlideFacts
 from pathray.wsi.scratch import DEFAULT_MAX_BYTES, Scratch, node_scratch_dir
 from pathray.wsi.slide import open_slide
-
-SLIDE_SCHEMA = pa.schema(
-    [
-        ("slide_id", pa.string()),
-        ("path", pa.string()),
-        ("cohort", pa.string()),  # "" when the manifest has none
-        ("mpp_override", pa.float64()),  # the manifest's µm/px, null when it has none
-        ("models", pa.list_(pa.string())),  # models still to do for this slide
-    ]
-)
-
-CHUNK_SCHEMA = pa.schema(
-    [
-        *SLIDE_SCHEMA,  # mpp_override travels on so readers open the slide as the planner did
-        ("tiling", pa.string()),  # fingerprint of the chunk's tiling ("" when planning failed)
-        ("tile_px", pa.int32()),  # that tiling's tile side (px at target_mpp)
-        ("target_mpp", pa.float64()),
-        ("chunk_id", pa.string()),
-        ("chunk_index", pa.int32()),
-        ("n_chunks", pa.int32()),
-        ("n_tiles_slide", pa.int64()),
-        ("tile_index", pa.binary()),
-        ("x", pa.binary()),
-        ("y", pa.binary()),
-        ("tissue_fraction", pa.binary()),
-        ("size_level0", pa.float64()),
-        ("status", pa.string()),  # ok | no_tissue | error
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("slide_meta", pa.string()),  # pathray.wsi.facts.SlideFacts as JSON ("{}" when planning failed)
-        ("plan_s", pa.float64()),
-    ]
-)
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("slide_id", pa.string()),
-        ("model", pa.string()),
-        ("cohort", pa.string()),
-        ("chunk_id", pa.string()),
-        ("chunk_index", pa.int32()),
-        ("n_chunks", pa.int32()),
-        ("n_tiles_slide", pa.int64()),
-        ("n_tiles", pa.int64()),  # tiles of this chunk written for this model
-        ("first", pa.bool_()),  # the chunk's first model row: carries the chunk-level figures below
-        ("tiles_read", pa.int64()),  # tiles whose pixels were read for this chunk
-        ("status", pa.string()),
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("slide_meta", pa.string()),
-        ("provenance", pa.string()),
-        ("plan_s", pa.float64()),
-        ("read_s", pa.float64()),
-        ("encode_s", pa.float64()),
-        ("encoded_at", pa.float64()),  # unix time this model finished this chunk (0: not encoded)
-        ("write_s", pa.float64()),
-    ]
-)
-
-
-def chunk_id(slide_id: str, tiling_fingerprint: str, index: int) -> str:
-    """Deterministic name of a slide's ``index``-th chunk under one tiling config."""
-    return f"{slide_id}.{tiling_fingerprint[:8]}.c{index:05d}"
-
-
-def _error_fields(stage: str, exc: BaseException) -> dict[str, str]:
-    error_type, message = describe(exc)
-    return {"status": "error", "stage": stage, "error_type": error_type, "error_message": cap_message(message)}
 
 
 # --- plan -----------------------------------------------------------------------------------
@@ -140,31 +59,14 @@ class SlidePlanner:
         return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
 
     def plan_one(self, slide: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunk rows of one slide row (one error row when planning fails), each with its
+        share of the planning time."""
         start = time.perf_counter()
-        base = {k: slide[k] for k in ("slide_id", "path", "cohort", "mpp_override", "models")}
-        empty = dict(
-            base,
-            tiling="",
-            tile_px=0,
-            target_mpp=0.0,
-            chunk_id="",
-            chunk_index=0,
-            n_chunks=0,
-            n_tiles_slide=0,
-            tile_index=b"",
-            x=b"",
-            y=b"",
-            tissue_fraction=b"",
-            size_level0=0.0,
-            stage="plan",
-            error_type="",
-            error_message="",
-            slide_meta="{}",
-        )
+        empty = unplanned_chunk(slide)
         try:
             rows = with_storage_retries(lambda: self._plan(slide, empty))
         except Exception as exc:  # every failure becomes a recorded per-slide error
-            rows = [dict(empty, **_error_fields("plan", exc))]
+            rows = [dict(empty, **error_fields("plan", exc))]
         elapsed = time.perf_counter() - start
         return [dict(r, plan_s=elapsed / len(rows)) for r in rows]
 
@@ -279,7 +181,7 @@ class ChunkReader:
                 tiles = with_storage_retries(functools.partial(self._read, row))
                 data, count = np.ascontiguousarray(tiles, dtype=np.uint8).tobytes(), len(tiles)
             except Exception as exc:
-                update = _error_fields("read", exc)
+                update = error_fields("read", exc)
         chunk = _apply_updates(chunk, [update])
         chunk = chunk.append_column(pa.field("pixels", pa.large_binary()), pa.array([data], type=pa.large_binary()))
         chunk = chunk.append_column("tiles_read", pa.array([count], type=pa.int64()))
@@ -372,7 +274,7 @@ class ChunkEncoder:
             self.encoder = make_encoder()
             self.provenance = json.dumps(self.encoder.provenance(), sort_keys=True, default=str)
         except Exception as exc:
-            self.load_error = _error_fields("encode", exc)
+            self.load_error = error_fields("encode", exc)
             self.provenance = "{}"
 
     def __call__(self, chunks: pa.Table) -> pa.Table:
@@ -391,7 +293,7 @@ class ChunkEncoder:
                     try:
                         data = self._embed(tiles).tobytes()
                     except Exception as exc:
-                        error = json.dumps(_error_fields("encode", exc))
+                        error = json.dumps(error_fields("encode", exc))
             embeddings.append(data)
             seconds.append(time.perf_counter() - start)
             finished.append(time.time() if data else 0.0)
@@ -440,60 +342,35 @@ class ChunkWriter:
         return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
 
     def _write_one(self, row: dict[str, Any], model: str, first: bool) -> dict[str, Any]:
+        """The result row of one chunk row for ``model``; an ok chunk's tiles are staged first."""
         start = time.perf_counter()
-        n = len(row["x"]) // 8
-        result = {
-            k: row[k]
-            for k in (
-                "slide_id",
-                "cohort",
-                "chunk_id",
-                "chunk_index",
-                "n_chunks",
-                "n_tiles_slide",
-                "status",
-                "stage",
-                "error_type",
-                "error_message",
-                "slide_meta",
-                "plan_s",
-            )
-        }
-        result.update(
-            model=model,
-            first=first,
-            n_tiles=0,
-            tiles_read=row.get("tiles_read") or 0,
-            provenance=row.get(f"prov:{model}") or "{}",
-            read_s=row.get("read_s") or 0.0,
-            encode_s=row.get(f"encode_s:{model}") or 0.0,
-            encoded_at=row.get(f"encoded_at:{model}") or 0.0,
-            write_s=0.0,
-        )
-        error = row.get(f"err:{model}")
-        if result["status"] == "ok" and error:
-            result.update(json.loads(error))
+        result = result_row(row, model, first)
         if result["status"] != "ok":
             return result
         try:
-            embeddings = np.frombuffer(row[f"emb:{model}"], dtype=self.embedding_types[model]).reshape(n, -1)
-            table = pa.Table.from_arrays(
-                [
-                    pa.array([row["slide_id"]] * n, type=pa.string()),
-                    pa.array(np.frombuffer(row["tile_index"], dtype="<i8")),
-                    pa.array(np.frombuffer(row["x"], dtype="<i8")),
-                    pa.array(np.frombuffer(row["y"], dtype="<i8")),
-                    pa.array(np.full(n, row["size_level0"], dtype=np.float64)),
-                    pa.array(np.full(n, row["target_mpp"], dtype=np.float64)),
-                    pa.array(np.full(n, row["tile_px"], dtype=np.int32)),
-                    pa.array(np.frombuffer(row["tissue_fraction"], dtype="<f4")),
-                    embeddings_to_arrow(embeddings),
-                ],
-                schema=feature_schema(embeddings.shape[1], pa.from_numpy_dtype(embeddings.dtype)),
-            )
+            table = self._tile_table(row, model)
             self.store.write_chunk(model, row["slide_id"], row["chunk_id"], table)
-            result["n_tiles"] = n
+            result["n_tiles"] = table.num_rows
         except Exception as exc:
-            result.update(_error_fields("write", exc))
+            result.update(error_fields("write", exc))
         result["write_s"] = time.perf_counter() - start
         return result
+
+    def _tile_table(self, row: dict[str, Any], model: str) -> pa.Table:
+        """The features-file rows (:func:`pathray.store.feature_schema`) of one chunk row for ``model``."""
+        n = len(row["x"]) // 8
+        embeddings = np.frombuffer(row[f"emb:{model}"], dtype=self.embedding_types[model]).reshape(n, -1)
+        return pa.Table.from_arrays(
+            [
+                pa.array([row["slide_id"]] * n, type=pa.string()),
+                pa.array(np.frombuffer(row["tile_index"], dtype="<i8")),
+                pa.array(np.frombuffer(row["x"], dtype="<i8")),
+                pa.array(np.frombuffer(row["y"], dtype="<i8")),
+                pa.array(np.full(n, row["size_level0"], dtype=np.float64)),
+                pa.array(np.full(n, row["target_mpp"], dtype=np.float64)),
+                pa.array(np.full(n, row["tile_px"], dtype=np.int32)),
+                pa.array(np.frombuffer(row["tissue_fraction"], dtype="<f4")),
+                embeddings_to_arrow(embeddings),
+            ],
+            schema=feature_schema(embeddings.shape[1], pa.from_numpy_dtype(embeddings.dtype)),
+        )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pathray.monitor.html import RunPage, png_bytes, run_status_rows, write_run_html
 
 if TYPE_CHECKING:
-    from pathray.job.raydata import RunContext
+    from pathray.job.drive import RunContext
 
 log = logging.getLogger("pathray")
 

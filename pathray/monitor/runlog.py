@@ -18,9 +18,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-import uuid
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,38 +27,6 @@ from pathray.fs import join, split_uri
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 LOG_NAME = "run.log"
-
-
-def new_run_id(prefix: str = "") -> str:
-    """``<prefix><UTC timestamp>-<6 hex>``: a run's default name."""
-    return prefix + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
-def quiet_local_ray_env() -> None:
-    """Before ``ray.init`` starts a local Ray: enable the token authentication Ray enables by
-    default for a new local cluster, the way Ray does it (its ``_enable_token_auth``: the
-    ``RAY_AUTH_MODE=token`` environment variable, then its cached config refreshed), but
-    explicitly, which is what Ray's start-up WARNING asks for. A mode the user set is kept;
-    on another Ray version without that helper, nothing changes (Ray warns as before)."""
-    if os.environ.get("RAY_AUTH_MODE") is not None:
-        return
-    try:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-    except ImportError:
-        return
-    _enable_token_auth()
-
-
-def log_ray_plan_warnings(caught: list[warnings.WarningMessage]) -> None:
-    """Log the warnings that building a Ray Data plan raised (``warnings.catch_warnings(record=True)``):
-    Ray 2.60 deprecates per-operator ``ray_remote_args`` (:data:`pathray.job.resources.PLACEMENT`'s
-    scheduling strategy) and names no replacement (``DataContext.scheduling_strategy`` is
-    deprecated too), so that one is known noise for the run's log (INFO); any other stays a
-    warning."""
-    log = logging.getLogger("pathray")
-    for w in caught:
-        known = "ray_remote_args" in str(w.message)
-        (log.info if known else log.warning)("%s: %s", w.category.__name__, w.message)
 
 
 @dataclass

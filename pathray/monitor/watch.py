@@ -1,7 +1,7 @@
 """What a person watching a run sees: one live progress display, and the time series the
 run's HTML report plots (:mod:`pathray.monitor.html`).
 
-:class:`RunWatch` is fed by the driver loop (both runners: :func:`pathray.job.raydata._drive`,
+:class:`RunWatch` is fed by the driver loop (both runners: :func:`pathray.job.drive.drive`,
 :func:`pathray.slide_level.job.run_aggregate`). Per model it keeps slides done / to do,
 tiles written, errors by type, and a downsampled series of cumulative tiles (read, and
 written per model) against seconds since the start. On a terminal it draws one tqdm bar

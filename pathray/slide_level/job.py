@@ -40,8 +40,8 @@ from pathray.errors import StoreConfigMismatchError
 from pathray.job.config import fingerprint
 from pathray.job.localrun import choose_runner
 from pathray.job.resources import PLACEMENT
+from pathray.job.runtime import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
 from pathray.monitor.html import MAX_TABLE_ROWS
-from pathray.monitor.runlog import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
 from pathray.monitor.watch import RunWatch
 from pathray.slide_level.aggregators import AggregatorSpec, describe_tiling, get_aggregator
 from pathray.slide_level.stages import SlideAggregatorStage, load_slides

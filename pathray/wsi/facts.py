@@ -55,3 +55,13 @@ class SlideFacts:
 
     def commit_fields(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in COMMIT_FIELDS}
+
+
+def status_fields(facts: SlideFacts) -> dict[str, Any]:
+    """The slide's columns of a status row, by name: the facts a commit record keeps
+    (:data:`COMMIT_FIELDS`): ``path`` (the manifest's URI), ``width``/``height`` (level-0 px),
+    ``mpp`` (level-0 µm/px), ``mpp_source``, ``vendor``, ``etag``, ``size_bytes``.
+
+    The one mapping from slide facts to status columns: each status table (the job's
+    ``slides.parquet``, ``pathray tile``'s) keeps the names its schema has and ignores the rest."""
+    return facts.commit_fields()

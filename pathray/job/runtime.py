@@ -1,0 +1,97 @@
+"""The Ray runtime of a run, set up the same way by every job that runs on Ray (``pathray
+embed`` and ``pathray aggregate``): its run id, joining or starting Ray, Ray Data's context,
+and the warnings that building a Ray Data plan raises.
+
+Placement is set per operator (:data:`pathray.job.resources.PLACEMENT` in each stage's remote
+args), never through ``DataContext.scheduling_strategy``, which Ray deprecates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger("pathray")
+
+
+def new_run_id(prefix: str = "") -> str:
+    """``<prefix><UTC timestamp>-<6 hex>``: a run's default name."""
+    return prefix + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def quiet_local_ray_env() -> None:
+    """Before ``ray.init`` starts a local Ray: enable the token authentication Ray enables by
+    default for a new local cluster, the way Ray does it (its ``_enable_token_auth``: the
+    ``RAY_AUTH_MODE=token`` environment variable, then its cached config refreshed), but
+    explicitly, which is what Ray's start-up WARNING asks for. A mode the user set is kept;
+    on another Ray version without that helper, nothing changes (Ray warns as before)."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:
+        return
+    _enable_token_auth()
+
+
+def init_ray(address: str | None, progress_bars: bool, local_dashboard: bool = False) -> None:
+    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``, as in a submitted job), or with
+    neither start a local Ray (quietly, see :func:`quiet_local_ray_env`; with its dashboard only
+    when ``local_dashboard``); nothing when Ray is already initialised. ``progress_bars``:
+    whether the workers' logs reach this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        quiet_local_ray_env()
+    ray.init(
+        address=address, log_to_driver=progress_bars, **({"include_dashboard": False} if local and not local_dashboard else {})
+    )
+
+
+def configure_data_context(progress_bars: bool, object_store_limit_gb: float | None = None, quiet: bool = True) -> None:
+    """Set Ray Data's context for a run: its progress bars on or off, blocks in any order
+    (``preserve_order`` off), and ``object_store_limit_gb`` (GiB) as the object store memory
+    the run may use (``None``: Ray Data's default). ``quiet``: no plan printed at the start, and
+    no per-30-s "operator uses N GiB per worker" warning (it fires for every model actor, whose
+    memory is the model's, held on purpose; the run reports its own progress)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress_bars
+    ctx.execution_options.preserve_order = False
+    if quiet:
+        ctx.print_on_execution_start = False
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+    if object_store_limit_gb:
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=int(object_store_limit_gb * 2**30)
+        )
+
+
+@contextmanager
+def logged_plan_warnings() -> Iterator[None]:
+    """Build a Ray Data plan inside: the warnings it raises go to the run's log
+    (:func:`log_ray_plan_warnings`) instead of the terminal."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    log_ray_plan_warnings(caught)
+
+
+def log_ray_plan_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Log the warnings that building a Ray Data plan raised (``warnings.catch_warnings(record=True)``):
+    Ray 2.60 deprecates per-operator ``ray_remote_args`` (:data:`pathray.job.resources.PLACEMENT`'s
+    scheduling strategy) and names no replacement (``DataContext.scheduling_strategy`` is
+    deprecated too), so that one is known noise for the run's log (INFO); any other stays a
+    warning."""
+    for w in caught:
+        known = "ray_remote_args" in str(w.message)
+        (log.info if known else log.warning)("%s: %s", w.category.__name__, w.message)
