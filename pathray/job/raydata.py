@@ -223,10 +223,16 @@ def operators(stages: JobStages, res: Resources, chunks_per_encode_call: int) ->
     """The operators of the plan, in order: plan -> read -> encode (one pool per model) -> write,
     every one placed by :data:`~pathray.job.resources.PLACEMENT`."""
     encode = [
-        Operator(s, chunks_per_encode_call, res.encoder_num_cpus, res.encoder_actors_min, res.encoder_actors,
-                 num_gpus=res.encoder_num_gpus)
+        Operator(
+            s,
+            chunks_per_encode_call,
+            res.encoder_num_cpus,
+            res.encoder_actors_min,
+            res.encoder_actors,
+            num_gpus=res.encoder_num_gpus,
+        )
         for s in stages.encode
-    ]  # fmt: skip
+    ]
     return [
         Operator(stages.plan, 1, res.plan_num_cpus, 1, res.planners),
         # a reader takes a planned block whole (every chunk of its slides) and yields chunk by chunk

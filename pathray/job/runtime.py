@@ -52,7 +52,9 @@ def init_ray(address: str | None, progress_bars: bool, local_dashboard: bool = F
     if local:
         quiet_local_ray_env()
     ray.init(
-        address=address, log_to_driver=progress_bars, **({"include_dashboard": False} if local and not local_dashboard else {})
+        address=address,
+        log_to_driver=progress_bars,
+        **({"include_dashboard": False} if local and not local_dashboard else {}),
     )
 
 
