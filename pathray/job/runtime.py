@@ -39,10 +39,10 @@ def quiet_local_ray_env() -> None:
     _enable_token_auth()
 
 
-def init_ray(address: str | None, progress_bars: bool, local_dashboard: bool = False) -> None:
+def init_ray(address: str | None, progress_bars: bool) -> None:
     """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``, as in a submitted job), or with
-    neither start a local Ray (quietly, see :func:`quiet_local_ray_env`; with its dashboard only
-    when ``local_dashboard``); nothing when Ray is already initialised. ``progress_bars``:
+    neither start a local Ray (quietly, see :func:`quiet_local_ray_env`; without a dashboard, which
+    would die with the run); nothing when Ray is already initialised. ``progress_bars``:
     whether the workers' logs reach this process."""
     import ray
 
@@ -54,14 +54,14 @@ def init_ray(address: str | None, progress_bars: bool, local_dashboard: bool = F
     ray.init(
         address=address,
         log_to_driver=progress_bars,
-        **({"include_dashboard": False} if local and not local_dashboard else {}),
+        **({"include_dashboard": False} if local else {}),
     )
 
 
-def configure_data_context(progress_bars: bool, object_store_limit_gb: float | None = None, quiet: bool = True) -> None:
+def configure_data_context(progress_bars: bool, object_store_limit_gb: float | None = None) -> None:
     """Set Ray Data's context for a run: its progress bars on or off, blocks in any order
     (``preserve_order`` off), and ``object_store_limit_gb`` (GiB) as the object store memory
-    the run may use (``None``: Ray Data's default). ``quiet``: no plan printed at the start, and
+    the run may use (``None``: Ray Data's default). No plan printed at the start, and
     no per-30-s "operator uses N GiB per worker" warning (it fires for every model actor, whose
     memory is the model's, held on purpose; the run reports its own progress)."""
     from ray.data import DataContext
@@ -69,9 +69,8 @@ def configure_data_context(progress_bars: bool, object_store_limit_gb: float | N
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
     ctx.execution_options.preserve_order = False
-    if quiet:
-        ctx.print_on_execution_start = False
-        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+    ctx.print_on_execution_start = False
+    ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     if object_store_limit_gb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=int(object_store_limit_gb * 2**30)

@@ -27,20 +27,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import pyarrow as pa
 
 from pathray import __version__
-from pathray.errors import StoreConfigMismatchError
+from pathray.errors import StoreConfigMismatchError, cap_message
 from pathray.job.config import fingerprint
 from pathray.job.localrun import choose_runner
 from pathray.job.resources import PLACEMENT
-from pathray.job.runtime import log_ray_plan_warnings, new_run_id, quiet_local_ray_env
+from pathray.job.runtime import configure_data_context, init_ray, logged_plan_warnings, new_run_id
 from pathray.monitor.html import MAX_TABLE_ROWS
 from pathray.monitor.watch import RunWatch
 from pathray.slide_level.aggregators import AggregatorSpec, describe_tiling, get_aggregator
@@ -255,7 +253,7 @@ def _aggregate_locked(run: AggregateRun, progress_bars: bool, display: TextIO | 
             _count(r, report, watch)
             shown += [dict(r, model=spec.name)] if len(shown) < MAX_TABLE_ROWS else []
     except BaseException as exc:  # Ray failure, Ctrl-C: keep what is known (a re-run resumes), then re-raise
-        report.aborted = f"{type(exc).__name__}: {exc}"[:2000]
+        report.aborted = cap_message(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         watch.close()
@@ -324,22 +322,13 @@ def _run_local(run: AggregateRun, todo: list[str], provenance: dict[str, Any]):
 def _run_dataset(run: AggregateRun, todo: list[str], provenance: dict[str, Any], progress_bars: bool):
     """Build and consume the Ray Data plan; yields one result row per slide of ``todo``."""
     import ray
-    from ray.data import DataContext
 
-    config = run.config
-    if not ray.is_initialized():
-        if not (config.ray_address or os.environ.get("RAY_ADDRESS")):
-            quiet_local_ray_env()
-        ray.init(address=config.ray_address, log_to_driver=progress_bars)
-    res = plan_aggregate_resources(run.spec, ray.cluster_resources(), config)
+    init_ray(run.config.ray_address, progress_bars)
+    res = plan_aggregate_resources(run.spec, ray.cluster_resources(), run.config)
     run.report.resources = dataclasses.asdict(res)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress_bars
-    ctx.execution_options.preserve_order = False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    configure_data_context(progress_bars)
+    with logged_plan_warnings():
         ds = _plan(run, todo, provenance, res)
-    log_ray_plan_warnings(caught)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()  # one small row per slide
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pathray.errors import AggregatorError, FeaturesUnreadableError, describe
+from pathray.errors import AggregatorError, FeaturesUnreadableError, cap_message, describe
 from pathray.slide_level.aggregators import AggregatorSpec, SlideTiles, build_aggregator
 from pathray.store import (
     PROVENANCE_KEY,
@@ -59,7 +59,7 @@ LOADED_SCHEMA = pa.schema(
     ]
 )
 
-RESULT_SCHEMA = pa.schema(
+AGGREGATE_RESULT_SCHEMA = pa.schema(
     [
         ("slide_id", pa.string()),
         ("status", pa.string()),
@@ -97,7 +97,7 @@ def _load_one(store: FeatureStore, model: str, slide_id: str) -> dict[str, Any]:
             row.update(_loaded(record, read_slide(store, model, record)))
     except Exception as exc:  # noqa: BLE001 - one slide's failure is recorded, never fatal
         error_type, message = describe(exc)
-        row.update(status="error", stage="load", error_type=error_type, error_message=message[:2000])
+        row.update(status="error", stage="load", error_type=error_type, error_message=cap_message(message))
     row["load_s"] = time.perf_counter() - start
     return row
 
@@ -127,7 +127,7 @@ def _ipc_bytes(table: pa.Table) -> bytes:
 
 # --- stage 2: aggregate + commit --------------------------------------------------------------
 class SlideAggregatorStage:
-    """Loaded slides -> :data:`RESULT_SCHEMA` rows, committing each slide's row.
+    """Loaded slides -> :data:`AGGREGATE_RESULT_SCHEMA` rows, committing each slide's row.
 
     The aggregator is built once per actor. If that fails (weights missing, module absent),
     the actor stays up and every slide it receives becomes an error row with that cause
@@ -144,7 +144,7 @@ class SlideAggregatorStage:
             self.build_error = describe(exc)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self._one(row) for row in batch.to_pylist()], schema=RESULT_SCHEMA)
+        return pa.Table.from_pylist([self._one(row) for row in batch.to_pylist()], schema=AGGREGATE_RESULT_SCHEMA)
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         result = {
@@ -159,7 +159,7 @@ class SlideAggregatorStage:
                 status="error",
                 stage="aggregate",
                 error_type=error_type,
-                error_message=f"{self.spec.name} could not be built: {message}"[:2000],
+                error_message=cap_message(f"{self.spec.name} could not be built: {message}"),
             )
             return result
         start, stage = time.perf_counter(), "aggregate"
@@ -169,7 +169,7 @@ class SlideAggregatorStage:
             self._commit(row, table)
         except Exception as exc:  # noqa: BLE001 - one slide's failure is recorded, never fatal
             error_type, message = describe(exc)
-            result.update(status="error", stage=stage, error_type=error_type, error_message=message[:2000])
+            result.update(status="error", stage=stage, error_type=error_type, error_message=cap_message(message))
         result["aggregate_s"] = time.perf_counter() - start
         return result
 
