@@ -14,6 +14,7 @@ import yaml
 
 from pathray.encoders import EncoderConfig
 from pathray.job.config import ResourceConfig
+from pathray.job.resources import GPU_NODE_LABEL
 from pathray.tiling.grid import TilingConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,8 @@ def test_aws_cpu_and_gpu_worker_types(aws):
     assert workers[[k for k in gpu if instance[k] == "p5.48xlarge"][0]]["resources"]["GPU"] == 8
     for k in workers:  # S3 access through an instance profile, not keys
         assert "IamInstanceProfile" in workers[k]["node_config"], k
+    # GPU nodes carry the label that CPU stages steer away from (pathray.job.resources.cpu_placement)
+    assert {k for k, v in workers.items() if v.get("labels", {}).get(GPU_NODE_LABEL) == "gpu"} == gpu
 
 
 def test_aws_validates_against_ray_launcher_schema(aws):
@@ -139,6 +142,8 @@ def test_rayjob_worker_groups_cpu_and_gpu():
         (container,) = g["template"]["spec"]["containers"]
         limits = container["resources"]["limits"]
         (gpu if int(limits.get("nvidia.com/gpu", 0)) > 0 else cpu).append(g["groupName"])
+        labelled = g["rayStartParams"].get("labels") == f"{GPU_NODE_LABEL}=gpu"
+        assert labelled == (g["groupName"] in gpu), g["groupName"]  # see pathray.job.resources.cpu_placement
     assert cpu, "need a CPU reader group"
     assert len(gpu) >= 2, "need GPU encoder groups (L40S, H100)"
 

@@ -34,10 +34,10 @@ from pathray.job.localrun import choose_runner, prepare_encoders, run_local
 from pathray.job.modelplan import ModelPlan, plan_models
 from pathray.job.outage import read_reachable
 from pathray.job.report import RunReport
-from pathray.job.resources import PLACEMENT, Resources, plan_resources
+from pathray.job.resources import Resources, cpu_placement, gpu_node_ids, plan_resources
 from pathray.job.resume import resume_state
 from pathray.job.rows import SLIDE_SCHEMA, passthrough_schema, slide_row
-from pathray.job.runtime import configure_data_context, init_ray, logged_plan_warnings, new_run_id
+from pathray.job.runtime import configure_data_context, init_ray, new_run_id
 from pathray.job.stageplan import JobStages, Stage, build_stages
 from pathray.job.storeversion import StoreRecords, choose_store
 from pathray.monitor.watch import RunWatch
@@ -188,8 +188,8 @@ def _run_ray(run: RunContext, todo: list[dict], progress_bars: bool) -> None:
     log.info("resources: %s", run.report.resources)
     configure_data_context(progress_bars, run.config.resources.object_store_limit_gb)
     stages = build_stages(run.config, run.models, run.store.root, res.encoder_threads)
-    with logged_plan_warnings():
-        ds = build_dataset(stages, res, todo, run.config.resources.chunks_per_encode_call)
+    placement = cpu_placement(gpu_node_ids(ray.nodes()))
+    ds = build_dataset(stages, res, todo, run.config.resources.chunks_per_encode_call, placement)
     pool = CommitPool(
         ray,
         run.store,
@@ -208,7 +208,8 @@ def _run_ray(run: RunContext, todo: list[dict], progress_bars: bool) -> None:
 class Operator:
     """One stage as a Ray Data operator: a pool of ``min_actors`` to ``max_actors`` actors, each
     claiming ``num_cpus`` CPUs and ``num_gpus`` GPUs (``None``: none) and called with
-    ``batch_size`` chunk rows (``None``: a whole block), placed by ``remote_args``."""
+    ``batch_size`` chunk rows (``None``: a whole block), placed by ``placement`` (Ray Data's named
+    placement arguments: :func:`~pathray.job.resources.cpu_placement` for a stage without GPUs)."""
 
     stage: Stage
     batch_size: int | None
@@ -216,12 +217,14 @@ class Operator:
     min_actors: int
     max_actors: int
     num_gpus: float | None = None
-    remote_args: dict[str, str] = dataclasses.field(default_factory=lambda: dict(PLACEMENT))
+    placement: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def operators(stages: JobStages, res: Resources, chunks_per_encode_call: int) -> list[Operator]:
-    """The operators of the plan, in order: plan -> read -> encode (one pool per model) -> write,
-    every one placed by :data:`~pathray.job.resources.PLACEMENT`."""
+def operators(
+    stages: JobStages, res: Resources, chunks_per_encode_call: int, placement: dict[str, Any]
+) -> list[Operator]:
+    """The operators of the plan, in order: plan -> read -> encode (one pool per model) -> write;
+    ``placement`` (:func:`~pathray.job.resources.cpu_placement`) places every stage that claims no GPU."""
     encode = [
         Operator(
             s,
@@ -230,26 +233,29 @@ def operators(stages: JobStages, res: Resources, chunks_per_encode_call: int) ->
             res.encoder_actors_min,
             res.encoder_actors,
             num_gpus=res.encoder_num_gpus,
+            placement={} if res.encoder_num_gpus else placement,
         )
         for s in stages.encode
     ]
     return [
-        Operator(stages.plan, 1, res.plan_num_cpus, 1, res.planners),
+        Operator(stages.plan, 1, res.plan_num_cpus, 1, res.planners, placement=placement),
         # a reader takes a planned block whole (every chunk of its slides) and yields chunk by chunk
-        Operator(stages.read, None, res.reader_num_cpus, 1, res.readers),
+        Operator(stages.read, None, res.reader_num_cpus, 1, res.readers, placement=placement),
         *encode,
-        Operator(stages.write, 1, res.write_num_cpus, 1, res.writers),
+        Operator(stages.write, 1, res.write_num_cpus, 1, res.writers, placement=placement),
     ]
 
 
-def build_dataset(stages: JobStages, res: Resources, todo: list[dict], chunks_per_encode_call: int):
+def build_dataset(
+    stages: JobStages, res: Resources, todo: list[dict], chunks_per_encode_call: int, placement: dict[str, Any]
+):
     """The Ray Data plan over the slide rows ``todo`` (lazy: nothing runs until it is consumed)."""
     import ray
 
     table = pa.Table.from_pylist(todo, schema=SLIDE_SCHEMA)
     per_block = max(1, min(16, len(todo) // (8 * res.readers) or 1))
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(todo), per_block)])
-    return chain(ds, operators(stages, res, chunks_per_encode_call))
+    return chain(ds, operators(stages, res, chunks_per_encode_call, placement))
 
 
 def chain(ds: Any, ops: Iterable[Operator]) -> Any:
@@ -265,7 +271,7 @@ def chain(ds: Any, ops: Iterable[Operator]) -> Any:
             num_gpus=op.num_gpus,
             compute=ActorPoolStrategy(min_size=op.min_actors, max_size=op.max_actors),
             fn_constructor_kwargs=op.stage.kwargs,
-            **op.remote_args,
+            **op.placement,
         )
     return ds
 

@@ -6,14 +6,34 @@ See :func:`plan_resources` for the arithmetic; ``resources:`` in the job config 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pathray.job.config import JobConfig, ResourceConfig
 
-#: Ray remote args of every stage: Ray's default hybrid scheduling, not Ray Data's SPREAD, so
-#: CPU-only actors stay off GPU nodes while CPU nodes have room (Ray avoids GPU nodes for work
-#: that needs no GPU). Set per operator: ``DataContext.scheduling_strategy`` is deprecated.
-PLACEMENT: dict[str, str] = {"scheduling_strategy": "DEFAULT"}
+#: The node label that marks a GPU node for pathray (cluster/*.yaml set it on their GPU node types;
+#: ``ray start --labels '{"pathray.io/node-kind": "gpu"}'`` by hand).
+GPU_NODE_LABEL = "pathray.io/node-kind"
+
+
+def cpu_placement(gpu_node_ids: Iterable[str] = ()) -> dict[str, Any]:
+    """Ray Data's named placement arguments (``label_selector``, ``fallback_strategy``) for a stage
+    that needs no GPU: prefer nodes that are not GPU nodes, i.e. neither labelled
+    :data:`GPU_NODE_LABEL` ``= gpu`` nor among ``gpu_node_ids`` (the GPU nodes alive when the run is
+    planned: a cluster nobody labelled), and fall back to any node when those are full or absent (a
+    single GPU machine; an 8-GPU node whose CPUs also host readers). A soft preference, as Ray's
+    hybrid scheduling gave; Ray 2.60 deprecates the per-operator ``scheduling_strategy`` it took."""
+    selector = {GPU_NODE_LABEL: "!gpu"}
+    ids = sorted(gpu_node_ids)
+    if ids:
+        selector["ray.io/node-id"] = f"!in({', '.join(ids)})"
+    return {"label_selector": selector, "fallback_strategy": [{"label_selector": {}}]}
+
+
+def gpu_node_ids(nodes: list[dict[str, Any]]) -> list[str]:
+    """The ids of the alive nodes of ``nodes`` (``ray.nodes()``) that have GPUs."""
+    return [n["NodeID"] for n in nodes if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
 
 
 @dataclass

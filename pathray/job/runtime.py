@@ -1,9 +1,8 @@
 """The Ray runtime of a run, set up the same way by every job that runs on Ray (``pathray
 embed`` and ``pathray aggregate``): its run id, joining or starting Ray, Ray Data's context,
-and the warnings that building a Ray Data plan raises.
-
-Placement is set per operator (:data:`pathray.job.resources.PLACEMENT` in each stage's remote
-args), never through ``DataContext.scheduling_strategy``, which Ray deprecates.
+placement included: per operator, by Ray Data's named arguments
+(:func:`pathray.job.resources.cpu_placement`), never through ``DataContext.scheduling_strategy``
+or per-operator ``ray_remote_args``, which Ray 2.60 deprecates.
 """
 
 from __future__ import annotations
@@ -12,9 +11,6 @@ import logging
 import os
 import time
 import uuid
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 log = logging.getLogger("pathray")
 
@@ -75,24 +71,3 @@ def configure_data_context(progress_bars: bool, object_store_limit_gb: float | N
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=int(object_store_limit_gb * 2**30)
         )
-
-
-@contextmanager
-def logged_plan_warnings() -> Iterator[None]:
-    """Build a Ray Data plan inside: the warnings it raises go to the run's log
-    (:func:`log_ray_plan_warnings`) instead of the terminal."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    log_ray_plan_warnings(caught)
-
-
-def log_ray_plan_warnings(caught: list[warnings.WarningMessage]) -> None:
-    """Log the warnings that building a Ray Data plan raised (``warnings.catch_warnings(record=True)``):
-    Ray 2.60 deprecates per-operator ``ray_remote_args`` (:data:`pathray.job.resources.PLACEMENT`'s
-    scheduling strategy) and names no replacement (``DataContext.scheduling_strategy`` is
-    deprecated too), so that one is known noise for the run's log (INFO); any other stays a
-    warning."""
-    for w in caught:
-        known = "ray_remote_args" in str(w.message)
-        (log.info if known else log.warning)("%s: %s", w.category.__name__, w.message)

@@ -37,8 +37,8 @@ from pathray import __version__
 from pathray.errors import StoreConfigMismatchError, cap_message
 from pathray.job.config import fingerprint
 from pathray.job.localrun import choose_runner
-from pathray.job.resources import PLACEMENT
-from pathray.job.runtime import configure_data_context, init_ray, logged_plan_warnings, new_run_id
+from pathray.job.resources import cpu_placement, gpu_node_ids
+from pathray.job.runtime import configure_data_context, init_ray, new_run_id
 from pathray.monitor.html import MAX_TABLE_ROWS
 from pathray.monitor.watch import RunWatch
 from pathray.slide_level.aggregators import AggregatorSpec, describe_tiling, get_aggregator
@@ -327,8 +327,7 @@ def _run_dataset(run: AggregateRun, todo: list[str], provenance: dict[str, Any],
     res = plan_aggregate_resources(run.spec, ray.cluster_resources(), run.config)
     run.report.resources = dataclasses.asdict(res)
     configure_data_context(progress_bars)
-    with logged_plan_warnings():
-        ds = _plan(run, todo, provenance, res)
+    ds = _plan(run, todo, provenance, res)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()  # one small row per slide
 
@@ -340,13 +339,14 @@ def _plan(run: AggregateRun, todo: list[str], provenance: dict[str, Any], res: A
     from ray.data import ActorPoolStrategy
 
     config = run.config
+    placement = cpu_placement(gpu_node_ids(ray.nodes()))  # loaders, and aggregators without GPUs
     ds = ray.data.from_arrow([pa.table({"slide_id": todo[i : i + 4]}) for i in range(0, len(todo), 4)])
     ds = ds.map_batches(
         load_slides,
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=res.loader_num_cpus,
-        **PLACEMENT,
+        **placement,
         fn_kwargs={"root": run.store.root, "storage_options": config.storage_options, "model": config.model},
     )
     return ds.map_batches(
@@ -354,8 +354,8 @@ def _plan(run: AggregateRun, todo: list[str], provenance: dict[str, Any], res: A
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=res.actor_num_cpus,
-        **PLACEMENT,
         num_gpus=res.actor_num_gpus,
+        **({} if res.actor_num_gpus else placement),
         compute=ActorPoolStrategy(min_size=1, max_size=res.actors),
         fn_constructor_kwargs={
             "config": config,
