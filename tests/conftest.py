@@ -1,4 +1,12 @@
-"""Shared fixtures live in tests/fixtures/, one module per kind of real resource."""
+"""Shared fixtures live in tests/fixtures/, one module per kind of real resource.
+
+Every test that starts Ray or the SeaweedFS server is marked ``slow`` here, from the fixtures it
+uses (``item.fixturenames`` is the closure: a fixture that depends on one of these counts too) and
+from the ``s3`` and ``cluster`` marks; tests that start Ray without a fixture carry the mark themselves.
+``pytest -m "not slow"`` is the quick loop; the full suite is the same set of tests either way.
+"""
+
+import pytest
 
 pytest_plugins = [
     "fixtures.slides",  # synthetic SVS files, the real CMU-1-Small-Region slide, bad inputs
@@ -8,3 +16,17 @@ pytest_plugins = [
     "fixtures.ray_cluster",  # a local Ray cluster (ray.init) shared by the pipeline tests
     "fixtures.multinode",  # real multi-node Ray clusters (ray start --head / --address), one per test
 ]
+
+#: fixtures that start Ray (``ray.init``, ``ray start``) or the SeaweedFS server
+SLOW_FIXTURES = frozenset({"ray_cluster", "multinode_cluster", "s3_server"})
+#: marks whose tests need one of those resources
+SLOW_MARKS = frozenset({"s3", "cluster"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Add the ``slow`` mark to every test that uses a :data:`SLOW_FIXTURES` fixture or has a :data:`SLOW_MARKS` mark."""
+    for item in items:
+        uses = SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        marked = SLOW_MARKS.intersection(mark.name for mark in item.iter_markers())
+        if uses or marked:
+            item.add_marker(pytest.mark.slow)

@@ -218,6 +218,7 @@ def test_other_architecture_weights_never_load_even_if_shapes_could_be_resampled
         load_encoder(EncoderConfig("kaiko-vits8", weights=str(vits16), device="cpu"))
 
 
+@pytest.mark.slow  # every registered model against every other one's weights
 def test_no_registered_model_loads_another_ones_weights(tmp_path):
     """Every registered model against every other's weights (small random weights of each
     exact architecture, shrunk to one block of width 48): only the diagonal loads, and the

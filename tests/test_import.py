@@ -295,7 +295,7 @@ def test_clam_h5_reads_its_patch_file_attributes_and_the_manifest_mpp(tmp_path):
     assert tiles.column("x").to_pylist() == [0, 1024]
 
 
-@pytest.mark.parametrize("aggregator", ["mean", "titan"])
+@pytest.mark.parametrize("aggregator", ["mean", pytest.param("titan", marks=pytest.mark.slow)])
 def test_trident_h5_of_the_demo_slides_import_and_aggregate(aggregator, tmp_path, capsys):
     """TRIDENT h5 files for the demo slides (coords on the 512-px grid at 0.5 um/px inside their
     tissue rectangles, random 768-d features) imported as conch-v1.5, then ``pathray aggregate``

@@ -16,7 +16,7 @@ from pathray.store import FeatureStore
 from pathray.store.lease import LeaseRecord, StoreLease
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])  # s3: starts SeaweedFS (slow)
 def store(request, tmp_path):
     if request.param == "local":
         return FeatureStore(str(tmp_path / "store"))

@@ -39,7 +39,7 @@ CHOICE = textwrap.dedent("""
         ("nothing", {}, "local"),  # no cluster to join, no GPU on this machine
         ("nothing", {"RAY_ADDRESS": "127.0.0.1:1"}, "ray"),  # inside `ray job submit`
         ("address", {}, "ray"),
-        ("initialised", {}, "ray"),
+        pytest.param("initialised", {}, "ray", marks=pytest.mark.slow),  # ray.init in the subprocess
     ],
 )
 def test_auto_runner_is_local_only_without_a_cluster_to_join(case, env, want, tmp_path):

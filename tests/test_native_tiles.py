@@ -24,7 +24,7 @@ from pathray.store import FeatureStore
 from pathray.tiling.grid import plan_tiles, read_tiles
 from pathray.wsi.slide import open_slide
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # a two-model pipeline run per module
 
 MODELS = ("kaiko-vits16", "prov-gigapath")
 

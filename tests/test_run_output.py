@@ -65,6 +65,7 @@ def demo_embed(tmp_path_factory):
     return out, directory / "store"
 
 
+@pytest.mark.slow  # `pathray demo` runs (demo_embed) and a browser
 def test_clean_local_run_prints_no_warning_and_names_its_page(demo_embed):
     out, store = demo_embed
     _assert_clean_and_short(out)
@@ -141,6 +142,7 @@ class _Dom(HTMLParser):
             self.rows[-1].append(data.strip())
 
 
+@pytest.mark.slow  # `pathray demo` runs (demo_embed) and a browser
 def test_report_page_in_a_real_browser(demo_embed, tmp_path):
     out, store = demo_embed
     page = Path(out.stdout.splitlines()[-1].removeprefix("Run report: "))
@@ -180,6 +182,7 @@ def test_errors_are_grouped_by_type_with_their_slides(tmp_path):
     assert [r[0] for r, hidden in zip(dom.rows, dom.hidden) if not hidden] == ["b", "a"]
 
 
+@pytest.mark.slow  # `pathray demo` runs (demo_embed) and a browser
 def test_aggregate_run_is_as_quiet_and_has_its_page(demo_embed, tmp_path):
     _, store = demo_embed
     out = _pathray(

@@ -184,6 +184,7 @@ def test_matches_the_official_implementations_frozen_outputs(golden, tag):
     assert np.abs(layers[-1] - cls).max() > 1e-2  # all-layer outputs skip the encoder's output LayerNorm
 
 
+@pytest.mark.slow  # full-size slide encoder on CPU
 def test_transcription_reproduces_the_official_outputs_too(golden):
     """The literal transcription is itself a faithful reference: it gives the frozen official outputs."""
     net, segs = net_for("segments1536", golden)
@@ -194,6 +195,7 @@ def test_transcription_reproduces_the_official_outputs_too(golden):
     assert np.abs(layers.numpy() - golden["segments1536_all_layers"]).max() <= TOL
 
 
+@pytest.mark.slow  # full-size slide encoder on CPU
 @pytest.mark.parametrize("global_pool", [False, True])
 def test_matches_the_transcription_on_synthetic_coordinates(global_pool):
     """Several segments per branch, segments not a multiple of the dilation, padding included."""
@@ -223,6 +225,7 @@ def store_slide(root: Path, grid, tiles: np.ndarray) -> dict[str, np.ndarray]:
     return {"x": back["x"].to_numpy(), "y": back["y"].to_numpy(), "embedding": emb}
 
 
+@pytest.mark.slow  # full-size slide encoder on CPU
 def test_encoder_on_a_stored_slide_sees_the_official_coordinates(tmp_path, encoder):
     """A real slide at 0.2631 µm/px tiled by pathray and stored: the encoder called with the
     store's level-0 coordinates equals the reference fed the official coordinates (256 x grid index)."""
@@ -288,6 +291,7 @@ def test_parameter_count_and_state_dict_on_meta():
     assert config.dilated_ratios == (1, 2, 4, 8, 16) and config.num_heads == 16
 
 
+@pytest.mark.slow  # full-size slide encoder on CPU
 def test_loads_a_slide_encoder_pth_strictly(weights_file, encoder):
     obj = torch.load(weights_file, weights_only=True)
     assert list(obj) == ["model"]  # the released file's layout
@@ -305,6 +309,7 @@ def test_loads_a_slide_encoder_pth_strictly(weights_file, encoder):
     assert prov["weights_fingerprint"] == "sha256:" + hashlib.sha256(weights_file.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # full-size slide encoder on CPU
 def test_wrong_files_are_refused(weights_file, tmp_path):
     state = torch.load(weights_file, weights_only=True)["model"]
     missing = {k: v for k, v in state.items() if k != "encoder.layers.3.ffn.fc2.bias"}

@@ -43,7 +43,7 @@ def encoder(weights_file):
     return madeleine.from_weights(weights_file.parent)
 
 
-@pytest.mark.parametrize("tag", ["one", "few", "mid", "long"])
+@pytest.mark.parametrize("tag", ["one", "few", "mid", pytest.param("long", marks=pytest.mark.slow)])
 def test_matches_the_official_encode_he(golden, encoder, tag):
     tiles, official = golden_case(golden, tag, 512)
     got = encoder(tiles)

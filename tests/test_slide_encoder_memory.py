@@ -30,7 +30,7 @@ def _tiles(n: int, dim: int) -> SlideTiles:
     )
 
 
-@pytest.mark.parametrize("name", list(ENCODERS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "prism" else n for n in ENCODERS])
 def test_a_slide_over_the_memory_limit_is_refused_and_the_next_one_runs(name, tmp_path, monkeypatch):
     module = importlib.import_module(f"pathray.slide_level.encoders.{name}")
     weights = module.write_random_weights(tmp_path / name)

@@ -103,6 +103,7 @@ def test_official_entry_point_semantics(golden, encoder, tag):
     assert np.abs(got - golden[f"{tag}_embedding"]).max() <= TOL
 
 
+@pytest.mark.slow  # four full TITAN forwards
 def test_background_and_positions_matter(golden, encoder):
     tag = "mpp05_long"
     tiles, x, y = golden_tiles(golden, tag), golden[f"{tag}_x"], golden[f"{tag}_y"]
@@ -116,6 +117,7 @@ def test_background_and_positions_matter(golden, encoder):
 
 
 # --- coordinate rule ----------------------------------------------------------------------
+@pytest.mark.slow  # a 5200 x 4300 px slide written and tiled per case
 @pytest.mark.parametrize("mpp", [0.25, 0.2631, 0.5])
 def test_cells_of_a_slide_tiled_by_pathray_are_its_grid_columns_and_rows(tmp_path, mpp):
     path = write_synthetic_svs(

@@ -202,6 +202,7 @@ FeatureStore(sys.argv[1]).write_table("features/model=m/cohort=A/big.parquet", t
 """
 
 
+@pytest.mark.slow  # writer subprocesses killed mid-write
 def test_a_writer_killed_mid_write_leaves_nothing_readers_see(tmp_path):
     """A ~600 MB features file is being written when its process is SIGKILLed: the temporary
     it leaves must be invisible to pyarrow, DuckDB and polars, and the next run removes it."""

@@ -155,6 +155,7 @@ def nan_store(root: Path) -> tuple[str, str]:
     return planted.model, slide_id
 
 
+@pytest.mark.slow  # a `pathray mil train` subprocess
 def test_mil_refuses_a_store_with_nan_embeddings_naming_the_slides(tmp_path):
     model, slide_id = nan_store(tmp_path / "store")
     labels = tmp_path / "labels.csv"

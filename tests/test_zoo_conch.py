@@ -184,6 +184,7 @@ FULL = {
 }
 
 
+@pytest.mark.slow  # full-size architectures
 @pytest.mark.parametrize("name", list(FULL))
 def test_full_architecture_on_meta(name):
     spec = get_spec(name)
@@ -205,6 +206,7 @@ def test_conch_v15_trunk_is_a_vit_large_like_uni():
     assert count_params(trunk) == count_params(create_model(uni.architecture, uni.model_kwargs, meta=True))
 
 
+@pytest.mark.slow  # full-size architectures
 def test_cost_model_counts_the_full_networks():
     """pathray's GPU-hour planning counts FLOPs on the meta device: the nets must run there under
     FlopCounterMode; at 448 px (785 tokens) they cost more than UNI at 224 px."""

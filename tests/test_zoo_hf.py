@@ -234,7 +234,9 @@ def _encoder(name: str, wdir: Path):
     return load_encoder(EncoderConfig(name, weights=str(wdir), device="cpu", batch_size=N_TILES))
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "midnight-12k" else n for n in RECIPES]
+)
 def test_matches_transformers_card(name, random_weights, he_tiles, tmp_path):
     wdir = random_weights(name, num_hidden_layers=DEPTH[name])
     hdir = hub_dir(name, wdir, tmp_path / "hub")

@@ -75,7 +75,10 @@ def _golden_weights(model: str, golden: dict, tmp_path: Path) -> Path:
     return wdir
 
 
-@pytest.mark.parametrize("model", [pytest.param(m, marks=pytest.mark.slow) if m == "musk" else m for m in GOLDENS])
+@pytest.mark.parametrize(
+    "model",
+    [pytest.param(m, marks=pytest.mark.slow) if m in ("musk", "musk-cls", "ctranspath") else m for m in GOLDENS],
+)
 def test_matches_official_code(model, he_tiles_by_px, tmp_path):
     golden = _golden(model)
     wdir = _golden_weights(model, golden, tmp_path)

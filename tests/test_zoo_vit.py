@@ -218,6 +218,7 @@ def test_openmidnight_matches_official_golden(random_weights, he_tiles, _one_thr
     _assert_close(got, golden["interp_252"], "openmidnight at 252 px (pos-embed interpolation)")
 
 
+@pytest.mark.slow  # a full ResNet-50 trunk on CPU
 def test_resnet50_trunc_matches_official_golden(random_weights, he_tiles, tmp_path, _one_thread):
     golden, wdir, tiles = _golden("resnet50-trunc", random_weights, he_tiles)
     _check_golden("resnet50-trunc", wdir, golden, tiles, "resnet50_trunc")
