@@ -222,7 +222,7 @@ def commit_throughput(tmp: Path, n_slides: int, tiles: int, committer_counts: li
 
     from pathray.job.committers import CommitPool
     from pathray.store import CommitRequest, FeatureStore
-    from pathray.testing import stage_fake_slide
+    from pathray.testing import FakeSlide, stage_fake_slide
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
@@ -230,7 +230,7 @@ def commit_throughput(tmp: Path, n_slides: int, tiles: int, committer_counts: li
         for n in committer_counts:
             store = FeatureStore(str(tmp / f"commit{n}"))
             staged = {
-                f"s{i}": stage_fake_slide(store, "uni", f"s{i}", tiles, 256, COMMIT_DIM, seed=i)
+                f"s{i}": stage_fake_slide(store, "uni", FakeSlide(f"s{i}", n_tiles=tiles, seed=i), 256, COMMIT_DIM)
                 for i in range(n_slides)
             }
             pool = CommitPool(ray, store, n, max_concurrency=16)

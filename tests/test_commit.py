@@ -16,7 +16,7 @@ from pathray.job.committers import CommitPool, committer_count, route
 from pathray.job.config import build_job_config
 from pathray.job.raydata import run_job
 from pathray.store import CommitRequest, FeatureStore
-from pathray.testing import sleep_encoder, stage_fake_slide
+from pathray.testing import FakeSlide, sleep_encoder, stage_fake_slide
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,7 +58,7 @@ def test_pool_commits_every_pair_once_across_actors(ray_cluster, tmp_path):
     store = FeatureStore(str(tmp_path / "store"))
     pairs = [(f"s{i}", m) for i in range(6) for m in ("a", "b")]
     staged = {
-        p: stage_fake_slide(store, p[1], p[0], n_tiles=10, chunk_tiles=4, embed_dim=16, seed=i)
+        p: stage_fake_slide(store, p[1], FakeSlide(p[0], n_tiles=10, seed=i), chunk_tiles=4, embed_dim=16)
         for i, p in enumerate(pairs)
     }
     expected = {
@@ -86,7 +86,7 @@ def test_pool_commits_every_pair_once_across_actors(ray_cluster, tmp_path):
     # a retried commit (Ray re-runs it after a committer died) rewrites the same bytes at the same names
     before = {p: (tmp_path / "store" / store.features_relpath(p[1], "c", p[0])).read_bytes() for p in pairs}
     for i, p in enumerate(pairs):
-        stage_fake_slide(store, p[1], p[0], n_tiles=10, chunk_tiles=4, embed_dim=16, seed=i)
+        stage_fake_slide(store, p[1], FakeSlide(p[0], n_tiles=10, seed=i), chunk_tiles=4, embed_dim=16)
     commit_all()
     assert before == {p: (tmp_path / "store" / store.features_relpath(p[1], "c", p[0])).read_bytes() for p in pairs}
     assert len(list((tmp_path / "store" / "features").rglob("*.parquet"))) == len(pairs)
@@ -119,7 +119,7 @@ def test_commits_survive_their_committer_being_killed_mid_flight(ray_cluster, tm
 
     store = FeatureStore(str(tmp_path / "store"))
     staged = {
-        f"s{i}": stage_fake_slide(store, "m", f"s{i}", n_tiles=2048, chunk_tiles=256, embed_dim=256, seed=i)
+        f"s{i}": stage_fake_slide(store, "m", FakeSlide(f"s{i}", n_tiles=2048, seed=i), chunk_tiles=256, embed_dim=256)
         for i in range(8)
     }
     expected = {

@@ -5,53 +5,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-
-from pathray.store import (
-    SLIDE_STATUS_SCHEMA,
-    CommitRequest,
-    FeatureStore,
-    consolidate_slide_table,
-    embeddings_to_arrow,
-    feature_schema,
-    finalize_slide,
-    status_row,
-)
+from pathray.testing import FakeSlide, TileLayout, build_store
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def make_store(root: Path, model: str = "kaiko-vits16", dim: int = 384) -> None:
-    store = FeatureStore(str(root))
-    rows = []
-    for k, (slide_id, cohort, n) in enumerate((("s1", "A", 3), ("s2", "B", 2))):
-        emb = np.random.default_rng(k).normal(size=(n, dim)).astype(np.float32)
-        schema = feature_schema(dim, pa.float32())
-        table = pa.Table.from_arrays(
-            [
-                pa.array([slide_id] * n),
-                pa.array(range(n), pa.int64()),
-                pa.array([224 * i for i in range(n)], pa.int64()),
-                pa.array([0] * n, pa.int64()),
-                pa.array([224.0] * n),
-                pa.array([0.5] * n),
-                pa.array([224] * n, pa.int32()),
-                pa.array([1.0] * n, pa.float32()),
-                embeddings_to_arrow(emb),
-            ],
-            schema=schema,
-        )
-        store.write_chunk(model, slide_id, "c0", table)
-        finalize_slide(
-            store, CommitRequest(model, slide_id, cohort, ["c0"], n, {"path": f"/{slide_id}.svs"}, {}, "h", "r")
-        )
-        rows.append(
-            status_row(slide_id=slide_id, model=model, cohort=cohort, status="ok", n_tiles=n, mpp=0.5, vendor="aperio")
-        )
-    store.write_table("_runs/r/slides-00001.parquet", pa.Table.from_pylist(rows, schema=SLIDE_STATUS_SCHEMA))
-    consolidate_slide_table(store, {model: store.committed(model)})
+    facts = {"mpp": 0.5, "vendor": "aperio"}
+    slides = [
+        FakeSlide(slide_id, n_tiles=n, cohort=cohort, seed=k, status=facts)
+        for k, (slide_id, cohort, n) in enumerate((("s1", "A", 3), ("s2", "B", 2)))
+    ]
+    build_store(str(root), model, slides, dim, TileLayout(size_level0_px=224.0))
 
 
 def test_notebook_query_runs_on_a_store_with_two_models_of_different_widths(tmp_path):

@@ -19,34 +19,16 @@ from pathray.store import (
     CommitRequest,
     FeatureStore,
     consolidate_slide_table,
-    embeddings_to_arrow,
-    feature_schema,
     finalize_slide,
     status_row,
 )
+from pathray.testing import FakeTiles, random_embeddings
 
 DIM = 4
 
 
 def chunk_table(slide_id: str, indices: list[int], seed: int = 0) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    n = len(indices)
-    emb = rng.normal(size=(n, DIM)).astype(np.float32)
-    schema = feature_schema(DIM, pa.float32())
-    return pa.Table.from_arrays(
-        [
-            pa.array([slide_id] * n),
-            pa.array(indices, pa.int64()),
-            pa.array([i * 448 for i in indices], pa.int64()),
-            pa.array([0] * n, pa.int64()),
-            pa.array([448.0] * n),
-            pa.array([0.5] * n),
-            pa.array([224] * n, pa.int32()),
-            pa.array([1.0] * n, pa.float32()),
-            embeddings_to_arrow(emb),
-        ],
-        schema=schema,
-    )
+    return FakeTiles(slide_id, random_embeddings(len(indices), DIM, seed), np.asarray(indices)).table()
 
 
 def stage_and_commit(store: FeatureStore, slide_id: str, cohort: str, sizes=(3, 2), **kw):
