@@ -37,7 +37,7 @@ from pathray.job.report import RunReport
 from pathray.job.resources import Resources, cpu_placement, gpu_node_ids, plan_resources
 from pathray.job.resume import resume_state
 from pathray.job.rows import SLIDE_SCHEMA, passthrough_schema, slide_row
-from pathray.job.runtime import configure_data_context, init_ray, new_run_id
+from pathray.job.runtime import configure_data_context, init_ray, kill_stage_actors, new_run_id
 from pathray.job.stageplan import JobStages, Stage, build_stages
 from pathray.job.storeversion import StoreRecords, choose_store
 from pathray.monitor.watch import RunWatch
@@ -200,7 +200,7 @@ def _run_ray(run: RunContext, todo: list[dict], progress_bars: bool) -> None:
     try:
         drive(ds.iter_batches(batch_size=None, batch_format="pyarrow"), pool, run)
     except BaseException:
-        _kill_stage_actors(ray, run.report.started_at)
+        kill_stage_actors(run.report.started_at)
         raise
 
 
@@ -274,28 +274,3 @@ def chain(ds: Any, ops: Iterable[Operator]) -> Any:
             **op.placement,
         )
     return ds
-
-
-def _kill_stage_actors(ray, since: float) -> None:
-    """Kill this job's Ray Data stage actors started since ``since`` (unix s) after an abort.
-
-    When its no-progress timeout fires, Ray Data releases the pools' actors without killing
-    them, so an actor stuck in a task (a stalled encoder) would keep its CPUs until the task
-    ends and starve a re-run in the same session. Uses Ray 2.60's actor table (pinned); if
-    that is unavailable the run still aborts cleanly, only without this clean-up."""
-    try:
-        from ray._private.state import actors
-        from ray._raylet import ActorID
-
-        job = ray.get_runtime_context().get_job_id()
-        core = ray._private.worker.global_worker.core_worker
-        for actor_id, info in actors().items():
-            if (
-                info.get("State") == "ALIVE"
-                and info.get("JobID") == job
-                and info.get("StartTime", 0) >= since * 1000
-                and str(info.get("ActorClassName", "")).startswith("MapWorker(")
-            ):
-                ray.kill(core.get_actor_handle(ActorID.from_hex(actor_id)))
-    except Exception as exc:  # noqa: BLE001 - clean-up must never hide the abort's own error
-        log.warning("could not kill the aborted run's stage actors: %s", exc)

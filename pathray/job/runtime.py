@@ -71,3 +71,30 @@ def configure_data_context(progress_bars: bool, object_store_limit_gb: float | N
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=int(object_store_limit_gb * 2**30)
         )
+
+
+def kill_stage_actors(since: float) -> None:
+    """Kill this job's Ray Data stage actors started since ``since`` (unix s) after an abort.
+
+    When its no-progress timeout fires, Ray Data releases the pools' actors without killing
+    them, so an actor stuck in a task (a stalled encoder) would keep its CPUs until the task
+    ends and starve a re-run in the same session. Uses Ray 2.60's actor table (pinned); if
+    that is unavailable the run still aborts cleanly, only without this clean-up."""
+    import ray
+
+    try:
+        from ray._private.state import actors
+        from ray._raylet import ActorID
+
+        job = ray.get_runtime_context().get_job_id()
+        core = ray._private.worker.global_worker.core_worker
+        for actor_id, info in actors().items():
+            if (
+                info.get("State") == "ALIVE"
+                and info.get("JobID") == job
+                and info.get("StartTime", 0) >= since * 1000
+                and str(info.get("ActorClassName", "")).startswith("MapWorker(")
+            ):
+                ray.kill(core.get_actor_handle(ActorID.from_hex(actor_id)))
+    except Exception as exc:  # noqa: BLE001 - clean-up must never hide the abort's own error
+        log.warning("could not kill the aborted run's stage actors: %s", exc)
