@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from pathray.cli.tile import TileOutput, tile_slide
 from pathray.errors import PathrayError, SlideNotFoundError, StagingError
 from pathray.manifest import SlideEntry, read_manifest
 from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles
+from pathray.tiling.tile_job import TileOutput, tile_slide
 from pathray.wsi.scratch import Scratch
 from pathray.wsi.slide import open_slide
 
