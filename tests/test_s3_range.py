@@ -11,8 +11,9 @@ import pytest
 
 from pathray.errors import PathrayError, StagingError
 from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles
+from pathray.wsi.openslide_backend import OpenSlideBackend
 from pathray.wsi.scratch import Scratch
-from pathray.wsi.slide import OpenSlideBackend, open_slide
+from pathray.wsi.slide import open_slide
 from pathray.wsi.tiffrange import HEADER_WINDOW_BYTES, TiffRangeBackend
 
 pytestmark = pytest.mark.s3

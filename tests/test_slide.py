@@ -3,7 +3,8 @@ import pytest
 
 from pathray.demo.synthetic import synthetic_image
 from pathray.errors import MppImplausibleError, MppMissingError, PathrayError
-from pathray.wsi.slide import open_slide, resolve_mpp
+from pathray.wsi.mpp import resolve_mpp
+from pathray.wsi.slide import open_slide
 
 
 def test_synthetic_slide_metadata_and_pixels(synthetic_svs_025):

@@ -1,56 +1,40 @@
 """Open a whole-slide image: levels, µm/px, region reads, over a pluggable backend.
 
 Coordinates passed to :meth:`Slide.read_region` are **level-0 pixels** (OpenSlide's
-convention); sizes are pixels of the requested level. µm/px is resolved in this order:
-
-1. the manifest override (``mpp`` column), when given: users set it to fix bad metadata;
-2. ``openslide.mpp-x`` / ``openslide.mpp-y``;
-3. TIFF ``XResolution``/``YResolution`` when ``ResolutionUnit`` is centimeter or inch.
-
-It is never guessed from objective power ("40x"). ``Slide.mpp_source`` records which one
-was used. Missing → :class:`MppMissingError`; outside [0.05, 20] µm/px or non-square
-pixels → :class:`MppImplausibleError`.
+convention); sizes are pixels of the requested level. µm/px comes from the manifest override
+or the slide's metadata, never guessed (:func:`pathray.wsi.mpp.resolve_mpp`);
+``Slide.mpp_source`` records which one was used.
 
 Where the pixels come from is a :class:`SlideBackend`:
 
-* a local file: :class:`OpenSlideBackend` (OpenSlide; levels that are JPEG-tiled TIFF pages
-  of an Aperio SVS or generic TIFF are decoded from the file's own tiles with tifffile +
-  imagecodecs, several times faster than OpenSlide's RGBA path and the same pixels);
+* a local file: :class:`pathray.wsi.openslide_backend.OpenSlideBackend` (OpenSlide, with a
+  faster path for JPEG-tiled TIFF levels);
 * an ``s3://`` Aperio SVS or generic tiled TIFF: :class:`pathray.wsi.tiffrange.TiffRangeBackend`
   reads the header and then only the JPEG tiles each read needs, by byte range: no local
   copy, the same metadata and bit-identical pixels;
 * any other ``s3://`` slide (MRXS, DICOM, JPEG 2000 SVS...): staged once per node into the
-  shared :class:`pathray.wsi.scratch.Scratch` cache and opened with :class:`OpenSlideBackend`.
+  shared :class:`pathray.wsi.scratch.Scratch` cache and opened with ``OpenSlideBackend``.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import openslide
 
-from pathray.errors import (
-    MppImplausibleError,
-    MppMissingError,
-    SlideError,
-    SlideNotFoundError,
-    SlideUnreadableError,
-    is_unavailable,
-)
+from pathray.errors import SlideError, SlideNotFoundError, SlideUnreadableError, is_unavailable
 from pathray.fs import is_remote, split_uri
+from pathray.wsi.mpp import resolve_mpp
+from pathray.wsi.openslide_backend import OpenSlideBackend
 from pathray.wsi.rangeio import storage_error
 from pathray.wsi.scratch import Scratch, StagedSlide
-from pathray.wsi.tifftiles import BlockLoader, TiledLevel, Window, read_window, usable
+from pathray.wsi.tifftiles import BlockLoader, Window
 
-MPP_RANGE = (0.05, 20.0)
 THUMBNAIL_STRIP_PIXELS = 16 * 1024**2  # level pixels read at once while making a thumbnail
 RANGE_READ_SUFFIXES = (".svs", ".tif", ".tiff")  # s3:// names tried with the range reader before staging
-_UNIT_TO_UM = {"centimeter": 1e4, "inch": 25400.0}
-_DIRECT_VENDORS = ("aperio", "generic-tiff")
 
 
 class SlideBackend(Protocol):
@@ -84,58 +68,25 @@ class TileCachingBackend(Protocol):
     def block_loader(self, level: int, groups: Sequence[Sequence[Window]]) -> BlockLoader: ...
 
 
-class OpenSlideBackend:
-    """A local slide file through OpenSlide, with the TIFF JPEG fast path where it applies."""
+@dataclass
+class SlideSource:
+    """Where an open slide's bytes come from, and what closing it releases."""
 
-    def __init__(self, uri: str, local_path: str):
-        self._osr = _open_handle(uri, local_path)
-        self.uri = uri
-        self.properties: dict[str, str] = dict(self._osr.properties)
-        self.vendor: str | None = self.properties.get(openslide.PROPERTY_NAME_VENDOR)
-        self.level_dimensions = tuple(tuple(d) for d in self._osr.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
-        self._levels: list[TiledLevel | None] = [None] * len(self.level_dimensions)
-        self._fd: int | None = None
-        if self.vendor in _DIRECT_VENDORS:
-            self._levels = _direct_levels(local_path, self.level_dimensions)
-            if any(self._levels):
-                self._fd = os.open(local_path, os.O_RDONLY)
+    uri: str  # the manifest's URI
+    etag: str | None  # of the object read (S3 ETag, DICOM SeriesInstanceUID); None for local files
+    size_bytes: int | None  # of the object(s) read
+    local_path: str | None = None  # the local file OpenSlide opened; None when read remotely by range
+    staged: StagedSlide | None = None  # a staged copy of a remote slide, released on close
+    own_scratch: Scratch | None = None  # a private scratch cache, closed on close
 
-    def caches_tiles(self, level: int) -> bool:
-        return self._levels[level] is not None
-
-    def read_level(
-        self, level: int, lx: int, ly: int, width: int, height: int, cache: dict | None = None
-    ) -> np.ndarray:
-        """Direct TIFF tile decoding where available, else OpenSlide at level-0 ``round(l * downsample)``."""
-        tiled = self._levels[level]
-        if tiled is not None:
-            return read_window(tiled, level, (lx, ly, width, height), cache, self._pread)
-        ds = self.level_downsamples[level]
-        return self.read_openslide(round(lx * ds), round(ly * ds), level, width, height)
-
-    def block_loader(self, level: int, groups: Sequence[Sequence[Window]]) -> BlockLoader:
-        tiled = self._levels[level]
-        if tiled is None:
-            raise ValueError(f"level {level} is read through OpenSlide, not by stored tiles")
-        return BlockLoader(tiled, groups, self._pread)
-
-    def read_openslide(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
-        """RGB of OpenSlide's ``read_region`` at level-0 ``(x0, y0)``, composited on white."""
-        try:
-            rgba = np.asarray(self._osr.read_region((int(x0), int(y0)), level, (int(width), int(height))))
-        except openslide.OpenSlideError as exc:
-            raise SlideUnreadableError(f"{self.uri}: read failed: {exc}") from exc
-        return _on_white(rgba)
-
-    def _pread(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        return [os.pread(self._fd, length, offset) for offset, length in ranges]
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._osr.close()
+    def release(self) -> None:
+        """Release the staged copy, then close the private scratch; idempotent."""
+        if self.staged is not None:
+            self.staged.release()
+            self.staged = None
+        if self.own_scratch is not None:
+            self.own_scratch.close()
+            self.own_scratch = None
 
 
 class Slide:
@@ -145,27 +96,15 @@ class Slide:
     OpenSlide opened, or ``None`` when the slide is read remotely by range.
     """
 
-    def __init__(
-        self,
-        uri: str,
-        backend: SlideBackend,
-        mpp: float,
-        mpp_source: str,
-        etag: str | None,
-        size_bytes: int | None,
-        local_path: str | None = None,
-        staged: StagedSlide | None = None,
-        own_scratch: Scratch | None = None,
-    ):
-        self.uri = uri
+    def __init__(self, source: SlideSource, backend: SlideBackend, mpp: float, mpp_source: str):
+        self.uri = source.uri
         self.backend = backend
-        self.mpp = mpp
+        self.mpp = mpp  # level-0 µm/px
         self.mpp_source = mpp_source
-        self.etag = etag
-        self.size_bytes = size_bytes
-        self.local_path = local_path
-        self._staged = staged
-        self._own_scratch = own_scratch
+        self.etag = source.etag
+        self.size_bytes = source.size_bytes
+        self.local_path = source.local_path
+        self._source = source
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(tuple(d) for d in backend.level_dimensions)
         self.dimensions: tuple[int, int] = self.level_dimensions[0]
         self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in backend.level_downsamples)
@@ -238,12 +177,7 @@ class Slide:
 
     def close(self) -> None:
         self.backend.close()
-        if self._staged is not None:
-            self._staged.release()
-            self._staged = None
-        if self._own_scratch is not None:
-            self._own_scratch.close()
-            self._own_scratch = None
+        self._source.release()
 
     def __enter__(self) -> Slide:  # noqa: PYI034
         return self
@@ -269,29 +203,35 @@ def open_slide(
     ``scratch`` (a private temporary one if ``None``). Raises :class:`SlideNotFoundError`,
     :class:`~pathray.errors.SlideAccessDeniedError`, :class:`~pathray.errors.StorageTimeoutError`,
     :class:`SlideUnreadableError` (not a slide, corrupt, truncated: a small probe read is done
-    at open), :class:`MppMissingError`, :class:`MppImplausibleError`, or
+    at open), :class:`~pathray.errors.MppMissingError`, :class:`~pathray.errors.MppImplausibleError`, or
     :class:`~pathray.errors.StagingError`.
     """
     if _is_series_prefix(uri):
         backend = _open_dicom(uri, storage_options)
-        return _finish(
-            uri,
-            lambda: backend,
-            mpp_override,
-            backend.properties.get("dicom.SeriesInstanceUID"),
-            backend.series_bytes,
-            None,
-        )
+        source = SlideSource(uri, backend.properties.get("dicom.SeriesInstanceUID"), backend.series_bytes)
+        return _finish(source, lambda: backend, mpp_override)
     if not is_remote(uri):
-        _, local_path = split_uri(uri)
-        if not os.path.exists(local_path):
-            raise SlideNotFoundError(f"no such file: {local_path}")
-        size = os.path.getsize(local_path) if os.path.isfile(local_path) else None
-        return _finish(uri, lambda: OpenSlideBackend(uri, local_path), mpp_override, None, size, local_path)
+        return _open_local(uri, mpp_override)
     remote = _open_range(uri, storage_options)
     if remote is not None:
         backend, etag, size = remote
-        return _finish(uri, lambda: backend, mpp_override, etag, size, None)
+        return _finish(SlideSource(uri, etag, size), lambda: backend, mpp_override)
+    return _open_staged(uri, mpp_override, scratch, storage_options)
+
+
+def _open_local(uri: str, mpp_override: float | None) -> Slide:
+    """A local file (or a directory OpenSlide reads) through OpenSlide."""
+    _, local_path = split_uri(uri)
+    if not os.path.exists(local_path):
+        raise SlideNotFoundError(f"no such file: {local_path}")
+    size = os.path.getsize(local_path) if os.path.isfile(local_path) else None
+    return _finish(SlideSource(uri, None, size, local_path), lambda: OpenSlideBackend(uri, local_path), mpp_override)
+
+
+def _open_staged(
+    uri: str, mpp_override: float | None, scratch: Scratch | None, storage_options: dict[str, Any] | None
+) -> Slide:
+    """A remote slide staged into ``scratch`` (a private one when ``None``), then read through OpenSlide."""
     own_scratch = Scratch() if scratch is None else None
     try:
         staged = (scratch or own_scratch).stage(uri, storage_options)
@@ -299,16 +239,8 @@ def open_slide(
         if own_scratch is not None:
             own_scratch.close()
         raise
-    return _finish(
-        uri,
-        lambda: OpenSlideBackend(uri, staged.local_path),
-        mpp_override,
-        staged.etag,
-        staged.size_bytes,
-        staged.local_path,
-        staged,
-        own_scratch,
-    )
+    source = SlideSource(uri, staged.etag, staged.size_bytes, staged.local_path, staged, own_scratch)
+    return _finish(source, lambda: OpenSlideBackend(uri, staged.local_path), mpp_override)
 
 
 def _is_series_prefix(uri: str) -> bool:
@@ -351,29 +283,17 @@ def _open_range(uri: str, storage_options: dict[str, Any] | None) -> tuple[Slide
     return None if backend is None else (backend, etag.strip('"') if isinstance(etag, str) else None, size)
 
 
-def _finish(
-    uri: str,
-    make_backend: Any,
-    mpp_override: float | None,
-    etag: str | None,
-    size: int | None,
-    local_path: str | None,
-    staged: StagedSlide | None = None,
-    own_scratch: Scratch | None = None,
-) -> Slide:
+def _finish(source: SlideSource, make_backend: Callable[[], SlideBackend], mpp_override: float | None) -> Slide:
     """Build the backend, resolve µm/px, probe; on any failure release what was taken."""
     backend = None
     try:
         backend = make_backend()
-        mpp, source = resolve_mpp(dict(backend.properties), mpp_override)
-        slide = Slide(uri, backend, mpp, source, etag, size, local_path, staged, own_scratch)
+        mpp, mpp_source = resolve_mpp(dict(backend.properties), mpp_override)
+        slide = Slide(source, backend, mpp, mpp_source)
     except BaseException:
         if backend is not None:
             backend.close()
-        if staged is not None:
-            staged.release()
-        if own_scratch is not None:
-            own_scratch.close()
+        source.release()
         raise
     try:
         _probe(slide)
@@ -381,69 +301,6 @@ def _finish(
         slide.close()
         raise
     return slide
-
-
-def resolve_mpp(properties: dict[str, str], override: float | None = None) -> tuple[float, str]:
-    """Return ``(µm/px, source)`` from an override or slide properties (see module doc)."""
-    if override is not None:
-        mpp, source = float(override), "manifest"
-        _check_plausible(mpp, source)
-        return mpp, source
-    found = _mpp_from_openslide(properties) or _mpp_from_tiff(properties)
-    if found is None:
-        raise MppMissingError(
-            "the slide has no µm/px metadata (openslide.mpp-x or TIFF resolution in cm/inch); "
-            "set it in the manifest's 'mpp' column"
-        )
-    (mpp_x, mpp_y), source = found
-    if abs(mpp_x - mpp_y) > 0.01 * max(mpp_x, mpp_y):
-        raise MppImplausibleError(
-            f"non-square pixels ({mpp_x:g} x {mpp_y:g} µm/px from {source}); set the manifest's 'mpp' column"
-        )
-    _check_plausible(mpp_x, source)
-    return mpp_x, source
-
-
-def _check_plausible(mpp: float, source: str) -> None:
-    lo, hi = MPP_RANGE
-    if not (math.isfinite(mpp) and lo <= mpp <= hi):
-        raise MppImplausibleError(
-            f"µm/px {mpp:g} from {source} is outside the plausible range [{lo:g}, {hi:g}]; "
-            "fix it with the manifest's 'mpp' column"
-        )
-
-
-def _mpp_from_openslide(props: dict[str, str]) -> tuple[tuple[float, float], str] | None:
-    x = _float(props.get(openslide.PROPERTY_NAME_MPP_X))
-    y = _float(props.get(openslide.PROPERTY_NAME_MPP_Y))
-    if x is None and y is None:
-        return None
-    return (x or y, y or x), "openslide"
-
-
-def _mpp_from_tiff(props: dict[str, str]) -> tuple[tuple[float, float], str] | None:
-    scale = _UNIT_TO_UM.get(props.get("tiff.ResolutionUnit", "").lower())
-    x, y = _float(props.get("tiff.XResolution")), _float(props.get("tiff.YResolution"))
-    if scale is None or not x:
-        return None
-    return (scale / x, scale / (y or x)), "tiff_resolution"
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        out = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return out if out and math.isfinite(out) and out > 0 else None
-
-
-def _open_handle(uri: str, local_path: str) -> openslide.OpenSlide:
-    try:
-        return openslide.OpenSlide(local_path)
-    except openslide.OpenSlideUnsupportedFormatError as exc:
-        raise SlideUnreadableError(f"{uri}: not a format OpenSlide can read") from exc
-    except (openslide.OpenSlideError, OSError) as exc:
-        raise SlideUnreadableError(f"{uri}: cannot open: {exc}") from exc
 
 
 def _probe(slide: Slide) -> None:
@@ -466,31 +323,3 @@ def _probe(slide: Slide) -> None:
         if is_unavailable(exc):
             raise storage_error(slide.uri, exc) from exc
         raise SlideUnreadableError(f"{slide.uri}: read failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite un-premultiplied RGBA over white; returns RGB uint8."""
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    a = alpha.astype(np.uint16)
-    rgb = (rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
-    return rgb.astype(np.uint8)
-
-
-def _direct_levels(path: str, level_dimensions: Sequence[tuple[int, int]]) -> list[TiledLevel | None]:
-    """For each OpenSlide level, the JPEG-tiled TIFF page of the same size (``None``: read via OpenSlide)."""
-    try:
-        import imagecodecs  # noqa: F401  (tifffile's JPEG decoder)
-        import tifffile
-    except ImportError:
-        return [None] * len(level_dimensions)
-    try:
-        with tifffile.TiffFile(path) as tif:
-            pages = [p for p in tif.pages if usable(p)]
-            return [
-                next((TiledLevel.from_page(p) for p in pages if (p.imagewidth, p.imagelength) == tuple(dims)), None)
-                for dims in level_dimensions
-            ]
-    except Exception:  # noqa: BLE001  (no fast path: OpenSlide reads every level)
-        return [None] * len(level_dimensions)
