@@ -19,7 +19,9 @@ from pathray.demo.dicomize import write_dicom_series
 from pathray.errors import MppMissingError
 from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles
 from pathray.wsi import dicom as dicom_wsi
-from pathray.wsi.dicom import HEAD_BYTES, open_dicom_series
+from pathray.wsi import dicom_frames
+from pathray.wsi.dicom import open_dicom_series
+from pathray.wsi.dicom_instance import HEAD_BYTES
 from pathray.wsi.slide import open_slide
 
 
@@ -44,7 +46,7 @@ def test_frames_over_several_fragments_without_offset_table_read_exactly(synthet
     ds = pydicom.dcmread(inst.path)
     want = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
     data = Path(inst.path).read_bytes()
-    assert [dicom_wsi._fragments(data[s:e]) for s, e in inst.frame_ranges] == want
+    assert [dicom_frames.fragments(data[s:e]) for s, e in inst.frame_ranges] == want
 
 
 def test_a_frame_split_in_the_middle_of_a_window_is_read_from_its_own_bytes(synthetic_svs_05, tmp_path):
@@ -86,9 +88,9 @@ def test_the_job_reads_each_frame_once_and_pulls_at_most_the_series(
     uri = f"s3://{s3_bucket}/{series_uuid}/"
     chunks, config = _all_tissue_chunks(uri, s3_server.storage_options, 4)
     decoded: list[int] = []  # stored tile (frame) indices decoded by the current chunk
-    real_decode = dicom_wsi.DicomLevel.decode_tile
+    real_decode = dicom_frames.DicomLevel.decode_tile
     monkeypatch.setattr(
-        dicom_wsi.DicomLevel,
+        dicom_frames.DicomLevel,
         "decode_tile",
         lambda self, data, index, out=None: decoded.append(index) or real_decode(self, data, index, out),
     )

@@ -20,7 +20,9 @@ import openslide
 import pytest
 
 from pathray.demo.dicomize import write_dicom_series
-from pathray.wsi.dicom import WALK_WINDOW_BYTES, DicomWsiError, open_dicom_series
+from pathray.wsi.dicom import open_dicom_series
+from pathray.wsi.dicom_frames import DicomWsiError
+from pathray.wsi.dicom_instance import WALK_WINDOW_BYTES
 
 pytestmark = pytest.mark.s3
 

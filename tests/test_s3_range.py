@@ -97,7 +97,7 @@ def _read_staged(args: tuple) -> tuple[bool, int]:
     with open_slide(uri, scratch=Scratch(root, 10 * 2**20), storage_options=options) as slide:
         grid = plan_tiles(slide, "s", TilingConfig())
         tiles = read_tiles(slide, TilingConfig(), grid.x, grid.y)
-        return slide._staged.downloaded, int(tiles.astype(np.int64).sum())
+        return slide.source.staged.downloaded, int(tiles.astype(np.int64).sum())
 
 
 def test_staged_slide_is_fetched_once_per_node_by_several_processes(

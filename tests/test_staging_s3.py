@@ -49,14 +49,14 @@ def test_staged_copy_stays_cached_until_evicted(s3_server, s3_staged_slide, gene
     scratch = Scratch(str(tmp_path / "scratch"), max_bytes=50 * 1024**2)
     with open_slide(s3_staged_slide, scratch=scratch, storage_options=s3_server.storage_options) as remote:
         assert scratch.used_bytes == remote.size_bytes == os.path.getsize(generic_tiff_deflate)
-        assert remote._staged.downloaded
+        assert remote.source.staged.downloaded
     with open_slide(s3_staged_slide, scratch=scratch, storage_options=s3_server.storage_options) as again:
-        assert not again._staged.downloaded and scratch.used_bytes == again.size_bytes
+        assert not again.source.staged.downloaded and scratch.used_bytes == again.size_bytes
 
 
 def test_private_scratch_is_removed(s3_server, s3_staged_slide):
     slide = open_slide(s3_staged_slide, storage_options=s3_server.storage_options)
-    root = slide._own_scratch.root
+    root = slide.source.own_scratch.root
     assert os.path.isfile(slide.local_path) and slide.local_path.startswith(root)
     slide.close()
     assert not os.path.exists(root)

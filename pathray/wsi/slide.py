@@ -104,7 +104,7 @@ class Slide:
         self.etag = source.etag
         self.size_bytes = source.size_bytes
         self.local_path = source.local_path
-        self._source = source
+        self.source = source  # where the bytes come from; what close releases
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(tuple(d) for d in backend.level_dimensions)
         self.dimensions: tuple[int, int] = self.level_dimensions[0]
         self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in backend.level_downsamples)
@@ -177,7 +177,7 @@ class Slide:
 
     def close(self) -> None:
         self.backend.close()
-        self._source.release()
+        self.source.release()
 
     def __enter__(self) -> Slide:  # noqa: PYI034
         return self
