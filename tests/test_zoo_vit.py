@@ -28,7 +28,7 @@ from torchvision import transforms
 
 from pathray.encoders import EncoderConfig, get_spec, load_encoder
 from pathray.encoders.build import count_params, create_model
-from pathray.encoders.loading import read_state_dict
+from pathray.encoders.checkpoint import read_state_dict
 from pathray.errors import WeightsMismatchError
 
 #: the models this module checks against their official code (tests/test_zoo_coverage.py)

@@ -9,8 +9,8 @@ Public API (see docs/architecture.md and docs/models.md)::
     write_random_weights(model, out_dir, *, seed=0, **arch_overrides) -> Path
 """
 
+from .checkpoint import file_sha256, read_state_dict
 from .encoder import Encoder, EncoderConfig, load_encoder
-from .loading import file_sha256, read_state_dict
 from .preprocess import preprocess_batch
 from .random_weights import write_random_weights
 from .registry import REGISTRY, EncoderSpec, Preprocess, get_spec, list_models

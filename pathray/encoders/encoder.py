@@ -14,7 +14,8 @@ from pathray.errors import EncoderError
 
 from .build import count_params, create_model, resolve_architecture, spec_for_config
 from .builders import from_release_layout, get_builder
-from .loading import LoadedWeights, card_adaptations, load_into, load_weights
+from .checkpoint import LoadedWeights, card_adaptations, load_into
+from .loading import load_weights
 from .preprocess import preprocess_batch
 from .registry import EncoderSpec, get_spec
 
@@ -202,7 +203,7 @@ def load_encoder(config: EncoderConfig) -> Encoder:
 
 def build_model(spec: EncoderSpec, loaded: LoadedWeights) -> tuple[str, dict[str, Any], torch.nn.Module, list[str]]:
     """``(architecture, kwargs, model, adaptations)``: the spec's network with ``loaded``'s
-    weights, strictly (:func:`~pathray.encoders.loading.load_into`); ``adaptations`` names the
+    weights, strictly (:func:`~pathray.encoders.checkpoint.load_into`); ``adaptations`` names the
     card-prescribed changes made to the weights on load (recorded in provenance)."""
     arch, kwargs = resolve_architecture(spec, loaded.config)
     try:

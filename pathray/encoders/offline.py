@@ -59,7 +59,7 @@ def remote_identity(source: str) -> str:
 
 
 def _remote_weights_file(fs, path: str) -> str:
-    from .loading import WEIGHT_FILENAMES
+    from .checkpoint import WEIGHT_FILENAMES
 
     names = {p.rsplit("/", 1)[-1]: p for p in fs.ls(path, detail=False)}
     for name in WEIGHT_FILENAMES:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pathray.encoders.loading import (
+from pathray.encoders.checkpoint import (
     load_into,
     read_state_dict,
 )

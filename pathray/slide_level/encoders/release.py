@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pathray.encoders.loading import HUB_PREFIXES, download_hub_file, file_sha256, load_into, read_state_dict
+from pathray.encoders.checkpoint import file_sha256, load_into, read_state_dict
+from pathray.encoders.hub import HUB_PREFIXES, download_hub_file
 from pathray.errors import WeightsCorruptError, WeightsMismatchError, WeightsUnavailableError
 
 

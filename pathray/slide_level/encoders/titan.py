@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathray.encoders.builders import from_release_layout
-from pathray.encoders.loading import load_into, read_state_dict
+from pathray.encoders.checkpoint import load_into, read_state_dict
 from pathray.errors import WeightsCorruptError
 
 from .memory import admit, available_memory_bytes
