@@ -36,8 +36,6 @@ from pathray.slide_level.aggregators import AGGREGATORS, get_aggregator
 from pathray.slide_level.encoders.titan import (
     TEXT_PART_STANDIN,
     TitanSlideEncoder,
-    TitanSlideNet,
-    alibi_slopes,
     official_cells,
     random_titan_net,
     read_vision_part,
@@ -45,6 +43,7 @@ from pathray.slide_level.encoders.titan import (
     titan_cells,
     write_random_weights,
 )
+from pathray.slide_level.encoders.titan_net import TitanSlideNet, alibi_slopes
 from pathray.slide_level.job import AggregateConfig, run_aggregate
 from pathray.slide_level.stages import SlideAggregatorStage
 from pathray.store import FeatureStore

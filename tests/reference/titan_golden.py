@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pathray.encoders.checkpoint import file_sha256
 from pathray.slide_level.encoders.titan import (
     CHECKPOINT_PREFIX,
-    TitanSlideNet,
-    file_sha256,
     random_titan_net,
     state_digest,
     write_random_weights,
 )
+from pathray.slide_level.encoders.titan_net import TitanSlideNet
 
 OFFICIAL_DIR = "src/unicorn_baseline/vision/pathology/titan"
 OUT = Path(__file__).resolve().parents[1] / "data" / "titan_golden.npz"
