@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.s3 import _stop, find_weed, start_server  # noqa: E402
 from fixtures.s3proxy import S3Proxy  # noqa: E402
 
-from pathray.demo.dicomize import write_dicom_series  # noqa: E402
+from pathray.demo.dicomize import FrameLayout, write_dicom_series  # noqa: E402
 from pathray.demo.synthetic import write_synthetic_svs  # noqa: E402
 from pathray.tiling.grid import TilingConfig  # noqa: E402
 
@@ -153,9 +153,9 @@ def make_series(work: Path, baseline: bool) -> list[tuple[str, Path]]:
     for name, (codec, offset_table, fragments, tiff) in SERIES.items():
         if baseline and (fragments > 1 or tiff):
             continue
-        kwargs = {"fragments_per_frame": fragments, "tiff_personality": tiff} if fragments > 1 or tiff else {}
+        layout = FrameLayout(fragments_per_frame=fragments, tiff_personality=tiff)
         out.append(
-            (name, write_dicom_series(source, work / str(uuid.uuid4()), codec, offset_table, **kwargs).directory)
+            (name, write_dicom_series(source, work / str(uuid.uuid4()), codec, offset_table, layout=layout).directory)
         )
     return out
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pydicom
 import pytest
 
-from pathray.demo.dicomize import write_dicom_series
+from pathray.demo.dicomize import FrameLayout, write_dicom_series
 from pathray.errors import MppMissingError
 from pathray.tiling.grid import TilingConfig, plan_tiles, read_tiles
 from pathray.wsi import dicom as dicom_wsi
@@ -38,7 +38,9 @@ def test_frames_over_several_fragments_without_offset_table_read_exactly(synthet
     fragments are joined; pixels equal the source slide, and pydicom splits the same frames."""
     from pydicom.encaps import generate_frames
 
-    written = write_dicom_series(synthetic_svs_05, tmp_path / "s", codec, "none", fragments_per_frame=fragments)
+    written = write_dicom_series(
+        synthetic_svs_05, tmp_path / "s", codec, "none", layout=FrameLayout(fragments_per_frame=fragments)
+    )
     backend = open_dicom_series(str(written.directory))
     for level, (w, h) in enumerate(backend.level_dimensions):
         np.testing.assert_array_equal(backend.read_level(level, 0, 0, w, h), _source_rgb(synthetic_svs_05, level))
@@ -51,7 +53,9 @@ def test_frames_over_several_fragments_without_offset_table_read_exactly(synthet
 
 def test_a_frame_split_in_the_middle_of_a_window_is_read_from_its_own_bytes(synthetic_svs_05, tmp_path):
     """A tile far from the start, read alone: the walk stops just past it, the pixels are its own."""
-    written = write_dicom_series(synthetic_svs_05, tmp_path / "s", "jpeg", "none", fragments_per_frame=2)
+    written = write_dicom_series(
+        synthetic_svs_05, tmp_path / "s", "jpeg", "none", layout=FrameLayout(fragments_per_frame=2)
+    )
     backend = open_dicom_series(str(written.directory))
     inst = backend._levels[0]
     lx, ly = 2 * inst.tile_w, inst.tile_h  # tile (2, 1)
@@ -82,7 +86,9 @@ def test_the_job_reads_each_frame_once_and_pulls_at_most_the_series(
     from pathray.job.stages import ChunkReader
 
     series_uuid = str(uuid.uuid4())
-    written = write_dicom_series(synthetic_svs_025, tmp_path / series_uuid, "jpeg", table, fragments_per_frame=2)
+    written = write_dicom_series(
+        synthetic_svs_025, tmp_path / series_uuid, "jpeg", table, layout=FrameLayout(fragments_per_frame=2)
+    )
     for path in written.files:
         s3_server.fs.put_file(str(path), f"{s3_bucket}/{series_uuid}/{path.name}")
     uri = f"s3://{s3_bucket}/{series_uuid}/"
@@ -207,7 +213,9 @@ def test_dual_personality_tiff_offsets_are_the_frame_index(synthetic_svs_05, tmp
     offsets locate the frames (no item is walked); one tile costs its own bytes only."""
     import tifffile
 
-    written = write_dicom_series(synthetic_svs_05, tmp_path / "s", codec, "none", tiff_personality=True)
+    written = write_dicom_series(
+        synthetic_svs_05, tmp_path / "s", codec, "none", layout=FrameLayout(tiff_personality=True)
+    )
     with tifffile.TiffFile(written.files[0]) as tif:  # the TIFF side, read by a TIFF reader
         np.testing.assert_array_equal(tif.pages[0].asarray(), _source_rgb(synthetic_svs_05, 0))
     backend = open_dicom_series(str(written.directory))

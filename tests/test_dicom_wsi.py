@@ -19,7 +19,7 @@ import numpy as np
 import openslide
 import pytest
 
-from pathray.demo.dicomize import write_dicom_series
+from pathray.demo.dicomize import FrameLayout, write_dicom_series
 from pathray.wsi.dicom import open_dicom_series
 from pathray.wsi.dicom_frames import DicomWsiError
 from pathray.wsi.dicom_instance import WALK_WINDOW_BYTES
@@ -87,7 +87,7 @@ def series(request, tmp_path_factory, s3_server, dicom_bucket) -> UploadedSeries
         tmp_path_factory.mktemp(request.param) / series_uuid,
         codec.removesuffix("-sparse"),
         table,
-        sparse=sparse,
+        layout=FrameLayout(sparse=sparse),
     )
     for path in written.files:
         s3_server.fs.put_file(str(path), f"{dicom_bucket}/{series_uuid}/{path.name}")
@@ -178,7 +178,9 @@ def test_tissue_read_pulls_at_most_the_series_size(synthetic_svs_025, tmp_path, 
 
 
 def test_sparse_level_has_frames_only_where_the_slide_is_not_white(synthetic_svs_025, tmp_path):
-    written = write_dicom_series(synthetic_svs_025, tmp_path / "sparse", "jpeg", "basic", sparse=True)
+    written = write_dicom_series(
+        synthetic_svs_025, tmp_path / "sparse", "jpeg", "basic", layout=FrameLayout(sparse=True)
+    )
     level0 = open_dicom_series(str(written.directory))._levels[0]
     assert level0.sparse_frames is not None
     assert 0 < len(level0.frame_ranges) < level0.tiles_across * -(-level0.height // level0.tile_h)

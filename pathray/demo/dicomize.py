@@ -9,7 +9,7 @@ used. What is written:
   ImageType ``ORIGINAL\\PRIMARY\\VOLUME\\NONE`` for level 0, ``DERIVED\\PRIMARY\\VOLUME\\RESAMPLED``
   above; ``DimensionOrganizationType = TILED_FULL``; frames = the TIFF's tiles in row-major
   order (edge frames keep the TIFF's padding, as DICOM requires whole frames); or, with
-  ``sparse=True``, ``TILED_SPARSE``: all-white frames left out and each kept frame's position
+  ``FrameLayout(sparse=True)``, ``TILED_SPARSE``: all-white frames left out and each kept frame's position
   in PerFrameFunctionalGroupsSequence/PlanePositionSlideSequence;
 * ``codec="jpeg"``: the TIFF's JPEG tiles copied byte for byte (JPEGTables merged in), i.e.
   lossless transfer; PhotometricInterpretation ``YBR_FULL_422`` for TIFF YCbCr tiles,
@@ -23,10 +23,10 @@ used. What is written:
 * ``codec="raw"``: the decoded tiles uncompressed (Explicit VR Little Endian, ``RGB``);
 * ``offset_table``: ``"basic"`` (Basic Offset Table), ``"extended"`` (empty BOT + Extended
   Offset Table) or ``"none"`` (empty BOT: readers must walk the fragment items);
-* ``fragments_per_frame``: each encapsulated frame split over this many fragment items
+* ``FrameLayout.fragments_per_frame``: each encapsulated frame split over this many fragment items
   (pydicom's ``encapsulate``), as the standard allows; frame boundaries are then only in the
   offset table or, without one, in the codestreams (each frame starts with its SOI/SOC marker);
-* ``tiff_personality``: each level written as a dual-personality DICOM-TIFF file, as PixelMed's
+* ``FrameLayout.tiff_personality``: each level written as a dual-personality DICOM-TIFF file, as PixelMed's
   converter wrote IDC's series (Clunie, J Pathol Inform 2019;10:12): the 128-byte preamble
   starts with a little-endian TIFF header whose IFD (one tiled page: the level's geometry,
   TileOffsets/TileByteCounts pointing at each frame's codestream inside its fragment) lies in
@@ -45,17 +45,34 @@ from pathlib import Path
 
 import numpy as np
 
-WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-SYNTAX = {
-    "jpeg": "1.2.840.10008.1.2.4.50",
-    "jpeg2000": "1.2.840.10008.1.2.4.90",
-    "jpeg2000-ict": "1.2.840.10008.1.2.4.91",
-    "raw": EXPLICIT_LE,
-}
+from pathray.wsi.dicom_frames import JPEG2000, JPEG_BASELINE, UNCOMPRESSED
+from pathray.wsi.dicom_instance import WSI_SOP_CLASS
+
+EXPLICIT_LE = UNCOMPRESSED[0]
+SYNTAX = {"jpeg": JPEG_BASELINE, "jpeg2000": JPEG2000[0], "jpeg2000-ict": JPEG2000[1], "raw": EXPLICIT_LE}
 PHOTOMETRIC = {"jpeg2000": "RGB", "jpeg2000-ict": "YBR_ICT", "raw": "RGB"}
 OFFSET_TABLES = ("basic", "extended", "none")
 _PHOTOMETRIC_FROM_TIFF = {6: "YBR_FULL_422", 2: "RGB"}
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """How each level instance lays out its frames (see the module doc)."""
+
+    sparse: bool = False  # TILED_SPARSE: all-white frames left out
+    fragments_per_frame: int = 1  # fragment items per encapsulated frame
+    tiff_personality: bool = False  # dual-personality DICOM-TIFF levels
+
+
+@dataclass(frozen=True)
+class _SeriesOut:
+    """Where and how :func:`write_dicom_series` writes each level instance."""
+
+    directory: Path
+    codec: str
+    offset_table: str
+    mpp: float  # level-0 µm/px
+    layout: FrameLayout
 
 
 @dataclass(frozen=True)
@@ -275,15 +292,12 @@ def write_dicom_series(
     codec: str = "jpeg",
     offset_table: str = "basic",
     mpp: float | None = None,
-    sparse: bool = False,
-    fragments_per_frame: int = 1,
-    tiff_personality: bool = False,
+    layout: FrameLayout = FrameLayout(),
 ) -> DicomSeries:
     """Write ``slide_path`` (tiled JPEG TIFF/SVS) as a DICOM WSI series into ``directory``
     (created; files named ``<SOPInstanceUID>.dcm`` as in IDC). ``mpp`` (µm/px) defaults to
-    the slide's ``openslide.mpp-x``. ``sparse``: TILED_SPARSE, all-white frames left out.
-    ``fragments_per_frame``: fragment items per encapsulated frame; ``tiff_personality``:
-    dual-personality DICOM-TIFF levels (module doc)."""
+    the slide's ``openslide.mpp-x``. ``layout``: sparse levels, fragments per frame,
+    dual-personality DICOM-TIFF levels (:class:`FrameLayout`, module doc)."""
     import openslide
     import tifffile
 
@@ -294,27 +308,34 @@ def write_dicom_series(
     if mpp is None:
         with openslide.OpenSlide(str(slide_path)) as osr:
             mpp = float(osr.properties[openslide.PROPERTY_NAME_MPP_X])
+    out = _SeriesOut(directory, codec, offset_table, mpp, layout)
     series_uid = _uid()
     common = _common(series_uid, _uid(), _uid(), f"pathray {codec} {offset_table}")
-    files, dims = [], []
     with tifffile.TiffFile(slide_path) as tif:
         levels = [p for p in tif.pages if p.is_tiled and p.compression == 7]
-        for level, page in enumerate(levels):
-            frames = _frames(page, codec)
-            ds = _level_dataset(common, page, frames, level, mpp, levels[0].shape[1] / page.shape[1])
-            ds.SOPInstanceUID = _uid()
-            frames = _sparsify(ds, frames) if sparse else frames
-            jpeg = codec == "jpeg"
-            ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else PHOTOMETRIC[codec]
-            ds.LossyImageCompression = "00" if codec in ("jpeg2000", "raw") else "01"
-            _set_meta(ds, SYNTAX[codec])
-            _set_pixels(ds, frames, offset_table, fragments_per_frame)
-            files.append(directory / f"{ds.SOPInstanceUID}.dcm")
-            _save(ds, files[-1], SYNTAX[codec])
-            if tiff_personality:
-                _add_tiff_personality(
-                    files[-1], 7 if jpeg else 34712, 2 if ds.PhotometricInterpretation == "RGB" else 6
-                )
-            dims.append((page.shape[1], page.shape[0]))
+        files = [
+            _write_level(common, page, level, levels[0].shape[1] / page.shape[1], out)
+            for level, page in enumerate(levels)
+        ]
+        dims = tuple((page.shape[1], page.shape[0]) for page in levels)
     files.append(_label(common, directory, len(files) + 1))
-    return DicomSeries(directory, series_uid, tuple(files), mpp, tuple(dims))
+    return DicomSeries(directory, series_uid, tuple(files), mpp, dims)
+
+
+def _write_level(common, page, level: int, downsample: float, out: _SeriesOut) -> Path:
+    """Write TIFF ``page`` (pyramid ``level``, ``downsample`` from level 0) as one instance; its path."""
+    codec = out.codec
+    frames = _frames(page, codec)
+    ds = _level_dataset(common, page, frames, level, out.mpp, downsample)
+    ds.SOPInstanceUID = _uid()
+    frames = _sparsify(ds, frames) if out.layout.sparse else frames
+    jpeg = codec == "jpeg"
+    ds.PhotometricInterpretation = _PHOTOMETRIC_FROM_TIFF[page.photometric] if jpeg else PHOTOMETRIC[codec]
+    ds.LossyImageCompression = "00" if codec in ("jpeg2000", "raw") else "01"
+    _set_meta(ds, SYNTAX[codec])
+    _set_pixels(ds, frames, out.offset_table, out.layout.fragments_per_frame)
+    path = out.directory / f"{ds.SOPInstanceUID}.dcm"
+    _save(ds, path, SYNTAX[codec])
+    if out.layout.tiff_personality:
+        _add_tiff_personality(path, 7 if jpeg else 34712, 2 if ds.PhotometricInterpretation == "RGB" else 6)
+    return path

@@ -213,7 +213,7 @@ class BlockLoader:
             if halve is None:
                 _paste(level, index, tile, pixels, (x0, y0), extents[index])
             else:
-                _paste_halved(level, index, tile, pixels, (x0, y0), extents[index], halve)
+                self._paste_halved(index, tile, pixels, (x0, y0), extents[index], halve)
         return Block(x0, y0, pixels, scale)
 
     def halvable(self, k: int) -> bool:
@@ -239,6 +239,25 @@ class BlockLoader:
             for j in self.users[k][index]:
                 lx, ly, width, height = windows[j]
                 _paste(self.level, index, tile, outs[j], (lx, ly), (lx, ly, lx + width, ly + height))
+
+    def _paste_halved(
+        self,
+        index: int,
+        tile: np.ndarray | None,
+        target: np.ndarray,
+        origin: tuple[int, int],
+        area: Sequence[int],
+        halve: Callable[[np.ndarray], np.ndarray],
+    ) -> None:
+        """:func:`_paste` at half resolution: the part of stored tile ``index`` inside ``area`` (even
+        level px bounds, inside the level), halved, into ``target`` (pixel (0, 0) = level px ``origin``)."""
+        level = self.level
+        tw, th = level.tile_width, level.tile_height
+        ty, tx = divmod(index, level.columns)
+        ax0, ay0 = max(tx * tw, area[0]), max(ty * th, area[1])
+        ax1, ay1 = min((tx + 1) * tw, area[2]), min((ty + 1) * th, area[3])
+        part = target[(ay0 - origin[1]) // 2 : (ay1 - origin[1]) // 2, (ax0 - origin[0]) // 2 : (ax1 - origin[0]) // 2]
+        part[...] = 255 if tile is None else halve(tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw])
 
     def _tiles(self, k: int, blobs: dict[int, bytes] | None) -> Iterator[tuple[int, np.ndarray | None]]:
         """``(index, decoded tile or None if sparse)`` for each stored tile group ``k`` touches;
@@ -293,25 +312,6 @@ def _paste(
     ax0, ay0, ax1, ay1 = max(ax0, area[0]), max(ay0, area[1]), min(ax1, area[2]), min(ay1, area[3])
     part = target[ay0 - origin[1] : ay1 - origin[1], ax0 - origin[0] : ax1 - origin[0]]
     part[...] = 255 if tile is None else tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw, :3]
-
-
-def _paste_halved(
-    level: TiledLevel,
-    index: int,
-    tile: np.ndarray | None,
-    target: np.ndarray,
-    origin: tuple[int, int],
-    area: Sequence[int],
-    halve: Callable[[np.ndarray], np.ndarray],
-) -> None:
-    """:func:`_paste` at half resolution: the part of stored tile ``index`` inside ``area`` (even
-    level px bounds, inside the level), halved, into ``target`` (pixel (0, 0) = level px ``origin``)."""
-    tw, th = level.tile_width, level.tile_height
-    ty, tx = divmod(index, level.columns)
-    ax0, ay0 = max(tx * tw, area[0]), max(ty * th, area[1])
-    ax1, ay1 = min((tx + 1) * tw, area[2]), min((ty + 1) * th, area[3])
-    part = target[(ay0 - origin[1]) // 2 : (ay1 - origin[1]) // 2, (ax0 - origin[0]) // 2 : (ax1 - origin[0]) // 2]
-    part[...] = 255 if tile is None else halve(tile[ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw])
 
 
 def _extents(level: TiledLevel, windows: Sequence[Window]) -> dict[int, list[int]]:
