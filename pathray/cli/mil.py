@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from pathray.cli.s3 import add_s3_options, s3_options_from_args
+from pathray.mil.labels import Labels
 from pathray.mil.train import TrainConfig
 
 #: command-line flag -> TrainConfig field
@@ -103,16 +104,8 @@ def _train(args: argparse.Namespace) -> int:
     from pathray.mil import train
 
     config = TrainConfig(**{name: getattr(args, flag) for flag, name in TRAIN_FLAGS.items()})
-    result = train(
-        args.store,
-        _model(args),
-        args.labels,
-        label_column=args.label_column,
-        out=args.out,
-        config=config,
-        splits=args.splits,
-        key=args.key,
-    )
+    labels = Labels(args.labels, args.label_column, args.key)
+    result = train(args.store, _model(args), labels, out=args.out, config=config, splits=args.splits)
     print(result.summary())
     print(f"run record: {Path(args.out) / 'run.json'}")
     return 0
@@ -125,7 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     model = args.model or json.loads((Path(args.run) / "run.json").read_text())["model"]
     if args.labels:
-        scored = evaluate(args.run, args.store, model, args.labels, label_column=args.label_column, key=args.key)
+        scored = evaluate(args.run, args.store, model, Labels(args.labels, args.label_column, args.key))
         predictions = scored.pop("predictions")
         print(json.dumps(scored, indent=2))
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -52,30 +53,32 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+@dataclass(frozen=True)
+class BuiltModel:
+    """A spec's network with its weights loaded strictly, and what provenance records of how."""
+
+    model: torch.nn.Module
+    architecture: str  # what was built (timm name or builder architecture)
+    model_kwargs: dict[str, Any]  # the arguments it was built with
+    weights_source: str  # where the weights came from (no credentials)
+    weights_fingerprint: str  # "hf:org/name@sha" | "sha256:..."
+    adaptations: tuple[str, ...] = ()  # card-prescribed changes made to the weights on load
+
+
 class Encoder:
     """One model on one device. Call it with ``(N, H, W, 3)`` uint8 tiles (numpy, may be
     read-only; never written to) to get ``(N, embed_dim)`` embeddings as numpy."""
 
-    def __init__(
-        self,
-        spec: EncoderSpec,
-        model: torch.nn.Module,
-        config: EncoderConfig,
-        *,
-        weights_source: str,
-        weights_fingerprint: str,
-        architecture: str,
-        model_kwargs: dict[str, Any],
-        adaptations: tuple[str, ...] = (),
-    ):
+    def __init__(self, spec: EncoderSpec, built: BuiltModel, config: EncoderConfig):
+        model = built.model
         self.spec = spec
         self.config = config
         self.device = resolve_device(config.device)
-        self.weights_source = weights_source
-        self.weights_fingerprint = weights_fingerprint
-        self.architecture = architecture
-        self.model_kwargs = model_kwargs
-        self.adaptations = adaptations  # card-prescribed weight changes made on load (provenance)
+        self.weights_source = built.weights_source
+        self.weights_fingerprint = built.weights_fingerprint
+        self.architecture = built.architecture
+        self.model_kwargs = built.model_kwargs
+        self.adaptations = built.adaptations  # card-prescribed weight changes made on load (provenance)
         self.num_params = count_params(model)
         model = model.eval().requires_grad_(False).to(self.device)
         self._channels_last = self.device.type == "cuda"
@@ -188,22 +191,13 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     spec = get_spec(config.model)
     loaded: LoadedWeights = load_weights(spec, config.weights)
     spec = spec_for_config(spec, loaded.config)
-    arch, kwargs, model, adaptations = build_model(spec, loaded)
-    return Encoder(
-        spec,
-        model.float(),
-        config,
-        weights_source=loaded.source,
-        weights_fingerprint=loaded.fingerprint,
-        architecture=arch,
-        model_kwargs=kwargs,
-        adaptations=tuple(adaptations),
-    )
+    built = build_model(spec, loaded)
+    return Encoder(spec, dataclasses.replace(built, model=built.model.float()), config)
 
 
-def build_model(spec: EncoderSpec, loaded: LoadedWeights) -> tuple[str, dict[str, Any], torch.nn.Module, list[str]]:
-    """``(architecture, kwargs, model, adaptations)``: the spec's network with ``loaded``'s
-    weights, strictly (:func:`~pathray.encoders.checkpoint.load_into`); ``adaptations`` names the
+def build_model(spec: EncoderSpec, loaded: LoadedWeights) -> BuiltModel:
+    """The spec's network with ``loaded``'s weights, strictly
+    (:func:`~pathray.encoders.checkpoint.load_into`); its ``adaptations`` name the
     card-prescribed changes made to the weights on load (recorded in provenance)."""
     arch, kwargs = resolve_architecture(spec, loaded.config)
     try:
@@ -218,4 +212,4 @@ def build_model(spec: EncoderSpec, loaded: LoadedWeights) -> tuple[str, dict[str
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # non-persistent buffers: rebuild on CPU and load normally
         model = load_into(create_model(arch, kwargs, builder=spec.builder), state_dict, what=what)
-    return arch, kwargs, model, adaptations
+    return BuiltModel(model, arch, kwargs, loaded.source, loaded.fingerprint, tuple(adaptations))

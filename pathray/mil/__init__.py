@@ -8,10 +8,12 @@ patient-level cross-validation from streamed bags, and its per-tile attention.
 
 from pathray.mil.api import MilResult, attention, evaluate, fit_all, load_classifiers, predict, train
 from pathray.mil.classifier import SlideClassifier
+from pathray.mil.labels import Labels
 from pathray.mil.splits import Splits, make_splits
 from pathray.mil.train import TrainConfig
 
 __all__ = [
+    "Labels",
     "MilResult",
     "SlideClassifier",
     "Splits",

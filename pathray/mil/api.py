@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from pathray.mil.bags import BagIndex, check_finite, index_bags
 from pathray.mil.classifier import SlideClassifier, attention_table, predict_probs
-from pathray.mil.labels import join_labels, read_labels
+from pathray.mil.labels import Labels, SlideLabels, read_joined
 from pathray.mil.splits import Splits, check_splits, make_splits
 from pathray.mil.train import (
     METRICS,
@@ -32,6 +32,8 @@ from pathray.store import FeatureStore
 RUN_RECORD = "run.json"
 SPLITS_FILE = "splits.json"
 PREDICTIONS_FILE = "predictions.parquet"
+#: labels: a table or its .csv/.parquet path (``label`` column, default key), or :class:`Labels`
+LabelSource = str | Path | pa.Table | Labels
 
 
 @dataclass
@@ -61,21 +63,21 @@ class MilResult:
 def train(
     store: FeatureStore | str,
     model: str,
-    labels: str | Path | pa.Table,
+    labels: LabelSource,
     *,
-    label_column: str = "label",
     out: str | Path | None = None,
     config: TrainConfig | None = None,
     splits: str | Path | Splits | None = None,
-    key: str | None = None,
 ) -> MilResult:
-    """Cross-validate ABMIL on the committed slides of ``model`` labelled by ``labels``
-    (see :func:`pathray.mil.labels.join_labels` for ``key``). ``splits``: a saved
-    ``splits.json`` (or :class:`Splits`) to reuse instead of making new ones; it must
-    test every labelled slide once and never split a patient."""
+    """Cross-validate ABMIL on the committed slides of ``model`` labelled by ``labels`` (a
+    table or its path with a ``label`` column, or :class:`~pathray.mil.labels.Labels` naming
+    the label column and join key: see :func:`pathray.mil.labels.join_labels`). ``splits``: a
+    saved ``splits.json`` (or :class:`Splits`) to reuse instead of making new ones; it must
+    test every labelled slide once and never split a patient. ``out``: where the run record,
+    splits, fold checkpoints and predictions are written (nothing is written when ``None``)."""
     config = config or TrainConfig()
     index = index_bags(store, model)
-    joined = join_labels(index, read_labels(labels), label_column, key)
+    joined = read_joined(index, Labels.of(labels))
     check_finite(index, sorted(joined.labels))
     if splits is None:
         splits = make_splits(joined.labels, joined.patients, config.n_folds, config.val_fraction, config.seed)
@@ -86,14 +88,7 @@ def train(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         splits.save(out_dir / SPLITS_FILE)
-    folds, classifiers, rows = [], [], []
-    for fold in splits.folds:
-        with torch_threads(config.cpu_threads):
-            result, classifier, probs = run_fold(index, joined, fold, config, out_dir)
-        folds.append(result)
-        classifiers.append(classifier)
-        tested = [s for s in fold.test if s in joined.labels]
-        rows += [(s, fold.fold, joined.labels[s], p) for s, p in zip(tested, probs)]
+    folds, classifiers, rows = _run_folds(index, joined, splits, config, out_dir)
     metrics = fold_summary(folds)
     record = run_record(
         index, joined, config, {"splits": asdict(splits), "folds": [asdict(f) for f in folds], "metrics": metrics}
@@ -103,6 +98,21 @@ def train(
         (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str, allow_nan=False))
         pq.write_table(predictions, out_dir / PREDICTIONS_FILE)
     return MilResult(folds, metrics, predictions, splits, classifiers, record, str(out_dir) if out_dir else None)
+
+
+def _run_folds(
+    index: BagIndex, joined: SlideLabels, splits: Splits, config: TrainConfig, out_dir: Path | None
+) -> tuple[list[FoldResult], list[SlideClassifier], list[tuple]]:
+    """Train each fold; ``(fold results, fold classifiers, out-of-fold prediction rows)``."""
+    folds, classifiers, rows = [], [], []
+    for fold in splits.folds:
+        with torch_threads(config.cpu_threads):
+            result, classifier, probs = run_fold(index, joined, fold, config, out_dir)
+        folds.append(result)
+        classifiers.append(classifier)
+        tested = [s for s in fold.test if s in joined.labels]
+        rows += [(s, fold.fold, joined.labels[s], p) for s, p in zip(tested, probs)]
+    return folds, classifiers, rows
 
 
 Run = str | Path | MilResult | SlideClassifier
@@ -136,21 +146,13 @@ def predict(run: Run, store: FeatureStore | str, model: str, slide_ids: list[str
     return pa.table(columns)
 
 
-def evaluate(
-    run: Run,
-    store: FeatureStore | str,
-    model: str,
-    labels: str | Path | pa.Table,
-    *,
-    label_column: str = "label",
-    key: str | None = None,
-) -> dict[str, Any]:
+def evaluate(run: Run, store: FeatureStore | str, model: str, labels: LabelSource) -> dict[str, Any]:
     """Score the run's fold ensemble on labelled slides of ``store`` (e.g. an external
-    cohort): ``{"n_slides", <metric>: value, "predictions": table}``. The labels must use
-    the run's classes."""
+    cohort): ``{"n_slides", <metric>: value, "predictions": table}``. The labels (as for
+    :func:`train`) must use the run's classes."""
     classifiers = load_classifiers(run)
     index = index_bags(store, model)
-    joined = join_labels(index, read_labels(labels), label_column, key)
+    joined = read_joined(index, Labels.of(labels))
     classes = classifiers[0].classes
     unknown = sorted(set(map(str, joined.classes)) - set(map(str, classes)))
     if unknown:
@@ -174,19 +176,13 @@ def attention(run: Run, store: FeatureStore | str | BagIndex, model: str, slide_
 
 
 def fit_all(
-    store: FeatureStore | str,
-    model: str,
-    labels: str | Path | pa.Table,
-    *,
-    label_column: str = "label",
-    config: TrainConfig | None = None,
-    key: str | None = None,
+    store: FeatureStore | str, model: str, labels: LabelSource, *, config: TrainConfig | None = None
 ) -> SlideClassifier:
     """One network fitted on every labelled slide for ``config.max_epochs`` epochs, with no
     held-out slides: nothing it returns measures how well it generalises (use :func:`train`)."""
     config = config or TrainConfig()
     index = index_bags(store, model)
-    joined = join_labels(index, read_labels(labels), label_column, key)
+    joined = read_joined(index, Labels.of(labels))
     check_finite(index, sorted(joined.labels))
     with torch_threads(config.cpu_threads):
         return fit(index, joined, sorted(joined.labels), [], config, seed=config.seed).classifier

@@ -24,6 +24,20 @@ PATIENT_COLUMN = "case_id"
 
 
 @dataclass(frozen=True)
+class Labels:
+    """A labels table and how it joins the store's slides (:func:`join_labels`)."""
+
+    source: str | Path | pa.Table  # a .csv / .parquet path, or the table itself
+    column: str = "label"  # the label column
+    key: str | None = None  # the key column: slide_id when the table has it, else case_id
+
+    @classmethod
+    def of(cls, labels: str | Path | pa.Table | Labels) -> Labels:
+        """``labels`` as given, or a table/path with the default label column and key."""
+        return labels if isinstance(labels, Labels) else cls(labels)
+
+
+@dataclass(frozen=True)
 class SlideLabels:
     """Labels joined onto the store: ``labels`` slide_id -> class index into ``classes``;
     ``patients`` slide_id -> patient id (``case_id`` where known, else the slide id);
@@ -111,3 +125,8 @@ def _patients(index: BagIndex, table: pa.Table, slides: dict[str, Any]) -> tuple
 
 class PatientFallbackWarning(UserWarning):
     """Some slides have no patient id and are split as their own patient."""
+
+
+def read_joined(index: BagIndex, labels: Labels) -> SlideLabels:
+    """Read ``labels.source`` and join it onto the committed slides of ``index``."""
+    return join_labels(index, read_labels(labels.source), labels.column, labels.key)

@@ -14,6 +14,8 @@ The input size is fixed (224 px): the attention masks are built for it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,15 +152,36 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x.view(b, -1, 4 * c)))
 
 
+@dataclass(frozen=True)
+class CTransPathConfig:
+    """The official constructor's hyper-parameters (defaults: the released Swin-T)."""
+
+    img_size: int = 224
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    depth: int | None = None  # shrunk test models (``write_random_weights(..., depth=1)``): blocks per stage at most
+
+    def stage_depths(self) -> list[int]:
+        """Blocks of each stage, capped at ``depth`` when given."""
+        return [d if self.depth is None else min(d, self.depth) for d in self.depths]
+
+
 class Stage(nn.Module):
-    def __init__(
-        self, dim: int, res: int, depth: int, heads: int, win: int, mlp_ratio: float, downsample: bool
-    ) -> None:
+    """Stage ``index`` of the Swin: its blocks, then patch merging unless it is the last."""
+
+    def __init__(self, config: CTransPathConfig, index: int) -> None:
         super().__init__()
+        depths = config.stage_depths()
+        dim, res = config.embed_dim * 2**index, config.img_size // 4 // 2**index
+        heads, win = config.num_heads[index], config.window_size
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, res, heads, win, 0 if i % 2 == 0 else win // 2, mlp_ratio) for i in range(depth)
+            SwinBlock(dim, res, heads, win, 0 if i % 2 == 0 else win // 2, config.mlp_ratio)
+            for i in range(depths[index])
         )
-        self.downsample = PatchMerging(dim, res) if downsample else None
+        self.downsample = PatchMerging(dim, res) if index < len(depths) - 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -169,32 +192,13 @@ class Stage(nn.Module):
 class CTransPath(nn.Module):
     """Swin-T with a conv stem; ``forward`` returns the mean of the final normalised tokens."""
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        embed_dim: int = 96,
-        depths: tuple[int, ...] = (2, 2, 6, 2),
-        num_heads: tuple[int, ...] = (3, 6, 12, 24),
-        window_size: int = 7,
-        mlp_ratio: float = 4.0,
-        depth: int | None = None,
-    ) -> None:
-        """``depth`` (shrunk test models, ``write_random_weights(..., depth=1)``): at most that many
-        blocks per stage."""
+    def __init__(self, config: CTransPathConfig = CTransPathConfig()) -> None:
         super().__init__()
-        if depth is not None:
-            depths = [min(d, depth) for d in depths]
-        self.img_size = img_size
-        self.patch_embed = ConvStem(embed_dim)
-        grid = img_size // 4
-        last = len(depths) - 1
-        self.layers = nn.Sequential(
-            *(
-                Stage(embed_dim * 2**i, grid // 2**i, d, h, window_size, mlp_ratio, downsample=i < last)
-                for i, (d, h) in enumerate(zip(depths, num_heads))
-            )
-        )
-        self.num_features = embed_dim * 2**last
+        self.img_size = config.img_size
+        self.patch_embed = ConvStem(config.embed_dim)
+        last = len(config.depths) - 1
+        self.layers = nn.Sequential(*(Stage(config, i) for i in range(min(len(config.depths), len(config.num_heads)))))
+        self.num_features = config.embed_dim * 2**last
         self.norm = nn.LayerNorm(self.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,4 +209,5 @@ class CTransPath(nn.Module):
 
 @register("ctranspath_swin_tiny")
 def ctranspath_swin_tiny(**kwargs) -> CTransPath:
-    return CTransPath(**kwargs)
+    """``CTransPath(CTransPathConfig(**kwargs))``."""
+    return CTransPath(CTransPathConfig(**kwargs))

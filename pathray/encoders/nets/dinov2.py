@@ -14,6 +14,7 @@ normalised class token (the official ``model(x)`` with ``head = Identity``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,23 @@ class _PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+@dataclass(frozen=True)
+class DinoV2Config:
+    """The official ``DinoVisionTransformer`` constructor's hyper-parameters used here."""
+
+    img_size: int  # fixes the position-embedding grid: img_size // patch_size per side
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    ffn_layer: str = "mlp"  # mlp | swiglufused
+    num_register_tokens: int = 0
+    init_values: float = 1.0  # LayerScale
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.1
+
+
 class DinoV2ViT(nn.Module):
     """DINOv2 ``DinoVisionTransformer`` (``block_chunks=0``, LayerScale on, all biases on).
 
@@ -106,37 +124,26 @@ class DinoV2ViT(nn.Module):
     the official constructor; other input sizes are resampled on the fly like the official code.
     """
 
-    def __init__(
-        self,
-        *,
-        img_size: int,
-        patch_size: int,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        ffn_layer: str = "mlp",
-        num_register_tokens: int = 0,
-        init_values: float = 1.0,
-        interpolate_antialias: bool = False,
-        interpolate_offset: float = 0.1,
-    ) -> None:
+    def __init__(self, config: DinoV2Config) -> None:
         super().__init__()
-        if ffn_layer not in ("mlp", "swiglufused"):
-            raise ValueError(f"ffn_layer must be 'mlp' or 'swiglufused', got {ffn_layer!r}")
-        self.patch_size = patch_size
+        if config.ffn_layer not in ("mlp", "swiglufused"):
+            raise ValueError(f"ffn_layer must be 'mlp' or 'swiglufused', got {config.ffn_layer!r}")
+        embed_dim = config.embed_dim
+        self.patch_size = config.patch_size
         self.embed_dim = self.num_features = embed_dim
-        self.interpolate_antialias = interpolate_antialias
-        self.interpolate_offset = interpolate_offset
-        grid = img_size // patch_size
-        self.patch_embed = _PatchEmbed(patch_size, embed_dim)
+        self.interpolate_antialias = config.interpolate_antialias
+        self.interpolate_offset = config.interpolate_offset
+        grid = config.img_size // config.patch_size
+        self.patch_embed = _PatchEmbed(config.patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
-        self.register_tokens = (
-            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
-        )
+        registers = config.num_register_tokens
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, embed_dim)) if registers else None
         self.blocks = nn.ModuleList(
-            [_Block(embed_dim, num_heads, mlp_ratio, ffn_layer, init_values) for _ in range(depth)]
+            [
+                _Block(embed_dim, config.num_heads, config.mlp_ratio, config.ffn_layer, config.init_values)
+                for _ in range(config.depth)
+            ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=_LN_EPS)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # training only; part of the checkpoint
@@ -189,5 +196,5 @@ class DinoV2ViT(nn.Module):
 
 @register("dinov2_vit")
 def dinov2_vit(**kwargs) -> DinoV2ViT:
-    """``DinoV2ViT(**kwargs)`` (see its signature)."""
-    return DinoV2ViT(**kwargs)
+    """``DinoV2ViT(DinoV2Config(**kwargs))``."""
+    return DinoV2ViT(DinoV2Config(**kwargs))

@@ -13,6 +13,7 @@ the official ``RopePositionEmbedding(dtype=bf16)`` does, so this module reproduc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -108,29 +109,34 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
+@dataclass(frozen=True)
+class GenBioPathFMConfig:
+    """The official constructor's hyper-parameters (defaults: the release)."""
+
+    patch_size: int = 16
+    embed_dim: int = 1536
+    depth: int = 40
+    num_heads: int = 24
+    ffn_ratio: float = 4.0
+    n_storage_tokens: int = 4
+    rope_base: float = 100.0
+
+
 class GenBioPathFM(nn.Module):
     """``forward(x)``: (N, 3, H, W) -> (N, 3 * embed_dim), the per-channel [CLS] tokens in R, G, B order."""
 
-    def __init__(
-        self,
-        patch_size: int = 16,
-        embed_dim: int = 1536,
-        depth: int = 40,
-        num_heads: int = 24,
-        ffn_ratio: float = 4.0,
-        n_storage_tokens: int = 4,
-        rope_base: float = 100.0,
-    ) -> None:
+    def __init__(self, config: GenBioPathFMConfig = GenBioPathFMConfig()) -> None:
         super().__init__()
-        d = int(embed_dim * ffn_ratio * 2 / 3)
+        embed_dim = config.embed_dim
+        d = int(embed_dim * config.ffn_ratio * 2 / 3)
         hidden = d + (-d % 64)  # official SwiGLUFFN "swiglu64"
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.patch_embed = PatchEmbed(config.patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.storage_tokens = nn.Parameter(torch.zeros(1, n_storage_tokens, embed_dim))
+        self.storage_tokens = nn.Parameter(torch.zeros(1, config.n_storage_tokens, embed_dim))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.storage_tokens, std=0.02)
-        self.rope_embed = Rope(embed_dim // num_heads, rope_base)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, hidden) for _ in range(depth))
+        self.rope_embed = Rope(embed_dim // config.num_heads, config.rope_base)
+        self.blocks = nn.ModuleList(Block(embed_dim, config.num_heads, hidden) for _ in range(config.depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,4 +153,5 @@ class GenBioPathFM(nn.Module):
 
 @register("genbio_pathfm_vit")
 def genbio_pathfm_vit(**kwargs) -> GenBioPathFM:
-    return GenBioPathFM(**kwargs)
+    """``GenBioPathFM(GenBioPathFMConfig(**kwargs))``."""
+    return GenBioPathFM(GenBioPathFMConfig(**kwargs))

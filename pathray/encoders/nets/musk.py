@@ -17,6 +17,8 @@ The ``B`` (text) experts, text embedding, heads and mask token are not part of t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,25 +109,30 @@ class Encoder(nn.Module):
         return self.layer_norm(x)
 
 
+@dataclass(frozen=True)
+class MuskVisionConfig:
+    """The official vision path's hyper-parameters (defaults: ``_get_large_config(img_size=384)``)."""
+
+    img_size: int = 384
+    patch_size: int = 16
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    multiscale: bool = False  # also the 2x scale's [CLS] (MUSK's ms_aug)
+
+
 class MuskVision(nn.Module):
     """MUSK's vision path; ``forward`` returns the [CLS] embedding (``multiscale``: + the 2x scale's)."""
 
-    def __init__(
-        self,
-        img_size: int = 384,
-        patch_size: int = 16,
-        embed_dim: int = 1024,
-        depth: int = 24,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        multiscale: bool = False,
-    ) -> None:
+    def __init__(self, config: MuskVisionConfig = MuskVisionConfig()) -> None:
         super().__init__()
         eps = 1e-5  # torchscale EncoderConfig layernorm_eps
-        self.multiscale = multiscale
-        self.vision_embed = VisionEmbedding(img_size, patch_size, embed_dim)
-        n_positions = (img_size // patch_size) ** 2 + 1 + 2
-        self.encoder = Encoder(n_positions, embed_dim, depth, num_heads, int(embed_dim * mlp_ratio), eps)
+        self.multiscale = config.multiscale
+        self.vision_embed = VisionEmbedding(config.img_size, config.patch_size, config.embed_dim)
+        n_positions = (config.img_size // config.patch_size) ** 2 + 1 + 2
+        hidden = int(config.embed_dim * config.mlp_ratio)
+        self.encoder = Encoder(n_positions, config.embed_dim, config.depth, config.num_heads, hidden, eps)
 
     def cls_embedding(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.vision_embed(x))[:, 0]
@@ -144,4 +151,5 @@ class MuskVision(nn.Module):
 
 @register("musk_large_patch16_384_vision")
 def musk_large_patch16_384_vision(**kwargs) -> MuskVision:
-    return MuskVision(**kwargs)
+    """``MuskVision(MuskVisionConfig(**kwargs))``."""
+    return MuskVision(MuskVisionConfig(**kwargs))
