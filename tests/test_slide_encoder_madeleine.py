@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures.slide_goldens import DATA, assert_store_check, golden_case
+from fixtures.slide_goldens import DATA, assert_store_check, assert_tiling_check, golden_case
 
 from pathray.errors import WeightsMismatchError, WeightsUnavailableError
 from pathray.slide_level.aggregators import SlideTiles, build_aggregator, get_aggregator
@@ -113,3 +113,14 @@ def test_missing_weights_name_the_hub_repo(tmp_path, monkeypatch):
 
 def test_store_check_refuses_another_tile_model(tmp_path):
     assert_store_check(tmp_path / "store", "madeleine", "conch-v1")
+
+
+def test_spec_states_its_tiles():
+    """256-px tiles at 10x, 1.0 µm/px by the 10x = 1.0 µm/px convention (module doc: README, TRIDENT)."""
+    spec = get_aggregator("madeleine")
+    assert (spec.tiles.tile_px, spec.tiles.target_mpp) == (256, 1.0)
+    assert spec.record("w")["tiles"] == "256-px tiles at 1 µm/px without overlap"
+
+
+def test_store_check_refuses_other_tiles(tmp_path):
+    assert_tiling_check(tmp_path / "store", "madeleine", "conch-v1")

@@ -22,6 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+#: µm/px of tiles "at 10x", the convention TRIDENT's ``--mag 10`` and CHIEF's/MADELEINE's READMEs
+#: follow (10x = 1.0 µm/px, 20x = 0.5); their tiles are 256 px there
+MAG_10X_MPP = 1.0
+
 POOLINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean": lambda e: e.mean(axis=0),
     "max": lambda e: e.max(axis=0),
@@ -142,6 +146,7 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
             output_dim=768,
             tile_models=("ctranspath",),
             needs_weights=True,
+            tiles=TileGeometry(tile_px=256, target_mpp=MAG_10X_MPP),
         ),
         AggregatorSpec(
             "madeleine",
@@ -152,6 +157,7 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
             output_dim=512,
             tile_models=("conch-v1",),
             needs_weights=True,
+            tiles=TileGeometry(tile_px=256, target_mpp=MAG_10X_MPP),
         ),
         AggregatorSpec(
             "feather",
