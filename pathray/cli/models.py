@@ -51,16 +51,10 @@ def _rows() -> list[dict[str, str]]:
     return rows
 
 
-_POOLING_TEXT = {
-    "cls": "CLS",
-    "cls+mean_patch": "CLS ⊕ mean(patch)",
-    "pooler": "pooler output",
-    "model": "the net's own head",
-}
-
-
 def markdown_table(rows: list[dict[str, str]]) -> str:
     """The models table of README.md and docs/models.md, from the registry."""
+    from pathray.encoders.builders import TILE_POOLINGS
+
     lines = [
         "| name | architecture | builder | dim | native tile | embedding | weights | access, licence |",
         "|---|---|---|---:|---|---|---|---|",
@@ -68,7 +62,7 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     for r in rows:
         lines.append(
             f"| `{r['name']}` | {r['architecture']} | {r['builder']} | {r['dim']} | {r['tile_px']} px @ "
-            f"{r['mpp']} µm/px | {_POOLING_TEXT.get(r['pooling'], r['pooling'])} | `{r['weights']}` | "
+            f"{r['mpp']} µm/px | {TILE_POOLINGS.get(r['pooling'], r['pooling'])} | `{r['weights']}` | "
             f"{r['gated']}, {r['licence']} |"
         )
     return "\n".join(lines)

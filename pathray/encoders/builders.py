@@ -27,7 +27,14 @@ import torch
 
 from pathray.errors import WeightsMismatchError
 
-#: pooling conventions, by builder (see each builder's ``pool``)
+#: tile pooling conventions -> the embedding they give, in words (each builder's ``pool`` computes them)
+TILE_POOLINGS: dict[str, str] = {
+    "cls": "CLS",
+    "cls+mean_patch": "CLS ⊕ mean(patch)",
+    "pooler": "pooler output",
+    "model": "the net's own head",
+}
+#: the conventions of :data:`TILE_POOLINGS` each builder implements
 POOLINGS_BY_BUILDER: dict[str, tuple[str, ...]] = {
     "timm": ("cls", "cls+mean_patch", "model"),
     "transformers": ("cls", "cls+mean_patch", "pooler"),
