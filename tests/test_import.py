@@ -25,12 +25,12 @@ from pathray.job.raydata import run_job
 from pathray.store import PROVENANCE_KEY, FeatureStore
 from pathray.store.status import store_status
 from pathray.testing import sleep_encoder
+from pathray.tiling.grid import TILE_SCHEMA
 
 pytestmark = pytest.mark.timeout(300)
 
 MODEL = "conch-v1.5"  # registered: 768-d, 512-px tiles at 0.5 um/px
 DIM = 768
-TILE_COLUMNS = ["slide_id", "tile_index", "x", "y", "size_level0", "target_mpp", "tile_px", "tissue_fraction"]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_export_then_import_is_lossless_and_a_rerun_does_nothing(job_store, tmp_
     for slide_id in ("a", "b"):
         before, after = tiles_of(src, slide_id), tiles_of(store, slide_id)
         assert after.num_rows == before.num_rows > 0
-        for column in [*TILE_COLUMNS, "cohort", "case_id"]:
+        for column in [*TILE_SCHEMA.names, "cohort", "case_id"]:
             assert after.column(column).to_pylist() == before.column(column).to_pylist(), column
         emb_before = before.column("embedding").combine_chunks().values.to_numpy()
         emb_after = after.column("embedding").combine_chunks().values.to_numpy()
