@@ -69,6 +69,10 @@ class TileGeometry:
         return f"{self.tile_px}-px tiles at {self.target_mpp:g} µm/px without overlap"
 
 
+#: the tiles TITAN was trained on: CONCH v1.5 features of 512-px tiles at 0.5 µm/px (20x)
+TITAN_TILES = TileGeometry(tile_px=512, target_mpp=0.5)
+
+
 def describe_tiling(tiling: dict[str, Any]) -> str:
     """A store's tiling record in words."""
     stride = tiling.get("stride_px")
@@ -190,7 +194,7 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
             tile_models=("conch-v1.5",),
             needs_weights=True,
             accelerated=True,
-            tiles=TileGeometry(tile_px=512, target_mpp=0.5),
+            tiles=TITAN_TILES,
         ),
     )
 }

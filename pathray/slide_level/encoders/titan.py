@@ -30,6 +30,7 @@ import torch
 from pathray.encoders.builders import from_release_layout
 from pathray.encoders.checkpoint import load_into, read_state_dict
 from pathray.errors import WeightsCorruptError
+from pathray.slide_level.aggregators import TITAN_TILES
 
 from .memory import admit, available_memory_bytes
 from .release import Release, resolve_weights
@@ -48,9 +49,6 @@ RELEASE = Release(
 #: key prefix of the slide encoder in the released checkpoint, and the declared other parts
 CHECKPOINT_PREFIX = "vision_encoder."
 CHECKPOINT_IGNORE = ("text_encoder.",)
-#: the tiles TITAN was trained on: CONCH v1.5 features of 512-px tiles at 0.5 µm/px
-TITAN_TILE_PX = 512
-TITAN_MPP = 0.5
 COORDINATE_RULE = (
     "cell = (round(x_level0 / s) - min, round(y_level0 / s) - min), s = 512 * 0.5 / slide_mpp level-0 px "
     "(the official floor((coord - min coord) / patch_size_lv0) on the tile lattice)"
@@ -67,13 +65,13 @@ def titan_cells(x_level0: np.ndarray, y_level0: np.ndarray, slide_mpp: float) ->
     coordinate rule). ``ValueError`` for a bad ``slide_mpp`` or tiles off the 512-px lattice."""
     if not (slide_mpp > 0 and np.isfinite(slide_mpp)):
         raise ValueError(f"slide_mpp must be a positive number of µm/px, got {slide_mpp!r}")
-    step = TITAN_TILE_PX * TITAN_MPP / slide_mpp
+    step = TITAN_TILES.tile_px * TITAN_TILES.target_mpp / slide_mpp
     xy = np.stack([np.asarray(x_level0, np.float64).ravel(), np.asarray(y_level0, np.float64).ravel()], 1)
     index = np.round(xy / step)
     off = np.abs(xy - index * step)
     if off.size and off.max() > 0.5 + 1e-6:
         raise ValueError(
-            f"tile coordinates are not on TITAN's lattice of {TITAN_TILE_PX}-px tiles at {TITAN_MPP} "
+            f"tile coordinates are not on TITAN's lattice of {TITAN_TILES.tile_px}-px tiles at {TITAN_TILES.target_mpp} "
             f"µm/px ({step:.3f} level-0 px at {slide_mpp} µm/px): off by up to {off.max():.1f} px"
         )
     cells = index.astype(np.int64)
@@ -147,7 +145,7 @@ class TitanSlideEncoder:
             "implementation": "pathray.slide_level.encoders.titan (plain PyTorch, fp32, chunked ALiBi attention)",
             "pooling": "attn_pool_contrastive, no projection (encode_slide_from_patch_features)",
             "embed_dim": self.net.config.embed_dim,
-            "tiles": f"conch-v1.5 features of {TITAN_TILE_PX}-px tiles at {TITAN_MPP} µm/px",
+            "tiles": f"conch-v1.5 features of {TITAN_TILES.tile_px}-px tiles at {TITAN_TILES.target_mpp} µm/px",
             "weights": self.source,
             "weights_fingerprint": self.fingerprint,
             "coordinate_rule": COORDINATE_RULE,
