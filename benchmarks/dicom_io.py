@@ -147,7 +147,7 @@ def measure(name: str, uri: str, directory: Path, proxy: S3Proxy, options: dict,
 
 def make_series(work: Path, baseline: bool) -> list[tuple[str, Path]]:
     source = write_synthetic_svs(
-        work / "synthetic.svs", 4096, 3072, mpp=0.25, tissue_rects=((448, 448, 1344, 896), (2688, 1792, 896, 896))
+        work / "synthetic.svs", (4096, 3072), mpp=0.25, tissue_rects=((448, 448, 1344, 896), (2688, 1792, 896, 896))
     )
     out = []
     for name, (codec, offset_table, fragments, tiff) in SERIES.items():

@@ -42,7 +42,7 @@ def make_slides(directory: Path, n: int, size: tuple[int, int]) -> list[Path]:
 
     w, h = size
     return [
-        write_synthetic_svs(directory / f"bench{i}.svs", w, h, mpp=0.25, tissue_rects=[(0, 0, w, h)], seed=i)
+        write_synthetic_svs(directory / f"bench{i}.svs", (w, h), mpp=0.25, tissue_rects=[(0, 0, w, h)], seed=i)
         for i in range(n)
     ]
 

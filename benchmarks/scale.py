@@ -60,7 +60,7 @@ def make_cohort(directory: Path, n: int) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     source = write_synthetic_svs(
-        directory / "source.svs", 1024, 1024, mpp=0.25, tissue_rects=[(0, 0, 1024, 1024)], downsamples=(1, 4)
+        directory / "source.svs", (1024, 1024), mpp=0.25, tissue_rects=[(0, 0, 1024, 1024)], downsamples=(1, 4)
     )
     lines = ["slide_id,path,cohort,case_id"]
     for i in range(n):

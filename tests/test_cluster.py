@@ -42,7 +42,7 @@ def make_slides(tmp: Path, fs, bucket: str, n: int) -> str:
     """``n`` small synthetic slides and their manifest on S3; returns the manifest's URI."""
     lines = ["slide_id,path,cohort"]
     for i in range(n):
-        path = write_synthetic_svs(tmp / f"s{i}.svs", 1792, 1344, mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i)
+        path = write_synthetic_svs(tmp / f"s{i}.svs", (1792, 1344), mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i)
         fs.put(os.fspath(path), f"{bucket}/slides/s{i}.svs")
         lines.append(f"s{i},s3://{bucket}/slides/s{i}.svs,c{i % 2}")
     fs.pipe(f"{bucket}/manifest.csv", ("\n".join(lines) + "\n").encode())

@@ -250,7 +250,7 @@ def test_killed_driver_then_rerun_leaves_every_slide_exactly_once(runner, ray_cl
     rows = []
     for i in range(6):
         path = write_synthetic_svs(
-            tmp_path / f"s{i}.svs", 1792, 1344, mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i
+            tmp_path / f"s{i}.svs", (1792, 1344), mpp=0.5, tissue_rects=[(0, 0, 1120, 672)], seed=i
         )
         rows.append({"slide_id": f"s{i}", "path": str(path), "cohort": "c"})
     manifest = write_manifest(tmp_path / "m.csv", rows)

@@ -26,7 +26,7 @@ TILES_PER_SLIDE = 4  # 1024 x 1024 px at 0.25 µm/px, tiles of 224 px at 0.5 µm
 def tcga_cohort(directory: Path, n: int) -> Path:
     """``n`` hard links of one 4-tile slide under TCGA-style ids, and their manifest."""
     source = write_synthetic_svs(
-        directory / "source.svs", 1024, 1024, mpp=0.25, tissue_rects=[(0, 0, 1024, 1024)], downsamples=(1, 4)
+        directory / "source.svs", (1024, 1024), mpp=0.25, tissue_rects=[(0, 0, 1024, 1024)], downsamples=(1, 4)
     )
     lines = ["slide_id,path,cohort,case_id"]
     for i in range(n):

@@ -231,7 +231,7 @@ def test_encoder_on_a_stored_slide_sees_the_official_coordinates(tmp_path, encod
     store's level-0 coordinates equals the reference fed the official coordinates (256 x grid index)."""
     mpp = 0.2631
     path = write_synthetic_svs(
-        tmp_path / "s.svs", 2900, 2400, mpp=mpp, tissue_rects=((300, 200, 2200, 1900),), downsamples=(1, 4)
+        tmp_path / "s.svs", (2900, 2400), mpp=mpp, tissue_rects=((300, 200, 2200, 1900),), downsamples=(1, 4)
     )
     with open_slide(str(path)) as slide:
         grid = plan_tiles(slide, "s", TilingConfig(tile_px=256, target_mpp=0.5, min_tissue_fraction=0.25))

@@ -120,7 +120,7 @@ def test_background_and_positions_matter(golden, encoder):
 @pytest.mark.parametrize("mpp", [0.25, 0.2631, 0.5])
 def test_cells_of_a_slide_tiled_by_pathray_are_its_grid_columns_and_rows(tmp_path, mpp):
     path = write_synthetic_svs(
-        tmp_path / "s.svs", 5200, 4300, mpp=mpp, tissue_rects=((0, 0, 5200, 4300),), downsamples=(1, 4)
+        tmp_path / "s.svs", (5200, 4300), mpp=mpp, tissue_rects=((0, 0, 5200, 4300),), downsamples=(1, 4)
     )
     with open_slide(str(path)) as slide:
         grid = plan_tiles(slide, "s", TilingConfig(tile_px=512, target_mpp=0.5, min_tissue_fraction=0.0))
@@ -347,8 +347,7 @@ def test_aggregate_job_runs_titan_as_the_encoder_called_directly(ray_cluster, we
     for i, (slide_id, mpp) in enumerate(mpps.items()):
         path = write_synthetic_svs(
             tmp_path / f"{slide_id}.svs",
-            6000,
-            5000,
+            (6000, 5000),
             mpp=mpp,
             seed=i,
             tissue_rects=((500, 400, 5200, 3900),),

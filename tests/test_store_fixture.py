@@ -77,8 +77,7 @@ def test_old_store_takes_new_slides_and_refuses_a_different_slide_under_a_commit
     paths = [
         write_synthetic_svs(
             tmp_path / f"new{i}.svs",
-            2016,
-            1344,
+            (2016, 1344),
             mpp=0.5,
             tissue_rects=((0, 0, 672, 448),),
             seed=7 + i,

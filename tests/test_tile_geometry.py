@@ -62,7 +62,7 @@ def official_positions(coords: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("mpp, width, height", [(0.25, 2048, 1536), (0.2631, 1947, 1460), (0.5, 1024, 768)])
 def test_gigapath_coords_equal_the_official_preprocessing(tmp_path, mpp, width, height):
     path = write_synthetic_svs(
-        tmp_path / "s.svs", width, height, mpp=mpp, tissue_rects=((0, 0, width, height),), downsamples=(1, 4)
+        tmp_path / "s.svs", (width, height), mpp=mpp, tissue_rects=((0, 0, width, height),), downsamples=(1, 4)
     )
     with open_slide(str(path)) as slide:
         grid = plan_tiles(slide, "s", GIGAPATH_TILING)
@@ -92,7 +92,7 @@ def test_every_grid_tile_lands_in_its_own_cell(tmp_path, mpp):
     256-px grid at 0.5 µm/px is in cell (i, j) of the encoder's position table."""
     width = height = int(np.ceil(256 * 9 * 0.5 / mpp))
     rects = ((width // 5, height // 4, width // 2, height // 2),)
-    path = write_synthetic_svs(tmp_path / "s.svs", width, height, mpp=mpp, tissue_rects=rects, downsamples=(1, 2))
+    path = write_synthetic_svs(tmp_path / "s.svs", (width, height), mpp=mpp, tissue_rects=rects, downsamples=(1, 2))
     with open_slide(str(path)) as slide:
         grid = plan_tiles(slide, "s", TilingConfig(tile_px=256, target_mpp=0.5, min_tissue_fraction=0.25))
     step = 256 * 0.5 / mpp

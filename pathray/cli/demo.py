@@ -52,7 +52,7 @@ def build_demo(directory: Path, with_cmu: bool = True) -> tuple[Path, Path]:
     for name, cohort, (w, h), mpp, rects in SYNTHETIC:
         path = slides / f"{name}.svs"
         if not path.exists():
-            write_synthetic_svs(path, w, h, mpp=mpp, tissue_rects=rects, seed=len(rows))
+            write_synthetic_svs(path, (w, h), mpp=mpp, tissue_rects=rects, seed=len(rows))
         rows.append({"slide_id": name, "path": str(path), "cohort": cohort, "case_id": f"case-{len(rows)}"})
     if with_cmu:
         try:

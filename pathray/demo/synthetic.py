@@ -42,8 +42,7 @@ def synthetic_image(width: int, height: int, tissue_rects: Sequence[Rect], seed:
 
 def write_synthetic_svs(
     path: str | Path,
-    width: int = 4096,
-    height: int = 3072,
+    size: tuple[int, int] = (4096, 3072),
     mpp: float | None = 0.25,
     tissue_rects: Sequence[Rect] = ((512, 512, 1536, 1024),),
     seed: int = 0,
@@ -51,11 +50,11 @@ def write_synthetic_svs(
 ) -> Path:
     """Write a pyramidal Aperio-style SVS of :func:`synthetic_image` and return its path.
 
-    ``width``/``height`` and ``tissue_rects`` are in level-0 pixels; ``mpp`` in µm/px
+    ``size`` (width, height) and ``tissue_rects`` are in level-0 pixels; ``mpp`` in µm/px
     (``None`` writes a slide without any µm/px metadata). ``downsamples`` are the integer
     pyramid factors of the levels, the first being 1.
     """
-    return write_svs(path, synthetic_image(width, height, tissue_rects, seed), mpp, downsamples)
+    return write_svs(path, synthetic_image(*size, tissue_rects, seed), mpp, downsamples)
 
 
 def write_svs(

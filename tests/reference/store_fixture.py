@@ -25,7 +25,7 @@ def write_slides(tmp: Path) -> Path:
     rows = []
     for i, (cohort, rects) in enumerate([("brca", ((224, 224, 672, 448),)), ("luad", ((0, 0, 448, 448),))]):
         path = write_synthetic_svs(
-            tmp / f"slide{i}.svs", 2016, 1344, mpp=0.5, tissue_rects=rects, seed=i, downsamples=(1, 4)
+            tmp / f"slide{i}.svs", (2016, 1344), mpp=0.5, tissue_rects=rects, seed=i, downsamples=(1, 4)
         )
         rows.append({"slide_id": f"slide{i}", "path": str(path), "cohort": cohort, "case_id": f"case{i}"})
     (tmp / "broken.svs").write_bytes(b"")
