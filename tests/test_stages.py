@@ -80,7 +80,7 @@ def test_stages_chained_by_hand_equal_tiler_plus_encoder(synthetic_svs_025, tmp_
     )
     m2 = pa.parquet.read_table(store.staging_path("m2", "a", ok.column("chunk_id")[0].as_py()))
     assert m2.schema.field("embedding").type == pa.list_(pa.float16(), 3)  # not 6 half-floats read from 3 floats
-    meta = json.loads(ok.column("slide_meta")[0].as_py())
+    meta = json.loads(ok.column("slide_facts")[0].as_py())
     assert (meta["width"], meta["height"], meta["mpp"]) == (4096, 3072, 0.25)
 
 

@@ -89,7 +89,7 @@ class CommitQueue:
         run, r = self.run, done.row
         if run.lease is not None:
             run.lease.ensure_held()
-        entry, facts = run.entries[done.slide_id], SlideFacts.from_json(r["slide_meta"])
+        entry, facts = run.entries[done.slide_id], SlideFacts.from_json(r["slide_facts"])
         prov = {
             "model": model_provenance,
             "tiling": run.records.tiling_of(done.model),
@@ -205,7 +205,7 @@ def drive(results: Iterable[pa.Table], pool: CommitPool | LocalCommitPool, run: 
                 record(
                     run,
                     dict(
-                        status_base(run, r, SlideFacts.from_json(r["slide_meta"])),
+                        status_base(run, r, SlideFacts.from_json(r["slide_facts"])),
                         status="error",
                         stage=r["stage"],
                         error_type=r["error_type"],

@@ -60,7 +60,7 @@ CHUNK_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
-        ("slide_meta", pa.string()),  # pathray.wsi.facts.SlideFacts as JSON ("{}" when planning failed)
+        ("slide_facts", pa.string()),  # pathray.wsi.facts.SlideFacts as JSON ("{}" when planning failed)
         ("plan_s", pa.float64()),
     ]
 )
@@ -81,7 +81,7 @@ RESULT_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
-        ("slide_meta", pa.string()),
+        ("slide_facts", pa.string()),
         ("provenance", pa.string()),
         ("plan_s", pa.float64()),
         ("read_s", pa.float64()),
@@ -112,7 +112,7 @@ _UNPLANNED: dict[str, Any] = {
     "stage": "plan",
     "error_type": "",
     "error_message": "",
-    "slide_meta": "{}",
+    "slide_facts": "{}",
 }
 
 

@@ -110,7 +110,7 @@ class SlidePlanner:
             scratch=self.scratch,
             storage_options=self.storage_options,
         ) as handle:
-            empty = dict(empty, slide_meta=SlideFacts.of(handle).to_json())
+            empty = dict(empty, slide_facts=SlideFacts.of(handle).to_json())
             masks: dict[Any, Any] = {}
             for group in self.groups:
                 models = [m for m in slide["models"] if group.takes(m)]

@@ -38,19 +38,15 @@ def status_row(**fields: Any) -> dict[str, Any]:
 
 
 def status_row_from_commit(record: CommitRecord) -> dict[str, Any]:
-    """The status row a commit record implies (``ok``, or ``no_tissue`` for zero tiles)."""
-    slide = record.slide
+    """The status row a commit record implies (``ok``, or ``no_tissue`` for zero tiles); its slide
+    columns are the record's slide facts (:func:`pathray.wsi.facts.status_fields` when committed)."""
+    slide = {k: v for k, v in record.slide.items() if k in SLIDE_STATUS_SCHEMA.names}
     return status_row(
+        **slide,
         slide_id=record.slide_id,
         model=record.model,
-        path=slide.get("path"),
         cohort=record.cohort,
         status="ok" if record.n_tiles else "no_tissue",
-        width=slide.get("width"),
-        height=slide.get("height"),
-        mpp=slide.get("mpp"),
-        mpp_source=slide.get("mpp_source"),
-        vendor=slide.get("vendor"),
         n_tiles=record.n_tiles,
         run_id=record.run_id,
     )

@@ -1,6 +1,6 @@
 """What the job learns about a slide when it plans it, as one type.
 
-:class:`SlideFacts` travels between the stages as JSON in the chunk rows' ``slide_meta``
+:class:`SlideFacts` travels between the stages as JSON in the chunk rows' ``slide_facts``
 column (Arrow has no place for a Python object), and ends in the slide table and the commit
 record. Units: ``width``/``height`` level-0 px, ``mpp`` level-0 µm/px.
 """
