@@ -24,7 +24,10 @@ from pathray.slide_level.encoders import prism
 from pathray.slide_level.encoders.release import load_release, random_net, shared_names, state_sha256
 
 GOLDEN = DATA / "prism_golden.npz"
-TOL = 1e-5
+#: fp32 agreement, absolute plus relative to the value: the long bag's 1280-d output (|x| up to ~1.4)
+#: differs from the golden by up to 1.05e-5 on an AVX-512 CPU (other summation orders in its
+#: kernels; within 1e-5 with ATEN_CPU_CAPABILITY=avx2, and 0 on the machine that wrote the golden)
+ATOL = RTOL = 1e-5
 SMALL = prism.PerceiverConfig(
     latent_seq=6, latent_dim=16, context_dim=24, mhsa_heads=2, perceiver_depth=4, transformer_depth=2
 )
@@ -48,7 +51,7 @@ def test_matches_the_official_image_embedding(golden, encoder, tag):
     tiles, official = golden_case(golden, tag, 2560)
     got = encoder(tiles)
     assert got.shape == (1280,) and got.dtype == np.float32
-    assert np.abs(got - official).max() <= TOL
+    np.testing.assert_allclose(got, official, rtol=RTOL, atol=ATOL)
 
 
 def test_released_architecture_and_sharing():
