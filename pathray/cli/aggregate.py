@@ -51,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pathray.job.runtime import new_run_id
-    from pathray.monitor.runlog import run_terminal
+    from pathray.monitor.runlog import run_footer, run_terminal
     from pathray.slide_level.job import AggregateConfig, run_aggregate
 
     storage, _ = s3_options_from_args(args)
@@ -80,7 +80,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     print("Query it:\n" + SAMPLE_QUERY.format(root=report.store, model=args.model, agg=args.aggregator))
-    print(
-        f"\nRun log: {log_uri}\nRun report: {report.html or report.store + '/_runs/' + report.run_id + '/report.json'}"
-    )
+    print(run_footer(log_uri, report.store, report.run_id, report.html))
     return report.exit_code

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from pathray.job.estimate import dry_run_plan
     from pathray.job.raydata import run_job
     from pathray.job.runtime import new_run_id
-    from pathray.monitor.runlog import LOG_FORMAT, run_terminal
+    from pathray.monitor.runlog import LOG_FORMAT, run_footer, run_terminal
 
     try:
         raw = raw_config(args)
@@ -155,7 +155,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     print(f"\nStore: {report.store}\nQuery it:\n" + SAMPLE_QUERY.format(root=report.store, model=config.models[0]))
-    print(
-        f"\nRun log: {log_uri}\nRun report: {report.html or report.store + '/_runs/' + report.run_id + '/report.json'}"
-    )
+    print(run_footer(log_uri, report.store, report.run_id, report.html))
     return report.exit_code

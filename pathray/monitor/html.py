@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pathray.store import FeatureStore
+from pathray.store.layout import RUN_PAGE, RUN_STATUS
 
 #: the per-slide table shows at most this many rows (the full table: slides-*.parquet)
 MAX_TABLE_ROWS = 5000
@@ -46,8 +47,7 @@ def run_status_rows(store: FeatureStore, run_id: str) -> tuple[list[dict[str, An
     :data:`MAX_TABLE_ROWS`, and how many there are."""
     import pyarrow.parquet as pq
 
-    folder = store.path(f"_runs/{run_id}")
-    files = sorted(store.fs.glob(f"{folder}/slides-*.parquet"))
+    files = sorted(store.fs.glob(store.path(RUN_STATUS.glob(run_id=run_id))))
     if not files:
         return [], 0
     columns = ["slide_id", "model", "status", "n_tiles", "error_type", "error_message"]
@@ -63,9 +63,9 @@ def write_run_html(store: FeatureStore, run_id: str, page: RunPage) -> str:
     """Write the page and its full QC images (``qc/<slide_id>.png``) under ``_runs/<run_id>/``;
     returns the page's URI."""
     for slide_id, _, full in page.gallery:
-        store.write_bytes(f"_runs/{run_id}/{qc_link(slide_id)}", full)
-    store.write_bytes(f"_runs/{run_id}/report.html", render(page).encode("utf-8"))
-    return store.path(f"_runs/{run_id}/report.html")
+        store.write_bytes(f"{RUN_PAGE.dir(run_id=run_id)}/{qc_link(slide_id)}", full)
+    store.write_bytes(RUN_PAGE.file(run_id=run_id), render(page).encode("utf-8"))
+    return store.path(RUN_PAGE.file(run_id=run_id))
 
 
 def qc_link(slide_id: str) -> str:

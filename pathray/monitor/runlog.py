@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from pathray.fs import join, split_uri
+from pathray.store.layout import RUN_LOG, RUN_REPORT
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-LOG_NAME = "run.log"
 
 
 @dataclass
@@ -40,7 +40,7 @@ class RunTerminal:
     def finish(self, store_root: str, run_id: str, storage_options: dict | None = None) -> str:
         """Move or upload the log into ``<store_root>/_runs/<run_id>/`` once the run is over;
         returns where it is."""
-        target = join(store_root, f"_runs/{run_id}/{LOG_NAME}")
+        target = join(store_root, RUN_LOG.file(run_id=run_id))
         fs, path = split_uri(target, storage_options)
         if "://" not in target and os.path.abspath(path) == os.path.abspath(self.log_path):
             return target
@@ -56,8 +56,14 @@ def log_path_for(out: str, run_id: str) -> str:
     """The local file a run logs to while it goes: in the store for a local store, else a
     temporary file (uploaded by :meth:`RunTerminal.finish`)."""
     if "://" in out and not out.startswith("file://"):
-        return os.path.join(tempfile.mkdtemp(prefix=f"pathray-{run_id}-"), LOG_NAME)
-    return os.path.join(out.removeprefix("file://"), "_runs", run_id, LOG_NAME)
+        return os.path.join(tempfile.mkdtemp(prefix=f"pathray-{run_id}-"), RUN_LOG.name)
+    return os.path.join(out.removeprefix("file://"), RUN_LOG.file(run_id=run_id))
+
+
+def run_footer(log_uri: str, store_root: str, run_id: str, html: str) -> str:
+    """The lines a command prints after its summary: where the run's log and its report are
+    (the page when one was written, else ``report.json``)."""
+    return f"\nRun log: {log_uri}\nRun report: {html or join(store_root, RUN_REPORT.file(run_id=run_id))}"
 
 
 @contextmanager

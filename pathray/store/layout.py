@@ -18,6 +18,7 @@ Layout under ``ROOT`` (a local directory or ``s3://bucket/prefix``)::
                                                           the aggregator's pinned identity
     errors/run_id=<run_id>/part-<k>.parquet               error ledger, one row per failure
     _runs/<run_id>/report.json, slides-<k>.parquet        run report and raw per-run status rows
+    _runs/<run_id>/report.html, qc/, run.log              the run's page, its QC images, its log
     _lease.json                                           the run lease (pathray.store.lease)
 
 Each file family is declared once below as a :class:`Partition`; every path is derived from
@@ -64,9 +65,9 @@ class Partition:
         """The file for ``keys``."""
         return f"{self.dir(**keys)}/{self.name.format(**keys)}"
 
-    def glob(self) -> str:
-        """Every file of the family: each field as ``*``."""
-        return _wildcard(f"{self.folder}/{self.name}")
+    def glob(self, **keys: Any) -> str:
+        """Every file of the family with ``keys``: each other field as ``*``."""
+        return _wildcard(f"{self.folder}/{self.name}", keys)
 
     def dir_glob(self) -> str:
         """Every folder of the family: each field as ``*``."""
@@ -88,8 +89,15 @@ class Partition:
         return tuple(part.split("=", 1)[0] for part in self.folder.split("/") if "=" in part)
 
 
-def _wildcard(template: str) -> str:
-    return "".join(text + ("*" if name is not None else "") for text, name, _, _ in Formatter().parse(template))
+def _wildcard(template: str, keys: dict[str, Any] | None = None) -> str:
+    """``template`` with the fields in ``keys`` filled in and every other field as ``*``."""
+    keys = keys or {}
+    out = []
+    for text, name, spec, _ in Formatter().parse(template):
+        out.append(text)
+        if name is not None:
+            out.append(format(keys[name], spec) if name in keys else "*")
+    return "".join(out)
 
 
 def hive_value(path: str, key: str) -> str | None:
@@ -111,6 +119,8 @@ AGGREGATOR_PIN = Partition("_commits/slide_features/model={model}", "aggregator=
 ERRORS = Partition("errors/run_id={run_id}", "part-{part:05d}.parquet")
 RUN_STATUS = Partition("_runs/{run_id}", "slides-{part:05d}.parquet")
 RUN_REPORT = Partition("_runs/{run_id}", "report.json")
+RUN_PAGE = Partition("_runs/{run_id}", "report.html")  # and its full QC images under qc/
+RUN_LOG = Partition("_runs/{run_id}", "run.log")
 
 
 # --- commit records -------------------------------------------------------------------------
