@@ -22,7 +22,6 @@ class Stage:
     """One stage: a callable class of :mod:`pathray.job.stages` and its constructor's keyword
     arguments (picklable: a Ray actor builds it from them)."""
 
-    name: str  # plan | read | encode:<model> | write
     fn: type
     kwargs: dict[str, Any]
 
@@ -40,10 +39,6 @@ class JobStages:
     read: Stage
     encode: tuple[Stage, ...]
     write: Stage
-
-    def in_order(self) -> tuple[Stage, ...]:
-        """Every stage, in the order rows flow through them."""
-        return (self.plan, self.read, *self.encode, self.write)
 
 
 def build_stages(
@@ -63,7 +58,6 @@ def build_stages(
     )
     encode = tuple(
         Stage(
-            f"encode:{m.name}",
             ChunkEncoder,
             dict(
                 model=m.name,
@@ -82,8 +76,8 @@ def build_stages(
         embedding_types={m.name: m.output_dtype for m in models},
     )
     return JobStages(
-        plan=Stage("plan", SlidePlanner, dict(tiling=groups, chunk_tiles=config.chunk_tiles, **slide_access)),
-        read=Stage("read", ChunkReader, dict(tiling=groups, **slide_access)),
+        plan=Stage(SlidePlanner, dict(tiling=groups, chunk_tiles=config.chunk_tiles, **slide_access)),
+        read=Stage(ChunkReader, dict(tiling=groups, **slide_access)),
         encode=encode,
-        write=Stage("write", ChunkWriter, writer),
+        write=Stage(ChunkWriter, writer),
     )
