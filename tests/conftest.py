@@ -4,9 +4,31 @@ Every test that starts Ray or the SeaweedFS server is marked ``slow`` here, from
 uses (``item.fixturenames`` is the closure: a fixture that depends on one of these counts too) and
 from the ``s3`` and ``cluster`` marks; tests that start Ray without a fixture carry the mark themselves.
 ``pytest -m "not slow"`` is the quick loop; the full suite is the same set of tests either way.
+
+The session runs ATen's AVX2 CPU kernels wherever the CPU has AVX2 (``ATEN_CPU_CAPABILITY``,
+set before anything imports torch, inherited by Ray workers and subprocesses), unless the
+variable is already set. The random weights the golden tests rebuild come from
+``torch.randn`` (``pathray.encoders.random_weights``), whose vectorised kernel gives other bits
+under AVX-512 (and under the plain C++ kernel: measured on an AMD EPYC, every bias and norm
+tensor of ``gpfm`` moved by 1-4 ulp); the goldens in tests/data were made with AVX2 kernels,
+so their ``weights_sha256`` holds on any x86-64 CPU with AVX2 (tests/reference/ says so too).
 """
 
+import os
+
 import pytest
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx2" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+if "ATEN_CPU_CAPABILITY" not in os.environ and _cpu_has_avx2():
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
 
 pytest_plugins = [
     "fixtures.slides",  # synthetic SVS files, the real CMU-1-Small-Region slide, bad inputs

@@ -91,6 +91,16 @@ def test_write_random_weights_is_deterministic(tmp_path):
     assert cfg["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5] and cfg["pathray"]["seed"] == 5
 
 
+def test_session_runs_the_avx2_kernels_the_goldens_were_made_with():
+    """conftest pins ATen's CPU kernels to AVX2 before torch is imported (the golden weights'
+    bits depend on them); torch imported earlier by anything would ignore the pin."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        avx2 = any(line.startswith("flags") and " avx2" in line for line in cpuinfo)
+    if not avx2:
+        pytest.skip("no AVX2 on this CPU: the golden weights' digests cannot hold here")
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def test_random_weights_for_layer_class_kwargs_roundtrip(random_weights):
     """Virchow2's SwiGLU/SiLU kwargs are not JSON: config.json records them by name and the
     spec supplies the classes when loading."""

@@ -47,7 +47,9 @@ def _perturb(model: torch.nn.Module, gen: torch.Generator) -> None:
 def random_model(
     model: str | EncoderSpec, *, seed: int = 0, **arch_overrides: Any
 ) -> tuple[str, dict, torch.nn.Module]:
-    """(architecture, kwargs, module) of a random init; deterministic for a given seed."""
+    """(architecture, kwargs, module) of a random init; bit-identical for a given seed on one
+    set of ATen CPU kernels (``torch.randn``'s vectorised kernel gives other low bits under
+    AVX-512 than under AVX2: the tests pin ``ATEN_CPU_CAPABILITY=avx2``)."""
     spec = get_spec(model) if isinstance(model, str) else model
     kwargs = apply_overrides(spec, dict(spec.model_kwargs), arch_overrides)
     if spec.builder == "timm":

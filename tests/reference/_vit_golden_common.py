@@ -1,6 +1,10 @@
 """Shared parts of the zoo-vit golden scripts (``tests/reference/*_golden.py``; never collected by
 pytest): export an official repository from its bare git mirror, read the real H&E tiles, hash
-weights and write the golden ``.npz``."""
+weights and write the golden ``.npz``.
+
+Run them with ``ATEN_CPU_CAPABILITY=avx2`` (as tests/conftest.py runs the tests): the random
+weights come from ``torch.randn``, whose bits depend on the CPU kernels ATen picks.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ H&E tiles with the random weights pathray's ``write_random_weights`` writes, and
 embeddings to ``tests/data/<model>_golden.npz``. It runs in two processes: this parent, which
 imports pathray (weights, tiles), and a child with a ``PYTHONPATH`` of the official code and
 its pinned dependencies only, so that neither can shadow the other (e.g. timm 0.5.4 vs timm 1.x).
+
+Run them with ``ATEN_CPU_CAPABILITY=avx2`` (as tests/conftest.py runs the tests): the random
+weights come from ``torch.randn``, whose bits depend on the CPU kernels ATen picks.
 """
 
 from __future__ import annotations
