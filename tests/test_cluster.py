@@ -150,6 +150,14 @@ def assert_same_features(got: dict, want: dict) -> None:
 
 
 N_SLIDES = 8
+#: the GCS declares a silent node dead after 3 missed 1 s health checks (Ray's default: 5 missed
+#: 3 s checks, each waiting up to 10 s), so in the node-loss test Ray restarts the lost actors well
+#: before the run ends; a cloud cluster sees the same restarts, later
+NODE_DEATH_IN_SECONDS = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +191,7 @@ def reference(ray_cluster, s3_server, slides_on_s3, kaiko_vits16_weights, tmp_pa
 def static_cluster(s3_server):
     """Head (0 CPUs) + two 2-CPU nodes + one node declaring a GPU (1 CPU), shared by the tests
     of this module; the S3 credentials are in every node's environment."""
-    cluster = LocalRayCluster(env={**os.environ, **s3_server.env})
+    cluster = LocalRayCluster(env={**os.environ, **s3_server.env, **NODE_DEATH_IN_SECONDS})
     try:
         cluster.start_head()
         for name, cpus, gpus in (("cpu-a", 2, 0), ("cpu-b", 2, 0), ("gpu", 1, 1)):
@@ -234,7 +242,16 @@ def test_job_submit_on_multinode_cluster(
             assert s3_server.secret_key not in fs.cat_file(path).decode()
 
 
-def test_node_lost_mid_run_then_rerun_commits_every_slide_once(
+def busiest_cpu_node(cluster, job_id: str) -> str:
+    """The name of the CPU node holding the most of the job's live actors (pool actors, committers)."""
+    names = {node_id: name for name, node_id in cluster.alive_nodes().items()}
+    where = [names.get(a["node_id"], "") for a in cluster.state("actors", job_id=job_id, state="ALIVE")]
+    counts = {name: where.count(name) for name in where if name.startswith("cpu-")}
+    assert counts, f"no live actor of job {job_id} on a CPU node"
+    return max(counts, key=counts.get)
+
+
+def test_node_lost_mid_run_its_actors_restart_and_the_run_finishes(
     static_cluster, s3_server, slides_on_s3, kaiko_vits16_weights, reference, tmp_path
 ):
     cluster, fs, bucket = static_cluster, s3_server.fs, slides_on_s3["bucket"]
@@ -243,24 +260,26 @@ def test_node_lost_mid_run_then_rerun_commits_every_slide_once(
     commits = f"{bucket}/store-loss/_commits/model=kaiko-vits16"
     submitted = submit(cluster, config_uri, "loss-1", wait=False)
     assert submitted.returncode == 0, submitted.stderr
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while time.monotonic() < deadline and not (fs.exists(commits) and fs.ls(commits, refresh=True)):
-            assert job_info(cluster, "loss-1")["status"] in ("PENDING", "RUNNING")
-            time.sleep(0.5)
-        cluster.kill_node("cpu-b")  # a reader node lost like a reclaimed spot instance: raylet, store, workers
-        before = len(fs.ls(commits, refresh=True))
-        first = wait_for_job(cluster, "loss-1")
-    finally:
-        cluster.add_node("cpu-b", num_cpus=2)  # the replacement node (also for the module's other tests)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline and not (fs.exists(commits) and fs.ls(commits, refresh=True)):
+        assert job_info(cluster, "loss-1")["status"] in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    job_id = job_info(cluster, "loss-1")["job_id"]
+    victim = busiest_cpu_node(cluster, job_id)
+    victim_id = cluster.alive_nodes()[victim]
+    alive = cluster.state("actors", job_id=job_id, state="ALIVE")
+    lost = {a["actor_id"]: a["class_name"] for a in alive if a["node_id"] == victim_id}
+    cluster.kill_node(victim)  # a CPU node lost like a reclaimed spot instance: raylet, store, workers
+    before = len(fs.ls(commits, refresh=True))
+    cluster.add_node(victim, num_cpus=2)  # its replacement, as a spot node group launches one
+    first = wait_for_job(cluster, "loss-1")
     assert before < N_SLIDES, "the node was killed after the job had committed everything"
-    assert first["status"] in ("SUCCEEDED", "FAILED"), first
-    if first["status"] == "FAILED":  # the lost work is on record: the run stopped (aborted) or logged errors
-        reports = [json.loads(fs.cat_file(r)) for r in fs.glob(f"{bucket}/store-loss/_runs/*/report.json")]
-        assert any(r["aborted"] or r["errors"] for r in reports), first["message"]
+    assert first["status"] == "SUCCEEDED", first.get("message", "")[-6000:]
 
-    done = submit(cluster, config_uri, "loss-2")
-    assert job_info(cluster, "loss-2")["status"] == "SUCCEEDED", done.stdout[-4000:]
+    # the pool actors (and any committer) that lived on the lost node were restarted by Ray from the
+    # constructor arguments Ray Data keeps in the object store (docs/cluster.md), not given up
+    actors = {a["actor_id"]: a for a in cluster.state("actors", job_id=job_id)}
+    assert lost and all(int(actors[k]["num_restarts"]) >= 1 for k in lost), (lost, [actors[k] for k in lost])
     store = FeatureStore(raw["out"], s3_server.storage_options)
     assert store.committed("kaiko-vits16") == {f"s{i}" for i in range(N_SLIDES)}
     files = fs.find(f"{bucket}/store-loss/features")
@@ -269,7 +288,13 @@ def test_node_lost_mid_run_then_rerun_commits_every_slide_once(
     got = features_by_slide(store, "kaiko-vits16")
     assert {k: len(set(v["tile_index"])) for k, v in got.items()} == dict.fromkeys(got, TILES_PER_SLIDE)
     assert_same_features(got, reference)
-    print(f"node lost after {before} of {N_SLIDES} commits; first run {first['status']}")
+
+    done = submit(cluster, config_uri, "loss-2")  # the re-run finds every slide committed
+    assert job_info(cluster, "loss-2")["status"] == "SUCCEEDED", done.stdout[-4000:]
+    assert sorted(os.path.basename(f) for f in fs.find(f"{bucket}/store-loss/features")) == sorted(
+        os.path.basename(f) for f in files
+    )
+    print(f"{victim} lost after {before} of {N_SLIDES} commits; restarted: {sorted(set(lost.values()))}")
 
 
 AUTOSCALING = {
