@@ -256,9 +256,8 @@ def test_node_lost_mid_run_its_actors_restart_and_the_run_finishes(
 ):
     cluster, fs, bucket = static_cluster, s3_server.fs, slides_on_s3["bucket"]
     raw = job_config(slides_on_s3["all"], f"s3://{bucket}/store-loss", kaiko_vits16_weights, tmp_path / "scratch")
-    config_uri = put_config(fs, bucket, raw, "loss.yaml")
     commits = f"{bucket}/store-loss/_commits/model=kaiko-vits16"
-    submitted = submit(cluster, config_uri, "loss-1", wait=False)
+    submitted = submit(cluster, put_config(fs, bucket, raw, "loss.yaml"), "loss-1", wait=False)
     assert submitted.returncode == 0, submitted.stderr
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline and not (fs.exists(commits) and fs.ls(commits, refresh=True)):
@@ -289,11 +288,6 @@ def test_node_lost_mid_run_its_actors_restart_and_the_run_finishes(
     assert {k: len(set(v["tile_index"])) for k, v in got.items()} == dict.fromkeys(got, TILES_PER_SLIDE)
     assert_same_features(got, reference)
 
-    done = submit(cluster, config_uri, "loss-2")  # the re-run finds every slide committed
-    assert job_info(cluster, "loss-2")["status"] == "SUCCEEDED", done.stdout[-4000:]
-    assert sorted(os.path.basename(f) for f in fs.find(f"{bucket}/store-loss/features")) == sorted(
-        os.path.basename(f) for f in files
-    )
     print(f"{victim} lost after {before} of {N_SLIDES} commits; restarted: {sorted(set(lost.values()))}")
 
 

@@ -134,19 +134,21 @@ class Where:
     def node(self):
         return ray.get_runtime_context().get_node_id()
 
-labelled, temp_dir = sys.argv[1] == "labelled", sys.argv[2]
+temp_dir = sys.argv[1]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
 try:
-    cpu = cluster.add_node(num_cpus=1)
-    gpu = cluster.add_node(num_cpus=1, num_gpus=1, labels={GPU_NODE_LABEL: "gpu"} if labelled else {})
+    nodes = {
+        "cpu": cluster.add_node(num_cpus=1),
+        "gpu": cluster.add_node(num_cpus=1, num_gpus=1),  # known by its GPU only
+        "labelled": cluster.add_node(num_cpus=1, labels={GPU_NODE_LABEL: "gpu"}),  # by its label only
+    }
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     placement = cpu_placement(gpu_node_ids(ray.nodes()))
-    first = Where.options(**placement).remote()
-    got = [ray.get(first.node.remote(), timeout=60)]
-    second = Where.options(**placement).remote()
-    got.append(ray.get(second.node.remote(), timeout=60))
-    names = {cpu.node_id: "cpu", gpu.node_id: "gpu"}
+    names, actors, got = {node.node_id: name for name, node in nodes.items()}, [], []
+    for _ in nodes:  # one at a time, each kept alive: each holds its node's only CPU
+        actors.append(Where.options(**placement).remote())
+        got.append(ray.get(actors[-1].node.remote(), timeout=60))
     print(json.dumps({"gpu_nodes": [names.get(n) for n in gpu_node_ids(ray.nodes())], "placed": [names[n] for n in got]}))
 finally:
     ray.shutdown()
@@ -157,18 +159,17 @@ finally:
 @pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("labelled", ["labelled", "unlabelled"])
-def test_cpu_stages_prefer_cpu_nodes_and_fall_back_to_gpu_nodes(labelled):
-    """A real cluster (its own process) of one 1-CPU node and one 1-CPU, 1-GPU node, labelled or
-    known only by its GPU: the first CPU-stage actor goes to the CPU node; the second, with the
-    CPU node full, to the GPU node (a soft preference, as Ray's hybrid scheduling gave)."""
+def test_cpu_stages_prefer_cpu_nodes_and_fall_back_to_gpu_nodes():
+    """A real cluster (its own process) of a 1-CPU node, a 1-CPU 1-GPU node and a 1-CPU node
+    labelled as a GPU node type: the first CPU-stage actor goes to the CPU node (the GPU node
+    excluded by its id, the labelled one by its label); the next two, with the CPU node full, to
+    the other two (a soft preference, as Ray's hybrid scheduling gave)."""
     temp_dir = tempfile.mkdtemp(prefix="pr-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     done = subprocess.run(
-        [sys.executable, "-c", PLACEMENT_PROBE, labelled, temp_dir],
-        capture_output=True,
-        text=True,
-        timeout=200,
+        [sys.executable, "-c", PLACEMENT_PROBE, temp_dir], capture_output=True, text=True, timeout=200
     )
     shutil.rmtree(temp_dir, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"gpu_nodes": ["gpu"], "placed": ["cpu", "gpu"]}
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["gpu_nodes"] == ["gpu"] and got["placed"][0] == "cpu", got
+    assert sorted(got["placed"][1:]) == ["gpu", "labelled"], got
