@@ -242,13 +242,15 @@ def test_job_submit_on_multinode_cluster(
             assert s3_server.secret_key not in fs.cat_file(path).decode()
 
 
-def busiest_cpu_node(cluster, job_id: str) -> str:
-    """The name of the CPU node holding the most of the job's live actors (pool actors, committers)."""
+def busiest_cpu_node(cluster, job_id: str) -> tuple[str, dict[str, str]]:
+    """The name of the CPU node holding the most of the job's live actors (pool actors,
+    committers), and those actors (``{actor_id: class_name}``), from one look at the cluster."""
     names = {node_id: name for name, node_id in cluster.alive_nodes().items()}
-    where = [names.get(a["node_id"], "") for a in cluster.state("actors", job_id=job_id, state="ALIVE")]
-    counts = {name: where.count(name) for name in where if name.startswith("cpu-")}
-    assert counts, f"no live actor of job {job_id} on a CPU node"
-    return max(counts, key=counts.get)
+    alive = [a for a in cluster.state("actors", job_id=job_id, state="ALIVE") if a["node_id"] in names]
+    where = [names[a["node_id"]] for a in alive if names[a["node_id"]].startswith("cpu-")]
+    assert where, f"no live actor of job {job_id} on a CPU node"
+    victim = max(set(where), key=where.count)
+    return victim, {a["actor_id"]: a["class_name"] for a in alive if names[a["node_id"]] == victim}
 
 
 def test_node_lost_mid_run_its_actors_restart_and_the_run_finishes(
@@ -264,10 +266,7 @@ def test_node_lost_mid_run_its_actors_restart_and_the_run_finishes(
         assert job_info(cluster, "loss-1")["status"] in ("PENDING", "RUNNING")
         time.sleep(0.5)
     job_id = job_info(cluster, "loss-1")["job_id"]
-    victim = busiest_cpu_node(cluster, job_id)
-    victim_id = cluster.alive_nodes()[victim]
-    alive = cluster.state("actors", job_id=job_id, state="ALIVE")
-    lost = {a["actor_id"]: a["class_name"] for a in alive if a["node_id"] == victim_id}
+    victim, lost = busiest_cpu_node(cluster, job_id)
     cluster.kill_node(victim)  # a CPU node lost like a reclaimed spot instance: raylet, store, workers
     before = len(fs.ls(commits, refresh=True))
     cluster.add_node(victim, num_cpus=2)  # its replacement, as a spot node group launches one
